@@ -1,0 +1,1 @@
+"""Benchmark helpers: random-weight models of named shapes."""

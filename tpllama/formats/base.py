@@ -1,0 +1,203 @@
+"""What every model reader shares: tensors as memory-mapped rows of raw bytes, read slice by slice.
+
+A reader (GGUF, HF safetensors, llama2.c) only builds a table name -> RawTensor over its
+memory map. Everything else, slicing, dequantizing and the pass-through of blocks that the
+runtime can use as they are, lives here, so every format behaves the same.
+
+Tensor names are GGUF's (token_embd.weight, blk.{i}.attn_q.weight, ...), shapes are
+(rows, cols) = (out_features, in_features), and attn_q/attn_k rows are in the interleaved
+rotary order (pairs 2i, 2i+1) that GGUF and llama2.c use.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Union
+
+import numpy as np
+from gguf import GGMLQuantizationType, quants
+
+from ..errors import ModelFormatError
+
+
+def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    # numpy has no bfloat16: widen the 16 bits into the top half of a float32.
+    return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def _gguf_dequant(qtype: GGMLQuantizationType) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda raw: quants.dequantize(raw, qtype).astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True)
+class DType:
+    name: str
+    block_size: int      # elements per block along a row
+    block_bytes: int
+    dequantize: Callable[[np.ndarray], np.ndarray]  # uint8 (rows, nblocks*block_bytes) -> float32 (rows, nblocks*block_size)
+
+
+def _plain(name, np_dtype):
+    size = np.dtype(np_dtype).itemsize
+    return DType(name, 1, size, lambda raw: raw.view(np_dtype).astype(np.float32))
+
+
+DTYPES: Dict[str, DType] = {
+    "F32": _plain("F32", np.float32),
+    "F16": _plain("F16", np.float16),
+    "BF16": DType("BF16", 1, 2, _bf16_to_f32),
+}
+for _q in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
+    _t = GGMLQuantizationType[_q]
+    _bs, _bb = quants.GGML_QUANT_SIZES[_t]
+    DTYPES[_q] = DType(_q, _bs, _bb, _gguf_dequant(_t))
+
+# Source types whose blocks are already a runtime format: passed through without re-quantizing.
+PASS_THROUGH = {"Q4_0": "q40", "Q8_0": "q80"}
+
+Rows = Union[slice, Sequence[int], np.ndarray]
+
+
+@dataclass
+class RawTensor:
+    """One tensor over the file's memory map: raw is uint8 (rows, bytes_per_row), nothing read yet."""
+    name: str
+    shape: tuple          # (rows, cols) or (n,) for vectors
+    dtype: DType
+    raw: np.ndarray
+    row_permutation: Optional[np.ndarray] = None  # logical row r is stored at raw row row_permutation[r]
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if len(self.shape) == 2 else 1
+
+    @property
+    def cols(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.nbytes
+
+
+class ModelReader:
+    """Lazy access to a model file's tensors. Subclasses fill self.tensors and self.config."""
+
+    format_name = "model"
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        self.tensors: Dict[str, RawTensor] = {}
+        self.config = None
+
+    # ------------------------------------------------------------ table
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def tensor(self, name: str) -> RawTensor:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise ModelFormatError(f"{self.path}: tensor {name!r} is missing") from None
+
+    def shape(self, name: str) -> tuple:
+        return self.tensor(name).shape
+
+    def dtype(self, name: str) -> str:
+        return self.tensor(name).dtype.name
+
+    # ------------------------------------------------------------ reads (only the slice's bytes are touched)
+
+    def _row_index(self, t: RawTensor, rows: Rows):
+        if t.row_permutation is None:
+            return rows
+        return t.row_permutation[rows]
+
+    def _block_range(self, t: RawTensor, cols: slice):
+        c0, c1, step = cols.indices(t.cols)
+        if step != 1:
+            raise ValueError("column slices must be contiguous")
+        bs = t.dtype.block_size
+        return c0, c1, c0 // bs, -(-c1 // bs)
+
+    def read(self, name: str, rows: Rows = slice(None), cols: slice = slice(None)) -> np.ndarray:
+        """Dequantized float32 (len(rows), len(cols)); a 1-D tensor comes back 1-D."""
+        t = self.tensor(name)
+        if len(t.shape) == 1:
+            return t.dtype.dequantize(np.ascontiguousarray(t.raw)).reshape(-1)[cols]
+        c0, c1, b0, b1 = self._block_range(t, cols)
+        bb = t.dtype.block_bytes
+        raw = t.raw[self._row_index(t, rows)][:, b0 * bb:b1 * bb]
+        out = t.dtype.dequantize(np.ascontiguousarray(raw))
+        out = out.reshape(raw.shape[0], (b1 - b0) * t.dtype.block_size)
+        first = c0 - b0 * t.dtype.block_size
+        return np.ascontiguousarray(out[:, first:first + (c1 - c0)], dtype=np.float32)
+
+    def read_blocks(self, name: str, rows: Rows = slice(None), cols: slice = slice(None)):
+        """(runtime_type, uint8 blocks) when the source blocks can be used as they are, else None."""
+        t = self.tensor(name)
+        runtime = PASS_THROUGH.get(t.dtype.name)
+        if runtime is None or len(t.shape) != 2:
+            return None
+        c0, c1, b0, b1 = self._block_range(t, cols)
+        bs = t.dtype.block_size
+        if c0 % bs or c1 % bs:
+            return None
+        bb = t.dtype.block_bytes
+        return runtime, np.ascontiguousarray(t.raw[self._row_index(t, rows)][:, b0 * bb:b1 * bb])
+
+    def close(self):
+        self.tensors = {}
+
+    def check_bounds(self, file_size: int, data_end: Dict[str, int]):
+        """Raise if a tensor's bytes run past the end of the file (a truncated download)."""
+        for name, end in data_end.items():
+            if end > file_size:
+                raise ModelFormatError(
+                    f"{self.path}: file is truncated (tensor {name!r} ends at byte {end}, file has {file_size}); download it again")
+
+
+def raw_rows(buf: np.ndarray, offset: int, nbytes: int, rows: int) -> np.ndarray:
+    """A (rows, nbytes/rows) uint8 view of buf[offset:offset+nbytes], no copy."""
+    return buf[offset:offset + nbytes].reshape(rows, nbytes // rows)
+
+
+def make_tensor(name: str, shape: Sequence[int], dtype_name: str, buf: np.ndarray, offset: int, path: str) -> RawTensor:
+    """A RawTensor over buf; shape is (rows, cols) or (n,). Checks the type and the block alignment."""
+    dt = DTYPES.get(dtype_name)
+    if dt is None:
+        raise ModelFormatError(f"{path}: tensor {name!r} has type {dtype_name}, which is not supported "
+                               f"(supported: {', '.join(DTYPES)})")
+    shape = tuple(int(s) for s in shape)
+    cols = shape[-1]
+    rows = shape[0] if len(shape) == 2 else 1
+    if cols % dt.block_size:
+        raise ModelFormatError(f"{path}: tensor {name!r} has {cols} columns, not a multiple of the {dtype_name} block size {dt.block_size}")
+    nbytes = rows * (cols // dt.block_size) * dt.block_bytes
+    end = offset + nbytes
+    if end > buf.shape[0]:
+        raise ModelFormatError(f"{path}: file is truncated (tensor {name!r} ends at byte {end}, file has {buf.shape[0]}); download it again")
+    return RawTensor(name, shape, dt, raw_rows(buf, offset, nbytes, rows))
+
+
+def layer_names(i: int) -> Dict[str, str]:
+    """GGUF tensor names of layer i, keyed by their role in the model math."""
+    return {
+        "attn_norm": f"blk.{i}.attn_norm.weight",
+        "wq": f"blk.{i}.attn_q.weight",
+        "wk": f"blk.{i}.attn_k.weight",
+        "wv": f"blk.{i}.attn_v.weight",
+        "wo": f"blk.{i}.attn_output.weight",
+        "ffn_norm": f"blk.{i}.ffn_norm.weight",
+        "w1": f"blk.{i}.ffn_gate.weight",
+        "w2": f"blk.{i}.ffn_down.weight",
+        "w3": f"blk.{i}.ffn_up.weight",
+    }
+
+
+def rotary_interleave_permutation(n_heads: int, head_dim: int) -> np.ndarray:
+    """Row order that turns HF's rotate-half q/k rows into interleaved pairs.
+
+    Logical (interleaved) row h*hd + 2i + j is HF row h*hd + j*hd/2 + i."""
+    h, i, j = np.meshgrid(np.arange(n_heads), np.arange(head_dim // 2), np.arange(2), indexing="ij")
+    return (h * head_dim + j * (head_dim // 2) + i).reshape(-1)

@@ -1,0 +1,132 @@
+"""Hugging Face model directories: config.json + model.safetensors or sharded safetensors.
+
+The safetensors header is read by the spec (8-byte length + JSON) and the data memory-mapped
+directly: the `safetensors` package's numpy framework cannot hand out bfloat16, and a
+memory map gives row slices of every dtype without reading the rest of the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Dict
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import ModelFormatError
+from .base import ModelReader, make_tensor, rotary_interleave_permutation
+
+SAFETENSORS_DTYPES = {"F32": "F32", "F16": "F16", "BF16": "BF16"}
+
+
+def _hf_to_gguf_name(name: str):
+    """model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight (None for tensors we do not use)."""
+    fixed = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    if name in fixed:
+        return fixed[name]
+    parts = name.split(".")
+    if len(parts) == 6 and parts[0] == "model" and parts[1] == "layers":
+        layer, module, proj = parts[2], parts[3], parts[4]
+        role = {
+            ("self_attn", "q_proj"): "attn_q", ("self_attn", "k_proj"): "attn_k",
+            ("self_attn", "v_proj"): "attn_v", ("self_attn", "o_proj"): "attn_output",
+            ("mlp", "gate_proj"): "ffn_gate", ("mlp", "down_proj"): "ffn_down", ("mlp", "up_proj"): "ffn_up",
+        }.get((module, proj))
+        if role:
+            return f"blk.{layer}.{role}.weight"
+    if len(parts) == 5 and parts[0] == "model" and parts[1] == "layers":
+        role = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}.get(parts[3])
+        if role:
+            return f"blk.{parts[2]}.{role}.weight"
+    return None
+
+
+def _read_safetensors_header(path: str):
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ModelFormatError(f"{path}: not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100 * 2**20):
+            raise ModelFormatError(f"{path}: not a safetensors file (bad header length {n})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise ModelFormatError(f"{path}: not a safetensors file (header is not JSON)") from None
+    return header, 8 + n, size
+
+
+class HFModel(ModelReader):
+    format_name = "Hugging Face"
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        cfg_path = os.path.join(path, "config.json")
+        try:
+            with open(cfg_path) as f:
+                hf_config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ModelFormatError(f"{cfg_path}: cannot read config.json ({e})") from None
+        self.hf_config = hf_config
+        self.config = ModelConfig.from_hf(hf_config, name=os.path.basename(os.path.abspath(path)))
+        self._maps = []
+        for file in self._weight_files():
+            self._add_file(file)
+        if "token_embd.weight" not in self.tensors:
+            raise ModelFormatError(f"{path}: no model.embed_tokens.weight in the safetensors files")
+        if not self.config.tie_embeddings and "output.weight" not in self.tensors:
+            raise ModelFormatError(f"{path}: config.json says tie_word_embeddings=false but there is no lm_head.weight")
+        self._interleave_rotary_rows()
+
+    def _weight_files(self):
+        index = os.path.join(self.path, "model.safetensors.index.json")
+        single = os.path.join(self.path, "model.safetensors")
+        if os.path.exists(index):
+            try:
+                with open(index) as f:
+                    weight_map: Dict[str, str] = json.load(f)["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise ModelFormatError(f"{index}: not a safetensors index ({e})") from None
+            return sorted({os.path.join(self.path, v) for v in weight_map.values()})
+        if os.path.exists(single):
+            return [single]
+        raise ModelFormatError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
+
+    def _add_file(self, file: str):
+        if not os.path.exists(file):
+            raise ModelFormatError(f"{file}: listed in the index but missing")
+        header, data_start, size = _read_safetensors_header(file)
+        buf = np.memmap(file, dtype=np.uint8, mode="r").view(np.ndarray)
+        self._maps.append(buf)
+        for hf_name, meta in header.items():
+            if hf_name == "__metadata__":
+                continue
+            name = _hf_to_gguf_name(hf_name)
+            if name is None:
+                continue
+            dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
+            if dtype is None:
+                raise ModelFormatError(f"{file}: tensor {hf_name!r} has dtype {meta['dtype']}, expected F32, F16 or BF16")
+            begin, end = meta["data_offsets"]
+            if data_start + end > size:
+                raise ModelFormatError(f"{file}: file is truncated (tensor {hf_name!r} ends at byte {data_start + end}, file has {size})")
+            self.tensors[name] = make_tensor(name, meta["shape"], dtype, buf, data_start + begin, file)
+
+    def _interleave_rotary_rows(self):
+        """HF stores q/k rows in rotate-half order; present them interleaved like GGUF."""
+        c = self.config
+        for i in range(c.n_layers):
+            for role, heads in (("attn_q", c.n_heads), ("attn_k", c.n_kv_heads)):
+                t = self.tensors.get(f"blk.{i}.{role}.weight")
+                if t is not None:
+                    t.row_permutation = rotary_interleave_permutation(heads, c.head_dim)
+
+    def close(self):
+        super().close()
+        self._maps = []

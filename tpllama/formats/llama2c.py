@@ -1,0 +1,74 @@
+"""llama2.c checkpoints (legacy format): a 7-int32 header followed by float32 tensors.
+
+Layout (karpathy/llama2.c run.c, memory_map_weights): token embedding, attention norms,
+wq, wk, wv, wo, FFN norms, w1, w2, w3 (each stacked over layers, rows = outputs),
+final norm, two unused RoPE tables, and the classifier when it is not shared.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import ModelFormatError
+from .base import ModelReader, make_tensor
+
+HEADER_BYTES = 7 * 4
+
+
+class Llama2cModel(ModelReader):
+    format_name = "llama2.c"
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(HEADER_BYTES)
+        if head[:4] == b"ak42":
+            raise ModelFormatError(f"{path}: llama2.c export version 1/2 (magic 'ak42') is not supported; export with the legacy format (version 0)")
+        if len(head) < HEADER_BYTES:
+            raise ModelFormatError(f"{path}: too short for a llama2.c checkpoint")
+        header = np.frombuffer(head, dtype="<i4")
+        dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = (int(v) for v in header)
+        if not (0 < dim <= 65536 and 0 < hidden <= 1 << 20 and 0 < n_layers <= 1024 and 0 < n_heads <= dim
+                and 0 < n_kv <= n_heads and 0 < abs(vocab) <= 1 << 22 and 0 < seq_len <= 1 << 24):
+            raise ModelFormatError(f"{path}: not a llama2.c checkpoint (implausible header {header.tolist()}); "
+                                   "expected GGUF, a Hugging Face directory or a llama2.c .bin")
+        self.config = ModelConfig.from_llama2c(header, name=os.path.basename(path))
+        self._map = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
+        self._layout(size)
+
+    def _layout(self, size: int):
+        c = self.config
+        L, d, hd = c.n_layers, c.dim, c.head_dim
+        offset = HEADER_BYTES
+        entries = [("token_embd.weight", None, (c.vocab_size, d))]
+        stacked = [
+            ("attn_norm", (d,)), ("attn_q", (c.n_heads * hd, d)), ("attn_k", (c.n_kv_heads * hd, d)),
+            ("attn_v", (c.n_kv_heads * hd, d)), ("attn_output", (d, c.n_heads * hd)), ("ffn_norm", (d,)),
+            ("ffn_gate", (c.hidden_dim, d)), ("ffn_down", (d, c.hidden_dim)), ("ffn_up", (c.hidden_dim, d)),
+        ]
+        entries += [(role, L, shape) for role, shape in stacked]
+        entries.append(("output_norm.weight", None, (d,)))
+        entries.append(("<rope tables>", None, (c.max_seq_len * hd,)))  # freq_cis_real and _imag, unused
+        if not c.tie_embeddings:
+            entries.append(("output.weight", None, (c.vocab_size, d)))
+        expected = HEADER_BYTES + 4 * sum(int(np.prod(s)) * (n or 1) for _, n, s in entries)
+        if size < expected:
+            raise ModelFormatError(f"{self.path}: file is truncated ({size} bytes, the header {c.dim}x{c.n_layers} "
+                                   f"needs {expected}); download it again")
+        if size > expected:
+            raise ModelFormatError(f"{self.path}: {size - expected} bytes more than the header describes; "
+                                   "not a legacy llama2.c checkpoint")
+        for name, n_stack, shape in entries:
+            count = n_stack or 1
+            for i in range(count):
+                full = f"blk.{i}.{name}.weight" if n_stack else name
+                if not full.startswith("<"):
+                    self.tensors[full] = make_tensor(full, shape, "F32", self._map, offset, self.path)
+                offset += 4 * int(np.prod(shape))
+
+    def close(self):
+        super().close()
+        self._map = None
