@@ -1,0 +1,31 @@
+"""Shared test helpers: where the shared real models are, and tiny models the tests write."""
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MODELS = REPO.parent / "shared" / "models"
+
+
+def shared_model(*parts) -> Path:
+    """A file under ../shared/models, or skip the test saying why."""
+    path = SHARED_MODELS.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared/models is only beside the CI and developer checkouts)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stories_bin():
+    return shared_model("stories260K", "stories260K.bin")
+
+
+@pytest.fixture(scope="session")
+def stories_gguf():
+    return shared_model("stories260K", "stories260K.gguf")
+
+
+@pytest.fixture(scope="session")
+def stories_tokenizer():
+    return shared_model("stories260K", "tok512.bin")

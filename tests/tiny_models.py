@@ -1,0 +1,134 @@
+"""Tiny Llama models written by the tests themselves, as Hugging Face directories.
+
+The reference implementation is HF transformers' LlamaForCausalLM (CPU torch): the tests
+write its weights with save_pretrained and compare tpllama's logits against its own.
+
+A model with random weights has near-flat logits, where any rounding flips the top token;
+a trained model is confident. So each tiny model is first trained for a few seconds on a
+synthetic rule that needs attention: the next token is pi(x[t-1]) when x[t-2] is even and
+sigma(x[t-1]) otherwise (pi, sigma fixed random permutations).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+torch = None
+transformers = None
+
+
+def _import_reference():
+    global torch, transformers
+    import pytest
+    torch = pytest.importorskip("torch", reason="the HF reference needs torch (pip install -e .[test])")
+    transformers = pytest.importorskip("transformers", reason="the HF reference needs transformers (pip install -e .[test])")
+
+
+@dataclass
+class TinySpec:
+    name: str
+    hidden: int = 128
+    intermediate: int = 256
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    vocab: int = 320
+    rope_theta: float = 10000.0
+    tied: bool = False
+    rope_scaling: Optional[dict] = None
+    dtype: str = "float32"          # float32 | float16 | bfloat16 as saved
+    max_shard_size: Optional[str] = None
+    train_steps: int = 200
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+SPECS = {
+    "mha": TinySpec("mha", heads=4, kv_heads=4),
+    "gqa": TinySpec("gqa", heads=4, kv_heads=2, rope_theta=500000.0),
+    "gqa-tied": TinySpec("gqa-tied", heads=8, kv_heads=2, hidden=256, tied=True),
+    "llama3-rope": TinySpec("llama3-rope", heads=4, kv_heads=1, rope_theta=500000.0,
+                            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "bf16-sharded": TinySpec("bf16-sharded", dtype="bfloat16", max_shard_size="100KB"),
+    "f16": TinySpec("f16", dtype="float16", tied=True),
+}
+
+
+def write_hf_model(spec: TinySpec, directory: Path):
+    """Save a random LlamaForCausalLM of `spec` into directory; returns the torch model (float32)."""
+    _import_reference()
+    cfg = transformers.LlamaConfig(
+        vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=256, rope_theta=spec.rope_theta, rope_scaling=spec.rope_scaling,
+        tie_word_embeddings=spec.tied, rms_norm_eps=1e-5, **spec.extra,
+    )
+    torch.manual_seed(spec.seed)
+    model = transformers.LlamaForCausalLM(cfg)
+    train(model, spec)
+    saved = model.eval().to(getattr(torch, spec.dtype))
+    kwargs = {"safe_serialization": True}
+    if spec.max_shard_size:
+        kwargs["max_shard_size"] = spec.max_shard_size
+    saved.save_pretrained(directory, **kwargs)
+    # The reference is HF reading the saved files back, computing in float32 (casting the
+    # live model instead would leave its rotary buffer rounded to bf16).
+    return transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+class Rule:
+    """The synthetic language: next = pi(x[t-1]) if x[t-2] is even else sigma(x[t-1])."""
+
+    def __init__(self, vocab: int, seed: int):
+        g = np.random.default_rng(seed)
+        self.vocab, self.pi, self.sigma = vocab, g.permutation(vocab), g.permutation(vocab)
+
+    def sample(self, batch: int, length: int, rng) -> np.ndarray:
+        x = np.zeros((batch, length), dtype=np.int64)
+        x[:, :2] = rng.integers(0, self.vocab, size=(batch, 2))
+        for t in range(2, length):
+            x[:, t] = np.where(x[:, t - 2] % 2 == 0, self.pi[x[:, t - 1]], self.sigma[x[:, t - 1]])
+        return x
+
+
+def train(model, spec: TinySpec):
+    rule, rng = Rule(spec.vocab, spec.seed), np.random.default_rng(spec.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(spec.train_steps):
+        x = torch.tensor(rule.sample(16, 24, rng))
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():   # non-trivial norm weights, so a norm read wrongly is caught
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.mul_(1.0 + 0.05 * torch.randn_like(p))
+
+
+def reference_logits(model, prompt, steps):
+    """HF logits for a prompt and `steps` greedy decode steps: (tokens, [(ids, start, logits)])."""
+    _import_reference()
+    with torch.no_grad():
+        out = model(torch.tensor([prompt]), use_cache=True)
+        calls = [(list(prompt), 0, out.logits[0].numpy())]
+        past = out.past_key_values
+        pos = len(prompt)
+        token = int(out.logits[0, -1].argmax())
+        for _ in range(steps):
+            out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
+            calls.append(([token], pos, out.logits[0].numpy()))
+            past = out.past_key_values
+            pos += 1
+            token = int(out.logits[0, -1].argmax())
+    return calls
+
+
+def rule_prompt(spec: TinySpec, n: int = 16, seed: int = 1):
+    """A prompt in the model's synthetic language."""
+    return [int(t) for t in Rule(spec.vocab, spec.seed).sample(1, n, np.random.default_rng(seed))[0]]

@@ -1,0 +1,90 @@
+"""Generate text from a prompt, on one rank or across an MPI job.
+
+    python -m tpllama.generate -p "Tell me about llamas"                # default model, one rank
+    mpirun -n 2 python -m tpllama.generate -m model.gguf -p "..."      # two ranks, tensor-parallel
+    mpirun -hostfile pis.txt python -m tpllama.generate -m model.gguf -p "..."
+
+Text streams to stdout on rank 0; the timing summary goes to stderr.
+"""
+from __future__ import annotations
+
+import sys
+
+from . import cli
+
+
+def build_parser():
+    p = cli.RankAwareParser(
+        prog="python -m tpllama.generate",
+        description="Generate text with a Llama-family model, tensor-parallel over the ranks of an MPI job "
+                    "(run it under mpirun for more than one rank).",
+        epilog="examples:\n"
+               "  python -m tpllama.generate -p 'What is a llama?'\n"
+               "  mpirun -n 2 python -m tpllama.generate -m model.gguf -p 'Once upon a time' --temp 0 -n 64\n"
+               "  mpirun -hostfile hostfiles/pis.txt python -m tpllama.generate -m model.gguf --stats -p '...'",
+        formatter_class=cli.argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-p", "--prompt", default=None, help="prompt text (default: read from -f, else 'Once upon a time')")
+    p.add_argument("-f", "--file", default=None, help="read the prompt from this file")
+    p.add_argument("-sys", "--system-prompt", dest="system", default=None,
+                   help="system prompt (implies the chat template)")
+    chat = p.add_mutually_exclusive_group()
+    chat.add_argument("--chat", dest="chat", action="store_true", default=None,
+                      help="wrap the prompt in the model's chat template (default when the model has one)")
+    chat.add_argument("--raw", dest="chat", action="store_false", help="use the prompt as it is, no chat template")
+    p.add_argument("--stats", action="store_true",
+                   help="per-token timings (total, compute, sync ms; kB sent/received) and a summary on stderr")
+    cli.add_model_args(p)
+    cli.add_sampling_args(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    prompt = args.prompt
+    if args.file:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                prompt = f.read()
+        except OSError as e:
+            raise cli.TpllamaError(f"-f {args.file}: cannot read the prompt file ({e.strerror})", collective=True)
+    if prompt is None:
+        prompt = "Once upon a time"
+    if args.n_predict < 0:
+        raise cli.TpllamaError(f"-n {args.n_predict}: must be >= 0", collective=True)
+
+    import tpllama
+    model = tpllama.load(args.model, **cli.load_options(args))
+    root = model.par.is_root
+    use_chat = args.chat if args.chat is not None else (args.system is not None or model.tokenizer.chat_template is not None)
+    from .stats import RunStats
+    stats = RunStats()
+    pieces = model.stream(prompt, args.n_predict, chat=use_chat, system=args.system, stats=stats,
+                          **cli.sampling_options(args))
+    for piece in pieces:
+        if root:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    if root:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    _report(model, stats, args.stats)
+    return 0
+
+
+def _report(model, stats, per_token: bool):
+    """Summary on rank 0's stderr; with --stats every rank's per-token lines too, gathered to rank 0."""
+    par = model.par
+    lines = [s.line(i) for i, s in enumerate(stats.steps)] if per_token else []
+    everyone = par.comm.gather(lines, root=0) if par.size > 1 else [lines]
+    if not par.is_root:
+        return
+    if per_token:
+        for rank, rank_lines in enumerate(everyone):
+            for line in rank_lines:
+                print(f"rank {rank} {line}", file=sys.stderr)
+    print(stats.summary(), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,208 @@
+"""The communicator: every collective tpllama makes, with byte and time accounting.
+
+The model math calls only `allreduce_sum`; the engine uses the token broadcast and the
+candidate gather. At world size 1 every collective is a no-op or a copy.
+
+Bytes are payload bytes: what this rank hands to MPI and gets back. On the wire a ring
+all-reduce moves about 2(K-1)/K times its payload per rank; MPI picks the algorithm.
+"""
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .errors import TpllamaError
+
+SYNC_TYPES = ("f32", "bf16", "q80")
+
+
+@dataclass
+class CommCounters:
+    """Running totals; take differences around a step to get per-step numbers."""
+    seconds: float = 0.0
+    sent: int = 0
+    received: int = 0
+    calls: Dict[str, int] = field(default_factory=dict)
+
+    def snapshot(self) -> Tuple[float, int, int]:
+        return self.seconds, self.sent, self.received
+
+
+def _to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounding to nearest even."""
+    bits = x.astype(np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + 0x7FFF
+    return ((bits + rounding) >> 16).astype(np.uint16)
+
+
+def _from_bf16(b: np.ndarray) -> np.ndarray:
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+class Parallel:
+    """A communicator (default MPI.COMM_WORLD) and tpllama's collectives over it."""
+
+    def __init__(self, comm=None, sync_type: str = "f32"):
+        from mpi4py import MPI
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        if sync_type not in SYNC_TYPES:
+            raise TpllamaError(f"--sync-type {sync_type!r}: expected one of {', '.join(SYNC_TYPES)}")
+        self.sync_type = sync_type
+        self.counters = CommCounters()
+        self._host_comm = None
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    # ------------------------------------------------------------ accounting
+
+    def _count(self, kind: str, t0: float, sent: int, received: int):
+        c = self.counters
+        c.seconds += time.perf_counter() - t0
+        c.sent += sent
+        c.received += received
+        c.calls[kind] = c.calls.get(kind, 0) + 1
+
+    # ------------------------------------------------------------ the model's one collective
+
+    def allreduce_sum(self, x: np.ndarray) -> np.ndarray:
+        """Sum (T, dim) float32 partial results over ranks; every rank gets the total."""
+        if self.size == 1:
+            return x
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        t0 = time.perf_counter()
+        if self.sync_type == "f32":
+            self.comm.Allreduce(self.MPI.IN_PLACE, x, op=self.MPI.SUM)
+            self._count("allreduce", t0, x.nbytes, x.nbytes)
+            return x
+        # Compressed payload: gather every rank's compressed partial and sum in rank order,
+        # so the total is bitwise the same on every rank.
+        packed = self._compress(x)
+        gathered = np.empty((self.size,) + packed.shape, dtype=packed.dtype)
+        self.comm.Allgather(packed, gathered)
+        self._count("allreduce", t0, packed.nbytes, gathered.nbytes - packed.nbytes)
+        total = self._decompress(gathered[0], x.shape)
+        for r in range(1, self.size):
+            total += self._decompress(gathered[r], x.shape)
+        return total
+
+    def _compress(self, x: np.ndarray) -> np.ndarray:
+        if self.sync_type == "bf16":
+            return _to_bf16(x)
+        from . import _kernels as K
+        return K.quantize_q80(x) if x.shape[-1] % K.QK == 0 else x
+
+    def _decompress(self, packed: np.ndarray, shape) -> np.ndarray:
+        if self.sync_type == "bf16":
+            return _from_bf16(packed).reshape(shape)
+        if packed.dtype == np.float32:
+            return packed.copy()
+        from . import _kernels as K
+        return K.dequantize_q80(np.ascontiguousarray(packed)).reshape(shape)
+
+    # ------------------------------------------------------------ control and sampling
+
+    def bcast_ints(self, values: Optional[np.ndarray], n: int) -> np.ndarray:
+        """Root's n int32 values to every rank (token ids, control words)."""
+        buf = np.ascontiguousarray(values, dtype=np.int32) if self.is_root else np.empty(n, dtype=np.int32)
+        if self.size > 1:
+            t0 = time.perf_counter()
+            self.comm.Bcast(buf, root=0)
+            self._count("bcast", t0, buf.nbytes if self.is_root else 0, 0 if self.is_root else buf.nbytes)
+        return buf
+
+    def bcast_object(self, obj: Any) -> Any:
+        """A small Python object from root (a prompt's ids, a request); pickled."""
+        if self.size == 1:
+            return obj
+        t0 = time.perf_counter()
+        obj = self.comm.bcast(obj, root=0)
+        self._count("bcast", t0, 0, 0)
+        return obj
+
+    def gather_candidates(self, values: np.ndarray, ids: np.ndarray, extra: np.ndarray):
+        """Each rank's top candidates (n values, n global ids, a few float64 extras) to root.
+
+        Returns (values (K*n,), ids (K*n,), extras (K, m)) on root, None elsewhere."""
+        n, m = len(values), len(extra)
+        if self.size == 1:
+            return values, ids, extra[None, :]
+        send = np.concatenate([values.astype(np.float64), ids.astype(np.float64), extra.astype(np.float64)])
+        recv = np.empty((self.size, send.size), dtype=np.float64) if self.is_root else None
+        t0 = time.perf_counter()
+        self.comm.Gather(send, recv, root=0)
+        self._count("gather", t0, send.nbytes, recv.nbytes - send.nbytes if self.is_root else 0)
+        if not self.is_root:
+            return None
+        return (recv[:, :n].reshape(-1).astype(np.float32), recv[:, n:2 * n].reshape(-1).astype(np.int64),
+                recv[:, 2 * n:])
+
+    def gather_vocab(self, local: np.ndarray, counts: List[int], root_only: bool) -> Optional[np.ndarray]:
+        """Concatenate each rank's (T, V_r) logits into (T, V): on root, or on every rank."""
+        if self.size == 1:
+            return local
+        T = local.shape[0]
+        local_t = np.ascontiguousarray(local.T, dtype=np.float32)   # (V_r, T): vocab-major rows concatenate
+        sizes = [c * T for c in counts]
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+        full = np.empty(sum(sizes), dtype=np.float32) if (self.is_root or not root_only) else None
+        t0 = time.perf_counter()
+        if root_only:
+            self.comm.Gatherv(local_t, [full, sizes, offsets, self.MPI.FLOAT] if self.is_root else None, root=0)
+        else:
+            self.comm.Allgatherv(local_t, [full, sizes, offsets, self.MPI.FLOAT])
+        got = (full.nbytes - local_t.nbytes) if full is not None else 0
+        self._count("gather_vocab", t0, local_t.nbytes, got)
+        return None if full is None else full.reshape(-1, T).T.copy()
+
+    # ------------------------------------------------------------ job-level helpers
+
+    def host_comm(self):
+        """The ranks that share this rank's host (memory and cores are per host)."""
+        if self._host_comm is None:
+            self._host_comm = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED, key=self.rank)
+        return self._host_comm
+
+    def hostname(self) -> str:
+        return socket.gethostname()
+
+    def together(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on every rank; if it fails on any, every rank raises the failure (see agree)."""
+        result, error = None, None
+        try:
+            result = fn()
+        except TpllamaError as e:
+            error = str(e)
+        except MemoryError:
+            error = "out of memory; lower -c, use more ranks, or --weight-type q40"
+        self.agree(error)
+        return result
+
+    def agree(self, error: Optional[str]) -> None:
+        """Collective check: if any rank has an error, every rank raises it (root's first, else the
+        lowest failing rank's), so a bad path on one node stops the whole job with one message."""
+        errors = [error] if self.size == 1 else self.comm.allgather(error)
+        for r, e in enumerate(errors):
+            if e is not None:
+                prefix = "" if self.size == 1 or all(x == e for x in errors) else f"rank {r} ({self._hosts()[r]}): "
+                raise TpllamaError(prefix + e, collective=True)
+
+    def _hosts(self) -> List[str]:
+        return self.comm.allgather(self.hostname()) if self.size > 1 else [self.hostname()]
+
+    def abort(self, code: int = 1):
+        """End the whole job now (every rank, on every host)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if self.size > 1:
+            self.comm.Abort(code)
+        sys.exit(code)

@@ -1,0 +1,203 @@
+"""The sharding plan: which heads, FFN units and vocab rows each rank owns. Pure functions, no MPI.
+
+Megatron-style tensor parallelism with one all-reduce after attention and one after the FFN:
+  wq/wk/wv   ColwiseParallel: rows of this rank's query heads / the kv heads they read
+  wo         RowwiseParallel: columns of this rank's query heads (partial sums)
+  w1/w3      ColwiseParallel: rows of this rank's FFN units
+  w2         RowwiseParallel: columns of this rank's FFN units (partial sums)
+  output     vocab-parallel: rows of this rank's vocab slice (tied embeddings too)
+
+Splits are contiguous and proportional to per-rank weights (--rank-weights), so a faster
+node gets more heads and FFN blocks, and any rank count from 1 to n_heads works, also
+counts that divide nothing evenly. When ranks outnumber kv heads, a kv head is held by
+every rank whose query heads read it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+from .config import ModelConfig
+from .errors import TpllamaError
+
+QK = 32  # FFN slices are made of whole q40 blocks when the FFN width allows
+
+
+@dataclass(frozen=True)
+class RankSlice:
+    rank: int
+    heads: range       # query heads
+    kv_heads: range    # kv heads read by those query heads
+    ffn: range         # FFN hidden units (rows of w1/w3, columns of w2)
+    vocab: range       # rows of the output matrix
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    config: ModelConfig
+    weights: Tuple[float, ...]
+    ranks: Tuple[RankSlice, ...]
+
+    @property
+    def world_size(self) -> int:
+        return len(self.ranks)
+
+    def __getitem__(self, rank: int) -> RankSlice:
+        return self.ranks[rank]
+
+
+def split_proportional(total: int, weights: Sequence[float], minimum: int = 0) -> List[range]:
+    """Contiguous ranges covering range(total), sized in proportion to weights (largest remainder).
+
+    Every range gets at least `minimum` units; raises if total cannot give that."""
+    n = len(weights)
+    if n == 0 or any(w <= 0 for w in weights):
+        raise TpllamaError(f"rank weights must be positive numbers, got {list(weights)}")
+    if total < minimum * n:
+        raise TpllamaError(f"cannot split {total} units over {n} ranks with at least {minimum} each")
+    spare = total - minimum * n
+    wsum = float(sum(weights))
+    exact = [spare * w / wsum for w in weights]
+    sizes = [int(e) for e in exact]
+    # hand the leftover units to the largest remainders; ties go to the lower rank
+    order = sorted(range(n), key=lambda i: (-(exact[i] - sizes[i]), i))
+    for i in order[: spare - sum(sizes)]:
+        sizes[i] += 1
+    ranges, start = [], 0
+    for s in sizes:
+        ranges.append(range(start, start + s + minimum))
+        start += s + minimum
+    return ranges
+
+
+def parse_rank_weights(text: Optional[str], world_size: int) -> Tuple[float, ...]:
+    """'2,1,1' -> (2.0, 1.0, 1.0); None or '' -> equal weights."""
+    if not text:
+        return tuple([1.0] * world_size)
+    try:
+        weights = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise TpllamaError(f"--rank-weights {text!r}: expected comma-separated numbers such as 2,1,1") from None
+    if len(weights) != world_size:
+        raise TpllamaError(f"--rank-weights {text!r} has {len(weights)} values but the job has {world_size} ranks")
+    if any(w <= 0 for w in weights):
+        raise TpllamaError(f"--rank-weights {text!r}: every weight must be positive")
+    return weights
+
+
+def make_plan(config: ModelConfig, world_size: int, weights: Optional[Sequence[float]] = None) -> ShardPlan:
+    """Split the model over world_size ranks in proportion to weights (equal by default)."""
+    weights = tuple(float(w) for w in (weights or [1.0] * world_size))
+    if len(weights) != world_size:
+        raise TpllamaError(f"{len(weights)} rank weights given for {world_size} ranks")
+    if world_size > config.n_heads:
+        raise TpllamaError(f"{world_size} ranks but the model has only {config.n_heads} attention heads; "
+                           f"use at most {config.n_heads} ranks")
+    heads = split_proportional(config.n_heads, weights, minimum=1)
+    ffn_unit = QK if config.hidden_dim % QK == 0 else 1
+    ffn = [range(r.start * ffn_unit, r.stop * ffn_unit)
+           for r in split_proportional(config.hidden_dim // ffn_unit, weights)]
+    vocab = split_proportional(config.vocab_size, weights)
+    group = config.kv_group
+    ranks = tuple(
+        RankSlice(rank=i, heads=h, kv_heads=range(h.start // group, (h.stop - 1) // group + 1), ffn=f, vocab=v)
+        for i, (h, f, v) in enumerate(zip(heads, ffn, vocab))
+    )
+    return ShardPlan(config=config, weights=weights, ranks=ranks)
+
+
+# ---------------------------------------------------------------- memory per rank
+
+BYTES_PER_WEIGHT = {"q40": 18 / 32, "q80": 34 / 32, "f32": 4.0}
+RUNTIME_OVERHEAD = 160 * 2**20   # Python, numpy, MPI and the mapped tokenizer, measured roughly
+PREFILL_CHUNK = 128              # prompt tokens per forward pass
+
+
+def matrix_bytes(rows: int, cols: int, wtype: str) -> int:
+    """Bytes of a (rows, cols) runtime matrix; input widths that are not whole blocks stay f32."""
+    t = wtype if cols % QK == 0 else "f32"
+    return int(rows * cols * BYTES_PER_WEIGHT[t])
+
+
+def weight_bytes(config: ModelConfig, shard: RankSlice, wtype: str) -> int:
+    """Bytes of weights a rank holds (the token embedding stays in the file, read by rows)."""
+    d, hd = config.dim, config.head_dim
+    q, kv, f = len(shard.heads) * hd, len(shard.kv_heads) * hd, len(shard.ffn)
+    layer = (matrix_bytes(q, d, wtype) + 2 * matrix_bytes(kv, d, wtype) + matrix_bytes(d, q, wtype)
+             + 2 * matrix_bytes(f, d, wtype) + matrix_bytes(d, f, wtype) + 2 * 4 * d)
+    return config.n_layers * layer + matrix_bytes(len(shard.vocab), d, wtype) + 4 * d
+
+
+def kv_bytes_per_token(config: ModelConfig, shard: RankSlice) -> int:
+    """KV cache bytes per context position on this rank (float32 keys and values)."""
+    return 2 * 4 * config.n_layers * len(shard.kv_heads) * config.head_dim
+
+
+def buffer_bytes(config: ModelConfig, shard: RankSlice, ctx: int) -> int:
+    """Working buffers of one prefill chunk: activations, attention scores, the logits row."""
+    T, hd = PREFILL_CHUNK, config.head_dim
+    acts = T * (6 * config.dim + 3 * len(shard.ffn) + 2 * len(shard.heads) * hd + 2 * len(shard.kv_heads) * hd)
+    scores = 2 * config.kv_group * T * ctx
+    return 4 * (acts + scores + len(shard.vocab))
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    rank: int
+    host: str
+    weights: int
+    kv_cache: int
+    buffers: int
+    overhead: int
+    host_available: int      # memory the host has available, shared by its ranks
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.buffers + self.overhead
+
+
+def rank_memory(plan: ShardPlan, wtype: str, ctx: int, hosts: Sequence[str], available: Sequence[int]) -> List[RankMemory]:
+    c = plan.config
+    return [RankMemory(rank=s.rank, host=hosts[s.rank], weights=weight_bytes(c, s, wtype),
+                       kv_cache=ctx * kv_bytes_per_token(c, s), buffers=buffer_bytes(c, s, ctx),
+                       overhead=RUNTIME_OVERHEAD, host_available=available[s.rank])
+            for s in plan.ranks]
+
+
+def host_shortfalls(mem: Sequence[RankMemory]) -> List[Tuple[str, List[int], int]]:
+    """(host, its ranks, bytes missing) for every host whose ranks need more than it has."""
+    out = []
+    for host in dict.fromkeys(m.host for m in mem):
+        ranks = [m for m in mem if m.host == host]
+        need = sum(m.total for m in ranks)
+        if need > ranks[0].host_available:
+            out.append((host, [m.rank for m in ranks], need - ranks[0].host_available))
+    return out
+
+
+def max_context(plan: ShardPlan, wtype: str, hosts: Sequence[str], available: Sequence[int],
+                fraction: float = 0.9) -> int:
+    """The longest context (a multiple of 256, at most the model's) whose KV caches fit every host."""
+    c = plan.config
+    best = c.max_seq_len
+    for host in dict.fromkeys(hosts):
+        ranks = [s for s in plan.ranks if hosts[s.rank] == host]
+        budget = fraction * available[ranks[0].rank] - sum(
+            weight_bytes(c, s, wtype) + RUNTIME_OVERHEAD + buffer_bytes(c, s, 0) for s in ranks)
+        per_token = sum(kv_bytes_per_token(c, s) + 4 * 2 * c.kv_group * PREFILL_CHUNK for s in ranks)
+        best = min(best, int(budget // per_token) if budget > 0 else 0)
+    return best if best >= c.max_seq_len else (best // 256) * 256
+
+
+def format_memory_table(mem: Sequence[RankMemory], ctx: int) -> str:
+    mib = lambda b: f"{b / 2**20:,.0f}"
+    lines = [f"memory plan at context {ctx} (MiB):",
+             f"{'rank':>4} {'host':<16} {'weights':>9} {'kv cache':>9} {'buffers':>8} {'runtime':>8} {'total':>9} {'host free':>10}"]
+    for m in mem:
+        lines.append(f"{m.rank:>4} {m.host[:16]:<16} {mib(m.weights):>9} {mib(m.kv_cache):>9} {mib(m.buffers):>8} "
+                     f"{mib(m.overhead):>8} {mib(m.total):>9} {mib(m.host_available):>10}")
+    if len(mem) > 1:
+        lines.append(f"{'all':>4} {'':<16} {mib(sum(m.weights for m in mem)):>9} {mib(sum(m.kv_cache for m in mem)):>9} "
+                     f"{mib(sum(m.buffers for m in mem)):>8} {mib(sum(m.overhead for m in mem)):>8} "
+                     f"{mib(sum(m.total for m in mem)):>9}")
+    return "\n".join(lines)
