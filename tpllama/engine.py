@@ -213,7 +213,7 @@ class Model:
         stats.prompt_tokens, stats.cached_tokens = len(ids), reuse
         local = self._run(ids[reuse:], "prefill", stats)
         sampler = Sampler(params) if self.par.is_root else None
-        decoder = self.tokenizer.stream_decoder()
+        decoder = self.tokenizer.stream_decoder(at_start=False)   # a continuation keeps its leading space
         eos = self.tokenizer.eos_ids
         text, emitted = "", 0
         self._finish_reason = "length"

@@ -14,6 +14,7 @@ import numpy as np
 from .config import ModelConfig
 from .loader import LayerWeights, RankWeights
 from .matrix import Activation
+from .memory import lazy_zeros
 
 Reduce = Callable[[np.ndarray], np.ndarray]
 
@@ -23,8 +24,8 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, n_local_kv_heads: int, ctx: int):
         shape = (config.n_layers, n_local_kv_heads, ctx, config.head_dim)
-        self.k = np.zeros(shape, dtype=np.float32)   # (layers, local_kv_heads, ctx, head_dim)
-        self.v = np.zeros(shape, dtype=np.float32)
+        self.k = lazy_zeros(shape)   # (layers, local_kv_heads, ctx, head_dim); resident as it fills
+        self.v = lazy_zeros(shape)
         self.ctx = ctx
 
     @property
