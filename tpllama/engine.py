@@ -25,8 +25,7 @@ from .sampler import Sampler, SamplingParams, local_candidates
 from .stats import RunStats, StepStats, peak_rss_bytes
 
 NEED_FULL_LOGITS = -2
-# finish codes broadcast with each token
-CONTINUE, FINISH_STOP, FINISH_LENGTH = 0, 1, 2
+CANCELLED = -3          # rank 0 ends the generation (e.g. its client went away)
 
 
 @dataclass
@@ -80,6 +79,7 @@ class Model:
             self.tokenizer = par.together(lambda: load_tokenizer(reader, opts.tokenizer))
         self.history: List[int] = []      # tokens whose keys and values are in the cache, in order
         self._vocab_counts = [len(s.vocab) for s in self.plan.ranks]
+        self._finish_reason = "stop"
 
     # ------------------------------------------------------------ setup
 
@@ -167,13 +167,15 @@ class Model:
 
     # ------------------------------------------------------------ sampling
 
-    def _next_token(self, local: np.ndarray, sampler: Optional[Sampler], params: SamplingParams) -> int:
-        """Collective: every rank gets the same next token from vocab-parallel logits (V_r,)."""
+    def _next_token(self, local: np.ndarray, sampler: Optional[Sampler], params: SamplingParams,
+                    cancel: Optional[Callable[[], bool]] = None) -> int:
+        """Collective: every rank gets the same next token from vocab-parallel logits (V_r,),
+        or CANCELLED when rank 0's cancel() says to stop."""
         values, ids, extras = local_candidates(local, self.shard.vocab.start, params.candidates_per_rank)
         merged = self.par.gather_candidates(values, ids, extras)
         token = None
         if self.par.is_root:
-            token = sampler.pick(*merged)
+            token = CANCELLED if cancel is not None and cancel() else sampler.pick(*merged)
         token = int(self.par.bcast_ints(np.array([NEED_FULL_LOGITS if token is None else token]), 1)[0])
         if token == NEED_FULL_LOGITS:
             full = self.par.gather_vocab(local[None, :], self._vocab_counts, root_only=True)
@@ -197,8 +199,12 @@ class Model:
     def stream(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 256, temperature: float = 0.8,
                top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
                stop: Sequence[str] = (), chat: bool = False, system: Optional[str] = None,
-               stats: Optional[RunStats] = None, on_token: Optional[Callable[[int], None]] = None) -> Iterator[str]:
-        """Yield text pieces as they are generated (the same on every rank). Collective."""
+               stats: Optional[RunStats] = None, on_token: Optional[Callable[[int], None]] = None,
+               cancel: Optional[Callable[[], bool]] = None) -> Iterator[str]:
+        """Yield text pieces as they are generated (the same on every rank). Collective.
+
+        cancel: checked on rank 0 before each token; True ends the generation on every rank
+        (finish reason "cancelled"). The finish reason of the last call is `last_finish_reason`."""
         stats = stats if stats is not None else RunStats()
         params = self.par.together(lambda: SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                                                           min_p=min_p, seed=seed))
@@ -218,7 +224,10 @@ class Model:
         text, emitted = "", 0
         self._finish_reason = "length"
         for n in range(max_new_tokens):
-            token = self._next_token(local[-1], sampler, params)
+            token = self._next_token(local[-1], sampler, params, cancel)
+            if token == CANCELLED:
+                self._finish_reason = "cancelled"
+                break
             if token in eos:
                 self._finish_reason = "stop"
                 break
@@ -275,6 +284,11 @@ class Model:
         while n < limit and self.history[n] == ids[n]:
             n += 1
         return n
+
+    @property
+    def last_finish_reason(self) -> str:
+        """"stop" (a stop token or string), "length" (max tokens or a full context) or "cancelled"."""
+        return self._finish_reason
 
     def close(self):
         self.reader.close()
