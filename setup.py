@@ -18,7 +18,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNEL_SOURCES = ["kernels/tpk.c"]
+KERNEL_SOURCES = ["kernels/tpk.c", "kernels/tpk_f64.c"]
 
 
 def _compiler_accepts(compiler, flags, source):

@@ -31,6 +31,10 @@ cdef extern from "tpk.h":
                             const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy, int nthreads) nogil
     void tpk_matmul_q80_q80(const tpk_block_q80 *w, int64_t rows, int64_t nb,
                             const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy, int nthreads) nogil
+    void tpk_matmul_q40_q80_f64(const tpk_block_q40 *w, int64_t rows, int64_t nb,
+                                const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy, int nthreads) nogil
+    void tpk_matmul_q80_q80_f64(const tpk_block_q80 *w, int64_t rows, int64_t nb,
+                                const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy, int nthreads) nogil
 
 QK = TPK_QK
 Q40_BYTES = TPK_Q40_BYTES
@@ -134,4 +138,28 @@ def matmul_q80_q80(const uint8_t[:, ::1] w, const uint8_t[:, ::1] xq, float[:, :
         with nogil:
             tpk_matmul_q80_q80(<const tpk_block_q80 *>&w[0, 0], rows, nb, <const tpk_block_q80 *>&xq[0, 0],
                                ntok, &out[0, 0], out.shape[1], nthreads)
+    return out
+
+
+def matmul_q40_q80_f64(const uint8_t[:, ::1] w, const uint8_t[:, ::1] xq, double[:, ::1] out, int nthreads=1):
+    """As matmul_q40_q80, rows accumulated in float64 (partial sums for an exact all-reduce)."""
+    cdef int64_t rows = w.shape[0], nb = w.shape[1] // TPK_Q40_BYTES, ntok = xq.shape[0]
+    if xq.shape[1] != nb * TPK_Q80_BYTES or out.shape[0] != ntok or out.shape[1] != rows:
+        raise ValueError("matmul_q40_q80_f64: shapes do not match")
+    if rows and ntok:
+        with nogil:
+            tpk_matmul_q40_q80_f64(<const tpk_block_q40 *>&w[0, 0], rows, nb, <const tpk_block_q80 *>&xq[0, 0],
+                                   ntok, &out[0, 0], out.shape[1], nthreads)
+    return out
+
+
+def matmul_q80_q80_f64(const uint8_t[:, ::1] w, const uint8_t[:, ::1] xq, double[:, ::1] out, int nthreads=1):
+    """As matmul_q80_q80, rows accumulated in float64."""
+    cdef int64_t rows = w.shape[0], nb = w.shape[1] // TPK_Q80_BYTES, ntok = xq.shape[0]
+    if xq.shape[1] != nb * TPK_Q80_BYTES or out.shape[0] != ntok or out.shape[1] != rows:
+        raise ValueError("matmul_q80_q80_f64: shapes do not match")
+    if rows and ntok:
+        with nogil:
+            tpk_matmul_q80_q80_f64(<const tpk_block_q80 *>&w[0, 0], rows, nb, <const tpk_block_q80 *>&xq[0, 0],
+                                   ntok, &out[0, 0], out.shape[1], nthreads)
     return out

@@ -22,7 +22,7 @@ from .parallel import Parallel
 from .plan import (PREFILL_CHUNK, format_memory_table, host_shortfalls, make_plan, max_context,
                    parse_rank_weights, rank_memory)
 from .sampler import Sampler, SamplingParams, local_candidates
-from .stats import RunStats, StepStats, peak_rss_bytes
+from .stats import RunStats, StepStats, peak_rss_bytes, resident_anon_bytes
 
 NEED_FULL_LOGITS = -2
 CANCELLED = -3          # rank 0 ends the generation (e.g. its client went away)
@@ -34,7 +34,7 @@ class LoadOptions:
     ctx_size: int = 0                 # KV cache positions; 0: the model's context, capped to fit memory
     threads: int = 0                  # kernel threads per rank; 0: this host's cores / its ranks
     rank_weights: Optional[Union[str, Sequence[float]]] = None   # e.g. "2,1,1": shares of the work
-    sync_type: str = "f32"            # payload of the per-layer all-reduces: f32 | bf16 | q80
+    sync_type: str = "f64"            # payload of the per-layer all-reduces: f64 (same text at any rank count) | f32 | bf16 | q80
     tokenizer: Optional[str] = None   # tokenizer file when the model has none; "none": load no tokenizer
     verbose: bool = False             # progress and the memory plan on rank 0's stderr
 
@@ -70,7 +70,10 @@ class Model:
                                 f"{c.n_heads}/{c.n_kv_heads} heads, vocab {c.vocab_size}) on {par.size} rank(s), "
                                 f"{opts.weight_type} weights, {self.threads} thread(s) per rank, context {self.ctx}")
         progress = (lambda i, n: _log(par, True, f"\rtpllama: loading weights {i}/{n}", end="")) if opts.verbose else None
+        resident_before = resident_anon_bytes()
         weights = par.together(lambda: load_rank_weights(reader, self.shard, opts.weight_type, self.threads, progress))
+        # what loading cost this rank: the weights it holds, and the resident memory that grew
+        self.load_report = {"weight_bytes": weights.nbytes, "resident_growth": resident_anon_bytes() - resident_before}
         _log(par, opts.verbose, "")
         self.rank_model = par.together(lambda: RankModel(weights, self.ctx))
         self.tokenizer = None
@@ -133,15 +136,13 @@ class Model:
         local = None
         for i in range(0, len(tokens), PREFILL_CHUNK):
             chunk = np.asarray(tokens[i:i + PREFILL_CHUNK], dtype=np.int64)
-            t0, (s0, b0, r0) = time.perf_counter(), self.par.counters.snapshot()
+            clock = _StepClock(self.par)
             hidden = self.rank_model.forward(chunk, len(self.history), self.par.allreduce_sum)
             self.history.extend(int(t) for t in chunk)
             if i + PREFILL_CHUNK >= len(tokens):
                 local = self.rank_model.logits(hidden[-1:])
             if stats is not None:
-                s1, b1, r1 = self.par.counters.snapshot()
-                stats.steps.append(StepStats(phase, len(chunk), 1000 * (time.perf_counter() - t0), 1000 * (s1 - s0),
-                                             b1 - b0, r1 - r0))
+                clock.record(stats, phase, len(chunk))
         return local
 
     def forward(self, token_ids: Sequence[int], start_pos: int) -> np.ndarray:
@@ -223,13 +224,13 @@ class Model:
         eos = self.tokenizer.eos_ids
         text, emitted = "", 0
         self._finish_reason = "length"
+        clock = None     # a decode step: forward the previous token, sample the next
         for n in range(max_new_tokens):
             token = self._next_token(local[-1], sampler, params, cancel)
-            if token == CANCELLED:
-                self._finish_reason = "cancelled"
-                break
-            if token in eos:
-                self._finish_reason = "stop"
+            if clock is not None:
+                clock.record(stats)
+            if token == CANCELLED or token in eos:
+                self._finish_reason = "cancelled" if token == CANCELLED else "stop"
                 break
             stats.generated_tokens += 1
             if on_token:
@@ -244,22 +245,28 @@ class Model:
             if safe > emitted:
                 yield text[emitted:safe]
                 emitted = safe
-            if n + 1 == max_new_tokens:
+            if n + 1 == max_new_tokens or len(self.history) + 1 > self.ctx:
                 break
-            if len(self.history) + 1 > self.ctx:
-                self._finish_reason = "length"
-                break
-            local = self._run([token], "decode", stats)
+            clock = _StepClock(self.par)
+            local = self._run([token], "decode", None)
         text += decoder.flush()
         if len(text) > emitted:
             yield text[emitted:]
         stats.peak_rss = self.par.comm.allgather(peak_rss_bytes()) if self.par.size > 1 else [peak_rss_bytes()]
 
-    def generate(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 256, **kwargs) -> Generation:
-        """Generate a completion; returns its text, token ids and statistics. Collective."""
+    def generate(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 256,
+                 on_token: Optional[Callable[[int], None]] = None, **kwargs) -> Generation:
+        """Generate a completion; returns its text, token ids and statistics. Collective.
+        Takes stream()'s arguments."""
         stats = kwargs.pop("stats", None) or RunStats()
         tokens: List[int] = []
-        text = "".join(self.stream(prompt, max_new_tokens, stats=stats, on_token=tokens.append, **kwargs))
+
+        def collect(token: int):
+            tokens.append(token)
+            if on_token:
+                on_token(token)
+
+        text = "".join(self.stream(prompt, max_new_tokens, stats=stats, on_token=collect, **kwargs))
         prompt_ids = self.history[:stats.prompt_tokens]
         return Generation(text=text, tokens=tokens, prompt_tokens=prompt_ids, finish_reason=self._finish_reason,
                           stats=stats)
@@ -292,6 +299,20 @@ class Model:
 
     def close(self):
         self.reader.close()
+
+
+class _StepClock:
+    """Wall time and the communicator's counters from creation to record()."""
+
+    def __init__(self, par: Parallel):
+        self.par = par
+        self.t0 = time.perf_counter()
+        self.counters = par.counters.snapshot()
+
+    def record(self, stats: RunStats, phase: str = "decode", tokens: int = 1):
+        s0, b0, r0 = self.counters
+        s1, b1, r1 = self.par.counters.snapshot()
+        stats.steps.append(StepStats(phase, tokens, 1000 * (time.perf_counter() - self.t0), 1000 * (s1 - s0), b1 - b0, r1 - r0))
 
 
 def _rank_weights(value, world_size: int):

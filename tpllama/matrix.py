@@ -19,6 +19,7 @@ BYTES_PER_WEIGHT = {"q40": K.Q40_BYTES / QK, "q80": K.Q80_BYTES / QK, "f32": 4.0
 _QUANTIZE = {"q40": K.quantize_q40, "q80": K.quantize_q80}
 _DEQUANTIZE = {"q40": K.dequantize_q40, "q80": K.dequantize_q80}
 _MATMUL = {"q40": K.matmul_q40_q80, "q80": K.matmul_q80_q80}
+_MATMUL_F64 = {"q40": K.matmul_q40_q80_f64, "q80": K.matmul_q80_q80_f64}
 
 
 class Activation:
@@ -62,6 +63,17 @@ class Matrix:
             return a.x @ self.data.T
         out = np.empty((a.x.shape[0], self.rows), dtype=np.float32)
         _MATMUL[self.wtype](self.data, a.q80, out, self.threads)
+        return out
+
+    def partial_sums(self, a: Activation) -> np.ndarray:
+        """(T, cols) -> (T, rows) float64: a rank's share of a row-parallel product.
+
+        Rows accumulate in float64 (every block term is exact there), so partial sums from
+        any split of the columns add up to the same total once rounded to float32."""
+        if self.wtype == "f32":
+            return a.x.astype(np.float64) @ self.data.T.astype(np.float64)
+        out = np.empty((a.x.shape[0], self.rows), dtype=np.float64)
+        _MATMUL_F64[self.wtype](self.data, a.q80, out, self.threads)
         return out
 
     def dequantized(self) -> np.ndarray:

@@ -2,8 +2,8 @@
 
 Reads like the paper: for each layer, x += attention(rmsnorm(x)); x += ffn(rmsnorm(x)).
 A rank computes only its own heads and FFN units, so the two sublayer outputs are partial
-sums that `reduce` (an all-reduce across ranks; identity on one rank) completes.
-With one rank this is the whole model.
+sums (float64) that `reduce` (an all-reduce across ranks) completes and rounds to float32.
+With one rank this is the whole model, and `single_rank` is its reduce.
 """
 from __future__ import annotations
 
@@ -16,7 +16,12 @@ from .loader import LayerWeights, RankWeights
 from .matrix import Activation
 from .memory import lazy_zeros
 
-Reduce = Callable[[np.ndarray], np.ndarray]
+Reduce = Callable[[np.ndarray], np.ndarray]   # (T, dim) float64 partial sums -> (T, dim) float32 totals
+
+
+def single_rank(partial: np.ndarray) -> np.ndarray:
+    """The reduce of a one-rank job: the partial sum is the total."""
+    return partial.astype(np.float32)
 
 
 class KVCache:
@@ -90,7 +95,7 @@ class RankModel:
     # ------------------------------------------------------------ one layer
 
     def attention(self, layer: int, lw: LayerWeights, h: Activation, start: int, cos, sin) -> np.ndarray:
-        """(T, dim) normed input -> (T, dim) partial output of this rank's heads."""
+        """(T, dim) normed input -> (T, dim) float64 partial output of this rank's heads."""
         c, T, hd = self.config, h.x.shape[0], self.config.head_dim
         q = apply_rope(lw.wq(h).reshape(T, -1, hd), cos, sin)     # (T, local_heads, hd)
         k = apply_rope(lw.wk(h).reshape(T, -1, hd), cos, sin)     # (T, local_kv, hd)
@@ -110,11 +115,11 @@ class RankModel:
             if mask is not None:
                 scores[:, mask] = -np.inf
             out[:, heads] = (softmax(scores) @ values).transpose(1, 0, 2)
-        return lw.wo(Activation(out.reshape(T, -1)))
+        return lw.wo.partial_sums(Activation(out.reshape(T, -1)))
 
     def feed_forward(self, lw: LayerWeights, h: Activation) -> np.ndarray:
-        """(T, dim) -> (T, dim) partial output of this rank's FFN units."""
-        return lw.w2(Activation(silu(lw.w1(h)) * lw.w3(h)))
+        """(T, dim) -> (T, dim) float64 partial output of this rank's FFN units."""
+        return lw.w2.partial_sums(Activation(silu(lw.w1(h)) * lw.w3(h)))
 
     # ------------------------------------------------------------ whole pass
 

@@ -13,7 +13,7 @@ p.add_argument("n", type=int)
 p.add_argument("prompt")
 p.add_argument("--tokenizer", default=None)
 p.add_argument("--rank-weights", default=None)
-p.add_argument("--sync", default="f32")
+p.add_argument("--sync", default="f64")
 p.add_argument("--raw", action="store_true")
 a = p.parse_args()
 model = tpllama.load(a.model, weight_type=a.wtype, tokenizer=a.tokenizer, rank_weights=a.rank_weights,

@@ -8,7 +8,7 @@ from mpi4py import MPI
 import tpllama
 
 model_path, wtype, prompt_file, out = sys.argv[1:5]
-sync = sys.argv[5] if len(sys.argv) > 5 else "f32"
+sync = sys.argv[5] if len(sys.argv) > 5 else "f64"
 model = tpllama.load(model_path, weight_type=wtype, tokenizer="none", ctx_size=64, threads=1, sync_type=sync)
 prompt = json.load(open(prompt_file))
 rows = [model.forward(prompt, 0)]

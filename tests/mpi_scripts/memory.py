@@ -17,8 +17,9 @@ whole = weight_bytes(config, make_plan(config, 1)[0], "q40")      # W: the model
 before = resident_anon_bytes()
 model = tpllama.load(path, weight_type="q40", tokenizer="none", ctx_size=256, threads=1, rank_weights=rank_weights)
 after = resident_anon_bytes()
-mine = {"rank": MPI.COMM_WORLD.rank, "held": model.rank_model.w.nbytes,
-        "planned": weight_bytes(config, model.shard, "q40"), "rss_delta": after - before,
+mine = {"rank": MPI.COMM_WORLD.rank, "held": model.load_report["weight_bytes"],
+        "planned": weight_bytes(config, model.shard, "q40"), "resident_growth": model.load_report["resident_growth"],
+        "whole_load_growth": after - before,
         "kv_cache": model.rank_model.cache.nbytes}
 everyone = MPI.COMM_WORLD.gather(mine, root=0)
 if MPI.COMM_WORLD.rank == 0:
