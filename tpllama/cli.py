@@ -68,7 +68,9 @@ def add_model_args(p: argparse.ArgumentParser):
     p_.add_argument("--sync-type", choices=SYNC_TYPES, default="f64",
                     help="payload of the two all-reduces per layer: f64 (default) gives the same text at any rank "
                          "count; f32, bf16, q80 send 2x, 4x, 7.5x less but results then vary slightly with the rank count")
-    p.add_argument("-v", "--verbose", action="store_true", help="show loading progress and the memory plan")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="do not print the memory plan and loading progress (stderr)")
+    p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)   # the default now; kept for old scripts
 
 
 def add_sampling_args(p: argparse.ArgumentParser, n_default: int = 256):
@@ -86,7 +88,7 @@ def add_sampling_args(p: argparse.ArgumentParser, n_default: int = 256):
 def load_options(args) -> dict:
     return dict(weight_type=args.weight_type, ctx_size=args.ctx_size, threads=args.threads,
                 rank_weights=args.rank_weights, sync_type=args.sync_type, tokenizer=args.tokenizer,
-                verbose=args.verbose)
+                verbose=not args.quiet)
 
 
 def sampling_options(args) -> dict:

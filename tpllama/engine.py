@@ -64,17 +64,20 @@ class Model:
         self.config = c = reader.config
         self.plan = par.together(lambda: make_plan(c, par.size, _rank_weights(opts.rank_weights, par.size)))
         self.shard = self.plan[par.rank]
-        self.ctx = par.together(self._choose_context)
-        self.threads = self._choose_threads()
         _log(par, opts.verbose, f"tpllama: {os.path.basename(path)} ({reader.format_name}, {c.n_layers} layers, dim {c.dim}, "
                                 f"{c.n_heads}/{c.n_kv_heads} heads, vocab {c.vocab_size}) on {par.size} rank(s), "
-                                f"{opts.weight_type} weights, {self.threads} thread(s) per rank, context {self.ctx}")
-        progress = (lambda i, n: _log(par, True, f"\rtpllama: loading weights {i}/{n}", end="")) if opts.verbose else None
-        resident_before = resident_anon_bytes()
+                                f"{opts.weight_type} weights")
+        self.ctx = par.together(self._choose_context)
+        self.threads = self._choose_threads()
+        progress = None
+        if opts.verbose and sys.stderr.isatty():   # redraw one line on a terminal; logs get one line at the end
+            progress = lambda i, n: _log(par, True, f"\rtpllama: loading weights {i}/{n}", end="")
+        resident_before, t_load = resident_anon_bytes(), time.perf_counter()
         weights = par.together(lambda: load_rank_weights(reader, self.shard, opts.weight_type, self.threads, progress))
         # what loading cost this rank: the weights it holds, and the resident memory that grew
         self.load_report = {"weight_bytes": weights.nbytes, "resident_growth": resident_anon_bytes() - resident_before}
-        _log(par, opts.verbose, "")
+        _log(par, opts.verbose, ("\n" if progress else "") + f"tpllama: rank 0 loaded {weights.nbytes / 2**20:,.1f} MiB of weights "
+                                f"in {time.perf_counter() - t_load:.1f} s; context {self.ctx}, {self.threads} thread(s) per rank")
         self.rank_model = par.together(lambda: RankModel(weights, self.ctx))
         self.tokenizer = None
         if opts.tokenizer != "none":   # "none": logits only (forward), no text in or out
