@@ -44,3 +44,18 @@ def stories_gguf():
 @pytest.fixture(scope="session")
 def stories_tokenizer():
     return shared_model("stories260K", "tok512.bin")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """tiny_hf(name) -> (spec, directory, reference model): each tiny model is trained once per session."""
+    from tiny_models import SPECS, write_hf_model
+    made = {}
+
+    def get(name):
+        if name not in made:
+            spec = SPECS[name]
+            directory = tmp_path_factory.mktemp(spec.name)
+            made[name] = (spec, directory, write_hf_model(spec, directory))
+        return made[name]
+    return get

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mpi_util import mpi_env, mpirun, mpirun_cmd, run_script, REPO
-from tiny_models import SPECS, rule_prompt, write_hf_model
+from tiny_models import rule_prompt
 
 pytestmark = pytest.mark.mpi
 
@@ -22,12 +22,10 @@ STORIES_TEXT = ("Once upon a time, there was a little girl named Lily. She loved
 
 
 @pytest.fixture(scope="module")
-def tiny_gqa(tmp_path_factory):
+def tiny_gqa(tiny_hf, tmp_path_factory):
     """A tiny trained GQA model (4 heads, 2 kv heads) as an HF directory, and a prompt file."""
-    spec = SPECS["gqa"]
-    directory = tmp_path_factory.mktemp("gqa")
-    write_hf_model(spec, directory)
-    prompt = directory / "prompt.json"
+    spec, directory, _ = tiny_hf("gqa")
+    prompt = tmp_path_factory.mktemp("prompt") / "prompt.json"
     prompt.write_text(json.dumps(rule_prompt(spec, 16)))
     return directory, prompt
 
