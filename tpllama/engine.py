@@ -204,11 +204,12 @@ class Model:
                top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
                stop: Sequence[str] = (), chat: bool = False, system: Optional[str] = None,
                stats: Optional[RunStats] = None, on_token: Optional[Callable[[int], None]] = None,
-               cancel: Optional[Callable[[], bool]] = None) -> Iterator[str]:
+               cancel: Optional[Callable[[], bool]] = None, ignore_eos: bool = False) -> Iterator[str]:
         """Yield text pieces as they are generated (the same on every rank). Collective.
 
         cancel: checked on rank 0 before each token; True ends the generation on every rank
-        (finish reason "cancelled"). The finish reason of the last call is `last_finish_reason`."""
+        (finish reason "cancelled"). The finish reason of the last call is `last_finish_reason`.
+        ignore_eos: keep going through stop tokens (benchmarks measure a fixed token count)."""
         stats = stats if stats is not None else RunStats()
         params = self.par.together(lambda: SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                                                           min_p=min_p, seed=seed))
@@ -224,7 +225,7 @@ class Model:
         local = self._run(ids[reuse:], "prefill", stats)
         sampler = Sampler(params) if self.par.is_root else None
         decoder = self.tokenizer.stream_decoder(at_start=False)   # a continuation keeps its leading space
-        eos = self.tokenizer.eos_ids
+        eos = frozenset() if ignore_eos else self.tokenizer.eos_ids
         text, emitted = "", 0
         self._finish_reason = "length"
         clock = None     # a decode step: forward the previous token, sample the next
