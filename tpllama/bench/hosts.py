@@ -79,8 +79,11 @@ exec ip netns exec "$ns" unshare --uts /bin/bash -c "hostname $name; $*"
 
 
 @contextmanager
-def namespace_hosts(n: int, rate: Optional[str] = None, prefix: str = "tpl") -> Iterator[Cluster]:
-    """n hosts on a bridge; rate (e.g. '1gbit') shapes each host's link with a token bucket."""
+def namespace_hosts(n: int, rate: Optional[str] = None, prefix: str = "tpl", burst: str = "128kb") -> Iterator[Cluster]:
+    """n hosts on a bridge; rate (e.g. '1gbit') shapes each host's outgoing link with a token bucket.
+
+    The bucket must hold about a millisecond of traffic (125 kB at 1 Gbit/s): a few kB, as
+    small buckets go, hold TCP to a fraction of the rate."""
     hosts = [Host(name=f"{prefix}-node{i + 1}", netns=f"{prefix}-ns{i + 1}", address=f"{SUBNET}.{11 + i}")
              for i in range(n)]
     workdir = tempfile.mkdtemp(prefix="tpllama-hosts-")
@@ -103,7 +106,7 @@ def namespace_hosts(n: int, rate: Optional[str] = None, prefix: str = "tpl") -> 
             _ip("link", "set", "lo", "up", netns=h.netns)
             if rate:
                 subprocess.run(["ip", "netns", "exec", h.netns, "tc", "qdisc", "add", "dev", inside, "root", "tbf",
-                                "rate", rate, "burst", "32kbit", "latency", "50ms"], check=True, capture_output=True)
+                                "rate", rate, "burst", burst, "latency", "50ms"], check=True, capture_output=True)
         hostfile = os.path.join(workdir, "hostfile")
         with open(hostfile, "w") as f:
             f.write("".join(f"{h.address} slots=1\n" for h in hosts))
