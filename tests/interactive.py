@@ -135,8 +135,20 @@ class Running:
         return int(m.group(1))
 
     def kill(self) -> None:
-        """End the whole process group (mpirun and every rank), whatever state it is in."""
+        """End the process and everything it started, whatever state they are in. mpirun puts each
+        rank in a process group of its own, and a rank whose mpirun was killed lives on: so every
+        descendant is killed by pid, then the process's own group."""
+        import psutil
         if self.proc.poll() is None:
+            try:
+                descendants = psutil.Process(self.proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                descendants = []
+            for child in descendants:
+                try:
+                    child.kill()
+                except psutil.NoSuchProcess:
+                    pass
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
