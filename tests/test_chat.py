@@ -134,6 +134,19 @@ def test_chat_on_one_rank_through_a_pipe(smollm2, model):
     assert p3 == p1 and said[2] == said[0], "after /reset the conversation starts over"
 
 
+def test_a_full_context_drops_old_turns_instead_of_failing(smollm2):
+    # no -m: the default model (the smollm2 fixture has made sure it is in the cache)
+    questions = ["Hi!", "Tell me about Paris.", "And London?", "And Rome?", "And Berlin?", "word " * 200]
+    with Running(command(1, "tpllama.chat", ["-c", "160", "-n", "16", "--temp", "0", "--stats"])) as chat:
+        chat.send("".join(q + "\n" for q in questions))
+        chat.close_stdin()
+        assert chat.wait(180) == 0, chat.report()
+    assert len(answers(chat.stdout)) == 5, chat.report()
+    assert re.search(r"\[context full: dropped the \d+ oldest turn\(s\); \d+ left\]", chat.stderr), chat.report()
+    assert re.search(r"\[error: the message needs \d+ tokens .* context holds 160", chat.stderr), chat.report()
+    assert all(int(m.group(1)) + 16 <= 160 for m in STATS.finditer(chat.stderr))
+
+
 @pytest.mark.mpi
 def test_chat_on_two_ranks_through_a_pipe(smollm2):
     # Open MPI 5's mpirun does not pass the end of stdin on to rank 0, so the chat ends with /exit
