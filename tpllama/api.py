@@ -15,7 +15,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .errors import TpllamaError
 from .follow import StreamCall
-from .sampler import SamplingParams
 
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -194,8 +193,7 @@ def _seed(body: dict, default: Optional[int]) -> Optional[int]:
 def _check_sampling(call: StreamCall) -> None:
     """The engine's own checks, here, so that a value it refuses never reaches the other ranks."""
     try:
-        SamplingParams(temperature=call.temperature, top_k=call.top_k, top_p=call.top_p, min_p=call.min_p,
-                       seed=call.seed)
+        call.check_sampling()
     except TpllamaError as e:
         raise ApiError(400, str(e).lstrip("-"), None, "invalid_value") from None
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 from . import cli
-from .follow import GENERATE, STOP, Command, StreamCall, exchange, follow
+from .follow import GENERATE, STOP, Command, StreamCall, check_sampling_flags, exchange, follow
 
 # Tokens kept free for an answer when the context fills up and old turns are dropped (without -n).
 ANSWER_ROOM = 256
@@ -56,6 +56,7 @@ def build_parser():
     return p
 
 
+
 def _set_help(parser, dest: str, text: str) -> None:
     for action in parser._actions:
         if action.dest == dest:
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.n_predict == 0 or args.n_predict < -1:
         raise cli.TpllamaError(f"-n {args.n_predict}: expected a positive number of tokens, or -1", collective=True)
+    check_sampling_flags(cli.sampling_options(args))
     import tpllama
     model = tpllama.load(args.model, **cli.load_options(args))
     if model.par.is_root:
@@ -82,6 +84,7 @@ def lead(model, args) -> None:
     """Rank 0: read messages, answer them with every rank, tell the others when the chat ends."""
     from .conversation import Conversation
     conversation = Conversation(model.tokenizer, args.system)
+    sys.stdin.reconfigure(errors="replace")   # a stray non-UTF-8 byte must not end the chat
     console = Console.open()
     interrupts = Interrupts()
     interrupts.install()

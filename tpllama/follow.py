@@ -38,11 +38,26 @@ class StreamCall:
         args["prompt"] = args.pop("prompt_ids")
         return args
 
+    def check_sampling(self) -> None:
+        """Raise the TpllamaError the engine would raise for these sampling settings, here on rank 0,
+        before they reach the other ranks."""
+        from .sampler import SamplingParams
+        SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                       seed=self.seed)
+
 
 @dataclass
 class Command:
     kind: str                           # GENERATE | STOP
     call: Optional[StreamCall] = None
+
+
+def check_sampling_flags(sampling: dict) -> None:
+    """Sampling flags the engine would refuse end the job at once (every rank checks the same flags)."""
+    try:
+        StreamCall([], 1, **sampling).check_sampling()
+    except TpllamaError as e:
+        raise TpllamaError(str(e), collective=True) from None
 
 
 def exchange(par, command: Optional[Command] = None) -> Command:

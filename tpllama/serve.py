@@ -29,7 +29,7 @@ from urllib.parse import unquote, urlsplit
 from . import cli
 from .api import (ApiError, ApiRequest, Defaults, RequestReader, completion_response, error_body, model_object,
                   new_id, now, stream_chunk, usage, usage_chunk)
-from .follow import GENERATE, STOP, Command, exchange, follow
+from .follow import GENERATE, STOP, Command, check_sampling_flags, exchange, follow
 
 DEFAULT_MAX_BODY = 4 << 20
 DRAIN_LIMIT = 64 << 20       # an over-long body up to this size is read and dropped so that the 413 arrives
@@ -474,6 +474,7 @@ def check_args(args) -> None:
         raise cli.TpllamaError(f"--port {args.port}: expected 0..65535", collective=True)
     if args.max_body < 1:
         raise cli.TpllamaError(f"--max-body {args.max_body}: expected a positive number of bytes", collective=True)
+    check_sampling_flags(cli.sampling_options(args))
 
 
 def model_name(model) -> str:
