@@ -120,8 +120,9 @@ class RequestReader:
             raise ApiError(400, f"the prompt has {len(ids)} tokens but the model's context holds {self.ctx}",
                            prompt_field, "context_length_exceeded")
         d = self.defaults
-        max_tokens = _integer(body, "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens",
-                              None, minimum=1)
+        # newer clients send max_completion_tokens, older ones max_tokens
+        name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = _integer(body, name, None, minimum=1)
         if max_tokens is None:
             room = self.ctx - len(ids)
             max_tokens = min(d.max_tokens, room) if d.max_tokens > 0 else room

@@ -11,6 +11,7 @@ goes away cancels its generation at the next token. SIGINT or SIGTERM to rank 0 
 """
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import queue
@@ -83,7 +84,7 @@ class Server:
         self.jobs: "queue.Queue[Job]" = queue.Queue()
         self.stopping = threading.Event()
         self.httpd: Optional[ApiHttpServer] = None
-        self._answering: list = []           # jobs told their end, to wait for at shutdown
+        self._failed: list = []              # jobs failed at shutdown: their clients are being told
 
     def listen(self, host: str, port: int) -> None:
         try:
@@ -121,14 +122,18 @@ class Server:
         from .errors import TpllamaError
         from .stats import RunStats
         call, stats, t0 = job.request.call, RunStats(), time.perf_counter()
+
+        def stop_now() -> bool:   # checked on rank 0 before each token
+            return job.cancelled.is_set() or self.stopping.is_set()
+
         exchange(self.model.par, Command(GENERATE, call))
-        stop_now = lambda: job.cancelled.is_set() or self.stopping.is_set()   # noqa: E731
         try:
             for piece in self.model.stream(**call.kwargs(), stats=stats, cancel=stop_now):
                 job.events.put(Event("text", text=piece))
         except TpllamaError as e:
-            if not e.collective:
+            if not e.collective:   # this rank alone: cli.run ends the job
                 raise
+            self.log(f"generation failed: {e}")
             job.fail(500, str(e))
             return
         reason = self.model.last_finish_reason
@@ -138,7 +143,7 @@ class Server:
         if reason == "cancelled":
             if not job.cancelled.is_set():
                 job.fail(503, "the server is shutting down")
-                self._answering.append(job)
+                self._failed.append(job)
             return
         counts = usage(stats.prompt_tokens, stats.generated_tokens, stats.cached_tokens)
         job.events.put(Event("done", finish_reason=reason, counts=counts))
@@ -153,10 +158,10 @@ class Server:
             except queue.Empty:
                 break
             job.fail(503, "the server is shutting down")
-            self._answering.append(job)
+            self._failed.append(job)
         exchange(self.model.par, Command(STOP))
         deadline = time.monotonic() + DELIVERY_GRACE
-        for job in self._answering:
+        for job in self._failed:
             job.delivered.wait(max(0.0, deadline - time.monotonic()))
         if self.httpd is not None:
             self.httpd.server_close()
@@ -257,7 +262,6 @@ class ApiHandler(BaseHTTPRequestHandler):
         if not given.startswith("Bearer "):
             raise ApiError(401, "an API key is required: send 'Authorization: Bearer KEY'", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
-        import hmac
         if not hmac.compare_digest(given[len("Bearer "):].strip().encode(), key.encode()):
             raise ApiError(401, "incorrect API key provided", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
@@ -491,7 +495,7 @@ def main(argv=None) -> int:
     if par.is_root:
         defaults = Defaults(**cli.sampling_options(args), max_tokens=args.n_predict)
         reader = RequestReader(model.tokenizer, model.ctx, model_name(model), [ALIAS, *args.alias], defaults)
-        server = Server(model, reader, args.api_key, args.max_body)
+        server = Server(model, reader, args.api_key or None, args.max_body)
     par.together(lambda: server.listen(args.host, args.port) if server else None)
     if server:
         server.install_signals()
