@@ -10,6 +10,9 @@ from interactive import Running, command
 from mpi_util import mpirun
 
 CTX = 512
+# one kernel thread per process: CI machines are small and shared, and spinning OpenMP threads
+# that outnumber the cores make every token slow
+ONE_THREAD = ["-t", "1"]
 QUESTION = "What is the capital of France?"
 STATS = re.compile(r"\[prompt (\d+) tokens \((\d+) reused from cache\), (\d+) generated, [\d.]+ tokens/s, "
                    r"finish: (\w+)\]")
@@ -18,7 +21,7 @@ STATS = re.compile(r"\[prompt (\d+) tokens \((\d+) reused from cache\), (\d+) ge
 @pytest.fixture(scope="module")
 def model(smollm2):
     import tpllama
-    return tpllama.load(smollm2, ctx_size=CTX)
+    return tpllama.load(smollm2, ctx_size=CTX, threads=1)
 
 
 def raw_text(tokenizer, ids):
@@ -106,7 +109,7 @@ def test_reset_forgets_the_turns(model):
 
 # ------------------------------------------------------------------ python -m tpllama.chat
 
-CHAT_ARGS = ["-c", str(CTX), "-n", "16", "--temp", "0", "--stats"]
+CHAT_ARGS = ["-c", str(CTX), "-n", "16", "--temp", "0", "--stats", *ONE_THREAD]
 
 
 def test_help_explains_the_flags_and_commands():
@@ -137,7 +140,7 @@ def test_chat_on_one_rank_through_a_pipe(smollm2, model):
 def test_a_full_context_drops_old_turns_instead_of_failing(smollm2):
     # no -m: the default model (the smollm2 fixture has made sure it is in the cache)
     questions = ["Hi!", "Tell me about Paris.", "And London?", "And Rome?", "And Berlin?", "word " * 200]
-    with Running(command(1, "tpllama.chat", ["-c", "160", "-n", "16", "--temp", "0", "--stats"])) as chat:
+    with Running(command(1, "tpllama.chat", ["-c", "160", "-n", "16", "--temp", "0", "--stats", *ONE_THREAD])) as chat:
         chat.send("".join(q + "\n" for q in questions))
         chat.close_stdin()
         assert chat.wait(180) == 0, chat.report()
@@ -159,13 +162,13 @@ def test_chat_on_two_ranks_through_a_pipe(smollm2):
     (p1, _, n1), (_, r2, _) = stats
     assert r2 >= p1 + n1 - 1
     reference = mpirun(2, ["-m", "tpllama.generate", "-m", smollm2, "-c", str(CTX), "--temp", "0", "-n", "16",
-                           "-p", QUESTION])
+                           "-p", QUESTION, *ONE_THREAD])
     assert said[0] == reference.stdout.strip()
 
 
 @pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.mpi)])
 def test_at_a_terminal_answers_stream_and_ctrl_c_stops_one_then_quits(smollm2, ranks):
-    args = ["-m", smollm2, "-c", str(CTX), "-n", "400", "--temp", "0", "--stats"]
+    args = ["-m", smollm2, "-c", str(CTX), "-n", "400", "--temp", "0", "--stats", *ONE_THREAD]
     # in a pseudo-terminal, as a user runs it: stdout and stderr both appear in chat.stdout
     with Running(command(ranks, "tpllama.chat", args), tty=True) as chat:
         pid = int(chat.wait_for_text(r"rank 0 is pid (\d+)", 120, "stdout").group(1))

@@ -77,7 +77,7 @@ class Server:
 
 def start_server(smollm2, ranks: int, *extra) -> Server:
     port = free_port()
-    proc = Running(command(ranks, "tpllama.serve", ["-m", smollm2, "--port", str(port), "-c", str(CTX), *extra]),
+    proc = Running(command(ranks, "tpllama.serve", ["-m", smollm2, "--port", str(port), "-c", str(CTX), "-t", "1", *extra]),
                    stdin=False)
     try:
         wait_until_healthy(proc, port)

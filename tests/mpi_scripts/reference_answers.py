@@ -10,7 +10,7 @@ from mpi4py import MPI
 import tpllama
 
 model_path, ctx, n, chat_prompt, text_prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-model = tpllama.load(model_path, ctx_size=ctx)
+model = tpllama.load(model_path, ctx_size=ctx, threads=1)
 result = {}
 for name, prompt, chat in (("chat", chat_prompt, True), ("text", text_prompt, False)):
     model.reset()
