@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 from . import cli
+from .console import Console
 from .follow import GENERATE, STOP, Command, StreamCall, check_sampling_flags, exchange, follow
 
 # Tokens kept free for an answer when the context fills up and old turns are dropped (without -n).
@@ -104,7 +105,7 @@ def lead(model, args) -> None:
     exchange(model.par, Command(STOP))
 
 
-def answer(model, conversation, text: str, args, console: "Console", interrupts: "Interrupts") -> None:
+def answer(model, conversation, text: str, args, console: Console, interrupts: "Interrupts") -> None:
     """Generate and print the answer to one message, on every rank; keep the turn."""
     from .errors import TpllamaError
     from .stats import RunStats
@@ -144,7 +145,7 @@ def answer(model, conversation, text: str, args, console: "Console", interrupts:
               f"{stats.generated_tokens} generated, {stats.decode_tokens_per_s:.1f} tokens/s, finish: {reason}")
 
 
-def read_messages(console: "Console", interrupts: "Interrupts") -> Iterator[str]:
+def read_messages(console: Console, interrupts: "Interrupts") -> Iterator[str]:
     """User messages from stdin until EOF or Ctrl-C at the prompt; a trailing backslash joins lines."""
     interactive = sys.stdin.isatty()
     parts = []
@@ -166,7 +167,7 @@ def read_messages(console: "Console", interrupts: "Interrupts") -> Iterator[str]
         parts = []
 
 
-def _read_line(console: "Console", prompt: str, interactive: bool) -> Optional[str]:
+def _read_line(console: Console, prompt: str, interactive: bool) -> Optional[str]:
     """One line without its newline, or None at end of input."""
     if interactive:   # input() gives line editing at a terminal
         try:
@@ -204,56 +205,10 @@ class Interrupts:
             self._answering = False
 
 
-def _banner(model, console: "Console") -> None:
+def _banner(model, console: Console) -> None:
     name = os.path.basename(os.path.normpath(model.reader.path))
     console.note(f"tpllama chat: {name} ({model.par.size} rank(s); rank 0 is pid {os.getpid()}), "
                  f"context {model.ctx} tokens. {HELP}")
-
-
-class Console:
-    """Where rank 0 shows the chat: answers as they stream, and notes about the chat in brackets.
-
-    Under mpirun, rank 0's stdout reaches the terminal through mpirun, which (Open MPI 5) passes
-    on whole lines only: an answer would appear at its end, the "> " prompt after it. So when
-    rank 0 runs beside an mpirun whose stdout is a terminal, it writes to that terminal itself.
-    Otherwise answers go to stdout and notes to stderr."""
-
-    def __init__(self, out, notes):
-        self.out, self.notes = out, notes
-
-    @classmethod
-    def open(cls) -> "Console":
-        terminal = _launcher_terminal()
-        if terminal is not None:
-            return cls(terminal, terminal)
-        return cls(sys.stdout, sys.stderr)
-
-    def write(self, text: str) -> None:
-        self.out.write(text)
-        self.out.flush()
-
-    def note(self, text: str) -> None:
-        self.out.flush()
-        self.notes.write(f"[{text}]\n")
-        self.notes.flush()
-
-
-def _launcher_terminal():
-    """The terminal our parent writes to, opened for writing, when we run under mpirun on its
-    host (mpirun then gives us a terminal of its own, whose lines it copies to its stdout)."""
-    if "OMPI_COMM_WORLD_SIZE" not in os.environ:
-        return None
-    try:
-        path = os.path.realpath(f"/proc/{os.getppid()}/fd/1")
-        if not path.startswith("/dev/"):
-            return None
-        fd = os.open(path, os.O_WRONLY | os.O_NOCTTY)
-    except OSError:
-        return None
-    if not os.isatty(fd):
-        os.close(fd)
-        return None
-    return os.fdopen(fd, "w", encoding="utf-8", errors="replace")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 
 from . import cli
+from .console import Console
 
 
 def build_parser():
@@ -62,15 +63,14 @@ def main(argv=None) -> int:
     stats = RunStats()
     pieces = model.stream(prompt, args.n_predict, chat=use_chat, system=args.system, stats=stats,
                           **cli.sampling_options(args))
+    console = Console.open() if root else None
     if root and not use_chat and not args.no_echo:
-        sys.stdout.write(prompt)   # a raw prompt reads on into its continuation
+        console.write(prompt)   # a raw prompt reads on into its continuation
     for piece in pieces:
         if root:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+            console.write(piece)
     if root:
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        console.write("\n")
     _report(model, stats, args.stats)
     return 0
 
