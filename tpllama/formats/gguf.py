@@ -50,7 +50,13 @@ class GGUFModel(ModelReader):
         except (IndexError, EOFError):
             raise ModelFormatError(f"{path}: GGUF header is truncated; download the file again") from None
         self.metadata = read_gguf_metadata(reader)
-        self.config = ModelConfig.from_gguf(self.metadata, name=os.path.basename(path))
+        kv = self.metadata
+        if "llama.vocab_size" not in kv and "tokenizer.ggml.tokens" not in kv:
+            # no vocabulary in the file: the embedding's rows are the vocabulary
+            embd = [t for t in reader.tensors if t.name == "token_embd.weight" and len(t.shape) >= 2]
+            if embd:
+                kv = dict(kv, **{"llama.vocab_size": int(embd[0].shape[1])})
+        self.config = ModelConfig.from_gguf(kv, name=os.path.basename(path), source=path)
         buf = reader.data.reshape(-1)
         for t in reader.tensors:
             ne = [int(n) for n in t.shape]            # GGUF order: ne[0] is the row length

@@ -74,7 +74,7 @@ class HFModel(ModelReader):
         except (OSError, ValueError) as e:
             raise ModelFormatError(f"{cfg_path}: cannot read config.json ({e})") from None
         self.hf_config = hf_config
-        self.config = ModelConfig.from_hf(hf_config, name=os.path.basename(os.path.abspath(path)))
+        self.config = ModelConfig.from_hf(hf_config, name=os.path.basename(os.path.abspath(path)), source=cfg_path)
         self._maps = []
         for file in self._weight_files():
             self._add_file(file)

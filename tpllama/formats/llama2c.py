@@ -35,7 +35,7 @@ class Llama2cModel(ModelReader):
                 and 0 < n_kv <= n_heads and 0 < abs(vocab) <= 1 << 22 and 0 < seq_len <= 1 << 24):
             raise ModelFormatError(f"{path}: not a llama2.c checkpoint (implausible header {header.tolist()}); "
                                    "expected GGUF, a Hugging Face directory or a llama2.c .bin")
-        self.config = ModelConfig.from_llama2c(header, name=os.path.basename(path))
+        self.config = ModelConfig.from_llama2c(header, name=os.path.basename(path), source=path)
         self._map = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
         self._layout(size)
 
