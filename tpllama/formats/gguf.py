@@ -25,6 +25,22 @@ class _PlainArrayGGUFReader(GGUFReader):
     def data(self, value):
         self._data = value.view(np.ndarray)
 
+    def _get(self, offset, dtype, count=1, override_order=None):
+        # The package slices past the end of a short file without noticing and then fails with
+        # an unrelated numpy message (or not at all); say what happened instead.
+        end = int(offset) + np.dtype(dtype).itemsize * int(count)
+        if end > self._data.shape[0]:
+            raise GGUFTruncated(end, self._data.shape[0])
+        return super()._get(offset, dtype, count, override_order)
+
+
+class GGUFTruncated(ValueError):
+    """The GGUF header or a tensor's data runs past the end of the file."""
+
+    def __init__(self, needed: int, size: int):
+        super().__init__(f"file is truncated (it needs at least {needed} bytes, it has {size})")
+        self.needed, self.size = needed, size
+
 
 def _field_value(field):
     if field.types and field.types[0] == GGUFValueType.ARRAY and len(field.types) > 1 \
@@ -45,6 +61,8 @@ class GGUFModel(ModelReader):
         super().__init__(path)
         try:
             reader = _PlainArrayGGUFReader(path)
+        except GGUFTruncated as e:
+            raise ModelFormatError(f"{path}: GGUF {e}; download it again") from None
         except ValueError as e:
             raise ModelFormatError(f"{path}: not a readable GGUF file ({e})") from None
         except (IndexError, EOFError):
