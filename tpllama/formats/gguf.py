@@ -83,6 +83,7 @@ class GGUFModel(ModelReader):
                 shape = (ne[1], ne[0])
             self.tensors[t.name] = make_tensor(t.name, shape, t.tensor_type.name, buf, int(t.data_offset), path)
         self.config = self._with_file_facts(self.config)
+        self.check_tensors()
         # The reader's per-element field objects (~40 MB for a 50k vocab) are not needed any more;
         # the tensor views keep the memory map alive.
         del reader
@@ -92,5 +93,9 @@ class GGUFModel(ModelReader):
         from dataclasses import replace
         changes = {"tie_embeddings": "output.weight" not in self.tensors}
         if "rope_freqs.weight" in self.tensors:
-            changes["rope_freq_factors"] = tuple(float(v) for v in self.read("rope_freqs.weight"))
+            factors = self.read("rope_freqs.weight")
+            if factors.size != cfg.head_dim // 2:
+                raise ModelFormatError(f"{self.path}: tensor 'rope_freqs.weight' has {factors.size} values, expected "
+                                       f"{cfg.head_dim // 2} (half the head size {cfg.head_dim})")
+            changes["rope_freq_factors"] = tuple(float(v) for v in factors)
         return replace(cfg, **changes)
