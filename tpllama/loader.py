@@ -43,7 +43,12 @@ class Embedding:
 
     def __call__(self, token_ids) -> np.ndarray:
         """(T,) ids -> (T, dim) float32."""
-        return self.reader.read(self.name, rows=np.asarray(token_ids, dtype=np.int64))
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        vocab = self.reader.shape(self.name)[0]
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        if bad.size:   # a negative id would silently read a row from the end
+            raise ValueError(f"token id {int(bad[0])} is outside the vocabulary (0..{vocab - 1})")
+        return self.reader.read(self.name, rows=ids)
 
 
 @dataclass

@@ -120,11 +120,14 @@ class ModelReader:
         bs = t.dtype.block_size
         return c0, c1, c0 // bs, -(-c1 // bs)
 
-    def read(self, name: str, rows: Rows = slice(None), cols: slice = slice(None)) -> np.ndarray:
-        """Dequantized float32 (len(rows), len(cols)); a 1-D tensor comes back 1-D."""
+    def read(self, name: str, rows: Union[Rows, int] = slice(None), cols: slice = slice(None)) -> np.ndarray:
+        """Dequantized float32 (len(rows), len(cols)); one row (an int) and a 1-D tensor come back 1-D."""
         t = self.tensor(name)
         if len(t.shape) == 1:
             return t.dtype.dequantize(np.ascontiguousarray(t.raw)).reshape(-1)[cols]
+        if isinstance(rows, (int, np.integer)):
+            r = range(t.rows)[rows]          # IndexError when out of range, negative counts from the end
+            return self.read(name, slice(r, r + 1), cols)[0]
         c0, c1, b0, b1 = self._block_range(t, cols)
         bb = t.dtype.block_bytes
         raw = t.raw[self._row_index(t, rows)][:, b0 * bb:b1 * bb]
