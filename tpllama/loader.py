@@ -100,6 +100,7 @@ def load_rank_weights(reader: ModelReader, shard: RankSlice, wtype: str = "q40",
     """This rank's weights: its heads, kv heads, FFN units and vocab rows of every layer."""
     if wtype not in WEIGHT_TYPES:
         raise TpllamaError(f"--weight-type {wtype!r}: expected one of {', '.join(WEIGHT_TYPES)}")
+    reader.check_tensors()    # readers check at open; a vocab-only GGUF is only caught here
     c = reader.config
     hd = c.head_dim
     q_rows, kv_rows = _rows_of(shard.heads, hd), _rows_of(shard.kv_heads, hd)

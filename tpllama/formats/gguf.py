@@ -83,7 +83,8 @@ class GGUFModel(ModelReader):
                 shape = (ne[1], ne[0])
             self.tensors[t.name] = make_tensor(t.name, shape, t.tensor_type.name, buf, int(t.data_offset), path)
         self.config = self._with_file_facts(self.config)
-        self.check_tensors()
+        if self.tensors:    # a vocab-only GGUF (no tensors) still opens for its keys; loading its weights fails
+            self.check_tensors()
         # The reader's per-element field objects (~40 MB for a 50k vocab) are not needed any more;
         # the tensor views keep the memory map alive.
         del reader
