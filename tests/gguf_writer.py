@@ -95,11 +95,13 @@ def round_trip(w: np.ndarray, qtype: T) -> np.ndarray:
 def write_gguf(path: Path, tensors: Dict[str, Tuple[np.ndarray, Optional[T]]], *, dim: int, hidden: int,
                layers: int, heads: int, kv_heads: int, vocab: int, context: int = 256,
                rope_theta: float = 10000.0, eps: float = 1e-5, arch: str = "llama",
-               extra: Optional[dict] = None, name: str = "tiny") -> Path:
+               extra: Optional[dict] = None, name: str = "tiny", alignment: Optional[int] = None) -> Path:
     """A GGUF with the `llama.*` keys of convert_hf_to_gguf.py and the given (data, raw_dtype) tensors.
 
-    extra: more keys, {key: value} (str, int, float, bool or list of str)."""
+    extra: more keys, {key: value} (str, int, float, bool or list of str); alignment: general.alignment."""
     w = GGUFWriter(str(path), arch)
+    if alignment:
+        w.add_custom_alignment(alignment)
     w.add_name(name)
     w.add_context_length(context)
     w.add_embedding_length(dim)

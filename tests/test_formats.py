@@ -137,6 +137,18 @@ def test_gguf_reference_can_fail(hf_ref, tmp_path):
     assert np.abs(q4 - ref).max() > 1e-3 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("alignment", [64, 1024])
+def test_gguf_custom_alignment(tmp_path, alignment):
+    cfg, state = small_hf_state()
+    tensors = {n: encode(w, T.Q8_0) for n, w in hf_to_gguf_tensors(state, cfg).items()}
+    path = write_gguf(tmp_path / "aligned.gguf", tensors, dim=64, hidden=128, layers=1, heads=4, kv_heads=4,
+                      vocab=64, alignment=alignment)
+    reader = open_model(path)
+    assert reader.metadata["general.alignment"] == alignment
+    for name, w in hf_to_gguf_tensors(state, cfg).items():
+        assert np.array_equal(reader.read(name), round_trip(w, T.Q8_0)), name
+
+
 def test_llama_permute_matches_tpllama_hf_reader_order():
     """The writer's permutation (llama.cpp's) and the HF reader's row order are the same map."""
     from tpllama.formats.base import rotary_interleave_permutation
@@ -286,6 +298,11 @@ def test_q4_k_m_like_model_loads_runs_and_matches_hf(tmp_path):
     assert all(m.wtype == "q40" for m in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w1, layer.w2, layer.w3))
     assert model.rank_model.w.output.wtype == "q40"
     assert np.array_equal(layer.w2.data, K.quantize_q40(values["blk.1.ffn_down.weight"]))
+    # a rank's share of a row-parallel matrix: columns that start and end inside 256-blocks
+    part = load_matrix(reader, "blk.0.attn_output.weight", slice(None), slice(64, 192), "q40")
+    assert np.array_equal(part.data, K.quantize_q40(np.ascontiguousarray(values["blk.0.attn_output.weight"][:, 64:192])))
+    part = load_matrix(reader, "blk.0.ffn_down.weight", slice(16, 48), slice(96, 416), "f32")
+    assert np.array_equal(part.data, values["blk.0.ffn_down.weight"][16:48, 96:416])
     logits_q40 = model.forward([1, 2, 3, 4], 0)
     assert logits_q40.shape == (4, KMODEL["vocab_size"]) and np.isfinite(logits_q40).all()
     # f32 runtime against HF on the dequantized weights (q/k rows back in HF's order)
