@@ -1,5 +1,6 @@
 """GGUF files written by the tests: a tiny HF Llama converted the way llama.cpp does it, and
-tensors of hand-made K-quant blocks.
+tensors of hand-made K-quant blocks; and a minimal GGUF tensor-table parser written from the
+spec (ggml/docs/gguf.md), independent of both the `gguf` package's reader and tpllama's.
 
 The conversion follows llama.cpp's convert_hf_to_gguf.py (LlamaModel): HF names -> GGUF names,
 q_proj/k_proj rows permuted into GGUF's interleaved rotary order by `LlamaModel.permute`, the
@@ -8,6 +9,7 @@ q_proj/k_proj rows permuted into GGUF's interleaved rotary order by `LlamaModel.
 """
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -167,3 +169,74 @@ def random_kquant(rows: int, cols: int, qtype: T, rng: np.random.Generator, scal
         d = rng.uniform(scale / 4, scale, size=(rows, nb)).astype(np.float16)
         data[:, :, off:off + 2] = d.view(np.uint8).reshape(rows, nb, 2)
     return data.reshape(rows, nb * block_bytes)
+
+
+# ------------------------------------------------------------------------------ spec reader
+
+_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}   # GGUF value type -> bytes
+_STRING, _ARRAY = 8, 9
+
+
+def gguf_tensor_table(path) -> Dict[str, Tuple[Tuple[int, ...], str, int, int]]:
+    """{name: (ne (GGUF order), type name, absolute data offset, nbytes)} straight from the file's bytes."""
+    with open(path, "rb") as f:
+        buf = f.read(64 << 20)       # the header of any test file fits; tensor data is not needed
+    pos = 0
+
+    def take(fmt):
+        nonlocal pos
+        vals = struct.unpack_from("<" + fmt, buf, pos)
+        pos += struct.calcsize("<" + fmt)
+        return vals if len(vals) > 1 else vals[0]
+
+    def string():
+        nonlocal pos
+        n = take("Q")
+        pos += n
+        return buf[pos - n:pos].decode("utf-8")
+
+    def value(vtype):
+        nonlocal pos
+        if vtype == _STRING:
+            return string()
+        if vtype == _ARRAY:
+            itype, count = take("I"), take("Q")
+            if itype in _SCALAR:
+                pos += _SCALAR[itype] * count
+                return None
+            return [value(itype) for _ in range(count)]
+        fmt = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}[vtype]
+        return take(fmt)
+
+    assert buf[:4] == b"GGUF", path
+    pos = 4
+    version, n_tensors, n_kv = take("I"), take("Q"), take("Q")
+    assert version in (2, 3), version
+    alignment = 32
+    for _ in range(n_kv):
+        key = string()
+        v = value(take("I"))
+        if key == "general.alignment":
+            alignment = v
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        n_dims = take("I")
+        ne = tuple(take("Q") for _ in range(n_dims))
+        ttype, offset = take("I"), take("Q")
+        infos.append((name, ne, ttype, offset))
+    start = -(-pos // alignment) * alignment
+    table = {}
+    for name, ne, ttype, offset in infos:
+        qt = GGMLQuantizationType(ttype)
+        block_size, block_bytes = quants.GGML_QUANT_SIZES[qt]
+        nbytes = int(np.prod(ne)) // block_size * block_bytes
+        table[name] = (ne, qt.name, start + offset, nbytes)
+    return table
+
+
+def gguf_tensor_bytes(path, name) -> np.ndarray:
+    """A tensor's bytes as stored, uint8 (rows, bytes per row), via gguf_tensor_table."""
+    ne, _, offset, nbytes = gguf_tensor_table(path)[name]
+    rows = int(np.prod(ne[1:])) if len(ne) > 1 else 1
+    return np.fromfile(path, dtype=np.uint8, count=nbytes, offset=offset).reshape(rows, -1)

@@ -32,8 +32,8 @@ from tpllama.loader import load_matrix
 from tpllama import _kernels as K
 
 from conftest import REPO, SHARED_MODELS
-from gguf_writer import (T, encode, hf_model_to_gguf, hf_to_gguf_tensors, llama_permute, llama_unpermute,
-                         random_kquant, round_trip, write_gguf)
+from gguf_writer import (T, encode, gguf_tensor_bytes, gguf_tensor_table, hf_model_to_gguf, hf_to_gguf_tensors,
+                         llama_permute, llama_unpermute, random_kquant, round_trip, write_gguf)
 
 def assert_close_logits(ours, ref, what, rel=1e-4):
     scale = np.abs(ref).max()
@@ -160,12 +160,21 @@ def test_llama_permute_matches_tpllama_hf_reader_order():
 
 
 def file_blocks(path, name):
-    """A tensor's bytes as stored in the file, (rows, bytes per row), read with gguf.GGUFReader."""
-    for t in GGUFReader(str(path)).tensors:
-        if t.name == name:
-            rows = int(t.shape[1])
-            return np.asarray(t.data).view(np.uint8).reshape(rows, -1)
-    raise KeyError(name)
+    """A tensor's bytes as stored in the file, (rows, bytes per row), found by the tests' own
+    parser of the GGUF spec (cross-checked against gguf.GGUFReader in test_spec_parser_...)."""
+    return gguf_tensor_bytes(path, name)
+
+
+def test_spec_parser_agrees_with_gguf_reader(hf_ref, tmp_path):
+    path = hf_model_to_gguf(tmp_path / "q41.gguf", hf_ref.state, hf_ref.cfg, T.Q4_1, alignment=64)
+    table = gguf_tensor_table(path)
+    tensors = GGUFReader(str(path)).tensors
+    assert len(table) == len(tensors) == 2 + 9 * hf_ref.cfg["num_hidden_layers"] + (not hf_ref.cfg["tie_word_embeddings"])
+    for t in tensors:
+        ne, tname, offset, nbytes = table[t.name]
+        assert (ne, tname, offset, nbytes) == (tuple(int(n) for n in t.shape), t.tensor_type.name,
+                                               int(t.data_offset), int(t.n_bytes))
+        assert np.array_equal(gguf_tensor_bytes(path, t.name).reshape(-1), np.asarray(t.data).view(np.uint8).reshape(-1))
 
 
 @pytest.mark.parametrize("qtype,runtime", [("Q4_0", "q40"), ("Q8_0", "q80")])
@@ -501,6 +510,21 @@ def test_llama2c_unshared_classifier(stories_bin, tmp_path):
     assert not r.config.tie_embeddings and r.config.vocab_size == 512
     assert np.array_equal(r.read("output.weight"), classifier)
     assert np.array_equal(r.read("token_embd.weight"), open_model(stories_bin).read("token_embd.weight"))
+
+
+def test_smollm2_q4_1_gguf(smollm2):
+    """The default model (real llama.cpp Q4_1 file, Q8_0 embeddings): config from its keys,
+    sliced reads equal gguf.quants.dequantize of the bytes gguf's own reader finds."""
+    reader = open_model(smollm2)
+    c = reader.config
+    assert (c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.hidden_dim, c.vocab_size) == (30, 576, 9, 3, 1536, 49152)
+    assert c.tie_embeddings and c.rope_theta == 100000.0 and not reader.has("output.weight")
+    assert reader.dtype("token_embd.weight") == "Q8_0" and reader.dtype("blk.3.ffn_down.weight") == "Q4_1"
+    for name, rows, cols in (("blk.3.ffn_down.weight", slice(100, 110), slice(64, 800)),
+                             ("token_embd.weight", [0, 49151, 7], slice(None))):
+        blocks = file_blocks(smollm2, name)[rows]
+        want = quants.dequantize(blocks, T[reader.dtype(name)])[:, cols]
+        assert np.array_equal(reader.read(name, rows, cols), want), name
 
 
 # =====================================================================================
