@@ -40,6 +40,7 @@ class ModelConfig:
     head_dim: int = 0          # 0: dim // n_heads
     name: str = ""
     extra: dict = field(default_factory=dict, compare=False, repr=False)
+    source: str = field(default="", compare=False, repr=False)  # the file it came from, for error messages
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -52,7 +53,8 @@ class ModelConfig:
         elif self.head_dim % 2:
             problems.append(f"head size {self.head_dim} is odd")
         if problems:
-            raise ModelFormatError(f"model config {self.name or ''} is not a valid Llama config: {'; '.join(problems)}")
+            where = self.source or f"model config {self.name}"
+            raise ModelFormatError(f"{where}: not a valid Llama config: {'; '.join(problems)}")
 
     @property
     def kv_group(self) -> int:
@@ -87,17 +89,23 @@ class ModelConfig:
     # ------------------------------------------------------------ constructors per source
 
     @classmethod
-    def from_gguf(cls, kv: dict, name: str = "") -> "ModelConfig":
-        """From GGUF metadata keys `{arch}.embedding_length` etc. (arch is `general.architecture`)."""
+    def from_gguf(cls, kv: dict, name: str = "", source: str = "") -> "ModelConfig":
+        """From GGUF metadata keys `{arch}.embedding_length` etc. (arch is `general.architecture`).
+        source: the file, named in error messages."""
+        where = source or name
         arch = kv.get("general.architecture")
         if arch != "llama":
-            raise ModelFormatError(f"{name}: GGUF architecture {arch!r} is not supported (expected 'llama')")
+            raise ModelFormatError(f"{where}: GGUF architecture {arch!r} is not supported (expected 'llama')")
 
         def key(k, default=None):
             v = kv.get(f"llama.{k}", default)
             if v is None:
-                raise ModelFormatError(f"{name}: GGUF key 'llama.{k}' is missing")
+                raise ModelFormatError(f"{where}: GGUF key 'llama.{k}' is missing")
             return v
+
+        if int(kv.get("llama.expert_count") or 0) > 0:
+            raise ModelFormatError(f"{where}: mixture-of-experts models (llama.expert_count = {kv['llama.expert_count']}) "
+                                   "are not supported (expected a dense llama model)")
 
         n_heads = int(key("attention.head_count"))
         dim = int(key("embedding_length"))
@@ -108,10 +116,10 @@ class ModelConfig:
         head_dim = int(kv.get("llama.attention.key_length", dim // n_heads))
         rope_dim = int(kv.get("llama.rope.dimension_count", head_dim))
         if rope_dim != head_dim:
-            raise ModelFormatError(f"{name}: partial rotary embeddings (rope dimension {rope_dim} of head size {head_dim}) are not supported")
+            raise ModelFormatError(f"{where}: partial rotary embeddings (rope dimension {rope_dim} of head size {head_dim}) are not supported")
         scaling = None
         if kv.get("llama.rope.scaling.type") not in (None, "none"):
-            raise ModelFormatError(f"{name}: rope scaling {kv.get('llama.rope.scaling.type')!r} is not supported")
+            raise ModelFormatError(f"{where}: rope scaling {kv.get('llama.rope.scaling.type')!r} is not supported")
         return cls(
             dim=dim,
             hidden_dim=int(key("feed_forward_length")),
@@ -125,22 +133,24 @@ class ModelConfig:
             rope_scaling=scaling,
             head_dim=head_dim,
             name=str(kv.get("general.name", name)),
+            source=source,
         )
 
     @classmethod
-    def from_hf(cls, cfg: dict, name: str = "") -> "ModelConfig":
-        """From a Hugging Face config.json (LlamaForCausalLM keys)."""
+    def from_hf(cls, cfg: dict, name: str = "", source: str = "") -> "ModelConfig":
+        """From a Hugging Face config.json (LlamaForCausalLM keys). source: the file, named in errors."""
+        where = source or name
         archs = cfg.get("architectures") or ["LlamaForCausalLM"]
         model_type = cfg.get("model_type", "llama")
         if model_type != "llama" and "LlamaForCausalLM" not in archs:
-            raise ModelFormatError(f"{name}: model_type {model_type!r} is not supported (expected 'llama')")
+            raise ModelFormatError(f"{where}: model_type {model_type!r} is not supported (expected 'llama')")
         for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
             if k not in cfg:
-                raise ModelFormatError(f"{name}: config.json has no {k!r}")
+                raise ModelFormatError(f"{where}: config.json has no {k!r}")
         if cfg.get("hidden_act", "silu") != "silu":
-            raise ModelFormatError(f"{name}: hidden_act {cfg['hidden_act']!r} is not supported (expected 'silu')")
+            raise ModelFormatError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (expected 'silu')")
         if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise ModelFormatError(f"{name}: attention_bias/mlp_bias are not supported")
+            raise ModelFormatError(f"{where}: attention_bias/mlp_bias are not supported")
         n_heads = int(cfg["num_attention_heads"])
         rope_theta = cfg.get("rope_theta")
         scaling = None
@@ -157,7 +167,7 @@ class ModelConfig:
                     original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
                 )
             elif rtype != "default":
-                raise ModelFormatError(f"{name}: rope_scaling type {rtype!r} is not supported (only 'llama3')")
+                raise ModelFormatError(f"{where}: rope_scaling type {rtype!r} is not supported (only 'llama3')")
         return cls(
             dim=int(cfg["hidden_size"]),
             hidden_dim=int(cfg["intermediate_size"]),
@@ -172,10 +182,11 @@ class ModelConfig:
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             head_dim=int(cfg.get("head_dim") or int(cfg["hidden_size"]) // n_heads),
             name=name,
+            source=source,
         )
 
     @classmethod
-    def from_llama2c(cls, header, name: str = "") -> "ModelConfig":
+    def from_llama2c(cls, header, name: str = "", source: str = "") -> "ModelConfig":
         """From llama2.c's 7-int header: dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len.
         A negative vocab_size means the classifier is not shared with the embedding."""
         dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len = (int(v) for v in header)
@@ -191,4 +202,5 @@ class ModelConfig:
             rope_theta=10000.0,
             tie_embeddings=vocab_size > 0,
             name=name,
+            source=source,
         )

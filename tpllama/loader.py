@@ -43,7 +43,12 @@ class Embedding:
 
     def __call__(self, token_ids) -> np.ndarray:
         """(T,) ids -> (T, dim) float32."""
-        return self.reader.read(self.name, rows=np.asarray(token_ids, dtype=np.int64))
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        vocab = self.reader.shape(self.name)[0]
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        if bad.size:   # a negative id would silently read a row from the end
+            raise ValueError(f"token id {int(bad[0])} is outside the vocabulary (0..{vocab - 1})")
+        return self.reader.read(self.name, rows=ids)
 
 
 @dataclass
@@ -95,6 +100,7 @@ def load_rank_weights(reader: ModelReader, shard: RankSlice, wtype: str = "q40",
     """This rank's weights: its heads, kv heads, FFN units and vocab rows of every layer."""
     if wtype not in WEIGHT_TYPES:
         raise TpllamaError(f"--weight-type {wtype!r}: expected one of {', '.join(WEIGHT_TYPES)}")
+    reader.check_tensors()    # readers check at open; a vocab-only GGUF is only caught here
     c = reader.config
     hd = c.head_dim
     q_rows, kv_rows = _rows_of(shard.heads, hd), _rows_of(shard.kv_heads, hd)

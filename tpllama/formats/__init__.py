@@ -21,11 +21,15 @@ def open_model(path: str) -> ModelReader:
         return HFModel(path)
     with open(path, "rb") as f:
         magic = f.read(4)
+    if not magic:
+        raise ModelFormatError(f"{path}: file is empty; {EXPECTED}")
     if magic == b"GGUF":
         from .gguf import GGUFModel
         return GGUFModel(path)
     if magic in (b"GGML", b"GGJT", b"GGLA", b"lmgg", b"tjgg"):
         raise ModelFormatError(f"{path}: old GGML/GGJT file; convert it to GGUF with llama.cpp's tools")
+    if magic == b"PK\x03\x04":
+        raise ModelFormatError(f"{path}: a zip archive (a PyTorch checkpoint?), not a model file tpllama reads; {EXPECTED}")
     if path.endswith(".bin") or magic == b"ak42":
         from .llama2c import Llama2cModel
         return Llama2cModel(path)

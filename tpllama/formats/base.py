@@ -120,11 +120,14 @@ class ModelReader:
         bs = t.dtype.block_size
         return c0, c1, c0 // bs, -(-c1 // bs)
 
-    def read(self, name: str, rows: Rows = slice(None), cols: slice = slice(None)) -> np.ndarray:
-        """Dequantized float32 (len(rows), len(cols)); a 1-D tensor comes back 1-D."""
+    def read(self, name: str, rows: Union[Rows, int] = slice(None), cols: slice = slice(None)) -> np.ndarray:
+        """Dequantized float32 (len(rows), len(cols)); one row (an int) and a 1-D tensor come back 1-D."""
         t = self.tensor(name)
         if len(t.shape) == 1:
             return t.dtype.dequantize(np.ascontiguousarray(t.raw)).reshape(-1)[cols]
+        if isinstance(rows, (int, np.integer)):
+            r = range(t.rows)[rows]          # IndexError when out of range, negative counts from the end
+            return self.read(name, slice(r, r + 1), cols)[0]
         c0, c1, b0, b1 = self._block_range(t, cols)
         bb = t.dtype.block_bytes
         raw = t.raw[self._row_index(t, rows)][:, b0 * bb:b1 * bb]
@@ -148,6 +151,24 @@ class ModelReader:
 
     def close(self):
         self.tensors = {}
+
+    def check_tensors(self):
+        """Every tensor the model math uses is present with the shape the config gives it, so a
+        malformed file fails here with its name instead of deep inside a forward pass."""
+        c = self.config
+        for name, want in expected_shapes(c).items():
+            t = self.tensors.get(name)
+            if t is None:
+                if name == "output.weight":      # absent: tied to the token embedding
+                    continue
+                raise ModelFormatError(f"{self.path}: tensor {name!r} is missing (a {c.n_layers}-layer llama model needs it)")
+            got = t.shape
+            if len(want) == 1 and len(got) == 2 and got[0] == 1:
+                got = got[1:]
+            if tuple(got) != want:
+                raise ModelFormatError(f"{self.path}: tensor {name!r} has shape {tuple(got)}, expected {want} "
+                                       f"(dim {c.dim}, {c.n_heads}/{c.n_kv_heads} heads of {c.head_dim}, "
+                                       f"FFN {c.hidden_dim}, vocab {c.vocab_size})")
 
     def check_bounds(self, file_size: int, data_end: Dict[str, int]):
         """Raise if a tensor's bytes run past the end of the file (a truncated download)."""
@@ -178,6 +199,21 @@ def make_tensor(name: str, shape: Sequence[int], dtype_name: str, buf: np.ndarra
     if end > buf.shape[0]:
         raise ModelFormatError(f"{path}: file is truncated (tensor {name!r} ends at byte {end}, file has {buf.shape[0]}); download it again")
     return RawTensor(name, shape, dt, raw_rows(buf, offset, nbytes, rows))
+
+
+def expected_shapes(c) -> Dict[str, tuple]:
+    """(rows, cols) = (out, in) of every tensor of a llama model with config c; (n,) for vectors."""
+    shapes = {"token_embd.weight": (c.vocab_size, c.dim), "output_norm.weight": (c.dim,),
+              "output.weight": (c.vocab_size, c.dim)}
+    for i in range(c.n_layers):
+        n = layer_names(i)
+        shapes.update({
+            n["attn_norm"]: (c.dim,), n["ffn_norm"]: (c.dim,),
+            n["wq"]: (c.q_dim, c.dim), n["wk"]: (c.kv_dim, c.dim), n["wv"]: (c.kv_dim, c.dim),
+            n["wo"]: (c.dim, c.q_dim),
+            n["w1"]: (c.hidden_dim, c.dim), n["w3"]: (c.hidden_dim, c.dim), n["w2"]: (c.dim, c.hidden_dim),
+        })
+    return shapes
 
 
 def layer_names(i: int) -> Dict[str, str]:

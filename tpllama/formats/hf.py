@@ -74,7 +74,7 @@ class HFModel(ModelReader):
         except (OSError, ValueError) as e:
             raise ModelFormatError(f"{cfg_path}: cannot read config.json ({e})") from None
         self.hf_config = hf_config
-        self.config = ModelConfig.from_hf(hf_config, name=os.path.basename(os.path.abspath(path)))
+        self.config = ModelConfig.from_hf(hf_config, name=os.path.basename(os.path.abspath(path)), source=cfg_path)
         self._maps = []
         for file in self._weight_files():
             self._add_file(file)
@@ -83,6 +83,7 @@ class HFModel(ModelReader):
         if not self.config.tie_embeddings and "output.weight" not in self.tensors:
             raise ModelFormatError(f"{path}: config.json says tie_word_embeddings=false but there is no lm_head.weight")
         self._interleave_rotary_rows()
+        self.check_tensors()
 
     def _weight_files(self):
         index = os.path.join(self.path, "model.safetensors.index.json")
@@ -93,7 +94,12 @@ class HFModel(ModelReader):
                     weight_map: Dict[str, str] = json.load(f)["weight_map"]
             except (OSError, ValueError, KeyError) as e:
                 raise ModelFormatError(f"{index}: not a safetensors index ({e})") from None
-            return sorted({os.path.join(self.path, v) for v in weight_map.values()})
+            files = sorted({os.path.join(self.path, v) for v in weight_map.values()})
+            for file in files:
+                if not os.path.exists(file):
+                    raise ModelFormatError(f"{file}: missing (model.safetensors.index.json lists it); "
+                                           "download every shard of the model")
+            return files
         if os.path.exists(single):
             return [single]
         raise ModelFormatError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
@@ -110,13 +116,21 @@ class HFModel(ModelReader):
             name = _hf_to_gguf_name(hf_name)
             if name is None:
                 continue
-            dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
+            try:
+                dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
+                begin, end = (int(v) for v in meta["data_offsets"])
+                shape = [int(v) for v in meta["shape"]]
+            except (KeyError, TypeError, ValueError):
+                raise ModelFormatError(f"{file}: not a valid safetensors header (entry {hf_name!r} is {meta!r:.80})") from None
             if dtype is None:
                 raise ModelFormatError(f"{file}: tensor {hf_name!r} has dtype {meta['dtype']}, expected F32, F16 or BF16")
-            begin, end = meta["data_offsets"]
             if data_start + end > size:
                 raise ModelFormatError(f"{file}: file is truncated (tensor {hf_name!r} ends at byte {data_start + end}, file has {size})")
-            self.tensors[name] = make_tensor(name, meta["shape"], dtype, buf, data_start + begin, file)
+            nbytes = int(np.prod(shape, dtype=np.int64)) * (4 if dtype == "F32" else 2)
+            if end - begin != nbytes:
+                raise ModelFormatError(f"{file}: tensor {hf_name!r} spans {end - begin} bytes but its shape {shape} "
+                                       f"in {meta['dtype']} needs {nbytes}; not a valid safetensors file")
+            self.tensors[name] = make_tensor(name, shape, dtype, buf, data_start + begin, file)
 
     def _interleave_rotary_rows(self):
         """HF stores q/k rows in rotate-half order; present them interleaved like GGUF."""

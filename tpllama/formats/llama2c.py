@@ -32,10 +32,11 @@ class Llama2cModel(ModelReader):
         header = np.frombuffer(head, dtype="<i4")
         dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = (int(v) for v in header)
         if not (0 < dim <= 65536 and 0 < hidden <= 1 << 20 and 0 < n_layers <= 1024 and 0 < n_heads <= dim
-                and 0 < n_kv <= n_heads and 0 < abs(vocab) <= 1 << 22 and 0 < seq_len <= 1 << 24):
+                and 0 < n_kv <= n_heads and 0 < abs(vocab) <= 1 << 22 and 0 < seq_len <= 1 << 24
+                and dim % n_heads == 0):
             raise ModelFormatError(f"{path}: not a llama2.c checkpoint (implausible header {header.tolist()}); "
                                    "expected GGUF, a Hugging Face directory or a llama2.c .bin")
-        self.config = ModelConfig.from_llama2c(header, name=os.path.basename(path))
+        self.config = ModelConfig.from_llama2c(header, name=os.path.basename(path), source=path)
         self._map = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
         self._layout(size)
 
@@ -55,12 +56,14 @@ class Llama2cModel(ModelReader):
         if not c.tie_embeddings:
             entries.append(("output.weight", None, (c.vocab_size, d)))
         expected = HEADER_BYTES + 4 * sum(int(np.prod(s)) * (n or 1) for _, n, s in entries)
+        header = (f"the llama2.c header (dim {c.dim}, {c.n_layers} layers, FFN {c.hidden_dim}, vocab {c.vocab_size}, "
+                  f"{'shared' if c.tie_embeddings else 'separate'} classifier)")
         if size < expected:
-            raise ModelFormatError(f"{self.path}: file is truncated ({size} bytes, the header {c.dim}x{c.n_layers} "
-                                   f"needs {expected}); download it again")
+            raise ModelFormatError(f"{self.path}: file is truncated ({size} bytes, {header} needs {expected}); "
+                                   "download it again")
         if size > expected:
-            raise ModelFormatError(f"{self.path}: {size - expected} bytes more than the header describes; "
-                                   "not a legacy llama2.c checkpoint")
+            raise ModelFormatError(f"{self.path}: {size - expected} bytes more than {header} describes "
+                                   f"({size}, expected {expected}); not a legacy (version 0) llama2.c checkpoint")
         for name, n_stack, shape in entries:
             count = n_stack or 1
             for i in range(count):

@@ -1,0 +1,242 @@
+"""GGUF files written by the tests: a tiny HF Llama converted the way llama.cpp does it, and
+tensors of hand-made K-quant blocks; and a minimal GGUF tensor-table parser written from the
+spec (ggml/docs/gguf.md), independent of both the `gguf` package's reader and tpllama's.
+
+The conversion follows llama.cpp's convert_hf_to_gguf.py (LlamaModel): HF names -> GGUF names,
+q_proj/k_proj rows permuted into GGUF's interleaved rotary order by `LlamaModel.permute`, the
+`llama.*` keys, 1-D tensors (norms) kept F32, every 2-D tensor stored in the asked-for type
+(quantized with gguf.quants), lm_head dropped when the embeddings are tied.
+"""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFWriter, quants
+
+T = GGMLQuantizationType
+
+HF_TO_GGUF = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+HF_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def gguf_name(hf_name: str) -> str:
+    if hf_name in HF_TO_GGUF:
+        return HF_TO_GGUF[hf_name]
+    parts = hf_name.split(".")
+    assert parts[:2] == ["model", "layers"], hf_name
+    return f"blk.{parts[2]}.{HF_LAYER['.'.join(parts[3:])]}"
+
+
+def llama_permute(w: np.ndarray, n_head: int, n_head_kv: Optional[int] = None) -> np.ndarray:
+    """convert_hf_to_gguf.py LlamaModel.permute: HF rotate-half rows -> GGUF interleaved rows."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(w.shape))
+
+
+def llama_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of llama_permute (GGUF interleaved rows -> HF rotate-half rows)."""
+    return (w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(w.shape))
+
+
+def hf_to_gguf_tensors(state: Dict[str, np.ndarray], hf_cfg: dict) -> Dict[str, np.ndarray]:
+    """float32 HF state dict -> {GGUF name: float32 array in GGUF row order}."""
+    n_head, n_kv = hf_cfg["num_attention_heads"], hf_cfg["num_key_value_heads"]
+    out = {}
+    for hf, w in state.items():
+        if hf == "lm_head.weight" and hf_cfg.get("tie_word_embeddings"):
+            continue
+        if "rotary_emb" in hf:
+            continue
+        w = np.asarray(w, dtype=np.float32)
+        if hf.endswith("q_proj.weight"):
+            w = llama_permute(w, n_head, n_head)
+        elif hf.endswith("k_proj.weight"):
+            w = llama_permute(w, n_head, n_kv)
+        out[gguf_name(hf)] = np.ascontiguousarray(w)
+    return out
+
+
+def encode(w: np.ndarray, qtype: T) -> Tuple[np.ndarray, Optional[T]]:
+    """(data, raw_dtype) for GGUFWriter.add_tensor: 1-D tensors stay F32 like llama.cpp does."""
+    if w.ndim == 1 or qtype == T.F32:
+        return w.astype(np.float32), None
+    if qtype == T.F16:
+        return w.astype(np.float16), None
+    return quants.quantize(w, qtype), qtype
+
+
+def round_trip(w: np.ndarray, qtype: T) -> np.ndarray:
+    """The float32 weights a reader of `qtype` data should give back (1-D tensors are F32)."""
+    if w.ndim == 1 or qtype == T.F32:
+        return w
+    return quants.dequantize(quants.quantize(w, qtype), qtype).astype(np.float32).reshape(w.shape)
+
+
+def write_gguf(path: Path, tensors: Dict[str, Tuple[np.ndarray, Optional[T]]], *, dim: int, hidden: int,
+               layers: int, heads: int, kv_heads: int, vocab: int, context: int = 256,
+               rope_theta: float = 10000.0, eps: float = 1e-5, arch: str = "llama",
+               extra: Optional[dict] = None, name: str = "tiny", alignment: Optional[int] = None) -> Path:
+    """A GGUF with the `llama.*` keys of convert_hf_to_gguf.py and the given (data, raw_dtype) tensors.
+
+    extra: more keys, {key: value} (str, int, float, bool or list of str); alignment: general.alignment."""
+    w = GGUFWriter(str(path), arch)
+    if alignment:
+        w.add_custom_alignment(alignment)
+    w.add_name(name)
+    w.add_context_length(context)
+    w.add_embedding_length(dim)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(hidden)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_dimension_count(dim // heads)
+    w.add_rope_freq_base(rope_theta)
+    w.add_layer_norm_rms_eps(eps)
+    w.add_vocab_size(vocab)
+    w.add_file_type(0)
+    for key, value in (extra or {}).items():
+        if isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        elif isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_array(key, list(value))
+    for tname, (data, raw_dtype) in tensors.items():
+        w.add_tensor(tname, data, raw_dtype=raw_dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)
+
+
+def hf_model_to_gguf(path: Path, state: Dict[str, np.ndarray], hf_cfg: dict, qtype: T, **kw) -> Path:
+    """Convert a float32 HF state dict into a GGUF of `qtype` (norms F32)."""
+    tensors = {n: encode(w, qtype) for n, w in hf_to_gguf_tensors(state, hf_cfg).items()}
+    return write_gguf(path, tensors, dim=hf_cfg["hidden_size"], hidden=hf_cfg["intermediate_size"],
+                      layers=hf_cfg["num_hidden_layers"], heads=hf_cfg["num_attention_heads"],
+                      kv_heads=hf_cfg["num_key_value_heads"], vocab=hf_cfg["vocab_size"],
+                      context=hf_cfg["max_position_embeddings"], rope_theta=hf_cfg["rope_theta"],
+                      eps=hf_cfg["rms_norm_eps"], **kw)
+
+
+# ------------------------------------------------------------------------------ K-quant blocks
+
+# Byte offsets of the fp16 scale fields in one 256-element block (ggml-common.h block_q*_K).
+K_SCALE_FIELDS = {
+    T.Q4_K: (0, 2),        # d, dmin, scales[12], qs[128]                 (144 bytes)
+    T.Q5_K: (0, 2),        # d, dmin, scales[12], qh[32], qs[128]         (176 bytes)
+    T.Q6_K: (208,),        # ql[128], qh[64], scales[16] (int8), d        (210 bytes)
+    T.Q2_K: (80, 82),      # scales[16], qs[64], d, dmin                  (84 bytes)
+    T.Q3_K: (108,),        # hmask[32], qs[64], scales[12], d             (110 bytes)
+}
+
+
+def random_kquant(rows: int, cols: int, qtype: T, rng: np.random.Generator, scale: float = 1e-2) -> np.ndarray:
+    """uint8 (rows, cols/256*block_bytes) of valid random blocks: random quants and sub-scales,
+    the fp16 super-block scales set to small finite values (uniform in [scale/4, scale])."""
+    block_size, block_bytes = quants.GGML_QUANT_SIZES[qtype]
+    assert cols % block_size == 0
+    nb = cols // block_size
+    data = rng.integers(0, 256, size=(rows, nb, block_bytes), dtype=np.uint8)
+    for off in K_SCALE_FIELDS[qtype]:
+        d = rng.uniform(scale / 4, scale, size=(rows, nb)).astype(np.float16)
+        data[:, :, off:off + 2] = d.view(np.uint8).reshape(rows, nb, 2)
+    return data.reshape(rows, nb * block_bytes)
+
+
+# ------------------------------------------------------------------------------ spec reader
+
+_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}   # GGUF value type -> bytes
+_STRING, _ARRAY = 8, 9
+
+
+def gguf_tensor_table(path) -> Dict[str, Tuple[Tuple[int, ...], str, int, int]]:
+    """{name: (ne (GGUF order), type name, absolute data offset, nbytes)} straight from the file's bytes."""
+    with open(path, "rb") as f:
+        buf = f.read(64 << 20)       # the header of any test file fits; tensor data is not needed
+    pos = 0
+
+    def take(fmt):
+        nonlocal pos
+        vals = struct.unpack_from("<" + fmt, buf, pos)
+        pos += struct.calcsize("<" + fmt)
+        return vals if len(vals) > 1 else vals[0]
+
+    def string():
+        nonlocal pos
+        n = take("Q")
+        pos += n
+        return buf[pos - n:pos].decode("utf-8")
+
+    def value(vtype):
+        nonlocal pos
+        if vtype == _STRING:
+            return string()
+        if vtype == _ARRAY:
+            itype, count = take("I"), take("Q")
+            if itype in _SCALAR:
+                pos += _SCALAR[itype] * count
+                return None
+            return [value(itype) for _ in range(count)]
+        fmt = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}[vtype]
+        return take(fmt)
+
+    assert buf[:4] == b"GGUF", path
+    pos = 4
+    version, n_tensors, n_kv = take("I"), take("Q"), take("Q")
+    assert version in (2, 3), version
+    alignment = 32
+    for _ in range(n_kv):
+        key = string()
+        v = value(take("I"))
+        if key == "general.alignment":
+            alignment = v
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        n_dims = take("I")
+        ne = tuple(take("Q") for _ in range(n_dims))
+        ttype, offset = take("I"), take("Q")
+        infos.append((name, ne, ttype, offset))
+    start = -(-pos // alignment) * alignment
+    table = {}
+    for name, ne, ttype, offset in infos:
+        qt = GGMLQuantizationType(ttype)
+        block_size, block_bytes = quants.GGML_QUANT_SIZES[qt]
+        nbytes = int(np.prod(ne)) // block_size * block_bytes
+        table[name] = (ne, qt.name, start + offset, nbytes)
+    return table
+
+
+def gguf_tensor_bytes(path, name) -> np.ndarray:
+    """A tensor's bytes as stored, uint8 (rows, bytes per row), via gguf_tensor_table."""
+    ne, _, offset, nbytes = gguf_tensor_table(path)[name]
+    rows = int(np.prod(ne[1:])) if len(ne) > 1 else 1
+    return np.fromfile(path, dtype=np.uint8, count=nbytes, offset=offset).reshape(rows, -1)
