@@ -62,6 +62,10 @@ class Model:
         self.par = par = Parallel(comm, opts.sync_type)
         self.reader = reader = par.together(lambda: open_model(path))
         self.config = c = reader.config
+        self.tokenizer = None
+        if opts.tokenizer != "none":   # "none": logits only (forward), no text in or out; before the weights, to fail fast
+            from .tokenizer import load_tokenizer
+            self.tokenizer = par.together(lambda: load_tokenizer(reader, opts.tokenizer))
         self.plan = par.together(lambda: make_plan(c, par.size, _rank_weights(opts.rank_weights, par.size)))
         self.shard = self.plan[par.rank]
         _log(par, opts.verbose, f"tpllama: {os.path.basename(path)} ({reader.format_name}, {c.n_layers} layers, dim {c.dim}, "
@@ -79,10 +83,6 @@ class Model:
         _log(par, opts.verbose, ("\n" if progress else "") + f"tpllama: rank 0 loaded {weights.nbytes / 2**20:,.1f} MiB of weights "
                                 f"in {time.perf_counter() - t_load:.1f} s; context {self.ctx}, {self.threads} thread(s) per rank")
         self.rank_model = par.together(lambda: RankModel(weights, self.ctx))
-        self.tokenizer = None
-        if opts.tokenizer != "none":   # "none": logits only (forward), no text in or out
-            from .tokenizer import load_tokenizer
-            self.tokenizer = par.together(lambda: load_tokenizer(reader, opts.tokenizer))
         self.history: List[int] = []      # tokens whose keys and values are in the cache, in order
         self._vocab_counts = [len(s.vocab) for s in self.plan.ranks]
         self._finish_reason = "stop"

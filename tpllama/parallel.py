@@ -186,20 +186,23 @@ class Parallel:
         try:
             result = fn()
         except TpllamaError as e:
-            error = str(e)
+            error = (type(e), str(e))
         except MemoryError:
-            error = "out of memory; lower -c, use more ranks, or --weight-type q40"
+            error = (TpllamaError, "out of memory; lower -c, use more ranks, or --weight-type q40")
         self.agree(error)
         return result
 
-    def agree(self, error: Optional[str]) -> None:
-        """Collective check: if any rank has an error, every rank raises it (root's first, else the
-        lowest failing rank's), so a bad path on one node stops the whole job with one message."""
+    def agree(self, error) -> None:
+        """Collective check: if any rank has an error ((class, message) or a message), every rank
+        raises it: root's if it failed, else the lowest failing rank's, prefixed with that rank.
+        So a bad path on one node stops the whole job with one message."""
         errors = [error] if self.size == 1 else self.comm.allgather(error)
         for r, e in enumerate(errors):
             if e is not None:
-                prefix = "" if self.size == 1 or all(x == e for x in errors) else f"rank {r} ({self._hosts()[r]}): "
-                raise TpllamaError(prefix + e, collective=True)
+                cls, message = e if isinstance(e, tuple) else (TpllamaError, e)
+                same_everywhere = self.size == 1 or all(x == e for x in errors)
+                prefix = "" if same_everywhere else f"rank {r} ({self._hosts()[r]}): "
+                raise cls(prefix + message, collective=True)
 
     def _hosts(self) -> List[str]:
         return self.comm.allgather(self.hostname()) if self.size > 1 else [self.hostname()]
