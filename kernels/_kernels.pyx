@@ -1,8 +1,9 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """Thin Python face of the C kernels in tpk.c (see tpk.h for the block formats).
 
-Arrays of blocks are uint8 numpy arrays of shape (rows, n_blocks * block_bytes).
-Every function releases the GIL around the C call.
+Arrays of GGML blocks are uint8 numpy arrays of shape (rows, n_blocks * block_bytes);
+packed matrices (the runtime layout, see tpk.h) are flat uint8 arrays made by pack_q40 /
+pack_q80. Every function releases the GIL around the C call.
 """
 import numpy as np
 cimport numpy as cnp
@@ -14,12 +15,14 @@ cdef extern from "tpk.h":
     int TPK_QK
     int TPK_Q40_BYTES
     int TPK_Q80_BYTES
-    int TPK_SCALAR, TPK_AVX2, TPK_AVX512, TPK_NEON, TPK_NEON_DOTPROD
+    int TPK_ROWS
+    int TPK_SCALAR, TPK_AVX2, TPK_AVX512, TPK_AVX512_VNNI, TPK_NEON, TPK_NEON_DOTPROD
     ctypedef struct tpk_block_q40:
         pass
     ctypedef struct tpk_block_q80:
         pass
     int tpk_detect_level() nogil
+    int tpk_level_supported(int level) nogil
     int tpk_get_level() nogil
     int tpk_set_level(int level) nogil
     int tpk_has_openmp() nogil
@@ -27,16 +30,28 @@ cdef extern from "tpk.h":
     void tpk_quantize_q40(const float *x, tpk_block_q40 *y, int64_t n) nogil
     void tpk_dequantize_q80(const tpk_block_q80 *x, float *y, int64_t n) nogil
     void tpk_dequantize_q40(const tpk_block_q40 *x, float *y, int64_t n) nogil
-    void tpk_matmul_q40_q80(const tpk_block_q40 *w, int64_t rows, int64_t nb,
-                            const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy, int nthreads) nogil
-    void tpk_matmul_q80_q80(const tpk_block_q80 *w, int64_t rows, int64_t nb,
-                            const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy, int nthreads) nogil
+    int64_t tpk_packed_bytes_q40(int64_t rows, int64_t nb) nogil
+    int64_t tpk_packed_bytes_q80(int64_t rows, int64_t nb) nogil
+    void tpk_pack_q40(const uint8_t *w, int64_t row_stride, int64_t rows, int64_t nb, uint8_t *dst) nogil
+    void tpk_pack_q80(const uint8_t *w, int64_t row_stride, int64_t rows, int64_t nb, uint8_t *dst) nogil
+    void tpk_unpack_q40(const uint8_t *src, int64_t rows, int64_t nb, tpk_block_q40 *w) nogil
+    void tpk_unpack_q80(const uint8_t *src, int64_t rows, int64_t nb, tpk_block_q80 *w) nogil
+    void tpk_matmul_q40p(const uint8_t *wp, int64_t rows, int64_t nb,
+                         const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy, int nthreads) nogil
+    void tpk_matmul_q80p(const uint8_t *wp, int64_t rows, int64_t nb,
+                         const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy, int nthreads) nogil
+    void tpk_matmul_q40_q80_ref(const tpk_block_q40 *w, int64_t rows, int64_t nb,
+                                const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy) nogil
+    void tpk_matmul_q80_q80_ref(const tpk_block_q80 *w, int64_t rows, int64_t nb,
+                                const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy) nogil
+    double tpk_stream_sum(const float *x, int64_t n, int nthreads) nogil
 
 QK = TPK_QK
 Q40_BYTES = TPK_Q40_BYTES
 Q80_BYTES = TPK_Q80_BYTES
+ROWS = TPK_ROWS   # rows interleaved in the packed layout
 
-LEVEL_NAMES = {TPK_SCALAR: "scalar", TPK_AVX2: "avx2", TPK_AVX512: "avx512",
+LEVEL_NAMES = {TPK_SCALAR: "scalar", TPK_AVX2: "avx2", TPK_AVX512: "avx512", TPK_AVX512_VNNI: "avx512-vnni",
                TPK_NEON: "neon", TPK_NEON_DOTPROD: "neon-dotprod"}
 
 
@@ -49,12 +64,17 @@ def best_simd_level():
     return LEVEL_NAMES[tpk_detect_level()]
 
 
+def supported_simd_levels():
+    """Every code path this build can run on this CPU, scalar first."""
+    return [name for level, name in LEVEL_NAMES.items() if tpk_level_supported(level)]
+
+
 def set_simd_level(str name):
-    """Force a code path ("scalar" or the best one); for tests. Raises if unsupported."""
+    """Force a code path (one of supported_simd_levels()); for tests. Raises if unsupported."""
     for level, level_name in LEVEL_NAMES.items():
         if level_name == name and tpk_set_level(level) == level:
             return
-    raise ValueError(f"SIMD level {name!r} is not supported on this CPU (best: {best_simd_level()})")
+    raise ValueError(f"SIMD level {name!r} is not supported here (supported: {', '.join(supported_simd_levels())})")
 
 
 def has_openmp():
@@ -113,25 +133,109 @@ def dequantize_q40(const uint8_t[:, ::1] q):
     return out
 
 
-def matmul_q40_q80(const uint8_t[:, ::1] w, const uint8_t[:, ::1] xq, float[:, ::1] out, int nthreads=1):
-    """out[t, r] = dot(w[r], xq[t]): w (rows, nb*18) q40, xq (ntok, nb*34) q80, out (ntok, rows) float32."""
-    cdef int64_t rows = w.shape[0], nb = w.shape[1] // TPK_Q40_BYTES, ntok = xq.shape[0]
-    if xq.shape[1] != nb * TPK_Q80_BYTES or out.shape[0] != ntok or out.shape[1] != rows:
-        raise ValueError("matmul_q40_q80: shapes do not match")
-    if rows and ntok:
+
+def _aligned_bytes(int64_t n):
+    """A flat uint8 array of n bytes starting on a 64-byte boundary (one cache line)."""
+    raw = np.empty(n + 64, dtype=np.uint8)
+    off = (-raw.ctypes.data) % 64
+    return raw[off:off + n]
+
+
+def packed_bytes(str wtype, int64_t rows, int64_t nb):
+    if wtype == "q40":
+        return tpk_packed_bytes_q40(rows, nb)
+    if wtype == "q80":
+        return tpk_packed_bytes_q80(rows, nb)
+    raise ValueError(wtype)
+
+
+def pack(str wtype, const uint8_t[:, :] blocks):
+    """GGML blocks (rows, nb*block_bytes), rows may be strided -> flat packed array (see tpk.h)."""
+    cdef int64_t rows = blocks.shape[0], bb, nb, stride
+    bb = TPK_Q40_BYTES if wtype == "q40" else TPK_Q80_BYTES
+    if wtype not in ("q40", "q80"):
+        raise ValueError(wtype)
+    if blocks.shape[1] % bb:
+        raise ValueError(f"row of {blocks.shape[1]} bytes is not whole {wtype} blocks")
+    nb = blocks.shape[1] // bb
+    if rows > 1 and nb and blocks.strides[1] != 1:
+        raise ValueError("pack: the bytes of a row must be contiguous")
+    out = _aligned_bytes(packed_bytes(wtype, rows, nb))
+    cdef uint8_t[::1] o = out
+    stride = blocks.strides[0]
+    if rows and nb:
         with nogil:
-            tpk_matmul_q40_q80(<const tpk_block_q40 *>&w[0, 0], rows, nb, <const tpk_block_q80 *>&xq[0, 0],
-                               ntok, &out[0, 0], out.shape[1], nthreads)
+            if wtype == "q40":
+                tpk_pack_q40(&blocks[0, 0], stride, rows, nb, &o[0])
+            else:
+                tpk_pack_q80(&blocks[0, 0], stride, rows, nb, &o[0])
     return out
 
 
-def matmul_q80_q80(const uint8_t[:, ::1] w, const uint8_t[:, ::1] xq, float[:, ::1] out, int nthreads=1):
-    """out[t, r] = dot(w[r], xq[t]): w (rows, nb*34) q80, xq (ntok, nb*34) q80, out (ntok, rows) float32."""
-    cdef int64_t rows = w.shape[0], nb = w.shape[1] // TPK_Q80_BYTES, ntok = xq.shape[0]
-    if xq.shape[1] != nb * TPK_Q80_BYTES or out.shape[0] != ntok or out.shape[1] != rows:
-        raise ValueError("matmul_q80_q80: shapes do not match")
+def unpack(str wtype, const uint8_t[::1] packed, int64_t rows, int64_t nb):
+    """Packed array -> GGML blocks (rows, nb*block_bytes), byte-identical to what was packed."""
+    bb = TPK_Q40_BYTES if wtype == "q40" else TPK_Q80_BYTES
+    if packed.shape[0] != packed_bytes(wtype, rows, nb):
+        raise ValueError("unpack: size does not match rows and blocks")
+    out = np.empty((rows, nb * bb), dtype=np.uint8)
+    cdef uint8_t[:, ::1] o = out
+    if rows and nb:
+        with nogil:
+            if wtype == "q40":
+                tpk_unpack_q40(&packed[0], rows, nb, <tpk_block_q40 *>&o[0, 0])
+            else:
+                tpk_unpack_q80(&packed[0], rows, nb, <tpk_block_q80 *>&o[0, 0])
+    return out
+
+
+def matmul_packed(str wtype, const uint8_t[::1] wp, int64_t rows, int64_t nb, const uint8_t[:, ::1] xq,
+                  float[:, ::1] out, int nthreads=1):
+    """out[t, r] = dot(w row r, xq row t): wp packed (rows x nb blocks), xq (ntok, nb*34) q80,
+    out (ntok, >= rows) float32 (row stride out.shape[1])."""
+    cdef int64_t ntok = xq.shape[0]
+    cdef bint q40 = wtype == "q40"
+    if not q40 and wtype != "q80":
+        raise ValueError(wtype)
+    if wp.shape[0] != packed_bytes(wtype, rows, nb):
+        raise ValueError("matmul_packed: weights do not match rows and blocks")
+    if xq.shape[1] != nb * TPK_Q80_BYTES or out.shape[0] != ntok or out.shape[1] < rows:
+        raise ValueError("matmul_packed: shapes do not match")
     if rows and ntok:
         with nogil:
-            tpk_matmul_q80_q80(<const tpk_block_q80 *>&w[0, 0], rows, nb, <const tpk_block_q80 *>&xq[0, 0],
-                               ntok, &out[0, 0], out.shape[1], nthreads)
+            if q40:
+                tpk_matmul_q40p(&wp[0] if nb else NULL, rows, nb, <const tpk_block_q80 *>&xq[0, 0] if nb else NULL,
+                                ntok, &out[0, 0], out.shape[1], nthreads)
+            else:
+                tpk_matmul_q80p(&wp[0] if nb else NULL, rows, nb, <const tpk_block_q80 *>&xq[0, 0] if nb else NULL,
+                                ntok, &out[0, 0], out.shape[1], nthreads)
     return out
+
+
+def matmul_ref(str wtype, const uint8_t[:, ::1] w, const uint8_t[:, ::1] xq, float[:, ::1] out):
+    """The scalar reference on GGML blocks: w (rows, nb*block_bytes), xq (ntok, nb*34), out (ntok, rows)."""
+    cdef int64_t rows = w.shape[0], ntok = xq.shape[0], nb
+    bb = TPK_Q40_BYTES if wtype == "q40" else TPK_Q80_BYTES
+    nb = w.shape[1] // bb
+    if xq.shape[1] != nb * TPK_Q80_BYTES or out.shape[0] != ntok or out.shape[1] != rows:
+        raise ValueError("matmul_ref: shapes do not match")
+    if rows and ntok:
+        if nb == 0:
+            out[:, :] = 0
+            return out
+        with nogil:
+            if wtype == "q40":
+                tpk_matmul_q40_q80_ref(<const tpk_block_q40 *>&w[0, 0], rows, nb, <const tpk_block_q80 *>&xq[0, 0],
+                                       ntok, &out[0, 0], out.shape[1])
+            else:
+                tpk_matmul_q80_q80_ref(<const tpk_block_q80 *>&w[0, 0], rows, nb, <const tpk_block_q80 *>&xq[0, 0],
+                                       ntok, &out[0, 0], out.shape[1])
+    return out
+
+
+def stream_sum(const float[::1] x, int nthreads=1):
+    """Sum of x read once over nthreads threads (a memory read bandwidth probe)."""
+    cdef double s = 0.0
+    if x.shape[0]:
+        with nogil:
+            s = tpk_stream_sum(&x[0], x.shape[0], nthreads)
+    return s

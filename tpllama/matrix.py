@@ -3,6 +3,9 @@
 q40 and q80 matrices multiply q80-quantized activations in the C kernels; f32 matrices
 (and any matrix whose input width is not a multiple of 32) use numpy. An Activation
 quantizes its rows once, however many matrices read it (wq, wk and wv share one).
+
+A q40/q80 Matrix is built from GGML blocks and keeps them repacked in the kernels' runtime
+layout (16 rows interleaved, see kernels/tpk.h); `blocks()` gives the GGML blocks back.
 """
 from __future__ import annotations
 
@@ -18,7 +21,6 @@ BYTES_PER_WEIGHT = {"q40": K.Q40_BYTES / QK, "q80": K.Q80_BYTES / QK, "f32": 4.0
 
 _QUANTIZE = {"q40": K.quantize_q40, "q80": K.quantize_q80}
 _DEQUANTIZE = {"q40": K.dequantize_q40, "q80": K.dequantize_q80}
-_MATMUL = {"q40": K.matmul_q40_q80, "q80": K.matmul_q80_q80}
 
 
 class Activation:
@@ -45,30 +47,45 @@ def runtime_type(wtype: str, cols: int) -> str:
 class Matrix:
     """A (rows, cols) weight matrix in one runtime type."""
 
-    def __init__(self, wtype: str, rows: int, cols: int, data: np.ndarray, threads: int = 1):
+    def __init__(self, wtype: str, rows: int, cols: int, data: np.ndarray, threads: int = 1, packed: bool = False):
+        """data: q40/q80: GGML blocks, uint8 (rows, cols/32*block_bytes) (repacked here unless
+        `packed`, then it is already the flat packed array); f32: float32 (rows, cols)."""
         self.wtype = wtype      # "q40" | "q80" | "f32"
         self.rows = rows        # output features
         self.cols = cols        # input features
-        self.data = data        # q40/q80: uint8 (rows, cols/32*block_bytes); f32: float32 (rows, cols)
         self.threads = threads
+        if wtype == "f32":
+            self.data = data    # float32 (rows, cols)
+        else:
+            # flat uint8: the blocks of 16 rows side by side (kernels/tpk.h), tail rows padded
+            self.data = data if packed else K.pack(wtype, data)
+            if self.data.shape != (K.packed_bytes(wtype, rows, cols // QK),):
+                raise ValueError(f"{wtype} matrix data does not hold {rows} x {cols} weights")
 
     @property
     def nbytes(self) -> int:
         return self.data.nbytes
 
-    def __call__(self, a: Activation) -> np.ndarray:
-        """(T, cols) activations -> (T, rows) float32."""
+    def __call__(self, a: Activation, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """(T, cols) activations -> (T, rows) float32 (written into `out` if given)."""
         if self.wtype == "f32":
-            return a.x @ self.data.T
-        out = np.empty((a.x.shape[0], self.rows), dtype=np.float32)
-        _MATMUL[self.wtype](self.data, a.q80, out, self.threads)
+            return np.matmul(a.x, self.data.T, out=out)
+        if out is None:
+            out = np.empty((a.x.shape[0], self.rows), dtype=np.float32)
+        K.matmul_packed(self.wtype, self.data, self.rows, self.cols // QK, a.q80, out, self.threads)
         return out
+
+    def blocks(self) -> np.ndarray:
+        """The weights as GGML blocks (rows, cols/32*block_bytes), byte-identical to what was loaded."""
+        if self.wtype == "f32":
+            raise ValueError("an f32 matrix has no blocks")
+        return K.unpack(self.wtype, self.data, self.rows, self.cols // QK)
 
     def dequantized(self) -> np.ndarray:
         """The weights as float32 (rows, cols); for tests and debugging."""
         if self.wtype == "f32":
             return self.data
-        return _DEQUANTIZE[self.wtype](self.data)
+        return _DEQUANTIZE[self.wtype](self.blocks())
 
     @classmethod
     def from_float(cls, w: np.ndarray, wtype: str, threads: int = 1) -> "Matrix":

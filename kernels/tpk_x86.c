@@ -1,0 +1,352 @@
+/* tpk x86-64 SIMD kernels: AVX2, AVX-512 (F/BW/VL) and AVX-512 VNNI, each compiled with
+ * a per-function target attribute and chosen at run time, so one build runs on any x86-64.
+ *
+ * Every kernel multiplies one packed row group (16 rows, see tpk.h) by a tile of tokens.
+ * A register holds one int32 per row; a weight register holds 4 consecutive elements of
+ * each row and the activation's 4 matching elements are broadcast to every lane, so each
+ * lane sums its own row's products exactly. Weights are unsigned (q40: nibble q in 0..15,
+ * q80: q + 128) and the offset comes back as the precomputed -8*sum(x) / -128*sum(x) that
+ * initialises the int32 sum. Per block, lane r then does exactly the scalar reference's
+ *   acc[r] = acc[r] + (float)isum[r] * (d_w[r] * d_x)
+ * in float32 (no FMA), blocks in increasing order, so every level returns the same bits.
+ * Tokens are taken TT at a time: the weights unpacked for one block serve TT tokens.
+ */
+#include "tpk_impl.h"
+
+#if defined(TPK_X86)
+#include <immintrin.h>
+#include <string.h>
+
+#define TGT_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TGT_512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define TGT_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+#define INLINE static inline __attribute__((always_inline))
+
+int tpk_x86_supports(int level) {
+    __builtin_cpu_init();
+    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    const int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    const int vnni = avx512 && __builtin_cpu_supports("avx512vnni");
+    switch (level) {
+    case TPK_AVX2: return avx2;
+    case TPK_AVX512: return avx512;
+    case TPK_AVX512_VNNI: return vnni;
+    default: return 0;
+    }
+}
+
+INLINE int32_t ld32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* ================================================================ AVX-512 VNNI */
+
+INLINE TGT_VNNI void store16(float *y, __m512 v, int nrows) {
+    if (nrows == TPK_ROWS) _mm512_storeu_ps(y, v);
+    else _mm512_mask_storeu_ps(y, (__mmask16)((1u << nrows) - 1), v);
+}
+
+INLINE TGT_VNNI void q40_tile_vnni(const uint8_t *w, int64_t nb, const tpk_xq *x, float *y, int64_t ldy,
+                                   int nrows, const int TT) {
+    __m512 facc[8];
+    for (int t = 0; t < TT; t++) facc[t] = _mm512_setzero_ps();
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *gb = w + b * TPK_Q40_GROUP_BYTES;
+        __m512i acc[8];
+        for (int t = 0; t < TT; t++) acc[t] = _mm512_set1_epi32(x[t * nb + b].s8);
+        for (int k = 0; k < 4; k++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(gb + 32 + 64 * k));
+            const __m512i lo = _mm512_and_si512(v, m4);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+            for (int t = 0; t < TT; t++) {
+                const int8_t *xq = x[t * nb + b].qs;
+                acc[t] = _mm512_dpbusd_epi32(acc[t], lo, _mm512_set1_epi32(ld32(xq + 4 * k)));
+                acc[t] = _mm512_dpbusd_epi32(acc[t], hi, _mm512_set1_epi32(ld32(xq + 16 + 4 * k)));
+            }
+        }
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb));
+        for (int t = 0; t < TT; t++) {
+            const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(x[t * nb + b].d));
+            facc[t] = _mm512_add_ps(facc[t], _mm512_mul_ps(_mm512_cvtepi32_ps(acc[t]), scale));
+        }
+    }
+    for (int t = 0; t < TT; t++) store16(y + t * ldy, facc[t], nrows);
+}
+
+INLINE TGT_VNNI void q80_tile_vnni(const uint8_t *w, int64_t nb, const tpk_xq *x, float *y, int64_t ldy,
+                                   int nrows, const int TT) {
+    __m512 facc[8];
+    for (int t = 0; t < TT; t++) facc[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *gb = w + b * TPK_Q80_GROUP_BYTES;
+        __m512i acc[8];
+        for (int t = 0; t < TT; t++) acc[t] = _mm512_set1_epi32(x[t * nb + b].s128);
+        for (int k = 0; k < 8; k++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(gb + 32 + 64 * k));
+            for (int t = 0; t < TT; t++)
+                acc[t] = _mm512_dpbusd_epi32(acc[t], v, _mm512_set1_epi32(ld32(x[t * nb + b].qs + 4 * k)));
+        }
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb));
+        for (int t = 0; t < TT; t++) {
+            const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(x[t * nb + b].d));
+            facc[t] = _mm512_add_ps(facc[t], _mm512_mul_ps(_mm512_cvtepi32_ps(acc[t]), scale));
+        }
+    }
+    for (int t = 0; t < TT; t++) store16(y + t * ldy, facc[t], nrows);
+}
+
+TGT_VNNI static void q40_group_vnni(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok,
+                                    float *y, int64_t ldy, int nrows) {
+    int64_t t = 0;
+    for (; t + 8 <= ntok; t += 8) q40_tile_vnni(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 8);
+    if (ntok - t >= 4) { q40_tile_vnni(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 4); t += 4; }
+    if (ntok - t >= 2) { q40_tile_vnni(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 2); t += 2; }
+    if (ntok - t >= 1) q40_tile_vnni(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 1);
+}
+
+TGT_VNNI static void q80_group_vnni(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok,
+                                    float *y, int64_t ldy, int nrows) {
+    int64_t t = 0;
+    for (; t + 8 <= ntok; t += 8) q80_tile_vnni(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 8);
+    if (ntok - t >= 4) { q80_tile_vnni(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 4); t += 4; }
+    if (ntok - t >= 2) { q80_tile_vnni(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 2); t += 2; }
+    if (ntok - t >= 1) q80_tile_vnni(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 1);
+}
+
+/* ================================================================ AVX-512 F/BW/VL (no VNNI)
+ * u8 x s8 products by vpmaddubsw: pairs summed into int16 lanes, then vpmaddwd by 1 into
+ * the row's int32 lane. Nibbles are at most 15, so 8 pair sums per int16 lane stay within
+ * 8 * 2 * 15 * 128 = 30720 and nothing saturates; q80 weights (q + 128 up to 255) are
+ * split into their two nibbles for the same reason and recombined as lo + 16 * hi. */
+
+INLINE TGT_512 void store16_512(float *y, __m512 v, int nrows) {
+    if (nrows == TPK_ROWS) _mm512_storeu_ps(y, v);
+    else _mm512_mask_storeu_ps(y, (__mmask16)((1u << nrows) - 1), v);
+}
+
+INLINE TGT_512 void q40_tile_512(const uint8_t *w, int64_t nb, const tpk_xq *x, float *y, int64_t ldy,
+                                 int nrows, const int TT) {
+    __m512 facc[8];
+    for (int t = 0; t < TT; t++) facc[t] = _mm512_setzero_ps();
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i ones = _mm512_set1_epi16(1);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *gb = w + b * TPK_Q40_GROUP_BYTES;
+        __m512i acc16[8];
+        for (int t = 0; t < TT; t++) acc16[t] = _mm512_setzero_si512();
+        for (int k = 0; k < 4; k++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(gb + 32 + 64 * k));
+            const __m512i lo = _mm512_and_si512(v, m4);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+            for (int t = 0; t < TT; t++) {
+                const int8_t *xq = x[t * nb + b].qs;
+                acc16[t] = _mm512_add_epi16(acc16[t], _mm512_maddubs_epi16(lo, _mm512_set1_epi32(ld32(xq + 4 * k))));
+                acc16[t] = _mm512_add_epi16(acc16[t], _mm512_maddubs_epi16(hi, _mm512_set1_epi32(ld32(xq + 16 + 4 * k))));
+            }
+        }
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb));
+        for (int t = 0; t < TT; t++) {
+            const __m512i isum = _mm512_add_epi32(_mm512_madd_epi16(acc16[t], ones), _mm512_set1_epi32(x[t * nb + b].s8));
+            const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(x[t * nb + b].d));
+            facc[t] = _mm512_add_ps(facc[t], _mm512_mul_ps(_mm512_cvtepi32_ps(isum), scale));
+        }
+    }
+    for (int t = 0; t < TT; t++) store16_512(y + t * ldy, facc[t], nrows);
+}
+
+INLINE TGT_512 void q80_tile_512(const uint8_t *w, int64_t nb, const tpk_xq *x, float *y, int64_t ldy,
+                                 int nrows, const int TT) {
+    __m512 facc[4];
+    for (int t = 0; t < TT; t++) facc[t] = _mm512_setzero_ps();
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i ones = _mm512_set1_epi16(1);
+    const __m512i sixteens = _mm512_set1_epi16(16);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *gb = w + b * TPK_Q80_GROUP_BYTES;
+        __m512i lo16[4], hi16[4];
+        for (int t = 0; t < TT; t++) lo16[t] = hi16[t] = _mm512_setzero_si512();
+        for (int k = 0; k < 8; k++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(gb + 32 + 64 * k));
+            const __m512i lo = _mm512_and_si512(v, m4);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+            for (int t = 0; t < TT; t++) {
+                const __m512i xk = _mm512_set1_epi32(ld32(x[t * nb + b].qs + 4 * k));
+                lo16[t] = _mm512_add_epi16(lo16[t], _mm512_maddubs_epi16(lo, xk));
+                hi16[t] = _mm512_add_epi16(hi16[t], _mm512_maddubs_epi16(hi, xk));
+            }
+        }
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb));
+        for (int t = 0; t < TT; t++) {
+            __m512i isum = _mm512_add_epi32(_mm512_madd_epi16(lo16[t], ones), _mm512_madd_epi16(hi16[t], sixteens));
+            isum = _mm512_add_epi32(isum, _mm512_set1_epi32(x[t * nb + b].s128));
+            const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(x[t * nb + b].d));
+            facc[t] = _mm512_add_ps(facc[t], _mm512_mul_ps(_mm512_cvtepi32_ps(isum), scale));
+        }
+    }
+    for (int t = 0; t < TT; t++) store16_512(y + t * ldy, facc[t], nrows);
+}
+
+TGT_512 static void q40_group_512(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok,
+                                  float *y, int64_t ldy, int nrows) {
+    int64_t t = 0;
+    for (; t + 8 <= ntok; t += 8) q40_tile_512(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 8);
+    if (ntok - t >= 4) { q40_tile_512(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 4); t += 4; }
+    if (ntok - t >= 2) { q40_tile_512(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 2); t += 2; }
+    if (ntok - t >= 1) q40_tile_512(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 1);
+}
+
+TGT_512 static void q80_group_512(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok,
+                                  float *y, int64_t ldy, int nrows) {
+    int64_t t = 0;
+    for (; t + 4 <= ntok; t += 4) q80_tile_512(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 4);
+    if (ntok - t >= 2) { q80_tile_512(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 2); t += 2; }
+    if (ntok - t >= 1) q80_tile_512(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 1);
+}
+
+/* ================================================================ AVX2
+ * The same arithmetic as AVX-512 F/BW on 256-bit registers: a row group is two halves
+ * of 8 rows (bytes 32h..32h+31 of each 64-byte slice). */
+
+INLINE TGT_AVX2 void store8(float *y, __m256 v, int nrows) {
+    if (nrows >= 8) {
+        _mm256_storeu_ps(y, v);
+    } else if (nrows > 0) {
+        float tmp[8];
+        _mm256_storeu_ps(tmp, v);
+        memcpy(y, tmp, (size_t)nrows * sizeof(float));
+    }
+}
+
+INLINE TGT_AVX2 void q40_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x, float *y, int64_t ldy,
+                                   int nrows, const int TT) {
+    __m256 facc[2][2];
+    for (int h = 0; h < 2; h++)
+        for (int t = 0; t < TT; t++) facc[h][t] = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *gb = w + b * TPK_Q40_GROUP_BYTES;
+        __m256i acc16[2][2];
+        for (int h = 0; h < 2; h++)
+            for (int t = 0; t < TT; t++) acc16[h][t] = _mm256_setzero_si256();
+        for (int k = 0; k < 4; k++) {
+            for (int h = 0; h < 2; h++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(gb + 32 + 64 * k + 32 * h));
+                const __m256i lo = _mm256_and_si256(v, m4);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                for (int t = 0; t < TT; t++) {
+                    const int8_t *xq = x[t * nb + b].qs;
+                    acc16[h][t] = _mm256_add_epi16(acc16[h][t], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(ld32(xq + 4 * k))));
+                    acc16[h][t] = _mm256_add_epi16(acc16[h][t], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(ld32(xq + 16 + 4 * k))));
+                }
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb + 16 * h)));
+            for (int t = 0; t < TT; t++) {
+                const __m256i isum = _mm256_add_epi32(_mm256_madd_epi16(acc16[h][t], ones), _mm256_set1_epi32(x[t * nb + b].s8));
+                const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(x[t * nb + b].d));
+                facc[h][t] = _mm256_add_ps(facc[h][t], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), scale));
+            }
+        }
+    }
+    for (int t = 0; t < TT; t++) {
+        store8(y + t * ldy, facc[0][t], nrows);
+        store8(y + t * ldy + 8, facc[1][t], nrows - 8);
+    }
+}
+
+INLINE TGT_AVX2 void q80_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x, float *y, int64_t ldy,
+                                   int nrows, const int TT) {
+    __m256 facc[2][2];
+    for (int h = 0; h < 2; h++)
+        for (int t = 0; t < TT; t++) facc[h][t] = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i sixteens = _mm256_set1_epi16(16);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *gb = w + b * TPK_Q80_GROUP_BYTES;
+        for (int h = 0; h < 2; h++) {
+            __m256i lo16[2], hi16[2];
+            for (int t = 0; t < TT; t++) lo16[t] = hi16[t] = _mm256_setzero_si256();
+            for (int k = 0; k < 8; k++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(gb + 32 + 64 * k + 32 * h));
+                const __m256i lo = _mm256_and_si256(v, m4);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                for (int t = 0; t < TT; t++) {
+                    const __m256i xk = _mm256_set1_epi32(ld32(x[t * nb + b].qs + 4 * k));
+                    lo16[t] = _mm256_add_epi16(lo16[t], _mm256_maddubs_epi16(lo, xk));
+                    hi16[t] = _mm256_add_epi16(hi16[t], _mm256_maddubs_epi16(hi, xk));
+                }
+            }
+            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb + 16 * h)));
+            for (int t = 0; t < TT; t++) {
+                __m256i isum = _mm256_add_epi32(_mm256_madd_epi16(lo16[t], ones), _mm256_madd_epi16(hi16[t], sixteens));
+                isum = _mm256_add_epi32(isum, _mm256_set1_epi32(x[t * nb + b].s128));
+                const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(x[t * nb + b].d));
+                facc[h][t] = _mm256_add_ps(facc[h][t], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), scale));
+            }
+        }
+    }
+    for (int t = 0; t < TT; t++) {
+        store8(y + t * ldy, facc[0][t], nrows);
+        store8(y + t * ldy + 8, facc[1][t], nrows - 8);
+    }
+}
+
+TGT_AVX2 static void q40_group_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok,
+                                    float *y, int64_t ldy, int nrows) {
+    int64_t t = 0;
+    for (; t + 2 <= ntok; t += 2) q40_tile_avx2(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 2);
+    if (ntok - t >= 1) q40_tile_avx2(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 1);
+}
+
+TGT_AVX2 static void q80_group_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok,
+                                    float *y, int64_t ldy, int nrows) {
+    int64_t t = 0;
+    for (; t + 2 <= ntok; t += 2) q80_tile_avx2(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 2);
+    if (ntok - t >= 1) q80_tile_avx2(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 1);
+}
+
+/* ================================================================ dispatch */
+
+tpk_group_fn tpk_x86_q40(int level) {
+    switch (level) {
+    case TPK_AVX512_VNNI: return q40_group_vnni;
+    case TPK_AVX512: return q40_group_512;
+    case TPK_AVX2: return q40_group_avx2;
+    default: return NULL;
+    }
+}
+
+tpk_group_fn tpk_x86_q80(int level) {
+    switch (level) {
+    case TPK_AVX512_VNNI: return q80_group_vnni;
+    case TPK_AVX512: return q80_group_512;
+    case TPK_AVX2: return q80_group_avx2;
+    default: return NULL;
+    }
+}
+
+TGT_AVX2 double tpk_x86_stream_sum(const float *x, int64_t n) {
+    __m256 a = _mm256_setzero_ps(), b = a, c = a, d = a;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        a = _mm256_add_ps(a, _mm256_loadu_ps(x + i));
+        b = _mm256_add_ps(b, _mm256_loadu_ps(x + i + 8));
+        c = _mm256_add_ps(c, _mm256_loadu_ps(x + i + 16));
+        d = _mm256_add_ps(d, _mm256_loadu_ps(x + i + 24));
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, _mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d)));
+    double s = 0.0;
+    for (int j = 0; j < 8; j++) s += lanes[j];
+    for (; i < n; i++) s += x[i];
+    return s;
+}
+
+#endif /* TPK_X86 */
