@@ -189,9 +189,10 @@ def unpack(str wtype, const uint8_t[::1] packed, int64_t rows, int64_t nb):
 
 
 def matmul_packed(str wtype, const uint8_t[::1] wp, int64_t rows, int64_t nb, const uint8_t[:, ::1] xq,
-                  float[:, ::1] out, int nthreads=1):
+                  out_array, int nthreads=1):
     """out[t, r] = dot(w row r, xq row t): wp packed (rows x nb blocks), xq (ntok, nb*34) q80,
-    out (ntok, >= rows) float32 (row stride out.shape[1])."""
+    out (ntok, >= rows) float32 (row stride out.shape[1]). Returns out."""
+    cdef float[:, ::1] out = out_array
     cdef int64_t ntok = xq.shape[0]
     cdef bint q40 = wtype == "q40"
     if not q40 and wtype != "q80":
@@ -208,11 +209,12 @@ def matmul_packed(str wtype, const uint8_t[::1] wp, int64_t rows, int64_t nb, co
             else:
                 tpk_matmul_q80p(&wp[0] if nb else NULL, rows, nb, <const tpk_block_q80 *>&xq[0, 0] if nb else NULL,
                                 ntok, &out[0, 0], out.shape[1], nthreads)
-    return out
+    return out_array
 
 
-def matmul_ref(str wtype, const uint8_t[:, ::1] w, const uint8_t[:, ::1] xq, float[:, ::1] out):
+def matmul_ref(str wtype, const uint8_t[:, ::1] w, const uint8_t[:, ::1] xq, out_array):
     """The scalar reference on GGML blocks: w (rows, nb*block_bytes), xq (ntok, nb*34), out (ntok, rows)."""
+    cdef float[:, ::1] out = out_array
     cdef int64_t rows = w.shape[0], ntok = xq.shape[0], nb
     bb = TPK_Q40_BYTES if wtype == "q40" else TPK_Q80_BYTES
     nb = w.shape[1] // bb
@@ -221,7 +223,7 @@ def matmul_ref(str wtype, const uint8_t[:, ::1] w, const uint8_t[:, ::1] xq, flo
     if rows and ntok:
         if nb == 0:
             out[:, :] = 0
-            return out
+            return out_array
         with nogil:
             if wtype == "q40":
                 tpk_matmul_q40_q80_ref(<const tpk_block_q40 *>&w[0, 0], rows, nb, <const tpk_block_q80 *>&xq[0, 0],
@@ -229,7 +231,7 @@ def matmul_ref(str wtype, const uint8_t[:, ::1] w, const uint8_t[:, ::1] xq, flo
             else:
                 tpk_matmul_q80_q80_ref(<const tpk_block_q80 *>&w[0, 0], rows, nb, <const tpk_block_q80 *>&xq[0, 0],
                                        ntok, &out[0, 0], out.shape[1])
-    return out
+    return out_array
 
 
 def stream_sum(const float[::1] x, int nthreads=1):

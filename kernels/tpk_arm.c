@@ -21,13 +21,23 @@
 #endif
 #endif
 
+/* GCC: the dotprod code carries its own target, so a plain armv8-a build has it too. Other
+ * compilers get it only when the whole build targets dotprod. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define TPK_HAVE_DOTPROD 1
 #define TGT_DOT __attribute__((target("arch=armv8.2-a+dotprod")))
+#elif defined(__ARM_FEATURE_DOTPROD)
+#define TPK_HAVE_DOTPROD 1
+#define TGT_DOT
+#endif
 #define INLINE static inline __attribute__((always_inline))
 
 int tpk_arm_supports(int level) {
     if (level == TPK_NEON) return 1;
     if (level == TPK_NEON_DOTPROD) {
-#if defined(__linux__)
+#if !defined(TPK_HAVE_DOTPROD)
+        return 0;
+#elif defined(__linux__)
         return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
 #elif defined(__ARM_FEATURE_DOTPROD)
         return 1;
@@ -73,6 +83,7 @@ INLINE void store_rows(float *y, const float32x4_t facc[4], int nrows) {
 }
 
 /* ================================================================ NEON dotprod */
+#if defined(TPK_HAVE_DOTPROD)
 
 #define DOT_LANE(acc, w, xv, lane) vdotq_laneq_s32((acc), (w), (xv), (lane))
 
@@ -155,6 +166,8 @@ TGT_DOT static void q80_group_dot(const uint8_t *w, int64_t nb, const tpk_xq *x,
     for (; t + 2 <= ntok; t += 2) q80_tile_dot(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 2);
     if (ntok - t >= 1) q80_tile_dot(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 1);
 }
+
+#endif /* TPK_HAVE_DOTPROD */
 
 /* ================================================================ plain NEON
  * Widening multiplies: vmull_s8 / vmlal_s8 give int16 products of 2 rows x 4 elements
@@ -259,7 +272,9 @@ static void q80_group_neon(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_
 
 tpk_group_fn tpk_arm_q40(int level) {
     switch (level) {
+#if defined(TPK_HAVE_DOTPROD)
     case TPK_NEON_DOTPROD: return q40_group_dot;
+#endif
     case TPK_NEON: return q40_group_neon;
     default: return NULL;
     }
@@ -267,7 +282,9 @@ tpk_group_fn tpk_arm_q40(int level) {
 
 tpk_group_fn tpk_arm_q80(int level) {
     switch (level) {
+#if defined(TPK_HAVE_DOTPROD)
     case TPK_NEON_DOTPROD: return q80_group_dot;
+#endif
     case TPK_NEON: return q80_group_neon;
     default: return NULL;
     }

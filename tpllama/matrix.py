@@ -20,6 +20,7 @@ WEIGHT_TYPES = ("q40", "q80", "f32")
 BYTES_PER_WEIGHT = {"q40": K.Q40_BYTES / QK, "q80": K.Q80_BYTES / QK, "f32": 4.0}
 
 _QUANTIZE = {"q40": K.quantize_q40, "q80": K.quantize_q80}
+_BLOCK_BYTES = {"q40": K.Q40_BYTES, "q80": K.Q80_BYTES}
 _DEQUANTIZE = {"q40": K.dequantize_q40, "q80": K.dequantize_q80}
 
 
@@ -57,6 +58,8 @@ class Matrix:
         if wtype == "f32":
             self.data = data    # float32 (rows, cols)
         else:
+            if not packed and data.shape != (rows, cols // QK * _BLOCK_BYTES[wtype]):
+                raise ValueError(f"{wtype} blocks of shape {data.shape} do not hold {rows} x {cols} weights")
             # flat uint8: the blocks of 16 rows side by side (kernels/tpk.h), tail rows padded
             self.data = data if packed else K.pack(wtype, data)
             if self.data.shape != (K.packed_bytes(wtype, rows, cols // QK),):
