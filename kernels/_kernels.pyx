@@ -7,7 +7,7 @@ pack_q80. Every function releases the GIL around the C call.
 """
 import numpy as np
 cimport numpy as cnp
-from libc.stdint cimport int64_t, uint8_t, uint16_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t
 
 cnp.import_array()
 
@@ -45,6 +45,12 @@ cdef extern from "tpk.h":
     void tpk_matmul_q80_q80_ref(const tpk_block_q80 *w, int64_t rows, int64_t nb,
                                 const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy) nogil
     double tpk_stream_sum(const float *x, int64_t n, int nthreads) nogil
+    void tpk_rmsnorm(const float *x, const float *w, float *y, int64_t T, int64_t n, float eps, int nthreads) nogil
+    void tpk_rope(float *x, int64_t T, int64_t heads, int64_t hd, const float *cos_t, const float *sin_t) nogil
+    void tpk_silu_mul(const float *g, const float *u, float *out, int64_t n, int nthreads) nogil
+    void tpk_attention(const float *q, const float *k, const float *v, int64_t T, int64_t n_heads, int64_t n_kv,
+                       int64_t hd, const int32_t *kv_of_head, float *kcache, float *vcache, int64_t ctx,
+                       int64_t start, float scale, float *out, int nthreads) nogil
 
 QK = TPK_QK
 Q40_BYTES = TPK_Q40_BYTES
@@ -241,3 +247,66 @@ def stream_sum(const float[::1] x, int nthreads=1):
         with nogil:
             s = tpk_stream_sum(&x[0], x.shape[0], nthreads)
     return s
+
+
+# ---------------------------------------------------------------- fused float32 layer steps
+
+def rmsnorm(const float[:, ::1] x, const float[::1] w, float eps, int nthreads=1):
+    """(T, n) -> (T, n) float32: x / sqrt(mean(x^2) + eps) * w."""
+    cdef int64_t T = x.shape[0], n = x.shape[1]
+    if w.shape[0] != n:
+        raise ValueError("rmsnorm: weight length does not match")
+    out = np.empty((T, n), dtype=np.float32)
+    cdef float[:, ::1] o = out
+    if T and n:
+        with nogil:
+            tpk_rmsnorm(&x[0, 0], &w[0], &o[0, 0], T, n, eps, nthreads)
+    return out
+
+
+def rope(float[:, ::1] x, int64_t head_dim, const float[:, ::1] cos, const float[:, ::1] sin):
+    """Rotate the interleaved pairs of every head of x (T, heads * head_dim) in place; cos, sin (T, head_dim/2)."""
+    cdef int64_t T = x.shape[0]
+    if head_dim <= 0 or head_dim % 2 or x.shape[1] % head_dim:
+        raise ValueError("rope: width is not whole heads of even size")
+    if cos.shape[0] != T or sin.shape[0] != T or cos.shape[1] != head_dim // 2 or sin.shape[1] != head_dim // 2:
+        raise ValueError("rope: cos/sin tables do not match")
+    if T and x.shape[1]:
+        with nogil:
+            tpk_rope(&x[0, 0], T, x.shape[1] // head_dim, head_dim, &cos[0, 0], &sin[0, 0])
+
+
+def silu_mul(g_array, const float[:, ::1] u, int nthreads=1):
+    """g = silu(g) * u in place (T, n); returns g."""
+    cdef float[:, ::1] g = g_array
+    if g.shape[0] != u.shape[0] or g.shape[1] != u.shape[1]:
+        raise ValueError("silu_mul: shapes do not match")
+    cdef int64_t n = g.shape[0] * g.shape[1]
+    if n:
+        with nogil:
+            tpk_silu_mul(&g[0, 0], &u[0, 0], &g[0, 0], n, nthreads)
+    return g_array
+
+
+def attention(const float[:, ::1] q, const float[:, ::1] k, const float[:, ::1] v, float[:, :, ::1] kcache,
+              float[:, :, ::1] vcache, int64_t start, const int32_t[::1] kv_of_head, float scale, int nthreads=1):
+    """Causal attention for T new positions start..: q (T, heads*hd), k, v (T, kv*hd) are stored
+    into the caches (kv, ctx, hd) first. Returns (T, heads*hd) float32."""
+    cdef int64_t T = q.shape[0], n_kv = kcache.shape[0], ctx = kcache.shape[1], hd = kcache.shape[2]
+    cdef int64_t n_heads = kv_of_head.shape[0], i
+    if vcache.shape[0] != n_kv or vcache.shape[1] != ctx or vcache.shape[2] != hd:
+        raise ValueError("attention: caches differ")
+    if q.shape[1] != n_heads * hd or k.shape[1] != n_kv * hd or v.shape[1] != n_kv * hd or k.shape[0] != T or v.shape[0] != T:
+        raise ValueError("attention: shapes do not match")
+    if start < 0 or start + T > ctx:
+        raise ValueError(f"attention: positions {start}..{start + T} do not fit the cache of {ctx}")
+    for i in range(n_heads):
+        if kv_of_head[i] < 0 or kv_of_head[i] >= n_kv:
+            raise ValueError("attention: kv head index out of range")
+    out = np.empty((T, n_heads * hd), dtype=np.float32)
+    cdef float[:, ::1] o = out
+    if T and n_heads and hd:
+        with nogil:
+            tpk_attention(&q[0, 0], &k[0, 0] if n_kv else NULL, &v[0, 0] if n_kv else NULL, T, n_heads, n_kv, hd,
+                          &kv_of_head[0], &kcache[0, 0, 0], &vcache[0, 0, 0], ctx, start, scale, &o[0, 0], nthreads)
+    return out

@@ -117,7 +117,7 @@ int tpk_has_openmp(void) {
 
 /* ---------------------------------------------------------------- quantizers */
 
-void tpk_quantize_q80(const float *x, tpk_block_q80 *y, int64_t n) {
+static void quantize_q80_scalar(const float *x, tpk_block_q80 *y, int64_t n) {
     const int64_t nb = n / TPK_QK;
     for (int64_t i = 0; i < nb; i++) {
         const float *xb = x + i * TPK_QK;
@@ -131,6 +131,15 @@ void tpk_quantize_q80(const float *x, tpk_block_q80 *y, int64_t n) {
         y[i].d = tpk_fp32_to_fp16(d);
         for (int j = 0; j < TPK_QK; j++) y[i].qs[j] = (int8_t)roundf(xb[j] * id);
     }
+}
+
+void tpk_quantize_q80(const float *x, tpk_block_q80 *y, int64_t n) {
+#if defined(TPK_X86)
+    const int level = tpk_get_level();
+    if (level >= TPK_AVX512) { tpk_x86_quantize_q80_512(x, y, n); return; }
+    if (level >= TPK_AVX2) { tpk_x86_quantize_q80_avx2(x, y, n); return; }
+#endif
+    quantize_q80_scalar(x, y, n);
 }
 
 void tpk_quantize_q40(const float *x, tpk_block_q40 *y, int64_t n) {

@@ -91,6 +91,20 @@ void tpk_matmul_q40_q80_ref(const tpk_block_q40 *w, int64_t rows, int64_t nb,
 void tpk_matmul_q80_q80_ref(const tpk_block_q80 *w, int64_t rows, int64_t nb,
                             const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy);
 
+/* Fused float32 layer steps (tpk_ops.c); nthreads is an upper bound, small work runs on one. */
+/* y = x / sqrt(mean(x^2) + eps) * w for T rows of n (y may be x) */
+void tpk_rmsnorm(const float *x, const float *w, float *y, int64_t T, int64_t n, float eps, int nthreads);
+/* rotate interleaved pairs (2i, 2i+1) of x (T, heads, hd) in place; cos/sin (T, hd/2) */
+void tpk_rope(float *x, int64_t T, int64_t heads, int64_t hd, const float *cos_t, const float *sin_t);
+/* out = g / (1 + exp(-g)) * u over n floats (out may be g or u) */
+void tpk_silu_mul(const float *g, const float *u, float *out, int64_t n, int nthreads);
+/* Causal attention of T new positions start..start+T-1: stores k, v (T, n_kv, hd) into the
+ * caches (n_kv, ctx, hd), then for every position and query head h (q, out: (T, n_heads, hd))
+ * softmax(q . K[kv_of_head[h], 0..pos] * scale) . V[...]. */
+void tpk_attention(const float *q, const float *k, const float *v, int64_t T, int64_t n_heads, int64_t n_kv,
+                   int64_t hd, const int32_t *kv_of_head, float *kcache, float *vcache, int64_t ctx,
+                   int64_t start, float scale, float *out, int nthreads);
+
 /* Sum of n floats read once, over nthreads threads: a memory read bandwidth probe. */
 double tpk_stream_sum(const float *x, int64_t n, int nthreads);
 

@@ -37,6 +37,8 @@ int tpk_x86_supports(int level);
 tpk_group_fn tpk_x86_q40(int level);
 tpk_group_fn tpk_x86_q80(int level);
 double tpk_x86_stream_sum(const float *x, int64_t n);
+void tpk_x86_quantize_q80_512(const float *x, tpk_block_q80 *y, int64_t n);
+void tpk_x86_quantize_q80_avx2(const float *x, tpk_block_q80 *y, int64_t n);
 #endif
 #if defined(TPK_ARM64)
 int tpk_arm_supports(int level);

@@ -312,6 +312,73 @@ TGT_AVX2 static void q80_group_avx2(const uint8_t *w, int64_t nb, const tpk_xq *
     if (ntok - t >= 1) q80_tile_avx2(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 1);
 }
 
+/* ================================================================ q80 quantizer
+ * The scalar reference's steps on 16 / 8 lanes: amax (exact), d = amax / 127 and
+ * id = 1 / d as scalars, x * id, then roundf (half away from zero) as floor(|v|) plus one
+ * when the exact fraction |v| - floor(|v|) is at least 0.5, with v's sign. Conversion and
+ * narrowing truncate like the scalar (int8_t) cast, also for the inf/NaN that a denormal
+ * block's 1/d can make, so the bytes are identical. */
+
+TGT_512 void tpk_x86_quantize_q80_512(const float *x, tpk_block_q80 *y, int64_t n) {
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+    const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+    for (int64_t i = 0; i < n / TPK_QK; i++) {
+        const __m512 x0 = _mm512_loadu_ps(x + i * TPK_QK), x1 = _mm512_loadu_ps(x + i * TPK_QK + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(x0, absmask), _mm512_and_ps(x1, absmask)));
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[i].d = tpk_fp32_to_fp16(d);
+        const __m512 vid = _mm512_set1_ps(id);
+        for (int h = 0; h < 2; h++) {
+            const __m512 v = _mm512_mul_ps(h ? x1 : x0, vid);
+            const __m512 a = _mm512_and_ps(v, absmask);
+            const __m512 fl = _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+            const __mmask16 up = _mm512_cmp_ps_mask(_mm512_sub_ps(a, fl), half, _CMP_GE_OQ);
+            const __m512 r = _mm512_mask_add_ps(fl, up, fl, one);
+            const __m512 sr = _mm512_or_ps(r, _mm512_andnot_ps(absmask, v));
+            _mm_storeu_si128((__m128i *)(y[i].qs + 16 * h), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(sr)));
+        }
+    }
+}
+
+TGT_AVX2 void tpk_x86_quantize_q80_avx2(const float *x, tpk_block_q80 *y, int64_t n) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+    const __m256i lowbyte = _mm256_set1_epi32(0xFF);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t i = 0; i < n / TPK_QK; i++) {
+        __m256 v[4];
+        __m256 m = _mm256_setzero_ps();
+        for (int q = 0; q < 4; q++) {
+            v[q] = _mm256_loadu_ps(x + i * TPK_QK + 8 * q);
+            m = _mm256_max_ps(m, _mm256_and_ps(v[q], absmask));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+        const float amax = _mm_cvtss_f32(m4);
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[i].d = tpk_fp32_to_fp16(d);
+        const __m256 vid = _mm256_set1_ps(id);
+        __m256i q32[4];
+        for (int q = 0; q < 4; q++) {
+            const __m256 s = _mm256_mul_ps(v[q], vid);
+            const __m256 a = _mm256_and_ps(s, absmask);
+            const __m256 fl = _mm256_round_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+            const __m256 up = _mm256_cmp_ps(_mm256_sub_ps(a, fl), half, _CMP_GE_OQ);
+            const __m256 r = _mm256_add_ps(fl, _mm256_and_ps(up, one));
+            const __m256 sr = _mm256_or_ps(r, _mm256_andnot_ps(absmask, s));
+            q32[q] = _mm256_and_si256(_mm256_cvttps_epi32(sr), lowbyte);
+        }
+        /* low bytes of 32 int32, in order: packs work per 128-bit lane, the permute restores it */
+        const __m256i p16a = _mm256_packus_epi32(q32[0], q32[1]);
+        const __m256i p16b = _mm256_packus_epi32(q32[2], q32[3]);
+        const __m256i p8 = _mm256_packus_epi16(p16a, p16b);
+        _mm256_storeu_si256((__m256i *)y[i].qs, _mm256_permutevar8x32_epi32(p8, order));
+    }
+}
+
 /* ================================================================ dispatch */
 
 tpk_group_fn tpk_x86_q40(int level) {
