@@ -140,7 +140,7 @@ def dequantize_q40(const uint8_t[:, ::1] q):
 
 
 
-def _aligned_bytes(int64_t n):
+def aligned_bytes(int64_t n):
     """A flat uint8 array of n bytes starting on a 64-byte boundary (one cache line)."""
     raw = np.empty(n + 64, dtype=np.uint8)
     off = (-raw.ctypes.data) % 64
@@ -155,8 +155,9 @@ def packed_bytes(str wtype, int64_t rows, int64_t nb):
     raise ValueError(wtype)
 
 
-def pack(str wtype, const uint8_t[:, :] blocks):
-    """GGML blocks (rows, nb*block_bytes), rows may be strided -> flat packed array (see tpk.h)."""
+def pack(str wtype, const uint8_t[:, :] blocks, out=None):
+    """GGML blocks (rows, nb*block_bytes), rows may be strided -> flat packed array (see tpk.h),
+    written into `out` (flat uint8 of packed_bytes()) when given."""
     cdef int64_t rows = blocks.shape[0], bb, nb, stride
     bb = TPK_Q40_BYTES if wtype == "q40" else TPK_Q80_BYTES
     if wtype not in ("q40", "q80"):
@@ -166,7 +167,10 @@ def pack(str wtype, const uint8_t[:, :] blocks):
     nb = blocks.shape[1] // bb
     if rows > 1 and nb and blocks.strides[1] != 1:
         raise ValueError("pack: the bytes of a row must be contiguous")
-    out = _aligned_bytes(packed_bytes(wtype, rows, nb))
+    if out is None:
+        out = aligned_bytes(packed_bytes(wtype, rows, nb))
+    elif out.shape != (packed_bytes(wtype, rows, nb),):
+        raise ValueError("pack: output array has the wrong size")
     cdef uint8_t[::1] o = out
     stride = blocks.strides[0]
     if rows and nb:

@@ -25,6 +25,14 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 
 #define INLINE static inline __attribute__((always_inline))
 
+/* x86-64 Linux: also an AVX2 build of the hot loops, picked by the loader (ifunc). The
+ * arithmetic is written lane by lane, so both builds give the same bits. */
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define TPK_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define TPK_CLONES
+#endif
+
 INLINE v8f load8(const float *p) {
     v8f v;
     memcpy(&v, p, sizeof v);
@@ -101,7 +109,7 @@ static int threads_for(int nthreads, double work, double min_work) {
 
 /* ---------------------------------------------------------------- rmsnorm */
 
-void tpk_rmsnorm(const float *x, const float *w, float *y, int64_t T, int64_t n, float eps, int nthreads) {
+TPK_CLONES void tpk_rmsnorm(const float *x, const float *w, float *y, int64_t T, int64_t n, float eps, int nthreads) {
     const int nt = threads_for(nthreads, (double)T * n, 65536.0);
     (void)nt;
 #ifdef _OPENMP
@@ -150,7 +158,7 @@ void tpk_rope(float *x, int64_t T, int64_t heads, int64_t hd, const float *cos_t
 
 /* ---------------------------------------------------------------- silu(g) * u */
 
-void tpk_silu_mul(const float *g, const float *u, float *out, int64_t n, int nthreads) {
+TPK_CLONES void tpk_silu_mul(const float *g, const float *u, float *out, int64_t n, int nthreads) {
     const int nt = threads_for(nthreads, (double)n, 131072.0);
     const int64_t chunks = (n + 1023) / 1024;
     (void)nt;
@@ -170,39 +178,46 @@ void tpk_silu_mul(const float *g, const float *u, float *out, int64_t n, int nth
 
 /* ---------------------------------------------------------------- attention over the KV cache */
 
-/* One query row (position pos) of one head against keys/values 0..pos of its kv head. */
-static void attend_one(const float *q, const float *K, const float *V, int64_t n, int64_t hd, float scale,
-                       float *scores, float *out) {
-    float mx = -INFINITY;
+/* The heads h0..h0+nh-1 that share one kv head, at one position (keys 0..n-1): scores,
+ * softmax and the weighted sum of values. Each key and value row is read once for all the
+ * heads of the group. Per head the arithmetic is the same whatever the grouping. */
+TPK_CLONES static void attend_group(const float *q, int64_t nh, const float *K, const float *V, int64_t n,
+                                    int64_t hd, float scale, float *scores, float *acc, float *out) {
     for (int64_t j = 0; j < n; j++) {
-        const float s = dot8(q, K + j * hd, hd) * scale;
-        scores[j] = s;
-        mx = s > mx ? s : mx;
+        const float *kj = K + j * hd;
+        for (int64_t h = 0; h < nh; h++) scores[h * n + j] = dot8(q + h * hd, kj, hd) * scale;
     }
-    v8f sum8 = splat8(0.0f);
-    int64_t j = 0;
-    const v8f m = splat8(mx);
-    for (; j + 8 <= n; j += 8) {
-        const v8f e = exp8(load8(scores + j) - m);
-        store8(scores + j, e);
-        sum8 = sum8 + e;
+    for (int64_t h = 0; h < nh; h++) {
+        float *s = scores + h * n;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < n; j++) mx = s[j] > mx ? s[j] : mx;
+        v8f sum8 = splat8(0.0f);
+        int64_t j = 0;
+        const v8f m = splat8(mx);
+        for (; j + 8 <= n; j += 8) {
+            const v8f e = exp8(load8(s + j) - m);
+            store8(s + j, e);
+            sum8 = sum8 + e;
+        }
+        for (int l = 0; j < n; j++, l++) {
+            s[j] = expf8(s[j] - mx);
+            sum8[l] = sum8[l] + s[j];
+        }
+        const float inv = 1.0f / hsum8(sum8);
+        for (j = 0; j < n; j++) s[j] = s[j] * inv;     /* probabilities */
     }
-    for (int l = 0; j < n; j++, l++) {
-        scores[j] = expf8(scores[j] - mx);
-        sum8[l] = sum8[l] + scores[j];
+    const int64_t hd8 = hd / 8 * 8;
+    memset(acc, 0, sizeof(float) * (size_t)(nh * hd));
+    for (int64_t j = 0; j < n; j++) {
+        const float *vj = V + j * hd;
+        for (int64_t h = 0; h < nh; h++) {
+            const v8f p = splat8(scores[h * n + j]);
+            float *a = acc + h * hd;
+            for (int64_t d = 0; d < hd8; d += 8) store8(a + d, load8(a + d) + p * load8(vj + d));
+            for (int64_t d = hd8; d < hd; d++) a[d] = a[d] + p[0] * vj[d];
+        }
     }
-    const float inv = 1.0f / hsum8(sum8);
-    int64_t d = 0;
-    for (; d + 8 <= hd; d += 8) {
-        v8f acc = splat8(0.0f);
-        for (int64_t k = 0; k < n; k++) acc = acc + splat8(scores[k]) * load8(V + k * hd + d);
-        store8(out + d, acc * splat8(inv));
-    }
-    for (; d < hd; d++) {
-        float acc = 0.0f;
-        for (int64_t k = 0; k < n; k++) acc = acc + scores[k] * V[k * hd + d];
-        out[d] = acc * inv;
-    }
+    memcpy(out, acc, sizeof(float) * (size_t)(nh * hd));
 }
 
 void tpk_attention(const float *q, const float *k, const float *v, int64_t T, int64_t n_heads, int64_t n_kv,
@@ -214,24 +229,38 @@ void tpk_attention(const float *q, const float *k, const float *v, int64_t T, in
             memcpy(kcache + (h * ctx + start + t) * hd, k + (t * n_kv + h) * hd, hd * sizeof(float));
             memcpy(vcache + (h * ctx + start + t) * hd, v + (t * n_kv + h) * hd, hd * sizeof(float));
         }
-    const int64_t pairs = T * n_heads;
-    const int nt = threads_for(nthreads, (double)pairs * (start + T) * hd, 262144.0);
+    /* work units: (position, run of consecutive query heads reading the same kv head) */
+    int64_t runs = 0;
+    for (int64_t h = 0; h < n_heads; h++)
+        if (h == 0 || kv_of_head[h] != kv_of_head[h - 1]) runs++;
+    int64_t *run_start = (int64_t *)malloc(sizeof(int64_t) * (size_t)(runs + 1));
+    runs = 0;
+    for (int64_t h = 0; h < n_heads; h++)
+        if (h == 0 || kv_of_head[h] != kv_of_head[h - 1]) run_start[runs++] = h;
+    run_start[runs] = n_heads;
+    int64_t widest = 0;
+    for (int64_t r = 0; r < runs; r++)
+        if (run_start[r + 1] - run_start[r] > widest) widest = run_start[r + 1] - run_start[r];
+    const int64_t units = T * runs;
+    const int nt = threads_for(nthreads, (double)n_heads * T * (start + T) * hd, 32768.0);
     (void)nt;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt) if (nt > 1)
 #endif
     {
-        float *scores = (float *)malloc(sizeof(float) * (size_t)(start + T + 8));
+        float *scores = (float *)malloc(sizeof(float) * (size_t)(widest * (start + T) + 8));
+        float *acc = (float *)malloc(sizeof(float) * (size_t)(widest * hd + 8));
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-        for (int64_t p = 0; p < pairs; p++) {
-            /* heads inner, so the heads that share a kv head read its keys while they are in cache */
-            const int64_t t = p / n_heads, h = p % n_heads;
-            const int64_t kv = kv_of_head[h];
-            attend_one(q + (t * n_heads + h) * hd, kcache + kv * ctx * hd, vcache + kv * ctx * hd, start + t + 1, hd,
-                       scale, scores, out + (t * n_heads + h) * hd);
+        for (int64_t u = 0; u < units; u++) {
+            const int64_t t = u / runs, r = u % runs;
+            const int64_t h0 = run_start[r], nh = run_start[r + 1] - h0, kv = kv_of_head[h0];
+            attend_group(q + (t * n_heads + h0) * hd, nh, kcache + kv * ctx * hd, vcache + kv * ctx * hd,
+                         start + t + 1, hd, scale, scores, acc, out + (t * n_heads + h0) * hd);
         }
         free(scores);
+        free(acc);
     }
+    free(run_start);
 }
