@@ -94,6 +94,32 @@ static int check(const char *wtype, int64_t rows, int64_t nb, int64_t ntok, cons
     return ok;
 }
 
+/* The q80 quantizer at every level against the scalar reference, on random and adversarial rows. */
+static int check_quantizer(const int *levels, int nlevels) {
+    enum { N = 32 * 12 };
+    float x[N];
+    tpk_block_q80 ref[N / 32], got[N / 32];
+    int ok = 1;
+    for (int trial = 0; trial < 200; trial++) {
+        random_rows(x, 1, N);
+        if (trial % 10 == 1) for (int j = 0; j < 32; j++) x[j] = 0.3f;                 /* all equal */
+        if (trial % 10 == 2) for (int j = 0; j < 32; j++) x[j] = (j - 16) * 0.5f;      /* halves */
+        if (trial % 10 == 3) for (int j = 0; j < 32; j++) x[j] = 1e-40f * (j - 16);   /* denormals */
+        if (trial % 10 == 4) for (int j = 0; j < 32; j++) x[j] = (j & 1 ? 1 : -1) * 3.4e38f;
+        if (trial % 10 == 5) for (int j = 0; j < 32; j++) x[j] = 127.0f * (j - 16) / 16.0f + 0.5f;
+        tpk_quantize_q80_ref(x, ref, N);
+        for (int li = 0; li < nlevels; li++) {
+            tpk_set_level(levels[li]);
+            tpk_quantize_q80(x, got, N);
+            if (memcmp(ref, got, sizeof ref) != 0) {
+                printf("  quantize_q80 level=%s trial %d differs from the reference\n", tpk_level_name(levels[li]), trial);
+                ok = 0;
+            }
+        }
+    }
+    return ok;
+}
+
 /* A broken kernel must be caught: flip one scale bit in the packed weights. */
 static int check_detects_error(const int *levels, int nlevels) {
     const int64_t rows = 20, nb = 3, n = nb * TPK_QK;
@@ -151,6 +177,9 @@ int main(int argc, char **argv) {
     ok &= check("q40", 300, 64, 17, levels, nlevels);
     ok &= check("q80", 300, 64, 17, levels, nlevels);
     cases += 2;
+    const int quant_ok = check_quantizer(levels, nlevels);
+    printf("q80 quantizer at every level bit-identical to the reference: %s\n", quant_ok ? "yes" : "no");
+    ok &= quant_ok;
     const int caught = check_detects_error(levels, nlevels);
     printf("%d shapes x %d levels x 1,2 threads; perturbed scale detected: %s\n", cases, nlevels, caught ? "yes" : "no");
     ok &= caught;

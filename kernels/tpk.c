@@ -117,7 +117,7 @@ int tpk_has_openmp(void) {
 
 /* ---------------------------------------------------------------- quantizers */
 
-static void quantize_q80_scalar(const float *x, tpk_block_q80 *y, int64_t n) {
+void tpk_quantize_q80_ref(const float *x, tpk_block_q80 *y, int64_t n) {
     const int64_t nb = n / TPK_QK;
     for (int64_t i = 0; i < nb; i++) {
         const float *xb = x + i * TPK_QK;
@@ -138,8 +138,10 @@ void tpk_quantize_q80(const float *x, tpk_block_q80 *y, int64_t n) {
     const int level = tpk_get_level();
     if (level >= TPK_AVX512) { tpk_x86_quantize_q80_512(x, y, n); return; }
     if (level >= TPK_AVX2) { tpk_x86_quantize_q80_avx2(x, y, n); return; }
+#elif defined(TPK_ARM64)
+    if (tpk_get_level() >= TPK_NEON) { tpk_arm_quantize_q80(x, y, n); return; }
 #endif
-    quantize_q80_scalar(x, y, n);
+    tpk_quantize_q80_ref(x, y, n);
 }
 
 void tpk_quantize_q40(const float *x, tpk_block_q40 *y, int64_t n) {

@@ -63,8 +63,10 @@ int tpk_has_openmp(void);
 float tpk_fp16_to_fp32(uint16_t h);
 uint16_t tpk_fp32_to_fp16(float f);
 
-/* n must be a multiple of 32. Bit-identical to GGML's quantize_row_q8_0_ref / q4_0_ref. */
+/* n must be a multiple of 32. Bit-identical to GGML's quantize_row_q8_0_ref / q4_0_ref.
+ * tpk_quantize_q80 runs at the level in use, tpk_quantize_q80_ref is the scalar reference. */
 void tpk_quantize_q80(const float *x, tpk_block_q80 *y, int64_t n);
+void tpk_quantize_q80_ref(const float *x, tpk_block_q80 *y, int64_t n);
 void tpk_quantize_q40(const float *x, tpk_block_q40 *y, int64_t n);
 void tpk_dequantize_q80(const tpk_block_q80 *x, float *y, int64_t n);
 void tpk_dequantize_q40(const tpk_block_q40 *x, float *y, int64_t n);

@@ -270,6 +270,43 @@ static void q80_group_neon(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_
     if (ntok - t >= 1) q80_tile_neon(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 1);
 }
 
+/* ================================================================ q80 quantizer
+ * The scalar reference's steps on 4 lanes (see tpk_x86.c): amax, d and id as scalars,
+ * x * id, roundf as floor(|v|) + (fraction >= 0.5) with v's sign; the conversion
+ * saturates and the narrowing truncates, like the scalar (int8_t) cast on AArch64. */
+void tpk_arm_quantize_q80(const float *x, tpk_block_q80 *y, int64_t n) {
+    const float32x4_t half = vdupq_n_f32(0.5f), one = vdupq_n_f32(1.0f);
+    for (int64_t i = 0; i < n / TPK_QK; i++) {
+        float32x4_t v[8];
+        float32x4_t m = vdupq_n_f32(0.0f);
+        for (int q = 0; q < 8; q++) {
+            v[q] = vld1q_f32(x + i * TPK_QK + 4 * q);
+            m = vmaxq_f32(m, vabsq_f32(v[q]));
+        }
+        const float amax = vmaxvq_f32(m);
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[i].d = tpk_fp32_to_fp16(d);
+        const float32x4_t vid = vdupq_n_f32(id);
+        int16x8_t h[4];
+        for (int q = 0; q < 8; q += 2) {
+            int32x4_t r32[2];
+            for (int e = 0; e < 2; e++) {
+                const float32x4_t s = vmulq_f32(v[q + e], vid);
+                const float32x4_t a = vabsq_f32(s);
+                const float32x4_t fl = vrndmq_f32(a);
+                const uint32x4_t up = vcgeq_f32(vsubq_f32(a, fl), half);
+                const float32x4_t r = vaddq_f32(fl, vreinterpretq_f32_u32(vandq_u32(up, vreinterpretq_u32_f32(one))));
+                const uint32x4_t sign = vandq_u32(vreinterpretq_u32_f32(s), vdupq_n_u32(0x80000000u));
+                r32[e] = vcvtq_s32_f32(vreinterpretq_f32_u32(vorrq_u32(vreinterpretq_u32_f32(r), sign)));
+            }
+            h[q / 2] = vcombine_s16(vmovn_s32(r32[0]), vmovn_s32(r32[1]));
+        }
+        vst1q_s8(y[i].qs, vcombine_s8(vmovn_s16(h[0]), vmovn_s16(h[1])));
+        vst1q_s8(y[i].qs + 16, vcombine_s8(vmovn_s16(h[2]), vmovn_s16(h[3])));
+    }
+}
+
 tpk_group_fn tpk_arm_q40(int level) {
     switch (level) {
 #if defined(TPK_HAVE_DOTPROD)

@@ -44,6 +44,7 @@ void tpk_x86_quantize_q80_avx2(const float *x, tpk_block_q80 *y, int64_t n);
 int tpk_arm_supports(int level);
 tpk_group_fn tpk_arm_q40(int level);
 tpk_group_fn tpk_arm_q80(int level);
+void tpk_arm_quantize_q80(const float *x, tpk_block_q80 *y, int64_t n);
 #endif
 
 #endif
