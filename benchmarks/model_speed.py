@@ -34,7 +34,7 @@ BARS = {
     "llama2-7b": {"cpp": {"decode": {1: 4.7}}},
 }
 
-KERNEL_FUNCTIONS = ("matmul_packed", "quantize_q80", "rmsnorm", "rope", "silu_mul", "attention")
+KERNEL_FUNCTIONS = ("matmul_packed", "matmul_packed_many", "quantize_q80", "rmsnorm", "rope", "silu_mul", "attention")
 
 
 def default_model_path(shape: str) -> str:

@@ -40,6 +40,10 @@ cdef extern from "tpk.h":
                          const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy, int nthreads) nogil
     void tpk_matmul_q80p(const uint8_t *wp, int64_t rows, int64_t nb,
                          const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy, int nthreads) nogil
+    void tpk_matmul_q40p_many(int n, const uint8_t *const *wp, const int64_t *rows, int64_t nb,
+                              const tpk_block_q80 *x, int64_t ntok, float *const *y, const int64_t *ldy, int nthreads) nogil
+    void tpk_matmul_q80p_many(int n, const uint8_t *const *wp, const int64_t *rows, int64_t nb,
+                              const tpk_block_q80 *x, int64_t ntok, float *const *y, const int64_t *ldy, int nthreads) nogil
     void tpk_matmul_q40_q80_ref(const tpk_block_q40 *w, int64_t rows, int64_t nb,
                                 const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy) nogil
     void tpk_matmul_q80_q80_ref(const tpk_block_q80 *w, int64_t rows, int64_t nb,
@@ -220,6 +224,49 @@ def matmul_packed(str wtype, const uint8_t[::1] wp, int64_t rows, int64_t nb, co
                 tpk_matmul_q80p(&wp[0] if nb else NULL, rows, nb, <const tpk_block_q80 *>&xq[0, 0] if nb else NULL,
                                 ntok, &out[0, 0], out.shape[1], nthreads)
     return out_array
+
+
+DEF MAX_MANY = 8
+
+
+def matmul_packed_many(str wtype, list weights, list rows_list, int64_t nb, const uint8_t[:, ::1] xq, list outs,
+                       int nthreads=1):
+    """matmul_packed for up to 8 matrices of the same type and input width reading the same xq,
+    in one parallel region. weights[i]: packed, rows_list[i]: its rows, outs[i]: (ntok, >= rows)."""
+    cdef int n = len(weights), i
+    cdef const uint8_t *wp[MAX_MANY]
+    cdef int64_t rows[MAX_MANY]
+    cdef int64_t ldy[MAX_MANY]
+    cdef float *y[MAX_MANY]
+    cdef const uint8_t[::1] w
+    cdef float[:, ::1] o
+    cdef int64_t ntok = xq.shape[0]
+    cdef bint q40 = wtype == "q40"
+    if not q40 and wtype != "q80":
+        raise ValueError(wtype)
+    if n > MAX_MANY or len(rows_list) != n or len(outs) != n:
+        raise ValueError("matmul_packed_many: up to 8 matrices, with as many row counts and outputs")
+    if xq.shape[1] != nb * TPK_Q80_BYTES:
+        raise ValueError("matmul_packed_many: activations do not match the input width")
+    for i in range(n):
+        w = weights[i]
+        o = outs[i]
+        rows[i] = rows_list[i]
+        if w.shape[0] != packed_bytes(wtype, rows[i], nb) or o.shape[0] != ntok or o.shape[1] < rows[i]:
+            raise ValueError(f"matmul_packed_many: matrix {i} does not match")
+        wp[i] = &w[0] if w.shape[0] else NULL
+        y[i] = &o[0, 0] if o.shape[0] and o.shape[1] else NULL
+        ldy[i] = o.shape[1]
+    if ntok and nb:
+        with nogil:
+            if q40:
+                tpk_matmul_q40p_many(n, wp, rows, nb, <const tpk_block_q80 *>&xq[0, 0], ntok, y, ldy, nthreads)
+            else:
+                tpk_matmul_q80p_many(n, wp, rows, nb, <const tpk_block_q80 *>&xq[0, 0], ntok, y, ldy, nthreads)
+    elif ntok:
+        for i in range(n):
+            outs[i][:, :rows[i]] = 0
+    return outs
 
 
 def matmul_ref(str wtype, const uint8_t[:, ::1] w, const uint8_t[:, ::1] xq, out_array):

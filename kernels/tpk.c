@@ -405,14 +405,20 @@ static tpk_xq *xq_buffer(int64_t n) {
  * it, waking a second thread costs more than it saves. */
 #define TPK_MIN_PARALLEL_WORK 128
 
-static void matmul_packed(tpk_group_fn fn, int64_t group_bytes, const uint8_t *wp, int64_t rows, int64_t nb,
-                          const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy, int nthreads) {
-    if (rows <= 0 || ntok <= 0) return;
+/* Several matrices that read the same activations (wq, wk, wv; w1, w3) in one parallel
+ * region: their row groups are dealt out to the threads as one list. */
+static void matmul_packed(tpk_group_fn fn, int64_t group_bytes, int n, const uint8_t *const *wp, const int64_t *rows,
+                          int64_t nb, const tpk_block_q80 *x, int64_t ntok, float *const *y, const int64_t *ldy,
+                          int nthreads) {
+    if (ntok <= 0 || n <= 0) return;
+    int64_t G = 0;
+    for (int i = 0; i < n; i++) G += rows[i] > 0 ? groups_of(rows[i]) : 0;
+    if (G == 0) return;
     if (nb <= 0) {
-        for (int64_t t = 0; t < ntok; t++) memset(y + t * ldy, 0, rows * sizeof(float));
+        for (int i = 0; i < n; i++)
+            for (int64_t t = 0; t < ntok && rows[i] > 0; t++) memset(y[i] + t * ldy[i], 0, rows[i] * sizeof(float));
         return;
     }
-    const int64_t G = groups_of(rows);
     tpk_xq *xq = xq_buffer(ntok * nb);
     if (!xq) abort();
     int nt = nthreads > 0 ? nthreads : 1;
@@ -422,32 +428,49 @@ static void matmul_packed(tpk_group_fn fn, int64_t group_bytes, const uint8_t *w
 #pragma omp parallel num_threads(nt) if (nt > 1)
 #endif
     {
-        int me = 0, n = 1;
+        int me = 0, k = 1;
 #ifdef _OPENMP
         me = omp_get_thread_num();
-        n = omp_get_num_threads();
+        k = omp_get_num_threads();
 #endif
         const int64_t nx = ntok * nb;
-        for (int64_t i = nx * me / n; i < nx * (me + 1) / n; i++) prepare_x(x + i, xq + i);
+        for (int64_t i = nx * me / k; i < nx * (me + 1) / k; i++) prepare_x(x + i, xq + i);
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
-        const int64_t g0 = G * me / n, g1 = G * (me + 1) / n;
-        for (int64_t g = g0; g < g1; g++) {
-            const int64_t left = rows - g * TPK_ROWS;
-            fn(wp + g * nb * group_bytes, nb, xq, ntok, y + g * TPK_ROWS, ldy, left < TPK_ROWS ? (int)left : TPK_ROWS);
+        const int64_t g0 = G * me / k, g1 = G * (me + 1) / k;
+        int64_t first = 0;   /* global index of matrix i's first group */
+        for (int i = 0; i < n; i++) {
+            const int64_t gi = rows[i] > 0 ? groups_of(rows[i]) : 0;
+            const int64_t lo = g0 > first ? g0 - first : 0, hi = g1 - first < gi ? g1 - first : gi;
+            for (int64_t g = lo; g < hi; g++) {
+                const int64_t left = rows[i] - g * TPK_ROWS;
+                fn(wp[i] + g * nb * group_bytes, nb, xq, ntok, y[i] + g * TPK_ROWS, ldy[i],
+                   left < TPK_ROWS ? (int)left : TPK_ROWS);
+            }
+            first += gi;
         }
     }
 }
 
 void tpk_matmul_q40p(const uint8_t *wp, int64_t rows, int64_t nb,
                      const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy, int nthreads) {
-    matmul_packed(pick_q40(), TPK_Q40_GROUP_BYTES, wp, rows, nb, x, ntok, y, ldy, nthreads);
+    matmul_packed(pick_q40(), TPK_Q40_GROUP_BYTES, 1, &wp, &rows, nb, x, ntok, &y, &ldy, nthreads);
 }
 
 void tpk_matmul_q80p(const uint8_t *wp, int64_t rows, int64_t nb,
                      const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy, int nthreads) {
-    matmul_packed(pick_q80(), TPK_Q80_GROUP_BYTES, wp, rows, nb, x, ntok, y, ldy, nthreads);
+    matmul_packed(pick_q80(), TPK_Q80_GROUP_BYTES, 1, &wp, &rows, nb, x, ntok, &y, &ldy, nthreads);
+}
+
+void tpk_matmul_q40p_many(int n, const uint8_t *const *wp, const int64_t *rows, int64_t nb,
+                          const tpk_block_q80 *x, int64_t ntok, float *const *y, const int64_t *ldy, int nthreads) {
+    matmul_packed(pick_q40(), TPK_Q40_GROUP_BYTES, n, wp, rows, nb, x, ntok, y, ldy, nthreads);
+}
+
+void tpk_matmul_q80p_many(int n, const uint8_t *const *wp, const int64_t *rows, int64_t nb,
+                          const tpk_block_q80 *x, int64_t ntok, float *const *y, const int64_t *ldy, int nthreads) {
+    matmul_packed(pick_q80(), TPK_Q80_GROUP_BYTES, n, wp, rows, nb, x, ntok, y, ldy, nthreads);
 }
 
 /* ---------------------------------------------------------------- bandwidth probe */

@@ -87,6 +87,14 @@ void tpk_matmul_q40p(const uint8_t *wp, int64_t rows, int64_t nb,
 void tpk_matmul_q80p(const uint8_t *wp, int64_t rows, int64_t nb,
                      const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy, int nthreads);
 
+/* The same for n matrices that read the same x (e.g. wq, wk, wv): one parallel region, all
+ * their row groups split over the threads together. Matrix i: wp[i], rows[i], output y[i]
+ * with row stride ldy[i]. */
+void tpk_matmul_q40p_many(int n, const uint8_t *const *wp, const int64_t *rows, int64_t nb,
+                          const tpk_block_q80 *x, int64_t ntok, float *const *y, const int64_t *ldy, int nthreads);
+void tpk_matmul_q80p_many(int n, const uint8_t *const *wp, const int64_t *rows, int64_t nb,
+                          const tpk_block_q80 *x, int64_t ntok, float *const *y, const int64_t *ldy, int nthreads);
+
 /* The scalar reference on plain GGML blocks (w: rows x nb, row-major). */
 void tpk_matmul_q40_q80_ref(const tpk_block_q40 *w, int64_t rows, int64_t nb,
                             const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy);

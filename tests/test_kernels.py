@@ -11,7 +11,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from tpllama import _kernels as K
-from tpllama.matrix import Activation, Matrix
+from tpllama.matrix import Activation, Matrix, matmul_all
 
 LEVELS = K.supported_simd_levels()
 QTYPES = {"q40": GGMLQuantizationType.Q4_0, "q80": GGMLQuantizationType.Q8_0}
@@ -196,6 +196,32 @@ def test_matmul_close_to_float64(wtype, level):
     want = x @ w.T
     size = np.abs(x) @ np.abs(w).T
     assert np.all(np.abs(got - want) <= 1e-5 * size + 1e-30), np.max(np.abs(got - want) / (size + 1e-30))
+
+
+@pytest.mark.parametrize("wtype", ["q40", "q80"])
+@pytest.mark.parametrize("level", LEVELS)
+def test_many_matrices_in_one_call(wtype, level):
+    """wq/wk/wv-style calls: several matrices (ragged, empty ones too) read the same activations."""
+    K.set_simd_level(level)
+    nb = 3
+    row_counts = [40, 16, 0, 7, 33]
+    for ntok in (1, 5, 17):
+        mats, refs = [], []
+        for i, rows in enumerate(row_counts):
+            wq, xq = _operands(wtype, rows, nb, ntok, seed=7)
+            mats.append(K.pack(wtype, wq))
+            refs.append(wq)
+        xq = _operands(wtype, 1, nb, ntok, seed=99)[1]
+        for threads in (1, 2):
+            outs = [np.full((ntok, r), np.nan, np.float32) for r in row_counts]
+            K.matmul_packed_many(wtype, mats, row_counts, nb, xq, outs, threads)
+            for wq, rows, out in zip(refs, row_counts, outs):
+                assert np.array_equal(out, _reference(wtype, wq, xq, rows)), (rows, ntok, threads)
+    ms = [Matrix.from_float(np.random.default_rng(i).standard_normal((r, 64)).astype(np.float32), wtype, threads=2)
+          for i, r in enumerate((48, 8, 8))]
+    a = Activation(np.random.default_rng(5).standard_normal((3, 64)).astype(np.float32))
+    for m, out in zip(ms, matmul_all(ms, a)):
+        assert np.array_equal(out, m(a))
 
 
 def test_exactness_test_can_fail():

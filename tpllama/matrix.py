@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import mmap
 import threading
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -146,3 +146,16 @@ class Matrix:
         w = np.ascontiguousarray(w, dtype=np.float32)
         data = w if wtype == "f32" else _QUANTIZE[wtype](w)
         return cls(wtype, rows, cols, data, threads)
+
+
+def matmul_all(mats: Sequence[Matrix], a: Activation) -> List[np.ndarray]:
+    """[m(a) for m in mats]; quantized matrices of one type share one kernel call (one pass of
+    the threads over all their rows: wq, wk, wv or w1, w3)."""
+    first = mats[0]
+    if (1 < len(mats) <= 8 and first.wtype != "f32"
+            and all(m.wtype == first.wtype and m.cols == first.cols for m in mats)):
+        outs = [np.empty((a.x.shape[0], m.rows), dtype=np.float32) for m in mats]
+        K.matmul_packed_many(first.wtype, [m.data for m in mats], [m.rows for m in mats], first.cols // QK,
+                             a.q80, outs, max(m.threads for m in mats))
+        return outs
+    return [m(a) for m in mats]

@@ -13,7 +13,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .loader import LayerWeights, RankWeights
-from .matrix import Activation
+from .matrix import Activation, matmul_all
 from . import _kernels as K
 
 Reduce = Callable[[np.ndarray], np.ndarray]
@@ -79,9 +79,9 @@ class RankModel:
     def attention(self, layer: int, lw: LayerWeights, h: Activation, start: int, cos, sin) -> np.ndarray:
         """(T, dim) normed input -> (T, dim) partial output of this rank's heads."""
         hd = self.config.head_dim
-        q = apply_rope(lw.wq(h), hd, cos, sin)                    # (T, local_heads * hd)
-        k = apply_rope(lw.wk(h), hd, cos, sin)                    # (T, local_kv * hd)
-        v = lw.wv(h)                                              # (T, local_kv * hd)
+        q, k, v = matmul_all((lw.wq, lw.wk, lw.wv), h)            # (T, local_heads * hd), (T, local_kv * hd) x 2
+        apply_rope(q, hd, cos, sin)
+        apply_rope(k, hd, cos, sin)
         # k, v go into the cache at positions start..; each position attends to 0..itself
         out = K.attention(q, k, v, self.cache.k[layer], self.cache.v[layer], start, self.kv_of_head,
                           self.scale, self.threads)               # (T, local_heads * hd)
@@ -89,7 +89,8 @@ class RankModel:
 
     def feed_forward(self, lw: LayerWeights, h: Activation) -> np.ndarray:
         """(T, dim) -> (T, dim) partial output of this rank's FFN units."""
-        return lw.w2(Activation(silu_mul(lw.w1(h), lw.w3(h), self.threads)))
+        gate, up = matmul_all((lw.w1, lw.w3), h)                  # (T, local_ffn) x 2
+        return lw.w2(Activation(silu_mul(gate, up, self.threads)))
 
     # ------------------------------------------------------------ whole pass
 
