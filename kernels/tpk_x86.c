@@ -399,7 +399,22 @@ tpk_group_fn tpk_x86_q80(int level) {
     }
 }
 
+TGT_512 static double stream_sum_512(const float *x, int64_t n) {
+    __m512 a = _mm512_setzero_ps(), b = a, c = a, d = a;
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        a = _mm512_add_ps(a, _mm512_loadu_ps(x + i));
+        b = _mm512_add_ps(b, _mm512_loadu_ps(x + i + 16));
+        c = _mm512_add_ps(c, _mm512_loadu_ps(x + i + 32));
+        d = _mm512_add_ps(d, _mm512_loadu_ps(x + i + 48));
+    }
+    double s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
+    for (; i < n; i++) s += x[i];
+    return s;
+}
+
 TGT_AVX2 double tpk_x86_stream_sum(const float *x, int64_t n) {
+    if (tpk_get_level() >= TPK_AVX512) return stream_sum_512(x, n);
     __m256 a = _mm256_setzero_ps(), b = a, c = a, d = a;
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
