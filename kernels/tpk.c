@@ -421,34 +421,38 @@ static void matmul_packed(tpk_group_fn fn, int64_t group_bytes, int n, const uin
     }
     tpk_xq *xq = xq_buffer(ntok * nb);
     if (!xq) abort();
+    for (int64_t i = 0; i < ntok * nb; i++) prepare_x(x + i, xq + i);
     int nt = nthreads > 0 ? nthreads : 1;
     if (nt > G) nt = (int)G;
     if (G * nb * ntok < TPK_MIN_PARALLEL_WORK) nt = 1;
+    /* Threads claim runs of row groups from a shared counter rather than fixed halves: on a
+     * busy machine a thread that starts late finds the work done instead of adding its share
+     * after everyone else has finished. Runs are long enough to stream well. */
+    const int64_t run = nt > 1 ? (G + 8 * nt - 1) / (8 * nt) : G;
+    int64_t next = 0;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt) if (nt > 1)
 #endif
     {
-        int me = 0, k = 1;
+        for (;;) {
+            int64_t g0;
 #ifdef _OPENMP
-        me = omp_get_thread_num();
-        k = omp_get_num_threads();
+#pragma omp atomic capture
 #endif
-        const int64_t nx = ntok * nb;
-        for (int64_t i = nx * me / k; i < nx * (me + 1) / k; i++) prepare_x(x + i, xq + i);
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
-        const int64_t g0 = G * me / k, g1 = G * (me + 1) / k;
-        int64_t first = 0;   /* global index of matrix i's first group */
-        for (int i = 0; i < n; i++) {
-            const int64_t gi = rows[i] > 0 ? groups_of(rows[i]) : 0;
-            const int64_t lo = g0 > first ? g0 - first : 0, hi = g1 - first < gi ? g1 - first : gi;
-            for (int64_t g = lo; g < hi; g++) {
-                const int64_t left = rows[i] - g * TPK_ROWS;
-                fn(wp[i] + g * nb * group_bytes, nb, xq, ntok, y[i] + g * TPK_ROWS, ldy[i],
-                   left < TPK_ROWS ? (int)left : TPK_ROWS);
+            { g0 = next; next += run; }
+            if (g0 >= G) break;
+            const int64_t g1 = g0 + run < G ? g0 + run : G;
+            int64_t first = 0;   /* global index of matrix i's first group */
+            for (int i = 0; i < n; i++) {
+                const int64_t gi = rows[i] > 0 ? groups_of(rows[i]) : 0;
+                const int64_t lo = g0 > first ? g0 - first : 0, hi = g1 - first < gi ? g1 - first : gi;
+                for (int64_t g = lo; g < hi; g++) {
+                    const int64_t left = rows[i] - g * TPK_ROWS;
+                    fn(wp[i] + g * nb * group_bytes, nb, xq, ntok, y[i] + g * TPK_ROWS, ldy[i],
+                       left < TPK_ROWS ? (int)left : TPK_ROWS);
+                }
+                first += gi;
             }
-            first += gi;
         }
     }
 }
