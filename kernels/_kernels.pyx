@@ -40,6 +40,10 @@ cdef extern from "tpk.h":
                          const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy, int nthreads) nogil
     void tpk_matmul_q80p(const uint8_t *wp, int64_t rows, int64_t nb,
                          const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy, int nthreads) nogil
+    void tpk_matmul_q40p_f64(const uint8_t *wp, int64_t rows, int64_t nb,
+                             const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy, int nthreads) nogil
+    void tpk_matmul_q80p_f64(const uint8_t *wp, int64_t rows, int64_t nb,
+                             const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy, int nthreads) nogil
     void tpk_matmul_q40p_many(int n, const uint8_t *const *wp, const int64_t *rows, int64_t nb,
                               const tpk_block_q80 *x, int64_t ntok, float *const *y, const int64_t *ldy, int nthreads) nogil
     void tpk_matmul_q80p_many(int n, const uint8_t *const *wp, const int64_t *rows, int64_t nb,
@@ -48,6 +52,10 @@ cdef extern from "tpk.h":
                                 const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy) nogil
     void tpk_matmul_q80_q80_ref(const tpk_block_q80 *w, int64_t rows, int64_t nb,
                                 const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy) nogil
+    void tpk_matmul_q40_q80_f64_ref(const tpk_block_q40 *w, int64_t rows, int64_t nb,
+                                    const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy) nogil
+    void tpk_matmul_q80_q80_f64_ref(const tpk_block_q80 *w, int64_t rows, int64_t nb,
+                                    const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy) nogil
     double tpk_stream_sum(const float *x, int64_t n, int nthreads) nogil
     void tpk_rmsnorm(const float *x, const float *w, float *y, int64_t T, int64_t n, float eps, int nthreads) nogil
     void tpk_rope(float *x, int64_t T, int64_t heads, int64_t hd, const float *cos_t, const float *sin_t) nogil
@@ -205,24 +213,38 @@ def unpack(str wtype, const uint8_t[::1] packed, int64_t rows, int64_t nb):
 def matmul_packed(str wtype, const uint8_t[::1] wp, int64_t rows, int64_t nb, const uint8_t[:, ::1] xq,
                   out_array, int nthreads=1):
     """out[t, r] = dot(w row r, xq row t): wp packed (rows x nb blocks), xq (ntok, nb*34) q80,
-    out (ntok, >= rows) float32 (row stride out.shape[1]). Returns out."""
-    cdef float[:, ::1] out = out_array
-    cdef int64_t ntok = xq.shape[0]
-    cdef bint q40 = wtype == "q40"
+    out (ntok, >= rows), row stride out.shape[1]: float32, or float64 for rows accumulated in
+    float64 (row-parallel partial sums). Returns out."""
+    cdef float[:, ::1] out
+    cdef double[:, ::1] out64
+    cdef int64_t ntok = xq.shape[0], ncols, ldy
+    cdef bint q40 = wtype == "q40", f64 = out_array.dtype == np.float64
     if not q40 and wtype != "q80":
         raise ValueError(wtype)
+    if f64:
+        out64 = out_array
+        ncols, ldy = out64.shape[1], out64.shape[1]
+    else:
+        out = out_array
+        ncols, ldy = out.shape[1], out.shape[1]
     if wp.shape[0] != packed_bytes(wtype, rows, nb):
         raise ValueError("matmul_packed: weights do not match rows and blocks")
-    if xq.shape[1] != nb * TPK_Q80_BYTES or out.shape[0] != ntok or out.shape[1] < rows:
+    if xq.shape[1] != nb * TPK_Q80_BYTES or out_array.shape[0] != ntok or ncols < rows:
         raise ValueError("matmul_packed: shapes do not match")
     if rows and ntok:
         with nogil:
-            if q40:
+            if f64 and q40:
+                tpk_matmul_q40p_f64(&wp[0] if nb else NULL, rows, nb, <const tpk_block_q80 *>&xq[0, 0] if nb else NULL,
+                                    ntok, &out64[0, 0], ldy, nthreads)
+            elif f64:
+                tpk_matmul_q80p_f64(&wp[0] if nb else NULL, rows, nb, <const tpk_block_q80 *>&xq[0, 0] if nb else NULL,
+                                    ntok, &out64[0, 0], ldy, nthreads)
+            elif q40:
                 tpk_matmul_q40p(&wp[0] if nb else NULL, rows, nb, <const tpk_block_q80 *>&xq[0, 0] if nb else NULL,
-                                ntok, &out[0, 0], out.shape[1], nthreads)
+                                ntok, &out[0, 0], ldy, nthreads)
             else:
                 tpk_matmul_q80p(&wp[0] if nb else NULL, rows, nb, <const tpk_block_q80 *>&xq[0, 0] if nb else NULL,
-                                ntok, &out[0, 0], out.shape[1], nthreads)
+                                ntok, &out[0, 0], ldy, nthreads)
     return out_array
 
 
@@ -270,24 +292,39 @@ def matmul_packed_many(str wtype, list weights, list rows_list, int64_t nb, cons
 
 
 def matmul_ref(str wtype, const uint8_t[:, ::1] w, const uint8_t[:, ::1] xq, out_array):
-    """The scalar reference on GGML blocks: w (rows, nb*block_bytes), xq (ntok, nb*34), out (ntok, rows)."""
-    cdef float[:, ::1] out = out_array
+    """The scalar reference on GGML blocks: w (rows, nb*block_bytes), xq (ntok, nb*34), out (ntok, rows)
+    float32, or float64 for rows accumulated in float64."""
+    cdef float[:, ::1] out
+    cdef double[:, ::1] out64
     cdef int64_t rows = w.shape[0], ntok = xq.shape[0], nb
-    bb = TPK_Q40_BYTES if wtype == "q40" else TPK_Q80_BYTES
+    cdef bint q40 = wtype == "q40", f64 = out_array.dtype == np.float64
+    bb = TPK_Q40_BYTES if q40 else TPK_Q80_BYTES
     nb = w.shape[1] // bb
-    if xq.shape[1] != nb * TPK_Q80_BYTES or out.shape[0] != ntok or out.shape[1] != rows:
+    if xq.shape[1] != nb * TPK_Q80_BYTES or out_array.shape != (ntok, rows):
         raise ValueError("matmul_ref: shapes do not match")
-    if rows and ntok:
-        if nb == 0:
-            out[:, :] = 0
-            return out_array
+    if not rows or not ntok:
+        return out_array
+    if nb == 0:
+        out_array[:, :] = 0
+        return out_array
+    if f64:
+        out64 = out_array
         with nogil:
-            if wtype == "q40":
+            if q40:
+                tpk_matmul_q40_q80_f64_ref(<const tpk_block_q40 *>&w[0, 0], rows, nb, <const tpk_block_q80 *>&xq[0, 0],
+                                           ntok, &out64[0, 0], rows)
+            else:
+                tpk_matmul_q80_q80_f64_ref(<const tpk_block_q80 *>&w[0, 0], rows, nb, <const tpk_block_q80 *>&xq[0, 0],
+                                           ntok, &out64[0, 0], rows)
+    else:
+        out = out_array
+        with nogil:
+            if q40:
                 tpk_matmul_q40_q80_ref(<const tpk_block_q40 *>&w[0, 0], rows, nb, <const tpk_block_q80 *>&xq[0, 0],
-                                       ntok, &out[0, 0], out.shape[1])
+                                       ntok, &out[0, 0], rows)
             else:
                 tpk_matmul_q80_q80_ref(<const tpk_block_q80 *>&w[0, 0], rows, nb, <const tpk_block_q80 *>&xq[0, 0],
-                                       ntok, &out[0, 0], out.shape[1])
+                                       ntok, &out[0, 0], rows)
     return out_array
 
 

@@ -5,7 +5,8 @@
  *   cc -O2 -ffp-contract=off -Ikernels kernels/test_tpk.c kernels/tpk.c kernels/tpk_x86.c kernels/tpk_arm.c -lm
  *   ./a.out [--expect LEVEL]      (exit 0: every level matched bit for bit)
  *
- * It prints "best level: NAME", one line per level tested, then PASS or FAIL.
+ * It prints "best level: NAME", the levels tested, then PASS or FAIL. Float32 outputs and the
+ * float64-accumulated ones (row-parallel partial sums) are both compared bit for bit.
  */
 #include <math.h>
 #include <stdio.h>
@@ -52,6 +53,8 @@ static int check(const char *wtype, int64_t rows, int64_t nb, int64_t ntok, cons
     uint8_t *back = malloc((size_t)(rows * nb * bb + 1));
     float *ref = malloc(sizeof(float) * (size_t)(ntok * rows + 1));
     float *out = malloc(sizeof(float) * (size_t)(ntok * rows + 1));
+    double *ref64 = malloc(sizeof(double) * (size_t)(ntok * rows + 1));
+    double *out64 = malloc(sizeof(double) * (size_t)(ntok * rows + 1));
     int ok = 1;
 
     random_rows(wf, rows, n);
@@ -63,10 +66,12 @@ static int check(const char *wtype, int64_t rows, int64_t nb, int64_t ntok, cons
     for (int64_t t = 0; t < ntok; t++) tpk_quantize_q80(xf + t * n, x + t * nb, n);
     if (q40) {
         tpk_matmul_q40_q80_ref((const tpk_block_q40 *)w, rows, nb, x, ntok, ref, rows);
+        tpk_matmul_q40_q80_f64_ref((const tpk_block_q40 *)w, rows, nb, x, ntok, ref64, rows);
         tpk_pack_q40(w, nb * bb, rows, nb, wp);
         tpk_unpack_q40(wp, rows, nb, (tpk_block_q40 *)back);
     } else {
         tpk_matmul_q80_q80_ref((const tpk_block_q80 *)w, rows, nb, x, ntok, ref, rows);
+        tpk_matmul_q80_q80_f64_ref((const tpk_block_q80 *)w, rows, nb, x, ntok, ref64, rows);
         tpk_pack_q80(w, nb * bb, rows, nb, wp);
         tpk_unpack_q80(wp, rows, nb, (tpk_block_q80 *)back);
     }
@@ -88,9 +93,17 @@ static int check(const char *wtype, int64_t rows, int64_t nb, int64_t ntok, cons
                        (long long)bad, (double)out[bad], (double)ref[bad]);
                 ok = 0;
             }
+            for (int64_t i = 0; i < ntok * rows; i++) out64[i] = NAN;
+            if (q40) tpk_matmul_q40p_f64(wp, rows, nb, x, ntok, out64, rows, threads);
+            else tpk_matmul_q80p_f64(wp, rows, nb, x, ntok, out64, rows, threads);
+            if (memcmp(out64, ref64, sizeof(double) * (size_t)(ntok * rows)) != 0) {
+                printf("  MISMATCH (float64 sums) %s level=%s threads=%d rows=%lld nb=%lld ntok=%lld\n",
+                       wtype, tpk_level_name(levels[li]), threads, (long long)rows, (long long)nb, (long long)ntok);
+                ok = 0;
+            }
         }
     }
-    free(wf); free(xf); free(w); free(x); free(wp); free(back); free(ref); free(out);
+    free(wf); free(xf); free(w); free(x); free(wp); free(back); free(ref); free(out); free(ref64); free(out64);
     return ok;
 }
 
@@ -181,7 +194,7 @@ int main(int argc, char **argv) {
     printf("q80 quantizer at every level bit-identical to the reference: %s\n", quant_ok ? "yes" : "no");
     ok &= quant_ok;
     const int caught = check_detects_error(levels, nlevels);
-    printf("%d shapes x %d levels x 1,2 threads; perturbed scale detected: %s\n", cases, nlevels, caught ? "yes" : "no");
+    printf("%d shapes x %d levels x 1,2 threads x float32/float64 sums; perturbed scale detected: %s\n", cases, nlevels, caught ? "yes" : "no");
     ok &= caught;
     if (expect && strcmp(expect, tpk_level_name(best)) != 0) {
         printf("expected best level %s, got %s\n", expect, tpk_level_name(best));

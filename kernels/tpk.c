@@ -226,6 +226,46 @@ void tpk_matmul_q80_q80_ref(const tpk_block_q80 *w, int64_t rows, int64_t nb,
         for (int64_t t = 0; t < ntok; t++) y[t * ldy + r] = dot_q80_q80_ref(w + r * nb, x + t * nb, nb);
 }
 
+/* Rows accumulated in float64: every block term (int32 times two fp16 scales) is exact
+ * there, so row-parallel partial sums from any split add up to (almost always) the same
+ * float32 total; the ranks all-reduce these. */
+static double dot_q40_q80_f64_ref(const tpk_block_q40 *w, const tpk_block_q80 *x, int64_t nb) {
+    double acc = 0.0;
+    for (int64_t b = 0; b < nb; b++) {
+        int32_t isum = 0;
+        for (int j = 0; j < TPK_QK / 2; j++) {
+            isum += ((w[b].qs[j] & 0x0F) - 8) * x[b].qs[j];
+            isum += ((w[b].qs[j] >> 4) - 8) * x[b].qs[j + TPK_QK / 2];
+        }
+        const double scale = (double)tpk_f16(w[b].d) * (double)tpk_f16(x[b].d);
+        acc = acc + (double)isum * scale;
+    }
+    return acc;
+}
+
+static double dot_q80_q80_f64_ref(const tpk_block_q80 *w, const tpk_block_q80 *x, int64_t nb) {
+    double acc = 0.0;
+    for (int64_t b = 0; b < nb; b++) {
+        int32_t isum = 0;
+        for (int j = 0; j < TPK_QK; j++) isum += w[b].qs[j] * x[b].qs[j];
+        const double scale = (double)tpk_f16(w[b].d) * (double)tpk_f16(x[b].d);
+        acc = acc + (double)isum * scale;
+    }
+    return acc;
+}
+
+void tpk_matmul_q40_q80_f64_ref(const tpk_block_q40 *w, int64_t rows, int64_t nb,
+                                const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t t = 0; t < ntok; t++) y[t * ldy + r] = dot_q40_q80_f64_ref(w + r * nb, x + t * nb, nb);
+}
+
+void tpk_matmul_q80_q80_f64_ref(const tpk_block_q80 *w, int64_t rows, int64_t nb,
+                                const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t t = 0; t < ntok; t++) y[t * ldy + r] = dot_q80_q80_f64_ref(w + r * nb, x + t * nb, nb);
+}
+
 /* ---------------------------------------------------------------- packing */
 
 static inline int64_t groups_of(int64_t rows) { return (rows + TPK_ROWS - 1) / TPK_ROWS; }
@@ -303,74 +343,85 @@ void tpk_unpack_q80(const uint8_t *src, int64_t rows, int64_t nb, tpk_block_q80 
 
 static inline uint16_t load_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 
-static void q40_group_scalar(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok,
-                             float *y, int64_t ldy, int nrows) {
+static inline void store_row(void *y, int64_t at, int f64, float facc, double dacc) {
+    if (f64) ((double *)y)[at] = dacc;
+    else ((float *)y)[at] = facc;
+}
+
+static inline void scalar_group(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok, void *y,
+                                int64_t ldy, int nrows, int q40, int f64) {
+    const int64_t gbytes = q40 ? TPK_Q40_GROUP_BYTES : TPK_Q80_GROUP_BYTES;
     for (int64_t t = 0; t < ntok; t++) {
         for (int i = 0; i < nrows; i++) {
             float acc = 0.0f;
+            double dacc = 0.0;
             for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *gb = w + b * TPK_Q40_GROUP_BYTES;
+                const uint8_t *gb = w + b * gbytes;
                 const tpk_xq *xb = x + t * nb + b;
                 int32_t isum = 0;
-                for (int k = 0; k < 4; k++) {
-                    for (int j = 0; j < 4; j++) {
-                        const uint8_t q = gb[32 + 64 * k + 4 * i + j];
-                        isum += ((q & 0x0F) - 8) * xb->qs[4 * k + j];
-                        isum += ((q >> 4) - 8) * xb->qs[16 + 4 * k + j];
+                if (q40) {
+                    for (int k = 0; k < 4; k++) {
+                        for (int j = 0; j < 4; j++) {
+                            const uint8_t q = gb[32 + 64 * k + 4 * i + j];
+                            isum += ((q & 0x0F) - 8) * xb->qs[4 * k + j];
+                            isum += ((q >> 4) - 8) * xb->qs[16 + 4 * k + j];
+                        }
                     }
+                } else {
+                    for (int k = 0; k < 8; k++)
+                        for (int j = 0; j < 4; j++)
+                            isum += (int8_t)(gb[32 + 64 * k + 4 * i + j] ^ 0x80) * xb->qs[4 * k + j];
                 }
-                const float scale = tpk_f16(load_u16(gb + 2 * i)) * xb->d;
-                const float term = (float)isum * scale;
-                acc = acc + term;
+                const float dw = tpk_f16(load_u16(gb + 2 * i));
+                if (f64) {
+                    const double scale = (double)dw * (double)xb->d;
+                    dacc = dacc + (double)isum * scale;
+                } else {
+                    const float scale = dw * xb->d;
+                    const float term = (float)isum * scale;
+                    acc = acc + term;
+                }
             }
-            y[t * ldy + i] = acc;
+            store_row(y, t * ldy + i, f64, acc, dacc);
         }
     }
 }
 
-static void q80_group_scalar(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok,
-                             float *y, int64_t ldy, int nrows) {
-    for (int64_t t = 0; t < ntok; t++) {
-        for (int i = 0; i < nrows; i++) {
-            float acc = 0.0f;
-            for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *gb = w + b * TPK_Q80_GROUP_BYTES;
-                const tpk_xq *xb = x + t * nb + b;
-                int32_t isum = 0;
-                for (int k = 0; k < 8; k++)
-                    for (int j = 0; j < 4; j++)
-                        isum += (int8_t)(gb[32 + 64 * k + 4 * i + j] ^ 0x80) * xb->qs[4 * k + j];
-                const float scale = tpk_f16(load_u16(gb + 2 * i)) * xb->d;
-                const float term = (float)isum * scale;
-                acc = acc + term;
-            }
-            y[t * ldy + i] = acc;
-        }
-    }
+static void q40_group_scalar(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok, void *y, int64_t ldy, int nrows) {
+    scalar_group(w, nb, x, ntok, y, ldy, nrows, 1, 0);
+}
+static void q80_group_scalar(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok, void *y, int64_t ldy, int nrows) {
+    scalar_group(w, nb, x, ntok, y, ldy, nrows, 0, 0);
+}
+static void q40_group_scalar_f64(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok, void *y, int64_t ldy, int nrows) {
+    scalar_group(w, nb, x, ntok, y, ldy, nrows, 1, 1);
+}
+static void q80_group_scalar_f64(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok, void *y, int64_t ldy, int nrows) {
+    scalar_group(w, nb, x, ntok, y, ldy, nrows, 0, 1);
 }
 
-static tpk_group_fn pick_q40(void) {
+static tpk_group_fn pick_q40(int f64) {
     const int level = tpk_get_level();
     tpk_group_fn fn = NULL;
 #if defined(TPK_X86)
-    fn = tpk_x86_q40(level);
+    fn = tpk_x86_q40(level, f64);
 #elif defined(TPK_ARM64)
-    fn = tpk_arm_q40(level);
+    fn = tpk_arm_q40(level, f64);
 #endif
     (void)level;
-    return fn ? fn : q40_group_scalar;
+    return fn ? fn : f64 ? q40_group_scalar_f64 : q40_group_scalar;
 }
 
-static tpk_group_fn pick_q80(void) {
+static tpk_group_fn pick_q80(int f64) {
     const int level = tpk_get_level();
     tpk_group_fn fn = NULL;
 #if defined(TPK_X86)
-    fn = tpk_x86_q80(level);
+    fn = tpk_x86_q80(level, f64);
 #elif defined(TPK_ARM64)
-    fn = tpk_arm_q80(level);
+    fn = tpk_arm_q80(level, f64);
 #endif
     (void)level;
-    return fn ? fn : q80_group_scalar;
+    return fn ? fn : f64 ? q80_group_scalar_f64 : q80_group_scalar;
 }
 
 /* ---------------------------------------------------------------- threaded matmul driver */
@@ -408,15 +459,15 @@ static tpk_xq *xq_buffer(int64_t n) {
 /* Several matrices that read the same activations (wq, wk, wv; w1, w3) in one parallel
  * region: their row groups are dealt out to the threads as one list. */
 static void matmul_packed(tpk_group_fn fn, int64_t group_bytes, int n, const uint8_t *const *wp, const int64_t *rows,
-                          int64_t nb, const tpk_block_q80 *x, int64_t ntok, float *const *y, const int64_t *ldy,
-                          int nthreads) {
+                          int64_t nb, const tpk_block_q80 *x, int64_t ntok, void *const *y, int64_t esize,
+                          const int64_t *ldy, int nthreads) {
     if (ntok <= 0 || n <= 0) return;
     int64_t G = 0;
     for (int i = 0; i < n; i++) G += rows[i] > 0 ? groups_of(rows[i]) : 0;
     if (G == 0) return;
     if (nb <= 0) {
         for (int i = 0; i < n; i++)
-            for (int64_t t = 0; t < ntok && rows[i] > 0; t++) memset(y[i] + t * ldy[i], 0, rows[i] * sizeof(float));
+            for (int64_t t = 0; t < ntok && rows[i] > 0; t++) memset((char *)y[i] + t * ldy[i] * esize, 0, rows[i] * esize);
         return;
     }
     tpk_xq *xq = xq_buffer(ntok * nb);
@@ -448,7 +499,7 @@ static void matmul_packed(tpk_group_fn fn, int64_t group_bytes, int n, const uin
                 const int64_t lo = g0 > first ? g0 - first : 0, hi = g1 - first < gi ? g1 - first : gi;
                 for (int64_t g = lo; g < hi; g++) {
                     const int64_t left = rows[i] - g * TPK_ROWS;
-                    fn(wp[i] + g * nb * group_bytes, nb, xq, ntok, y[i] + g * TPK_ROWS, ldy[i],
+                    fn(wp[i] + g * nb * group_bytes, nb, xq, ntok, (char *)y[i] + g * TPK_ROWS * esize, ldy[i],
                        left < TPK_ROWS ? (int)left : TPK_ROWS);
                 }
                 first += gi;
@@ -459,22 +510,38 @@ static void matmul_packed(tpk_group_fn fn, int64_t group_bytes, int n, const uin
 
 void tpk_matmul_q40p(const uint8_t *wp, int64_t rows, int64_t nb,
                      const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy, int nthreads) {
-    matmul_packed(pick_q40(), TPK_Q40_GROUP_BYTES, 1, &wp, &rows, nb, x, ntok, &y, &ldy, nthreads);
+    void *out = y;
+    matmul_packed(pick_q40(0), TPK_Q40_GROUP_BYTES, 1, &wp, &rows, nb, x, ntok, &out, sizeof(float), &ldy, nthreads);
 }
 
 void tpk_matmul_q80p(const uint8_t *wp, int64_t rows, int64_t nb,
                      const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy, int nthreads) {
-    matmul_packed(pick_q80(), TPK_Q80_GROUP_BYTES, 1, &wp, &rows, nb, x, ntok, &y, &ldy, nthreads);
+    void *out = y;
+    matmul_packed(pick_q80(0), TPK_Q80_GROUP_BYTES, 1, &wp, &rows, nb, x, ntok, &out, sizeof(float), &ldy, nthreads);
+}
+
+void tpk_matmul_q40p_f64(const uint8_t *wp, int64_t rows, int64_t nb,
+                         const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy, int nthreads) {
+    void *out = y;
+    matmul_packed(pick_q40(1), TPK_Q40_GROUP_BYTES, 1, &wp, &rows, nb, x, ntok, &out, sizeof(double), &ldy, nthreads);
+}
+
+void tpk_matmul_q80p_f64(const uint8_t *wp, int64_t rows, int64_t nb,
+                         const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy, int nthreads) {
+    void *out = y;
+    matmul_packed(pick_q80(1), TPK_Q80_GROUP_BYTES, 1, &wp, &rows, nb, x, ntok, &out, sizeof(double), &ldy, nthreads);
 }
 
 void tpk_matmul_q40p_many(int n, const uint8_t *const *wp, const int64_t *rows, int64_t nb,
                           const tpk_block_q80 *x, int64_t ntok, float *const *y, const int64_t *ldy, int nthreads) {
-    matmul_packed(pick_q40(), TPK_Q40_GROUP_BYTES, n, wp, rows, nb, x, ntok, y, ldy, nthreads);
+    matmul_packed(pick_q40(0), TPK_Q40_GROUP_BYTES, n, wp, rows, nb, x, ntok, (void *const *)y, sizeof(float), ldy,
+                  nthreads);
 }
 
 void tpk_matmul_q80p_many(int n, const uint8_t *const *wp, const int64_t *rows, int64_t nb,
                           const tpk_block_q80 *x, int64_t ntok, float *const *y, const int64_t *ldy, int nthreads) {
-    matmul_packed(pick_q80(), TPK_Q80_GROUP_BYTES, n, wp, rows, nb, x, ntok, y, ldy, nthreads);
+    matmul_packed(pick_q80(0), TPK_Q80_GROUP_BYTES, n, wp, rows, nb, x, ntok, (void *const *)y, sizeof(float), ldy,
+                  nthreads);
 }
 
 /* ---------------------------------------------------------------- bandwidth probe */

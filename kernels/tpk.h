@@ -87,6 +87,14 @@ void tpk_matmul_q40p(const uint8_t *wp, int64_t rows, int64_t nb,
 void tpk_matmul_q80p(const uint8_t *wp, int64_t rows, int64_t nb,
                      const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy, int nthreads);
 
+/* The same with rows accumulated in float64 (acc + (double)isum * ((double)d_w * d_x), each
+ * term exact): the row-parallel partial sums that ranks all-reduce, so that the total is
+ * the same at any rank count. */
+void tpk_matmul_q40p_f64(const uint8_t *wp, int64_t rows, int64_t nb,
+                         const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy, int nthreads);
+void tpk_matmul_q80p_f64(const uint8_t *wp, int64_t rows, int64_t nb,
+                         const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy, int nthreads);
+
 /* The same for n matrices that read the same x (e.g. wq, wk, wv): one parallel region, all
  * their row groups split over the threads together. Matrix i: wp[i], rows[i], output y[i]
  * with row stride ldy[i]. */
@@ -100,6 +108,10 @@ void tpk_matmul_q40_q80_ref(const tpk_block_q40 *w, int64_t rows, int64_t nb,
                             const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy);
 void tpk_matmul_q80_q80_ref(const tpk_block_q80 *w, int64_t rows, int64_t nb,
                             const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy);
+void tpk_matmul_q40_q80_f64_ref(const tpk_block_q40 *w, int64_t rows, int64_t nb,
+                                const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy);
+void tpk_matmul_q80_q80_f64_ref(const tpk_block_q80 *w, int64_t rows, int64_t nb,
+                                const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy);
 
 /* Fused float32 layer steps (tpk_ops.c); nthreads is an upper bound, small work runs on one. */
 /* y = x / sqrt(mean(x^2) + eps) * w for T rows of n (y may be x) */

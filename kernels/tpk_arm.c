@@ -64,34 +64,69 @@ INLINE void scales16(const uint8_t *gb, float32x4_t dw[4]) {
     dw[3] = vcvt_f32_f16(vreinterpret_f16_u16(vget_high_u16(h1)));
 }
 
-INLINE void finish_block(float32x4_t facc[4], const int32x4_t isum[4], const float32x4_t dw[4], float dx) {
-    const float32x4_t vdx = vdupq_n_f32(dx);
+/* The 16 rows' running sums of one token: float32, or float64 for row-parallel partial sums
+ * (F64 is a compile-time constant in every caller). */
+typedef struct {
+    float32x4_t f[4];
+    float64x2_t d[8];
+} rowacc;
+
+INLINE void acc_zero(rowacc *a, const int F64) {
     for (int q = 0; q < 4; q++) {
-        const float32x4_t scale = vmulq_f32(dw[q], vdx);
-        facc[q] = vaddq_f32(facc[q], vmulq_f32(vcvtq_f32_s32(isum[q]), scale));
+        if (F64) a->d[2 * q] = a->d[2 * q + 1] = vdupq_n_f64(0.0);
+        else a->f[q] = vdupq_n_f32(0.0f);
     }
 }
 
-INLINE void store_rows(float *y, const float32x4_t facc[4], int nrows) {
-    if (nrows == TPK_ROWS) {
-        for (int q = 0; q < 4; q++) vst1q_f32(y + 4 * q, facc[q]);
+INLINE void finish_block(rowacc *a, const int32x4_t isum[4], const float32x4_t dw[4], float dx, const int F64) {
+    if (F64) {
+        const float64x2_t vdx = vdupq_n_f64((double)dx);
+        for (int q = 0; q < 4; q++) {
+            const float64x2_t s0 = vmulq_f64(vcvt_f64_f32(vget_low_f32(dw[q])), vdx);
+            const float64x2_t s1 = vmulq_f64(vcvt_high_f64_f32(dw[q]), vdx);
+            const float64x2_t i0 = vcvtq_f64_s64(vmovl_s32(vget_low_s32(isum[q])));
+            const float64x2_t i1 = vcvtq_f64_s64(vmovl_high_s32(isum[q]));
+            a->d[2 * q] = vaddq_f64(a->d[2 * q], vmulq_f64(i0, s0));
+            a->d[2 * q + 1] = vaddq_f64(a->d[2 * q + 1], vmulq_f64(i1, s1));
+        }
     } else {
-        float tmp[16];
-        for (int q = 0; q < 4; q++) vst1q_f32(tmp + 4 * q, facc[q]);
-        memcpy(y, tmp, (size_t)nrows * sizeof(float));
+        const float32x4_t vdx = vdupq_n_f32(dx);
+        for (int q = 0; q < 4; q++) {
+            const float32x4_t scale = vmulq_f32(dw[q], vdx);
+            a->f[q] = vaddq_f32(a->f[q], vmulq_f32(vcvtq_f32_s32(isum[q]), scale));
+        }
     }
 }
+
+INLINE void store_rows(void *y, int64_t at, const rowacc *a, int nrows, const int F64) {
+    if (F64) {
+        double tmp[16];
+        for (int q = 0; q < 8; q++) vst1q_f64(tmp + 2 * q, a->d[q]);
+        memcpy((double *)y + at, tmp, (size_t)nrows * sizeof(double));
+    } else {
+        float tmp[16];
+        for (int q = 0; q < 4; q++) vst1q_f32(tmp + 4 * q, a->f[q]);
+        memcpy((float *)y + at, tmp, (size_t)nrows * sizeof(float));
+    }
+}
+
+#define GROUP_FN(name, tile, TGT, TT, F64)                                                           \
+    TGT static void name(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok, void *y,       \
+                         int64_t ldy, int nrows) {                                                   \
+        int64_t t = 0;                                                                               \
+        for (; t + (TT) <= ntok; t += (TT)) tile(w, nb, x + t * nb, y, t * ldy, ldy, nrows, (TT), F64); \
+        if (ntok - t >= 1) tile(w, nb, x + t * nb, y, t * ldy, ldy, nrows, 1, F64);                  \
+    }
 
 /* ================================================================ NEON dotprod */
 #if defined(TPK_HAVE_DOTPROD)
 
 #define DOT_LANE(acc, w, xv, lane) vdotq_laneq_s32((acc), (w), (xv), (lane))
 
-INLINE TGT_DOT void q40_tile_dot(const uint8_t *w, int64_t nb, const tpk_xq *x, float *y, int64_t ldy,
-                                 int nrows, const int TT) {
-    float32x4_t facc[2][4];
-    for (int t = 0; t < TT; t++)
-        for (int q = 0; q < 4; q++) facc[t][q] = vdupq_n_f32(0.0f);
+INLINE TGT_DOT void q40_tile_dot(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
+                                 int nrows, const int TT, const int F64) {
+    rowacc out[2];
+    for (int t = 0; t < TT; t++) acc_zero(&out[t], F64);
     const uint8x16_t m4 = vdupq_n_u8(0x0F);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gb = w + b * TPK_Q40_GROUP_BYTES;
@@ -117,16 +152,15 @@ INLINE TGT_DOT void q40_tile_dot(const uint8_t *w, int64_t nb, const tpk_xq *x, 
 #undef Q40_DOT_K
         float32x4_t dw[4];
         scales16(gb, dw);
-        for (int t = 0; t < TT; t++) finish_block(facc[t], acc[t], dw, x[t * nb + b].d);
+        for (int t = 0; t < TT; t++) finish_block(&out[t], acc[t], dw, x[t * nb + b].d, F64);
     }
-    for (int t = 0; t < TT; t++) store_rows(y + t * ldy, facc[t], nrows);
+    for (int t = 0; t < TT; t++) store_rows(y, at + t * ldy, &out[t], nrows, F64);
 }
 
-INLINE TGT_DOT void q80_tile_dot(const uint8_t *w, int64_t nb, const tpk_xq *x, float *y, int64_t ldy,
-                                 int nrows, const int TT) {
-    float32x4_t facc[2][4];
-    for (int t = 0; t < TT; t++)
-        for (int q = 0; q < 4; q++) facc[t][q] = vdupq_n_f32(0.0f);
+INLINE TGT_DOT void q80_tile_dot(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
+                                 int nrows, const int TT, const int F64) {
+    rowacc out[2];
+    for (int t = 0; t < TT; t++) acc_zero(&out[t], F64);
     const uint8x16_t sign = vdupq_n_u8(0x80);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gb = w + b * TPK_Q80_GROUP_BYTES;
@@ -148,24 +182,15 @@ INLINE TGT_DOT void q80_tile_dot(const uint8_t *w, int64_t nb, const tpk_xq *x, 
 #undef Q80_DOT_K
         float32x4_t dw[4];
         scales16(gb, dw);
-        for (int t = 0; t < TT; t++) finish_block(facc[t], acc[t], dw, x[t * nb + b].d);
+        for (int t = 0; t < TT; t++) finish_block(&out[t], acc[t], dw, x[t * nb + b].d, F64);
     }
-    for (int t = 0; t < TT; t++) store_rows(y + t * ldy, facc[t], nrows);
+    for (int t = 0; t < TT; t++) store_rows(y, at + t * ldy, &out[t], nrows, F64);
 }
 
-TGT_DOT static void q40_group_dot(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok,
-                                  float *y, int64_t ldy, int nrows) {
-    int64_t t = 0;
-    for (; t + 2 <= ntok; t += 2) q40_tile_dot(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 2);
-    if (ntok - t >= 1) q40_tile_dot(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 1);
-}
-
-TGT_DOT static void q80_group_dot(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok,
-                                  float *y, int64_t ldy, int nrows) {
-    int64_t t = 0;
-    for (; t + 2 <= ntok; t += 2) q80_tile_dot(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 2);
-    if (ntok - t >= 1) q80_tile_dot(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 1);
-}
+GROUP_FN(q40_group_dot, q40_tile_dot, TGT_DOT, 2, 0)
+GROUP_FN(q80_group_dot, q80_tile_dot, TGT_DOT, 2, 0)
+GROUP_FN(q40_group_dot_f64, q40_tile_dot, TGT_DOT, 2, 1)
+GROUP_FN(q80_group_dot_f64, q80_tile_dot, TGT_DOT, 2, 1)
 
 #endif /* TPK_HAVE_DOTPROD */
 
@@ -180,11 +205,10 @@ INLINE int32x4_t fold_rows16(int16x8_t rows01, int16x8_t rows23) {
     return vpaddq_s32(vpaddlq_s16(rows01), vpaddlq_s16(rows23));
 }
 
-INLINE void q40_tile_neon(const uint8_t *w, int64_t nb, const tpk_xq *x, float *y, int64_t ldy, int nrows,
-                          const int TT) {
-    float32x4_t facc[2][4];
-    for (int t = 0; t < TT; t++)
-        for (int q = 0; q < 4; q++) facc[t][q] = vdupq_n_f32(0.0f);
+INLINE void q40_tile_neon(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
+                          int nrows, const int TT, const int F64) {
+    rowacc out[2];
+    for (int t = 0; t < TT; t++) acc_zero(&out[t], F64);
     const uint8x16_t m4 = vdupq_n_u8(0x0F);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gb = w + b * TPK_Q40_GROUP_BYTES;
@@ -217,17 +241,16 @@ INLINE void q40_tile_neon(const uint8_t *w, int64_t nb, const tpk_xq *x, float *
             int32x4_t isum[4];
             for (int q = 0; q < 4; q++)
                 isum[q] = vaddq_s32(fold_rows16(a16[t][q][0], a16[t][q][1]), vdupq_n_s32(xb->s8));
-            finish_block(facc[t], isum, dw, xb->d);
+            finish_block(&out[t], isum, dw, xb->d, F64);
         }
     }
-    for (int t = 0; t < TT; t++) store_rows(y + t * ldy, facc[t], nrows);
+    for (int t = 0; t < TT; t++) store_rows(y, at + t * ldy, &out[t], nrows, F64);
 }
 
-INLINE void q80_tile_neon(const uint8_t *w, int64_t nb, const tpk_xq *x, float *y, int64_t ldy, int nrows,
-                          const int TT) {
-    float32x4_t facc[2][4];
-    for (int t = 0; t < TT; t++)
-        for (int q = 0; q < 4; q++) facc[t][q] = vdupq_n_f32(0.0f);
+INLINE void q80_tile_neon(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
+                          int nrows, const int TT, const int F64) {
+    rowacc out[2];
+    for (int t = 0; t < TT; t++) acc_zero(&out[t], F64);
     const uint8x16_t sign = vdupq_n_u8(0x80);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gb = w + b * TPK_Q80_GROUP_BYTES;
@@ -250,25 +273,16 @@ INLINE void q80_tile_neon(const uint8_t *w, int64_t nb, const tpk_xq *x, float *
         for (int t = 0; t < TT; t++) {
             int32x4_t isum[4];
             for (int q = 0; q < 4; q++) isum[q] = vpaddq_s32(a32[t][q][0], a32[t][q][1]);
-            finish_block(facc[t], isum, dw, x[t * nb + b].d);
+            finish_block(&out[t], isum, dw, x[t * nb + b].d, F64);
         }
     }
-    for (int t = 0; t < TT; t++) store_rows(y + t * ldy, facc[t], nrows);
+    for (int t = 0; t < TT; t++) store_rows(y, at + t * ldy, &out[t], nrows, F64);
 }
 
-static void q40_group_neon(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok,
-                           float *y, int64_t ldy, int nrows) {
-    int64_t t = 0;
-    for (; t + 2 <= ntok; t += 2) q40_tile_neon(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 2);
-    if (ntok - t >= 1) q40_tile_neon(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 1);
-}
-
-static void q80_group_neon(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok,
-                           float *y, int64_t ldy, int nrows) {
-    int64_t t = 0;
-    for (; t + 2 <= ntok; t += 2) q80_tile_neon(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 2);
-    if (ntok - t >= 1) q80_tile_neon(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 1);
-}
+GROUP_FN(q40_group_neon, q40_tile_neon, , 2, 0)
+GROUP_FN(q80_group_neon, q80_tile_neon, , 2, 0)
+GROUP_FN(q40_group_neon_f64, q40_tile_neon, , 2, 1)
+GROUP_FN(q80_group_neon_f64, q80_tile_neon, , 2, 1)
 
 /* ================================================================ q80 quantizer
  * The scalar reference's steps on 4 lanes (see tpk_x86.c): amax, d and id as scalars,
@@ -307,22 +321,22 @@ void tpk_arm_quantize_q80(const float *x, tpk_block_q80 *y, int64_t n) {
     }
 }
 
-tpk_group_fn tpk_arm_q40(int level) {
+tpk_group_fn tpk_arm_q40(int level, int f64) {
     switch (level) {
 #if defined(TPK_HAVE_DOTPROD)
-    case TPK_NEON_DOTPROD: return q40_group_dot;
+    case TPK_NEON_DOTPROD: return f64 ? q40_group_dot_f64 : q40_group_dot;
 #endif
-    case TPK_NEON: return q40_group_neon;
+    case TPK_NEON: return f64 ? q40_group_neon_f64 : q40_group_neon;
     default: return NULL;
     }
 }
 
-tpk_group_fn tpk_arm_q80(int level) {
+tpk_group_fn tpk_arm_q80(int level, int f64) {
     switch (level) {
 #if defined(TPK_HAVE_DOTPROD)
-    case TPK_NEON_DOTPROD: return q80_group_dot;
+    case TPK_NEON_DOTPROD: return f64 ? q80_group_dot_f64 : q80_group_dot;
 #endif
-    case TPK_NEON: return q80_group_neon;
+    case TPK_NEON: return f64 ? q80_group_neon_f64 : q80_group_neon;
     default: return NULL;
     }
 }

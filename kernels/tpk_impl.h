@@ -25,25 +25,26 @@ typedef struct {
 
 /* One row group (TPK_ROWS rows, nrows <= TPK_ROWS of them real) times ntok tokens:
  * w: the group's nb group blocks; x: token t's blocks at x + t * nb;
- * y: token t's outputs at y + t * ldy (rows of this group only). */
+ * y: token t's outputs at element t * ldy of y (rows of this group only), float, or
+ * double for the float64-accumulating variants. */
 typedef void (*tpk_group_fn)(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok,
-                             float *y, int64_t ldy, int nrows);
+                             void *y, int64_t ldy, int nrows);
 
 extern float tpk_fp16_table[65536];
 static inline float tpk_f16(uint16_t h) { return tpk_fp16_table[h]; }
 
 #if defined(TPK_X86)
 int tpk_x86_supports(int level);
-tpk_group_fn tpk_x86_q40(int level);
-tpk_group_fn tpk_x86_q80(int level);
+tpk_group_fn tpk_x86_q40(int level, int f64);
+tpk_group_fn tpk_x86_q80(int level, int f64);
 double tpk_x86_stream_sum(const float *x, int64_t n);
 void tpk_x86_quantize_q80_512(const float *x, tpk_block_q80 *y, int64_t n);
 void tpk_x86_quantize_q80_avx2(const float *x, tpk_block_q80 *y, int64_t n);
 #endif
 #if defined(TPK_ARM64)
 int tpk_arm_supports(int level);
-tpk_group_fn tpk_arm_q40(int level);
-tpk_group_fn tpk_arm_q80(int level);
+tpk_group_fn tpk_arm_q40(int level, int f64);
+tpk_group_fn tpk_arm_q80(int level, int f64);
 void tpk_arm_quantize_q80(const float *x, tpk_block_q80 *y, int64_t n);
 #endif
 

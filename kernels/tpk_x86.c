@@ -8,7 +8,8 @@
  * q80: q + 128) and the offset comes back as the precomputed -8*sum(x) / -128*sum(x) that
  * initialises the int32 sum. Per block, lane r then does exactly the scalar reference's
  *   acc[r] = acc[r] + (float)isum[r] * (d_w[r] * d_x)
- * in float32 (no FMA), blocks in increasing order, so every level returns the same bits.
+ * in float32 (no FMA), blocks in increasing order, so every level returns the same bits
+ * (or the same in float64, for row-parallel partial sums).
  * Tokens are taken TT at a time: the weights unpacked for one block serve TT tokens.
  */
 #include "tpk_impl.h"
@@ -42,17 +43,112 @@ INLINE int32_t ld32(const void *p) {
     return v;
 }
 
-/* ================================================================ AVX-512 VNNI */
+/* ================================================================ accumulators
+ * Per token, the 16 rows' running sums: float32 (acc + (float)isum * (dw * dx)), or float64
+ * for the row-parallel partial sums that ranks add up (acc + (double)isum * ((double)dw *
+ * (double)dx), every term exact). F64 is a compile-time constant in every caller. */
 
-INLINE TGT_VNNI void store16(float *y, __m512 v, int nrows) {
-    if (nrows == TPK_ROWS) _mm512_storeu_ps(y, v);
-    else _mm512_mask_storeu_ps(y, (__mmask16)((1u << nrows) - 1), v);
+typedef struct { __m512 f; __m512d d0, d1; } acc512;
+
+INLINE TGT_512 void acc512_zero(acc512 *a, const int F64) {
+    if (F64) a->d0 = a->d1 = _mm512_setzero_pd();
+    else a->f = _mm512_setzero_ps();
 }
 
-INLINE TGT_VNNI void q40_tile_vnni(const uint8_t *w, int64_t nb, const tpk_xq *x, float *y, int64_t ldy,
-                                   int nrows, const int TT) {
-    __m512 facc[8];
-    for (int t = 0; t < TT; t++) facc[t] = _mm512_setzero_ps();
+INLINE TGT_512 void acc512_add(acc512 *a, __m512i isum, __m512 dw, float dx, const int F64) {
+    if (F64) {
+        const __m512d vdx = _mm512_set1_pd((double)dx);
+        const __m512d s0 = _mm512_mul_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(dw)), vdx);
+        const __m512d s1 = _mm512_mul_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(dw), 1))), vdx);
+        a->d0 = _mm512_add_pd(a->d0, _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(isum)), s0));
+        a->d1 = _mm512_add_pd(a->d1, _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(isum, 1)), s1));
+    } else {
+        const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(dx));
+        a->f = _mm512_add_ps(a->f, _mm512_mul_ps(_mm512_cvtepi32_ps(isum), scale));
+    }
+}
+
+INLINE TGT_512 void acc512_store(void *y, int64_t at, const acc512 *a, int nrows, const int F64) {
+    if (F64) {
+        double *o = (double *)y + at;
+        if (nrows == TPK_ROWS) {
+            _mm512_storeu_pd(o, a->d0);
+            _mm512_storeu_pd(o + 8, a->d1);
+        } else {
+            const unsigned m = (1u << nrows) - 1;
+            _mm512_mask_storeu_pd(o, (__mmask8)(m & 0xFF), a->d0);
+            _mm512_mask_storeu_pd(o + 8, (__mmask8)(m >> 8), a->d1);
+        }
+    } else {
+        float *o = (float *)y + at;
+        if (nrows == TPK_ROWS) _mm512_storeu_ps(o, a->f);
+        else _mm512_mask_storeu_ps(o, (__mmask16)((1u << nrows) - 1), a->f);
+    }
+}
+
+typedef struct { __m256 f; __m256d d0, d1; } acc256;
+
+INLINE TGT_AVX2 void acc256_zero(acc256 *a, const int F64) {
+    if (F64) a->d0 = a->d1 = _mm256_setzero_pd();
+    else a->f = _mm256_setzero_ps();
+}
+
+INLINE TGT_AVX2 void acc256_add(acc256 *a, __m256i isum, __m256 dw, float dx, const int F64) {
+    if (F64) {
+        const __m256d vdx = _mm256_set1_pd((double)dx);
+        const __m256d s0 = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(dw)), vdx);
+        const __m256d s1 = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(dw, 1)), vdx);
+        a->d0 = _mm256_add_pd(a->d0, _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(isum)), s0));
+        a->d1 = _mm256_add_pd(a->d1, _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(isum, 1)), s1));
+    } else {
+        const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
+        a->f = _mm256_add_ps(a->f, _mm256_mul_ps(_mm256_cvtepi32_ps(isum), scale));
+    }
+}
+
+/* 8 rows (nrows of them real, may be <= 0) */
+INLINE TGT_AVX2 void acc256_store(void *y, int64_t at, const acc256 *a, int nrows, const int F64) {
+    if (nrows <= 0) return;
+    if (F64) {
+        double *o = (double *)y + at;
+        if (nrows >= 8) {
+            _mm256_storeu_pd(o, a->d0);
+            _mm256_storeu_pd(o + 4, a->d1);
+        } else {
+            double tmp[8];
+            _mm256_storeu_pd(tmp, a->d0);
+            _mm256_storeu_pd(tmp + 4, a->d1);
+            memcpy(o, tmp, (size_t)nrows * sizeof(double));
+        }
+    } else {
+        float *o = (float *)y + at;
+        if (nrows >= 8) {
+            _mm256_storeu_ps(o, a->f);
+        } else {
+            float tmp[8];
+            _mm256_storeu_ps(tmp, a->f);
+            memcpy(o, tmp, (size_t)nrows * sizeof(float));
+        }
+    }
+}
+
+/* A group function for each token-tile size: full tiles of TT, then 4, 2, 1 for the rest. */
+#define GROUP_FN(name, tile, TGT, TT, F64)                                                           \
+    TGT static void name(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok, void *y,       \
+                         int64_t ldy, int nrows) {                                                   \
+        int64_t t = 0;                                                                               \
+        for (; t + (TT) <= ntok; t += (TT)) tile(w, nb, x + t * nb, y, t * ldy, ldy, nrows, (TT), F64); \
+        if ((TT) > 4 && ntok - t >= 4) { tile(w, nb, x + t * nb, y, t * ldy, ldy, nrows, 4, F64); t += 4; } \
+        if ((TT) > 2 && ntok - t >= 2) { tile(w, nb, x + t * nb, y, t * ldy, ldy, nrows, 2, F64); t += 2; } \
+        if (ntok - t >= 1) tile(w, nb, x + t * nb, y, t * ldy, ldy, nrows, 1, F64);                  \
+    }
+
+/* ================================================================ AVX-512 VNNI */
+
+INLINE TGT_VNNI void q40_tile_vnni(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
+                                   int nrows, const int TT, const int F64) {
+    acc512 out[8];
+    for (int t = 0; t < TT; t++) acc512_zero(&out[t], F64);
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gb = w + b * TPK_Q40_GROUP_BYTES;
@@ -69,18 +165,15 @@ INLINE TGT_VNNI void q40_tile_vnni(const uint8_t *w, int64_t nb, const tpk_xq *x
             }
         }
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb));
-        for (int t = 0; t < TT; t++) {
-            const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(x[t * nb + b].d));
-            facc[t] = _mm512_add_ps(facc[t], _mm512_mul_ps(_mm512_cvtepi32_ps(acc[t]), scale));
-        }
+        for (int t = 0; t < TT; t++) acc512_add(&out[t], acc[t], dw, x[t * nb + b].d, F64);
     }
-    for (int t = 0; t < TT; t++) store16(y + t * ldy, facc[t], nrows);
+    for (int t = 0; t < TT; t++) acc512_store(y, at + t * ldy, &out[t], nrows, F64);
 }
 
-INLINE TGT_VNNI void q80_tile_vnni(const uint8_t *w, int64_t nb, const tpk_xq *x, float *y, int64_t ldy,
-                                   int nrows, const int TT) {
-    __m512 facc[8];
-    for (int t = 0; t < TT; t++) facc[t] = _mm512_setzero_ps();
+INLINE TGT_VNNI void q80_tile_vnni(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
+                                   int nrows, const int TT, const int F64) {
+    acc512 out[8];
+    for (int t = 0; t < TT; t++) acc512_zero(&out[t], F64);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gb = w + b * TPK_Q80_GROUP_BYTES;
         __m512i acc[8];
@@ -91,31 +184,15 @@ INLINE TGT_VNNI void q80_tile_vnni(const uint8_t *w, int64_t nb, const tpk_xq *x
                 acc[t] = _mm512_dpbusd_epi32(acc[t], v, _mm512_set1_epi32(ld32(x[t * nb + b].qs + 4 * k)));
         }
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb));
-        for (int t = 0; t < TT; t++) {
-            const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(x[t * nb + b].d));
-            facc[t] = _mm512_add_ps(facc[t], _mm512_mul_ps(_mm512_cvtepi32_ps(acc[t]), scale));
-        }
+        for (int t = 0; t < TT; t++) acc512_add(&out[t], acc[t], dw, x[t * nb + b].d, F64);
     }
-    for (int t = 0; t < TT; t++) store16(y + t * ldy, facc[t], nrows);
+    for (int t = 0; t < TT; t++) acc512_store(y, at + t * ldy, &out[t], nrows, F64);
 }
 
-TGT_VNNI static void q40_group_vnni(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok,
-                                    float *y, int64_t ldy, int nrows) {
-    int64_t t = 0;
-    for (; t + 8 <= ntok; t += 8) q40_tile_vnni(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 8);
-    if (ntok - t >= 4) { q40_tile_vnni(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 4); t += 4; }
-    if (ntok - t >= 2) { q40_tile_vnni(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 2); t += 2; }
-    if (ntok - t >= 1) q40_tile_vnni(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 1);
-}
-
-TGT_VNNI static void q80_group_vnni(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok,
-                                    float *y, int64_t ldy, int nrows) {
-    int64_t t = 0;
-    for (; t + 8 <= ntok; t += 8) q80_tile_vnni(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 8);
-    if (ntok - t >= 4) { q80_tile_vnni(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 4); t += 4; }
-    if (ntok - t >= 2) { q80_tile_vnni(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 2); t += 2; }
-    if (ntok - t >= 1) q80_tile_vnni(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 1);
-}
+GROUP_FN(q40_group_vnni, q40_tile_vnni, TGT_VNNI, 8, 0)
+GROUP_FN(q80_group_vnni, q80_tile_vnni, TGT_VNNI, 8, 0)
+GROUP_FN(q40_group_vnni_f64, q40_tile_vnni, TGT_VNNI, 4, 1)
+GROUP_FN(q80_group_vnni_f64, q80_tile_vnni, TGT_VNNI, 4, 1)
 
 /* ================================================================ AVX-512 F/BW/VL (no VNNI)
  * u8 x s8 products by vpmaddubsw: pairs summed into int16 lanes, then vpmaddwd by 1 into
@@ -123,15 +200,10 @@ TGT_VNNI static void q80_group_vnni(const uint8_t *w, int64_t nb, const tpk_xq *
  * 8 * 2 * 15 * 128 = 30720 and nothing saturates; q80 weights (q + 128 up to 255) are
  * split into their two nibbles for the same reason and recombined as lo + 16 * hi. */
 
-INLINE TGT_512 void store16_512(float *y, __m512 v, int nrows) {
-    if (nrows == TPK_ROWS) _mm512_storeu_ps(y, v);
-    else _mm512_mask_storeu_ps(y, (__mmask16)((1u << nrows) - 1), v);
-}
-
-INLINE TGT_512 void q40_tile_512(const uint8_t *w, int64_t nb, const tpk_xq *x, float *y, int64_t ldy,
-                                 int nrows, const int TT) {
-    __m512 facc[8];
-    for (int t = 0; t < TT; t++) facc[t] = _mm512_setzero_ps();
+INLINE TGT_512 void q40_tile_512(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
+                                 int nrows, const int TT, const int F64) {
+    acc512 out[8];
+    for (int t = 0; t < TT; t++) acc512_zero(&out[t], F64);
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const __m512i ones = _mm512_set1_epi16(1);
     for (int64_t b = 0; b < nb; b++) {
@@ -151,17 +223,16 @@ INLINE TGT_512 void q40_tile_512(const uint8_t *w, int64_t nb, const tpk_xq *x, 
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb));
         for (int t = 0; t < TT; t++) {
             const __m512i isum = _mm512_add_epi32(_mm512_madd_epi16(acc16[t], ones), _mm512_set1_epi32(x[t * nb + b].s8));
-            const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(x[t * nb + b].d));
-            facc[t] = _mm512_add_ps(facc[t], _mm512_mul_ps(_mm512_cvtepi32_ps(isum), scale));
+            acc512_add(&out[t], isum, dw, x[t * nb + b].d, F64);
         }
     }
-    for (int t = 0; t < TT; t++) store16_512(y + t * ldy, facc[t], nrows);
+    for (int t = 0; t < TT; t++) acc512_store(y, at + t * ldy, &out[t], nrows, F64);
 }
 
-INLINE TGT_512 void q80_tile_512(const uint8_t *w, int64_t nb, const tpk_xq *x, float *y, int64_t ldy,
-                                 int nrows, const int TT) {
-    __m512 facc[4];
-    for (int t = 0; t < TT; t++) facc[t] = _mm512_setzero_ps();
+INLINE TGT_512 void q80_tile_512(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
+                                 int nrows, const int TT, const int F64) {
+    acc512 out[4];
+    for (int t = 0; t < TT; t++) acc512_zero(&out[t], F64);
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const __m512i ones = _mm512_set1_epi16(1);
     const __m512i sixteens = _mm512_set1_epi16(16);
@@ -183,49 +254,26 @@ INLINE TGT_512 void q80_tile_512(const uint8_t *w, int64_t nb, const tpk_xq *x, 
         for (int t = 0; t < TT; t++) {
             __m512i isum = _mm512_add_epi32(_mm512_madd_epi16(lo16[t], ones), _mm512_madd_epi16(hi16[t], sixteens));
             isum = _mm512_add_epi32(isum, _mm512_set1_epi32(x[t * nb + b].s128));
-            const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(x[t * nb + b].d));
-            facc[t] = _mm512_add_ps(facc[t], _mm512_mul_ps(_mm512_cvtepi32_ps(isum), scale));
+            acc512_add(&out[t], isum, dw, x[t * nb + b].d, F64);
         }
     }
-    for (int t = 0; t < TT; t++) store16_512(y + t * ldy, facc[t], nrows);
+    for (int t = 0; t < TT; t++) acc512_store(y, at + t * ldy, &out[t], nrows, F64);
 }
 
-TGT_512 static void q40_group_512(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok,
-                                  float *y, int64_t ldy, int nrows) {
-    int64_t t = 0;
-    for (; t + 8 <= ntok; t += 8) q40_tile_512(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 8);
-    if (ntok - t >= 4) { q40_tile_512(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 4); t += 4; }
-    if (ntok - t >= 2) { q40_tile_512(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 2); t += 2; }
-    if (ntok - t >= 1) q40_tile_512(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 1);
-}
-
-TGT_512 static void q80_group_512(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok,
-                                  float *y, int64_t ldy, int nrows) {
-    int64_t t = 0;
-    for (; t + 4 <= ntok; t += 4) q80_tile_512(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 4);
-    if (ntok - t >= 2) { q80_tile_512(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 2); t += 2; }
-    if (ntok - t >= 1) q80_tile_512(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 1);
-}
+GROUP_FN(q40_group_512, q40_tile_512, TGT_512, 8, 0)
+GROUP_FN(q80_group_512, q80_tile_512, TGT_512, 4, 0)
+GROUP_FN(q40_group_512_f64, q40_tile_512, TGT_512, 4, 1)
+GROUP_FN(q80_group_512_f64, q80_tile_512, TGT_512, 4, 1)
 
 /* ================================================================ AVX2
  * The same arithmetic as AVX-512 F/BW on 256-bit registers: a row group is two halves
  * of 8 rows (bytes 32h..32h+31 of each 64-byte slice). */
 
-INLINE TGT_AVX2 void store8(float *y, __m256 v, int nrows) {
-    if (nrows >= 8) {
-        _mm256_storeu_ps(y, v);
-    } else if (nrows > 0) {
-        float tmp[8];
-        _mm256_storeu_ps(tmp, v);
-        memcpy(y, tmp, (size_t)nrows * sizeof(float));
-    }
-}
-
-INLINE TGT_AVX2 void q40_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x, float *y, int64_t ldy,
-                                   int nrows, const int TT) {
-    __m256 facc[2][2];
+INLINE TGT_AVX2 void q40_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
+                                   int nrows, const int TT, const int F64) {
+    acc256 out[2][2];
     for (int h = 0; h < 2; h++)
-        for (int t = 0; t < TT; t++) facc[h][t] = _mm256_setzero_ps();
+        for (int t = 0; t < TT; t++) acc256_zero(&out[h][t], F64);
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     const __m256i ones = _mm256_set1_epi16(1);
     for (int64_t b = 0; b < nb; b++) {
@@ -249,22 +297,21 @@ INLINE TGT_AVX2 void q40_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb + 16 * h)));
             for (int t = 0; t < TT; t++) {
                 const __m256i isum = _mm256_add_epi32(_mm256_madd_epi16(acc16[h][t], ones), _mm256_set1_epi32(x[t * nb + b].s8));
-                const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(x[t * nb + b].d));
-                facc[h][t] = _mm256_add_ps(facc[h][t], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), scale));
+                acc256_add(&out[h][t], isum, dw, x[t * nb + b].d, F64);
             }
         }
     }
     for (int t = 0; t < TT; t++) {
-        store8(y + t * ldy, facc[0][t], nrows);
-        store8(y + t * ldy + 8, facc[1][t], nrows - 8);
+        acc256_store(y, at + t * ldy, &out[0][t], nrows, F64);
+        acc256_store(y, at + t * ldy + 8, &out[1][t], nrows - 8, F64);
     }
 }
 
-INLINE TGT_AVX2 void q80_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x, float *y, int64_t ldy,
-                                   int nrows, const int TT) {
-    __m256 facc[2][2];
+INLINE TGT_AVX2 void q80_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
+                                   int nrows, const int TT, const int F64) {
+    acc256 out[2][2];
     for (int h = 0; h < 2; h++)
-        for (int t = 0; t < TT; t++) facc[h][t] = _mm256_setzero_ps();
+        for (int t = 0; t < TT; t++) acc256_zero(&out[h][t], F64);
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     const __m256i ones = _mm256_set1_epi16(1);
     const __m256i sixteens = _mm256_set1_epi16(16);
@@ -287,30 +334,20 @@ INLINE TGT_AVX2 void q80_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x
             for (int t = 0; t < TT; t++) {
                 __m256i isum = _mm256_add_epi32(_mm256_madd_epi16(lo16[t], ones), _mm256_madd_epi16(hi16[t], sixteens));
                 isum = _mm256_add_epi32(isum, _mm256_set1_epi32(x[t * nb + b].s128));
-                const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(x[t * nb + b].d));
-                facc[h][t] = _mm256_add_ps(facc[h][t], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), scale));
+                acc256_add(&out[h][t], isum, dw, x[t * nb + b].d, F64);
             }
         }
     }
     for (int t = 0; t < TT; t++) {
-        store8(y + t * ldy, facc[0][t], nrows);
-        store8(y + t * ldy + 8, facc[1][t], nrows - 8);
+        acc256_store(y, at + t * ldy, &out[0][t], nrows, F64);
+        acc256_store(y, at + t * ldy + 8, &out[1][t], nrows - 8, F64);
     }
 }
 
-TGT_AVX2 static void q40_group_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok,
-                                    float *y, int64_t ldy, int nrows) {
-    int64_t t = 0;
-    for (; t + 2 <= ntok; t += 2) q40_tile_avx2(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 2);
-    if (ntok - t >= 1) q40_tile_avx2(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 1);
-}
-
-TGT_AVX2 static void q80_group_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok,
-                                    float *y, int64_t ldy, int nrows) {
-    int64_t t = 0;
-    for (; t + 2 <= ntok; t += 2) q80_tile_avx2(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 2);
-    if (ntok - t >= 1) q80_tile_avx2(w, nb, x + t * nb, y + t * ldy, ldy, nrows, 1);
-}
+GROUP_FN(q40_group_avx2, q40_tile_avx2, TGT_AVX2, 2, 0)
+GROUP_FN(q80_group_avx2, q80_tile_avx2, TGT_AVX2, 2, 0)
+GROUP_FN(q40_group_avx2_f64, q40_tile_avx2, TGT_AVX2, 2, 1)
+GROUP_FN(q80_group_avx2_f64, q80_tile_avx2, TGT_AVX2, 2, 1)
 
 /* ================================================================ q80 quantizer
  * The scalar reference's steps on 16 / 8 lanes: amax (exact), d = amax / 127 and
@@ -381,20 +418,20 @@ TGT_AVX2 void tpk_x86_quantize_q80_avx2(const float *x, tpk_block_q80 *y, int64_
 
 /* ================================================================ dispatch */
 
-tpk_group_fn tpk_x86_q40(int level) {
+tpk_group_fn tpk_x86_q40(int level, int f64) {
     switch (level) {
-    case TPK_AVX512_VNNI: return q40_group_vnni;
-    case TPK_AVX512: return q40_group_512;
-    case TPK_AVX2: return q40_group_avx2;
+    case TPK_AVX512_VNNI: return f64 ? q40_group_vnni_f64 : q40_group_vnni;
+    case TPK_AVX512: return f64 ? q40_group_512_f64 : q40_group_512;
+    case TPK_AVX2: return f64 ? q40_group_avx2_f64 : q40_group_avx2;
     default: return NULL;
     }
 }
 
-tpk_group_fn tpk_x86_q80(int level) {
+tpk_group_fn tpk_x86_q80(int level, int f64) {
     switch (level) {
-    case TPK_AVX512_VNNI: return q80_group_vnni;
-    case TPK_AVX512: return q80_group_512;
-    case TPK_AVX2: return q80_group_avx2;
+    case TPK_AVX512_VNNI: return f64 ? q80_group_vnni_f64 : q80_group_vnni;
+    case TPK_AVX512: return f64 ? q80_group_512_f64 : q80_group_512;
+    case TPK_AVX2: return f64 ? q80_group_avx2_f64 : q80_group_avx2;
     default: return NULL;
     }
 }

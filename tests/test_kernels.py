@@ -110,13 +110,13 @@ def _operands(wtype, rows, nb, ntok, seed):
     return wq, xq
 
 
-def _reference(wtype, wq, xq, rows):
-    out = np.empty((xq.shape[0], rows), dtype=np.float32)
+def _reference(wtype, wq, xq, rows, dtype=np.float32):
+    out = np.empty((xq.shape[0], rows), dtype=dtype)
     return K.matmul_ref(wtype, wq, xq, out)
 
 
-def _packed(wtype, packed, rows, nb, xq, threads):
-    out = np.full((xq.shape[0], rows), np.nan, dtype=np.float32)
+def _packed(wtype, packed, rows, nb, xq, threads, dtype=np.float32):
+    out = np.full((xq.shape[0], rows), np.nan, dtype=dtype)
     return K.matmul_packed(wtype, packed, rows, nb, xq, out, threads)
 
 
@@ -124,9 +124,12 @@ SHAPES = [(1, 1), (5, 2), (15, 1), (16, 3), (17, 2), (31, 5), (33, 1), (48, 4), 
 TOKENS = [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 33, 64, 70]
 
 
+@pytest.mark.parametrize("sums", ["float32", "float64"])
 @pytest.mark.parametrize("wtype", ["q40", "q80"])
 @pytest.mark.parametrize("level", LEVELS)
-def test_every_level_bit_identical_to_reference(wtype, level):
+def test_every_level_bit_identical_to_reference(wtype, level, sums):
+    """float32 sums (the runtime's products), and float64 sums (row-parallel partial sums)."""
+    dtype = np.dtype(sums)
     K.set_simd_level(level)
     assert K.simd_level() == level
     checked = 0
@@ -135,10 +138,10 @@ def test_every_level_bit_identical_to_reference(wtype, level):
             if rows * nb * ntok > 60000 and ntok not in (1, 70):
                 continue
             wq, xq = _operands(wtype, rows, nb, ntok, seed=si * 100 + ntok)
-            ref = _reference(wtype, wq, xq, rows)
+            ref = _reference(wtype, wq, xq, rows, dtype)
             packed = K.pack(wtype, wq)
             for threads in (1, 2):
-                got = _packed(wtype, packed, rows, nb, xq, threads)
+                got = _packed(wtype, packed, rows, nb, xq, threads, dtype)
                 assert np.array_equal(got, ref), (
                     f"{wtype} level={level} rows={rows} nb={nb} ntok={ntok} threads={threads}: "
                     f"max diff {np.nanmax(np.abs(got - ref)):.3g}")
@@ -153,10 +156,11 @@ def test_model_sized_matmul_bit_identical(wtype, level):
     K.set_simd_level(level)
     for rows, nb, ntok in [(250, 64, 1), (250, 64, 37), (40, 176, 5)]:
         wq, xq = _operands(wtype, rows, nb, ntok, seed=rows + nb + ntok)
-        ref = _reference(wtype, wq, xq, rows)
         packed = K.pack(wtype, wq)
-        for threads in (1, 2):
-            assert np.array_equal(_packed(wtype, packed, rows, nb, xq, threads), ref)
+        for dtype in (np.float32, np.float64):
+            ref = _reference(wtype, wq, xq, rows, dtype)
+            for threads in (1, 2):
+                assert np.array_equal(_packed(wtype, packed, rows, nb, xq, threads, dtype), ref)
 
 
 @pytest.mark.parametrize("wtype", ["q40", "q80"])
@@ -174,12 +178,13 @@ def test_extreme_bytes_exact(wtype):
     wq[1, 2:BLOCK_BYTES[wtype]] = 0x00 if wtype == "q40" else 0x7F
     xq[0, 2:K.Q80_BYTES] = 0x80                                          # activations -128
     xq[1, 2:K.Q80_BYTES] = 0x7F
-    ref = _reference(wtype, wq, xq, rows)
     packed = K.pack(wtype, wq)
-    for level in LEVELS:
-        K.set_simd_level(level)
-        for threads in (1, 2):
-            assert np.array_equal(_packed(wtype, packed, rows, nb, xq, threads), ref), level
+    for dtype in (np.float32, np.float64):
+        ref = _reference(wtype, wq, xq, rows, dtype)
+        for level in LEVELS:
+            K.set_simd_level(level)
+            for threads in (1, 2):
+                assert np.array_equal(_packed(wtype, packed, rows, nb, xq, threads, dtype), ref), level
 
 
 @pytest.mark.parametrize("wtype", ["q40", "q80"])
@@ -196,6 +201,8 @@ def test_matmul_close_to_float64(wtype, level):
     want = x @ w.T
     size = np.abs(x) @ np.abs(w).T
     assert np.all(np.abs(got - want) <= 1e-5 * size + 1e-30), np.max(np.abs(got - want) / (size + 1e-30))
+    got64 = _packed(wtype, K.pack(wtype, wq), rows, nb, xq, 2, np.float64)   # float64 sums: to float64 rounding
+    assert np.all(np.abs(got64 - want) <= 1e-12 * size + 1e-300)
 
 
 @pytest.mark.parametrize("wtype", ["q40", "q80"])
