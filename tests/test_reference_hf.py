@@ -8,17 +8,15 @@ import numpy as np
 import pytest
 
 import tpllama
-from tiny_models import SPECS, reference_logits, rule_prompt, write_hf_model
+from tiny_models import SPECS, reference_logits, rule_prompt
 
 PROMPT_TOKENS = 16
 DECODE_STEPS = 8
 
 
 @pytest.fixture(scope="module", params=sorted(SPECS))
-def hf_model(request, tmp_path_factory):
-    spec = SPECS[request.param]
-    directory = tmp_path_factory.mktemp(spec.name)
-    torch_model = write_hf_model(spec, directory)
+def hf_model(request, tiny_hf):
+    spec, directory, torch_model = tiny_hf(request.param)
     prompt = rule_prompt(spec, PROMPT_TOKENS)
     return spec, directory, reference_logits(torch_model, prompt, DECODE_STEPS)
 

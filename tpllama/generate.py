@@ -32,6 +32,7 @@ def build_parser():
     chat.add_argument("--chat", dest="chat", action="store_true", default=None,
                       help="wrap the prompt in the model's chat template (default when the model has one)")
     chat.add_argument("--raw", dest="chat", action="store_false", help="use the prompt as it is, no chat template")
+    p.add_argument("--no-echo", action="store_true", help="do not print a raw prompt before its continuation")
     p.add_argument("--stats", action="store_true",
                    help="per-token timings (total, compute, sync ms; kB sent/received) and a summary on stderr")
     cli.add_model_args(p)
@@ -61,6 +62,8 @@ def main(argv=None) -> int:
     stats = RunStats()
     pieces = model.stream(prompt, args.n_predict, chat=use_chat, system=args.system, stats=stats,
                           **cli.sampling_options(args))
+    if root and not use_chat and not args.no_echo:
+        sys.stdout.write(prompt)   # a raw prompt reads on into its continuation
     for piece in pieces:
         if root:
             sys.stdout.write(piece)

@@ -126,6 +126,17 @@ class Matrix:
         K.matmul_packed(self.wtype, self.data, self.rows, self.cols // QK, a.q80, out, self.threads)
         return out
 
+    def partial_sums(self, a: Activation) -> np.ndarray:
+        """(T, cols) -> (T, rows) float64: a rank's share of a row-parallel product.
+
+        Rows accumulate in float64 (every block term is exact there), so partial sums from
+        any split of the columns add up to the same total once rounded to float32."""
+        if self.wtype == "f32":
+            return a.x.astype(np.float64) @ self.data.T.astype(np.float64)
+        out = np.empty((a.x.shape[0], self.rows), dtype=np.float64)
+        K.matmul_packed(self.wtype, self.data, self.rows, self.cols // QK, a.q80, out, self.threads)
+        return out
+
     def blocks(self) -> np.ndarray:
         """The weights as GGML blocks (rows, cols/32*block_bytes), byte-identical to what was loaded."""
         if self.wtype == "f32":

@@ -2,8 +2,8 @@
 
 Reads like the paper: for each layer, x += attention(rmsnorm(x)); x += ffn(rmsnorm(x)).
 A rank computes only its own heads and FFN units, so the two sublayer outputs are partial
-sums that `reduce` (an all-reduce across ranks; identity on one rank) completes.
-With one rank this is the whole model.
+sums (float64) that `reduce` (an all-reduce across ranks) completes and rounds to float32.
+With one rank this is the whole model, and `single_rank` is its reduce.
 """
 from __future__ import annotations
 
@@ -14,9 +14,15 @@ import numpy as np
 from .config import ModelConfig
 from .loader import LayerWeights, RankWeights
 from .matrix import Activation, matmul_all
+from .memory import lazy_zeros
 from . import _kernels as K
 
-Reduce = Callable[[np.ndarray], np.ndarray]
+Reduce = Callable[[np.ndarray], np.ndarray]   # (T, dim) float64 partial sums -> (T, dim) float32 totals
+
+
+def single_rank(partial: np.ndarray) -> np.ndarray:
+    """The reduce of a one-rank job: the partial sum is the total."""
+    return partial.astype(np.float32)
 
 
 class KVCache:
@@ -24,8 +30,8 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, n_local_kv_heads: int, ctx: int):
         shape = (config.n_layers, n_local_kv_heads, ctx, config.head_dim)
-        self.k = np.zeros(shape, dtype=np.float32)   # (layers, local_kv_heads, ctx, head_dim)
-        self.v = np.zeros(shape, dtype=np.float32)
+        self.k = lazy_zeros(shape)   # (layers, local_kv_heads, ctx, head_dim); resident as it fills
+        self.v = lazy_zeros(shape)
         self.ctx = ctx
 
     @property
@@ -77,7 +83,7 @@ class RankModel:
     # ------------------------------------------------------------ one layer
 
     def attention(self, layer: int, lw: LayerWeights, h: Activation, start: int, cos, sin) -> np.ndarray:
-        """(T, dim) normed input -> (T, dim) partial output of this rank's heads."""
+        """(T, dim) normed input -> (T, dim) float64 partial output of this rank's heads."""
         hd = self.config.head_dim
         q, k, v = matmul_all((lw.wq, lw.wk, lw.wv), h)            # (T, local_heads * hd), (T, local_kv * hd) x 2
         apply_rope(q, hd, cos, sin)
@@ -85,12 +91,12 @@ class RankModel:
         # k, v go into the cache at positions start..; each position attends to 0..itself
         out = K.attention(q, k, v, self.cache.k[layer], self.cache.v[layer], start, self.kv_of_head,
                           self.scale, self.threads)               # (T, local_heads * hd)
-        return lw.wo(Activation(out))
+        return lw.wo.partial_sums(Activation(out))
 
     def feed_forward(self, lw: LayerWeights, h: Activation) -> np.ndarray:
-        """(T, dim) -> (T, dim) partial output of this rank's FFN units."""
+        """(T, dim) -> (T, dim) float64 partial output of this rank's FFN units."""
         gate, up = matmul_all((lw.w1, lw.w3), h)                  # (T, local_ffn) x 2
-        return lw.w2(Activation(silu_mul(gate, up, self.threads)))
+        return lw.w2.partial_sums(Activation(silu_mul(gate, up, self.threads)))
 
     # ------------------------------------------------------------ whole pass
 

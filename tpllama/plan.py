@@ -7,10 +7,12 @@ Megatron-style tensor parallelism with one all-reduce after attention and one af
   w2         RowwiseParallel: columns of this rank's FFN units (partial sums)
   output     vocab-parallel: rows of this rank's vocab slice (tied embeddings too)
 
-Splits are contiguous and proportional to per-rank weights (--rank-weights), so a faster
-node gets more heads and FFN blocks, and any rank count from 1 to n_heads works, also
-counts that divide nothing evenly. When ranks outnumber kv heads, a kv head is held by
-every rank whose query heads read it.
+Splits are contiguous and follow per-rank weights (--rank-weights), so a faster node gets
+more heads and FFN blocks, and any rank count from 1 to n_heads works, also counts that
+divide nothing evenly. Heads are split first; FFN blocks then even out each rank's whole
+layer (attention + FFN) to its share, so a rank that got an extra head gets fewer FFN
+blocks. When ranks outnumber kv heads, a kv head is held by every rank whose query heads
+read it.
 """
 from __future__ import annotations
 
@@ -44,6 +46,15 @@ class ShardPlan:
 
     def __getitem__(self, rank: int) -> RankSlice:
         return self.ranks[rank]
+
+
+def split_to_targets(total: int, targets: Sequence[float]) -> List[range]:
+    """Contiguous ranges covering range(total) whose sizes come closest to real-valued targets
+    (negative targets count as 0; the targets are rescaled to sum to total)."""
+    t = [max(0.0, x) for x in targets]
+    if sum(t) <= 0:
+        t = [1.0] * len(t)
+    return split_proportional(total, [x + 1e-12 for x in t])
 
 
 def split_proportional(total: int, weights: Sequence[float], minimum: int = 0) -> List[range]:
@@ -93,17 +104,27 @@ def make_plan(config: ModelConfig, world_size: int, weights: Optional[Sequence[f
     if world_size > config.n_heads:
         raise TpllamaError(f"{world_size} ranks but the model has only {config.n_heads} attention heads; "
                            f"use at most {config.n_heads} ranks")
-    heads = split_proportional(config.n_heads, weights, minimum=1)
-    ffn_unit = QK if config.hidden_dim % QK == 0 else 1
-    ffn = [range(r.start * ffn_unit, r.stop * ffn_unit)
-           for r in split_proportional(config.hidden_dim // ffn_unit, weights)]
-    vocab = split_proportional(config.vocab_size, weights)
     group = config.kv_group
-    ranks = tuple(
-        RankSlice(rank=i, heads=h, kv_heads=range(h.start // group, (h.stop - 1) // group + 1), ffn=f, vocab=v)
-        for i, (h, f, v) in enumerate(zip(heads, ffn, vocab))
-    )
+    heads = split_proportional(config.n_heads, weights, minimum=1)
+    kv_heads = [range(h.start // group, (h.stop - 1) // group + 1) for h in heads]
+    ffn = _balanced_ffn(config, weights, heads, kv_heads)
+    vocab = split_proportional(config.vocab_size, weights)
+    ranks = tuple(RankSlice(rank=i, heads=h, kv_heads=kv, ffn=f, vocab=v)
+                  for i, (h, kv, f, v) in enumerate(zip(heads, kv_heads, ffn, vocab)))
     return ShardPlan(config=config, weights=weights, ranks=ranks)
+
+
+def _balanced_ffn(config: ModelConfig, weights, heads, kv_heads) -> List[range]:
+    """FFN ranges (whole blocks of 32 when the width allows) that bring each rank's layer
+    weights (its q/k/v/o rows and columns plus w1/w2/w3) closest to its share."""
+    d, hd = config.dim, config.head_dim
+    unit = QK if config.hidden_dim % QK == 0 else 1
+    attention = [2 * len(h) * hd * d + 2 * len(kv) * hd * d for h, kv in zip(heads, kv_heads)]
+    ffn_per_unit = 3 * d * unit
+    layer_total = sum(attention) + ffn_per_unit * (config.hidden_dim // unit)
+    share = [w / sum(weights) for w in weights]
+    targets = [(s * layer_total - a) / ffn_per_unit for s, a in zip(share, attention)]
+    return [range(r.start * unit, r.stop * unit) for r in split_to_targets(config.hidden_dim // unit, targets)]
 
 
 # ---------------------------------------------------------------- memory per rank
@@ -205,3 +226,73 @@ def format_memory_table(mem: Sequence[RankMemory], ctx: int) -> str:
                      f"{mib(sum(m.buffers for m in mem)):>8} {mib(sum(m.overhead for m in mem)):>8} "
                      f"{mib(sum(m.total for m in mem)):>9}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- command line: the plan without MPI
+
+def parse_size(text: str) -> int:
+    """'8G', '512M', '4096' (MiB) -> bytes."""
+    t = text.strip().upper().rstrip("B").rstrip("I")
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(float(t) * 2**20)
+    except ValueError:
+        raise TpllamaError(f"memory size {text!r}: expected a number with a unit, e.g. 8G or 512M") from None
+
+
+def main(argv=None) -> int:
+    import argparse
+    import psutil
+    from .formats import open_model
+    p = argparse.ArgumentParser(
+        prog="python -m tpllama.plan",
+        description="Show how a model splits over K ranks and what each rank needs in memory, before running "
+                    "anything (no MPI). Each rank is assumed to be its own host.")
+    p.add_argument("-m", "--model", required=True, help="GGUF file, Hugging Face directory or llama2.c .bin")
+    p.add_argument("-n", "--ranks", type=int, default=1, help="number of ranks (default 1)")
+    p.add_argument("-c", "--ctx-size", type=int, default=0, help="context length (default: the model's, capped to fit)")
+    p.add_argument("--weight-type", choices=tuple(BYTES_PER_WEIGHT), default="q40")
+    p.add_argument("--rank-weights", default=None, help="relative speeds, e.g. 2,1,1")
+    p.add_argument("--host-memory", default=None,
+                   help="memory available on each rank's host, e.g. 8G or 8G,4G,4G,4G (default: this machine's available memory)")
+    args = p.parse_args(argv)
+    reader = open_model(args.model)
+    plan = make_plan(reader.config, args.ranks, parse_rank_weights(args.rank_weights, args.ranks))
+    if args.host_memory:
+        sizes = [parse_size(s) for s in args.host_memory.split(",")]
+        if len(sizes) == 1:
+            sizes *= args.ranks
+        if len(sizes) != args.ranks:
+            raise TpllamaError(f"--host-memory has {len(sizes)} values for {args.ranks} ranks")
+    else:
+        sizes = [int(psutil.virtual_memory().available)] * args.ranks
+    hosts = [f"host{r}" for r in range(args.ranks)]
+    ctx = args.ctx_size or min(reader.config.max_seq_len, max_context(plan, args.weight_type, hosts, sizes))
+    c = reader.config
+    print(f"{args.model}: {c.n_layers} layers, dim {c.dim}, FFN {c.hidden_dim}, {c.n_heads} heads / {c.n_kv_heads} kv heads, "
+          f"vocab {c.vocab_size}, context {c.max_seq_len}")
+    print(f"{'rank':>4} {'weight':>6} {'heads':>9} {'kv heads':>9} {'FFN units':>11} {'vocab rows':>13}")
+    for s, w in zip(plan.ranks, plan.weights):
+        print(f"{s.rank:>4} {w:>6g} {s.heads.start:>4}-{s.heads.stop - 1:<4} {s.kv_heads.start:>4}-{s.kv_heads.stop - 1:<4} "
+              f"{s.ffn.start:>5}-{s.ffn.stop - 1:<5} {s.vocab.start:>6}-{s.vocab.stop - 1:<6}")
+    mem = rank_memory(plan, args.weight_type, ctx, hosts, sizes)
+    print(format_memory_table(mem, ctx))
+    per_token = 2 * c.n_layers * c.dim * 4
+    print(f"traffic per token and rank (f32 sync): {per_token / 1024:.1f} kB of all-reduce payload "
+          f"(2 x {c.n_layers} layers x {c.dim} x 4 bytes) + a few bytes of token and candidates")
+    short = host_shortfalls(mem)
+    for host, ranks, missing in short:
+        print(f"does not fit: rank {ranks[0]} needs {missing / 2**20:,.0f} MiB more than {host} has; "
+              "lower -c, add ranks, or change --rank-weights")
+    return 1 if short else 0
+
+
+if __name__ == "__main__":
+    import sys
+    try:
+        sys.exit(main())
+    except TpllamaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

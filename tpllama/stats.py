@@ -32,6 +32,19 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def resident_anon_bytes() -> int:
+    """Anonymous resident memory of this process (Linux): what it holds, not the mapped model file's
+    page cache, which the kernel can drop at will."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 @dataclass
 class RunStats:
     """One generate() call on this rank."""

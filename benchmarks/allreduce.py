@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Cost of one MPI all-reduce against its payload: the input of the cluster model in
+docs/performance.md (ms per token = weights / bandwidth + collectives x this cost).
+
+    python benchmarks/allreduce.py --ranks 2,4                    # ranks on this machine (shared memory)
+    python benchmarks/allreduce.py --ranks 2,4 --netem            # each rank its own host, 1 Gbit/s links
+
+Prints, per rank count, the median time of an all-reduce of float64/float32 payloads from
+1 KiB to 4 MiB, and the fitted latency (ms) and bandwidth (MB/s) of t = a + bytes / b;
+writes JSON to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = [2**k for k in range(10, 23)]       # payload bytes: 1 KiB .. 4 MiB
+
+WORKER = r"""
+import json, sys, time
+import numpy as np
+from mpi4py import MPI
+comm = MPI.COMM_WORLD
+sizes, reps = json.loads(sys.argv[1]), int(sys.argv[2])
+out = {}
+for nbytes in sizes:
+    buf = np.ones(nbytes // 8, dtype=np.float64)
+    for _ in range(3):
+        comm.Allreduce(MPI.IN_PLACE, buf)
+    times = []
+    for _ in range(reps):
+        comm.Barrier()
+        t0 = time.perf_counter()
+        comm.Allreduce(MPI.IN_PLACE, buf)
+        times.append(time.perf_counter() - t0)
+    worst = comm.reduce(sorted(times)[len(times) // 2], op=MPI.MAX, root=0)
+    out[nbytes] = worst
+if comm.rank == 0:
+    print("RESULT " + json.dumps(out))
+"""
+
+
+def fit(points):
+    """Least-squares t = a + bytes / b over (bytes, seconds): latency a (ms), bandwidth b (MB/s)."""
+    import numpy as np
+    x = np.array([p[0] for p in points], dtype=float)
+    y = np.array([p[1] for p in points], dtype=float)
+    slope, intercept = np.polyfit(x, y, 1)
+    return max(intercept, 0.0) * 1000, (1 / slope) / 1e6 if slope > 0 else float("inf")
+
+
+def run(k, args, cluster=None):
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    from sweep import mpirun_binary
+    cmd = [mpirun_binary(), "-n", str(k)]
+    cmd += cluster.mpirun_args() if cluster else ["--oversubscribe", "--bind-to", "none", "--mca", "mpi_yield_when_idle", "1"]
+    cmd += [sys.executable, "-c", WORKER, json.dumps(SIZES), str(args.reps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return {int(n): t for n, t in json.loads(line[7:]).items()}
+    raise SystemExit(f"{k} ranks failed: {proc.stderr[-2000:]}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ranks", default="2,4")
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--netem", action="store_true", help="each rank on its own namespace host behind a shaped link")
+    p.add_argument("--rate", default="1gbit")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    results = {}
+    for k in (int(x) for x in args.ranks.split(",")):
+        if args.netem:
+            sys.path.insert(0, str(REPO))
+            from tpllama.bench.hosts import namespace_hosts
+            with namespace_hosts(k, rate=args.rate) as cluster:
+                times = run(k, args, cluster)
+        else:
+            times = run(k, args)
+        latency, bandwidth = fit(sorted(times.items()))
+        results[k] = {"seconds": times, "latency_ms": latency, "bandwidth_MBps": bandwidth}
+        print(f"\n{k} ranks{' on ' + args.rate + ' links' if args.netem else ' on this machine'}: "
+              f"fit t = {latency:.3f} ms + bytes / {bandwidth:.0f} MB/s")
+        print(f"{'payload':>10} {'ms':>9}")
+        for n, t in sorted(times.items()):
+            print(f"{n / 1024:>8.0f}Ki {t * 1000:>9.3f}")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    name = f"allreduce-{'netem-' + args.rate if args.netem else 'local'}.json"
+    (Path(args.out) / name).write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {Path(args.out) / name}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main()

@@ -1,0 +1,214 @@
+#!/usr/bin/env python3
+"""Benchmark sweep over rank and thread counts, the way distributed inference is reported.
+
+    python benchmarks/sweep.py --model model.gguf --ranks 1,2,4 --threads 1,2
+    python benchmarks/sweep.py --shape tinyllama-1.1b --ranks 1,2 --threads 1 --oversubscribe
+    python benchmarks/sweep.py --shape tinyllama-1.1b --ranks 2,4 --netem     # hosts on a shaped 1 Gbit/s link
+
+For each point it launches `mpirun -n R python -m tpllama.bench.point` and prints one row:
+prompt tokens/s (pp64), decode tokens/s (tg64, median and spread of the repetitions), ms per
+token split into compute and sync, kB sent/received per token per rank, peak RSS per rank and
+in total. It writes JSON, a markdown table and (with matplotlib) a PNG plot to --out.
+
+--netem puts every rank on its own "host" (a network namespace) whose link is shaped with
+tc to --rate (1 Gbit/s); this kernel has no netem qdisc, so link latency (--latency-ms, 0.2 ms)
+is added by a model: each all-reduce of K ranks pays 2(K-1) link latencies (ring algorithm),
+reported in its own column next to the measured sync.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+from typing import List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mpirun_binary() -> str:
+    local = os.path.join(sysconfig.get_path("scripts"), "mpirun")
+    return local if os.path.exists(local) else "mpirun"
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_point(model: str, ranks: int, threads: int, args, cluster=None) -> dict:
+    """One mpirun of tpllama.bench.point; its RESULT as a dict (or an 'error')."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    launch = [mpirun_binary(), "-n", str(ranks)]
+    if cluster is not None:
+        launch += cluster.mpirun_args()
+    else:
+        launch += ["--bind-to", "none", "--mca", "mpi_yield_when_idle", "1"]
+        if args.oversubscribe:
+            launch.append("--oversubscribe")
+    cmd = launch + [sys.executable, "-m", "tpllama.bench.point", "-m", model, "-t", str(threads),
+                    "--pp", str(args.pp), "--tg", str(args.tg), "--reps", str(args.reps),
+                    "--weight-type", args.weight_type, "--sync-type", args.sync_type]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"ranks": ranks, "threads": threads, "error": f"exit {proc.returncode}: {tail}"}
+
+
+def summarize(r: dict, latency_ms: float, collectives_per_token: int) -> dict:
+    """Medians and spreads of one point's repetitions, and the modelled link latency."""
+    if "error" in r:
+        return r
+    tg, pp = r["tg_tokens_per_s"], r["pp_tokens_per_s"]
+    k = r["ranks"]
+    latency = latency_ms * collectives_per_token * 2 * (k - 1) if k > 1 else 0.0
+    return {
+        **r,
+        "pp_median": statistics.median(pp), "tg_median": statistics.median(tg),
+        "tg_spread": (max(tg) - min(tg)) / 2 if len(tg) > 1 else 0.0,
+        "compute_ms": max(r["decode_compute_ms"]), "sync_ms": min(r["decode_sync_ms"]),
+        "modelled_latency_ms": latency,
+        "total_rss_mib": sum(r["peak_rss_mib"]),
+    }
+
+
+def markdown_table(rows: List[dict], with_latency: bool, pp: int = 64, tg: int = 64) -> str:
+    head = ["ranks", "threads/rank", f"pp{pp} tok/s", f"tg{tg} tok/s (median ± spread)", "ms/token", "compute ms",
+            "sync ms", "sent kB/token/rank", "recv kB/token/rank", "peak RSS/rank MiB", "total RSS MiB"]
+    if with_latency:
+        head.insert(7, "+ modelled latency ms")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['ranks']} | {r['threads']} | " + f"failed: {r['error']}" + " |" * (len(head) - 2))
+            continue
+        cells = [r["ranks"], r["threads"], f"{r['pp_median']:.1f}", f"{r['tg_median']:.2f} ± {r['tg_spread']:.2f}",
+                 f"{r['decode_ms']:.1f}", f"{r['compute_ms']:.1f}", f"{r['sync_ms']:.1f}",
+                 f"{max(r['sent_kb_per_token']):.0f}", f"{max(r['recv_kb_per_token']):.0f}",
+                 "/".join(f"{m:.0f}" for m in r["peak_rss_mib"]), f"{r['total_rss_mib']:.0f}"]
+        if with_latency:
+            cells.insert(7, f"{r['modelled_latency_ms']:.1f}")
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: List[dict], path: Path) -> Optional[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install tpllama[plot]); no plot"
+    ok = [r for r in rows if "error" not in r]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for threads in sorted({r["threads"] for r in ok}):
+        pts = [r for r in ok if r["threads"] == threads]
+        a.errorbar([r["ranks"] for r in pts], [r["tg_median"] for r in pts], yerr=[r["tg_spread"] for r in pts],
+                   marker="o", label=f"decode, {threads} thread(s)/rank")
+        a.plot([r["ranks"] for r in pts], [r["pp_median"] for r in pts], marker="s", ls="--",
+               label=f"prompt, {threads} thread(s)/rank")
+    a.set_xlabel("ranks")
+    a.set_ylabel("tokens/s")
+    a.legend()
+    labels = [f"{r['ranks']}x{r['threads']}" for r in ok]
+    a.set_xticks(sorted({r["ranks"] for r in ok}))
+    b.bar(labels, [r["compute_ms"] for r in ok], label="compute")
+    b.bar(labels, [r["sync_ms"] for r in ok], bottom=[r["compute_ms"] for r in ok], label="sync")
+    b.set_xlabel("ranks x threads")
+    b.set_ylabel("ms per decoded token")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return None
+
+
+def resolve_model(args) -> str:
+    if args.model:
+        return args.model
+    from tpllama.bench.make_model import make_model
+    cache = Path(os.environ.get("TPLLAMA_CACHE", "~/.cache/tpllama")).expanduser() / "bench"
+    cache.mkdir(parents=True, exist_ok=True)
+    return str(make_model(args.shape, cache / f"{args.shape}.gguf"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="model file or directory")
+    src.add_argument("--shape", help="a random-weight model of a named shape (tpllama.bench.make_model), cached")
+    p.add_argument("--ranks", default="1,2,4")
+    p.add_argument("--threads", default="1,2", help="threads per rank")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--pp", type=int, default=64)
+    p.add_argument("--tg", type=int, default=64)
+    p.add_argument("--weight-type", default="q40")
+    p.add_argument("--sync-type", default="f64")
+    p.add_argument("--oversubscribe", action="store_true", help="allow ranks x threads above the core count")
+    p.add_argument("--netem", action="store_true", help="each rank on its own namespace host behind a shaped link")
+    p.add_argument("--rate", default="1gbit", help="link rate with --netem (tc tbf), default 1gbit")
+    p.add_argument("--latency-ms", type=float, default=0.2, help="modelled one-way link latency with --netem")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per point")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="directory for JSON, markdown, PNG")
+    args = p.parse_args(argv)
+
+    model = resolve_model(args)
+    ranks = [int(x) for x in args.ranks.split(",")]
+    threads = [int(x) for x in args.threads.split(",")]
+    cores = os.cpu_count() or 1
+    from tpllama.formats import open_model
+    n_layers = open_model(model).config.n_layers
+    rows = []
+    print(f"model {model}, {args.weight_type} weights, {args.sync_type} sync, pp{args.pp}/tg{args.tg}, "
+          f"{args.reps} reps, {cores} cores ({cpu_name()})", flush=True)
+    for k in ranks:
+        for t in threads:
+            if k * t > cores and not (args.oversubscribe or args.netem):
+                print(f"skip {k} ranks x {t} threads: more than {cores} cores (use --oversubscribe)", flush=True)
+                continue
+            if args.netem and k > 1:
+                from tpllama.bench.hosts import namespace_hosts, unavailable_reason
+                reason = unavailable_reason()
+                if reason:
+                    print(f"--netem: cannot make hosts here ({reason}); skipping", file=sys.stderr)
+                    return 2
+                with namespace_hosts(k, rate=args.rate) as cluster:
+                    r = run_point(model, k, t, args, cluster)
+            else:
+                r = run_point(model, k, t, args)
+            row = summarize(r, args.latency_ms if args.netem else 0.0, 2 * n_layers)
+            rows.append(row)
+            print(markdown_table([row], args.netem, args.pp, args.tg).splitlines()[-1], flush=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = f"sweep-{Path(model).stem}-{stamp}"
+    table = markdown_table(rows, args.netem, args.pp, args.tg)
+    meta = {"date": stamp, "command": " ".join(sys.argv), "cpu": cpu_name(), "cores": cores, "model": model,
+            "netem": args.netem, "rate": args.rate if args.netem else None,
+            "latency_ms": args.latency_ms if args.netem else None}
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / f"{name}.md").write_text(f"{meta['date']} `{meta['command']}` on {meta['cpu']} ({cores} cores)\n\n{table}\n")
+    print("\n" + table)
+    note = plot(rows, out / f"{name}.png")
+    print(note or f"wrote {out / name}.json, .md, .png")
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Greedy text of a prompt. Args: MODEL WTYPE N_TOKENS PROMPT [--tokenizer PATH] [--rank-weights W] [--sync S]"""
+import argparse
+import json
+
+from mpi4py import MPI
+
+import tpllama
+
+p = argparse.ArgumentParser()
+p.add_argument("model")
+p.add_argument("wtype")
+p.add_argument("n", type=int)
+p.add_argument("prompt")
+p.add_argument("--tokenizer", default=None)
+p.add_argument("--rank-weights", default=None)
+p.add_argument("--sync", default="f64")
+p.add_argument("--raw", action="store_true")
+a = p.parse_args()
+model = tpllama.load(a.model, weight_type=a.wtype, tokenizer=a.tokenizer, rank_weights=a.rank_weights,
+                     sync_type=a.sync, ctx_size=512)
+g = model.generate(a.prompt, a.n, temperature=0.0, chat=False)
+if MPI.COMM_WORLD.rank == 0:
+    print("RESULT " + json.dumps({"text": g.text, "tokens": g.tokens, "prompt_tokens": g.prompt_tokens,
+                                  "ranks": MPI.COMM_WORLD.size,
+                                  "weight_bytes": model.rank_model.w.nbytes}))

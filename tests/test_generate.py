@@ -1,0 +1,132 @@
+"""One rank: real models give their known text; the library API and the CLI behave as documented."""
+import collections
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tpllama
+from tpllama.errors import TpllamaError
+
+REPO = Path(__file__).resolve().parents[1]
+# ../shared/models/README.md: greedy output of stories260K for "Once upon a time" with BOS, 60 steps, f32
+STORIES_TEXT = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
+                "One day, she saw a big, red ball. She wanted to play with it, but it was too high.\nLily")
+STORIES_PROMPT_IDS = [1, 403, 407, 261, 378]
+STORIES_FIRST_IDS = [432, 383, 286, 261, 376, 298, 315, 421, 395, 317]
+
+
+@pytest.fixture(scope="module", params=["bin", "gguf"])
+def stories(request, stories_bin, stories_gguf):
+    path = stories_bin if request.param == "bin" else stories_gguf
+    return tpllama.load(str(path), weight_type="f32", threads=1)
+
+
+def test_stories_known_greedy_text(stories):
+    g = stories.generate("Once upon a time", 60, temperature=0.0)
+    assert g.prompt_tokens == STORIES_PROMPT_IDS
+    assert g.tokens[:10] == STORIES_FIRST_IDS
+    assert "Once upon a time" + g.text == STORIES_TEXT
+    assert g.finish_reason == "length" and len(g.tokens) == 60
+
+
+def test_stream_pieces_make_the_generated_text(stories):
+    pieces = list(stories.stream("Once upon a time", 30, temperature=0.0))
+    assert len(pieces) > 5
+    assert "Once upon a time" + "".join(pieces) == STORIES_TEXT[:len("Once upon a time" + "".join(pieces))]
+
+
+def test_forward_gives_full_logits(stories):
+    logits = stories.forward(STORIES_PROMPT_IDS, 0)
+    assert logits.shape == (5, 512) and logits.dtype == np.float32
+    assert int(logits[-1].argmax()) == STORIES_FIRST_IDS[0]
+    # continuing at position 5 with the first generated token gives the second
+    nxt = stories.forward([STORIES_FIRST_IDS[0]], 5)
+    assert int(nxt[0].argmax()) == STORIES_FIRST_IDS[1]
+
+
+def test_same_seed_same_text(stories):
+    a = stories.generate("Once upon a time", 40, temperature=1.0, seed=5).text
+    b = stories.generate("Once upon a time", 40, temperature=1.0, seed=5).text
+    c = stories.generate("Once upon a time", 40, temperature=1.0, seed=6).text
+    assert a == b and a != c
+
+
+def test_cache_is_reused_for_a_shared_prefix(stories):
+    stories.reset()
+    stories.generate("Once upon a time", 10, temperature=0.0)
+    g = stories.generate("Once upon a time, there", 5, temperature=0.0)
+    assert g.stats.cached_tokens >= 5
+
+
+def test_non_blockable_ffn_stays_float(stories_bin):
+    model = tpllama.load(str(stories_bin), weight_type="q40", threads=1)
+    layer = model.rank_model.w.layers[0]
+    assert layer.wq.wtype == "q40" and layer.w1.wtype == "q40"
+    assert layer.w2.wtype == "f32"            # input width 172 is not a multiple of 32
+    text = model.generate("Once upon a time", 20, temperature=0.0).text
+    assert text.startswith(", there was")
+
+
+def test_context_capped_to_memory_with_a_message(smollm2, monkeypatch, capsys):
+    import psutil
+    fake = collections.namedtuple("vm", "available")(400 * 2**20)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: fake)
+    model = tpllama.load(smollm2, tokenizer="none", threads=1)
+    assert 256 <= model.ctx < 8192 and model.ctx % 256 == 0
+    assert f"context capped to {model.ctx}" in capsys.readouterr().err
+    with pytest.raises(TpllamaError, match=r"rank 0 on host .* MiB more .* lower -c"):
+        tpllama.load(smollm2, tokenizer="none", threads=1, ctx_size=100000)
+
+
+def test_library_never_initialises_or_finalises_mpi():
+    source = "".join(p.read_text() for p in (REPO / "tpllama").rglob("*.py"))
+    assert "MPI.Init" not in source and "Finalize()" not in source
+
+
+# ---------------------------------------------------------------- the command line
+
+def cli(*args, timeout=120):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "tpllama.generate", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=str(REPO))
+
+
+def test_help_explains_the_flags():
+    out = cli("--help")
+    assert out.returncode == 0
+    for flag in ("-m", "-p", "-n", "-t", "-c", "--temp", "--top-k", "--top-p", "--min-p", "-s", "-sys",
+                 "--weight-type", "--rank-weights", "--sync-type", "--stats", "mpirun"):
+        assert flag in out.stdout, flag
+
+
+def test_cli_generates_to_stdout_and_summarises_to_stderr(stories_bin):
+    out = cli("-m", str(stories_bin), "-p", "Once upon a time", "--temp", "0", "-n", "60", "--weight-type", "f32")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip("\n") == STORIES_TEXT
+    assert "tokens/s" in out.stderr and "ms" in out.stderr
+
+
+def test_cli_seed_reproducible(stories_bin):
+    runs = [cli("-m", str(stories_bin), "-p", "Once", "--temp", "1.0", "-n", "30", "-s", "9").stdout for _ in range(2)]
+    assert runs[0] == runs[1] and len(runs[0]) > 20
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--temp"], "expected one argument"),
+    (["--weight-type", "q3"], "invalid choice"),
+    (["--top-p", "0"], "--top-p"),
+    (["-n", "-3"], "-n -3"),
+    (["--rank-weights", "2,1"], "--rank-weights"),
+    (["-f", "/nonexistent/prompt.txt"], "-f /nonexistent/prompt.txt"),
+])
+def test_cli_bad_input_is_one_clear_line(stories_bin, args, needle):
+    out = cli("-m", str(stories_bin), "-p", "hi", "-n", "2", *args)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    assert needle in out.stderr
+    errors = [l for l in out.stderr.splitlines() if "error" in l]
+    assert len(errors) == 1, out.stderr

@@ -1,0 +1,127 @@
+"""The sharding plan (pure functions, no MPI): coverage, proportions, kv-head replication, memory."""
+import itertools
+
+import pytest
+
+from tpllama.config import ModelConfig
+from tpllama.errors import TpllamaError
+from tpllama.plan import (kv_bytes_per_token, make_plan, matrix_bytes, max_context, parse_rank_weights,
+                          parse_size, rank_memory, host_shortfalls, split_proportional, weight_bytes)
+
+SMOLLM2 = ModelConfig(dim=576, hidden_dim=1536, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152,
+                      max_seq_len=8192, tie_embeddings=True)
+LLAMA2_7B = ModelConfig(dim=4096, hidden_dim=11008, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32000,
+                        max_seq_len=4096)
+LLAMA3_8B = ModelConfig(dim=4096, hidden_dim=14336, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                        max_seq_len=8192)
+STORIES = ModelConfig(dim=64, hidden_dim=172, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, max_seq_len=512)
+
+
+def covers(ranges, total):
+    """Contiguous, in order, no gaps or overlaps, union == range(total)."""
+    pos = 0
+    for r in ranges:
+        assert r.start == pos, ranges
+        pos = r.stop
+    return pos == total
+
+
+@pytest.mark.parametrize("config", [SMOLLM2, LLAMA2_7B, LLAMA3_8B, STORIES], ids=["smollm2", "llama2", "llama3", "stories"])
+def test_every_rank_count_covers_the_model(config):
+    for k in range(1, config.n_heads + 1):
+        plan = make_plan(config, k)
+        assert covers([s.heads for s in plan.ranks], config.n_heads)
+        assert covers([s.ffn for s in plan.ranks], config.hidden_dim)
+        assert covers([s.vocab for s in plan.ranks], config.vocab_size)
+        for s in plan.ranks:
+            assert len(s.heads) >= 1
+            # a rank holds exactly the kv heads its query heads read
+            needed = {h // config.kv_group for h in s.heads}
+            assert set(s.kv_heads) == needed
+            if config.hidden_dim % 32 == 0:   # FFN slices are whole q40 blocks
+                assert s.ffn.start % 32 == 0 and s.ffn.stop % 32 == 0
+        sizes = [len(s.heads) for s in plan.ranks]
+        assert max(sizes) - min(sizes) <= 1, f"equal weights but uneven heads {sizes}"
+
+
+def test_smollm2_on_two_and_four_ranks():
+    two = make_plan(SMOLLM2, 2)
+    assert [len(s.heads) for s in two.ranks] == [5, 4]
+    assert [list(s.kv_heads) for s in two.ranks] == [[0, 1], [1, 2]]   # kv head 1 is held by both
+    four = make_plan(SMOLLM2, 4)
+    assert [len(s.heads) for s in four.ranks] == [3, 2, 2, 2]
+    assert [list(s.kv_heads) for s in four.ranks] == [[0], [1], [1, 2], [2]]
+    # the rank with a third head gets fewer FFN blocks, so every rank holds about as much
+    assert [len(s.ffn) for s in four.ranks] == [352, 416, 352, 416]
+
+
+@pytest.mark.parametrize("config", [SMOLLM2, LLAMA2_7B, LLAMA3_8B], ids=["smollm2", "llama2", "llama3"])
+def test_each_rank_holds_its_share(config):
+    """Equal weights: each rank holds at most W/K + the replicated kv heads + 5% of W/K."""
+    W = weight_bytes(config, make_plan(config, 1)[0], "q40")
+    for k in (2, 3, 4):
+        plan = make_plan(config, k)
+        held = [weight_bytes(config, s, "q40") for s in plan.ranks]
+        replicated = sum(held) - W
+        for b in held:
+            assert b <= W / k + replicated + 0.05 * W / k, (k, [h / (W / k) for h in held])
+
+
+def test_rank_weights_shift_work_to_faster_ranks():
+    plan = make_plan(LLAMA2_7B, 3, parse_rank_weights("2,1,1", 3))
+    heads = [len(s.heads) for s in plan.ranks]
+    ffn = [len(s.ffn) for s in plan.ranks]
+    assert heads == [16, 8, 8]
+    assert abs(ffn[0] - 2 * ffn[1]) <= 32 and sum(ffn) == 11008
+    assert len(plan.ranks[0].vocab) == 16000
+    w = [weight_bytes(LLAMA2_7B, s, "q40") for s in plan.ranks]
+    assert 1.9 < w[0] / w[1] < 2.1
+
+
+def test_split_proportional_is_largest_remainder():
+    assert [len(r) for r in split_proportional(10, [1, 1, 1])] == [4, 3, 3]
+    assert [len(r) for r in split_proportional(7, [3, 1], minimum=1)] == [5, 2]
+    for total, n in itertools.product([1, 5, 9, 48, 172], [1, 2, 3, 4]):
+        if total >= n:
+            assert covers(split_proportional(total, [1.0] * n, minimum=1), total)
+
+
+def test_bad_requests_say_what_to_do():
+    with pytest.raises(TpllamaError, match="at most 9 ranks"):
+        make_plan(SMOLLM2, 10)
+    with pytest.raises(TpllamaError, match="has 2 values but the job has 3 ranks"):
+        parse_rank_weights("1,2", 3)
+    with pytest.raises(TpllamaError, match="positive"):
+        parse_rank_weights("1,0", 2)
+    with pytest.raises(TpllamaError, match="comma-separated"):
+        parse_rank_weights("fast,slow", 2)
+    with pytest.raises(TpllamaError, match="8G"):
+        parse_size("lots")
+
+
+def test_weight_bytes_add_up_to_the_model():
+    """Summed over ranks, weights are the model's q40 bytes plus only the replicated kv heads."""
+    full = weight_bytes(LLAMA3_8B, make_plan(LLAMA3_8B, 1)[0], "q40")
+    layer_q40 = (4096 * 4096 * 2 + 1024 * 4096 * 2 + 14336 * 4096 * 3) * 18 // 32
+    assert full == 32 * (layer_q40 + 2 * 4 * 4096) + 128256 * 4096 * 18 // 32 + 4 * 4096
+    for k in (2, 4, 8):
+        plan = make_plan(LLAMA3_8B, k)
+        assert sum(weight_bytes(LLAMA3_8B, s, "q40") for s in plan.ranks) == pytest.approx(full + (k - 1) * 32 * 8 * 4096, rel=0.001)
+
+
+def test_stories_ffn_is_not_blockable_and_stays_f32():
+    assert matrix_bytes(64, 172, "q40") == 64 * 172 * 4
+    assert matrix_bytes(172, 64, "q40") == 172 * 64 * 18 // 32
+
+
+def test_memory_plan_finds_the_host_that_does_not_fit():
+    plan = make_plan(LLAMA2_7B, 4)
+    hosts = ["pi1", "pi2", "pi3", "pi4"]
+    mem = rank_memory(plan, "q40", 4096, hosts, [8 * 2**30, 8 * 2**30, 4 * 2**30, 1 * 2**30])
+    short = host_shortfalls(mem)
+    assert [(h, r) for h, r, _ in short] == [("pi4", [3])]
+    assert short[0][2] == mem[3].total - 2**30
+    # the KV cache of a 7B model at 131072 positions is the famous ~64 GiB; 4 ranks each hold a quarter
+    assert kv_bytes_per_token(LLAMA2_7B, plan[0]) * 131072 == 2 * 4 * 32 * 8 * 128 * 131072
+    ctx = max_context(plan, "q40", hosts, [8 * 2**30] * 4)
+    assert 256 <= ctx <= LLAMA2_7B.max_seq_len and ctx % 256 == 0 or ctx == LLAMA2_7B.max_seq_len

@@ -1,0 +1,370 @@
+"""The OpenAI-compatible server under mpirun -n 2, talked to with the openai package and raw HTTP.
+
+One server for the module (SmolLM2, context 1024, an API key); its greedy answers must equal the
+library's for the same prompt and template under the same rank count."""
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from interactive import Running, command
+from mpi_util import run_script
+
+openai = pytest.importorskip("openai")
+
+pytestmark = pytest.mark.mpi
+
+CTX = 1024
+N = 16
+KEY = "sk-test-key"
+CHAT_PROMPT = "What is the capital of France?"
+TEXT_PROMPT = "Once upon a time"
+GENERATED = re.compile(r"(chat|completion): prompt \d+ tokens .* generated in [\d.]+ s, (\w+)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_healthy(proc: Running, port: int, deadline: float = 180) -> None:
+    def healthy():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+    proc.wait_for(healthy, deadline, "GET /health answers")
+
+
+class Server:
+    def __init__(self, proc: Running, port: int, model: str):
+        self.proc, self.port, self.model = proc, port, model
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+
+    def client(self, key: str = KEY, **kw):
+        return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=120, **kw)
+
+    def request(self, method: str, path: str, body=None, headers=None, auth: bool = True, timeout: float = 120):
+        """(status, headers, parsed JSON or raw text) of one plain HTTP request."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+        hdrs = {"Content-Type": "application/json", **({"Authorization": f"Bearer {KEY}"} if auth else {}),
+                **(headers or {})}
+        try:
+            conn.request(method, path, body=data, headers=hdrs)
+            resp = conn.getresponse()
+            raw = resp.read().decode()
+            try:
+                parsed = json.loads(raw)
+            except ValueError:
+                parsed = raw
+            return resp.status, dict(resp.getheaders()), parsed
+        finally:
+            conn.close()
+
+    def generations(self):
+        return GENERATED.findall(self.proc.stderr)
+
+
+def start_server(smollm2, ranks: int, *extra) -> Server:
+    port = free_port()
+    proc = Running(command(ranks, "tpllama.serve", ["-m", smollm2, "--port", str(port), "-c", str(CTX), "-t", "1", *extra]),
+                   stdin=False)
+    try:
+        wait_until_healthy(proc, port)
+    except BaseException:
+        proc.kill()
+        raise
+    return Server(proc, port, os.path.basename(smollm2))
+
+
+@pytest.fixture(scope="module")
+def server(smollm2):
+    s = start_server(smollm2, 2, "--api-key", KEY, "-n", "32")
+    try:
+        yield s
+    finally:
+        s.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2):
+    """The library's greedy answers on 2 ranks (what the server must give)."""
+    return run_script(2, "reference_answers.py", smollm2, CTX, N, CHAT_PROMPT, TEXT_PROMPT, timeout=300)
+
+
+def chat_args(server, **kw):
+    args = dict(model=server.model, messages=[{"role": "user", "content": CHAT_PROMPT}], max_tokens=N,
+                temperature=0)
+    args.update(kw)
+    return args
+
+
+def text_args(server, **kw):
+    args = dict(model=server.model, prompt=TEXT_PROMPT, max_tokens=N, temperature=0)
+    args.update(kw)
+    return args
+
+
+# ------------------------------------------------------------------ answers
+
+
+def test_health_and_models(server):
+    status, _, body = server.request("GET", "/health", auth=False)
+    assert status == 200 and body["status"] == "ok"
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [server.model]
+    assert server.client().models.retrieve("tpllama").id == "tpllama"
+
+
+def test_chat_completion_equals_the_library(server, reference):
+    ref = reference["chat"]
+    r = server.client().chat.completions.create(**chat_args(server))
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == server.model
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == ref["text"]
+    assert r.choices[0].finish_reason == ref["finish_reason"]
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (ref["prompt_tokens"], ref["completion_tokens"])
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert "<|im_end|>" not in r.choices[0].message.content
+
+
+def test_streamed_chat_equals_the_library(server, reference):
+    ref = reference["chat"]
+    chunks = list(server.client().chat.completions.create(**chat_args(server), stream=True,
+                                                          stream_options={"include_usage": True}))
+    assert len({c.id for c in chunks}) == 1 and all(c.object == "chat.completion.chunk" for c in chunks)
+    with_choices = [c for c in chunks if c.choices]
+    assert len(with_choices) > 3, "the answer comes in pieces"
+    assert with_choices[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in with_choices) == ref["text"]
+    assert [c.choices[0].finish_reason for c in with_choices if c.choices[0].finish_reason] == [ref["finish_reason"]]
+    assert chunks[-1].usage.completion_tokens == ref["completion_tokens"]
+    assert chunks[-1].usage.prompt_tokens == ref["prompt_tokens"]
+
+
+def test_text_completion_equals_the_library(server, reference):
+    ref = reference["text"]
+    r = server.client().completions.create(**text_args(server))
+    assert r.object == "text_completion" and r.id.startswith("cmpl-")
+    assert r.choices[0].text == ref["text"]
+    assert r.choices[0].finish_reason == ref["finish_reason"] == "length"
+    assert r.usage.completion_tokens == N and r.usage.prompt_tokens == ref["prompt_tokens"]
+
+
+def test_streamed_text_completion_equals_the_library(server, reference):
+    ref = reference["text"]
+    chunks = list(server.client().completions.create(**text_args(server, model="tpllama"), stream=True))
+    assert len({c.id for c in chunks}) == 1 and all(c.object == "text_completion" for c in chunks)
+    assert "".join(c.choices[0].text for c in chunks) == ref["text"]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_raw_event_stream_ends_with_done(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    body = json.dumps(text_args(server, max_tokens=4, stream=True))
+    conn.request("POST", "/v1/completions", body=body,
+                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
+    events = [e for e in resp.read().decode().split("\n\n") if e]
+    conn.close()
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    assert len({json.loads(e[6:])["id"] for e in events[:-1]}) == 1
+
+
+def test_stop_strings_cut_the_answer(server, reference):
+    ref = reference["chat"]["text"]
+    stop = " " + ref.split()[3]
+    r = server.client().chat.completions.create(**chat_args(server, stop=["no such text", stop]))
+    assert r.choices[0].message.content == ref[:ref.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+    r = server.client().chat.completions.create(**chat_args(server, stop=stop))
+    assert r.choices[0].message.content == ref[:ref.index(stop)]
+
+
+def test_a_conversation_reuses_the_cache_of_its_previous_request(server):
+    client = server.client()
+    first = client.chat.completions.create(**chat_args(server))
+    messages = [{"role": "user", "content": CHAT_PROMPT},
+                {"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "And of Germany?"}]
+    second = client.chat.completions.create(**chat_args(server, messages=messages))
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+
+
+# ------------------------------------------------------------------ one at a time, nothing lost
+
+
+def test_concurrent_requests_all_complete(server, reference):
+    results, errors = {}, []
+
+    def ask(name, fn):
+        try:
+            results[name] = fn()
+        except Exception as e:   # reported below
+            errors.append(e)
+
+    client_a, client_b = server.client(), server.client()
+    jobs = {
+        "chat": lambda: client_a.chat.completions.create(**chat_args(server)).choices[0].message.content,
+        "text": lambda: "".join(c.choices[0].text for c in
+                                client_b.completions.create(**text_args(server), stream=True)),
+        "chat2": lambda: client_b.chat.completions.create(**chat_args(server)).choices[0].message.content,
+    }
+    threads = [threading.Thread(target=ask, args=item) for item in jobs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    assert results == {"chat": reference["chat"]["text"], "text": reference["text"]["text"],
+                       "chat2": reference["chat"]["text"]}
+
+
+def test_a_client_leaving_mid_stream_frees_the_server(server, reference):
+    before = len(server.generations())
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+    body = json.dumps(text_args(server, max_tokens=900, stream=True)).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode() +
+                 b"\r\n\r\n" + body)
+    received = b""
+    while received.count(b"data: ") < 2:
+        chunk = sock.recv(4096)
+        assert chunk, "the stream ended early"
+        received += chunk
+    sock.close()   # gone mid-stream: 900 tokens would take far longer than what follows
+    t0 = time.monotonic()
+    r = server.client().completions.create(**text_args(server))
+    assert r.choices[0].text == reference["text"]["text"]
+    server.proc.wait_for(lambda: len(server.generations()) >= before + 2, 30, "both generations logged")
+    left = server.generations()[before]
+    assert left == ("completion", "cancelled"), server.proc.stderr[-2000:]
+    assert time.monotonic() - t0 < 60
+
+
+# ------------------------------------------------------------------ bad requests
+
+CHAT, TEXT = "/v1/chat/completions", "/v1/completions"
+USER = [{"role": "user", "content": "hi"}]
+
+BAD_REQUESTS = [
+    # (name, method, path, body, status, param)
+    ("malformed JSON", "POST", CHAT, b'{"messages": [', 400, None),
+    ("body not an object", "POST", CHAT, b"[1, 2]", 400, None),
+    ("messages not a list", "POST", CHAT, {"messages": "hi"}, 400, "messages"),
+    ("no messages", "POST", CHAT, {"messages": []}, 400, "messages"),
+    ("content of the wrong type", "POST", CHAT, {"messages": [{"role": "user", "content": 5}]}, 400,
+     "messages[0].content"),
+    ("unknown role", "POST", CHAT, {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
+    ("temperature of the wrong type", "POST", CHAT, {"messages": USER, "temperature": "hot"}, 400, "temperature"),
+    ("temperature out of range", "POST", CHAT, {"messages": USER, "temperature": 7}, 400, "temperature"),
+    ("top_p zero", "POST", CHAT, {"messages": USER, "top_p": 0}, 400, "top_p"),
+    ("stream of the wrong type", "POST", CHAT, {"messages": USER, "stream": "yes"}, 400, "stream"),
+    ("stop of the wrong type", "POST", CHAT, {"messages": USER, "stop": 5}, 400, "stop"),
+    ("max_tokens zero", "POST", CHAT, {"messages": USER, "max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens negative", "POST", TEXT, {"prompt": "hi", "max_tokens": -5}, 400, "max_tokens"),
+    ("max_tokens not an integer", "POST", TEXT, {"prompt": "hi", "max_tokens": 1.5}, 400, "max_tokens"),
+    ("max_tokens beyond the context", "POST", CHAT, {"messages": USER, "max_tokens": CTX}, 400, "max_tokens"),
+    ("prompt longer than the context", "POST", TEXT, {"prompt": "word " * (CTX + 200)}, 400, "prompt"),
+    ("no prompt", "POST", TEXT, {"max_tokens": 4}, 400, "prompt"),
+    ("several prompts", "POST", TEXT, {"prompt": ["a", "b"]}, 400, "prompt"),
+    ("n above 1", "POST", CHAT, {"messages": USER, "n": 2}, 400, "n"),
+    ("unknown model", "POST", CHAT, {"model": "gpt-4", "messages": USER}, 404, "model"),
+    ("unknown path", "POST", "/v1/nothing", {"messages": USER}, 404, None),
+    ("unknown GET path", "GET", "/nothing", None, 404, None),
+    ("GET on a POST endpoint", "GET", CHAT, None, 405, None),
+    ("POST on a GET endpoint", "POST", "/v1/models", {}, 405, None),
+    ("DELETE", "DELETE", "/v1/models", None, 405, None),
+    ("body over the size limit", "POST", CHAT, b'{"messages": "' + b"x" * (4 << 20) + b'"}', 413, None),
+]
+
+
+def test_bad_requests_get_4xx_errors_and_never_reach_the_ranks(server):
+    before = len(server.generations())
+    for name, method, path, body, status, param in BAD_REQUESTS:
+        got, headers, answer = server.request(method, path, body)
+        assert got == status, f"{name}: {got} {answer}"
+        assert isinstance(answer, dict) and set(answer) == {"error"}, name
+        error = answer["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"], name
+        assert error["type"] == "invalid_request_error", name
+        assert error["param"] == param, f"{name}: {error}"
+        if status == 405:
+            assert headers.get("Allow") in ("GET", "POST")
+    # the server still serves, and none of them started a generation
+    status, _, health = server.request("GET", "/health", auth=False)
+    assert status == 200
+    assert len(server.generations()) == before
+    r = server.client().completions.create(**text_args(server, max_tokens=2))
+    assert r.usage.completion_tokens == 2
+
+
+def test_unknown_model_through_the_client(server):
+    with pytest.raises(openai.NotFoundError) as e:
+        server.client().chat.completions.create(**chat_args(server, model="no-such-model"))
+    assert e.value.body["code"] == "model_not_found"
+
+
+def test_the_api_key_is_required(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"}):
+        status, hdrs, body = server.request("POST", CHAT, {"messages": USER}, headers=headers, auth=False)
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    status, _, _ = server.request("GET", "/v1/models", auth=False)
+    assert status == 401
+    with pytest.raises(openai.AuthenticationError):
+        server.client(key="wrong").models.list()
+    assert server.request("GET", "/health", auth=False)[0] == 200
+
+
+# ------------------------------------------------------------------ shutdown
+
+
+@pytest.mark.parametrize("ranks,signum", [(2, signal.SIGTERM), (1, signal.SIGINT)], ids=["2-ranks-SIGTERM",
+                                                                                        "1-rank-SIGINT"])
+def test_a_signal_to_rank_0_ends_every_rank_cleanly(smollm2, ranks, signum):
+    s = start_server(smollm2, ranks)
+    try:
+        pid = int(s.proc.wait_for_text(r"rank 0 is pid (\d+)", 30).group(1))
+        outcomes = {}
+
+        def stream_long():
+            conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=120)
+            conn.request("POST", TEXT, body=json.dumps({"prompt": TEXT_PROMPT, "max_tokens": 900, "stream": True}))
+            resp = conn.getresponse()
+            outcomes["stream"] = (resp.status, resp.read().decode())
+
+        def queued():
+            status, _, body = s.request("POST", TEXT, {"prompt": "Hello", "max_tokens": 4}, auth=False)
+            outcomes["queued"] = (status, body)
+
+        def queue_length():
+            return s.request("GET", "/health", auth=False)[2]["queued"]
+
+        streaming = threading.Thread(target=stream_long)
+        streaming.start()
+        s.proc.wait_for_text(r'"POST /v1/completions HTTP/1.1" 200', 60)   # the stream has begun
+        waiting = threading.Thread(target=queued)
+        waiting.start()
+        s.proc.wait_for(lambda: queue_length() == 1, 30, "the second request waits in the queue")
+        os.kill(pid, signum)
+        assert s.proc.wait(60) == 0, s.proc.report()
+        streaming.join(30)
+        waiting.join(30)
+        status, text = outcomes["stream"]
+        assert status == 200 and "shutting down" in text and "[DONE]" not in text
+        assert outcomes["queued"][0] == 503 and outcomes["queued"][1]["error"]["type"] == "server_error"
+        assert "shutting down" in s.proc.stderr
+    finally:
+        s.proc.kill()

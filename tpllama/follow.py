@@ -1,0 +1,89 @@
+"""Rank 0 leads, the other ranks follow: how the interactive commands (chat, serve) drive a job.
+
+Only rank 0 talks to the user (stdin, HTTP). Each time it has work it sends a `Command` to every
+rank with `exchange`; then all ranks make the same collective `Model.stream` call. Between
+commands the followers wait asleep (polling a non-blocking barrier), not spinning in a blocking
+broadcast: a chat or a server may sit idle for hours.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional, Tuple
+
+from .errors import TpllamaError
+
+GENERATE = "generate"
+STOP = "stop"
+
+# Followers poll for the next command with a growing sleep, up to this many seconds: the delay
+# it adds to the start of a request is below what one token takes on the machines we target.
+MAX_POLL_SLEEP = 0.02
+
+
+@dataclass
+class StreamCall:
+    """The arguments of one collective `Model.stream` call (every rank passes the same)."""
+    prompt_ids: List[int]
+    max_new_tokens: int
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    seed: Optional[int] = None
+    stop: Tuple[str, ...] = field(default_factory=tuple)
+
+    def kwargs(self) -> dict:
+        args = asdict(self)
+        args["prompt"] = args.pop("prompt_ids")
+        return args
+
+    def check_sampling(self) -> None:
+        """Raise the TpllamaError the engine would raise for these sampling settings, here on rank 0,
+        before they reach the other ranks."""
+        from .sampler import SamplingParams
+        SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                       seed=self.seed)
+
+
+@dataclass
+class Command:
+    kind: str                           # GENERATE | STOP
+    call: Optional[StreamCall] = None
+
+
+def check_sampling_flags(sampling: dict) -> None:
+    """Sampling flags the engine would refuse end the job at once (every rank checks the same flags)."""
+    try:
+        StreamCall([], 1, **sampling).check_sampling()
+    except TpllamaError as e:
+        raise TpllamaError(str(e), collective=True) from None
+
+
+def exchange(par, command: Optional[Command] = None) -> Command:
+    """Collective: rank 0's command (the others pass None) arrives on every rank."""
+    if par.size == 1:
+        return command
+    request = par.comm.Ibarrier()
+    if par.is_root:
+        request.Wait()
+    else:
+        sleep = 0.0005
+        while not request.Test():
+            time.sleep(sleep)
+            sleep = min(2 * sleep, MAX_POLL_SLEEP)
+    return par.bcast_object(command)
+
+
+def follow(model) -> None:
+    """What every rank but 0 does: run rank 0's commands until it says stop."""
+    while True:
+        command = exchange(model.par)
+        if command.kind == STOP:
+            return
+        try:
+            for _ in model.stream(**command.call.kwargs()):
+                pass
+        except TpllamaError as e:
+            if not e.collective:   # this rank alone failed: let cli.run abort the job
+                raise               # (a collective one rank 0 reports to its user and goes on)

@@ -1,0 +1,21 @@
+"""Memory that becomes resident only where it is written."""
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+
+
+def lazy_zeros(shape, dtype=np.float32) -> np.ndarray:
+    """Zeros whose pages are allocated on first write, 4 KiB at a time.
+
+    np.zeros is lazy too, but with transparent huge pages one write into a 2 MiB region
+    makes all of it resident: a KV cache sized for the whole context (rows of 2 MiB per
+    layer and head) would then be resident after the first token."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes == 0:
+        return np.zeros(shape, dtype)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)   # the array keeps the mapping alive
