@@ -18,7 +18,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNEL_SOURCES = ["kernels/tpk.c", "kernels/tpk_f64.c"]
+KERNEL_SOURCES = ["kernels/tpk.c", "kernels/tpk_x86.c", "kernels/tpk_arm.c", "kernels/tpk_ops.c"]
 
 
 def _compiler_accepts(compiler, flags, source):
@@ -66,6 +66,7 @@ extensions = [
         "tpllama._kernels",
         sources=["kernels/_kernels.pyx"] + KERNEL_SOURCES,
         include_dirs=["kernels", numpy.get_include()],
+        depends=["kernels/tpk.h", "kernels/tpk_impl.h"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
 ]

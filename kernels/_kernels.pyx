@@ -1,12 +1,13 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """Thin Python face of the C kernels in tpk.c (see tpk.h for the block formats).
 
-Arrays of blocks are uint8 numpy arrays of shape (rows, n_blocks * block_bytes).
-Every function releases the GIL around the C call.
+Arrays of GGML blocks are uint8 numpy arrays of shape (rows, n_blocks * block_bytes);
+packed matrices (the runtime layout, see tpk.h) are flat uint8 arrays made by pack_q40 /
+pack_q80. Every function releases the GIL around the C call.
 """
 import numpy as np
 cimport numpy as cnp
-from libc.stdint cimport int64_t, uint8_t, uint16_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t
 
 cnp.import_array()
 
@@ -14,12 +15,14 @@ cdef extern from "tpk.h":
     int TPK_QK
     int TPK_Q40_BYTES
     int TPK_Q80_BYTES
-    int TPK_SCALAR, TPK_AVX2, TPK_AVX512, TPK_NEON, TPK_NEON_DOTPROD
+    int TPK_ROWS
+    int TPK_SCALAR, TPK_AVX2, TPK_AVX512, TPK_AVX512_VNNI, TPK_NEON, TPK_NEON_DOTPROD
     ctypedef struct tpk_block_q40:
         pass
     ctypedef struct tpk_block_q80:
         pass
     int tpk_detect_level() nogil
+    int tpk_level_supported(int level) nogil
     int tpk_get_level() nogil
     int tpk_set_level(int level) nogil
     int tpk_has_openmp() nogil
@@ -27,20 +30,46 @@ cdef extern from "tpk.h":
     void tpk_quantize_q40(const float *x, tpk_block_q40 *y, int64_t n) nogil
     void tpk_dequantize_q80(const tpk_block_q80 *x, float *y, int64_t n) nogil
     void tpk_dequantize_q40(const tpk_block_q40 *x, float *y, int64_t n) nogil
-    void tpk_matmul_q40_q80(const tpk_block_q40 *w, int64_t rows, int64_t nb,
-                            const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy, int nthreads) nogil
-    void tpk_matmul_q80_q80(const tpk_block_q80 *w, int64_t rows, int64_t nb,
-                            const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy, int nthreads) nogil
-    void tpk_matmul_q40_q80_f64(const tpk_block_q40 *w, int64_t rows, int64_t nb,
-                                const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy, int nthreads) nogil
-    void tpk_matmul_q80_q80_f64(const tpk_block_q80 *w, int64_t rows, int64_t nb,
-                                const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy, int nthreads) nogil
+    int64_t tpk_packed_bytes_q40(int64_t rows, int64_t nb) nogil
+    int64_t tpk_packed_bytes_q80(int64_t rows, int64_t nb) nogil
+    void tpk_pack_q40(const uint8_t *w, int64_t row_stride, int64_t rows, int64_t nb, uint8_t *dst) nogil
+    void tpk_pack_q80(const uint8_t *w, int64_t row_stride, int64_t rows, int64_t nb, uint8_t *dst) nogil
+    void tpk_unpack_q40(const uint8_t *src, int64_t rows, int64_t nb, tpk_block_q40 *w) nogil
+    void tpk_unpack_q80(const uint8_t *src, int64_t rows, int64_t nb, tpk_block_q80 *w) nogil
+    void tpk_matmul_q40p(const uint8_t *wp, int64_t rows, int64_t nb,
+                         const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy, int nthreads) nogil
+    void tpk_matmul_q80p(const uint8_t *wp, int64_t rows, int64_t nb,
+                         const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy, int nthreads) nogil
+    void tpk_matmul_q40p_f64(const uint8_t *wp, int64_t rows, int64_t nb,
+                             const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy, int nthreads) nogil
+    void tpk_matmul_q80p_f64(const uint8_t *wp, int64_t rows, int64_t nb,
+                             const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy, int nthreads) nogil
+    void tpk_matmul_q40p_many(int n, const uint8_t *const *wp, const int64_t *rows, int64_t nb,
+                              const tpk_block_q80 *x, int64_t ntok, float *const *y, const int64_t *ldy, int nthreads) nogil
+    void tpk_matmul_q80p_many(int n, const uint8_t *const *wp, const int64_t *rows, int64_t nb,
+                              const tpk_block_q80 *x, int64_t ntok, float *const *y, const int64_t *ldy, int nthreads) nogil
+    void tpk_matmul_q40_q80_ref(const tpk_block_q40 *w, int64_t rows, int64_t nb,
+                                const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy) nogil
+    void tpk_matmul_q80_q80_ref(const tpk_block_q80 *w, int64_t rows, int64_t nb,
+                                const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy) nogil
+    void tpk_matmul_q40_q80_f64_ref(const tpk_block_q40 *w, int64_t rows, int64_t nb,
+                                    const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy) nogil
+    void tpk_matmul_q80_q80_f64_ref(const tpk_block_q80 *w, int64_t rows, int64_t nb,
+                                    const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy) nogil
+    double tpk_stream_sum(const float *x, int64_t n, int nthreads) nogil
+    void tpk_rmsnorm(const float *x, const float *w, float *y, int64_t T, int64_t n, float eps, int nthreads) nogil
+    void tpk_rope(float *x, int64_t T, int64_t heads, int64_t hd, const float *cos_t, const float *sin_t) nogil
+    void tpk_silu_mul(const float *g, const float *u, float *out, int64_t n, int nthreads) nogil
+    void tpk_attention(const float *q, const float *k, const float *v, int64_t T, int64_t n_heads, int64_t n_kv,
+                       int64_t hd, const int32_t *kv_of_head, float *kcache, float *vcache, int64_t ctx,
+                       int64_t start, float scale, float *out, int nthreads) nogil
 
 QK = TPK_QK
 Q40_BYTES = TPK_Q40_BYTES
 Q80_BYTES = TPK_Q80_BYTES
+ROWS = TPK_ROWS   # rows interleaved in the packed layout
 
-LEVEL_NAMES = {TPK_SCALAR: "scalar", TPK_AVX2: "avx2", TPK_AVX512: "avx512",
+LEVEL_NAMES = {TPK_SCALAR: "scalar", TPK_AVX2: "avx2", TPK_AVX512: "avx512", TPK_AVX512_VNNI: "avx512-vnni",
                TPK_NEON: "neon", TPK_NEON_DOTPROD: "neon-dotprod"}
 
 
@@ -53,12 +82,17 @@ def best_simd_level():
     return LEVEL_NAMES[tpk_detect_level()]
 
 
+def supported_simd_levels():
+    """Every code path this build can run on this CPU, scalar first."""
+    return [name for level, name in LEVEL_NAMES.items() if tpk_level_supported(level)]
+
+
 def set_simd_level(str name):
-    """Force a code path ("scalar" or the best one); for tests. Raises if unsupported."""
+    """Force a code path (one of supported_simd_levels()); for tests. Raises if unsupported."""
     for level, level_name in LEVEL_NAMES.items():
         if level_name == name and tpk_set_level(level) == level:
             return
-    raise ValueError(f"SIMD level {name!r} is not supported on this CPU (best: {best_simd_level()})")
+    raise ValueError(f"SIMD level {name!r} is not supported here (supported: {', '.join(supported_simd_levels())})")
 
 
 def has_openmp():
@@ -117,49 +151,250 @@ def dequantize_q40(const uint8_t[:, ::1] q):
     return out
 
 
-def matmul_q40_q80(const uint8_t[:, ::1] w, const uint8_t[:, ::1] xq, float[:, ::1] out, int nthreads=1):
-    """out[t, r] = dot(w[r], xq[t]): w (rows, nb*18) q40, xq (ntok, nb*34) q80, out (ntok, rows) float32."""
-    cdef int64_t rows = w.shape[0], nb = w.shape[1] // TPK_Q40_BYTES, ntok = xq.shape[0]
-    if xq.shape[1] != nb * TPK_Q80_BYTES or out.shape[0] != ntok or out.shape[1] != rows:
-        raise ValueError("matmul_q40_q80: shapes do not match")
-    if rows and ntok:
+
+def aligned_bytes(int64_t n):
+    """A flat uint8 array of n bytes starting on a 64-byte boundary (one cache line)."""
+    raw = np.empty(n + 64, dtype=np.uint8)
+    off = (-raw.ctypes.data) % 64
+    return raw[off:off + n]
+
+
+def packed_bytes(str wtype, int64_t rows, int64_t nb):
+    if wtype == "q40":
+        return tpk_packed_bytes_q40(rows, nb)
+    if wtype == "q80":
+        return tpk_packed_bytes_q80(rows, nb)
+    raise ValueError(wtype)
+
+
+def pack(str wtype, const uint8_t[:, :] blocks, out=None):
+    """GGML blocks (rows, nb*block_bytes), rows may be strided -> flat packed array (see tpk.h),
+    written into `out` (flat uint8 of packed_bytes()) when given."""
+    cdef int64_t rows = blocks.shape[0], bb, nb, stride
+    bb = TPK_Q40_BYTES if wtype == "q40" else TPK_Q80_BYTES
+    if wtype not in ("q40", "q80"):
+        raise ValueError(wtype)
+    if blocks.shape[1] % bb:
+        raise ValueError(f"row of {blocks.shape[1]} bytes is not whole {wtype} blocks")
+    nb = blocks.shape[1] // bb
+    if rows > 1 and nb and blocks.strides[1] != 1:
+        raise ValueError("pack: the bytes of a row must be contiguous")
+    if out is None:
+        out = aligned_bytes(packed_bytes(wtype, rows, nb))
+    elif out.shape != (packed_bytes(wtype, rows, nb),):
+        raise ValueError("pack: output array has the wrong size")
+    cdef uint8_t[::1] o = out
+    stride = blocks.strides[0]
+    if rows and nb:
         with nogil:
-            tpk_matmul_q40_q80(<const tpk_block_q40 *>&w[0, 0], rows, nb, <const tpk_block_q80 *>&xq[0, 0],
-                               ntok, &out[0, 0], out.shape[1], nthreads)
+            if wtype == "q40":
+                tpk_pack_q40(&blocks[0, 0], stride, rows, nb, &o[0])
+            else:
+                tpk_pack_q80(&blocks[0, 0], stride, rows, nb, &o[0])
     return out
 
 
-def matmul_q80_q80(const uint8_t[:, ::1] w, const uint8_t[:, ::1] xq, float[:, ::1] out, int nthreads=1):
-    """out[t, r] = dot(w[r], xq[t]): w (rows, nb*34) q80, xq (ntok, nb*34) q80, out (ntok, rows) float32."""
-    cdef int64_t rows = w.shape[0], nb = w.shape[1] // TPK_Q80_BYTES, ntok = xq.shape[0]
-    if xq.shape[1] != nb * TPK_Q80_BYTES or out.shape[0] != ntok or out.shape[1] != rows:
-        raise ValueError("matmul_q80_q80: shapes do not match")
-    if rows and ntok:
+def unpack(str wtype, const uint8_t[::1] packed, int64_t rows, int64_t nb):
+    """Packed array -> GGML blocks (rows, nb*block_bytes), byte-identical to what was packed."""
+    bb = TPK_Q40_BYTES if wtype == "q40" else TPK_Q80_BYTES
+    if packed.shape[0] != packed_bytes(wtype, rows, nb):
+        raise ValueError("unpack: size does not match rows and blocks")
+    out = np.empty((rows, nb * bb), dtype=np.uint8)
+    cdef uint8_t[:, ::1] o = out
+    if rows and nb:
         with nogil:
-            tpk_matmul_q80_q80(<const tpk_block_q80 *>&w[0, 0], rows, nb, <const tpk_block_q80 *>&xq[0, 0],
-                               ntok, &out[0, 0], out.shape[1], nthreads)
+            if wtype == "q40":
+                tpk_unpack_q40(&packed[0], rows, nb, <tpk_block_q40 *>&o[0, 0])
+            else:
+                tpk_unpack_q80(&packed[0], rows, nb, <tpk_block_q80 *>&o[0, 0])
     return out
 
 
-def matmul_q40_q80_f64(const uint8_t[:, ::1] w, const uint8_t[:, ::1] xq, double[:, ::1] out, int nthreads=1):
-    """As matmul_q40_q80, rows accumulated in float64 (partial sums for an exact all-reduce)."""
-    cdef int64_t rows = w.shape[0], nb = w.shape[1] // TPK_Q40_BYTES, ntok = xq.shape[0]
-    if xq.shape[1] != nb * TPK_Q80_BYTES or out.shape[0] != ntok or out.shape[1] != rows:
-        raise ValueError("matmul_q40_q80_f64: shapes do not match")
+def matmul_packed(str wtype, const uint8_t[::1] wp, int64_t rows, int64_t nb, const uint8_t[:, ::1] xq,
+                  out_array, int nthreads=1):
+    """out[t, r] = dot(w row r, xq row t): wp packed (rows x nb blocks), xq (ntok, nb*34) q80,
+    out (ntok, >= rows), row stride out.shape[1]: float32, or float64 for rows accumulated in
+    float64 (row-parallel partial sums). Returns out."""
+    cdef float[:, ::1] out
+    cdef double[:, ::1] out64
+    cdef int64_t ntok = xq.shape[0], ncols, ldy
+    cdef bint q40 = wtype == "q40", f64 = out_array.dtype == np.float64
+    if not q40 and wtype != "q80":
+        raise ValueError(wtype)
+    if f64:
+        out64 = out_array
+        ncols, ldy = out64.shape[1], out64.shape[1]
+    else:
+        out = out_array
+        ncols, ldy = out.shape[1], out.shape[1]
+    if wp.shape[0] != packed_bytes(wtype, rows, nb):
+        raise ValueError("matmul_packed: weights do not match rows and blocks")
+    if xq.shape[1] != nb * TPK_Q80_BYTES or out_array.shape[0] != ntok or ncols < rows:
+        raise ValueError("matmul_packed: shapes do not match")
     if rows and ntok:
         with nogil:
-            tpk_matmul_q40_q80_f64(<const tpk_block_q40 *>&w[0, 0], rows, nb, <const tpk_block_q80 *>&xq[0, 0],
-                                   ntok, &out[0, 0], out.shape[1], nthreads)
+            if f64 and q40:
+                tpk_matmul_q40p_f64(&wp[0] if nb else NULL, rows, nb, <const tpk_block_q80 *>&xq[0, 0] if nb else NULL,
+                                    ntok, &out64[0, 0], ldy, nthreads)
+            elif f64:
+                tpk_matmul_q80p_f64(&wp[0] if nb else NULL, rows, nb, <const tpk_block_q80 *>&xq[0, 0] if nb else NULL,
+                                    ntok, &out64[0, 0], ldy, nthreads)
+            elif q40:
+                tpk_matmul_q40p(&wp[0] if nb else NULL, rows, nb, <const tpk_block_q80 *>&xq[0, 0] if nb else NULL,
+                                ntok, &out[0, 0], ldy, nthreads)
+            else:
+                tpk_matmul_q80p(&wp[0] if nb else NULL, rows, nb, <const tpk_block_q80 *>&xq[0, 0] if nb else NULL,
+                                ntok, &out[0, 0], ldy, nthreads)
+    return out_array
+
+
+DEF MAX_MANY = 8
+
+
+def matmul_packed_many(str wtype, list weights, list rows_list, int64_t nb, const uint8_t[:, ::1] xq, list outs,
+                       int nthreads=1):
+    """matmul_packed for up to 8 matrices of the same type and input width reading the same xq,
+    in one parallel region. weights[i]: packed, rows_list[i]: its rows, outs[i]: (ntok, >= rows)."""
+    cdef int n = len(weights), i
+    cdef const uint8_t *wp[MAX_MANY]
+    cdef int64_t rows[MAX_MANY]
+    cdef int64_t ldy[MAX_MANY]
+    cdef float *y[MAX_MANY]
+    cdef const uint8_t[::1] w
+    cdef float[:, ::1] o
+    cdef int64_t ntok = xq.shape[0]
+    cdef bint q40 = wtype == "q40"
+    if not q40 and wtype != "q80":
+        raise ValueError(wtype)
+    if n > MAX_MANY or len(rows_list) != n or len(outs) != n:
+        raise ValueError("matmul_packed_many: up to 8 matrices, with as many row counts and outputs")
+    if xq.shape[1] != nb * TPK_Q80_BYTES:
+        raise ValueError("matmul_packed_many: activations do not match the input width")
+    for i in range(n):
+        w = weights[i]
+        o = outs[i]
+        rows[i] = rows_list[i]
+        if w.shape[0] != packed_bytes(wtype, rows[i], nb) or o.shape[0] != ntok or o.shape[1] < rows[i]:
+            raise ValueError(f"matmul_packed_many: matrix {i} does not match")
+        wp[i] = &w[0] if w.shape[0] else NULL
+        y[i] = &o[0, 0] if o.shape[0] and o.shape[1] else NULL
+        ldy[i] = o.shape[1]
+    if ntok and nb:
+        with nogil:
+            if q40:
+                tpk_matmul_q40p_many(n, wp, rows, nb, <const tpk_block_q80 *>&xq[0, 0], ntok, y, ldy, nthreads)
+            else:
+                tpk_matmul_q80p_many(n, wp, rows, nb, <const tpk_block_q80 *>&xq[0, 0], ntok, y, ldy, nthreads)
+    elif ntok:
+        for i in range(n):
+            outs[i][:, :rows[i]] = 0
+    return outs
+
+
+def matmul_ref(str wtype, const uint8_t[:, ::1] w, const uint8_t[:, ::1] xq, out_array):
+    """The scalar reference on GGML blocks: w (rows, nb*block_bytes), xq (ntok, nb*34), out (ntok, rows)
+    float32, or float64 for rows accumulated in float64."""
+    cdef float[:, ::1] out
+    cdef double[:, ::1] out64
+    cdef int64_t rows = w.shape[0], ntok = xq.shape[0], nb
+    cdef bint q40 = wtype == "q40", f64 = out_array.dtype == np.float64
+    bb = TPK_Q40_BYTES if q40 else TPK_Q80_BYTES
+    nb = w.shape[1] // bb
+    if xq.shape[1] != nb * TPK_Q80_BYTES or out_array.shape != (ntok, rows):
+        raise ValueError("matmul_ref: shapes do not match")
+    if not rows or not ntok:
+        return out_array
+    if nb == 0:
+        out_array[:, :] = 0
+        return out_array
+    if f64:
+        out64 = out_array
+        with nogil:
+            if q40:
+                tpk_matmul_q40_q80_f64_ref(<const tpk_block_q40 *>&w[0, 0], rows, nb, <const tpk_block_q80 *>&xq[0, 0],
+                                           ntok, &out64[0, 0], rows)
+            else:
+                tpk_matmul_q80_q80_f64_ref(<const tpk_block_q80 *>&w[0, 0], rows, nb, <const tpk_block_q80 *>&xq[0, 0],
+                                           ntok, &out64[0, 0], rows)
+    else:
+        out = out_array
+        with nogil:
+            if q40:
+                tpk_matmul_q40_q80_ref(<const tpk_block_q40 *>&w[0, 0], rows, nb, <const tpk_block_q80 *>&xq[0, 0],
+                                       ntok, &out[0, 0], rows)
+            else:
+                tpk_matmul_q80_q80_ref(<const tpk_block_q80 *>&w[0, 0], rows, nb, <const tpk_block_q80 *>&xq[0, 0],
+                                       ntok, &out[0, 0], rows)
+    return out_array
+
+
+def stream_sum(const float[::1] x, int nthreads=1):
+    """Sum of x read once over nthreads threads (a memory read bandwidth probe)."""
+    cdef double s = 0.0
+    if x.shape[0]:
+        with nogil:
+            s = tpk_stream_sum(&x[0], x.shape[0], nthreads)
+    return s
+
+
+# ---------------------------------------------------------------- fused float32 layer steps
+
+def rmsnorm(const float[:, ::1] x, const float[::1] w, float eps, int nthreads=1):
+    """(T, n) -> (T, n) float32: x / sqrt(mean(x^2) + eps) * w."""
+    cdef int64_t T = x.shape[0], n = x.shape[1]
+    if w.shape[0] != n:
+        raise ValueError("rmsnorm: weight length does not match")
+    out = np.empty((T, n), dtype=np.float32)
+    cdef float[:, ::1] o = out
+    if T and n:
+        with nogil:
+            tpk_rmsnorm(&x[0, 0], &w[0], &o[0, 0], T, n, eps, nthreads)
     return out
 
 
-def matmul_q80_q80_f64(const uint8_t[:, ::1] w, const uint8_t[:, ::1] xq, double[:, ::1] out, int nthreads=1):
-    """As matmul_q80_q80, rows accumulated in float64."""
-    cdef int64_t rows = w.shape[0], nb = w.shape[1] // TPK_Q80_BYTES, ntok = xq.shape[0]
-    if xq.shape[1] != nb * TPK_Q80_BYTES or out.shape[0] != ntok or out.shape[1] != rows:
-        raise ValueError("matmul_q80_q80_f64: shapes do not match")
-    if rows and ntok:
+def rope(float[:, ::1] x, int64_t head_dim, const float[:, ::1] cos, const float[:, ::1] sin):
+    """Rotate the interleaved pairs of every head of x (T, heads * head_dim) in place; cos, sin (T, head_dim/2)."""
+    cdef int64_t T = x.shape[0]
+    if head_dim <= 0 or head_dim % 2 or x.shape[1] % head_dim:
+        raise ValueError("rope: width is not whole heads of even size")
+    if cos.shape[0] != T or sin.shape[0] != T or cos.shape[1] != head_dim // 2 or sin.shape[1] != head_dim // 2:
+        raise ValueError("rope: cos/sin tables do not match")
+    if T and x.shape[1]:
         with nogil:
-            tpk_matmul_q80_q80_f64(<const tpk_block_q80 *>&w[0, 0], rows, nb, <const tpk_block_q80 *>&xq[0, 0],
-                                   ntok, &out[0, 0], out.shape[1], nthreads)
+            tpk_rope(&x[0, 0], T, x.shape[1] // head_dim, head_dim, &cos[0, 0], &sin[0, 0])
+
+
+def silu_mul(g_array, const float[:, ::1] u, int nthreads=1):
+    """g = silu(g) * u in place (T, n); returns g."""
+    cdef float[:, ::1] g = g_array
+    if g.shape[0] != u.shape[0] or g.shape[1] != u.shape[1]:
+        raise ValueError("silu_mul: shapes do not match")
+    cdef int64_t n = g.shape[0] * g.shape[1]
+    if n:
+        with nogil:
+            tpk_silu_mul(&g[0, 0], &u[0, 0], &g[0, 0], n, nthreads)
+    return g_array
+
+
+def attention(const float[:, ::1] q, const float[:, ::1] k, const float[:, ::1] v, float[:, :, ::1] kcache,
+              float[:, :, ::1] vcache, int64_t start, const int32_t[::1] kv_of_head, float scale, int nthreads=1):
+    """Causal attention for T new positions start..: q (T, heads*hd), k, v (T, kv*hd) are stored
+    into the caches (kv, ctx, hd) first. Returns (T, heads*hd) float32."""
+    cdef int64_t T = q.shape[0], n_kv = kcache.shape[0], ctx = kcache.shape[1], hd = kcache.shape[2]
+    cdef int64_t n_heads = kv_of_head.shape[0], i
+    if vcache.shape[0] != n_kv or vcache.shape[1] != ctx or vcache.shape[2] != hd:
+        raise ValueError("attention: caches differ")
+    if q.shape[1] != n_heads * hd or k.shape[1] != n_kv * hd or v.shape[1] != n_kv * hd or k.shape[0] != T or v.shape[0] != T:
+        raise ValueError("attention: shapes do not match")
+    if start < 0 or start + T > ctx:
+        raise ValueError(f"attention: positions {start}..{start + T} do not fit the cache of {ctx}")
+    for i in range(n_heads):
+        if kv_of_head[i] < 0 or kv_of_head[i] >= n_kv:
+            raise ValueError("attention: kv head index out of range")
+    out = np.empty((T, n_heads * hd), dtype=np.float32)
+    cdef float[:, ::1] o = out
+    if T and n_heads and hd:
+        with nogil:
+            tpk_attention(&q[0, 0], &k[0, 0] if n_kv else NULL, &v[0, 0] if n_kv else NULL, T, n_heads, n_kv, hd,
+                          &kv_of_head[0], &kcache[0, 0, 0], &vcache[0, 0, 0], ctx, start, scale, &o[0, 0], nthreads)
     return out

@@ -9,6 +9,17 @@
  * of products, then acc += (float)isum * (d_w * d_x), blocks summed in increasing
  * order, no fused multiply-add. SIMD variants vectorise across rows, never across the
  * terms of one row's sum, so every path gives the scalar reference's bits.
+ *
+ * Packed (runtime) layout of a weight matrix: rows are taken TPK_ROWS at a time ("a row
+ * group"; the last group is padded with zero rows). Group g, block column b is one
+ * contiguous "group block" at byte (g * nb + b) * TPK_ROWS * block_bytes:
+ *   q40 (288 bytes): uint16 d[16]; then uint8 qs[4][16][4]: qs[k][i] are bytes
+ *        4k..4k+3 of row i's GGML block, so its low nibbles are elements 4k..4k+3 and its
+ *        high nibbles elements 16+4k..16+4k+3.
+ *   q80 (544 bytes): uint16 d[16]; then uint8 qs[8][16][4]: qs[k][i] are elements
+ *        4k..4k+3 of row i, stored with the sign bit flipped (q + 128 as unsigned).
+ * A SIMD register of 16 int32 lanes (or 2 x 8, or 4 x 4) then holds one row per lane,
+ * and one 4-byte broadcast of the activation feeds all 16 rows.
  */
 #ifndef TPK_H
 #define TPK_H
@@ -18,6 +29,9 @@
 #define TPK_QK 32
 #define TPK_Q40_BYTES 18
 #define TPK_Q80_BYTES 34
+#define TPK_ROWS 16
+#define TPK_Q40_GROUP_BYTES (TPK_ROWS * TPK_Q40_BYTES)
+#define TPK_Q80_GROUP_BYTES (TPK_ROWS * TPK_Q80_BYTES)
 
 typedef struct {
     uint16_t d;
@@ -32,32 +46,89 @@ typedef struct {
 /* SIMD levels, chosen at run time from the CPU's features. */
 enum {
     TPK_SCALAR = 0,
-    TPK_AVX2 = 1,
-    TPK_AVX512 = 2,
-    TPK_NEON = 10,
-    TPK_NEON_DOTPROD = 11,
+    TPK_AVX2 = 1,         /* AVX2 + FMA + F16C */
+    TPK_AVX512 = 2,       /* AVX-512 F/BW/VL */
+    TPK_AVX512_VNNI = 3,  /* ... + VNNI */
+    TPK_NEON = 10,        /* ARMv8 Advanced SIMD (Raspberry Pi 4) */
+    TPK_NEON_DOTPROD = 11 /* ... + SDOT (Raspberry Pi 5) */
 };
 
-int tpk_detect_level(void);     /* best level this CPU supports */
-int tpk_get_level(void);        /* level in use */
-int tpk_set_level(int level);   /* force a level (tests); returns the level set, or -1 if unsupported */
+int tpk_detect_level(void);          /* best level this CPU supports */
+int tpk_level_supported(int level);  /* 1 if this build and CPU can run `level` */
+int tpk_get_level(void);             /* level in use */
+int tpk_set_level(int level);        /* force a level (tests); returns the level set, or -1 if unsupported */
+const char *tpk_level_name(int level);
 int tpk_has_openmp(void);
 
 float tpk_fp16_to_fp32(uint16_t h);
 uint16_t tpk_fp32_to_fp16(float f);
 
-/* n must be a multiple of 32. Bit-identical to GGML's quantize_row_q8_0_ref / q4_0_ref. */
+/* n must be a multiple of 32. Bit-identical to GGML's quantize_row_q8_0_ref / q4_0_ref.
+ * tpk_quantize_q80 runs at the level in use, tpk_quantize_q80_ref is the scalar reference. */
 void tpk_quantize_q80(const float *x, tpk_block_q80 *y, int64_t n);
+void tpk_quantize_q80_ref(const float *x, tpk_block_q80 *y, int64_t n);
 void tpk_quantize_q40(const float *x, tpk_block_q40 *y, int64_t n);
 void tpk_dequantize_q80(const tpk_block_q80 *x, float *y, int64_t n);
 void tpk_dequantize_q40(const tpk_block_q40 *x, float *y, int64_t n);
 
-/* y[t * ldy + r] = dot(w row r, x row t) for r < rows, t < ntok.
- * w: rows x nb blocks (row-major), x: ntok x nb blocks. */
-void tpk_matmul_q40_q80(const tpk_block_q40 *w, int64_t rows, int64_t nb,
-                        const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy, int nthreads);
-void tpk_matmul_q80_q80(const tpk_block_q80 *w, int64_t rows, int64_t nb,
-                        const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy, int nthreads);
+/* Packing GGML rows (rows x nb blocks, row r at byte r * row_stride) into the runtime layout. */
+int64_t tpk_packed_bytes_q40(int64_t rows, int64_t nb);
+int64_t tpk_packed_bytes_q80(int64_t rows, int64_t nb);
+void tpk_pack_q40(const uint8_t *w, int64_t row_stride, int64_t rows, int64_t nb, uint8_t *dst);
+void tpk_pack_q80(const uint8_t *w, int64_t row_stride, int64_t rows, int64_t nb, uint8_t *dst);
+void tpk_unpack_q40(const uint8_t *src, int64_t rows, int64_t nb, tpk_block_q40 *w);
+void tpk_unpack_q80(const uint8_t *src, int64_t rows, int64_t nb, tpk_block_q80 *w);
+
+/* y[t * ldy + r] = dot(w row r, x row t) for r < rows, t < ntok; x: ntok x nb GGML q80 blocks.
+ * Packed weights, at the level in use; output rows split over nthreads threads. Tokens are
+ * taken several at a time, so each weight block loaded serves several tokens. */
+void tpk_matmul_q40p(const uint8_t *wp, int64_t rows, int64_t nb,
+                     const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy, int nthreads);
+void tpk_matmul_q80p(const uint8_t *wp, int64_t rows, int64_t nb,
+                     const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy, int nthreads);
+
+/* The same with rows accumulated in float64 (acc + (double)isum * ((double)d_w * d_x), each
+ * term exact): the row-parallel partial sums that ranks all-reduce, so that the total is
+ * the same at any rank count. */
+void tpk_matmul_q40p_f64(const uint8_t *wp, int64_t rows, int64_t nb,
+                         const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy, int nthreads);
+void tpk_matmul_q80p_f64(const uint8_t *wp, int64_t rows, int64_t nb,
+                         const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy, int nthreads);
+
+/* The same for n matrices that read the same x (e.g. wq, wk, wv): one parallel region, all
+ * their row groups split over the threads together. Matrix i: wp[i], rows[i], output y[i]
+ * with row stride ldy[i]. */
+void tpk_matmul_q40p_many(int n, const uint8_t *const *wp, const int64_t *rows, int64_t nb,
+                          const tpk_block_q80 *x, int64_t ntok, float *const *y, const int64_t *ldy, int nthreads);
+void tpk_matmul_q80p_many(int n, const uint8_t *const *wp, const int64_t *rows, int64_t nb,
+                          const tpk_block_q80 *x, int64_t ntok, float *const *y, const int64_t *ldy, int nthreads);
+
+/* The scalar reference on plain GGML blocks (w: rows x nb, row-major). */
+void tpk_matmul_q40_q80_ref(const tpk_block_q40 *w, int64_t rows, int64_t nb,
+                            const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy);
+void tpk_matmul_q80_q80_ref(const tpk_block_q80 *w, int64_t rows, int64_t nb,
+                            const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy);
+void tpk_matmul_q40_q80_f64_ref(const tpk_block_q40 *w, int64_t rows, int64_t nb,
+                                const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy);
+void tpk_matmul_q80_q80_f64_ref(const tpk_block_q80 *w, int64_t rows, int64_t nb,
+                                const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy);
+
+/* Fused float32 layer steps (tpk_ops.c); nthreads is an upper bound, small work runs on one. */
+/* y = x / sqrt(mean(x^2) + eps) * w for T rows of n (y may be x) */
+void tpk_rmsnorm(const float *x, const float *w, float *y, int64_t T, int64_t n, float eps, int nthreads);
+/* rotate interleaved pairs (2i, 2i+1) of x (T, heads, hd) in place; cos/sin (T, hd/2) */
+void tpk_rope(float *x, int64_t T, int64_t heads, int64_t hd, const float *cos_t, const float *sin_t);
+/* out = g / (1 + exp(-g)) * u over n floats (out may be g or u) */
+void tpk_silu_mul(const float *g, const float *u, float *out, int64_t n, int nthreads);
+/* Causal attention of T new positions start..start+T-1: stores k, v (T, n_kv, hd) into the
+ * caches (n_kv, ctx, hd), then for every position and query head h (q, out: (T, n_heads, hd))
+ * softmax(q . K[kv_of_head[h], 0..pos] * scale) . V[...]. */
+void tpk_attention(const float *q, const float *k, const float *v, int64_t T, int64_t n_heads, int64_t n_kv,
+                   int64_t hd, const int32_t *kv_of_head, float *kcache, float *vcache, int64_t ctx,
+                   int64_t start, float scale, float *out, int nthreads);
+
+/* Sum of n floats read once, over nthreads threads: a memory read bandwidth probe. */
+double tpk_stream_sum(const float *x, int64_t n, int nthreads);
 
 
 /* The same products with rows accumulated in float64 (tpk_f64.c): partial sums that ranks

@@ -59,6 +59,7 @@ class RankWeights:
     layers: List[LayerWeights]
     output_norm: np.ndarray  # (dim,)
     output: Matrix           # (local_vocab, dim)
+    threads: int = 1         # kernel threads of this rank
 
     @property
     def nbytes(self) -> int:
@@ -127,4 +128,4 @@ def load_rank_weights(reader: ModelReader, shard: RankSlice, wtype: str = "q40",
     if progress:
         progress(c.n_layers + 1, c.n_layers + 1)
     return RankWeights(config=c, shard=shard, embedding=Embedding(reader), layers=layers,
-                       output_norm=reader.read("output_norm.weight"), output=output)
+                       output_norm=reader.read("output_norm.weight"), output=output, threads=threads)

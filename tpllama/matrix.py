@@ -3,10 +3,15 @@
 q40 and q80 matrices multiply q80-quantized activations in the C kernels; f32 matrices
 (and any matrix whose input width is not a multiple of 32) use numpy. An Activation
 quantizes its rows once, however many matrices read it (wq, wk and wv share one).
+
+A q40/q80 Matrix is built from GGML blocks and keeps them repacked in the kernels' runtime
+layout (16 rows interleaved, see kernels/tpk.h); `blocks()` gives the GGML blocks back.
 """
 from __future__ import annotations
 
-from typing import Optional
+import mmap
+import threading
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -17,9 +22,54 @@ WEIGHT_TYPES = ("q40", "q80", "f32")
 BYTES_PER_WEIGHT = {"q40": K.Q40_BYTES / QK, "q80": K.Q80_BYTES / QK, "f32": 4.0}
 
 _QUANTIZE = {"q40": K.quantize_q40, "q80": K.quantize_q80}
+_BLOCK_BYTES = {"q40": K.Q40_BYTES, "q80": K.Q80_BYTES}
 _DEQUANTIZE = {"q40": K.dequantize_q40, "q80": K.dequantize_q80}
-_MATMUL = {"q40": K.matmul_q40_q80, "q80": K.matmul_q80_q80}
-_MATMUL_F64 = {"q40": K.matmul_q40_q80_f64, "q80": K.matmul_q80_q80_f64}
+
+
+class _WeightArena:
+    """Memory for packed weights, in mappings that ask for transparent huge pages.
+
+    Decode streams every weight once per token; with 4 KiB pages the hardware prefetcher
+    stops at each page boundary and the TLB misses often, which costs a third of the
+    bandwidth on small matrices (2048 x 2048 q40 is 2.4 MB). Matrices are placed one after
+    another in 2 MiB-aligned chunks (a layer's weights end up adjacent); large ones get a
+    mapping of their own. A chunk is unmapped when the last matrix in it is gone."""
+
+    CHUNK = 128 * 2**20
+    HUGE = 2 * 2**20
+
+    def __init__(self):
+        self._buf: Optional[np.ndarray] = None
+        self._used = 0
+        self._lock = threading.Lock()
+
+    def _map(self, size: int) -> np.ndarray:
+        mm = mmap.mmap(-1, size + self.HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mm, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                mm.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:
+                pass
+        buf = np.frombuffer(mm, dtype=np.uint8)
+        off = (-buf.ctypes.data) % self.HUGE
+        return buf[off:off + size]
+
+    def empty(self, nbytes: int) -> np.ndarray:
+        """A flat uint8 array of nbytes, 64-byte aligned, uninitialised (zeros)."""
+        if not hasattr(mmap, "MAP_ANONYMOUS") or nbytes < 64 * 1024:
+            return K.aligned_bytes(nbytes)      # small: ordinary memory
+        n = -(-nbytes // 64) * 64
+        with self._lock:
+            if n > self.CHUNK // 8:
+                return self._map(-(-n // self.HUGE) * self.HUGE)[:nbytes]
+            if self._buf is None or self._used + n > self._buf.shape[0]:
+                self._buf, self._used = self._map(self.CHUNK), 0
+            out = self._buf[self._used:self._used + nbytes]
+            self._used += n
+            return out
+
+
+_ARENA = _WeightArena()
 
 
 class Activation:
@@ -46,23 +96,34 @@ def runtime_type(wtype: str, cols: int) -> str:
 class Matrix:
     """A (rows, cols) weight matrix in one runtime type."""
 
-    def __init__(self, wtype: str, rows: int, cols: int, data: np.ndarray, threads: int = 1):
+    def __init__(self, wtype: str, rows: int, cols: int, data: np.ndarray, threads: int = 1, packed: bool = False):
+        """data: q40/q80: GGML blocks, uint8 (rows, cols/32*block_bytes) (repacked here unless
+        `packed`, then it is already the flat packed array); f32: float32 (rows, cols)."""
         self.wtype = wtype      # "q40" | "q80" | "f32"
         self.rows = rows        # output features
         self.cols = cols        # input features
-        self.data = data        # q40/q80: uint8 (rows, cols/32*block_bytes); f32: float32 (rows, cols)
         self.threads = threads
+        if wtype == "f32":
+            self.data = data    # float32 (rows, cols)
+        else:
+            if not packed and data.shape != (rows, cols // QK * _BLOCK_BYTES[wtype]):
+                raise ValueError(f"{wtype} blocks of shape {data.shape} do not hold {rows} x {cols} weights")
+            # flat uint8: the blocks of 16 rows side by side (kernels/tpk.h), tail rows padded
+            self.data = data if packed else K.pack(wtype, data, _ARENA.empty(K.packed_bytes(wtype, rows, cols // QK)))
+            if self.data.shape != (K.packed_bytes(wtype, rows, cols // QK),):
+                raise ValueError(f"{wtype} matrix data does not hold {rows} x {cols} weights")
 
     @property
     def nbytes(self) -> int:
         return self.data.nbytes
 
-    def __call__(self, a: Activation) -> np.ndarray:
-        """(T, cols) activations -> (T, rows) float32."""
+    def __call__(self, a: Activation, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """(T, cols) activations -> (T, rows) float32 (written into `out` if given)."""
         if self.wtype == "f32":
-            return a.x @ self.data.T
-        out = np.empty((a.x.shape[0], self.rows), dtype=np.float32)
-        _MATMUL[self.wtype](self.data, a.q80, out, self.threads)
+            return np.matmul(a.x, self.data.T, out=out)
+        if out is None:
+            out = np.empty((a.x.shape[0], self.rows), dtype=np.float32)
+        K.matmul_packed(self.wtype, self.data, self.rows, self.cols // QK, a.q80, out, self.threads)
         return out
 
     def partial_sums(self, a: Activation) -> np.ndarray:
@@ -73,14 +134,20 @@ class Matrix:
         if self.wtype == "f32":
             return a.x.astype(np.float64) @ self.data.T.astype(np.float64)
         out = np.empty((a.x.shape[0], self.rows), dtype=np.float64)
-        _MATMUL_F64[self.wtype](self.data, a.q80, out, self.threads)
+        K.matmul_packed(self.wtype, self.data, self.rows, self.cols // QK, a.q80, out, self.threads)
         return out
+
+    def blocks(self) -> np.ndarray:
+        """The weights as GGML blocks (rows, cols/32*block_bytes), byte-identical to what was loaded."""
+        if self.wtype == "f32":
+            raise ValueError("an f32 matrix has no blocks")
+        return K.unpack(self.wtype, self.data, self.rows, self.cols // QK)
 
     def dequantized(self) -> np.ndarray:
         """The weights as float32 (rows, cols); for tests and debugging."""
         if self.wtype == "f32":
             return self.data
-        return _DEQUANTIZE[self.wtype](self.data)
+        return _DEQUANTIZE[self.wtype](self.blocks())
 
     @classmethod
     def from_float(cls, w: np.ndarray, wtype: str, threads: int = 1) -> "Matrix":
@@ -90,3 +157,16 @@ class Matrix:
         w = np.ascontiguousarray(w, dtype=np.float32)
         data = w if wtype == "f32" else _QUANTIZE[wtype](w)
         return cls(wtype, rows, cols, data, threads)
+
+
+def matmul_all(mats: Sequence[Matrix], a: Activation) -> List[np.ndarray]:
+    """[m(a) for m in mats]; quantized matrices of one type share one kernel call (one pass of
+    the threads over all their rows: wq, wk, wv or w1, w3)."""
+    first = mats[0]
+    if (1 < len(mats) <= 8 and first.wtype != "f32"
+            and all(m.wtype == first.wtype and m.cols == first.cols for m in mats)):
+        outs = [np.empty((a.x.shape[0], m.rows), dtype=np.float32) for m in mats]
+        K.matmul_packed_many(first.wtype, [m.data for m in mats], [m.rows for m in mats], first.cols // QK,
+                             a.q80, outs, max(m.threads for m in mats))
+        return outs
+    return [m(a) for m in mats]

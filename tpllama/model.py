@@ -13,8 +13,9 @@ import numpy as np
 
 from .config import ModelConfig
 from .loader import LayerWeights, RankWeights
-from .matrix import Activation
+from .matrix import Activation, matmul_all
 from .memory import lazy_zeros
+from . import _kernels as K
 
 Reduce = Callable[[np.ndarray], np.ndarray]   # (T, dim) float64 partial sums -> (T, dim) float32 totals
 
@@ -42,10 +43,9 @@ class KVCache:
         return 2 * 4 * config.n_layers * n_local_kv_heads * ctx * config.head_dim
 
 
-def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float, threads: int = 1) -> np.ndarray:
     """(T, dim) -> (T, dim): x / sqrt(mean(x^2) + eps) * weight."""
-    ms = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
-    return (x / np.sqrt(ms + np.float32(eps))) * weight
+    return K.rmsnorm(np.ascontiguousarray(x, dtype=np.float32), weight, eps, threads)
 
 
 def rope_tables(inv_freq: np.ndarray, positions: np.ndarray):
@@ -54,23 +54,15 @@ def rope_tables(inv_freq: np.ndarray, positions: np.ndarray):
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate interleaved pairs (2i, 2i+1) of every head. x: (T, heads, head_dim)."""
-    x0, x1 = x[..., 0::2], x[..., 1::2]
-    c, s = cos[:, None, :], sin[:, None, :]
-    out = np.empty_like(x)
-    out[..., 0::2] = x0 * c - x1 * s
-    out[..., 1::2] = x0 * s + x1 * c
-    return out
+def apply_rope(x: np.ndarray, head_dim: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate interleaved pairs (2i, 2i+1) of every head of x (T, heads * head_dim), in place."""
+    K.rope(x, head_dim, cos, sin)
+    return x
 
 
-def silu(x: np.ndarray) -> np.ndarray:
-    return x / (np.float32(1.0) + np.exp(-x))
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+def silu_mul(gate: np.ndarray, up: np.ndarray, threads: int = 1) -> np.ndarray:
+    """silu(gate) * up, written over gate."""
+    return K.silu_mul(gate, up, threads)
 
 
 class RankModel:
@@ -79,47 +71,32 @@ class RankModel:
     def __init__(self, weights: RankWeights, ctx: int):
         self.w = weights
         self.config = c = weights.config
+        self.threads = weights.threads
         shard = weights.shard
         self.cache = KVCache(c, len(shard.kv_heads), ctx)
         self.inv_freq = c.rope_frequencies()
         self.scale = np.float32(1.0 / np.sqrt(c.head_dim))
-        # local query heads grouped by the local kv head they read: [(kv_local, q_local_slice)]
+        # the local kv head that each local query head reads
         group = c.kv_group
-        self.head_groups = []
-        for kv in shard.kv_heads:
-            first = max(shard.heads.start, kv * group)
-            last = min(shard.heads.stop, (kv + 1) * group)
-            self.head_groups.append((kv - shard.kv_heads.start,
-                                     slice(first - shard.heads.start, last - shard.heads.start)))
+        self.kv_of_head = np.array([h // group - shard.kv_heads.start for h in shard.heads], dtype=np.int32)
 
     # ------------------------------------------------------------ one layer
 
     def attention(self, layer: int, lw: LayerWeights, h: Activation, start: int, cos, sin) -> np.ndarray:
         """(T, dim) normed input -> (T, dim) float64 partial output of this rank's heads."""
-        c, T, hd = self.config, h.x.shape[0], self.config.head_dim
-        q = apply_rope(lw.wq(h).reshape(T, -1, hd), cos, sin)     # (T, local_heads, hd)
-        k = apply_rope(lw.wk(h).reshape(T, -1, hd), cos, sin)     # (T, local_kv, hd)
-        v = lw.wv(h).reshape(T, -1, hd)                           # (T, local_kv, hd)
-        end = start + T
-        self.cache.k[layer, :, start:end] = k.transpose(1, 0, 2)
-        self.cache.v[layer, :, start:end] = v.transpose(1, 0, 2)
-        out = np.empty_like(q)                                    # (T, local_heads, hd)
-        mask = None
-        if T > 1:  # causal: position start+t sees keys 0..start+t
-            mask = np.arange(end)[None, :] > (start + np.arange(T))[:, None]
-        for kv, heads in self.head_groups:
-            keys = self.cache.k[layer, kv, :end]                  # (end, hd)
-            values = self.cache.v[layer, kv, :end]                # (end, hd)
-            qh = q[:, heads].transpose(1, 0, 2)                   # (group, T, hd)
-            scores = (qh @ keys.T) * self.scale                   # (group, T, end)
-            if mask is not None:
-                scores[:, mask] = -np.inf
-            out[:, heads] = (softmax(scores) @ values).transpose(1, 0, 2)
-        return lw.wo.partial_sums(Activation(out.reshape(T, -1)))
+        hd = self.config.head_dim
+        q, k, v = matmul_all((lw.wq, lw.wk, lw.wv), h)            # (T, local_heads * hd), (T, local_kv * hd) x 2
+        apply_rope(q, hd, cos, sin)
+        apply_rope(k, hd, cos, sin)
+        # k, v go into the cache at positions start..; each position attends to 0..itself
+        out = K.attention(q, k, v, self.cache.k[layer], self.cache.v[layer], start, self.kv_of_head,
+                          self.scale, self.threads)               # (T, local_heads * hd)
+        return lw.wo.partial_sums(Activation(out))
 
     def feed_forward(self, lw: LayerWeights, h: Activation) -> np.ndarray:
         """(T, dim) -> (T, dim) float64 partial output of this rank's FFN units."""
-        return lw.w2.partial_sums(Activation(silu(lw.w1(h)) * lw.w3(h)))
+        gate, up = matmul_all((lw.w1, lw.w3), h)                  # (T, local_ffn) x 2
+        return lw.w2.partial_sums(Activation(silu_mul(gate, up, self.threads)))
 
     # ------------------------------------------------------------ whole pass
 
@@ -131,11 +108,11 @@ class RankModel:
         x = self.w.embedding(tokens)                              # (T, dim)
         cos, sin = rope_tables(self.inv_freq, np.arange(start, start + len(tokens)))
         for i, lw in enumerate(self.w.layers):
-            h = Activation(rmsnorm(x, lw.attn_norm, c.norm_eps))
-            x = x + reduce(self.attention(i, lw, h, start, cos, sin))
-            h = Activation(rmsnorm(x, lw.ffn_norm, c.norm_eps))
-            x = x + reduce(self.feed_forward(lw, h))
-        return rmsnorm(x, self.w.output_norm, c.norm_eps)
+            h = Activation(rmsnorm(x, lw.attn_norm, c.norm_eps, self.threads))
+            x += reduce(self.attention(i, lw, h, start, cos, sin))
+            h = Activation(rmsnorm(x, lw.ffn_norm, c.norm_eps, self.threads))
+            x += reduce(self.feed_forward(lw, h))
+        return rmsnorm(x, self.w.output_norm, c.norm_eps, self.threads)
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """(T, dim) -> (T, local_vocab): this rank's slice of the vocabulary."""

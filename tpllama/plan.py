@@ -132,11 +132,15 @@ def _balanced_ffn(config: ModelConfig, weights, heads, kv_heads) -> List[range]:
 BYTES_PER_WEIGHT = {"q40": 18 / 32, "q80": 34 / 32, "f32": 4.0}
 RUNTIME_OVERHEAD = 160 * 2**20   # Python, numpy, MPI and the mapped tokenizer, measured roughly
 PREFILL_CHUNK = 128              # prompt tokens per forward pass
+PACKED_ROWS = 16                 # rows interleaved in the kernels' runtime layout (tpk.h TPK_ROWS)
 
 
 def matrix_bytes(rows: int, cols: int, wtype: str) -> int:
-    """Bytes of a (rows, cols) runtime matrix; input widths that are not whole blocks stay f32."""
+    """Bytes of a (rows, cols) runtime matrix; input widths that are not whole blocks stay f32.
+    Block matrices are stored 16 rows interleaved, the last group padded (kernels/tpk.h)."""
     t = wtype if cols % QK == 0 else "f32"
+    if t != "f32":
+        rows = -(-rows // PACKED_ROWS) * PACKED_ROWS
     return int(rows * cols * BYTES_PER_WEIGHT[t])
 
 

@@ -1,0 +1,168 @@
+"""Kernel benchmark: q40 decode matvec GB/s next to this machine's memory read bandwidth and
+numpy's float32 matvec, and 64-token prefill GFLOP/s, at 1 and 2 threads.
+
+    PYTHONPATH=. python benchmarks/kernels.py [--reps 5] [--threads 1,2] [--level avx2]
+
+Decode streams weights that are not in any cache: each repetition runs the matvec over
+enough copies of the matrix (>= 512 MiB) that every byte comes from memory, like a model's
+decode step. Bandwidth is a C streaming sum over 1 GiB (tpk_stream_sum) in the same run.
+Prints a table, writes JSON to benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._common import Quiet, machine_info, median, write_results  # noqa: E402
+from tpllama import _kernels as K  # noqa: E402
+from tpllama.matrix import _ARENA  # noqa: E402
+
+SHAPES = [(2048, 2048), (5632, 2048), (4096, 4096), (11008, 4096)]
+COLD_BYTES = 512 * 2**20
+
+
+def blas_set_threads(n: int) -> bool:
+    """Set the OpenBLAS thread count of numpy (found among the loaded libraries); False if not found."""
+    try:
+        with open("/proc/self/maps") as f:
+            libs = {line.split()[-1] for line in f if "blas" in line.lower() and ".so" in line}
+    except OSError:
+        return False
+    for lib in libs:
+        try:
+            handle = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        for sym in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads",
+                    "scipy_openblas_set_num_threads"):
+            fn = getattr(handle, sym, None)
+            if fn is not None:
+                fn(ctypes.c_int(n))
+                return True
+    return False
+
+
+def random_q40(rows: int, cols: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    blocks = np.empty((rows, cols // 32 * K.Q40_BYTES), np.uint8)
+    for r in range(0, rows, 1024):
+        blocks[r:r + 1024] = K.quantize_q40(rng.standard_normal((min(1024, rows - r), cols), dtype=np.float32) * 0.02)
+    return blocks
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=5, help="repetitions of every measurement (medians are reported)")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--level", help="force a SIMD level (default: the best one)")
+    p.add_argument("--shapes", help="e.g. 2048x2048,11008x4096")
+    p.add_argument("--no-quiet", action="store_true", help="do not wait for the rest of the machine to be idle")
+    p.add_argument("--json", help="results file (default benchmarks/results/kernels-<time>.json)")
+    a = p.parse_args(argv)
+    if a.level:
+        K.set_simd_level(a.level)
+    threads = [int(t) for t in a.threads.split(",")]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else SHAPES
+    quiet = Quiet(enabled=not a.no_quiet)
+    info = machine_info()
+    print(f"# {info['cpu']}, {info['cores']} cores, SIMD {K.simd_level()}, OpenMP {K.has_openmp()}; "
+          f"medians of {a.reps} repetitions", flush=True)
+
+    # ---- memory read bandwidth: streaming sum over 1 GiB
+    x = _ARENA.empty(2**30).view(np.float32)
+    x[:] = 1.0
+    bandwidth = {}
+    for th in threads:
+        K.stream_sum(x, th)
+    for rep in range(a.reps):
+        for th in threads:
+            quiet.wait()
+            t = time.perf_counter()
+            K.stream_sum(x, th)
+            bandwidth.setdefault(th, []).append(x.nbytes / (time.perf_counter() - t) / 1e9)
+    del x
+    bw = {th: median(v) for th, v in bandwidth.items()}
+    print("memory read bandwidth (1 GiB streaming sum): " + ", ".join(f"{bw[t]:.1f} GB/s at {t} thread(s)" for t in threads),
+          flush=True)
+
+    blas_ok = blas_set_threads(1)
+    rows_out = []
+    for si, (rows, cols) in enumerate(shapes):
+        nb = cols // 32
+        blocks = random_q40(rows, cols, si)
+        # in the runtime's huge-page arena, as a loaded model's matrices are (tpllama.matrix)
+        copies = [K.pack("q40", blocks, _ARENA.empty(K.packed_bytes("q40", rows, nb)))
+                  for _ in range(max(2, -(-COLD_BYTES // K.packed_bytes("q40", rows, nb))))]
+        packed = copies[0]
+        del blocks
+        rng = np.random.default_rng(100 + si)
+        x1 = K.quantize_q80(rng.standard_normal((1, cols), dtype=np.float32))
+        x64 = K.quantize_q80(rng.standard_normal((64, cols), dtype=np.float32))
+        y1 = np.empty((1, rows), np.float32)
+        y64 = np.empty((64, rows), np.float32)
+        w32 = [rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(0.02)
+               for _ in range(max(2, -(-COLD_BYTES // (rows * cols * 4))))]
+        xf = rng.standard_normal(cols, dtype=np.float32)
+        res = {th: {"decode": [], "prefill": [], "numpy": []} for th in threads}
+        for th in threads:   # warm up: page in, start the threads
+            K.matmul_packed("q40", packed, rows, nb, x64, y64, th)
+        for rep in range(a.reps):
+            for th in threads:
+                quiet.wait()
+                t = time.perf_counter()
+                for c in copies:
+                    K.matmul_packed("q40", c, rows, nb, x1, y1, th)
+                res[th]["decode"].append((time.perf_counter() - t) / len(copies))
+                t = time.perf_counter()
+                K.matmul_packed("q40", copies[rep % len(copies)], rows, nb, x64, y64, th)
+                res[th]["prefill"].append(time.perf_counter() - t)
+                blas_set_threads(th)
+                t = time.perf_counter()
+                for w in w32:
+                    w @ xf
+                res[th]["numpy"].append((time.perf_counter() - t) / len(w32))
+                blas_set_threads(1)
+        for th in threads:
+            dec, pre, npy = (median(res[th][k]) for k in ("decode", "prefill", "numpy"))
+            rows_out.append({
+                "rows": rows, "cols": cols, "threads": th, "weight_bytes": packed.nbytes,
+                "decode_ms": 1e3 * dec, "decode_GBps": packed.nbytes / dec / 1e9,
+                "bandwidth_GBps": bw[th], "decode_fraction_of_bandwidth": packed.nbytes / dec / 1e9 / bw[th],
+                "numpy_f32_ms": 1e3 * npy, "numpy_f32_GBps": rows * cols * 4 / npy / 1e9, "speedup_vs_numpy": npy / dec,
+                "prefill64_ms": 1e3 * pre, "prefill64_GFLOPs": 2 * rows * cols * 64 / pre / 1e9,
+                "prefill64_vs_decode_x64": 64 * dec / pre,
+            })
+        del copies, w32
+
+    hdr = (f"{'matrix':>12} {'thr':>3} | {'decode ms':>9} {'GB/s':>6} {'bw GB/s':>7} {'% bw':>5} | "
+           f"{'numpy f32 ms':>12} {'GB/s':>6} {'speedup':>7} | {'pp64 ms':>8} {'GFLOP/s':>8} {'vs 64 dec':>9}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows_out:
+        print(f"{r['rows']:>6}x{r['cols']:<5} {r['threads']:>3} | {r['decode_ms']:9.3f} {r['decode_GBps']:6.1f} "
+              f"{r['bandwidth_GBps']:7.1f} {100 * r['decode_fraction_of_bandwidth']:4.0f}% | {r['numpy_f32_ms']:12.3f} "
+              f"{r['numpy_f32_GBps']:6.1f} {r['speedup_vs_numpy']:6.1f}x | {r['prefill64_ms']:8.2f} "
+              f"{r['prefill64_GFLOPs']:8.1f} {r['prefill64_vs_decode_x64']:8.1f}x")
+    notes = []
+    if not blas_ok:
+        notes.append("numpy's BLAS thread count could not be set: its column uses its default threads")
+    if quiet.noisy:
+        notes.append(f"{quiet.noisy} repetitions started while other processes kept the machine busy")
+    for n in notes:
+        print("# note:", n)
+    out = write_results("kernels", {"machine": info, "simd": K.simd_level(), "reps": a.reps,
+                                    "bandwidth_GBps": {str(k): v for k, v in bw.items()},
+                                    "bandwidth_samples": {str(k): v for k, v in bandwidth.items()},
+                                    "results": rows_out, "notes": notes, "quiet_wait_s": quiet.waited}, a.json)
+    print(f"# wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

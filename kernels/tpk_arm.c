@@ -1,0 +1,344 @@
+/* tpk ARM64 kernels: NEON (every ARMv8-A CPU, e.g. the Raspberry Pi 4's Cortex-A72) and
+ * NEON with the dot product instructions (ARMv8.2 dotprod, e.g. the Pi 5's Cortex-A76),
+ * chosen at run time from getauxval(AT_HWCAP). The dotprod path carries its own target
+ * attribute, so a plain -march=armv8-a build still has it.
+ *
+ * Same scheme as tpk_x86.c: a register holds 4 rows of a packed row group (one int32
+ * lane per row), the 4 activation bytes that match are selected per lane, and per block
+ * each lane does the scalar reference's float steps (no FMA) in order. Signed products:
+ * q40 nibbles are used as unsigned 0..15 with the -8*sum(x) correction, q80 weights get
+ * their sign bit flipped back.
+ */
+#include "tpk_impl.h"
+
+#if defined(TPK_ARM64)
+#include <arm_neon.h>
+#include <string.h>
+#if defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+#endif
+
+/* GCC: the dotprod code carries its own target, so a plain armv8-a build has it too. Other
+ * compilers get it only when the whole build targets dotprod. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define TPK_HAVE_DOTPROD 1
+#define TGT_DOT __attribute__((target("arch=armv8.2-a+dotprod")))
+#elif defined(__ARM_FEATURE_DOTPROD)
+#define TPK_HAVE_DOTPROD 1
+#define TGT_DOT
+#endif
+#define INLINE static inline __attribute__((always_inline))
+
+int tpk_arm_supports(int level) {
+    if (level == TPK_NEON) return 1;
+    if (level == TPK_NEON_DOTPROD) {
+#if !defined(TPK_HAVE_DOTPROD)
+        return 0;
+#elif defined(__linux__)
+        return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#elif defined(__ARM_FEATURE_DOTPROD)
+        return 1;
+#else
+        return 0;
+#endif
+    }
+    return 0;
+}
+
+INLINE uint32_t ld32u(const void *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* 16 fp16 scales -> 4 x float32x4 (FCVTL is in every ARMv8-A). */
+INLINE void scales16(const uint8_t *gb, float32x4_t dw[4]) {
+    const uint16x8_t h0 = vld1q_u16((const uint16_t *)gb);
+    const uint16x8_t h1 = vld1q_u16((const uint16_t *)(gb + 16));
+    dw[0] = vcvt_f32_f16(vreinterpret_f16_u16(vget_low_u16(h0)));
+    dw[1] = vcvt_f32_f16(vreinterpret_f16_u16(vget_high_u16(h0)));
+    dw[2] = vcvt_f32_f16(vreinterpret_f16_u16(vget_low_u16(h1)));
+    dw[3] = vcvt_f32_f16(vreinterpret_f16_u16(vget_high_u16(h1)));
+}
+
+/* The 16 rows' running sums of one token: float32, or float64 for row-parallel partial sums
+ * (F64 is a compile-time constant in every caller). */
+typedef struct {
+    float32x4_t f[4];
+    float64x2_t d[8];
+} rowacc;
+
+INLINE void acc_zero(rowacc *a, const int F64) {
+    for (int q = 0; q < 4; q++) {
+        if (F64) a->d[2 * q] = a->d[2 * q + 1] = vdupq_n_f64(0.0);
+        else a->f[q] = vdupq_n_f32(0.0f);
+    }
+}
+
+INLINE void finish_block(rowacc *a, const int32x4_t isum[4], const float32x4_t dw[4], float dx, const int F64) {
+    if (F64) {
+        const float64x2_t vdx = vdupq_n_f64((double)dx);
+        for (int q = 0; q < 4; q++) {
+            const float64x2_t s0 = vmulq_f64(vcvt_f64_f32(vget_low_f32(dw[q])), vdx);
+            const float64x2_t s1 = vmulq_f64(vcvt_high_f64_f32(dw[q]), vdx);
+            const float64x2_t i0 = vcvtq_f64_s64(vmovl_s32(vget_low_s32(isum[q])));
+            const float64x2_t i1 = vcvtq_f64_s64(vmovl_high_s32(isum[q]));
+            a->d[2 * q] = vaddq_f64(a->d[2 * q], vmulq_f64(i0, s0));
+            a->d[2 * q + 1] = vaddq_f64(a->d[2 * q + 1], vmulq_f64(i1, s1));
+        }
+    } else {
+        const float32x4_t vdx = vdupq_n_f32(dx);
+        for (int q = 0; q < 4; q++) {
+            const float32x4_t scale = vmulq_f32(dw[q], vdx);
+            a->f[q] = vaddq_f32(a->f[q], vmulq_f32(vcvtq_f32_s32(isum[q]), scale));
+        }
+    }
+}
+
+INLINE void store_rows(void *y, int64_t at, const rowacc *a, int nrows, const int F64) {
+    if (F64) {
+        double tmp[16];
+        for (int q = 0; q < 8; q++) vst1q_f64(tmp + 2 * q, a->d[q]);
+        memcpy((double *)y + at, tmp, (size_t)nrows * sizeof(double));
+    } else {
+        float tmp[16];
+        for (int q = 0; q < 4; q++) vst1q_f32(tmp + 4 * q, a->f[q]);
+        memcpy((float *)y + at, tmp, (size_t)nrows * sizeof(float));
+    }
+}
+
+#define GROUP_FN(name, tile, TGT, TT, F64)                                                           \
+    TGT static void name(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok, void *y,       \
+                         int64_t ldy, int nrows) {                                                   \
+        int64_t t = 0;                                                                               \
+        for (; t + (TT) <= ntok; t += (TT)) tile(w, nb, x + t * nb, y, t * ldy, ldy, nrows, (TT), F64); \
+        if (ntok - t >= 1) tile(w, nb, x + t * nb, y, t * ldy, ldy, nrows, 1, F64);                  \
+    }
+
+/* ================================================================ NEON dotprod */
+#if defined(TPK_HAVE_DOTPROD)
+
+#define DOT_LANE(acc, w, xv, lane) vdotq_laneq_s32((acc), (w), (xv), (lane))
+
+INLINE TGT_DOT void q40_tile_dot(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
+                                 int nrows, const int TT, const int F64) {
+    rowacc out[2];
+    for (int t = 0; t < TT; t++) acc_zero(&out[t], F64);
+    const uint8x16_t m4 = vdupq_n_u8(0x0F);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *gb = w + b * TPK_Q40_GROUP_BYTES;
+        int32x4_t acc[2][4];
+        int8x16_t xlo[2], xhi[2];
+        for (int t = 0; t < TT; t++) {
+            const tpk_xq *xb = x + t * nb + b;
+            xlo[t] = vld1q_s8(xb->qs);
+            xhi[t] = vld1q_s8(xb->qs + 16);
+            for (int q = 0; q < 4; q++) acc[t][q] = vdupq_n_s32(xb->s8);
+        }
+#define Q40_DOT_K(k)                                                                      \
+        for (int q = 0; q < 4; q++) {                                                     \
+            const uint8x16_t v = vld1q_u8(gb + 32 + 64 * (k) + 16 * q);                   \
+            const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(v, m4));                    \
+            const int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));                   \
+            for (int t = 0; t < TT; t++) {                                                \
+                acc[t][q] = DOT_LANE(acc[t][q], lo, xlo[t], (k));                         \
+                acc[t][q] = DOT_LANE(acc[t][q], hi, xhi[t], (k));                         \
+            }                                                                             \
+        }
+        Q40_DOT_K(0) Q40_DOT_K(1) Q40_DOT_K(2) Q40_DOT_K(3)
+#undef Q40_DOT_K
+        float32x4_t dw[4];
+        scales16(gb, dw);
+        for (int t = 0; t < TT; t++) finish_block(&out[t], acc[t], dw, x[t * nb + b].d, F64);
+    }
+    for (int t = 0; t < TT; t++) store_rows(y, at + t * ldy, &out[t], nrows, F64);
+}
+
+INLINE TGT_DOT void q80_tile_dot(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
+                                 int nrows, const int TT, const int F64) {
+    rowacc out[2];
+    for (int t = 0; t < TT; t++) acc_zero(&out[t], F64);
+    const uint8x16_t sign = vdupq_n_u8(0x80);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *gb = w + b * TPK_Q80_GROUP_BYTES;
+        int32x4_t acc[2][4];
+        int8x16_t xlo[2], xhi[2];
+        for (int t = 0; t < TT; t++) {
+            const tpk_xq *xb = x + t * nb + b;
+            xlo[t] = vld1q_s8(xb->qs);
+            xhi[t] = vld1q_s8(xb->qs + 16);
+            for (int q = 0; q < 4; q++) acc[t][q] = vdupq_n_s32(0);
+        }
+#define Q80_DOT_K(k, xv, lane)                                                            \
+        for (int q = 0; q < 4; q++) {                                                     \
+            const int8x16_t v = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(gb + 32 + 64 * (k) + 16 * q), sign)); \
+            for (int t = 0; t < TT; t++) acc[t][q] = DOT_LANE(acc[t][q], v, xv[t], (lane)); \
+        }
+        Q80_DOT_K(0, xlo, 0) Q80_DOT_K(1, xlo, 1) Q80_DOT_K(2, xlo, 2) Q80_DOT_K(3, xlo, 3)
+        Q80_DOT_K(4, xhi, 0) Q80_DOT_K(5, xhi, 1) Q80_DOT_K(6, xhi, 2) Q80_DOT_K(7, xhi, 3)
+#undef Q80_DOT_K
+        float32x4_t dw[4];
+        scales16(gb, dw);
+        for (int t = 0; t < TT; t++) finish_block(&out[t], acc[t], dw, x[t * nb + b].d, F64);
+    }
+    for (int t = 0; t < TT; t++) store_rows(y, at + t * ldy, &out[t], nrows, F64);
+}
+
+GROUP_FN(q40_group_dot, q40_tile_dot, TGT_DOT, 2, 0)
+GROUP_FN(q80_group_dot, q80_tile_dot, TGT_DOT, 2, 0)
+GROUP_FN(q40_group_dot_f64, q40_tile_dot, TGT_DOT, 2, 1)
+GROUP_FN(q80_group_dot_f64, q80_tile_dot, TGT_DOT, 2, 1)
+
+#endif /* TPK_HAVE_DOTPROD */
+
+/* ================================================================ plain NEON
+ * Widening multiplies: vmull_s8 / vmlal_s8 give int16 products of 2 rows x 4 elements
+ * (the 4 activation bytes duplicated). q40 accumulates the 8 products a lane gets per
+ * block in int16 (at most 8 * 15 * 128 = 15360, no overflow), q80 widens every product
+ * pair into int32 with vpadalq_s16. vpaddlq/vpaddq then fold the 4 element positions of
+ * a row into its lane. */
+
+INLINE int32x4_t fold_rows16(int16x8_t rows01, int16x8_t rows23) {
+    return vpaddq_s32(vpaddlq_s16(rows01), vpaddlq_s16(rows23));
+}
+
+INLINE void q40_tile_neon(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
+                          int nrows, const int TT, const int F64) {
+    rowacc out[2];
+    for (int t = 0; t < TT; t++) acc_zero(&out[t], F64);
+    const uint8x16_t m4 = vdupq_n_u8(0x0F);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *gb = w + b * TPK_Q40_GROUP_BYTES;
+        int16x8_t a16[2][4][2];
+        for (int t = 0; t < TT; t++)
+            for (int q = 0; q < 4; q++) a16[t][q][0] = a16[t][q][1] = vdupq_n_s16(0);
+        for (int k = 0; k < 4; k++) {
+            int8x16_t xl[2], xh[2];
+            for (int t = 0; t < TT; t++) {
+                const int8_t *xq = x[t * nb + b].qs;
+                xl[t] = vreinterpretq_s8_u32(vdupq_n_u32(ld32u(xq + 4 * k)));
+                xh[t] = vreinterpretq_s8_u32(vdupq_n_u32(ld32u(xq + 16 + 4 * k)));
+            }
+            for (int q = 0; q < 4; q++) {
+                const uint8x16_t v = vld1q_u8(gb + 32 + 64 * k + 16 * q);
+                const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(v, m4));
+                const int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
+                for (int t = 0; t < TT; t++) {
+                    a16[t][q][0] = vmlal_s8(a16[t][q][0], vget_low_s8(lo), vget_low_s8(xl[t]));
+                    a16[t][q][1] = vmlal_high_s8(a16[t][q][1], lo, xl[t]);
+                    a16[t][q][0] = vmlal_s8(a16[t][q][0], vget_low_s8(hi), vget_low_s8(xh[t]));
+                    a16[t][q][1] = vmlal_high_s8(a16[t][q][1], hi, xh[t]);
+                }
+            }
+        }
+        float32x4_t dw[4];
+        scales16(gb, dw);
+        for (int t = 0; t < TT; t++) {
+            const tpk_xq *xb = x + t * nb + b;
+            int32x4_t isum[4];
+            for (int q = 0; q < 4; q++)
+                isum[q] = vaddq_s32(fold_rows16(a16[t][q][0], a16[t][q][1]), vdupq_n_s32(xb->s8));
+            finish_block(&out[t], isum, dw, xb->d, F64);
+        }
+    }
+    for (int t = 0; t < TT; t++) store_rows(y, at + t * ldy, &out[t], nrows, F64);
+}
+
+INLINE void q80_tile_neon(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
+                          int nrows, const int TT, const int F64) {
+    rowacc out[2];
+    for (int t = 0; t < TT; t++) acc_zero(&out[t], F64);
+    const uint8x16_t sign = vdupq_n_u8(0x80);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *gb = w + b * TPK_Q80_GROUP_BYTES;
+        int32x4_t a32[2][4][2];
+        for (int t = 0; t < TT; t++)
+            for (int q = 0; q < 4; q++) a32[t][q][0] = a32[t][q][1] = vdupq_n_s32(0);
+        for (int k = 0; k < 8; k++) {
+            int8x16_t xk[2];
+            for (int t = 0; t < TT; t++) xk[t] = vreinterpretq_s8_u32(vdupq_n_u32(ld32u(x[t * nb + b].qs + 4 * k)));
+            for (int q = 0; q < 4; q++) {
+                const int8x16_t v = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(gb + 32 + 64 * k + 16 * q), sign));
+                for (int t = 0; t < TT; t++) {
+                    a32[t][q][0] = vpadalq_s16(a32[t][q][0], vmull_s8(vget_low_s8(v), vget_low_s8(xk[t])));
+                    a32[t][q][1] = vpadalq_s16(a32[t][q][1], vmull_high_s8(v, xk[t]));
+                }
+            }
+        }
+        float32x4_t dw[4];
+        scales16(gb, dw);
+        for (int t = 0; t < TT; t++) {
+            int32x4_t isum[4];
+            for (int q = 0; q < 4; q++) isum[q] = vpaddq_s32(a32[t][q][0], a32[t][q][1]);
+            finish_block(&out[t], isum, dw, x[t * nb + b].d, F64);
+        }
+    }
+    for (int t = 0; t < TT; t++) store_rows(y, at + t * ldy, &out[t], nrows, F64);
+}
+
+GROUP_FN(q40_group_neon, q40_tile_neon, , 2, 0)
+GROUP_FN(q80_group_neon, q80_tile_neon, , 2, 0)
+GROUP_FN(q40_group_neon_f64, q40_tile_neon, , 2, 1)
+GROUP_FN(q80_group_neon_f64, q80_tile_neon, , 2, 1)
+
+/* ================================================================ q80 quantizer
+ * The scalar reference's steps on 4 lanes (see tpk_x86.c): amax, d and id as scalars,
+ * x * id, roundf as floor(|v|) + (fraction >= 0.5) with v's sign; the conversion
+ * saturates and the narrowing truncates, like the scalar (int8_t) cast on AArch64. */
+void tpk_arm_quantize_q80(const float *x, tpk_block_q80 *y, int64_t n) {
+    const float32x4_t half = vdupq_n_f32(0.5f), one = vdupq_n_f32(1.0f);
+    for (int64_t i = 0; i < n / TPK_QK; i++) {
+        float32x4_t v[8];
+        float32x4_t m = vdupq_n_f32(0.0f);
+        for (int q = 0; q < 8; q++) {
+            v[q] = vld1q_f32(x + i * TPK_QK + 4 * q);
+            m = vmaxq_f32(m, vabsq_f32(v[q]));
+        }
+        const float amax = vmaxvq_f32(m);
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[i].d = tpk_fp32_to_fp16(d);
+        const float32x4_t vid = vdupq_n_f32(id);
+        int16x8_t h[4];
+        for (int q = 0; q < 8; q += 2) {
+            int32x4_t r32[2];
+            for (int e = 0; e < 2; e++) {
+                const float32x4_t s = vmulq_f32(v[q + e], vid);
+                const float32x4_t a = vabsq_f32(s);
+                const float32x4_t fl = vrndmq_f32(a);
+                const uint32x4_t up = vcgeq_f32(vsubq_f32(a, fl), half);
+                const float32x4_t r = vaddq_f32(fl, vreinterpretq_f32_u32(vandq_u32(up, vreinterpretq_u32_f32(one))));
+                const uint32x4_t sign = vandq_u32(vreinterpretq_u32_f32(s), vdupq_n_u32(0x80000000u));
+                r32[e] = vcvtq_s32_f32(vreinterpretq_f32_u32(vorrq_u32(vreinterpretq_u32_f32(r), sign)));
+            }
+            h[q / 2] = vcombine_s16(vmovn_s32(r32[0]), vmovn_s32(r32[1]));
+        }
+        vst1q_s8(y[i].qs, vcombine_s8(vmovn_s16(h[0]), vmovn_s16(h[1])));
+        vst1q_s8(y[i].qs + 16, vcombine_s8(vmovn_s16(h[2]), vmovn_s16(h[3])));
+    }
+}
+
+tpk_group_fn tpk_arm_q40(int level, int f64) {
+    switch (level) {
+#if defined(TPK_HAVE_DOTPROD)
+    case TPK_NEON_DOTPROD: return f64 ? q40_group_dot_f64 : q40_group_dot;
+#endif
+    case TPK_NEON: return f64 ? q40_group_neon_f64 : q40_group_neon;
+    default: return NULL;
+    }
+}
+
+tpk_group_fn tpk_arm_q80(int level, int f64) {
+    switch (level) {
+#if defined(TPK_HAVE_DOTPROD)
+    case TPK_NEON_DOTPROD: return f64 ? q80_group_dot_f64 : q80_group_dot;
+#endif
+    case TPK_NEON: return f64 ? q80_group_neon_f64 : q80_group_neon;
+    default: return NULL;
+    }
+}
+
+#endif /* TPK_ARM64 */

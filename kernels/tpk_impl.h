@@ -1,0 +1,51 @@
+/* Internal interface between tpk.c (reference, packing, dispatch, threads) and the
+ * architecture files tpk_x86.c / tpk_arm.c (SIMD variants). Not part of the API. */
+#ifndef TPK_IMPL_H
+#define TPK_IMPL_H
+
+#include "tpk.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define TPK_X86 1
+#endif
+#if defined(__aarch64__)
+#define TPK_ARM64 1
+#endif
+
+/* One q80 activation block made ready for the kernels: the scale as float and the
+ * offset corrections -8*sum(qs) (q40 weights are stored as unsigned nibbles q, so
+ * sum((q-8)*x) = sum(q*x) - 8*sum(x)) and -128*sum(qs) (q80 weights stored as q+128). */
+typedef struct {
+    int8_t qs[TPK_QK];
+    float d;
+    int32_t s8;
+    int32_t s128;
+    int32_t pad;
+} tpk_xq;
+
+/* One row group (TPK_ROWS rows, nrows <= TPK_ROWS of them real) times ntok tokens:
+ * w: the group's nb group blocks; x: token t's blocks at x + t * nb;
+ * y: token t's outputs at element t * ldy of y (rows of this group only), float, or
+ * double for the float64-accumulating variants. */
+typedef void (*tpk_group_fn)(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok,
+                             void *y, int64_t ldy, int nrows);
+
+extern float tpk_fp16_table[65536];
+static inline float tpk_f16(uint16_t h) { return tpk_fp16_table[h]; }
+
+#if defined(TPK_X86)
+int tpk_x86_supports(int level);
+tpk_group_fn tpk_x86_q40(int level, int f64);
+tpk_group_fn tpk_x86_q80(int level, int f64);
+double tpk_x86_stream_sum(const float *x, int64_t n);
+void tpk_x86_quantize_q80_512(const float *x, tpk_block_q80 *y, int64_t n);
+void tpk_x86_quantize_q80_avx2(const float *x, tpk_block_q80 *y, int64_t n);
+#endif
+#if defined(TPK_ARM64)
+int tpk_arm_supports(int level);
+tpk_group_fn tpk_arm_q40(int level, int f64);
+tpk_group_fn tpk_arm_q80(int level, int f64);
+void tpk_arm_quantize_q80(const float *x, tpk_block_q80 *y, int64_t n);
+#endif
+
+#endif

@@ -1,0 +1,471 @@
+/* tpk x86-64 SIMD kernels: AVX2, AVX-512 (F/BW/VL) and AVX-512 VNNI, each compiled with
+ * a per-function target attribute and chosen at run time, so one build runs on any x86-64.
+ *
+ * Every kernel multiplies one packed row group (16 rows, see tpk.h) by a tile of tokens.
+ * A register holds one int32 per row; a weight register holds 4 consecutive elements of
+ * each row and the activation's 4 matching elements are broadcast to every lane, so each
+ * lane sums its own row's products exactly. Weights are unsigned (q40: nibble q in 0..15,
+ * q80: q + 128) and the offset comes back as the precomputed -8*sum(x) / -128*sum(x) that
+ * initialises the int32 sum. Per block, lane r then does exactly the scalar reference's
+ *   acc[r] = acc[r] + (float)isum[r] * (d_w[r] * d_x)
+ * in float32 (no FMA), blocks in increasing order, so every level returns the same bits
+ * (or the same in float64, for row-parallel partial sums).
+ * Tokens are taken TT at a time: the weights unpacked for one block serve TT tokens.
+ */
+#include "tpk_impl.h"
+
+#if defined(TPK_X86)
+#include <immintrin.h>
+#include <string.h>
+
+#define TGT_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TGT_512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define TGT_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+#define INLINE static inline __attribute__((always_inline))
+
+int tpk_x86_supports(int level) {
+    __builtin_cpu_init();
+    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    const int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    const int vnni = avx512 && __builtin_cpu_supports("avx512vnni");
+    switch (level) {
+    case TPK_AVX2: return avx2;
+    case TPK_AVX512: return avx512;
+    case TPK_AVX512_VNNI: return vnni;
+    default: return 0;
+    }
+}
+
+INLINE int32_t ld32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* ================================================================ accumulators
+ * Per token, the 16 rows' running sums: float32 (acc + (float)isum * (dw * dx)), or float64
+ * for the row-parallel partial sums that ranks add up (acc + (double)isum * ((double)dw *
+ * (double)dx), every term exact). F64 is a compile-time constant in every caller. */
+
+typedef struct { __m512 f; __m512d d0, d1; } acc512;
+
+INLINE TGT_512 void acc512_zero(acc512 *a, const int F64) {
+    if (F64) a->d0 = a->d1 = _mm512_setzero_pd();
+    else a->f = _mm512_setzero_ps();
+}
+
+INLINE TGT_512 void acc512_add(acc512 *a, __m512i isum, __m512 dw, float dx, const int F64) {
+    if (F64) {
+        const __m512d vdx = _mm512_set1_pd((double)dx);
+        const __m512d s0 = _mm512_mul_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(dw)), vdx);
+        const __m512d s1 = _mm512_mul_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(dw), 1))), vdx);
+        a->d0 = _mm512_add_pd(a->d0, _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(isum)), s0));
+        a->d1 = _mm512_add_pd(a->d1, _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(isum, 1)), s1));
+    } else {
+        const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(dx));
+        a->f = _mm512_add_ps(a->f, _mm512_mul_ps(_mm512_cvtepi32_ps(isum), scale));
+    }
+}
+
+INLINE TGT_512 void acc512_store(void *y, int64_t at, const acc512 *a, int nrows, const int F64) {
+    if (F64) {
+        double *o = (double *)y + at;
+        if (nrows == TPK_ROWS) {
+            _mm512_storeu_pd(o, a->d0);
+            _mm512_storeu_pd(o + 8, a->d1);
+        } else {
+            const unsigned m = (1u << nrows) - 1;
+            _mm512_mask_storeu_pd(o, (__mmask8)(m & 0xFF), a->d0);
+            _mm512_mask_storeu_pd(o + 8, (__mmask8)(m >> 8), a->d1);
+        }
+    } else {
+        float *o = (float *)y + at;
+        if (nrows == TPK_ROWS) _mm512_storeu_ps(o, a->f);
+        else _mm512_mask_storeu_ps(o, (__mmask16)((1u << nrows) - 1), a->f);
+    }
+}
+
+typedef struct { __m256 f; __m256d d0, d1; } acc256;
+
+INLINE TGT_AVX2 void acc256_zero(acc256 *a, const int F64) {
+    if (F64) a->d0 = a->d1 = _mm256_setzero_pd();
+    else a->f = _mm256_setzero_ps();
+}
+
+INLINE TGT_AVX2 void acc256_add(acc256 *a, __m256i isum, __m256 dw, float dx, const int F64) {
+    if (F64) {
+        const __m256d vdx = _mm256_set1_pd((double)dx);
+        const __m256d s0 = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(dw)), vdx);
+        const __m256d s1 = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(dw, 1)), vdx);
+        a->d0 = _mm256_add_pd(a->d0, _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(isum)), s0));
+        a->d1 = _mm256_add_pd(a->d1, _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(isum, 1)), s1));
+    } else {
+        const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
+        a->f = _mm256_add_ps(a->f, _mm256_mul_ps(_mm256_cvtepi32_ps(isum), scale));
+    }
+}
+
+/* 8 rows (nrows of them real, may be <= 0) */
+INLINE TGT_AVX2 void acc256_store(void *y, int64_t at, const acc256 *a, int nrows, const int F64) {
+    if (nrows <= 0) return;
+    if (F64) {
+        double *o = (double *)y + at;
+        if (nrows >= 8) {
+            _mm256_storeu_pd(o, a->d0);
+            _mm256_storeu_pd(o + 4, a->d1);
+        } else {
+            double tmp[8];
+            _mm256_storeu_pd(tmp, a->d0);
+            _mm256_storeu_pd(tmp + 4, a->d1);
+            memcpy(o, tmp, (size_t)nrows * sizeof(double));
+        }
+    } else {
+        float *o = (float *)y + at;
+        if (nrows >= 8) {
+            _mm256_storeu_ps(o, a->f);
+        } else {
+            float tmp[8];
+            _mm256_storeu_ps(tmp, a->f);
+            memcpy(o, tmp, (size_t)nrows * sizeof(float));
+        }
+    }
+}
+
+/* A group function for each token-tile size: full tiles of TT, then 4, 2, 1 for the rest. */
+#define GROUP_FN(name, tile, TGT, TT, F64)                                                           \
+    TGT static void name(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok, void *y,       \
+                         int64_t ldy, int nrows) {                                                   \
+        int64_t t = 0;                                                                               \
+        for (; t + (TT) <= ntok; t += (TT)) tile(w, nb, x + t * nb, y, t * ldy, ldy, nrows, (TT), F64); \
+        if ((TT) > 4 && ntok - t >= 4) { tile(w, nb, x + t * nb, y, t * ldy, ldy, nrows, 4, F64); t += 4; } \
+        if ((TT) > 2 && ntok - t >= 2) { tile(w, nb, x + t * nb, y, t * ldy, ldy, nrows, 2, F64); t += 2; } \
+        if (ntok - t >= 1) tile(w, nb, x + t * nb, y, t * ldy, ldy, nrows, 1, F64);                  \
+    }
+
+/* ================================================================ AVX-512 VNNI */
+
+INLINE TGT_VNNI void q40_tile_vnni(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
+                                   int nrows, const int TT, const int F64) {
+    acc512 out[8];
+    for (int t = 0; t < TT; t++) acc512_zero(&out[t], F64);
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *gb = w + b * TPK_Q40_GROUP_BYTES;
+        __m512i acc[8];
+        for (int t = 0; t < TT; t++) acc[t] = _mm512_set1_epi32(x[t * nb + b].s8);
+        for (int k = 0; k < 4; k++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(gb + 32 + 64 * k));
+            const __m512i lo = _mm512_and_si512(v, m4);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+            for (int t = 0; t < TT; t++) {
+                const int8_t *xq = x[t * nb + b].qs;
+                acc[t] = _mm512_dpbusd_epi32(acc[t], lo, _mm512_set1_epi32(ld32(xq + 4 * k)));
+                acc[t] = _mm512_dpbusd_epi32(acc[t], hi, _mm512_set1_epi32(ld32(xq + 16 + 4 * k)));
+            }
+        }
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb));
+        for (int t = 0; t < TT; t++) acc512_add(&out[t], acc[t], dw, x[t * nb + b].d, F64);
+    }
+    for (int t = 0; t < TT; t++) acc512_store(y, at + t * ldy, &out[t], nrows, F64);
+}
+
+INLINE TGT_VNNI void q80_tile_vnni(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
+                                   int nrows, const int TT, const int F64) {
+    acc512 out[8];
+    for (int t = 0; t < TT; t++) acc512_zero(&out[t], F64);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *gb = w + b * TPK_Q80_GROUP_BYTES;
+        __m512i acc[8];
+        for (int t = 0; t < TT; t++) acc[t] = _mm512_set1_epi32(x[t * nb + b].s128);
+        for (int k = 0; k < 8; k++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(gb + 32 + 64 * k));
+            for (int t = 0; t < TT; t++)
+                acc[t] = _mm512_dpbusd_epi32(acc[t], v, _mm512_set1_epi32(ld32(x[t * nb + b].qs + 4 * k)));
+        }
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb));
+        for (int t = 0; t < TT; t++) acc512_add(&out[t], acc[t], dw, x[t * nb + b].d, F64);
+    }
+    for (int t = 0; t < TT; t++) acc512_store(y, at + t * ldy, &out[t], nrows, F64);
+}
+
+GROUP_FN(q40_group_vnni, q40_tile_vnni, TGT_VNNI, 8, 0)
+GROUP_FN(q80_group_vnni, q80_tile_vnni, TGT_VNNI, 8, 0)
+GROUP_FN(q40_group_vnni_f64, q40_tile_vnni, TGT_VNNI, 4, 1)
+GROUP_FN(q80_group_vnni_f64, q80_tile_vnni, TGT_VNNI, 4, 1)
+
+/* ================================================================ AVX-512 F/BW/VL (no VNNI)
+ * u8 x s8 products by vpmaddubsw: pairs summed into int16 lanes, then vpmaddwd by 1 into
+ * the row's int32 lane. Nibbles are at most 15, so 8 pair sums per int16 lane stay within
+ * 8 * 2 * 15 * 128 = 30720 and nothing saturates; q80 weights (q + 128 up to 255) are
+ * split into their two nibbles for the same reason and recombined as lo + 16 * hi. */
+
+INLINE TGT_512 void q40_tile_512(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
+                                 int nrows, const int TT, const int F64) {
+    acc512 out[8];
+    for (int t = 0; t < TT; t++) acc512_zero(&out[t], F64);
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i ones = _mm512_set1_epi16(1);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *gb = w + b * TPK_Q40_GROUP_BYTES;
+        __m512i acc16[8];
+        for (int t = 0; t < TT; t++) acc16[t] = _mm512_setzero_si512();
+        for (int k = 0; k < 4; k++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(gb + 32 + 64 * k));
+            const __m512i lo = _mm512_and_si512(v, m4);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+            for (int t = 0; t < TT; t++) {
+                const int8_t *xq = x[t * nb + b].qs;
+                acc16[t] = _mm512_add_epi16(acc16[t], _mm512_maddubs_epi16(lo, _mm512_set1_epi32(ld32(xq + 4 * k))));
+                acc16[t] = _mm512_add_epi16(acc16[t], _mm512_maddubs_epi16(hi, _mm512_set1_epi32(ld32(xq + 16 + 4 * k))));
+            }
+        }
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb));
+        for (int t = 0; t < TT; t++) {
+            const __m512i isum = _mm512_add_epi32(_mm512_madd_epi16(acc16[t], ones), _mm512_set1_epi32(x[t * nb + b].s8));
+            acc512_add(&out[t], isum, dw, x[t * nb + b].d, F64);
+        }
+    }
+    for (int t = 0; t < TT; t++) acc512_store(y, at + t * ldy, &out[t], nrows, F64);
+}
+
+INLINE TGT_512 void q80_tile_512(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
+                                 int nrows, const int TT, const int F64) {
+    acc512 out[4];
+    for (int t = 0; t < TT; t++) acc512_zero(&out[t], F64);
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i ones = _mm512_set1_epi16(1);
+    const __m512i sixteens = _mm512_set1_epi16(16);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *gb = w + b * TPK_Q80_GROUP_BYTES;
+        __m512i lo16[4], hi16[4];
+        for (int t = 0; t < TT; t++) lo16[t] = hi16[t] = _mm512_setzero_si512();
+        for (int k = 0; k < 8; k++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(gb + 32 + 64 * k));
+            const __m512i lo = _mm512_and_si512(v, m4);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+            for (int t = 0; t < TT; t++) {
+                const __m512i xk = _mm512_set1_epi32(ld32(x[t * nb + b].qs + 4 * k));
+                lo16[t] = _mm512_add_epi16(lo16[t], _mm512_maddubs_epi16(lo, xk));
+                hi16[t] = _mm512_add_epi16(hi16[t], _mm512_maddubs_epi16(hi, xk));
+            }
+        }
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb));
+        for (int t = 0; t < TT; t++) {
+            __m512i isum = _mm512_add_epi32(_mm512_madd_epi16(lo16[t], ones), _mm512_madd_epi16(hi16[t], sixteens));
+            isum = _mm512_add_epi32(isum, _mm512_set1_epi32(x[t * nb + b].s128));
+            acc512_add(&out[t], isum, dw, x[t * nb + b].d, F64);
+        }
+    }
+    for (int t = 0; t < TT; t++) acc512_store(y, at + t * ldy, &out[t], nrows, F64);
+}
+
+GROUP_FN(q40_group_512, q40_tile_512, TGT_512, 8, 0)
+GROUP_FN(q80_group_512, q80_tile_512, TGT_512, 4, 0)
+GROUP_FN(q40_group_512_f64, q40_tile_512, TGT_512, 4, 1)
+GROUP_FN(q80_group_512_f64, q80_tile_512, TGT_512, 4, 1)
+
+/* ================================================================ AVX2
+ * The same arithmetic as AVX-512 F/BW on 256-bit registers: a row group is two halves
+ * of 8 rows (bytes 32h..32h+31 of each 64-byte slice). */
+
+INLINE TGT_AVX2 void q40_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
+                                   int nrows, const int TT, const int F64) {
+    acc256 out[2][2];
+    for (int h = 0; h < 2; h++)
+        for (int t = 0; t < TT; t++) acc256_zero(&out[h][t], F64);
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *gb = w + b * TPK_Q40_GROUP_BYTES;
+        __m256i acc16[2][2];
+        for (int h = 0; h < 2; h++)
+            for (int t = 0; t < TT; t++) acc16[h][t] = _mm256_setzero_si256();
+        for (int k = 0; k < 4; k++) {
+            for (int h = 0; h < 2; h++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(gb + 32 + 64 * k + 32 * h));
+                const __m256i lo = _mm256_and_si256(v, m4);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                for (int t = 0; t < TT; t++) {
+                    const int8_t *xq = x[t * nb + b].qs;
+                    acc16[h][t] = _mm256_add_epi16(acc16[h][t], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(ld32(xq + 4 * k))));
+                    acc16[h][t] = _mm256_add_epi16(acc16[h][t], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(ld32(xq + 16 + 4 * k))));
+                }
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb + 16 * h)));
+            for (int t = 0; t < TT; t++) {
+                const __m256i isum = _mm256_add_epi32(_mm256_madd_epi16(acc16[h][t], ones), _mm256_set1_epi32(x[t * nb + b].s8));
+                acc256_add(&out[h][t], isum, dw, x[t * nb + b].d, F64);
+            }
+        }
+    }
+    for (int t = 0; t < TT; t++) {
+        acc256_store(y, at + t * ldy, &out[0][t], nrows, F64);
+        acc256_store(y, at + t * ldy + 8, &out[1][t], nrows - 8, F64);
+    }
+}
+
+INLINE TGT_AVX2 void q80_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
+                                   int nrows, const int TT, const int F64) {
+    acc256 out[2][2];
+    for (int h = 0; h < 2; h++)
+        for (int t = 0; t < TT; t++) acc256_zero(&out[h][t], F64);
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i sixteens = _mm256_set1_epi16(16);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *gb = w + b * TPK_Q80_GROUP_BYTES;
+        for (int h = 0; h < 2; h++) {
+            __m256i lo16[2], hi16[2];
+            for (int t = 0; t < TT; t++) lo16[t] = hi16[t] = _mm256_setzero_si256();
+            for (int k = 0; k < 8; k++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(gb + 32 + 64 * k + 32 * h));
+                const __m256i lo = _mm256_and_si256(v, m4);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                for (int t = 0; t < TT; t++) {
+                    const __m256i xk = _mm256_set1_epi32(ld32(x[t * nb + b].qs + 4 * k));
+                    lo16[t] = _mm256_add_epi16(lo16[t], _mm256_maddubs_epi16(lo, xk));
+                    hi16[t] = _mm256_add_epi16(hi16[t], _mm256_maddubs_epi16(hi, xk));
+                }
+            }
+            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb + 16 * h)));
+            for (int t = 0; t < TT; t++) {
+                __m256i isum = _mm256_add_epi32(_mm256_madd_epi16(lo16[t], ones), _mm256_madd_epi16(hi16[t], sixteens));
+                isum = _mm256_add_epi32(isum, _mm256_set1_epi32(x[t * nb + b].s128));
+                acc256_add(&out[h][t], isum, dw, x[t * nb + b].d, F64);
+            }
+        }
+    }
+    for (int t = 0; t < TT; t++) {
+        acc256_store(y, at + t * ldy, &out[0][t], nrows, F64);
+        acc256_store(y, at + t * ldy + 8, &out[1][t], nrows - 8, F64);
+    }
+}
+
+GROUP_FN(q40_group_avx2, q40_tile_avx2, TGT_AVX2, 2, 0)
+GROUP_FN(q80_group_avx2, q80_tile_avx2, TGT_AVX2, 2, 0)
+GROUP_FN(q40_group_avx2_f64, q40_tile_avx2, TGT_AVX2, 2, 1)
+GROUP_FN(q80_group_avx2_f64, q80_tile_avx2, TGT_AVX2, 2, 1)
+
+/* ================================================================ q80 quantizer
+ * The scalar reference's steps on 16 / 8 lanes: amax (exact), d = amax / 127 and
+ * id = 1 / d as scalars, x * id, then roundf (half away from zero) as floor(|v|) plus one
+ * when the exact fraction |v| - floor(|v|) is at least 0.5, with v's sign. Conversion and
+ * narrowing truncate like the scalar (int8_t) cast, also for the inf/NaN that a denormal
+ * block's 1/d can make, so the bytes are identical. */
+
+TGT_512 void tpk_x86_quantize_q80_512(const float *x, tpk_block_q80 *y, int64_t n) {
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+    const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+    for (int64_t i = 0; i < n / TPK_QK; i++) {
+        const __m512 x0 = _mm512_loadu_ps(x + i * TPK_QK), x1 = _mm512_loadu_ps(x + i * TPK_QK + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(x0, absmask), _mm512_and_ps(x1, absmask)));
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[i].d = tpk_fp32_to_fp16(d);
+        const __m512 vid = _mm512_set1_ps(id);
+        for (int h = 0; h < 2; h++) {
+            const __m512 v = _mm512_mul_ps(h ? x1 : x0, vid);
+            const __m512 a = _mm512_and_ps(v, absmask);
+            const __m512 fl = _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+            const __mmask16 up = _mm512_cmp_ps_mask(_mm512_sub_ps(a, fl), half, _CMP_GE_OQ);
+            const __m512 r = _mm512_mask_add_ps(fl, up, fl, one);
+            const __m512 sr = _mm512_or_ps(r, _mm512_andnot_ps(absmask, v));
+            _mm_storeu_si128((__m128i *)(y[i].qs + 16 * h), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(sr)));
+        }
+    }
+}
+
+TGT_AVX2 void tpk_x86_quantize_q80_avx2(const float *x, tpk_block_q80 *y, int64_t n) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+    const __m256i lowbyte = _mm256_set1_epi32(0xFF);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t i = 0; i < n / TPK_QK; i++) {
+        __m256 v[4];
+        __m256 m = _mm256_setzero_ps();
+        for (int q = 0; q < 4; q++) {
+            v[q] = _mm256_loadu_ps(x + i * TPK_QK + 8 * q);
+            m = _mm256_max_ps(m, _mm256_and_ps(v[q], absmask));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+        const float amax = _mm_cvtss_f32(m4);
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[i].d = tpk_fp32_to_fp16(d);
+        const __m256 vid = _mm256_set1_ps(id);
+        __m256i q32[4];
+        for (int q = 0; q < 4; q++) {
+            const __m256 s = _mm256_mul_ps(v[q], vid);
+            const __m256 a = _mm256_and_ps(s, absmask);
+            const __m256 fl = _mm256_round_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+            const __m256 up = _mm256_cmp_ps(_mm256_sub_ps(a, fl), half, _CMP_GE_OQ);
+            const __m256 r = _mm256_add_ps(fl, _mm256_and_ps(up, one));
+            const __m256 sr = _mm256_or_ps(r, _mm256_andnot_ps(absmask, s));
+            q32[q] = _mm256_and_si256(_mm256_cvttps_epi32(sr), lowbyte);
+        }
+        /* low bytes of 32 int32, in order: packs work per 128-bit lane, the permute restores it */
+        const __m256i p16a = _mm256_packus_epi32(q32[0], q32[1]);
+        const __m256i p16b = _mm256_packus_epi32(q32[2], q32[3]);
+        const __m256i p8 = _mm256_packus_epi16(p16a, p16b);
+        _mm256_storeu_si256((__m256i *)y[i].qs, _mm256_permutevar8x32_epi32(p8, order));
+    }
+}
+
+/* ================================================================ dispatch */
+
+tpk_group_fn tpk_x86_q40(int level, int f64) {
+    switch (level) {
+    case TPK_AVX512_VNNI: return f64 ? q40_group_vnni_f64 : q40_group_vnni;
+    case TPK_AVX512: return f64 ? q40_group_512_f64 : q40_group_512;
+    case TPK_AVX2: return f64 ? q40_group_avx2_f64 : q40_group_avx2;
+    default: return NULL;
+    }
+}
+
+tpk_group_fn tpk_x86_q80(int level, int f64) {
+    switch (level) {
+    case TPK_AVX512_VNNI: return f64 ? q80_group_vnni_f64 : q80_group_vnni;
+    case TPK_AVX512: return f64 ? q80_group_512_f64 : q80_group_512;
+    case TPK_AVX2: return f64 ? q80_group_avx2_f64 : q80_group_avx2;
+    default: return NULL;
+    }
+}
+
+TGT_512 static double stream_sum_512(const float *x, int64_t n) {
+    __m512 a = _mm512_setzero_ps(), b = a, c = a, d = a;
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        a = _mm512_add_ps(a, _mm512_loadu_ps(x + i));
+        b = _mm512_add_ps(b, _mm512_loadu_ps(x + i + 16));
+        c = _mm512_add_ps(c, _mm512_loadu_ps(x + i + 32));
+        d = _mm512_add_ps(d, _mm512_loadu_ps(x + i + 48));
+    }
+    double s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
+    for (; i < n; i++) s += x[i];
+    return s;
+}
+
+TGT_AVX2 double tpk_x86_stream_sum(const float *x, int64_t n) {
+    if (tpk_get_level() >= TPK_AVX512) return stream_sum_512(x, n);
+    __m256 a = _mm256_setzero_ps(), b = a, c = a, d = a;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        a = _mm256_add_ps(a, _mm256_loadu_ps(x + i));
+        b = _mm256_add_ps(b, _mm256_loadu_ps(x + i + 8));
+        c = _mm256_add_ps(c, _mm256_loadu_ps(x + i + 16));
+        d = _mm256_add_ps(d, _mm256_loadu_ps(x + i + 24));
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, _mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d)));
+    double s = 0.0;
+    for (int j = 0; j < 8; j++) s += lanes[j];
+    for (; i < n; i++) s += x[i];
+    return s;
+}
+
+#endif /* TPK_X86 */

@@ -1,0 +1,99 @@
+"""The fused float32 layer steps in C (kernels/tpk_ops.c) against plain numpy / float64."""
+import numpy as np
+import pytest
+
+from tpllama import _kernels as K
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def test_rmsnorm_matches_float64():
+    x = (rng(1).standard_normal((7, 2048)) * 3).astype(np.float32)
+    w = (1 + 0.1 * rng(2).standard_normal(2048)).astype(np.float32)
+    x64 = x.astype(np.float64)
+    want = x64 / np.sqrt(np.mean(x64 * x64, axis=-1, keepdims=True) + 1e-5) * w
+    for threads in (1, 2):
+        got = K.rmsnorm(x, w, 1e-5, threads)
+        assert np.allclose(got, want, rtol=1e-6, atol=1e-7)
+    odd = x[:, :35].copy()   # a width that is not whole vectors
+    want = odd.astype(np.float64) / np.sqrt(np.mean(odd.astype(np.float64) ** 2, axis=-1, keepdims=True) + 1e-6) * w[:35]
+    assert np.allclose(K.rmsnorm(odd, w[:35].copy(), 1e-6), want, rtol=1e-6, atol=1e-7)
+
+
+def test_rope_matches_numpy():
+    T, heads, hd = 5, 3, 64
+    x = rng(3).standard_normal((T, heads * hd)).astype(np.float32)
+    angles = np.arange(10, 10 + T)[:, None] * (1.0 / 10000 ** (np.arange(0, hd, 2) / hd))[None, :]
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    xr = x.reshape(T, heads, hd)
+    x0, x1 = xr[..., 0::2], xr[..., 1::2]
+    want = np.empty_like(xr)
+    want[..., 0::2] = x0 * cos[:, None] - x1 * sin[:, None]
+    want[..., 1::2] = x0 * sin[:, None] + x1 * cos[:, None]
+    got = x.copy()
+    K.rope(got, hd, cos, sin)
+    assert np.array_equal(got.reshape(T, heads, hd), want)
+
+
+def test_silu_mul_matches_float64():
+    g = np.concatenate([rng(4).standard_normal(5000) * 4, [-100.0, -87.0, 0.0, 30.0, 88.0, 100.0, -1e-30]])
+    g = g.astype(np.float32)[None, :]
+    u = rng(5).standard_normal(g.shape).astype(np.float32)
+    g64 = g.astype(np.float64)
+    want = g64 / (1 + np.exp(-g64)) * u
+    for threads in (1, 2):
+        got = K.silu_mul(g.copy(), u, threads)
+        assert np.allclose(got, want, rtol=2e-6, atol=1e-30)
+    big = rng(6).standard_normal((3, 200_000)).astype(np.float32)   # parallel path
+    ones = np.ones_like(big)
+    assert np.array_equal(K.silu_mul(big.copy(), ones, 1), K.silu_mul(big.copy(), ones, 2))
+
+
+def attention_float64(q, kc, vc, start, kv_of_head, scale):
+    T, n_heads, hd = q.shape[0], len(kv_of_head), kc.shape[2]
+    q = q.reshape(T, n_heads, hd).astype(np.float64)
+    out = np.empty_like(q)
+    for t in range(T):
+        for h in range(n_heads):
+            keys = kc[kv_of_head[h], :start + t + 1].astype(np.float64)
+            s = keys @ q[t, h] * scale
+            p = np.exp(s - s.max())
+            out[t, h] = (p / p.sum()) @ vc[kv_of_head[h], :start + t + 1]
+    return out.reshape(T, -1)
+
+
+@pytest.mark.parametrize("T,start,n_heads,n_kv,hd", [(1, 0, 4, 2, 64), (1, 37, 8, 2, 64), (6, 0, 4, 4, 32),
+                                                     (9, 20, 6, 3, 24), (3, 5, 2, 1, 8), (70, 3, 4, 1, 64)])
+def test_attention_matches_float64(T, start, n_heads, n_kv, hd):
+    ctx = start + T + 4
+    r = rng(T * 100 + start)
+    kc = np.zeros((n_kv, ctx, hd), np.float32)
+    vc = np.zeros((n_kv, ctx, hd), np.float32)
+    kc[:, :start] = r.standard_normal((n_kv, start, hd))
+    vc[:, :start] = r.standard_normal((n_kv, start, hd))
+    q = r.standard_normal((T, n_heads * hd)).astype(np.float32)
+    k = r.standard_normal((T, n_kv * hd)).astype(np.float32)
+    v = r.standard_normal((T, n_kv * hd)).astype(np.float32)
+    kv_of_head = (np.arange(n_heads) // (n_heads // n_kv)).astype(np.int32)
+    scale = np.float32(1 / np.sqrt(hd))
+    outs = []
+    for threads in (1, 2):
+        kc1, vc1 = kc.copy(), vc.copy()
+        outs.append(K.attention(q, k, v, kc1, vc1, start, kv_of_head, scale, threads))
+        assert np.array_equal(kc1[:, start:start + T], k.reshape(T, n_kv, hd).transpose(1, 0, 2))
+        assert np.array_equal(vc1[:, start:start + T], v.reshape(T, n_kv, hd).transpose(1, 0, 2))
+        assert not kc1[:, start + T:].any()
+    assert np.array_equal(outs[0], outs[1])
+    want = attention_float64(q, kc1, vc1, start, kv_of_head, scale)
+    assert np.allclose(outs[0], want, rtol=1e-5, atol=2e-6)
+
+
+def test_attention_checks_bounds():
+    kc = np.zeros((1, 4, 8), np.float32)
+    q = np.zeros((2, 8), np.float32)
+    with pytest.raises(ValueError):
+        K.attention(q, q, q, kc, kc.copy(), 3, np.zeros(1, np.int32), np.float32(1.0))
+    with pytest.raises(ValueError):
+        K.attention(q, q, q, kc, kc.copy(), 0, np.ones(1, np.int32), np.float32(1.0))
