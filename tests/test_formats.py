@@ -187,23 +187,23 @@ def test_blocks_pass_through_bit_for_bit(hf_ref, qtype, runtime, tmp_path):
                            ("w1", "ffn_gate"), ("w3", "ffn_up"), ("w2", "ffn_down")):
             m = getattr(layer, attr)
             assert m.wtype == runtime
-            assert np.array_equal(m.data, file_blocks(path, f"blk.{i}.{role}.weight")), f"{attr} of layer {i}"
+            assert np.array_equal(m.blocks(), file_blocks(path, f"blk.{i}.{role}.weight")), f"{attr} of layer {i}"
     out_name = "token_embd.weight" if hf_ref.cfg["tie_word_embeddings"] else "output.weight"
-    assert w.output.wtype == runtime and np.array_equal(w.output.data, file_blocks(path, out_name))
+    assert w.output.wtype == runtime and np.array_equal(w.output.blocks(), file_blocks(path, out_name))
     # column slices on block boundaries pass through too (a rank's share of wo / w2) ...
     reader = model.reader
     name = "blk.0.ffn_down.weight"
     bb = {"q40": 18, "q80": 34}[runtime]
     part = load_matrix(reader, name, slice(8, 40), slice(64, 192), runtime)
-    assert np.array_equal(part.data, file_blocks(path, name)[8:40, 64 // 32 * bb:192 // 32 * bb])
+    assert np.array_equal(part.blocks(), file_blocks(path, name)[8:40, 64 // 32 * bb:192 // 32 * bb])
     # ... and a slice that cuts blocks is re-quantized from the dequantized slice instead
     part = load_matrix(reader, name, slice(0, 4), slice(16, 80), runtime)
     quantize = {"q40": K.quantize_q40, "q80": K.quantize_q80}[runtime]
-    assert np.array_equal(part.data, quantize(reader.read(name, slice(0, 4), slice(16, 80))))
+    assert np.array_equal(part.blocks(), quantize(reader.read(name, slice(0, 4), slice(16, 80))))
     # a type that differs from the file's is converted, never passed through
     other = "q80" if runtime == "q40" else "q40"
     m = load_matrix(reader, name, slice(None), slice(None), other)
-    assert m.wtype == other and m.data.shape[1] == reader.shape(name)[1] // 32 * {"q40": 18, "q80": 34}[other]
+    assert m.wtype == other and m.blocks().shape[1] == reader.shape(name)[1] // 32 * {"q40": 18, "q80": 34}[other]
 
 
 # =====================================================================================
@@ -306,10 +306,10 @@ def test_q4_k_m_like_model_loads_runs_and_matches_hf(tmp_path):
     layer = model.rank_model.w.layers[1]
     assert all(m.wtype == "q40" for m in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w1, layer.w2, layer.w3))
     assert model.rank_model.w.output.wtype == "q40"
-    assert np.array_equal(layer.w2.data, K.quantize_q40(values["blk.1.ffn_down.weight"]))
+    assert np.array_equal(layer.w2.blocks(), K.quantize_q40(values["blk.1.ffn_down.weight"]))
     # a rank's share of a row-parallel matrix: columns that start and end inside 256-blocks
     part = load_matrix(reader, "blk.0.attn_output.weight", slice(None), slice(64, 192), "q40")
-    assert np.array_equal(part.data, K.quantize_q40(np.ascontiguousarray(values["blk.0.attn_output.weight"][:, 64:192])))
+    assert np.array_equal(part.blocks(), K.quantize_q40(np.ascontiguousarray(values["blk.0.attn_output.weight"][:, 64:192])))
     part = load_matrix(reader, "blk.0.ffn_down.weight", slice(16, 48), slice(96, 416), "f32")
     assert np.array_equal(part.data, values["blk.0.ffn_down.weight"][16:48, 96:416])
     logits_q40 = model.forward([1, 2, 3, 4], 0)
