@@ -98,3 +98,13 @@ def write_results(name: str, data: dict, path: Optional[str] = None) -> Path:
     out = Path(path) if path else RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(data, indent=2))
     return out
+
+
+def bench_model(model: Optional[str], shape: Optional[str]) -> str:
+    """The model a benchmark runs: a given path, or a cached random-weight model of a named shape."""
+    if model:
+        return model
+    from tpllama.bench.make_model import ensure_model
+    cache = Path(os.environ.get("TPLLAMA_CACHE", "~/.cache/tpllama")).expanduser() / "bench"
+    cache.mkdir(parents=True, exist_ok=True)
+    return ensure_model(str(cache / f"{shape}.gguf"), shape)

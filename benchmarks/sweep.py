@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,21 +29,13 @@ from pathlib import Path
 from typing import List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks._common import bench_model, machine_info  # noqa: E402
 
 
 def mpirun_binary() -> str:
     local = os.path.join(sysconfig.get_path("scripts"), "mpirun")
     return local if os.path.exists(local) else "mpirun"
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_point(model: str, ranks: int, threads: int, args, cluster=None) -> dict:
@@ -136,15 +127,6 @@ def plot(rows: List[dict], path: Path) -> Optional[str]:
     return None
 
 
-def resolve_model(args) -> str:
-    if args.model:
-        return args.model
-    from tpllama.bench.make_model import make_model
-    cache = Path(os.environ.get("TPLLAMA_CACHE", "~/.cache/tpllama")).expanduser() / "bench"
-    cache.mkdir(parents=True, exist_ok=True)
-    return str(make_model(args.shape, cache / f"{args.shape}.gguf"))
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,15 +148,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="directory for JSON, markdown, PNG")
     args = p.parse_args(argv)
 
-    model = resolve_model(args)
+    model = bench_model(args.model, args.shape)
     ranks = [int(x) for x in args.ranks.split(",")]
     threads = [int(x) for x in args.threads.split(",")]
     cores = os.cpu_count() or 1
     from tpllama.formats import open_model
     n_layers = open_model(model).config.n_layers
     rows = []
+    machine = machine_info()
     print(f"model {model}, {args.weight_type} weights, {args.sync_type} sync, pp{args.pp}/tg{args.tg}, "
-          f"{args.reps} reps, {cores} cores ({cpu_name()})", flush=True)
+          f"{args.reps} reps, {cores} cores ({machine['cpu']}, {machine['simd']})", flush=True)
     for k in ranks:
         for t in threads:
             if k * t > cores and not (args.oversubscribe or args.netem):
@@ -199,7 +182,7 @@ def main(argv=None) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = f"sweep-{Path(model).stem}-{stamp}"
     table = markdown_table(rows, args.netem, args.pp, args.tg)
-    meta = {"date": stamp, "command": " ".join(sys.argv), "cpu": cpu_name(), "cores": cores, "model": model,
+    meta = {"date": stamp, "command": " ".join(sys.argv), **machine, "model": model,
             "netem": args.netem, "rate": args.rate if args.netem else None,
             "latency_ms": args.latency_ms if args.netem else None}
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -1,5 +1,4 @@
 """Shared test helpers: where the shared real models are, and tiny models the tests write."""
-import os
 from pathlib import Path
 
 import pytest

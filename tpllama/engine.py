@@ -108,9 +108,7 @@ class Model:
             if ctx < c.max_seq_len:
                 _log(par, True, f"tpllama: context capped to {ctx} of the model's {c.max_seq_len} so the KV cache fits "
                                 "in memory (set it with -c)")
-        if ctx < 1:
-            raise TpllamaError(f"the model's weights alone do not fit in memory on some host; "
-                               f"use more ranks or hosts, or --rank-weights")
+        ctx = max(ctx, min(256, c.max_seq_len))   # below that, the shortfall report says what is missing
         mem = rank_memory(self.plan, wtype, ctx, hosts, available)
         if opts.verbose:
             _log(par, True, format_memory_table(mem, ctx))

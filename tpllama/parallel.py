@@ -138,7 +138,7 @@ class Parallel:
         """Each rank's top candidates (n values, n global ids, a few float64 extras) to root.
 
         Returns (values (K*n,), ids (K*n,), extras (K, m)) on root, None elsewhere."""
-        n, m = len(values), len(extra)
+        n = len(values)
         if self.size == 1:
             return values, ids, extra[None, :]
         send = np.concatenate([values.astype(np.float64), ids.astype(np.float64), extra.astype(np.float64)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import resource
 import sys
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List
 
 
 @dataclass

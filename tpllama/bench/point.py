@@ -9,10 +9,8 @@ The sweep (benchmarks/sweep.py) runs this for every rank and thread count.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 
 import numpy as np
 

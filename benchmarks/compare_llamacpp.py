@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""tpllama against llama.cpp (its Python bindings, llama-cpp-python) on one machine: the same
+GGUF, the same thread count, prompt processing and decode, alternating the two in one run.
+
+    python benchmarks/compare_llamacpp.py --shape tinyllama-1.1b --threads 1,2
+    python benchmarks/compare_llamacpp.py --model model.gguf --threads 2 --reps 5
+
+llama-cpp-python is installed on demand (`pip install llama-cpp-python` compiles llama.cpp:
+several minutes). Both run in this process on one rank: tpllama through tpllama.load, llama.cpp
+through llama_cpp.Llama; each repetition runs one then the other, in alternating order, so
+noise from the shared machine falls on both. Prints tokens/s and tpllama / llama.cpp ratios;
+writes JSON to benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks._common import Quiet, bench_model, machine_info, median, write_results  # noqa: E402
+
+
+def llama_cpp_module():
+    try:
+        return importlib.import_module("llama_cpp")
+    except ImportError:
+        print("installing llama-cpp-python (compiles llama.cpp; several minutes)...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "llama-cpp-python"], check=True)
+        return importlib.import_module("llama_cpp")
+
+
+class TpllamaRunner:
+    name = "tpllama"
+
+    def __init__(self, path, threads, ctx):
+        import tpllama
+        self.model = tpllama.load(path, threads=threads, ctx_size=ctx, tokenizer="none")
+
+    def prompt(self, tokens):
+        self.model.reset()
+        self.model._run(tokens, "prefill", None)
+
+    def decode(self, first, n):
+        token = first
+        for _ in range(n):
+            local = self.model._run([token], "decode", None)
+            token = int(np.argmax(local[-1]))
+
+
+class LlamaCppRunner:
+    name = "llama.cpp"
+
+    def __init__(self, path, threads, ctx, batch):
+        llama_cpp = llama_cpp_module()
+        self.llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=ctx,
+                                   n_batch=batch, n_ubatch=batch, verbose=False, logits_all=False)
+
+    def prompt(self, tokens):
+        self.llm.reset()
+        self.llm.eval(tokens)
+
+    def decode(self, first, n):
+        token = first
+        for _ in range(n):
+            self.llm.eval([token])
+            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+
+def time_runner(runner, prompt, tg, quiet):
+    quiet.wait()
+    t0 = time.perf_counter()
+    runner.prompt(prompt)
+    t1 = time.perf_counter()
+    runner.decode(prompt[-1], tg)
+    t2 = time.perf_counter()
+    return len(prompt) / (t1 - t0), tg / (t2 - t1)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model")
+    src.add_argument("--shape", help="a random-weight model of a named shape (tpllama.bench.make_model)")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--pp", type=int, default=64)
+    p.add_argument("--tg", type=int, default=64)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--no-quiet-wait", action="store_true", help="do not wait for an idle machine before each run")
+    args = p.parse_args(argv)
+    path = bench_model(args.model, args.shape)
+    quiet = Quiet(enabled=not args.no_quiet_wait)
+    ctx = args.pp + args.tg + 16
+    rng = np.random.default_rng(0)
+    results = {"machine": machine_info(), "model": path, "command": " ".join(sys.argv), "points": []}
+    print(f"{path}: pp{args.pp} / tg{args.tg}, {args.reps} alternating repetitions\n")
+    print(f"{'threads':>7} {'engine':>10} {'pp tok/s':>9} {'tg tok/s':>9}")
+    for threads in (int(t) for t in args.threads.split(",")):
+        runners = [TpllamaRunner(path, threads, ctx), LlamaCppRunner(path, threads, ctx, args.pp)]
+        vocab = runners[0].model.config.vocab_size
+        prompt = [int(t) for t in rng.integers(3, vocab, size=args.pp)]
+        for r in runners:                      # warm-up, not measured
+            time_runner(r, prompt, 4, Quiet(enabled=False))
+        measured = {r.name: {"pp": [], "tg": []} for r in runners}
+        for rep in range(args.reps):
+            order = runners if rep % 2 == 0 else runners[::-1]
+            for r in order:
+                pp, tg = time_runner(r, prompt, args.tg, quiet)
+                measured[r.name]["pp"].append(pp)
+                measured[r.name]["tg"].append(tg)
+        for name, m in measured.items():
+            print(f"{threads:>7} {name:>10} {median(m['pp']):>9.1f} {median(m['tg']):>9.2f}")
+        ours, theirs = measured["tpllama"], measured["llama.cpp"]
+        pp_ratio = median(ours["pp"]) / median(theirs["pp"])
+        tg_ratio = median(ours["tg"]) / median(theirs["tg"])
+        print(f"{threads:>7} {'ratio':>10} {pp_ratio:>8.2f}x {tg_ratio:>8.2f}x   (tpllama / llama.cpp)")
+        results["points"].append({"threads": threads, "runs": measured, "pp_ratio": pp_ratio, "tg_ratio": tg_ratio})
+        del runners
+    if quiet.noisy:
+        print(f"\nnote: {quiet.noisy} runs started while other processes were busy", file=sys.stderr)
+    print(f"\nwrote {write_results('compare-llamacpp', results)}")
+
+
+if __name__ == "__main__":
+    main()
