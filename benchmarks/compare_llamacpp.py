@@ -47,11 +47,9 @@ class TpllamaRunner:
         self.model.reset()
         self.model._run(tokens, "prefill", None)
 
-    def decode(self, first, n):
-        token = first
-        for _ in range(n):
-            local = self.model._run([token], "decode", None)
-            token = int(np.argmax(local[-1]))
+    def decode(self, tokens):
+        for token in tokens:
+            self.model._run([token], "decode", None)     # computes this rank's logits, as llama.cpp does
 
 
 class LlamaCppRunner:
@@ -66,21 +64,21 @@ class LlamaCppRunner:
         self.llm.reset()
         self.llm.eval(tokens)
 
-    def decode(self, first, n):
-        token = first
-        for _ in range(n):
+    def decode(self, tokens):
+        for token in tokens:
             self.llm.eval([token])
-            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
 
 
-def time_runner(runner, prompt, tg, quiet):
+def time_runner(runner, prompt, decode, quiet):
+    """(prompt tokens/s, decode tokens/s). Decode feeds a fixed token sequence: the cost of a step
+    does not depend on which token it is, and both engines get the same one."""
     quiet.wait()
     t0 = time.perf_counter()
     runner.prompt(prompt)
     t1 = time.perf_counter()
-    runner.decode(prompt[-1], tg)
+    runner.decode(decode)
     t2 = time.perf_counter()
-    return len(prompt) / (t1 - t0), tg / (t2 - t1)
+    return len(prompt) / (t1 - t0), len(decode) / (t2 - t1)
 
 
 def main(argv=None):
@@ -106,13 +104,14 @@ def main(argv=None):
         runners = [TpllamaRunner(path, threads, ctx), LlamaCppRunner(path, threads, ctx, args.pp)]
         vocab = runners[0].model.config.vocab_size
         prompt = [int(t) for t in rng.integers(3, vocab, size=args.pp)]
+        decode = [int(t) for t in rng.integers(3, vocab, size=args.tg)]
         for r in runners:                      # warm-up, not measured
-            time_runner(r, prompt, 4, Quiet(enabled=False))
+            time_runner(r, prompt, decode[:4], Quiet(enabled=False))
         measured = {r.name: {"pp": [], "tg": []} for r in runners}
         for rep in range(args.reps):
             order = runners if rep % 2 == 0 else runners[::-1]
             for r in order:
-                pp, tg = time_runner(r, prompt, args.tg, quiet)
+                pp, tg = time_runner(r, prompt, decode, quiet)
                 measured[r.name]["pp"].append(pp)
                 measured[r.name]["tg"].append(tg)
         for name, m in measured.items():
