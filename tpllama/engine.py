@@ -104,11 +104,11 @@ class Model:
         if opts.ctx_size and opts.ctx_size > 0:
             ctx = opts.ctx_size
         else:
-            ctx = min(c.max_seq_len, max_context(self.plan, wtype, hosts, available))
+            # below 256 positions nothing useful fits: plan for 256 and let the shortfall report say what is missing
+            ctx = max(min(c.max_seq_len, max_context(self.plan, wtype, hosts, available)), min(256, c.max_seq_len))
             if ctx < c.max_seq_len:
                 _log(par, True, f"tpllama: context capped to {ctx} of the model's {c.max_seq_len} so the KV cache fits "
                                 "in memory (set it with -c)")
-        ctx = max(ctx, min(256, c.max_seq_len))   # below that, the shortfall report says what is missing
         mem = rank_memory(self.plan, wtype, ctx, hosts, available)
         if opts.verbose:
             _log(par, True, format_memory_table(mem, ctx))
