@@ -76,7 +76,15 @@ def _rows_of(r: range, per_unit: int) -> slice:
 
 
 def load_matrix(reader: ModelReader, name: str, rows: slice, cols: slice, wtype: str, threads: int = 1) -> Matrix:
-    """Read W[rows, cols] of tensor `name` and convert it to runtime type `wtype`."""
+    """Read W[rows, cols] of tensor `name`, convert it to runtime type `wtype`, and let go of the
+    file's pages it touched."""
+    try:
+        return _convert(reader, name, rows, cols, wtype, threads)
+    finally:
+        reader.release(name)
+
+
+def _convert(reader: ModelReader, name: str, rows: slice, cols: slice, wtype: str, threads: int) -> Matrix:
     n_rows = len(range(*rows.indices(reader.shape(name)[0])))
     n_cols = len(range(*cols.indices(reader.shape(name)[1])))
     wtype = runtime_type(wtype, n_cols)

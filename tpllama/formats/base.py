@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Union
 
+import mmap
+
 import numpy as np
 from gguf import GGMLQuantizationType, quants
 
@@ -88,6 +90,38 @@ class ModelReader:
         self.path = str(path)
         self.tensors: Dict[str, RawTensor] = {}
         self.config = None
+        self._maps: list = []   # (mmap, first address) of every mapped file
+
+    def map_file(self, path: str) -> np.ndarray:
+        """The file as a read-only uint8 array over a memory map (nothing read yet)."""
+        mapped = np.memmap(path, dtype=np.uint8, mode="r")
+        self.add_mapping(mapped)
+        return mapped.view(np.ndarray)   # a plain view: np.memmap's per-slice bookkeeping is slow
+
+    def add_mapping(self, mapped: np.memmap):
+        if getattr(mapped, "_mmap", None) is not None:
+            self._maps.append((mapped._mmap, mapped.__array_interface__["data"][0], mapped.nbytes))
+
+    def release(self, name: str):
+        """Drop a tensor's file pages from this process once its slice is converted (Linux).
+
+        They stay in the page cache, shared and reclaimable, but no longer count in this
+        rank's resident memory: a rank that touched every page of a row-parallel tensor to copy
+        its columns does not keep the whole tensor resident."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        raw = self.tensor(name).raw
+        start = raw.__array_interface__["data"][0]
+        for mm, base, size in self._maps:
+            if base <= start < base + size:
+                page = mmap.PAGESIZE
+                lo = (start - base) // page * page
+                hi = min(size, -(-(start - base + raw.nbytes) // page) * page)
+                try:
+                    mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+                except (OSError, ValueError):
+                    pass
+                return
 
     # ------------------------------------------------------------ table
 
@@ -151,6 +185,7 @@ class ModelReader:
 
     def close(self):
         self.tensors = {}
+        self._maps = []
 
     def check_tensors(self):
         """Every tensor the model math uses is present with the shape the config gives it, so a

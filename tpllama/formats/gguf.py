@@ -23,6 +23,7 @@ class _PlainArrayGGUFReader(GGUFReader):
 
     @data.setter
     def data(self, value):
+        self.mapped = value
         self._data = value.view(np.ndarray)
 
     def _get(self, offset, dtype, count=1, override_order=None):
@@ -75,6 +76,7 @@ class GGUFModel(ModelReader):
             if embd:
                 kv = dict(kv, **{"llama.vocab_size": int(embd[0].shape[1])})
         self.config = ModelConfig.from_gguf(kv, name=os.path.basename(path), source=path)
+        self.add_mapping(reader.mapped)
         buf = reader.data.reshape(-1)
         for t in reader.tensors:
             ne = [int(n) for n in t.shape]            # GGUF order: ne[0] is the row length

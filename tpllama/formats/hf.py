@@ -75,7 +75,6 @@ class HFModel(ModelReader):
             raise ModelFormatError(f"{cfg_path}: cannot read config.json ({e})") from None
         self.hf_config = hf_config
         self.config = ModelConfig.from_hf(hf_config, name=os.path.basename(os.path.abspath(path)), source=cfg_path)
-        self._maps = []
         for file in self._weight_files():
             self._add_file(file)
         if "token_embd.weight" not in self.tensors:
@@ -108,8 +107,7 @@ class HFModel(ModelReader):
         if not os.path.exists(file):
             raise ModelFormatError(f"{file}: listed in the index but missing")
         header, data_start, size = _read_safetensors_header(file)
-        buf = np.memmap(file, dtype=np.uint8, mode="r").view(np.ndarray)
-        self._maps.append(buf)
+        buf = self.map_file(file)
         for hf_name, meta in header.items():
             if hf_name == "__metadata__":
                 continue
@@ -140,7 +138,3 @@ class HFModel(ModelReader):
                 t = self.tensors.get(f"blk.{i}.{role}.weight")
                 if t is not None:
                     t.row_permutation = rotary_interleave_permutation(heads, c.head_dim)
-
-    def close(self):
-        super().close()
-        self._maps = []

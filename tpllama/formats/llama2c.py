@@ -37,7 +37,7 @@ class Llama2cModel(ModelReader):
             raise ModelFormatError(f"{path}: not a llama2.c checkpoint (implausible header {header.tolist()}); "
                                    "expected GGUF, a Hugging Face directory or a llama2.c .bin")
         self.config = ModelConfig.from_llama2c(header, name=os.path.basename(path), source=path)
-        self._map = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
+        self._map = self.map_file(path)
         self._layout(size)
 
     def _layout(self, size: int):
