@@ -125,3 +125,27 @@ def test_memory_plan_finds_the_host_that_does_not_fit():
     assert kv_bytes_per_token(LLAMA2_7B, plan[0]) * 131072 == 2 * 4 * 32 * 8 * 128 * 131072
     ctx = max_context(plan, "q40", hosts, [8 * 2**30] * 4)
     assert 256 <= ctx <= LLAMA2_7B.max_seq_len and ctx % 256 == 0 or ctx == LLAMA2_7B.max_seq_len
+
+
+def run_plan_cli(*args):
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-m", "tpllama.plan", *args], capture_output=True, text=True, timeout=60,
+                          cwd=str(repo))
+
+
+def test_plan_command_prints_the_split_and_the_memory_table(stories_bin):
+    out = run_plan_cli("-m", str(stories_bin), "-n", "2", "-c", "256", "--host-memory", "1G")
+    assert out.returncode == 0, out.stderr
+    assert "memory plan at context 256" in out.stdout
+    rows = [line.split() for line in out.stdout.splitlines() if line.strip().startswith(("0 ", "1 "))]
+    assert len(rows) >= 4                              # two split rows and two memory rows
+    assert "2 x 5 layers x 64 x" in out.stdout        # per-token traffic formula
+
+
+def test_plan_command_says_which_host_does_not_fit(smollm2):
+    out = run_plan_cli("-m", smollm2, "-n", "2", "-c", "8192", "--host-memory", "4G,200M")
+    assert out.returncode == 1
+    assert "does not fit: rank 1" in out.stdout and "lower -c" in out.stdout
