@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .errors import TpllamaError
 from .follow import StreamCall
+from .sampler import SamplingParams
 
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -40,10 +41,10 @@ def error_body(message: str, param: Optional[str] = None, code: Optional[str] = 
 @dataclass
 class Defaults:
     """What a request gets for the fields it leaves out (the server's command-line flags)."""
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
+    temperature: float = SamplingParams.temperature    # one source for the sampling defaults
+    top_k: int = SamplingParams.top_k
+    top_p: float = SamplingParams.top_p
+    min_p: float = SamplingParams.min_p
     seed: Optional[int] = None
     max_tokens: int = -1          # -1: until a stop token or the end of the context
 
