@@ -53,6 +53,17 @@ for _q in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K
     _bs, _bb = quants.GGML_QUANT_SIZES[_t]
     DTYPES[_q] = DType(_q, _bs, _bb, _gguf_dequant(_t))
 
+# The runtime's own block types dequantize in C: the embedding rows each token reads
+# (gathered from the mapped file) and the conversion of Q4_0/Q8_0 slices.
+def _kernel_dequant(fn_name: str) -> Callable[[np.ndarray], np.ndarray]:
+    from .. import _kernels
+    fn = getattr(_kernels, fn_name)
+    return lambda raw: fn(np.ascontiguousarray(raw).reshape(raw.shape[0] if raw.ndim == 2 else 1, -1))
+
+
+DTYPES["Q4_0"] = DType("Q4_0", 32, 18, _kernel_dequant("dequantize_q40"))
+DTYPES["Q8_0"] = DType("Q8_0", 32, 34, _kernel_dequant("dequantize_q80"))
+
 # Source types whose blocks are already a runtime format: passed through without re-quantizing.
 PASS_THROUGH = {"Q4_0": "q40", "Q8_0": "q80"}
 
