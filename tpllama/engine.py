@@ -130,21 +130,25 @@ class Model:
 
     # ------------------------------------------------------------ forward
 
-    def _run(self, tokens: Sequence[int], phase: str, stats: Optional[RunStats]) -> np.ndarray:
-        """Forward tokens at the end of the cache; local logits (T, V_r) of the last position."""
+    def _run(self, tokens: Sequence[int], phase: str, stats: Optional[RunStats],
+             every_position: bool = False) -> np.ndarray:
+        """Forward tokens at the end of the cache, a prefill chunk at a time; this rank's logits
+        (T, V_r) of the last position, or of every position."""
         if len(self.history) + len(tokens) > self.ctx:
             raise TpllamaError(f"context full: {len(self.history) + len(tokens)} tokens exceed the context of {self.ctx} (-c)")
-        local = None
+        logits = []
         for i in range(0, len(tokens), PREFILL_CHUNK):
             chunk = np.asarray(tokens[i:i + PREFILL_CHUNK], dtype=np.int64)
             clock = _StepClock(self.par)
             hidden = self.rank_model.forward(chunk, len(self.history), self.par.allreduce_sum)
             self.history.extend(int(t) for t in chunk)
-            if i + PREFILL_CHUNK >= len(tokens):
-                local = self.rank_model.logits(hidden[-1:])
+            if every_position:
+                logits.append(self.rank_model.logits(hidden))
+            elif i + PREFILL_CHUNK >= len(tokens):
+                logits.append(self.rank_model.logits(hidden[-1:]))
             if stats is not None:
                 clock.record(stats, phase, len(chunk))
-        return local
+        return np.concatenate(logits, axis=0)
 
     def forward(self, token_ids: Sequence[int], start_pos: int) -> np.ndarray:
         """Logits (len(token_ids), vocab) float32, the same on every rank, for tokens placed at
@@ -152,15 +156,7 @@ class Model:
         if start_pos > len(self.history):
             raise TpllamaError(f"start_pos {start_pos} is past the {len(self.history)} cached positions")
         del self.history[start_pos:]
-        hidden_rows, tokens = [], list(token_ids)
-        if len(self.history) + len(tokens) > self.ctx:
-            raise TpllamaError(f"context full: {len(self.history) + len(tokens)} tokens exceed the context of {self.ctx} (-c)")
-        for i in range(0, len(tokens), PREFILL_CHUNK):
-            chunk = np.asarray(tokens[i:i + PREFILL_CHUNK], dtype=np.int64)
-            hidden = self.rank_model.forward(chunk, len(self.history), self.par.allreduce_sum)
-            self.history.extend(int(t) for t in chunk)
-            hidden_rows.append(self.rank_model.logits(hidden))
-        local = np.concatenate(hidden_rows, axis=0)
+        local = self._run(list(token_ids), "prefill", None, every_position=True)
         return self.par.gather_vocab(local, self._vocab_counts, root_only=False)
 
     def reset(self):
