@@ -1,0 +1,79 @@
+"""The one table of weight types: GGML block facts of each type a file may hold, and how
+tpllama runs it. Pure Python, imports nothing compiled, so the plan and the docs can use it
+in an unbuilt tree; tests check it once against what the C kernels report.
+
+Names: tpllama's short runtime names (q40, q41, ...) beside GGML's (Q4_0, Q4_1, ...).
+A quantized runtime type multiplies 8-bit activation blocks ("q80": 32 values + fp16 scale)
+and can be cut into column slices at multiples of `unit` (32) without changing any value,
+so row-parallel slices keep the file's weights at every rank count.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+
+@dataclass(frozen=True)
+class WeightType:
+    name: str               # tpllama's name ("q40")
+    ggml: str               # GGML's name ("Q4_0"), as gguf.GGMLQuantizationType spells it
+    block: int              # values per GGML block along a row
+    block_bytes: int        # bytes per GGML block in the file
+    bits: float             # bits per weight in the file (block_bytes * 8 / block)
+    native: bool            # tpllama has packed SIMD kernels for it (else it is converted)
+    runtime_bytes_per_32: Optional[float] = None  # bytes per 32 weights of one row once packed (None: f32/float)
+    activation: Optional[str] = "q80"              # format the activations are quantized to (None: float)
+    unit: int = 32          # column slices must start and end at multiples of this
+
+    @property
+    def quantized(self) -> bool:
+        return self.activation is not None
+
+
+def _q(name, ggml, block, block_bytes, native, runtime32):
+    return WeightType(name, ggml, block, block_bytes, block_bytes * 8 / block, native, runtime32)
+
+
+# Runtime bytes per 32 weights: the packed layouts in kernels/tpk.h. A type that is not native
+# yet has None there; set both when its kernels land.
+TYPES: Dict[str, WeightType] = {t.name: t for t in (
+    WeightType("f32", "F32", 1, 4, 32.0, True, None, None, 1),
+    WeightType("f16", "F16", 1, 2, 16.0, False, None, None, 1),
+    WeightType("bf16", "BF16", 1, 2, 16.0, False, None, None, 1),
+    _q("q40", "Q4_0", 32, 18, True, 18),
+    _q("q41", "Q4_1", 32, 20, False, None),
+    _q("q50", "Q5_0", 32, 22, False, None),
+    _q("q80", "Q8_0", 32, 34, True, 34),
+    _q("q4k", "Q4_K", 256, 144, False, None),
+    _q("q5k", "Q5_K", 256, 176, False, None),
+    _q("q6k", "Q6_K", 256, 210, False, None),
+)}
+
+BY_GGML: Dict[str, WeightType] = {t.ggml: t for t in TYPES.values()}
+
+# What `--weight-type` accepts: "auto" (each tensor in its file's own type where tpllama runs it)
+# or one runtime type forced on every matrix.
+RUNTIME_TYPES = tuple(n for n, t in TYPES.items() if t.native)
+WEIGHT_TYPE_CHOICES = ("auto",) + RUNTIME_TYPES
+
+ROWS_PER_GROUP = 16   # the kernels pack rows 16 at a time (the last group padded)
+
+
+def weight_type(name: str) -> WeightType:
+    """The entry for a tpllama name ("q40") or a GGML name ("Q4_0")."""
+    t = TYPES.get(name) or BY_GGML.get(name)
+    if t is None:
+        raise KeyError(f"unknown weight type {name!r}")
+    return t
+
+
+def runtime_bytes(name: str, rows: int, cols: int) -> int:
+    """Bytes of a (rows, cols) matrix of runtime type `name` once loaded (rows padded to 16 for
+    packed quantized types)."""
+    t = weight_type(name)
+    if not t.quantized:
+        return rows * cols * 4
+    if t.runtime_bytes_per_32 is None:
+        raise ValueError(f"{t.name} has no runtime layout yet")
+    groups = -(-rows // ROWS_PER_GROUP)
+    return int(groups * ROWS_PER_GROUP * (cols // 32) * t.runtime_bytes_per_32)
