@@ -18,7 +18,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNEL_SOURCES = ["kernels/tpk.c", "kernels/tpk_x86.c", "kernels/tpk_arm.c", "kernels/tpk_ops.c"]
+KERNEL_SOURCES = ["kernels/tpk.c", "kernels/tpk_kq.c", "kernels/tpk_x86.c", "kernels/tpk_arm.c", "kernels/tpk_ops.c"]
 
 
 def _compiler_accepts(compiler, flags, source):

@@ -56,6 +56,16 @@ cdef extern from "tpk.h":
                                     const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy) nogil
     void tpk_matmul_q80_q80_f64_ref(const tpk_block_q80 *w, int64_t rows, int64_t nb,
                                     const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy) nogil
+    int tpk_ggml_block(int type, int *block_bytes) nogil
+    int64_t tpk_packed_bytes(int type, int64_t rows, int64_t nb) nogil
+    int tpk_pack_ggml(int type, const uint8_t *w, int64_t row_stride, int64_t rows, int64_t first, int64_t nb,
+                      uint8_t *dst) nogil
+    void tpk_dequantize_packed(int type, const uint8_t *wp, int64_t rows, int64_t nb, float *y) nogil
+    void tpk_matmul_packed(int type, const uint8_t *wp, int64_t rows, int64_t nb, const tpk_block_q80 *x,
+                           int64_t ntok, void *y, int64_t ldy, int f64, int nthreads) nogil
+    void tpk_matmul_packed_many(int type, int n, const uint8_t *const *wp, const int64_t *rows, int64_t nb,
+                                const tpk_block_q80 *x, int64_t ntok, float *const *y, const int64_t *ldy,
+                                int nthreads) nogil
     double tpk_stream_sum(const float *x, int64_t n, int nthreads) nogil
     void tpk_rmsnorm(const float *x, const float *w, float *y, int64_t T, int64_t n, float eps, int nthreads) nogil
     void tpk_rope(float *x, int64_t T, int64_t heads, int64_t hd, const float *cos_t, const float *sin_t) nogil
@@ -159,12 +169,69 @@ def aligned_bytes(int64_t n):
     return raw[off:off + n]
 
 
+# tpllama's names of the packed weight types (tpk.h's TPK_T_* ids)
+TYPE_IDS = {"q40": 0, "q80": 1, "q41": 2, "q50": 3, "q4k": 4, "q5k": 5, "q6k": 6}
+PACKED_TYPES = tuple(TYPE_IDS)
+
+
+cdef int _type_id(str wtype) except -1:
+    t = TYPE_IDS.get(wtype)
+    if t is None:
+        raise ValueError(f"unknown packed weight type {wtype!r} (known: {', '.join(TYPE_IDS)})")
+    return t
+
+
+def ggml_block(str wtype):
+    """(values, bytes) of one GGML block of the file type that `wtype` runs."""
+    cdef int bb = 0
+    cdef int values = tpk_ggml_block(_type_id(wtype), &bb)
+    return values, bb
+
+
 def packed_bytes(str wtype, int64_t rows, int64_t nb):
-    if wtype == "q40":
-        return tpk_packed_bytes_q40(rows, nb)
-    if wtype == "q80":
-        return tpk_packed_bytes_q80(rows, nb)
-    raise ValueError(wtype)
+    """Bytes of a packed (rows x nb*32) matrix of `wtype` (rows padded to 16)."""
+    return tpk_packed_bytes(_type_id(wtype), rows, nb)
+
+
+def pack_ggml(str wtype, const uint8_t[:, :] blocks, int64_t first_col, int64_t n_cols, out=None):
+    """GGML blocks (rows, nblocks*block_bytes) of the file type `wtype` runs (rows may be
+    strided) -> flat packed array of the n_cols columns starting first_col values into those
+    blocks (both multiples of 32), every value unchanged; written into `out` when given."""
+    cdef int t = _type_id(wtype), bb = 0, bv
+    cdef int64_t rows = blocks.shape[0], stride = blocks.strides[0], nb, have
+    bv = tpk_ggml_block(t, &bb)
+    if blocks.shape[1] % bb:
+        raise ValueError(f"row of {blocks.shape[1]} bytes is not whole {wtype} blocks of {bb} bytes")
+    if first_col < 0 or n_cols < 0 or first_col % TPK_QK or n_cols % TPK_QK:
+        raise ValueError(f"columns {first_col}..{first_col + n_cols} do not start and end at multiples of {TPK_QK}")
+    have = blocks.shape[1] // bb * bv
+    if first_col + n_cols > have:
+        raise ValueError(f"columns {first_col}..{first_col + n_cols} are beyond the {have} values the blocks hold")
+    if rows > 1 and blocks.shape[1] > 1 and blocks.strides[1] != 1:
+        raise ValueError("pack_ggml: the bytes of a row must be contiguous")
+    nb = n_cols // TPK_QK
+    if out is None:
+        out = aligned_bytes(tpk_packed_bytes(t, rows, nb))
+    elif out.shape != (tpk_packed_bytes(t, rows, nb),):
+        raise ValueError("pack_ggml: output array has the wrong size")
+    cdef uint8_t[::1] o = out
+    if rows and nb:
+        with nogil:
+            tpk_pack_ggml(t, &blocks[0, 0], stride, rows, first_col // TPK_QK, nb, &o[0])
+    return out
+
+
+def dequantize_packed(str wtype, const uint8_t[::1] packed, int64_t rows, int64_t nb):
+    """Packed matrix -> float32 (rows, nb*32): the values, computed as gguf-py computes them."""
+    cdef int t = _type_id(wtype)
+    if packed.shape[0] != tpk_packed_bytes(t, rows, nb):
+        raise ValueError("dequantize_packed: size does not match rows and blocks")
+    out = np.empty((rows, nb * TPK_QK), dtype=np.float32)
+    cdef float[:, ::1] o = out
+    if rows and nb:
+        with nogil:
+            tpk_dequantize_packed(t, &packed[0], rows, nb, &o[0, 0])
+    return out
 
 
 def pack(str wtype, const uint8_t[:, :] blocks, out=None):
@@ -212,39 +279,30 @@ def unpack(str wtype, const uint8_t[::1] packed, int64_t rows, int64_t nb):
 
 def matmul_packed(str wtype, const uint8_t[::1] wp, int64_t rows, int64_t nb, const uint8_t[:, ::1] xq,
                   out_array, int nthreads=1):
-    """out[t, r] = dot(w row r, xq row t): wp packed (rows x nb blocks), xq (ntok, nb*34) q80,
+    """out[t, r] = dot(w row r, xq row t): wp packed (rows x nb blocks of 32), xq (ntok, nb*34) q80,
     out (ntok, >= rows), row stride out.shape[1]: float32, or float64 for rows accumulated in
     float64 (row-parallel partial sums). Returns out."""
     cdef float[:, ::1] out
     cdef double[:, ::1] out64
     cdef int64_t ntok = xq.shape[0], ncols, ldy
-    cdef bint q40 = wtype == "q40", f64 = out_array.dtype == np.float64
-    if not q40 and wtype != "q80":
-        raise ValueError(wtype)
+    cdef int t = _type_id(wtype)
+    cdef bint f64 = out_array.dtype == np.float64
+    cdef void *y
     if f64:
         out64 = out_array
         ncols, ldy = out64.shape[1], out64.shape[1]
     else:
         out = out_array
         ncols, ldy = out.shape[1], out.shape[1]
-    if wp.shape[0] != packed_bytes(wtype, rows, nb):
+    if wp.shape[0] != tpk_packed_bytes(t, rows, nb):
         raise ValueError("matmul_packed: weights do not match rows and blocks")
     if xq.shape[1] != nb * TPK_Q80_BYTES or out_array.shape[0] != ntok or ncols < rows:
         raise ValueError("matmul_packed: shapes do not match")
     if rows and ntok:
+        y = <void *>&out64[0, 0] if f64 else <void *>&out[0, 0]
         with nogil:
-            if f64 and q40:
-                tpk_matmul_q40p_f64(&wp[0] if nb else NULL, rows, nb, <const tpk_block_q80 *>&xq[0, 0] if nb else NULL,
-                                    ntok, &out64[0, 0], ldy, nthreads)
-            elif f64:
-                tpk_matmul_q80p_f64(&wp[0] if nb else NULL, rows, nb, <const tpk_block_q80 *>&xq[0, 0] if nb else NULL,
-                                    ntok, &out64[0, 0], ldy, nthreads)
-            elif q40:
-                tpk_matmul_q40p(&wp[0] if nb else NULL, rows, nb, <const tpk_block_q80 *>&xq[0, 0] if nb else NULL,
-                                ntok, &out[0, 0], ldy, nthreads)
-            else:
-                tpk_matmul_q80p(&wp[0] if nb else NULL, rows, nb, <const tpk_block_q80 *>&xq[0, 0] if nb else NULL,
-                                ntok, &out[0, 0], ldy, nthreads)
+            tpk_matmul_packed(t, &wp[0] if nb else NULL, rows, nb, <const tpk_block_q80 *>&xq[0, 0] if nb else NULL,
+                              ntok, y, ldy, f64, nthreads)
     return out_array
 
 
@@ -263,9 +321,7 @@ def matmul_packed_many(str wtype, list weights, list rows_list, int64_t nb, cons
     cdef const uint8_t[::1] w
     cdef float[:, ::1] o
     cdef int64_t ntok = xq.shape[0]
-    cdef bint q40 = wtype == "q40"
-    if not q40 and wtype != "q80":
-        raise ValueError(wtype)
+    cdef int t = _type_id(wtype)
     if n > MAX_MANY or len(rows_list) != n or len(outs) != n:
         raise ValueError("matmul_packed_many: up to 8 matrices, with as many row counts and outputs")
     if xq.shape[1] != nb * TPK_Q80_BYTES:
@@ -274,17 +330,14 @@ def matmul_packed_many(str wtype, list weights, list rows_list, int64_t nb, cons
         w = weights[i]
         o = outs[i]
         rows[i] = rows_list[i]
-        if w.shape[0] != packed_bytes(wtype, rows[i], nb) or o.shape[0] != ntok or o.shape[1] < rows[i]:
+        if w.shape[0] != tpk_packed_bytes(t, rows[i], nb) or o.shape[0] != ntok or o.shape[1] < rows[i]:
             raise ValueError(f"matmul_packed_many: matrix {i} does not match")
         wp[i] = &w[0] if w.shape[0] else NULL
         y[i] = &o[0, 0] if o.shape[0] and o.shape[1] else NULL
         ldy[i] = o.shape[1]
     if ntok and nb:
         with nogil:
-            if q40:
-                tpk_matmul_q40p_many(n, wp, rows, nb, <const tpk_block_q80 *>&xq[0, 0], ntok, y, ldy, nthreads)
-            else:
-                tpk_matmul_q80p_many(n, wp, rows, nb, <const tpk_block_q80 *>&xq[0, 0], ntok, y, ldy, nthreads)
+            tpk_matmul_packed_many(t, n, wp, rows, nb, <const tpk_block_q80 *>&xq[0, 0], ntok, y, ldy, nthreads)
     elif ntok:
         for i in range(n):
             outs[i][:, :rows[i]] = 0

@@ -107,6 +107,99 @@ static int check(const char *wtype, int64_t rows, int64_t nb, int64_t ntok, cons
     return ok;
 }
 
+/* A random fp16 of moderate size (either sign), for the scale fields of random GGML blocks. */
+static uint16_t random_half(void) { return tpk_fp32_to_fp16(uniform() * 0.02f); }
+
+/* Random but valid GGML blocks of `type` (any bytes, finite fp16 scales), rows x nblk. */
+static void random_ggml(int type, uint8_t *w, int64_t rows, int64_t nblk) {
+    int bb = 1;
+    tpk_ggml_block(type, &bb);
+    for (int64_t i = 0; i < rows * nblk * bb; i++) w[i] = (uint8_t)(next_u64() >> 56);
+    for (int64_t r = 0; r < rows * nblk; r++) {
+        uint8_t *blk = w + r * bb;
+        uint16_t h[2] = {random_half(), random_half()};
+        if (type == TPK_T_Q6K) memcpy(blk + 208, h, 2);
+        else if (type == TPK_T_Q50) memcpy(blk, h, 2);
+        else memcpy(blk, h, 4);   /* q41 d, m; q4k/q5k d, dmin */
+    }
+}
+
+/* A copy of packed weights whose values are the magnitudes of their two float terms
+ * (q41: |d|q + |m|, q4k/q5k: |d|sc*q + |dmin|mn): the kernels round those terms apart, so
+ * this is the size their rounding error scales with. */
+static void magnitudes(int type, uint8_t *wp, int64_t rows, int64_t nb) {
+    const int64_t gbytes = tpk_packed_bytes(type, TPK_ROWS, 1), n = tpk_packed_bytes(type, rows, nb) / gbytes;
+    for (int64_t g = 0; g < n; g++)
+        for (int i = 0; i < TPK_ROWS; i++) {
+            uint8_t *gb = wp + g * gbytes;
+            gb[2 * i + 1] &= 0x7F;                                             /* |d| */
+            if (type == TPK_T_Q41) gb[32 + 2 * i + 1] &= 0x7F;                 /* |m| */
+            if (type == TPK_T_Q4K || type == TPK_T_Q5K) gb[32 + 2 * i + 1] |= 0x80;  /* -|dmin| */
+        }
+}
+
+/* The types beyond q40/q80: every level against the scalar level bit for bit (float32 and
+ * float64 sums, 1 and 2 threads), from a column offset inside the GGML blocks; and the
+ * scalar level against a float64 product of the dequantized values. */
+static int check_kq(int type, int64_t rows, int64_t nb, int64_t first, int64_t ntok, const int *levels, int nlevels) {
+    int bb = 1;
+    const int64_t per = tpk_ggml_block(type, &bb) / TPK_QK;
+    const int64_t nblk = (first + nb + per - 1) / per, n = nb * TPK_QK;
+    uint8_t *w = malloc((size_t)(rows * nblk * bb + 1));
+    float *xf = malloc(sizeof(float) * (size_t)(ntok * n + 1));
+    tpk_block_q80 *x = malloc(sizeof(tpk_block_q80) * (size_t)(ntok * nb + 1));
+    uint8_t *wp = malloc((size_t)tpk_packed_bytes(type, rows, nb) + 1);
+    float *wd = malloc(sizeof(float) * (size_t)(rows * n + 1)), *xd = malloc(sizeof(float) * (size_t)(ntok * n + 1));
+    float *ref = malloc(sizeof(float) * (size_t)(ntok * rows + 1)), *out = malloc(sizeof(float) * (size_t)(ntok * rows + 1));
+    double *ref64 = malloc(sizeof(double) * (size_t)(ntok * rows + 1)), *out64 = malloc(sizeof(double) * (size_t)(ntok * rows + 1));
+    int ok = 1;
+    random_ggml(type, w, rows, nblk);
+    random_rows(xf, ntok, n);
+    for (int64_t t = 0; t < ntok; t++) tpk_quantize_q80_ref(xf + t * n, x + t * nb, n);
+    tpk_pack_ggml(type, w, nblk * bb, rows, first, nb, wp);
+    tpk_set_level(TPK_SCALAR);
+    tpk_matmul_packed(type, wp, rows, nb, x, ntok, ref, rows, 0, 1);
+    tpk_matmul_packed(type, wp, rows, nb, x, ntok, ref64, rows, 1, 1);
+    const int64_t pbytes = tpk_packed_bytes(type, rows, nb);
+    uint8_t *mag = malloc((size_t)pbytes + 1);
+    float *wm = malloc(sizeof(float) * (size_t)(rows * n + 1));
+    memcpy(mag, wp, (size_t)pbytes);
+    magnitudes(type, mag, rows, nb);
+    tpk_dequantize_packed(type, mag, rows, nb, wm);
+    tpk_dequantize_packed(type, wp, rows, nb, wd);
+    tpk_dequantize_q80(x, xd, ntok * n);
+    for (int64_t t = 0; t < ntok; t++)
+        for (int64_t r = 0; r < rows; r++) {
+            double exact = 0.0, size = 0.0;
+            for (int64_t j = 0; j < n; j++) {
+                exact += (double)wd[r * n + j] * (double)xd[t * n + j];
+                size += fabs((double)wm[r * n + j] * (double)xd[t * n + j]);
+            }
+            /* gguf's float32 values of q41/q4k/q5k are rounded (d*q + m), the kernels' float64 terms are not */
+            const double tol64 = type == TPK_T_Q50 || type == TPK_T_Q6K ? 1e-12 : 1.2e-7;
+            if (fabs(ref[t * rows + r] - exact) > 1e-5 * size + 1e-30 || fabs(ref64[t * rows + r] - exact) > tol64 * size + 1e-300) {
+                printf("  type %d rows=%lld nb=%lld: scalar kernel is not the dequantized product: %g %g %g size %g\n", type, (long long)rows, (long long)nb, ref[t * rows + r], ref64[t * rows + r], exact, size);
+                ok = 0;
+            }
+        }
+    for (int li = 0; li < nlevels; li++) {
+        tpk_set_level(levels[li]);
+        for (int threads = 1; threads <= 2; threads++) {
+            for (int64_t i = 0; i < ntok * rows; i++) { out[i] = NAN; out64[i] = NAN; }
+            tpk_matmul_packed(type, wp, rows, nb, x, ntok, out, rows, 0, threads);
+            tpk_matmul_packed(type, wp, rows, nb, x, ntok, out64, rows, 1, threads);
+            if (memcmp(out, ref, sizeof(float) * (size_t)(ntok * rows)) != 0 ||
+                memcmp(out64, ref64, sizeof(double) * (size_t)(ntok * rows)) != 0) {
+                printf("  MISMATCH type %d level=%s threads=%d rows=%lld nb=%lld first=%lld ntok=%lld\n", type,
+                       tpk_level_name(levels[li]), threads, (long long)rows, (long long)nb, (long long)first, (long long)ntok);
+                ok = 0;
+            }
+        }
+    }
+    free(mag); free(wm); free(w); free(xf); free(x); free(wp); free(wd); free(xd); free(ref); free(out); free(ref64); free(out64);
+    return ok;
+}
+
 /* The q80 quantizer at every level against the scalar reference, on random and adversarial rows. */
 static int check_quantizer(const int *levels, int nlevels) {
     enum { N = 32 * 12 };
@@ -190,6 +283,17 @@ int main(int argc, char **argv) {
     ok &= check("q40", 300, 64, 17, levels, nlevels);
     ok &= check("q80", 300, 64, 17, levels, nlevels);
     cases += 2;
+    static const int kq_types[] = {TPK_T_Q41, TPK_T_Q50, TPK_T_Q4K, TPK_T_Q5K, TPK_T_Q6K};
+    static const int64_t kq_shapes[][4] = {   /* rows, nb, first (32-column blocks), tokens */
+        {1, 1, 0, 1}, {5, 3, 1, 2}, {16, 8, 0, 3}, {17, 9, 3, 5}, {33, 2, 7, 1}, {70, 12, 5, 9}, {300, 40, 3, 17}};
+    int kq_ok = 1;
+    for (unsigned ti = 0; ti < sizeof kq_types / sizeof kq_types[0]; ti++)
+        for (unsigned si = 0; si < sizeof kq_shapes / sizeof kq_shapes[0]; si++) {
+            const int64_t *sh = kq_shapes[si];
+            kq_ok &= check_kq(kq_types[ti], sh[0], sh[1], sh[2], sh[3], levels, nlevels);
+        }
+    printf("q41 q50 q4k q5k q6k at every level bit-identical to scalar: %s\n", kq_ok ? "yes" : "no");
+    ok &= kq_ok;
     const int quant_ok = check_quantizer(levels, nlevels);
     printf("q80 quantizer at every level bit-identical to the reference: %s\n", quant_ok ? "yes" : "no");
     ok &= quant_ok;

@@ -427,14 +427,21 @@ static tpk_group_fn pick_q80(int f64) {
 /* ---------------------------------------------------------------- threaded matmul driver */
 
 static void prepare_x(const tpk_block_q80 *x, tpk_xq *out) {
-    int32_t s = 0;
-    for (int j = 0; j < TPK_QK; j++) {
+    int32_t s0 = 0, s1 = 0;
+    for (int j = 0; j < TPK_QK / 2; j++) {
         out->qs[j] = x->qs[j];
-        s += x->qs[j];
+        out->qs[j + TPK_QK / 2] = x->qs[j + TPK_QK / 2];
+        s0 += x->qs[j];
+        s1 += x->qs[j + TPK_QK / 2];
     }
+    const int32_t s = s0 + s1;
     out->d = tpk_f16(x->d);
     out->s8 = -8 * s;
     out->s128 = -128 * s;
+    out->sum = s;
+    out->s16 = -16 * s;
+    out->h0 = -32 * s0;
+    out->h1 = -32 * s1;
     out->pad = 0;
 }
 
@@ -541,6 +548,83 @@ void tpk_matmul_q40p_many(int n, const uint8_t *const *wp, const int64_t *rows, 
 void tpk_matmul_q80p_many(int n, const uint8_t *const *wp, const int64_t *rows, int64_t nb,
                           const tpk_block_q80 *x, int64_t ntok, float *const *y, const int64_t *ldy, int nthreads) {
     matmul_packed(pick_q80(0), TPK_Q80_GROUP_BYTES, n, wp, rows, nb, x, ntok, (void *const *)y, sizeof(float), ldy,
+                  nthreads);
+}
+
+/* ---------------------------------------------------------------- every type by its TPK_T_* id */
+
+static tpk_group_fn pick_kq(int type, int f64) {
+    const int level = tpk_get_level();
+    tpk_group_fn fn = NULL;
+#if defined(TPK_X86)
+    fn = tpk_x86_kq(type, level, f64);
+#elif defined(TPK_ARM64)
+    fn = tpk_arm_kq(type, level, f64);
+#endif
+    (void)level;
+    return fn ? fn : tpk_kq_scalar(type, f64);
+}
+
+static tpk_group_fn pick(int type, int f64) {
+    if (type == TPK_T_Q40) return pick_q40(f64);
+    if (type == TPK_T_Q80) return pick_q80(f64);
+    return pick_kq(type, f64);
+}
+
+static int64_t group_bytes(int type) {
+    if (type == TPK_T_Q40) return TPK_Q40_GROUP_BYTES;
+    if (type == TPK_T_Q80) return TPK_Q80_GROUP_BYTES;
+    return tpk_kq_group_bytes(type);
+}
+
+int64_t tpk_packed_bytes(int type, int64_t rows, int64_t nb) {
+    if (type < 0 || type >= TPK_NTYPES) return -1;
+    return groups_of(rows) * nb * group_bytes(type);
+}
+
+int tpk_pack_ggml(int type, const uint8_t *w, int64_t row_stride, int64_t rows, int64_t first, int64_t nb,
+                  uint8_t *dst) {
+    if (type < 0 || type >= TPK_NTYPES || first < 0) return -1;
+    if (type == TPK_T_Q40) tpk_pack_q40(w + first * TPK_Q40_BYTES, row_stride, rows, nb, dst);
+    else if (type == TPK_T_Q80) tpk_pack_q80(w + first * TPK_Q80_BYTES, row_stride, rows, nb, dst);
+    else tpk_kq_pack(type, w, row_stride, rows, first, nb, dst);
+    return 0;
+}
+
+void tpk_dequantize_packed(int type, const uint8_t *wp, int64_t rows, int64_t nb, float *y) {
+    if (type == TPK_T_Q40 || type == TPK_T_Q80) {
+        const int64_t bb = type == TPK_T_Q40 ? TPK_Q40_BYTES : TPK_Q80_BYTES;
+        uint8_t *row = (uint8_t *)malloc((size_t)(nb * bb) + 1);
+        if (!row) abort();
+        for (int64_t r = 0; r < rows; r++) {
+            /* one row at a time: unpack a 1-row view of group r/16 */
+            const uint8_t *grp = wp + (r / TPK_ROWS) * nb * group_bytes(type);
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *o = grp + b * group_bytes(type);
+                uint8_t *blk = row + b * bb;
+                const int i = (int)(r % TPK_ROWS);
+                memcpy(blk, o + 2 * i, 2);
+                for (int k = 0; k < (int)(bb - 2) / 4; k++)
+                    for (int j = 0; j < 4; j++) blk[2 + 4 * k + j] = o[32 + 64 * k + 4 * i + j] ^ (type == TPK_T_Q80 ? 0x80 : 0);
+            }
+            if (type == TPK_T_Q40) tpk_dequantize_q40((const tpk_block_q40 *)row, y + r * nb * TPK_QK, nb * TPK_QK);
+            else tpk_dequantize_q80((const tpk_block_q80 *)row, y + r * nb * TPK_QK, nb * TPK_QK);
+        }
+        free(row);
+        return;
+    }
+    tpk_kq_dequantize(type, wp, rows, nb, y);
+}
+
+void tpk_matmul_packed(int type, const uint8_t *wp, int64_t rows, int64_t nb, const tpk_block_q80 *x,
+                       int64_t ntok, void *y, int64_t ldy, int f64, int nthreads) {
+    matmul_packed(pick(type, f64), group_bytes(type), 1, &wp, &rows, nb, x, ntok, &y,
+                  f64 ? sizeof(double) : sizeof(float), &ldy, nthreads);
+}
+
+void tpk_matmul_packed_many(int type, int n, const uint8_t *const *wp, const int64_t *rows, int64_t nb,
+                            const tpk_block_q80 *x, int64_t ntok, float *const *y, const int64_t *ldy, int nthreads) {
+    matmul_packed(pick(type, 0), group_bytes(type), n, wp, rows, nb, x, ntok, (void *const *)y, sizeof(float), ldy,
                   nthreads);
 }
 

@@ -20,6 +20,31 @@
  *        4k..4k+3 of row i, stored with the sign bit flipped (q + 128 as unsigned).
  * A SIMD register of 16 int32 lanes (or 2 x 8, or 4 x 4) then holds one row per lane,
  * and one 4-byte broadcast of the activation feeds all 16 rows.
+ *
+ * Types with 4-, 5- or 6-bit unsigned quants (q41, q50, q4k, q5k, q6k; GGML Q4_1, Q5_0,
+ * Q4_K, Q5_K, Q6_K) are packed the same way, one group block per 32 columns whatever the
+ * file's block size, so a matrix can be cut at any multiple of 32 columns and still hold
+ * the file's values exactly. Each group block carries, per row, its quants q (0..2^bits-1)
+ * in the q40 nibble arrangement plus 1 or 2 bit planes, and the exact parameters of those
+ * 32 values (a K-quant's super-block d/dmin repeated beside the sub-block's small integer
+ * scales: d*sc and dmin*m are exact in float32). Sections, in order (bytes per group block):
+ *   uint16 d[16]                                       all types (fp16)
+ *   q41: uint16 m[16]                                  value = d*q + m
+ *   q50:                                               value = d*(q - 16)
+ *   q4k, q5k: uint16 dmin[16]; uint8 sc[16]; uint8 mn[16]   value = d*sc*q - dmin*mn
+ *   q6k: int8 sc[2][16] (elements 0..15, 16..31)       value = d*sc[h]*(q - 32)
+ *   planes (q50, q5k: 1; q6k: 2) uint8 [plane p][16][4]: byte j of row i holds, at bit k,
+ *        bit 4+p of element 4k+j and at bit 4+k, bit 4+p of element 16+4k+j (k < 4)
+ *   uint8 qs[4][16][4]: low 4 bits of every q, as q40 (low nibble: element 4k+j,
+ *        high nibble: element 16+4k+j)
+ * Group block bytes: q41 320, q50 352, q4k 352, q5k 416, q6k 448 (bytes per 32 weights of
+ * one row: 20, 22, 22, 26, 28; the files hold 20, 22, 18, 22, 26.25).
+ * Per block, with A, B the exact int32 sums of q*x over elements 0..15 and 16..31 and
+ * S, S0, S1 the activation sums over 0..31, 0..15, 16..31, every path computes in float32
+ * (or float64 for the _f64 variants), dd = d*dx, in this order, without FMA:
+ *   q41: t = (float)(A+B)*dd + (float)S*(m*dx)       q50: t = (float)(A+B-16*S)*dd
+ *   q4k, q5k: t = (float)(sc*(A+B))*dd - (float)(mn*S)*(dmin*dx)
+ *   q6k: t = (float)(sc0*(A-32*S0) + sc1*(B-32*S1))*dd;   then acc = acc + t.
  */
 #ifndef TPK_H
 #define TPK_H
@@ -42,6 +67,12 @@ typedef struct {
     uint16_t d;
     int8_t qs[TPK_QK];
 } tpk_block_q80;
+
+/* Weight types of the generic entry points below (tpk_packed_bytes, tpk_pack_ggml, ...). */
+enum {
+    TPK_T_Q40 = 0, TPK_T_Q80 = 1, TPK_T_Q41 = 2, TPK_T_Q50 = 3,
+    TPK_T_Q4K = 4, TPK_T_Q5K = 5, TPK_T_Q6K = 6, TPK_NTYPES = 7
+};
 
 /* SIMD levels, chosen at run time from the CPU's features. */
 enum {
@@ -112,6 +143,22 @@ void tpk_matmul_q40_q80_f64_ref(const tpk_block_q40 *w, int64_t rows, int64_t nb
                                 const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy);
 void tpk_matmul_q80_q80_f64_ref(const tpk_block_q80 *w, int64_t rows, int64_t nb,
                                 const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy);
+
+/* Generic entry points over every weight type (TPK_T_*): nb counts 32-column blocks.
+ * tpk_ggml_block returns the values per GGML block of `type` (32 or 256) and its bytes.
+ * tpk_pack_ggml packs rows x nb 32-column blocks that start `first` 32-column blocks into
+ * the GGML blocks at w (row r at byte r * row_stride); it returns 0, or -1 for a bad type.
+ * tpk_dequantize_packed writes the packed values as float32 (rows, nb*32), each computed
+ * as gguf-py computes it. y is float*, or double* when f64. */
+int tpk_ggml_block(int type, int *block_bytes);
+int64_t tpk_packed_bytes(int type, int64_t rows, int64_t nb);
+int tpk_pack_ggml(int type, const uint8_t *w, int64_t row_stride, int64_t rows, int64_t first, int64_t nb,
+                  uint8_t *dst);
+void tpk_dequantize_packed(int type, const uint8_t *wp, int64_t rows, int64_t nb, float *y);
+void tpk_matmul_packed(int type, const uint8_t *wp, int64_t rows, int64_t nb, const tpk_block_q80 *x,
+                       int64_t ntok, void *y, int64_t ldy, int f64, int nthreads);
+void tpk_matmul_packed_many(int type, int n, const uint8_t *const *wp, const int64_t *rows, int64_t nb,
+                            const tpk_block_q80 *x, int64_t ntok, float *const *y, const int64_t *ldy, int nthreads);
 
 /* Fused float32 layer steps (tpk_ops.c); nthreads is an upper bound, small work runs on one. */
 /* y = x / sqrt(mean(x^2) + eps) * w for T rows of n (y may be x) */

@@ -284,6 +284,245 @@ GROUP_FN(q80_group_neon, q80_tile_neon, , 2, 0)
 GROUP_FN(q40_group_neon_f64, q40_tile_neon, , 2, 1)
 GROUP_FN(q80_group_neon_f64, q80_tile_neon, , 2, 1)
 
+/* ================================================================ q41, q50, q4k, q5k, q6k
+ * One tile per level for every type, T a compile-time TPK_T_* constant (tpk.h has the
+ * layout and the per-block formula; tpk_x86.c the same scheme). Chunk k's quants: the
+ * nibbles plus the bit planes moved into bits 4 and 5 by per-byte shifts. Elements 0..15
+ * (low nibbles) and 16..31 (high) are summed apart, A and B. Plain NEON keeps the products
+ * in int16: 4 per lane and half, at most 4 * 63 * 128 = 32256. */
+
+INLINE uint8x16_t shl8(uint8x16_t v, const int s) { return vshlq_u8(v, vdupq_n_s8((int8_t)s)); }
+
+/* Quants of chunk k of rows 4q..4q+3 (16 bytes): low and high nibble elements. */
+INLINE void kq_chunk(const uint8_t *gb, const int k, const int q, uint8x16_t p0, uint8x16_t p1, int8x16_t *lo,
+                     int8x16_t *hi, const int T) {
+    const uint8x16_t v = vld1q_u8(gb + KQ_OFF_QS(T) + 64 * k + 16 * q);
+    uint8x16_t l = vandq_u8(v, vdupq_n_u8(0x0F)), h = vshrq_n_u8(v, 4);
+    if (KQ_PLANES(T) >= 1) {
+        l = vorrq_u8(l, vandq_u8(shl8(p0, 4 - k), vdupq_n_u8(0x10)));
+        h = vorrq_u8(h, vandq_u8(shl8(p0, -k), vdupq_n_u8(0x10)));
+    }
+    if (KQ_PLANES(T) == 2) {
+        l = vorrq_u8(l, vandq_u8(shl8(p1, 5 - k), vdupq_n_u8(0x20)));
+        h = vorrq_u8(h, vandq_u8(shl8(p1, 1 - k), vdupq_n_u8(0x20)));
+    }
+    *lo = vreinterpretq_s8_u8(l);
+    *hi = vreinterpretq_s8_u8(h);
+}
+
+INLINE void kq_planes(const uint8_t *gb, uint8x16_t p0[4], uint8x16_t p1[4], const int T) {
+    for (int q = 0; q < 4; q++) {
+        p0[q] = p1[q] = vdupq_n_u8(0);
+        if (KQ_PLANES(T) >= 1) p0[q] = vld1q_u8(gb + KQ_OFF_QH(T) + 16 * q);
+        if (KQ_PLANES(T) == 2) p1[q] = vld1q_u8(gb + KQ_OFF_QH(T) + 64 + 16 * q);
+    }
+}
+
+INLINE void widen_u8(const uint8_t *p, int32x4_t out[4]) {
+    const uint8x16_t v = vld1q_u8(p);
+    const uint16x8_t a = vmovl_u8(vget_low_u8(v)), b = vmovl_u8(vget_high_u8(v));
+    out[0] = vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(a)));
+    out[1] = vreinterpretq_s32_u32(vmovl_u16(vget_high_u16(a)));
+    out[2] = vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(b)));
+    out[3] = vreinterpretq_s32_u32(vmovl_u16(vget_high_u16(b)));
+}
+
+INLINE void widen_s8(const uint8_t *p, int32x4_t out[4]) {
+    const int8x16_t v = vld1q_s8((const int8_t *)p);
+    const int16x8_t a = vmovl_s8(vget_low_s8(v)), b = vmovl_s8(vget_high_s8(v));
+    out[0] = vmovl_s16(vget_low_s16(a));
+    out[1] = vmovl_s16(vget_high_s16(a));
+    out[2] = vmovl_s16(vget_low_s16(b));
+    out[3] = vmovl_s16(vget_high_s16(b));
+}
+
+/* A, B of 16 rows (4 x 4 lanes) -> the block's term, added to one token's sums. */
+INLINE void kq_finish(rowacc *a, const int32x4_t A[4], const int32x4_t B[4], const uint8_t *gb, const tpk_xq *xb,
+                      const int T, const int F64) {
+    float32x4_t dw[4], mw[4];
+    int32x4_t isum[4], isum2[4];
+    const int TWO = T == TPK_T_Q41 || KQ_IS_K(T), SUB = KQ_IS_K(T);
+    scales16(gb, dw);
+    if (TWO) scales16(gb + KQ_OFF_M, mw);
+    else for (int q = 0; q < 4; q++) mw[q] = dw[q];
+    if (T == TPK_T_Q41) {
+        for (int q = 0; q < 4; q++) {
+            isum[q] = vaddq_s32(A[q], B[q]);
+            isum2[q] = vdupq_n_s32(xb->sum);
+        }
+    } else if (T == TPK_T_Q50) {
+        for (int q = 0; q < 4; q++) {
+            isum[q] = vaddq_s32(vaddq_s32(A[q], B[q]), vdupq_n_s32(xb->s16));
+            isum2[q] = vdupq_n_s32(0);
+        }
+    } else if (T == TPK_T_Q6K) {
+        int32x4_t s0[4], s1[4];
+        widen_s8(gb + KQ_OFF_SC6, s0);
+        widen_s8(gb + KQ_OFF_SC6 + 16, s1);
+        for (int q = 0; q < 4; q++) {
+            isum[q] = vaddq_s32(vmulq_s32(s0[q], vaddq_s32(A[q], vdupq_n_s32(xb->h0))),
+                                vmulq_s32(s1[q], vaddq_s32(B[q], vdupq_n_s32(xb->h1))));
+            isum2[q] = vdupq_n_s32(0);
+        }
+    } else {
+        int32x4_t sc[4], mn[4];
+        widen_u8(gb + KQ_OFF_SC, sc);
+        widen_u8(gb + KQ_OFF_MN, mn);
+        for (int q = 0; q < 4; q++) {
+            isum[q] = vmulq_s32(sc[q], vaddq_s32(A[q], B[q]));
+            isum2[q] = vmulq_s32(mn[q], vdupq_n_s32(xb->sum));
+        }
+    }
+    const float dx = xb->d;
+    if (F64) {
+        const float64x2_t vdx = vdupq_n_f64((double)dx);
+        for (int q = 0; q < 4; q++)
+            for (int h = 0; h < 2; h++) {
+                const float64x2_t dd = vmulq_f64(h ? vcvt_high_f64_f32(dw[q]) : vcvt_f64_f32(vget_low_f32(dw[q])), vdx);
+                const int64x2_t i1 = h ? vmovl_high_s32(isum[q]) : vmovl_s32(vget_low_s32(isum[q]));
+                float64x2_t t = vmulq_f64(vcvtq_f64_s64(i1), dd);
+                if (TWO) {
+                    const float64x2_t md = vmulq_f64(h ? vcvt_high_f64_f32(mw[q]) : vcvt_f64_f32(vget_low_f32(mw[q])), vdx);
+                    const int64x2_t i2 = h ? vmovl_high_s32(isum2[q]) : vmovl_s32(vget_low_s32(isum2[q]));
+                    const float64x2_t t2 = vmulq_f64(vcvtq_f64_s64(i2), md);
+                    t = SUB ? vsubq_f64(t, t2) : vaddq_f64(t, t2);
+                }
+                a->d[2 * q + h] = vaddq_f64(a->d[2 * q + h], t);
+            }
+    } else {
+        const float32x4_t vdx = vdupq_n_f32(dx);
+        for (int q = 0; q < 4; q++) {
+            float32x4_t t = vmulq_f32(vcvtq_f32_s32(isum[q]), vmulq_f32(dw[q], vdx));
+            if (TWO) {
+                const float32x4_t t2 = vmulq_f32(vcvtq_f32_s32(isum2[q]), vmulq_f32(mw[q], vdx));
+                t = SUB ? vsubq_f32(t, t2) : vaddq_f32(t, t2);
+            }
+            a->f[q] = vaddq_f32(a->f[q], t);
+        }
+    }
+}
+
+#if defined(TPK_HAVE_DOTPROD)
+INLINE TGT_DOT void kq_tile_dot(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
+                                int nrows, const int TT, const int F64, const int T) {
+    rowacc out[2];
+    for (int t = 0; t < TT; t++) acc_zero(&out[t], F64);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *gb = w + b * KQ_GB(T);
+        uint8x16_t p0[4], p1[4];
+        kq_planes(gb, p0, p1, T);
+        int32x4_t A[2][4], B[2][4];
+        int8x16_t xlo[2], xhi[2];
+        for (int t = 0; t < TT; t++) {
+            xlo[t] = vld1q_s8(x[t * nb + b].qs);
+            xhi[t] = vld1q_s8(x[t * nb + b].qs + 16);
+            for (int q = 0; q < 4; q++) A[t][q] = B[t][q] = vdupq_n_s32(0);
+        }
+#define KQ_DOT_K(k)                                                             \
+        for (int q = 0; q < 4; q++) {                                           \
+            int8x16_t lo, hi;                                                   \
+            kq_chunk(gb, (k), q, p0[q], p1[q], &lo, &hi, T);                    \
+            for (int t = 0; t < TT; t++) {                                      \
+                A[t][q] = vdotq_laneq_s32(A[t][q], lo, xlo[t], (k));            \
+                B[t][q] = vdotq_laneq_s32(B[t][q], hi, xhi[t], (k));            \
+            }                                                                   \
+        }
+        KQ_DOT_K(0) KQ_DOT_K(1) KQ_DOT_K(2) KQ_DOT_K(3)
+#undef KQ_DOT_K
+        for (int t = 0; t < TT; t++) kq_finish(&out[t], A[t], B[t], gb, x + t * nb + b, T, F64);
+    }
+    for (int t = 0; t < TT; t++) store_rows(y, at + t * ldy, &out[t], nrows, F64);
+}
+#endif
+
+INLINE void kq_tile_neon(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
+                         int nrows, const int TT, const int F64, const int T) {
+    rowacc out[2];
+    for (int t = 0; t < TT; t++) acc_zero(&out[t], F64);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *gb = w + b * KQ_GB(T);
+        uint8x16_t p0[4], p1[4];
+        kq_planes(gb, p0, p1, T);
+        int16x8_t a16[2][4][2], b16[2][4][2];
+        for (int t = 0; t < TT; t++)
+            for (int q = 0; q < 4; q++) a16[t][q][0] = a16[t][q][1] = b16[t][q][0] = b16[t][q][1] = vdupq_n_s16(0);
+        for (int k = 0; k < 4; k++) {
+            int8x16_t xl[2], xh[2];
+            for (int t = 0; t < TT; t++) {
+                const int8_t *xq = x[t * nb + b].qs;
+                xl[t] = vreinterpretq_s8_u32(vdupq_n_u32(ld32u(xq + 4 * k)));
+                xh[t] = vreinterpretq_s8_u32(vdupq_n_u32(ld32u(xq + 16 + 4 * k)));
+            }
+            for (int q = 0; q < 4; q++) {
+                int8x16_t lo, hi;
+                kq_chunk(gb, k, q, p0[q], p1[q], &lo, &hi, T);
+                for (int t = 0; t < TT; t++) {
+                    a16[t][q][0] = vmlal_s8(a16[t][q][0], vget_low_s8(lo), vget_low_s8(xl[t]));
+                    a16[t][q][1] = vmlal_high_s8(a16[t][q][1], lo, xl[t]);
+                    b16[t][q][0] = vmlal_s8(b16[t][q][0], vget_low_s8(hi), vget_low_s8(xh[t]));
+                    b16[t][q][1] = vmlal_high_s8(b16[t][q][1], hi, xh[t]);
+                }
+            }
+        }
+        for (int t = 0; t < TT; t++) {
+            int32x4_t A[4], B[4];
+            for (int q = 0; q < 4; q++) {
+                A[q] = fold_rows16(a16[t][q][0], a16[t][q][1]);
+                B[q] = fold_rows16(b16[t][q][0], b16[t][q][1]);
+            }
+            kq_finish(&out[t], A, B, gb, x + t * nb + b, T, F64);
+        }
+    }
+    for (int t = 0; t < TT; t++) store_rows(y, at + t * ldy, &out[t], nrows, F64);
+}
+
+#define KQ_GROUP_FN(name, tile, TGT, TT, F64, T)                                                        \
+    TGT static void name(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok, void *y,          \
+                         int64_t ldy, int nrows) {                                                      \
+        int64_t t = 0;                                                                                  \
+        for (; t + (TT) <= ntok; t += (TT)) tile(w, nb, x + t * nb, y, t * ldy, ldy, nrows, (TT), F64, T); \
+        if (ntok - t >= 1) tile(w, nb, x + t * nb, y, t * ldy, ldy, nrows, 1, F64, T);                 \
+    }
+
+#if defined(TPK_HAVE_DOTPROD)
+#define KQ_DOT_FNS(t, T)                                          \
+    KQ_GROUP_FN(t##_group_dot, kq_tile_dot, TGT_DOT, 2, 0, T)     \
+    KQ_GROUP_FN(t##_group_dot_f64, kq_tile_dot, TGT_DOT, 2, 1, T)
+#define KQ_DOT_CASE(t) case TPK_NEON_DOTPROD: return f64 ? t##_group_dot_f64 : t##_group_dot;
+#else
+#define KQ_DOT_FNS(t, T)
+#define KQ_DOT_CASE(t)
+#endif
+
+#define KQ_TYPE_FNS(t, T)                                          \
+    KQ_DOT_FNS(t, T)                                               \
+    KQ_GROUP_FN(t##_group_neon, kq_tile_neon, , 2, 0, T)           \
+    KQ_GROUP_FN(t##_group_neon_f64, kq_tile_neon, , 2, 1, T)       \
+    static tpk_group_fn t##_pick(int level, int f64) {             \
+        switch (level) {                                           \
+        KQ_DOT_CASE(t)                                             \
+        case TPK_NEON: return f64 ? t##_group_neon_f64 : t##_group_neon; \
+        default: return NULL;                                      \
+        }                                                          \
+    }
+
+KQ_TYPE_FNS(q41, TPK_T_Q41)
+KQ_TYPE_FNS(q50, TPK_T_Q50)
+KQ_TYPE_FNS(q4k, TPK_T_Q4K)
+KQ_TYPE_FNS(q5k, TPK_T_Q5K)
+KQ_TYPE_FNS(q6k, TPK_T_Q6K)
+
+tpk_group_fn tpk_arm_kq(int type, int level, int f64) {
+    switch (type) {
+    case TPK_T_Q41: return q41_pick(level, f64);
+    case TPK_T_Q50: return q50_pick(level, f64);
+    case TPK_T_Q4K: return q4k_pick(level, f64);
+    case TPK_T_Q5K: return q5k_pick(level, f64);
+    case TPK_T_Q6K: return q6k_pick(level, f64);
+    default: return NULL;
+    }
+}
+
 /* ================================================================ q80 quantizer
  * The scalar reference's steps on 4 lanes (see tpk_x86.c): amax, d and id as scalars,
  * x * id, roundf as floor(|v|) + (fraction >= 0.5) with v's sign; the conversion

@@ -14,14 +14,32 @@
 
 /* One q80 activation block made ready for the kernels: the scale as float and the
  * offset corrections -8*sum(qs) (q40 weights are stored as unsigned nibbles q, so
- * sum((q-8)*x) = sum(q*x) - 8*sum(x)) and -128*sum(qs) (q80 weights stored as q+128). */
+ * sum((q-8)*x) = sum(q*x) - 8*sum(x)) and -128*sum(qs) (q80 weights stored as q+128),
+ * and for the other types (tpk.h): S = sum(qs), -16*S (q50), -32*S0, -32*S1 (q6k, the
+ * two halves of 16). */
 typedef struct {
     int8_t qs[TPK_QK];
     float d;
     int32_t s8;
     int32_t s128;
+    int32_t sum;
+    int32_t s16;
+    int32_t h0;
+    int32_t h1;
     int32_t pad;
 } tpk_xq;
+
+/* Packed layout of the types q41, q50, q4k, q5k, q6k (tpk.h), as compile-time constants
+ * of T (a TPK_T_* value) so each kernel instance knows its offsets. */
+#define KQ_GB(T) ((T) == TPK_T_Q41 ? 320 : (T) == TPK_T_Q50 ? 352 : (T) == TPK_T_Q4K ? 352 : (T) == TPK_T_Q5K ? 416 : 448)
+#define KQ_OFF_QS(T) (KQ_GB(T) - 256)
+#define KQ_PLANES(T) ((T) == TPK_T_Q50 || (T) == TPK_T_Q5K ? 1 : (T) == TPK_T_Q6K ? 2 : 0)
+#define KQ_OFF_QH(T) ((T) == TPK_T_Q50 ? 32 : (T) == TPK_T_Q5K ? 96 : 64)
+#define KQ_OFF_M 32     /* q41: fp16 m; q4k, q5k: fp16 dmin */
+#define KQ_OFF_SC 64    /* q4k, q5k: uint8 sc[16], then uint8 mn[16] */
+#define KQ_OFF_MN 80
+#define KQ_OFF_SC6 32   /* q6k: int8 sc[2][16] */
+#define KQ_IS_K(T) ((T) == TPK_T_Q4K || (T) == TPK_T_Q5K)
 
 /* One row group (TPK_ROWS rows, nrows <= TPK_ROWS of them real) times ntok tokens:
  * w: the group's nb group blocks; x: token t's blocks at x + t * nb;
@@ -30,6 +48,12 @@ typedef struct {
 typedef void (*tpk_group_fn)(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok,
                              void *y, int64_t ldy, int nrows);
 
+/* tpk_kq.c: the q41/q50/q4k/q5k/q6k layout (T a TPK_T_* value of those). */
+int64_t tpk_kq_group_bytes(int T);
+void tpk_kq_pack(int T, const uint8_t *w, int64_t row_stride, int64_t rows, int64_t first, int64_t nb, uint8_t *dst);
+void tpk_kq_dequantize(int T, const uint8_t *wp, int64_t rows, int64_t nb, float *y);
+tpk_group_fn tpk_kq_scalar(int T, int f64);
+
 extern float tpk_fp16_table[65536];
 static inline float tpk_f16(uint16_t h) { return tpk_fp16_table[h]; }
 
@@ -37,6 +61,7 @@ static inline float tpk_f16(uint16_t h) { return tpk_fp16_table[h]; }
 int tpk_x86_supports(int level);
 tpk_group_fn tpk_x86_q40(int level, int f64);
 tpk_group_fn tpk_x86_q80(int level, int f64);
+tpk_group_fn tpk_x86_kq(int type, int level, int f64);
 double tpk_x86_stream_sum(const float *x, int64_t n);
 void tpk_x86_quantize_q80_512(const float *x, tpk_block_q80 *y, int64_t n);
 void tpk_x86_quantize_q80_avx2(const float *x, tpk_block_q80 *y, int64_t n);
@@ -45,6 +70,7 @@ void tpk_x86_quantize_q80_avx2(const float *x, tpk_block_q80 *y, int64_t n);
 int tpk_arm_supports(int level);
 tpk_group_fn tpk_arm_q40(int level, int f64);
 tpk_group_fn tpk_arm_q80(int level, int f64);
+tpk_group_fn tpk_arm_kq(int type, int level, int f64);
 void tpk_arm_quantize_q80(const float *x, tpk_block_q80 *y, int64_t n);
 #endif
 

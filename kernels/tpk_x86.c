@@ -349,6 +349,310 @@ GROUP_FN(q80_group_avx2, q80_tile_avx2, TGT_AVX2, 2, 0)
 GROUP_FN(q40_group_avx2_f64, q40_tile_avx2, TGT_AVX2, 2, 1)
 GROUP_FN(q80_group_avx2_f64, q80_tile_avx2, TGT_AVX2, 2, 1)
 
+/* ================================================================ q41, q50, q4k, q5k, q6k
+ * One tile per level for every type, T a compile-time TPK_T_* constant (tpk.h has the
+ * layout and the per-block formula). Per chunk k of 4 elements: the nibbles of 16 rows,
+ * plus the bit planes moved into bits 4 and 5 by constant shifts (a plane byte holds the
+ * chunk's bit at bit k for the low nibbles and bit 4+k for the high ones; 16-bit shifts
+ * never carry a wanted bit across a byte here). Elements 0..15 (low nibbles) and 16..31
+ * (high nibbles) are summed apart, A and B, because q6k scales them apart.
+ * int16 bounds (vpmaddubsw path): a pair sum is at most 2*63*128 = 16128; up to 5-bit
+ * quants, 4 chunks stay within 4*2*31*128 = 31744; 6-bit quants widen every 2 chunks. */
+
+#define KQ_ACC16_CHUNKS(T) (KQ_PLANES(T) == 2 ? 2 : 4)
+
+INLINE TGT_512 void acc512_add2(acc512 *a, __m512i isum, __m512 dw, __m512i isum2, __m512 mw, float dx,
+                                const int F64, const int TWO, const int SUB) {
+    if (F64) {
+        const __m512d vdx = _mm512_set1_pd((double)dx);
+        for (int h = 0; h < 2; h++) {
+            const __m256 dwh = h ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(dw), 1)) : _mm512_castps512_ps256(dw);
+            const __m256i ih = h ? _mm512_extracti64x4_epi64(isum, 1) : _mm512_castsi512_si256(isum);
+            __m512d t = _mm512_mul_pd(_mm512_cvtepi32_pd(ih), _mm512_mul_pd(_mm512_cvtps_pd(dwh), vdx));
+            if (TWO) {
+                const __m256 mwh = h ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(mw), 1)) : _mm512_castps512_ps256(mw);
+                const __m256i i2h = h ? _mm512_extracti64x4_epi64(isum2, 1) : _mm512_castsi512_si256(isum2);
+                const __m512d t2 = _mm512_mul_pd(_mm512_cvtepi32_pd(i2h), _mm512_mul_pd(_mm512_cvtps_pd(mwh), vdx));
+                t = SUB ? _mm512_sub_pd(t, t2) : _mm512_add_pd(t, t2);
+            }
+            if (h) a->d1 = _mm512_add_pd(a->d1, t);
+            else a->d0 = _mm512_add_pd(a->d0, t);
+        }
+    } else {
+        const __m512 vdx = _mm512_set1_ps(dx);
+        __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, vdx));
+        if (TWO) {
+            const __m512 t2 = _mm512_mul_ps(_mm512_cvtepi32_ps(isum2), _mm512_mul_ps(mw, vdx));
+            t = SUB ? _mm512_sub_ps(t, t2) : _mm512_add_ps(t, t2);
+        }
+        a->f = _mm512_add_ps(a->f, t);
+    }
+}
+
+INLINE TGT_AVX2 void acc256_add2(acc256 *a, __m256i isum, __m256 dw, __m256i isum2, __m256 mw, float dx,
+                                 const int F64, const int TWO, const int SUB) {
+    if (F64) {
+        const __m256d vdx = _mm256_set1_pd((double)dx);
+        for (int h = 0; h < 2; h++) {
+            const __m128 dwh = h ? _mm256_extractf128_ps(dw, 1) : _mm256_castps256_ps128(dw);
+            const __m128i ih = h ? _mm256_extracti128_si256(isum, 1) : _mm256_castsi256_si128(isum);
+            __m256d t = _mm256_mul_pd(_mm256_cvtepi32_pd(ih), _mm256_mul_pd(_mm256_cvtps_pd(dwh), vdx));
+            if (TWO) {
+                const __m128 mwh = h ? _mm256_extractf128_ps(mw, 1) : _mm256_castps256_ps128(mw);
+                const __m128i i2h = h ? _mm256_extracti128_si256(isum2, 1) : _mm256_castsi256_si128(isum2);
+                const __m256d t2 = _mm256_mul_pd(_mm256_cvtepi32_pd(i2h), _mm256_mul_pd(_mm256_cvtps_pd(mwh), vdx));
+                t = SUB ? _mm256_sub_pd(t, t2) : _mm256_add_pd(t, t2);
+            }
+            if (h) a->d1 = _mm256_add_pd(a->d1, t);
+            else a->d0 = _mm256_add_pd(a->d0, t);
+        }
+    } else {
+        const __m256 vdx = _mm256_set1_ps(dx);
+        __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, vdx));
+        if (TWO) {
+            const __m256 t2 = _mm256_mul_ps(_mm256_cvtepi32_ps(isum2), _mm256_mul_ps(mw, vdx));
+            t = SUB ? _mm256_sub_ps(t, t2) : _mm256_add_ps(t, t2);
+        }
+        a->f = _mm256_add_ps(a->f, t);
+    }
+}
+
+/* Byte shifts by a constant: left for s > 0, right for s < 0 (16-bit lanes, see above). */
+INLINE TGT_512 __m512i shl512(__m512i v, const int s) {
+    return s >= 0 ? _mm512_slli_epi16(v, (unsigned)s) : _mm512_srli_epi16(v, (unsigned)-s);
+}
+INLINE TGT_AVX2 __m256i shl256(__m256i v, const int s) {
+    return s >= 0 ? _mm256_slli_epi16(v, s) : _mm256_srli_epi16(v, -s);
+}
+
+/* Chunk k's quants of 16 rows: low nibbles (elements 4k..4k+3) and high (16+4k..). */
+INLINE TGT_512 void kq512_chunk(const uint8_t *gb, const int k, __m512i p0, __m512i p1, __m512i *lo, __m512i *hi,
+                                const int T) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i v = _mm512_loadu_si512((const void *)(gb + KQ_OFF_QS(T) + 64 * k));
+    __m512i l = _mm512_and_si512(v, m4), h = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+    if (KQ_PLANES(T) >= 1) {
+        const __m512i b4 = _mm512_set1_epi8(0x10);
+        l = _mm512_or_si512(l, _mm512_and_si512(shl512(p0, 4 - k), b4));
+        h = _mm512_or_si512(h, _mm512_and_si512(shl512(p0, -k), b4));
+    }
+    if (KQ_PLANES(T) == 2) {
+        const __m512i b5 = _mm512_set1_epi8(0x20);
+        l = _mm512_or_si512(l, _mm512_and_si512(shl512(p1, 5 - k), b5));
+        h = _mm512_or_si512(h, _mm512_and_si512(shl512(p1, 1 - k), b5));
+    }
+    *lo = l;
+    *hi = h;
+}
+
+INLINE TGT_AVX2 void kq256_chunk(const uint8_t *gb, const int k, const int half, __m256i p0, __m256i p1, __m256i *lo,
+                                 __m256i *hi, const int T) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(gb + KQ_OFF_QS(T) + 64 * k + 32 * half));
+    __m256i l = _mm256_and_si256(v, m4), h = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    if (KQ_PLANES(T) >= 1) {
+        const __m256i b4 = _mm256_set1_epi8(0x10);
+        l = _mm256_or_si256(l, _mm256_and_si256(shl256(p0, 4 - k), b4));
+        h = _mm256_or_si256(h, _mm256_and_si256(shl256(p0, -k), b4));
+    }
+    if (KQ_PLANES(T) == 2) {
+        const __m256i b5 = _mm256_set1_epi8(0x20);
+        l = _mm256_or_si256(l, _mm256_and_si256(shl256(p1, 5 - k), b5));
+        h = _mm256_or_si256(h, _mm256_and_si256(shl256(p1, 1 - k), b5));
+    }
+    *lo = l;
+    *hi = h;
+}
+
+/* A, B -> the block's term for 16 rows, added to one token's sums. */
+INLINE TGT_512 void kq512_finish(acc512 *out, __m512i A, __m512i B, const uint8_t *gb, const tpk_xq *xb, const int T,
+                                 const int F64) {
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb));
+    __m512 mw = dw;
+    __m512i isum, isum2 = _mm512_setzero_si512();
+    if (T == TPK_T_Q41 || KQ_IS_K(T)) mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gb + KQ_OFF_M)));
+    if (T == TPK_T_Q41) {
+        isum = _mm512_add_epi32(A, B);
+        isum2 = _mm512_set1_epi32(xb->sum);
+    } else if (T == TPK_T_Q50) {
+        isum = _mm512_add_epi32(_mm512_add_epi32(A, B), _mm512_set1_epi32(xb->s16));
+    } else if (T == TPK_T_Q6K) {
+        const __m512i s0 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(gb + KQ_OFF_SC6)));
+        const __m512i s1 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(gb + KQ_OFF_SC6 + 16)));
+        isum = _mm512_add_epi32(_mm512_mullo_epi32(s0, _mm512_add_epi32(A, _mm512_set1_epi32(xb->h0))),
+                                _mm512_mullo_epi32(s1, _mm512_add_epi32(B, _mm512_set1_epi32(xb->h1))));
+    } else {
+        const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(gb + KQ_OFF_SC)));
+        const __m512i mn = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(gb + KQ_OFF_MN)));
+        isum = _mm512_mullo_epi32(sc, _mm512_add_epi32(A, B));
+        isum2 = _mm512_mullo_epi32(mn, _mm512_set1_epi32(xb->sum));
+    }
+    acc512_add2(out, isum, dw, isum2, mw, xb->d, F64, T == TPK_T_Q41 || KQ_IS_K(T), KQ_IS_K(T));
+}
+
+INLINE TGT_AVX2 void kq256_finish(acc256 *out, __m256i A, __m256i B, const uint8_t *gb, const int half,
+                                  const tpk_xq *xb, const int T, const int F64) {
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb + 16 * half)));
+    __m256 mw = dw;
+    __m256i isum, isum2 = _mm256_setzero_si256();
+    if (T == TPK_T_Q41 || KQ_IS_K(T)) mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb + KQ_OFF_M + 16 * half)));
+    if (T == TPK_T_Q41) {
+        isum = _mm256_add_epi32(A, B);
+        isum2 = _mm256_set1_epi32(xb->sum);
+    } else if (T == TPK_T_Q50) {
+        isum = _mm256_add_epi32(_mm256_add_epi32(A, B), _mm256_set1_epi32(xb->s16));
+    } else if (T == TPK_T_Q6K) {
+        const __m256i s0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(gb + KQ_OFF_SC6 + 8 * half)));
+        const __m256i s1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(gb + KQ_OFF_SC6 + 16 + 8 * half)));
+        isum = _mm256_add_epi32(_mm256_mullo_epi32(s0, _mm256_add_epi32(A, _mm256_set1_epi32(xb->h0))),
+                                _mm256_mullo_epi32(s1, _mm256_add_epi32(B, _mm256_set1_epi32(xb->h1))));
+    } else {
+        const __m256i sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(gb + KQ_OFF_SC + 8 * half)));
+        const __m256i mn = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(gb + KQ_OFF_MN + 8 * half)));
+        isum = _mm256_mullo_epi32(sc, _mm256_add_epi32(A, B));
+        isum2 = _mm256_mullo_epi32(mn, _mm256_set1_epi32(xb->sum));
+    }
+    acc256_add2(out, isum, dw, isum2, mw, xb->d, F64, T == TPK_T_Q41 || KQ_IS_K(T), KQ_IS_K(T));
+}
+
+INLINE TGT_512 void kq512_planes(const uint8_t *gb, __m512i *p0, __m512i *p1, const int T) {
+    *p0 = *p1 = _mm512_setzero_si512();
+    if (KQ_PLANES(T) >= 1) *p0 = _mm512_loadu_si512((const void *)(gb + KQ_OFF_QH(T)));
+    if (KQ_PLANES(T) == 2) *p1 = _mm512_loadu_si512((const void *)(gb + KQ_OFF_QH(T) + 64));
+}
+
+INLINE TGT_VNNI void kq_tile_vnni(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
+                                  int nrows, const int TT, const int F64, const int T) {
+    acc512 out[4];
+    for (int t = 0; t < TT; t++) acc512_zero(&out[t], F64);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *gb = w + b * KQ_GB(T);
+        __m512i A[4], B[4], p0, p1;
+        kq512_planes(gb, &p0, &p1, T);
+        for (int t = 0; t < TT; t++) A[t] = B[t] = _mm512_setzero_si512();
+        for (int k = 0; k < 4; k++) {
+            __m512i lo, hi;
+            kq512_chunk(gb, k, p0, p1, &lo, &hi, T);
+            for (int t = 0; t < TT; t++) {
+                const int8_t *xq = x[t * nb + b].qs;
+                A[t] = _mm512_dpbusd_epi32(A[t], lo, _mm512_set1_epi32(ld32(xq + 4 * k)));
+                B[t] = _mm512_dpbusd_epi32(B[t], hi, _mm512_set1_epi32(ld32(xq + 16 + 4 * k)));
+            }
+        }
+        for (int t = 0; t < TT; t++) kq512_finish(&out[t], A[t], B[t], gb, x + t * nb + b, T, F64);
+    }
+    for (int t = 0; t < TT; t++) acc512_store(y, at + t * ldy, &out[t], nrows, F64);
+}
+
+INLINE TGT_512 void kq_tile_512(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
+                                int nrows, const int TT, const int F64, const int T) {
+    acc512 out[4];
+    for (int t = 0; t < TT; t++) acc512_zero(&out[t], F64);
+    const __m512i ones = _mm512_set1_epi16(1);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *gb = w + b * KQ_GB(T);
+        __m512i A[4], B[4], A16[4], B16[4], p0, p1;
+        kq512_planes(gb, &p0, &p1, T);
+        for (int t = 0; t < TT; t++) A[t] = B[t] = A16[t] = B16[t] = _mm512_setzero_si512();
+        for (int k = 0; k < 4; k++) {
+            __m512i lo, hi;
+            kq512_chunk(gb, k, p0, p1, &lo, &hi, T);
+            for (int t = 0; t < TT; t++) {
+                const int8_t *xq = x[t * nb + b].qs;
+                A16[t] = _mm512_add_epi16(A16[t], _mm512_maddubs_epi16(lo, _mm512_set1_epi32(ld32(xq + 4 * k))));
+                B16[t] = _mm512_add_epi16(B16[t], _mm512_maddubs_epi16(hi, _mm512_set1_epi32(ld32(xq + 16 + 4 * k))));
+                if ((k + 1) % KQ_ACC16_CHUNKS(T) == 0) {
+                    A[t] = _mm512_add_epi32(A[t], _mm512_madd_epi16(A16[t], ones));
+                    B[t] = _mm512_add_epi32(B[t], _mm512_madd_epi16(B16[t], ones));
+                    A16[t] = B16[t] = _mm512_setzero_si512();
+                }
+            }
+        }
+        for (int t = 0; t < TT; t++) kq512_finish(&out[t], A[t], B[t], gb, x + t * nb + b, T, F64);
+    }
+    for (int t = 0; t < TT; t++) acc512_store(y, at + t * ldy, &out[t], nrows, F64);
+}
+
+INLINE TGT_AVX2 void kq_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
+                                  int nrows, const int TT, const int F64, const int T) {
+    acc256 out[2][2];
+    for (int h = 0; h < 2; h++)
+        for (int t = 0; t < TT; t++) acc256_zero(&out[h][t], F64);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *gb = w + b * KQ_GB(T);
+        for (int h = 0; h < 2; h++) {
+            __m256i A[2], B[2], A16[2], B16[2];
+            __m256i p0 = _mm256_setzero_si256(), p1 = p0;
+            if (KQ_PLANES(T) >= 1) p0 = _mm256_loadu_si256((const __m256i *)(gb + KQ_OFF_QH(T) + 32 * h));
+            if (KQ_PLANES(T) == 2) p1 = _mm256_loadu_si256((const __m256i *)(gb + KQ_OFF_QH(T) + 64 + 32 * h));
+            for (int t = 0; t < TT; t++) A[t] = B[t] = A16[t] = B16[t] = _mm256_setzero_si256();
+            for (int k = 0; k < 4; k++) {
+                __m256i lo, hi;
+                kq256_chunk(gb, k, h, p0, p1, &lo, &hi, T);
+                for (int t = 0; t < TT; t++) {
+                    const int8_t *xq = x[t * nb + b].qs;
+                    A16[t] = _mm256_add_epi16(A16[t], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(ld32(xq + 4 * k))));
+                    B16[t] = _mm256_add_epi16(B16[t], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(ld32(xq + 16 + 4 * k))));
+                    if ((k + 1) % KQ_ACC16_CHUNKS(T) == 0) {
+                        A[t] = _mm256_add_epi32(A[t], _mm256_madd_epi16(A16[t], ones));
+                        B[t] = _mm256_add_epi32(B[t], _mm256_madd_epi16(B16[t], ones));
+                        A16[t] = B16[t] = _mm256_setzero_si256();
+                    }
+                }
+            }
+            for (int t = 0; t < TT; t++) kq256_finish(&out[h][t], A[t], B[t], gb, h, x + t * nb + b, T, F64);
+        }
+    }
+    for (int t = 0; t < TT; t++) {
+        acc256_store(y, at + t * ldy, &out[0][t], nrows, F64);
+        acc256_store(y, at + t * ldy + 8, &out[1][t], nrows - 8, F64);
+    }
+}
+
+/* Group functions: full tiles of TT tokens, then what is left one token at a time. */
+#define KQ_GROUP_FN(name, tile, TGT, TT, F64, T)                                                        \
+    TGT static void name(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok, void *y,          \
+                         int64_t ldy, int nrows) {                                                      \
+        int64_t t = 0;                                                                                  \
+        for (; t + (TT) <= ntok; t += (TT)) tile(w, nb, x + t * nb, y, t * ldy, ldy, nrows, (TT), F64, T); \
+        if ((TT) > 2 && ntok - t >= 2) { tile(w, nb, x + t * nb, y, t * ldy, ldy, nrows, 2, F64, T); t += 2; } \
+        if (ntok - t >= 1) tile(w, nb, x + t * nb, y, t * ldy, ldy, nrows, 1, F64, T);                 \
+    }
+
+#define KQ_TYPE_FNS(t, T)                                                  \
+    KQ_GROUP_FN(t##_group_vnni, kq_tile_vnni, TGT_VNNI, 4, 0, T)           \
+    KQ_GROUP_FN(t##_group_vnni_f64, kq_tile_vnni, TGT_VNNI, 4, 1, T)       \
+    KQ_GROUP_FN(t##_group_512, kq_tile_512, TGT_512, 4, 0, T)              \
+    KQ_GROUP_FN(t##_group_512_f64, kq_tile_512, TGT_512, 4, 1, T)          \
+    KQ_GROUP_FN(t##_group_avx2, kq_tile_avx2, TGT_AVX2, 2, 0, T)           \
+    KQ_GROUP_FN(t##_group_avx2_f64, kq_tile_avx2, TGT_AVX2, 2, 1, T)       \
+    static tpk_group_fn t##_pick(int level, int f64) {                     \
+        switch (level) {                                                   \
+        case TPK_AVX512_VNNI: return f64 ? t##_group_vnni_f64 : t##_group_vnni; \
+        case TPK_AVX512: return f64 ? t##_group_512_f64 : t##_group_512;   \
+        case TPK_AVX2: return f64 ? t##_group_avx2_f64 : t##_group_avx2;   \
+        default: return NULL;                                              \
+        }                                                                  \
+    }
+
+KQ_TYPE_FNS(q41, TPK_T_Q41)
+KQ_TYPE_FNS(q50, TPK_T_Q50)
+KQ_TYPE_FNS(q4k, TPK_T_Q4K)
+KQ_TYPE_FNS(q5k, TPK_T_Q5K)
+KQ_TYPE_FNS(q6k, TPK_T_Q6K)
+
+tpk_group_fn tpk_x86_kq(int type, int level, int f64) {
+    switch (type) {
+    case TPK_T_Q41: return q41_pick(level, f64);
+    case TPK_T_Q50: return q50_pick(level, f64);
+    case TPK_T_Q4K: return q4k_pick(level, f64);
+    case TPK_T_Q5K: return q5k_pick(level, f64);
+    case TPK_T_Q6K: return q6k_pick(level, f64);
+    default: return NULL;
+    }
+}
+
 /* ================================================================ q80 quantizer
  * The scalar reference's steps on 16 / 8 lanes: amax (exact), d = amax / 127 and
  * id = 1 / d as scalars, x * id, then roundf (half away from zero) as floor(|v|) plus one

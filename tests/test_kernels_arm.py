@@ -1,6 +1,6 @@
 """The ARM64 kernels, tested on any host: kernels/test_tpk.c cross-compiled with
 aarch64-linux-gnu-gcc and run under qemu-aarch64 checks every ARM level against the scalar
-reference bit for bit (matmuls, and the q80 quantizer).
+reference bit for bit (matmuls of every weight type, and the q80 quantizer).
 
   armv8.2-a+dotprod build on `-cpu max`:        best level neon-dotprod (Raspberry Pi 5)
   plain armv8-a build on `-cpu cortex-a72`:     best level neon (Raspberry Pi 4)
@@ -16,7 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 KERNELS = REPO / "kernels"
-SOURCES = [KERNELS / "test_tpk.c", KERNELS / "tpk.c", KERNELS / "tpk_x86.c", KERNELS / "tpk_arm.c"]
+SOURCES = [KERNELS / "test_tpk.c", KERNELS / "tpk.c", KERNELS / "tpk_kq.c", KERNELS / "tpk_x86.c", KERNELS / "tpk_arm.c"]
 SYSROOT = "/usr/aarch64-linux-gnu"
 
 CC = shutil.which("aarch64-linux-gnu-gcc")
@@ -64,5 +64,6 @@ def test_arm_levels_bit_identical(builds, build, cpu, expect, levels):
     assert f"best level: {expect}" in out, out
     assert f"levels tested: {' '.join(levels)}" in out, out
     assert "q80 quantizer at every level bit-identical to the reference: yes" in out, out
+    assert "q41 q50 q4k q5k q6k at every level bit-identical to scalar: yes" in out, out
     assert "perturbed scale detected: yes" in out, out
     assert rc == 0 and out.rstrip().endswith("PASS"), out

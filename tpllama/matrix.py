@@ -1,11 +1,15 @@
 """Runtime weight matrices: y = x @ W.T for a batch of activation rows.
 
-q40 and q80 matrices multiply q80-quantized activations in the C kernels; f32 matrices
+Quantized matrices (q40, q41, q50, q80, q4k, q5k, q6k: the GGML types Q4_0, Q4_1, Q5_0,
+Q8_0, Q4_K, Q5_K, Q6_K) multiply q80-quantized activations in the C kernels; f32 matrices
 (and any matrix whose input width is not a multiple of 32) use numpy. An Activation
 quantizes its rows once, however many matrices read it (wq, wk and wv share one).
 
-A q40/q80 Matrix is built from GGML blocks and keeps them repacked in the kernels' runtime
-layout (16 rows interleaved, see kernels/tpk.h); `blocks()` gives the GGML blocks back.
+A quantized Matrix is built from a file's GGML blocks (`from_ggml`, any column range that
+starts and ends at multiples of 32) and keeps exactly their values, repacked in the
+kernels' runtime layout (16 rows interleaved, one group block per 32 columns, see
+kernels/tpk.h). `blocks()` gives the GGML blocks back for q40/q80, whose layout holds them
+byte for byte; `dequantized()` gives the values of every type.
 """
 from __future__ import annotations
 
@@ -16,14 +20,15 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from . import _kernels as K
+from . import wtypes
 
 QK = K.QK
-WEIGHT_TYPES = ("q40", "q80", "f32")
-BYTES_PER_WEIGHT = {"q40": K.Q40_BYTES / QK, "q80": K.Q80_BYTES / QK, "f32": 4.0}
+WEIGHT_TYPES = ("q40", "q80", "f32")     # the types a float matrix can be quantized to (from_float)
+PACKED_TYPES = K.PACKED_TYPES            # every type the kernels multiply
+BYTES_PER_WEIGHT = {**{t: wtypes.TYPES[t].runtime_bytes_per_32 / QK for t in PACKED_TYPES}, "f32": 4.0}
 
 _QUANTIZE = {"q40": K.quantize_q40, "q80": K.quantize_q80}
-_BLOCK_BYTES = {"q40": K.Q40_BYTES, "q80": K.Q80_BYTES}
-_DEQUANTIZE = {"q40": K.dequantize_q40, "q80": K.dequantize_q80}
+_BLOCK_BYTES = {"q40": K.Q40_BYTES, "q80": K.Q80_BYTES}   # types whose packed layout holds GGML blocks
 
 
 class _WeightArena:
@@ -97,21 +102,27 @@ class Matrix:
     """A (rows, cols) weight matrix in one runtime type."""
 
     def __init__(self, wtype: str, rows: int, cols: int, data: np.ndarray, threads: int = 1, packed: bool = False):
-        """data: q40/q80: GGML blocks, uint8 (rows, cols/32*block_bytes) (repacked here unless
-        `packed`, then it is already the flat packed array); f32: float32 (rows, cols)."""
-        self.wtype = wtype      # "q40" | "q80" | "f32"
+        """data: a packed type: its GGML blocks, uint8 (rows, cols/block_values*block_bytes),
+        repacked here unless `packed` (then it is already the flat packed array); f32: float32
+        (rows, cols)."""
+        self.wtype = wtype      # "f32" or one of PACKED_TYPES
         self.rows = rows        # output features
         self.cols = cols        # input features
         self.threads = threads
         if wtype == "f32":
             self.data = data    # float32 (rows, cols)
-        else:
-            if not packed and data.shape != (rows, cols // QK * _BLOCK_BYTES[wtype]):
+            return
+        if wtype not in PACKED_TYPES:
+            raise ValueError(f"unknown weight type {wtype!r}")
+        if not packed:
+            values, bb = K.ggml_block(wtype)
+            if cols % values or data.shape != (rows, cols // values * bb):
                 raise ValueError(f"{wtype} blocks of shape {data.shape} do not hold {rows} x {cols} weights")
-            # flat uint8: the blocks of 16 rows side by side (kernels/tpk.h), tail rows padded
-            self.data = data if packed else K.pack(wtype, data, _ARENA.empty(K.packed_bytes(wtype, rows, cols // QK)))
-            if self.data.shape != (K.packed_bytes(wtype, rows, cols // QK),):
-                raise ValueError(f"{wtype} matrix data does not hold {rows} x {cols} weights")
+            data = K.pack_ggml(wtype, data, 0, cols, _ARENA.empty(K.packed_bytes(wtype, rows, cols // QK)))
+        # flat uint8: the 32-column blocks of 16 rows side by side (kernels/tpk.h), tail rows padded
+        self.data = data
+        if cols % QK or self.data.shape != (K.packed_bytes(wtype, rows, cols // QK),):
+            raise ValueError(f"{wtype} matrix data does not hold {rows} x {cols} weights")
 
     @property
     def nbytes(self) -> int:
@@ -138,22 +149,41 @@ class Matrix:
         return out
 
     def blocks(self) -> np.ndarray:
-        """The weights as GGML blocks (rows, cols/32*block_bytes), byte-identical to what was loaded."""
-        if self.wtype == "f32":
-            raise ValueError("an f32 matrix has no blocks")
+        """q40/q80: the weights as GGML blocks (rows, cols/32*block_bytes), byte-identical to what
+        was loaded. The other types' runtime layout keeps their values, not their GGML blocks."""
+        if self.wtype not in _BLOCK_BYTES:
+            raise ValueError(f"a {self.wtype} matrix has no GGML blocks at run time (use dequantized())")
         return K.unpack(self.wtype, self.data, self.rows, self.cols // QK)
 
     def dequantized(self) -> np.ndarray:
-        """The weights as float32 (rows, cols); for tests and debugging."""
+        """The weights as float32 (rows, cols), as gguf-py dequantizes them; for tests and debugging."""
         if self.wtype == "f32":
             return self.data
-        return _DEQUANTIZE[self.wtype](self.blocks())
+        return K.dequantize_packed(self.wtype, self.data, self.rows, self.cols // QK)
+
+    @classmethod
+    def from_ggml(cls, wtype: str, blocks: np.ndarray, first_col: int, n_cols: int, threads: int = 1) -> "Matrix":
+        """The n_cols columns starting first_col values into `blocks`, uint8 (rows, nblocks*block_bytes)
+        of the GGML type that `wtype` names (f32: the float32 bytes), every value kept. first_col
+        and n_cols are multiples of 32; rows may be a strided view (e.g. of a memory-mapped file)."""
+        rows = blocks.shape[0]
+        if wtype == "f32":
+            values = np.ascontiguousarray(blocks).view(np.float32)[:, first_col:first_col + n_cols]
+            if values.shape != (rows, n_cols):
+                raise ValueError(f"f32 rows of {values.shape[1]} values do not hold columns {first_col}..{first_col + n_cols}")
+            return cls("f32", rows, n_cols, np.ascontiguousarray(values), threads)
+        if wtype not in PACKED_TYPES:
+            raise ValueError(f"unknown weight type {wtype!r}")
+        data = K.pack_ggml(wtype, blocks, first_col, n_cols, _ARENA.empty(K.packed_bytes(wtype, rows, n_cols // QK)))
+        return cls(wtype, rows, n_cols, data, threads, packed=True)
 
     @classmethod
     def from_float(cls, w: np.ndarray, wtype: str, threads: int = 1) -> "Matrix":
-        """Quantize float32 weights (rows, cols) to `wtype` (falling back to f32 when cols % 32)."""
+        """Quantize float32 weights (rows, cols) to q40/q80, or keep them f32 (also when cols % 32)."""
         rows, cols = w.shape
         wtype = runtime_type(wtype, cols)
+        if wtype != "f32" and wtype not in _QUANTIZE:
+            raise ValueError(f"no quantizer for {wtype}: float weights can become one of {', '.join(WEIGHT_TYPES)}")
         w = np.ascontiguousarray(w, dtype=np.float32)
         data = w if wtype == "f32" else _QUANTIZE[wtype](w)
         return cls(wtype, rows, cols, data, threads)

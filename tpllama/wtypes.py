@@ -41,12 +41,12 @@ TYPES: Dict[str, WeightType] = {t.name: t for t in (
     WeightType("f16", "F16", 1, 2, 16.0, False, None, None, 1),
     WeightType("bf16", "BF16", 1, 2, 16.0, False, None, None, 1),
     _q("q40", "Q4_0", 32, 18, True, 18),
-    _q("q41", "Q4_1", 32, 20, False, None),
-    _q("q50", "Q5_0", 32, 22, False, None),
+    _q("q41", "Q4_1", 32, 20, True, 20),
+    _q("q50", "Q5_0", 32, 22, True, 22),
     _q("q80", "Q8_0", 32, 34, True, 34),
-    _q("q4k", "Q4_K", 256, 144, False, None),
-    _q("q5k", "Q5_K", 256, 176, False, None),
-    _q("q6k", "Q6_K", 256, 210, False, None),
+    _q("q4k", "Q4_K", 256, 144, True, 22),
+    _q("q5k", "Q5_K", 256, 176, True, 26),
+    _q("q6k", "Q6_K", 256, 210, True, 28),
 )}
 
 BY_GGML: Dict[str, WeightType] = {t.ggml: t for t in TYPES.values()}

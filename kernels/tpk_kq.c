@@ -1,0 +1,253 @@
+/* tpk: the weight types beyond q40/q80 (q41, q50, q4k, q5k, q6k = GGML Q4_1, Q5_0, Q4_K,
+ * Q5_K, Q6_K): decoding their GGML blocks, packing them into the 32-column runtime layout
+ * of tpk.h, reading the packed values back (dequantize), and the scalar reference kernel
+ * on the packed layout that every SIMD level must match bit for bit. */
+#include "tpk_impl.h"
+
+#include <string.h>
+
+/* The 32 values of one row's 32-column block: unsigned quants and their parameters. */
+typedef struct {
+    uint8_t q[TPK_QK];
+    uint16_t d, m;      /* fp16: d; q41 m, or q4k/q5k dmin */
+    uint8_t sc, mn;     /* q4k/q5k 6-bit scale and min */
+    int8_t sc6[2];      /* q6k scales of elements 0..15 and 16..31 */
+} kq_sub;
+
+static inline uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline void st16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
+
+int tpk_ggml_block(int type, int *block_bytes) {
+    static const int values[TPK_NTYPES] = {32, 32, 32, 32, 256, 256, 256};
+    static const int bytes[TPK_NTYPES] = {18, 34, 20, 22, 144, 176, 210};
+    if (type < 0 || type >= TPK_NTYPES) return -1;
+    if (block_bytes) *block_bytes = bytes[type];
+    return values[type];
+}
+
+/* ---------------------------------------------------------------- GGML blocks -> sub-blocks */
+
+/* Q4_K/Q5_K: the 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes. */
+static void k_scale_min(const uint8_t *s, int j, uint8_t *sc, uint8_t *mn) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *mn = s[j + 4] & 63;
+    } else {
+        *sc = (uint8_t)((s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4));
+        *mn = (uint8_t)((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+    }
+}
+
+/* Sub-block s (32 values) of one GGML block of type T. */
+static void decode(int T, const uint8_t *blk, int s, kq_sub *o) {
+    memset(o, 0, sizeof *o);
+    switch (T) {
+    case TPK_T_Q41:
+        o->d = ld16(blk);
+        o->m = ld16(blk + 2);
+        for (int j = 0; j < 16; j++) {
+            o->q[j] = blk[4 + j] & 0x0F;
+            o->q[j + 16] = blk[4 + j] >> 4;
+        }
+        break;
+    case TPK_T_Q50: {
+        uint32_t qh;
+        memcpy(&qh, blk + 2, 4);
+        o->d = ld16(blk);
+        for (int j = 0; j < 16; j++) {
+            o->q[j] = (uint8_t)((blk[6 + j] & 0x0F) | (((qh >> j) & 1) << 4));
+            o->q[j + 16] = (uint8_t)((blk[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4));
+        }
+        break;
+    }
+    case TPK_T_Q4K:
+    case TPK_T_Q5K: {
+        const int q5 = T == TPK_T_Q5K;
+        const uint8_t *qh = blk + 16, *qs = blk + (q5 ? 48 : 16);
+        o->d = ld16(blk);
+        o->m = ld16(blk + 2);
+        k_scale_min(blk + 4, s, &o->sc, &o->mn);
+        for (int l = 0; l < 32; l++) {
+            o->q[l] = (qs[32 * (s / 2) + l] >> (4 * (s & 1))) & 0x0F;
+            if (q5) o->q[l] |= (uint8_t)(((qh[l] >> s) & 1) << 4);
+        }
+        break;
+    }
+    case TPK_T_Q6K: {
+        const int h = s / 4, c = s % 4;
+        const uint8_t *ql = blk + 64 * h + 32 * (c & 1), *qh = blk + 128 + 32 * h;
+        o->d = ld16(blk + 208);
+        o->sc6[0] = (int8_t)blk[192 + 2 * s];
+        o->sc6[1] = (int8_t)blk[192 + 2 * s + 1];
+        for (int l = 0; l < 32; l++)
+            o->q[l] = (uint8_t)(((ql[l] >> (4 * (c >> 1))) & 0x0F) | (((qh[l] >> (2 * c)) & 3) << 4));
+        break;
+    }
+    }
+}
+
+/* ---------------------------------------------------------------- sub-blocks <-> packed layout */
+
+static void put(int T, uint8_t *gb, int i, const kq_sub *o) {
+    st16(gb + 2 * i, o->d);
+    if (T == TPK_T_Q41 || KQ_IS_K(T)) st16(gb + KQ_OFF_M + 2 * i, o->m);
+    if (KQ_IS_K(T)) {
+        gb[KQ_OFF_SC + i] = o->sc;
+        gb[KQ_OFF_MN + i] = o->mn;
+    }
+    if (T == TPK_T_Q6K) {
+        gb[KQ_OFF_SC6 + i] = (uint8_t)o->sc6[0];
+        gb[KQ_OFF_SC6 + 16 + i] = (uint8_t)o->sc6[1];
+    }
+    for (int k = 0; k < 4; k++)
+        for (int j = 0; j < 4; j++) {
+            const uint8_t lo = o->q[4 * k + j], hi = o->q[16 + 4 * k + j];
+            gb[KQ_OFF_QS(T) + 64 * k + 4 * i + j] = (uint8_t)((lo & 0x0F) | ((hi & 0x0F) << 4));
+        }
+    for (int p = 0; p < KQ_PLANES(T); p++)
+        for (int j = 0; j < 4; j++) {
+            uint8_t bits = 0;
+            for (int k = 0; k < 4; k++) {
+                bits |= (uint8_t)(((o->q[4 * k + j] >> (4 + p)) & 1) << k);
+                bits |= (uint8_t)(((o->q[16 + 4 * k + j] >> (4 + p)) & 1) << (4 + k));
+            }
+            gb[KQ_OFF_QH(T) + 64 * p + 4 * i + j] = bits;
+        }
+}
+
+static void get(int T, const uint8_t *gb, int i, kq_sub *o) {
+    memset(o, 0, sizeof *o);
+    o->d = ld16(gb + 2 * i);
+    if (T == TPK_T_Q41 || KQ_IS_K(T)) o->m = ld16(gb + KQ_OFF_M + 2 * i);
+    if (KQ_IS_K(T)) {
+        o->sc = gb[KQ_OFF_SC + i];
+        o->mn = gb[KQ_OFF_MN + i];
+    }
+    if (T == TPK_T_Q6K) {
+        o->sc6[0] = (int8_t)gb[KQ_OFF_SC6 + i];
+        o->sc6[1] = (int8_t)gb[KQ_OFF_SC6 + 16 + i];
+    }
+    for (int k = 0; k < 4; k++)
+        for (int j = 0; j < 4; j++) {
+            const uint8_t v = gb[KQ_OFF_QS(T) + 64 * k + 4 * i + j];
+            o->q[4 * k + j] = v & 0x0F;
+            o->q[16 + 4 * k + j] = v >> 4;
+        }
+    for (int p = 0; p < KQ_PLANES(T); p++)
+        for (int j = 0; j < 4; j++) {
+            const uint8_t bits = gb[KQ_OFF_QH(T) + 64 * p + 4 * i + j];
+            for (int k = 0; k < 4; k++) {
+                o->q[4 * k + j] |= (uint8_t)(((bits >> k) & 1) << (4 + p));
+                o->q[16 + 4 * k + j] |= (uint8_t)(((bits >> (4 + k)) & 1) << (4 + p));
+            }
+        }
+}
+
+int64_t tpk_kq_group_bytes(int type) { return KQ_GB(type); }
+
+void tpk_kq_pack(int T, const uint8_t *w, int64_t row_stride, int64_t rows, int64_t first, int64_t nb, uint8_t *dst) {
+    int bb = 1;
+    const int per = tpk_ggml_block(T, &bb) / TPK_QK;   /* 32-column blocks per GGML block */
+    const int64_t G = (rows + TPK_ROWS - 1) / TPK_ROWS;
+    kq_sub o;
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *gb = dst + (g * nb + b) * KQ_GB(T);
+            memset(gb, 0, (size_t)KQ_GB(T));   /* padding rows: all zero, value 0 */
+            const int64_t a = first + b;
+            for (int i = 0; i < TPK_ROWS && g * TPK_ROWS + i < rows; i++) {
+                decode(T, w + (g * TPK_ROWS + i) * row_stride + (a / per) * bb, (int)(a % per), &o);
+                put(T, gb, i, &o);
+            }
+        }
+}
+
+/* The values as gguf-py computes them in float32 (tpk.h has the formulas). */
+void tpk_kq_dequantize(int T, const uint8_t *wp, int64_t rows, int64_t nb, float *y) {
+    kq_sub o;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t b = 0; b < nb; b++) {
+            get(T, wp + ((r / TPK_ROWS) * nb + b) * KQ_GB(T), (int)(r % TPK_ROWS), &o);
+            float *out = y + (r * nb + b) * TPK_QK;
+            const float d = tpk_f16(o.d), m = tpk_f16(o.m);
+            for (int e = 0; e < TPK_QK; e++) {
+                switch (T) {
+                case TPK_T_Q41: out[e] = d * (float)o.q[e] + m; break;
+                case TPK_T_Q50: out[e] = d * (float)(o.q[e] - 16); break;
+                case TPK_T_Q6K: out[e] = (d * (float)o.sc6[e / 16]) * (float)(o.q[e] - 32); break;
+                default: out[e] = (d * (float)o.sc) * (float)o.q[e] - m * (float)o.mn; break;
+                }
+            }
+        }
+}
+
+/* ---------------------------------------------------------------- scalar reference kernel */
+
+static inline void kq_scalar(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok, void *y, int64_t ldy,
+                             int nrows, const int T, const int F64) {
+    kq_sub o;
+    for (int64_t t = 0; t < ntok; t++)
+        for (int i = 0; i < nrows; i++) {
+            float acc = 0.0f;
+            double dacc = 0.0;
+            for (int64_t b = 0; b < nb; b++) {
+                const tpk_xq *xb = x + t * nb + b;
+                get(T, w + b * KQ_GB(T), i, &o);
+                int32_t A = 0, B = 0;
+                for (int e = 0; e < 16; e++) {
+                    A += o.q[e] * xb->qs[e];
+                    B += o.q[16 + e] * xb->qs[16 + e];
+                }
+                int32_t isum, isum2 = 0;
+                switch (T) {
+                case TPK_T_Q41: isum = A + B; isum2 = xb->sum; break;
+                case TPK_T_Q50: isum = A + B + xb->s16; break;
+                case TPK_T_Q6K: isum = o.sc6[0] * (A + xb->h0) + o.sc6[1] * (B + xb->h1); break;
+                default: isum = o.sc * (A + B); isum2 = o.mn * xb->sum; break;
+                }
+                const float d = tpk_f16(o.d), m = tpk_f16(o.m);
+                if (F64) {
+                    double term = (double)isum * ((double)d * (double)xb->d);
+                    const double t2 = (double)isum2 * ((double)m * (double)xb->d);
+                    if (T == TPK_T_Q41) term = term + t2;
+                    if (KQ_IS_K(T)) term = term - t2;
+                    dacc = dacc + term;
+                } else {
+                    float term = (float)isum * (d * xb->d);
+                    const float t2 = (float)isum2 * (m * xb->d);
+                    if (T == TPK_T_Q41) term = term + t2;
+                    if (KQ_IS_K(T)) term = term - t2;
+                    acc = acc + term;
+                }
+            }
+            if (F64) ((double *)y)[t * ldy + i] = dacc;
+            else ((float *)y)[t * ldy + i] = acc;
+        }
+}
+
+#define SCALAR_FN(name, T, F64)                                                                        \
+    static void name(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok, void *y, int64_t ldy, \
+                     int nrows) {                                                                      \
+        kq_scalar(w, nb, x, ntok, y, ldy, nrows, T, F64);                                              \
+    }
+SCALAR_FN(q41_scalar, TPK_T_Q41, 0)
+SCALAR_FN(q41_scalar_f64, TPK_T_Q41, 1)
+SCALAR_FN(q50_scalar, TPK_T_Q50, 0)
+SCALAR_FN(q50_scalar_f64, TPK_T_Q50, 1)
+SCALAR_FN(q4k_scalar, TPK_T_Q4K, 0)
+SCALAR_FN(q4k_scalar_f64, TPK_T_Q4K, 1)
+SCALAR_FN(q5k_scalar, TPK_T_Q5K, 0)
+SCALAR_FN(q5k_scalar_f64, TPK_T_Q5K, 1)
+SCALAR_FN(q6k_scalar, TPK_T_Q6K, 0)
+SCALAR_FN(q6k_scalar_f64, TPK_T_Q6K, 1)
+
+tpk_group_fn tpk_kq_scalar(int type, int f64) {
+    switch (type) {
+    case TPK_T_Q41: return f64 ? q41_scalar_f64 : q41_scalar;
+    case TPK_T_Q50: return f64 ? q50_scalar_f64 : q50_scalar;
+    case TPK_T_Q4K: return f64 ? q4k_scalar_f64 : q4k_scalar;
+    case TPK_T_Q5K: return f64 ? q5k_scalar_f64 : q5k_scalar;
+    case TPK_T_Q6K: return f64 ? q6k_scalar_f64 : q6k_scalar;
+    default: return NULL;
+    }
+}
