@@ -16,13 +16,12 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from . import _kernels as K
+from .wtypes import weight_type
 
 QK = K.QK
-WEIGHT_TYPES = ("q40", "q80", "f32")
-BYTES_PER_WEIGHT = {"q40": K.Q40_BYTES / QK, "q80": K.Q80_BYTES / QK, "f32": 4.0}
 
 _QUANTIZE = {"q40": K.quantize_q40, "q80": K.quantize_q80}
-_BLOCK_BYTES = {"q40": K.Q40_BYTES, "q80": K.Q80_BYTES}
+_BLOCK_BYTES = {name: weight_type(name).block_bytes for name in ("q40", "q80")}
 _DEQUANTIZE = {"q40": K.dequantize_q40, "q80": K.dequantize_q80}
 
 
@@ -89,8 +88,8 @@ class Activation:
 
 
 def runtime_type(wtype: str, cols: int) -> str:
-    """The type a matrix of input width `cols` gets: blocks need whole groups of 32."""
-    return wtype if cols % QK == 0 else "f32"
+    """The type a matrix of input width `cols` gets: blocks need whole units of 32."""
+    return wtype if cols % weight_type(wtype).unit == 0 else "f32"
 
 
 class Matrix:
@@ -157,6 +156,18 @@ class Matrix:
         w = np.ascontiguousarray(w, dtype=np.float32)
         data = w if wtype == "f32" else _QUANTIZE[wtype](w)
         return cls(wtype, rows, cols, data, threads)
+
+    @classmethod
+    def from_ggml(cls, wtype: str, blocks: np.ndarray, first_col: int, n_cols: int, threads: int = 1) -> "Matrix":
+        """A `wtype` matrix of the n_cols columns from first_col (multiples of 32) of GGML blocks
+        uint8 (rows, nblocks*block_bytes) of that type, values unchanged (q40/q80 here)."""
+        if wtype not in _BLOCK_BYTES:
+            raise ValueError(f"no packed kernels for {wtype} blocks")
+        if first_col % QK or n_cols % QK:
+            raise ValueError(f"columns {first_col}..{first_col + n_cols} do not start and end on blocks of {QK}")
+        bb = _BLOCK_BYTES[wtype]
+        data = np.ascontiguousarray(blocks[:, first_col // QK * bb:(first_col + n_cols) // QK * bb])
+        return cls(wtype, blocks.shape[0], n_cols, data, threads)
 
 
 def matmul_all(mats: Sequence[Matrix], a: Activation) -> List[np.ndarray]:
