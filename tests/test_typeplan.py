@@ -84,7 +84,7 @@ def test_float_files_default_to_q80_and_say_so(ggml):
 def test_forcing_a_coarser_type_says_it_lowers_precision():
     assert choose_types(FakeFile(SMOLLM2, "Q4_1", "Q8_0"), "q40").lowered() == (
         "--weight-type q40 lowers precision: the file stores wq/wk/wv/wo/w1/w3/w2/output as Q4_1/Q8_0; "
-        "the default (auto) keeps them")
+        "the default (auto) never goes below them")
     assert choose_types(FakeFile(SMOLLM2, "Q4_1", "Q8_0"), "q80").lowered() is None   # q80 is finer than Q4_1
     assert choose_types(FakeFile(SMOLLM2, "Q4_0"), "q40").lowered() is None           # the file's own type
     assert "as F16" in choose_types(FakeFile(SMOLLM2, "F16"), "q80").lowered()
@@ -145,3 +145,19 @@ def test_docs_show_the_type_table_of_this_tree():
     from pathlib import Path
     from tpllama.typeplan import type_table
     assert type_table() in (Path(__file__).resolve().parents[1] / "docs" / "formats.md").read_text()
+
+
+def test_the_type_table_agrees_with_gguf_and_the_kernels():
+    """wtypes is written by hand in pure Python: its block facts are gguf-py's, and its runtime
+    bytes are what the C side packs, for every type it calls native."""
+    gguf = pytest.importorskip("gguf")
+    K = pytest.importorskip("tpllama._kernels")
+    for t in wtypes.TYPES.values():
+        block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t.ggml]]
+        assert (t.block, t.block_bytes) == (block, nbytes), t.name
+    assert K.QK == 32 and K.ROWS == wtypes.ROWS_PER_GROUP
+    for t in wtypes.TYPES.values():
+        if t.native and t.quantized:
+            for rows, cols in ((1, 32), (17, 256), (576, 1536)):
+                assert wtypes.runtime_bytes(t.name, rows, cols) == K.packed_bytes(t.name, rows, cols // 32), t.name
+    assert set(wtypes.RUNTIME_TYPES) >= {"f32", "q40", "q80"}

@@ -131,7 +131,7 @@ class TypePlan:
         files = sorted({f for _, f in hit})
         kinds = "/".join(dict.fromkeys(k for k, _ in hit))
         return (f"--weight-type {self.requested} lowers precision: the file stores {kinds} as "
-                f"{'/'.join(files)}; the default (auto) keeps them")
+                f"{'/'.join(files)}; the default (auto) never goes below them")
 
 
 def check_requested(requested: str):
