@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--pp", type=int, default=64)
     p.add_argument("--tg", type=int, default=64)
-    p.add_argument("--weight-type", default="q40")
+    p.add_argument("--weight-type", default="auto", help="as tpllama.generate's (default auto: the file's own types)")
     p.add_argument("--sync-type", default="f64")
     p.add_argument("--oversubscribe", action="store_true", help="allow ranks x threads above the core count")
     p.add_argument("--netem", action="store_true", help="each rank on its own namespace host behind a shaped link")

@@ -53,6 +53,33 @@ def test_stories_greedy_text_identical_at_1_2_4_ranks(stories_bin):
     assert texts[2] == texts[1] and texts[4] == texts[1]
 
 
+@pytest.mark.parametrize("name", ["stories260K.gguf", "stories260K.bin"])
+def test_stories_default_weight_type_text_identical_at_1_2_3_4_ranks(name):
+    """Whether a matrix is quantized is decided on the whole matrix: wo (head size 8) and w2
+    (FFN width 172) are f32 at every rank count, so 3 and 4 ranks say what 1 and 2 say."""
+    from conftest import shared_model
+    path = shared_model("stories260K", name)
+    texts = {k: run_script(k, "greedy.py", path, "auto", 40, "Once upon a time")["text"] for k in (1, 2, 3, 4)}
+    assert len(texts[1]) > 40
+    for k in (2, 3, 4):
+        assert texts[k] == texts[1], f"{name} at {k} ranks: {texts[k]!r} vs 1 rank: {texts[1]!r}"
+
+
+def test_head_size_48_q40_logits_equal_at_1_2_3_ranks(tiny_hf, tmp_path):
+    """head size 48: at 3 ranks a rank's wo slice is 48 columns; wo is f32 at every rank count."""
+    spec, directory, _ = tiny_hf("head48")
+    prompt = tmp_path / "prompt.json"
+    prompt.write_text(json.dumps(rule_prompt(spec, 16)))
+    outs = {}
+    for k in (1, 2, 3):
+        run_script(k, "logits.py", directory, "q40", prompt, tmp_path / f"{k}.npy")
+        outs[k] = np.load(tmp_path / f"{k}.npy")
+    scale = np.abs(outs[1]).max()
+    for k in (2, 3):
+        err = np.abs(outs[k] - outs[1]).max() / scale
+        assert err <= 1e-5, f"{k} ranks: q40 logits differ from 1 rank by {err:.2e} (relative)"
+
+
 def test_smollm2_greedy_text_identical_at_1_2_3_4_ranks(smollm2):
     prompt = "The three most important inventions of the last century are"
     results = {k: run_script(k, "greedy.py", smollm2, "q40", 24, prompt, timeout=300) for k in (1, 2, 3, 4)}

@@ -55,6 +55,8 @@ SPECS = {
                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
     "bf16-sharded": TinySpec("bf16-sharded", dtype="bfloat16", max_shard_size="100KB"),
     "f16": TinySpec("f16", dtype="float16", tied=True),
+    # head size 48: a rank's wo columns (whole heads) are not always whole blocks of 32
+    "head48": TinySpec("head48", hidden=192, heads=4, kv_heads=2),
 }
 
 

@@ -17,8 +17,8 @@ for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 from .errors import TpllamaError  # noqa: E402
+from .wtypes import WEIGHT_TYPE_CHOICES  # noqa: E402
 
-WEIGHT_TYPES = ("q40", "q80", "f32")
 SYNC_TYPES = ("f64", "f32", "bf16", "q80")
 
 
@@ -57,9 +57,11 @@ def add_model_args(p: argparse.ArgumentParser):
                    help="tokenizer file (tokenizer.model, tokenizer.json, llama2.c tokenizer.bin) when the model has none")
     g.add_argument("-c", "--ctx-size", "--max-seq-len", dest="ctx_size", type=int, default=0,
                    help="context length, i.e. KV cache positions (default: the model's, capped to fit memory)")
-    g.add_argument("--weight-type", choices=WEIGHT_TYPES, default="q40",
-                   help="runtime type of weight matrices (default q40; matrices whose input width is not a "
-                        "multiple of 32 stay f32)")
+    g.add_argument("--weight-type", choices=WEIGHT_TYPE_CHOICES, default="auto",
+                   help="runtime type of weight matrices. auto (default): each matrix in its file's own type "
+                        "where tpllama has kernels for it, else q80 (float files: q80, the load summary says so); "
+                        "q40, q80, f32 force one type (forcing a coarser one than the file's is reported). "
+                        "Matrices whose slices cannot be whole blocks of 32 run in f32 at every rank count")
     g.add_argument("-t", "--threads", type=int, default=0,
                    help="kernel threads per rank (default: this host's cores divided by its ranks)")
     p_ = p.add_argument_group("cluster")

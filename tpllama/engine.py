@@ -23,6 +23,7 @@ from .plan import (PREFILL_CHUNK, format_memory_table, host_shortfalls, make_pla
                    parse_rank_weights, rank_memory)
 from .sampler import Sampler, SamplingParams, local_candidates
 from .stats import RunStats, StepStats, peak_rss_bytes, resident_anon_bytes
+from .typeplan import choose_types
 
 NEED_FULL_LOGITS = -2
 CANCELLED = -3          # rank 0 ends the generation (e.g. its client went away)
@@ -30,7 +31,7 @@ CANCELLED = -3          # rank 0 ends the generation (e.g. its client went away)
 
 @dataclass
 class LoadOptions:
-    weight_type: str = "q40"          # q40 | q80 | f32 runtime matrices
+    weight_type: str = "auto"         # auto (each matrix in its file's type where native, else finer) | q40 | q80 | f32
     ctx_size: int = 0                 # KV cache positions; 0: the model's context, capped to fit memory
     threads: int = 0                  # kernel threads per rank; 0: this host's cores / its ranks
     rank_weights: Optional[Union[str, Sequence[float]]] = None   # e.g. "2,1,1": shares of the work
@@ -68,16 +69,19 @@ class Model:
             self.tokenizer = par.together(lambda: load_tokenizer(reader, opts.tokenizer))
         self.plan = par.together(lambda: make_plan(c, par.size, _rank_weights(opts.rank_weights, par.size)))
         self.shard = self.plan[par.rank]
+        self.types = par.together(lambda: self._choose_types(opts.weight_type))
         _log(par, opts.verbose, f"tpllama: {os.path.basename(path)} ({reader.format_name}, {c.n_layers} layers, dim {c.dim}, "
                                 f"{c.n_heads}/{c.n_kv_heads} heads, vocab {c.vocab_size}) on {par.size} rank(s), "
                                 f"{opts.weight_type} weights")
+        if self.types.lowered():
+            _log(par, True, "tpllama: " + self.types.lowered())
         self.ctx = par.together(self._choose_context)
         self.threads = self._choose_threads()
         progress = None
         if opts.verbose and sys.stderr.isatty():   # redraw one line on a terminal; logs get one line at the end
             progress = lambda i, n: _log(par, True, f"\rtpllama: loading weights {i}/{n}", end="")
         resident_before, t_load = resident_anon_bytes(), time.perf_counter()
-        weights = par.together(lambda: load_rank_weights(reader, self.shard, opts.weight_type, self.threads, progress))
+        weights = par.together(lambda: load_rank_weights(reader, self.shard, self.types, self.threads, progress))
         # what loading cost this rank: the weights it holds, and the resident memory that grew
         self.load_report = {"weight_bytes": weights.nbytes, "resident_growth": resident_anon_bytes() - resident_before}
         _log(par, opts.verbose, ("\n" if progress else "") + f"tpllama: rank 0 loaded {weights.nbytes / 2**20:,.1f} MiB of weights "
@@ -100,7 +104,7 @@ class Model:
         model's context capped to what fits, saying so."""
         opts, par, c = self.options, self.par, self.config
         hosts, available = self._host_facts()
-        wtype = opts.weight_type
+        wtype = self.types
         if opts.ctx_size and opts.ctx_size > 0:
             ctx = opts.ctx_size
         else:
@@ -111,7 +115,7 @@ class Model:
                                 "in memory (set it with -c)")
         mem = rank_memory(self.plan, wtype, ctx, hosts, available)
         if opts.verbose:
-            _log(par, True, format_memory_table(mem, ctx))
+            _log(par, True, format_memory_table(mem, ctx, self.types))
         short = host_shortfalls(mem)
         if short:
             host, ranks, missing = short[0]
@@ -120,6 +124,10 @@ class Model:
                 f"{missing / 2**20:,.0f} MiB more than the host has available at context {ctx}; "
                 f"lower -c, spread over more ranks or hosts, or shift work with --rank-weights")
         return ctx
+
+    def _choose_types(self, weight_type: str):
+        self.reader.check_tensors()      # a vocab-only GGUF fails here, naming its first missing tensor
+        return choose_types(self.reader, weight_type)
 
     def _choose_threads(self) -> int:
         if self.options.threads and self.options.threads > 0:

@@ -1,22 +1,24 @@
-"""Reads one rank's shard of the weights from the model file and converts it to runtime types.
+"""Reads one rank's shard of the weights from the model file in the runtime types a TypePlan chose.
 
 Only the rows/columns the plan gives this rank are read (memory-mapped, slice by slice),
 converted a few rows at a time, so a rank never holds a whole tensor it does not own.
-Source blocks that already are a runtime format (Q4_0 -> q40, Q8_0 -> q80) are copied
-as they are; everything else is dequantized and re-quantized with GGML's quantizers.
+A matrix that runs in its file's own type gets the file's blocks as they are (Matrix.from_ggml:
+nothing dequantized or re-quantized); any other is dequantized and quantized with GGML's
+quantizers, or kept as float32.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Union
 
 import numpy as np
 
 from .config import ModelConfig
-from .errors import TpllamaError
 from .formats import ModelReader, layer_names
-from .matrix import QK, WEIGHT_TYPES, Matrix, runtime_type, _QUANTIZE
+from .matrix import Matrix, _QUANTIZE
 from .plan import RankSlice
+from .typeplan import TypePlan, choose_types, output_tensor_name
+from .wtypes import BY_GGML, weight_type
 
 CONVERT_ROWS = 256  # rows dequantized at a time while converting (bounds the transient memory)
 
@@ -76,8 +78,8 @@ def _rows_of(r: range, per_unit: int) -> slice:
 
 
 def load_matrix(reader: ModelReader, name: str, rows: slice, cols: slice, wtype: str, threads: int = 1) -> Matrix:
-    """Read W[rows, cols] of tensor `name`, convert it to runtime type `wtype`, and let go of the
-    file's pages it touched."""
+    """Read W[rows, cols] of tensor `name` as runtime type `wtype`, and let go of the file's
+    pages it touched."""
     try:
         return _convert(reader, name, rows, cols, wtype, threads)
     finally:
@@ -86,53 +88,62 @@ def load_matrix(reader: ModelReader, name: str, rows: slice, cols: slice, wtype:
 
 def _convert(reader: ModelReader, name: str, rows: slice, cols: slice, wtype: str, threads: int) -> Matrix:
     n_rows = len(range(*rows.indices(reader.shape(name)[0])))
-    n_cols = len(range(*cols.indices(reader.shape(name)[1])))
-    wtype = runtime_type(wtype, n_cols)
-    if wtype != "f32":
-        passed = reader.read_blocks(name, rows, cols)
-        if passed is not None and passed[0] == wtype:
-            return Matrix(wtype, n_rows, n_cols, passed[1], threads)
-    row0 = rows.indices(reader.shape(name)[0])[0]
+    c0, c1, _ = cols.indices(reader.shape(name)[1])
+    n_cols = c1 - c0
     if wtype == "f32":
-        data = reader.read(name, rows, cols)
-    else:
-        block_bytes = {"q40": 18, "q80": 34}[wtype]
-        data = np.empty((n_rows, n_cols // QK * block_bytes), dtype=np.uint8)
-        for r in range(0, n_rows, CONVERT_ROWS):
-            chunk = slice(row0 + r, row0 + min(r + CONVERT_ROWS, n_rows))
-            data[r:r + CONVERT_ROWS] = _QUANTIZE[wtype](reader.read(name, chunk, cols))
-    return Matrix(wtype, n_rows, n_cols, data, threads)
+        return Matrix("f32", n_rows, n_cols, reader.read(name, rows, cols), threads)
+    unit = weight_type(wtype).unit
+    if n_cols % unit:
+        raise ValueError(f"{name}: {n_cols} columns are not whole {wtype} units of {unit}")
+    own = BY_GGML.get(reader.dtype(name))
+    if own is not None and own.name == wtype and c0 % unit == 0:
+        blocks, first_col = reader.read_blocks(name, rows, cols)     # the file's values, untouched
+        return Matrix.from_ggml(wtype, blocks, first_col, n_cols, threads)
+    return Matrix.from_ggml(wtype, _quantized(reader, name, rows, cols, wtype, n_rows), 0, n_cols, threads)
 
 
-def load_rank_weights(reader: ModelReader, shard: RankSlice, wtype: str = "q40", threads: int = 1,
+def _quantized(reader: ModelReader, name: str, rows: slice, cols: slice, wtype: str, n_rows: int) -> np.ndarray:
+    """GGML `wtype` blocks of W[rows, cols], converted CONVERT_ROWS rows at a time."""
+    row0 = rows.indices(reader.shape(name)[0])[0]
+    t = weight_type(wtype)
+    n_cols = len(range(*cols.indices(reader.shape(name)[1])))
+    data = np.empty((n_rows, n_cols // t.block * t.block_bytes), dtype=np.uint8)
+    for r in range(0, n_rows, CONVERT_ROWS):
+        chunk = slice(row0 + r, row0 + min(r + CONVERT_ROWS, n_rows))
+        data[r:r + CONVERT_ROWS] = _QUANTIZE[wtype](reader.read(name, chunk, cols))
+    return data
+
+
+def load_rank_weights(reader: ModelReader, shard: RankSlice, types: Union[TypePlan, str] = "auto", threads: int = 1,
                       progress: Optional[Callable[[int, int], None]] = None) -> RankWeights:
-    """This rank's weights: its heads, kv heads, FFN units and vocab rows of every layer."""
-    if wtype not in WEIGHT_TYPES:
-        raise TpllamaError(f"--weight-type {wtype!r}: expected one of {', '.join(WEIGHT_TYPES)}")
+    """This rank's weights: its heads, kv heads, FFN units and vocab rows of every layer, each
+    matrix in the runtime type `types` chose for the whole matrix (a --weight-type name: chosen here)."""
     reader.check_tensors()    # readers check at open; a vocab-only GGUF is only caught here
+    if isinstance(types, str):
+        types = choose_types(reader, types)
     c = reader.config
     hd = c.head_dim
     q_rows, kv_rows = _rows_of(shard.heads, hd), _rows_of(shard.kv_heads, hd)
     ffn = slice(shard.ffn.start, shard.ffn.stop)
     every = slice(None)
+    load = lambda name, rows, cols: load_matrix(reader, name, rows, cols, types.runtime(name), threads)
     layers = []
     for i in range(c.n_layers):
         n = layer_names(i)
         layers.append(LayerWeights(
             attn_norm=reader.read(n["attn_norm"]),
-            wq=load_matrix(reader, n["wq"], q_rows, every, wtype, threads),
-            wk=load_matrix(reader, n["wk"], kv_rows, every, wtype, threads),
-            wv=load_matrix(reader, n["wv"], kv_rows, every, wtype, threads),
-            wo=load_matrix(reader, n["wo"], every, q_rows, wtype, threads),
+            wq=load(n["wq"], q_rows, every),
+            wk=load(n["wk"], kv_rows, every),
+            wv=load(n["wv"], kv_rows, every),
+            wo=load(n["wo"], every, q_rows),
             ffn_norm=reader.read(n["ffn_norm"]),
-            w1=load_matrix(reader, n["w1"], ffn, every, wtype, threads),
-            w3=load_matrix(reader, n["w3"], ffn, every, wtype, threads),
-            w2=load_matrix(reader, n["w2"], every, ffn, wtype, threads),
+            w1=load(n["w1"], ffn, every),
+            w3=load(n["w3"], ffn, every),
+            w2=load(n["w2"], every, ffn),
         ))
         if progress:
             progress(i + 1, c.n_layers + 1)
-    output_name = "token_embd.weight" if c.tie_embeddings or not reader.has("output.weight") else "output.weight"
-    output = load_matrix(reader, output_name, slice(shard.vocab.start, shard.vocab.stop), every, wtype, threads)
+    output = load(output_tensor_name(reader), slice(shard.vocab.start, shard.vocab.stop), every)
     if progress:
         progress(c.n_layers + 1, c.n_layers + 1)
     return RankWeights(config=c, shard=shard, embedding=Embedding(reader), layers=layers,

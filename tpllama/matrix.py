@@ -21,6 +21,7 @@ import numpy as np
 
 from . import _kernels as K
 from . import wtypes
+from .wtypes import weight_type
 
 QK = K.QK
 WEIGHT_TYPES = ("q40", "q80", "f32")     # the types a float matrix can be quantized to (from_float)
@@ -94,8 +95,8 @@ class Activation:
 
 
 def runtime_type(wtype: str, cols: int) -> str:
-    """The type a matrix of input width `cols` gets: blocks need whole groups of 32."""
-    return wtype if cols % QK == 0 else "f32"
+    """The type a matrix of input width `cols` gets: blocks need whole units of 32."""
+    return wtype if cols % weight_type(wtype).unit == 0 else "f32"
 
 
 class Matrix:

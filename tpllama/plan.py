@@ -17,12 +17,12 @@ read it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 from .config import ModelConfig
 from .errors import TpllamaError
-
-QK = 32  # FFN slices are made of whole q40 blocks when the FFN width allows
+from .typeplan import TypePlan, choose_types, ffn_unit, uniform_types
+from .wtypes import WEIGHT_TYPE_CHOICES, runtime_bytes, weight_type
 
 
 @dataclass(frozen=True)
@@ -115,10 +115,11 @@ def make_plan(config: ModelConfig, world_size: int, weights: Optional[Sequence[f
 
 
 def _balanced_ffn(config: ModelConfig, weights, heads, kv_heads) -> List[range]:
-    """FFN ranges (whole blocks of 32 when the width allows) that bring each rank's layer
-    weights (its q/k/v/o rows and columns plus w1/w2/w3) closest to its share."""
+    """FFN ranges (whole units of 32 when the width allows, so a quantized w2 is cut between
+    blocks) that bring each rank's layer weights (its q/k/v/o rows and columns plus w1/w2/w3)
+    closest to its share."""
     d, hd = config.dim, config.head_dim
-    unit = QK if config.hidden_dim % QK == 0 else 1
+    unit = ffn_unit(config)
     attention = [2 * len(h) * hd * d + 2 * len(kv) * hd * d for h, kv in zip(heads, kv_heads)]
     ffn_per_unit = 3 * d * unit
     layer_total = sum(attention) + ffn_per_unit * (config.hidden_dim // unit)
@@ -129,28 +130,35 @@ def _balanced_ffn(config: ModelConfig, weights, heads, kv_heads) -> List[range]:
 
 # ---------------------------------------------------------------- memory per rank
 
-BYTES_PER_WEIGHT = {"q40": 18 / 32, "q80": 34 / 32, "f32": 4.0}
 RUNTIME_OVERHEAD = 160 * 2**20   # Python, numpy, MPI and the mapped tokenizer, measured roughly
 PREFILL_CHUNK = 128              # prompt tokens per forward pass
-PACKED_ROWS = 16                 # rows interleaved in the kernels' runtime layout (tpk.h TPK_ROWS)
+
+Types = Union[TypePlan, str]     # a model's TypePlan, or one runtime type for every matrix
 
 
 def matrix_bytes(rows: int, cols: int, wtype: str) -> int:
-    """Bytes of a (rows, cols) runtime matrix; input widths that are not whole blocks stay f32.
-    Block matrices are stored 16 rows interleaved, the last group padded (kernels/tpk.h)."""
-    t = wtype if cols % QK == 0 else "f32"
-    if t != "f32":
-        rows = -(-rows // PACKED_ROWS) * PACKED_ROWS
-    return int(rows * cols * BYTES_PER_WEIGHT[t])
+    """Bytes of a (rows, cols) runtime matrix (wtypes.runtime_bytes: packed quantized types are
+    stored 16 rows interleaved, kernels/tpk.h); input widths that are not whole units stay f32."""
+    t = wtype if cols % weight_type(wtype).unit == 0 else "f32"
+    return runtime_bytes(t, rows, cols)
 
 
-def weight_bytes(config: ModelConfig, shard: RankSlice, wtype: str) -> int:
-    """Bytes of weights a rank holds (the token embedding stays in the file, read by rows)."""
+def _type_plan(config: ModelConfig, types: Types) -> TypePlan:
+    return uniform_types(config, types) if isinstance(types, str) else types
+
+
+def weight_bytes(config: ModelConfig, shard: RankSlice, types: Types) -> int:
+    """Bytes of weights a rank holds, each matrix in its runtime type (the token embedding
+    stays in the file, read by rows)."""
+    tp = _type_plan(config, types)
     d, hd = config.dim, config.head_dim
     q, kv, f = len(shard.heads) * hd, len(shard.kv_heads) * hd, len(shard.ffn)
-    layer = (matrix_bytes(q, d, wtype) + 2 * matrix_bytes(kv, d, wtype) + matrix_bytes(d, q, wtype)
-             + 2 * matrix_bytes(f, d, wtype) + matrix_bytes(d, f, wtype) + 2 * 4 * d)
-    return config.n_layers * layer + matrix_bytes(len(shard.vocab), d, wtype) + 4 * d
+    shapes = {"wq": (q, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, q), "w1": (f, d), "w3": (f, d), "w2": (d, f),
+              "output": (len(shard.vocab), d)}
+    total = config.n_layers * 2 * 4 * d + 4 * d        # the norms, float32
+    for name, kind in tp.kinds.items():
+        total += matrix_bytes(*shapes[kind], tp.runtime(name))
+    return total
 
 
 def kv_bytes_per_token(config: ModelConfig, shard: RankSlice) -> int:
@@ -181,9 +189,9 @@ class RankMemory:
         return self.weights + self.kv_cache + self.buffers + self.overhead
 
 
-def rank_memory(plan: ShardPlan, wtype: str, ctx: int, hosts: Sequence[str], available: Sequence[int]) -> List[RankMemory]:
+def rank_memory(plan: ShardPlan, types: Types, ctx: int, hosts: Sequence[str], available: Sequence[int]) -> List[RankMemory]:
     c = plan.config
-    return [RankMemory(rank=s.rank, host=hosts[s.rank], weights=weight_bytes(c, s, wtype),
+    return [RankMemory(rank=s.rank, host=hosts[s.rank], weights=weight_bytes(c, s, types),
                        kv_cache=ctx * kv_bytes_per_token(c, s), buffers=buffer_bytes(c, s, ctx),
                        overhead=RUNTIME_OVERHEAD, host_available=available[s.rank])
             for s in plan.ranks]
@@ -200,7 +208,7 @@ def host_shortfalls(mem: Sequence[RankMemory]) -> List[Tuple[str, List[int], int
     return out
 
 
-def max_context(plan: ShardPlan, wtype: str, hosts: Sequence[str], available: Sequence[int],
+def max_context(plan: ShardPlan, types: Types, hosts: Sequence[str], available: Sequence[int],
                 fraction: float = 0.9) -> int:
     """The longest context (a multiple of 256, at most the model's) whose KV caches fit every host."""
     c = plan.config
@@ -208,15 +216,17 @@ def max_context(plan: ShardPlan, wtype: str, hosts: Sequence[str], available: Se
     for host in dict.fromkeys(hosts):
         ranks = [s for s in plan.ranks if hosts[s.rank] == host]
         budget = fraction * available[ranks[0].rank] - sum(
-            weight_bytes(c, s, wtype) + RUNTIME_OVERHEAD + buffer_bytes(c, s, 0) for s in ranks)
+            weight_bytes(c, s, types) + RUNTIME_OVERHEAD + buffer_bytes(c, s, 0) for s in ranks)
         per_token = sum(kv_bytes_per_token(c, s) + 4 * 2 * c.kv_group * PREFILL_CHUNK for s in ranks)
         best = min(best, int(budget // per_token) if budget > 0 else 0)
     return best if best >= c.max_seq_len else (best // 256) * 256
 
 
-def format_memory_table(mem: Sequence[RankMemory], ctx: int) -> str:
+def format_memory_table(mem: Sequence[RankMemory], ctx: int, types: Optional[TypePlan] = None) -> str:
+    """The per-rank memory table; with `types`, a first line says the runtime type of each kind of matrix."""
     mib = lambda b: f"{b / 2**20:,.0f}"
-    lines = [f"memory plan at context {ctx} (MiB):",
+    lines = [types.summary()] if types is not None else []
+    lines += [f"memory plan at context {ctx} (MiB):",
              f"{'rank':>4} {'host':<16} {'weights':>9} {'kv cache':>9} {'buffers':>8} {'runtime':>8} {'total':>9} {'host free':>10}"]
     for m in mem:
         lines.append(f"{m.rank:>4} {m.host[:16]:<16} {mib(m.weights):>9} {mib(m.kv_cache):>9} {mib(m.buffers):>8} "
@@ -253,7 +263,9 @@ def main(argv=None) -> int:
     p.add_argument("-m", "--model", required=True, help="GGUF file, Hugging Face directory or llama2.c .bin")
     p.add_argument("-n", "--ranks", type=int, default=1, help="number of ranks (default 1)")
     p.add_argument("-c", "--ctx-size", type=int, default=0, help="context length (default: the model's, capped to fit)")
-    p.add_argument("--weight-type", choices=tuple(BYTES_PER_WEIGHT), default="q40")
+    p.add_argument("--weight-type", choices=WEIGHT_TYPE_CHOICES, default="auto",
+                   help="runtime type of the weight matrices (default auto: each in its file's own type where "
+                        "tpllama has kernels for it, else a finer one)")
     p.add_argument("--rank-weights", default=None, help="relative speeds, e.g. 2,1,1")
     p.add_argument("--host-memory", default=None,
                    help="memory available on each rank's host, e.g. 8G or 8G,4G,4G,4G (default: this machine's available memory)")
@@ -269,7 +281,8 @@ def main(argv=None) -> int:
     else:
         sizes = [int(psutil.virtual_memory().available)] * args.ranks
     hosts = [f"host{r}" for r in range(args.ranks)]
-    ctx = args.ctx_size or min(reader.config.max_seq_len, max_context(plan, args.weight_type, hosts, sizes))
+    types = choose_types(reader, args.weight_type)
+    ctx = args.ctx_size or min(reader.config.max_seq_len, max_context(plan, types, hosts, sizes))
     c = reader.config
     print(f"{args.model}: {c.n_layers} layers, dim {c.dim}, FFN {c.hidden_dim}, {c.n_heads} heads / {c.n_kv_heads} kv heads, "
           f"vocab {c.vocab_size}, context {c.max_seq_len}")
@@ -277,8 +290,10 @@ def main(argv=None) -> int:
     for s, w in zip(plan.ranks, plan.weights):
         print(f"{s.rank:>4} {w:>6g} {s.heads.start:>4}-{s.heads.stop - 1:<4} {s.kv_heads.start:>4}-{s.kv_heads.stop - 1:<4} "
               f"{s.ffn.start:>5}-{s.ffn.stop - 1:<5} {s.vocab.start:>6}-{s.vocab.stop - 1:<6}")
-    mem = rank_memory(plan, args.weight_type, ctx, hosts, sizes)
-    print(format_memory_table(mem, ctx))
+    mem = rank_memory(plan, types, ctx, hosts, sizes)
+    if types.lowered():
+        print(types.lowered())
+    print(format_memory_table(mem, ctx, types))
     per_token = 2 * c.n_layers * c.dim * 4
     print(f"traffic per token and rank (f32 sync): {per_token / 1024:.1f} kB of all-reduce payload "
           f"(2 x {c.n_layers} layers x {c.dim} x 4 bytes) + a few bytes of token and candidates")

@@ -1,8 +1,8 @@
 """What every model reader shares: tensors as memory-mapped rows of raw bytes, read slice by slice.
 
 A reader (GGUF, HF safetensors, llama2.c) only builds a table name -> RawTensor over its
-memory map. Everything else, slicing, dequantizing and the pass-through of blocks that the
-runtime can use as they are, lives here, so every format behaves the same.
+memory map. Everything else, slicing, dequantizing and handing out the file's own blocks
+(for matrices that run in the file's type), lives here, so every format behaves the same.
 
 Tensor names are GGUF's (token_embd.weight, blk.{i}.attn_q.weight, ...), shapes are
 (rows, cols) = (out_features, in_features), and attn_q/attn_k rows are in the interleaved
@@ -55,17 +55,16 @@ for _q in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K
 
 # The runtime's own block types dequantize in C: the embedding rows each token reads
 # (gathered from the mapped file) and the conversion of Q4_0/Q8_0 slices.
+# Imported on first use, so the readers (and the plan command) work in an unbuilt tree.
 def _kernel_dequant(fn_name: str) -> Callable[[np.ndarray], np.ndarray]:
-    from .. import _kernels
-    fn = getattr(_kernels, fn_name)
-    return lambda raw: fn(np.ascontiguousarray(raw).reshape(raw.shape[0] if raw.ndim == 2 else 1, -1))
+    def dequantize(raw: np.ndarray) -> np.ndarray:
+        from .. import _kernels
+        return getattr(_kernels, fn_name)(np.ascontiguousarray(raw).reshape(raw.shape[0] if raw.ndim == 2 else 1, -1))
+    return dequantize
 
 
 DTYPES["Q4_0"] = DType("Q4_0", 32, 18, _kernel_dequant("dequantize_q40"))
 DTYPES["Q8_0"] = DType("Q8_0", 32, 34, _kernel_dequant("dequantize_q80"))
-
-# Source types whose blocks are already a runtime format: passed through without re-quantizing.
-PASS_THROUGH = {"Q4_0": "q40", "Q8_0": "q80"}
 
 Rows = Union[slice, Sequence[int], np.ndarray]
 
@@ -182,17 +181,15 @@ class ModelReader:
         return np.ascontiguousarray(out[:, first:first + (c1 - c0)], dtype=np.float32)
 
     def read_blocks(self, name: str, rows: Rows = slice(None), cols: slice = slice(None)):
-        """(runtime_type, uint8 blocks) when the source blocks can be used as they are, else None."""
+        """(uint8 blocks, first_col): the file's own blocks (rows, nblocks*block_bytes) that cover
+        the columns, and where the first wanted column sits inside them; nothing is converted."""
         t = self.tensor(name)
-        runtime = PASS_THROUGH.get(t.dtype.name)
-        if runtime is None or len(t.shape) != 2:
-            return None
+        if len(t.shape) != 2:
+            raise ValueError(f"{name} is not a matrix")
         c0, c1, b0, b1 = self._block_range(t, cols)
-        bs = t.dtype.block_size
-        if c0 % bs or c1 % bs:
-            return None
         bb = t.dtype.block_bytes
-        return runtime, np.ascontiguousarray(t.raw[self._row_index(t, rows)][:, b0 * bb:b1 * bb])
+        blocks = np.ascontiguousarray(t.raw[self._row_index(t, rows)][:, b0 * bb:b1 * bb])
+        return blocks, c0 - b0 * t.dtype.block_size
 
     def close(self):
         self.tensors = {}
