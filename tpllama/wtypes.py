@@ -52,9 +52,10 @@ TYPES: Dict[str, WeightType] = {t.name: t for t in (
 BY_GGML: Dict[str, WeightType] = {t.ggml: t for t in TYPES.values()}
 
 # What `--weight-type` accepts: "auto" (each tensor in its file's own type where tpllama runs it)
-# or one runtime type forced on every matrix.
+# or one type forced on every matrix: only the types tpllama can quantize any weights to.
 RUNTIME_TYPES = tuple(n for n, t in TYPES.items() if t.native)
-WEIGHT_TYPE_CHOICES = ("auto",) + RUNTIME_TYPES
+FORCED_TYPES = ("f32", "q40", "q80")
+WEIGHT_TYPE_CHOICES = ("auto",) + FORCED_TYPES
 
 ROWS_PER_GROUP = 16   # the kernels pack rows 16 at a time (the last group padded)
 
