@@ -1,0 +1,448 @@
+"""Seeded, bounded fuzzing of every file parser: mutated models and tokenizers load or fail cleanly.
+
+Seeds are the shared test models (stories260K GGUF and llama2.c checkpoint, tok512.bin, the
+vocab-test GGUFs, the Llama 2 / Llama 3 tokenizer.model files) and small Hugging Face directories
+written here. Each mutation (bit flips, byte overwrites in the header, truncation, integer header
+fields set to 0 / -1 / 2^31 / 2^32-1 / 2^63, NaN/Inf in weights) is loaded in a worker process
+(tests/fuzz_worker.py) with a capped address space and a time limit per case. Every case must
+end in success or one of the project's error classes with a one-line message: never another
+exception, never a crash, never a hang, never an allocation past the cap.
+
+CI runs TPLLAMA_FUZZ cases (default 240); set TPLLAMA_FUZZ=5000 for a deeper run (the big
+vocabularies are then fuzzed too, TPLLAMA_FUZZ_SEED picks another sequence).
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+import numpy as np
+import pytest
+
+from conftest import REPO, SHARED_MODELS
+
+CASES = int(os.environ.get("TPLLAMA_FUZZ", "240"))
+SEED = int(os.environ.get("TPLLAMA_FUZZ_SEED", "20261128"))
+DEEP = CASES > 1000
+CASE_SECONDS = 10.0            # a case over this is a hang (each takes well under a second)
+HEADROOM = 1 << 30             # address space a case may map beyond the worker's imports
+SPECIAL_INTS = (0, -1, 1 << 31, (1 << 32) - 1, 1 << 63, (1 << 64) - 1, 1 << 40)
+
+
+# ------------------------------------------------------------------------------- workers
+
+class Worker:
+    """A tests/fuzz_worker.py process: one request at a time, killed and restarted on a hang or crash."""
+
+    def __init__(self):
+        self.proc = None
+
+    def _start(self):
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env.pop("TPLLAMA_DEBUG", None)
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "fuzz_worker.py"), str(HEADROOM)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env, cwd=str(REPO))
+        ready = self._answer(120.0)
+        assert ready == {"ready": True}, f"fuzz worker did not start: {ready}"
+
+    def _answer(self, timeout: float):
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            return None
+        line = self.proc.stdout.readline()
+        return json.loads(line) if line else None
+
+    def submit(self, request: dict):
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        self.started = time.monotonic()
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+
+    def result(self, timeout: float) -> dict:
+        answer = self._answer(max(0.0, timeout - (time.monotonic() - self.started)))
+        elapsed = time.monotonic() - self.started
+        if answer is None:
+            if self.proc.poll() is None:
+                outcome = {"outcome": "hang", "detail": f"no answer in {timeout:.0f} s"}
+            else:
+                outcome = {"outcome": "crash", "detail": f"worker died with {self.proc.returncode}: "
+                                                         f"{self.proc.stderr.read()[-2000:]}"}
+            self.stop()
+            return outcome
+        answer["seconds"] = elapsed
+        return answer
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+def run_cases(cases: List["Case"], workers: int = 2, timeout: float = CASE_SECONDS) -> List[Tuple["Case", dict]]:
+    pool = [Worker() for _ in range(workers)]
+    results = []
+    try:
+        pending = list(cases)
+        busy = {}
+        while pending or busy:
+            for w in pool:
+                if w not in busy and pending:
+                    case = pending.pop(0)
+                    w.submit(case.request())
+                    busy[w] = case
+            waiting = [w.proc.stdout for w in busy]
+            select.select(waiting, [], [], 0.5)
+            for w in list(busy):
+                elapsed = time.monotonic() - w.started
+                ready, _, _ = select.select([w.proc.stdout], [], [], 0)
+                if ready or elapsed > timeout or w.proc.poll() is not None:
+                    results.append((busy.pop(w), w.result(timeout)))
+    finally:
+        for w in pool:
+            w.stop()
+    return results
+
+
+# ------------------------------------------------------------------------------- seeds
+
+@dataclass
+class Case:
+    name: str
+    kind: str                  # "model" | "tokenizer"
+    path: Path
+    tokenizer: Optional[Path] = None
+
+    def request(self) -> dict:
+        return {"kind": self.kind, "path": str(self.path),
+                "tokenizer": str(self.tokenizer) if self.tokenizer else None}
+
+
+_GGUF_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def gguf_fields(data: bytes, max_items: int = 8) -> Tuple[List[Tuple[int, int, str]], int]:
+    """(offset, size, label) of the integer fields of a GGUF header, from the spec: counts, lengths,
+    types, integer values, tensor dims and offsets (only the first max_items of each array);
+    and where the header ends."""
+    fields, pos = [], 0
+
+    def take(fmt, label):
+        nonlocal pos
+        size = struct.calcsize("<" + fmt)
+        value = struct.unpack_from("<" + fmt, data, pos)[0]
+        if fmt in "BbHhIiQq":
+            fields.append((pos, size, label))
+        pos += size
+        return value
+
+    def string(label):
+        nonlocal pos
+        n = take("Q", label + " length")
+        pos += n
+        return data[pos - n:pos].decode("utf-8", "replace")
+
+    def value(vtype, label, record=True):
+        nonlocal pos
+        if vtype == 8:
+            return string(label)
+        if vtype == 9:
+            itype, count = take("I", label + " item type"), take("Q", label + " count")
+            for i in range(count):
+                if i < max_items:
+                    value(itype, f"{label}[{i}]")
+                elif itype in _GGUF_SCALAR:
+                    pos += struct.calcsize("<" + _GGUF_SCALAR[itype]) * (count - i)
+                    break
+                else:
+                    value(itype, label, record=False) if itype != 8 else _skip_string()
+            return None
+        return take(_GGUF_SCALAR[vtype], label)
+
+    def _skip_string():
+        nonlocal pos
+        (n,) = struct.unpack_from("<Q", data, pos)
+        pos += 8 + n
+
+    pos = 4
+    take("I", "version")
+    n_tensors, n_kv = take("Q", "tensor count"), take("Q", "kv count")
+    for _ in range(n_kv):
+        key = string("key")
+        value(take("I", key + " type"), key)
+    for _ in range(n_tensors):
+        name = string("tensor name")
+        n_dims = take("I", name + " n_dims")
+        for d in range(n_dims):
+            take("Q", f"{name} ne[{d}]")
+        take("I", name + " type")
+        take("Q", name + " offset")
+    return fields, pos
+
+
+def llama2c_fields(data: bytes) -> List[Tuple[int, int, str]]:
+    names = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
+    return [(4 * i, 4, n) for i, n in enumerate(names)]
+
+
+def tokbin_fields(data: bytes, max_items: int = 40) -> List[Tuple[int, int, str]]:
+    fields, pos = [(0, 4, "max_token_length")], 4
+    for i in range(max_items):
+        if pos + 8 > len(data):
+            break
+        (n,) = struct.unpack_from("<i", data, pos + 4)
+        fields.append((pos + 4, 4, f"token {i} length"))
+        pos += 8 + n
+    return fields
+
+
+# ------------------------------------------------------------------------------- mutations
+
+def _put_int(data: bytearray, offset: int, size: int, value: int):
+    data[offset:offset + size] = (value % (1 << (8 * size))).to_bytes(size, "little")
+
+
+def mutate(data: bytes, fields, header_end: int, floats: Optional[Tuple[int, int]], rng) -> Tuple[bytes, str]:
+    """One random mutation of data; returns (mutated bytes, what was done)."""
+    out = bytearray(data)
+    choice = rng.integers(6)
+    if choice == 0 and fields:
+        offset, size, label = fields[rng.integers(len(fields))]
+        v = SPECIAL_INTS[rng.integers(len(SPECIAL_INTS))]
+        _put_int(out, offset, size, v)
+        return bytes(out), f"{label} = {v}"
+    if choice == 1:
+        n = int(rng.integers(1, 9))
+        spots = rng.integers(0, max(1, min(header_end, len(out))), n)
+        for p in spots:
+            out[p] ^= 1 << int(rng.integers(8))
+        return bytes(out), f"{n} bit flips in the header"
+    if choice == 2:
+        p = int(rng.integers(0, max(1, min(header_end, len(out)))))
+        n = int(rng.integers(1, 9))
+        out[p:p + n] = rng.bytes(n)
+        return bytes(out), f"{n} random bytes at {p}"
+    if choice == 3:
+        cut = int(rng.integers(0, len(out)))
+        return bytes(out[:cut]), f"truncated to {cut}"
+    if choice == 4 and floats is not None:
+        start, end = floats
+        p = start + 4 * int(rng.integers(0, (end - start) // 4))
+        v = (np.nan, np.inf, -np.inf, 3e38)[rng.integers(4)]
+        out[p:p + 4] = struct.pack("<f", v)
+        return bytes(out), f"float at {p} = {v}"
+    n = int(rng.integers(1, 33))
+    for p in rng.integers(0, len(out), n):
+        out[p] ^= 1 << int(rng.integers(8))
+    return bytes(out), f"{n} bit flips anywhere"
+
+
+@dataclass
+class Seed:
+    name: str
+    kind: str
+    data: bytes
+    suffix: str
+    fields: list
+    header_end: int
+    floats: Optional[Tuple[int, int]] = None   # byte range of float32 weights
+    weight: int = 1                            # share of the cases
+
+
+def shared_seeds() -> List[Seed]:
+    seeds = []
+    sm = SHARED_MODELS
+    gguf = sm / "stories260K" / "stories260K.gguf"
+    if gguf.exists():
+        data = gguf.read_bytes()
+        fields, header_end = gguf_fields(data)
+        seeds.append(Seed("stories260K.gguf", "model", data, ".gguf", fields, header_end,
+                          (header_end, len(data)), weight=4))
+    bin_ = sm / "stories260K" / "stories260K.bin"
+    if bin_.exists():
+        data = bin_.read_bytes()
+        seeds.append(Seed("stories260K.bin", "model", data, ".bin", llama2c_fields(data), 28, (28, len(data)), weight=3))
+    tok = sm / "stories260K" / "tok512.bin"
+    if tok.exists():
+        data = tok.read_bytes()
+        seeds.append(Seed("tok512.bin", "tokenizer", data, ".bin", tokbin_fields(data), len(data), weight=2))
+    for name in ("ggml-vocab-llama-spm.gguf", "ggml-vocab-llama-bpe.gguf"):
+        f = sm / "vocab-tests" / name
+        if f.exists() and DEEP:
+            data = f.read_bytes()
+            seeds.append(Seed(name, "tokenizer", data, ".gguf", gguf_fields(data)[0], 4096))
+    for d in ("llama2-tokenizer", "llama3-tokenizer"):
+        f = sm / d / "tokenizer.model"
+        if f.exists() and DEEP:
+            data = f.read_bytes()
+            seeds.append(Seed(d, "tokenizer", data, ".model", [], 4096))
+    return seeds
+
+
+def _bytes_to_unicode():
+    """GPT-2's byte -> printable character table (openai/gpt-2 encoder.py)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_small_bpe_gguf(path: Path) -> Path:
+    """A vocab-only GGUF with a byte-level `gpt2` tokenizer (like ggml-vocab-llama-bpe.gguf, smaller)."""
+    from gguf import GGUFWriter
+    table = _bytes_to_unicode()
+    tokens = [table[b] for b in range(256)]
+    merges = []
+    for left, right in (("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("Ġ", "a"), ("i", "n"), ("Ġ", "w"), ("o", "r"),
+                        ("Ġw", "or"), ("l", "d"), ("Ġwor", "ld"), ("e", "l"), ("el", "l"), ("H", "ell"), ("Hell", "o")):
+        merges.append(f"{left} {right}")
+        tokens.append(left + right)
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+    types = [1] * len(tokens) + [3] * len(specials)
+    tokens += specials
+    w = GGUFWriter(str(path), "llama")
+    for key, v in (("block_count", 1), ("context_length", 64), ("embedding_length", 64),
+                   ("feed_forward_length", 128), ("attention.head_count", 4), ("vocab_size", len(tokens))):
+        w.add_uint32(f"llama.{key}", v)
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_string("tokenizer.ggml.pre", "llama-bpe")
+    w.add_array("tokenizer.ggml.tokens", tokens)
+    w.add_array("tokenizer.ggml.token_type", types)
+    w.add_array("tokenizer.ggml.merges", merges)
+    w.add_uint32("tokenizer.ggml.bos_token_id", len(tokens) - 3)
+    w.add_uint32("tokenizer.ggml.eos_token_id", len(tokens) - 2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def small_hf_files(vocab: int = 512, sharded: bool = False) -> dict:
+    """{file name: bytes} of a 1-layer HF Llama directory (config.json + safetensors)."""
+    from safetensors.numpy import save
+    from test_formats import small_hf_state
+    cfg, state = small_hf_state(vocab=vocab)
+    files = {"config.json": json.dumps(cfg).encode()}
+    if not sharded:
+        files["model.safetensors"] = save(state)
+        return files
+    names = sorted(state)
+    parts = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for fname, part in parts.items():
+        files[fname] = save({n: state[n] for n in part})
+    files["model.safetensors.index.json"] = json.dumps(
+        {"metadata": {}, "weight_map": {n: f for f, part in parts.items() for n in part}}).encode()
+    return files
+
+
+JSON_VALUES = (0, -1, 1 << 31, (1 << 32) - 1, 1 << 63, None, "x", [], {}, 1e308, -0.5, True, [1, 2])
+
+
+def mutate_json(data: bytes, rng) -> Tuple[bytes, str]:
+    """Replace or delete one value of a JSON object (recursing into nested objects), or break its shape."""
+    obj = json.loads(data)
+    choice = rng.integers(8)
+    if choice == 0:
+        return json.dumps(list(obj) if isinstance(obj, dict) else {"a": obj}).encode(), "wrong top-level type"
+    if choice == 1:
+        return (b"[" * 100000) + (b"]" * 100000), "100k-deep JSON"
+    parent = obj
+    while isinstance(parent, dict) and parent:
+        key = list(parent)[rng.integers(len(parent))]
+        if isinstance(parent[key], dict) and parent[key] and rng.integers(2):
+            parent = parent[key]
+            continue
+        if choice == 2:
+            del parent[key]
+            return json.dumps(obj).encode(), f"deleted {key!r}"
+        v = JSON_VALUES[rng.integers(len(JSON_VALUES))]
+        parent[key] = v
+        return json.dumps(obj).encode(), f"{key!r} = {v!r}"
+    return json.dumps(obj).encode(), "unchanged"
+
+
+def mutate_safetensors(data: bytes, rng) -> Tuple[bytes, str]:
+    (n,) = struct.unpack_from("<Q", data, 0)
+    if rng.integers(2):
+        header, what = mutate_json(data[8:8 + n], rng)
+        return struct.pack("<Q", len(header)) + header + data[8 + n:], "header: " + what
+    return mutate(data, [(0, 8, "header length")], 8 + n, (8 + n, len(data)), rng)
+
+
+def make_cases(directory: Path, count: int, seed: int) -> List[Case]:
+    """count mutated files under directory, spread over every seed by its weight."""
+    rng = np.random.default_rng(seed)
+    seeds = shared_seeds()
+    bpe = write_small_bpe_gguf(directory / "small-bpe.gguf").read_bytes()
+    seeds.append(Seed("small-bpe.gguf", "tokenizer", bpe, ".gguf", gguf_fields(bpe)[0], len(bpe), weight=2))
+    tiktoken = SHARED_MODELS / "llama3-tokenizer" / "tokenizer.model"
+    if tiktoken.exists():
+        head = b"".join(tiktoken.open("rb").readlines()[:600])
+        seeds.append(Seed("tiktoken-600", "tokenizer", head, ".model", [], len(head), weight=1))
+    hf_kinds = [("hf", False), ("hf-sharded", True)]
+    tok512 = SHARED_MODELS / "stories260K" / "tok512.bin"
+    weights = [s.weight for s in seeds] + ([2, 1] if tok512.exists() else [])
+    p = np.array(weights, dtype=float) / sum(weights)
+    cases = []
+    for i in range(count):
+        k = int(rng.choice(len(p), p=p))
+        if k < len(seeds):
+            s = seeds[k]
+            data, what = mutate(s.data, s.fields, s.header_end, s.floats, rng)
+            path = directory / f"{i:05d}-{s.name}{s.suffix}"
+            path.write_bytes(data)
+            cases.append(Case(f"{s.name}: {what}", s.kind, path))
+        else:
+            name, sharded = hf_kinds[k - len(seeds)]
+            files = small_hf_files(sharded=sharded)
+            target = sorted(files)[rng.integers(len(files))]
+            if target.endswith(".json"):
+                files[target], what = mutate_json(files[target], rng)
+            else:
+                files[target], what = mutate_safetensors(files[target], rng)
+            d = directory / f"{i:05d}-{name}"
+            d.mkdir()
+            for fname, data in files.items():
+                (d / fname).write_bytes(data)
+            cases.append(Case(f"{name} {target}: {what}", "model", d, tokenizer=tok512))
+    return cases
+
+
+def _report(results) -> str:
+    bad = [(c, r) for c, r in results if r["outcome"] not in ("ok", "error")]
+    lines = [f"{len(bad)} of {len(results)} cases failed:"]
+    for c, r in bad[:12]:
+        lines.append(f"--- {c.name} ({c.path.name}): {r['outcome']}\n{r['detail'][-1500:]}")
+    return "\n".join(lines)
+
+
+def test_mutated_files_load_or_fail_cleanly(tmp_path):
+    if not (SHARED_MODELS / "stories260K").exists():
+        pytest.skip(f"{SHARED_MODELS} is absent")
+    cases = make_cases(tmp_path, CASES, SEED)
+    results = run_cases(cases)
+    assert len(results) == len(cases)
+    assert all(r["outcome"] in ("ok", "error") for _, r in results), _report(results)
+    slow = [(c.name, round(r["seconds"], 1)) for c, r in results if r["seconds"] > 5.0]
+    assert not slow, f"cases over 5 s: {slow}"
+    # the mutations reach the parsers: most fail, with a message naming the file
+    errors = [(c, r["detail"]) for c, r in results if r["outcome"] == "error"]
+    assert len(errors) > len(cases) // 4
+    unnamed = [(c.name, m) for c, m in errors if c.path.name not in m]
+    assert not unnamed, f"messages that do not name the file: {unnamed[:5]}"
