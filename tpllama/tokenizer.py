@@ -555,12 +555,8 @@ def _spm_model_proto(tokens: Sequence[str], scores: Sequence[float], types: Sequ
 def _read_json(path: str) -> dict:
     if not os.path.isfile(path):
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ModelFormatError(f"{path}: cannot read JSON ({e})") from None
-    return data if isinstance(data, dict) else {}
+    from .formats.jsonfile import read_json_object
+    return read_json_object(path, os.path.basename(path))
 
 
 class _HFSide:
