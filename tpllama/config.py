@@ -208,7 +208,7 @@ class ModelConfig:
         if model_type != "llama" and "LlamaForCausalLM" not in archs:
             raise ModelFormatError(f"{where}: model_type {model_type!r} is not supported (expected 'llama')")
         for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-            if k not in cfg:
+            if cfg.get(k) is None:
                 raise ModelFormatError(f"{where}: config.json has no {k!r}")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ModelFormatError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (expected 'silu')")
