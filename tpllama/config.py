@@ -198,7 +198,8 @@ class ModelConfig:
             raise ModelFormatError(f"{where}: config.json holds a JSON {type(cfg).__name__}, expected an object")
 
         def number(k, default=None, kind=whole_number):
-            v = cfg.get(k, default)
+            v = cfg.get(k)
+            v = default if v is None else v
             return None if v is None else kind(v, k, where)
 
         archs = cfg.get("architectures") or ["LlamaForCausalLM"]

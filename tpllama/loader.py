@@ -13,7 +13,7 @@ from typing import Callable, List, Optional
 import numpy as np
 
 from .config import ModelConfig
-from .errors import TpllamaError
+from .errors import ModelFormatError, TpllamaError
 from .formats import ModelReader, layer_names
 from .matrix import QK, WEIGHT_TYPES, Matrix, runtime_type, _QUANTIZE
 from .plan import RankSlice
@@ -48,7 +48,12 @@ class Embedding:
         bad = ids[(ids < 0) | (ids >= vocab)]
         if bad.size:   # a negative id would silently read a row from the end
             raise ValueError(f"token id {int(bad[0])} is outside the vocabulary (0..{vocab - 1})")
-        return self.reader.read(self.name, rows=ids)
+        rows = self.reader.read(self.name, rows=ids)
+        if not np.isfinite(rows).all():      # every rank reads the same rows: they all raise this
+            bad = int(ids[np.flatnonzero(~np.isfinite(rows).all(axis=1))[0]])
+            raise ModelFormatError(f"{self.reader.path}: tensor {self.name!r} row {bad} (the embedding of token {bad}) "
+                                   "holds a non-finite value; the file is corrupt, download it again", collective=True)
+        return rows
 
 
 @dataclass
@@ -71,6 +76,25 @@ class RankWeights:
         return total
 
 
+def require_finite(reader: ModelReader, name: str, values: np.ndarray, first_row: int = 0) -> np.ndarray:
+    """values (read from tensor `name`, rows from first_row), or a one-line error if any is NaN or
+    infinite: such a model only ever produces garbage, so say so at load instead of decoding it."""
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = np.argwhere(~finite)[0]
+        row = f" row {first_row + int(bad[0])}" if values.ndim == 2 else ""
+        raise ModelFormatError(f"{reader.path}: tensor {name!r}{row} holds a non-finite value "
+                               f"({values[tuple(bad)]}); the file is corrupt, download it again")
+    return values
+
+
+def _require_finite_scales(reader: ModelReader, name: str, wtype: str, blocks: np.ndarray, first_row: int):
+    """The float16 scale at the start of every q40/q80 block passed through as it is."""
+    block_bytes = {"q40": 18, "q80": 34}[wtype]
+    scales = blocks.reshape(blocks.shape[0], -1, block_bytes)[:, :, :2].copy().view(np.float16)[:, :, 0]
+    require_finite(reader, name, scales, first_row)
+
+
 def _rows_of(r: range, per_unit: int) -> slice:
     return slice(r.start * per_unit, r.stop * per_unit)
 
@@ -91,17 +115,23 @@ def _convert(reader: ModelReader, name: str, rows: slice, cols: slice, wtype: st
     if wtype != "f32":
         passed = reader.read_blocks(name, rows, cols)
         if passed is not None and passed[0] == wtype:
+            _require_finite_scales(reader, name, wtype, passed[1], rows.indices(reader.shape(name)[0])[0])
             return Matrix(wtype, n_rows, n_cols, passed[1], threads)
     row0 = rows.indices(reader.shape(name)[0])[0]
     if wtype == "f32":
-        data = reader.read(name, rows, cols)
+        data = require_finite(reader, name, reader.read(name, rows, cols), row0)
     else:
         block_bytes = {"q40": 18, "q80": 34}[wtype]
         data = np.empty((n_rows, n_cols // QK * block_bytes), dtype=np.uint8)
         for r in range(0, n_rows, CONVERT_ROWS):
             chunk = slice(row0 + r, row0 + min(r + CONVERT_ROWS, n_rows))
-            data[r:r + CONVERT_ROWS] = _QUANTIZE[wtype](reader.read(name, chunk, cols))
+            data[r:r + CONVERT_ROWS] = _QUANTIZE[wtype](require_finite(reader, name, reader.read(name, chunk, cols),
+                                                                       chunk.start))
     return Matrix(wtype, n_rows, n_cols, data, threads)
+
+
+def _norm(reader: ModelReader, name: str) -> np.ndarray:
+    return require_finite(reader, name, reader.read(name))
 
 
 def load_rank_weights(reader: ModelReader, shard: RankSlice, wtype: str = "q40", threads: int = 1,
@@ -119,12 +149,12 @@ def load_rank_weights(reader: ModelReader, shard: RankSlice, wtype: str = "q40",
     for i in range(c.n_layers):
         n = layer_names(i)
         layers.append(LayerWeights(
-            attn_norm=reader.read(n["attn_norm"]),
+            attn_norm=_norm(reader, n["attn_norm"]),
             wq=load_matrix(reader, n["wq"], q_rows, every, wtype, threads),
             wk=load_matrix(reader, n["wk"], kv_rows, every, wtype, threads),
             wv=load_matrix(reader, n["wv"], kv_rows, every, wtype, threads),
             wo=load_matrix(reader, n["wo"], every, q_rows, wtype, threads),
-            ffn_norm=reader.read(n["ffn_norm"]),
+            ffn_norm=_norm(reader, n["ffn_norm"]),
             w1=load_matrix(reader, n["w1"], ffn, every, wtype, threads),
             w3=load_matrix(reader, n["w3"], ffn, every, wtype, threads),
             w2=load_matrix(reader, n["w2"], every, ffn, wtype, threads),
@@ -136,4 +166,4 @@ def load_rank_weights(reader: ModelReader, shard: RankSlice, wtype: str = "q40",
     if progress:
         progress(c.n_layers + 1, c.n_layers + 1)
     return RankWeights(config=c, shard=shard, embedding=Embedding(reader), layers=layers,
-                       output_norm=reader.read("output_norm.weight"), output=output, threads=threads)
+                       output_norm=_norm(reader, "output_norm.weight"), output=output, threads=threads)
