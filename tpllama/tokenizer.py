@@ -26,6 +26,8 @@ import warnings
 from datetime import datetime
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from .errors import ModelFormatError, TpllamaError
 
 # Token types; GGUF and SentencePiece number them the same way.
@@ -393,9 +395,12 @@ _PRE_ALIASES = {
 
 
 def _bytelevel_pipeline(vocab: Dict[str, int], merges: List[Tuple[str, str]], regexes: Sequence[str],
-                        ignore_merges: bool):
+                        ignore_merges: bool, path: str):
     from tokenizers import Regex, Tokenizer as HFTok, decoders, models, pre_tokenizers
-    tok = HFTok(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
+    try:
+        tok = HFTok(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
+    except Exception as e:                       # the library raises plain Exception for a bad vocabulary
+        raise ModelFormatError(f"{path}: the BPE vocabulary and merges do not fit together ({e})") from None
     splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.pre_tokenizer = pre_tokenizers.Sequence(splits + [byte_level])
@@ -435,10 +440,33 @@ def _bytelevel_tokenizer(tok, tokens: Sequence[str], types: Sequence[int], **kw)
 # GGUF vocabularies
 # ----------------------------------------------------------------------------------------------
 
+def _gguf_strings(meta: dict, key: str, path: str) -> Optional[List[str]]:
+    """A GGUF key that must hold an array of strings (None when absent)."""
+    value = meta.get(key)
+    if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise ModelFormatError(f"{path}: GGUF key {key!r} is not an array of strings")
+    return value
+
+
+def _gguf_numbers(meta: dict, key: str, path: str, count: int):
+    """A GGUF key that must hold an array of `count` numbers (None when absent)."""
+    value = meta.get(key)
+    if value is None:
+        return None
+    if not (hasattr(value, "dtype") and value.ndim == 1 and value.dtype.kind in "iuf"):
+        raise ModelFormatError(f"{path}: GGUF key {key!r} is not an array of numbers")
+    if len(value) != count:
+        raise ModelFormatError(f"{path}: GGUF key {key!r} has {len(value)} entries for {count} tokens")
+    if not np.isfinite(value).all():
+        raise ModelFormatError(f"{path}: GGUF key {key!r} holds a NaN or infinite value")
+    return value
+
+
 def _gguf_special_ids(meta: dict, tokens: Sequence[str], types: Sequence[int], bos_default, eos_default):
     def get(key, default=None):
         v = meta.get(f"tokenizer.ggml.{key}", default)
-        return int(v) if v is not None and 0 <= int(v) < len(tokens) else None
+        whole = isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+        return int(v) if whole and 0 <= int(v) < len(tokens) else None
     bos, eos = get("bos_token_id", bos_default), get("eos_token_id", eos_default)
     stop = {eos, get("eot_token_id"), get("eom_token_id")}
     stop |= {i for i, t in enumerate(tokens) if t in END_OF_TURN_TOKENS and types[i] in (CONTROL, USER_DEFINED)}
@@ -450,13 +478,11 @@ def _from_gguf_metadata(meta: dict, path: str) -> Tokenizer:
     if model is None:
         raise ModelFormatError(f"{path}: GGUF file has no embedded tokenizer (no tokenizer.ggml.model); "
                                f"{TOKENIZER_FLAG_HINT}")
-    tokens = meta.get("tokenizer.ggml.tokens")
+    tokens = _gguf_strings(meta, "tokenizer.ggml.tokens", path)
     if not tokens:
         raise ModelFormatError(f"{path}: GGUF tokenizer has no tokenizer.ggml.tokens list")
-    types = meta.get("tokenizer.ggml.token_type")
+    types = _gguf_numbers(meta, "tokenizer.ggml.token_type", path, len(tokens))
     types = [NORMAL] * len(tokens) if types is None else [int(t) for t in types]
-    if len(types) != len(tokens):
-        raise ModelFormatError(f"{path}: GGUF tokenizer has {len(tokens)} tokens but {len(types)} token types")
     if model == "llama":
         return _gguf_spm(meta, path, tokens, types)
     if model == "gpt2":
@@ -467,7 +493,7 @@ def _from_gguf_metadata(meta: dict, path: str) -> Tokenizer:
 
 def _gguf_spm(meta: dict, path: str, tokens: Sequence[str], types: List[int]) -> SentencePieceTokenizer:
     import sentencepiece as spm
-    scores = meta.get("tokenizer.ggml.scores")
+    scores = _gguf_numbers(meta, "tokenizer.ggml.scores", path, len(tokens))
     scores = [0.0] * len(tokens) if scores is None else [float(s) for s in scores]
     types = [NORMAL if t not in (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE) else t for t in types]
     bos, eos, stop = _gguf_special_ids(meta, tokens, types, 1, 2)
@@ -490,7 +516,7 @@ def _gguf_bpe(meta: dict, path: str, tokens: Sequence[str], types: List[int]) ->
         warnings.warn(f"{path}: unknown tokenizer.ggml.pre '{pre}', using llama.cpp's 'default' pre-tokenizer")
         name = "default"
     regexes, ignore_merges, add_bos_default = _PRE_TOKENIZERS[name]
-    merges = meta.get("tokenizer.ggml.merges")
+    merges = _gguf_strings(meta, "tokenizer.ggml.merges", path)
     if merges is None:
         raise ModelFormatError(f"{path}: GGUF 'gpt2' tokenizer has no tokenizer.ggml.merges")
     vocab: Dict[str, int] = {}
@@ -501,7 +527,7 @@ def _gguf_bpe(meta: dict, path: str, tokens: Sequence[str], types: List[int]) ->
         k = m.find(" ", 1)                        # like llama.cpp: a pair may start with a space
         if k > 0:
             pairs.append((m[:k], m[k + 1:]))
-    tok = _bytelevel_pipeline(vocab, pairs, regexes, ignore_merges)
+    tok = _bytelevel_pipeline(vocab, pairs, regexes, ignore_merges, path)
     _add_special_tokens(tok, tokens, types)
     bos, eos, stop = _gguf_special_ids(meta, tokens, types, None, None)
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default))
@@ -616,11 +642,14 @@ def _load_tokenizer_json(path: str) -> HFTokenizer:
     try:
         tok = HFTok.from_file(path)
     except Exception as e:                       # the library raises plain Exception subclasses
-        raise ModelFormatError(f"{path}: not a readable tokenizer.json ({e})") from None
+        raise ModelFormatError(f"{path}: not a readable tokenizer.json ({' '.join(str(e).split())[:300]})") from None
     side = _HFSide(os.path.dirname(os.path.abspath(path)))
     added = tok.get_added_tokens_decoder()
     vocab = tok.get_vocab(with_added_tokens=True)
-    n = max(vocab.values()) + 1
+    n = max(vocab.values(), default=-1) + 1
+    if not vocab or n > 2 * len(vocab) + 1024:   # ids far past the number of tokens: not a real vocabulary
+        raise ModelFormatError(f"{path}: tokenizer.json has {len(vocab)} tokens with ids up to {n - 1}; "
+                               "expected ids 0..N-1")
     tokens = [""] * n
     for t, i in vocab.items():
         tokens[i] = t
@@ -683,6 +712,7 @@ def _nonneg(i: int) -> Optional[int]:
     return i if i >= 0 else None
 
 
+_TIKTOKEN_MAX_LINE = 1024                       # Llama 3's longest token is 128 bytes (~180 in base64)
 _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} \d+\r?\n")
 
 # Llama 3.1+ names of the 256 special tokens after the 128000 ranks (Llama 3.0 called 128004,
@@ -695,13 +725,16 @@ _LLAMA3_N_SPECIAL = 256                          # ids reserved after the ranks 
 
 def _is_tiktoken(path: str) -> bool:
     with open(path, "rb") as f:
-        return _TIKTOKEN_LINE.match(f.readline() or b"") is not None
+        return _TIKTOKEN_LINE.match(f.readline(_TIKTOKEN_MAX_LINE) or b"") is not None
 
 
 def _read_tiktoken_ranks(path: str) -> List[bytes]:
     ranks: List[bytes] = []
     with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
+        for lineno, line in enumerate(iter(lambda: f.readline(_TIKTOKEN_MAX_LINE + 1), b""), 1):
+            if len(line) > _TIKTOKEN_MAX_LINE:   # merges are found by splitting each token at every byte
+                raise ModelFormatError(f"{path}: line {lineno} is over {_TIKTOKEN_MAX_LINE} bytes; a tiktoken "
+                                       "tokenizer.model has one short 'base64 rank' per line")
             if not line.strip():
                 continue
             try:
@@ -750,7 +783,7 @@ def _load_tiktoken(path: str) -> HFTokenizer:
     tokens = strs + specials
     types = [NORMAL] * len(ranks) + [CONTROL] * n_special
     vocab = {t: i for i, t in enumerate(tokens)}
-    tok = _bytelevel_pipeline(vocab, _tiktoken_merges(ranks, strs), (_LLAMA3_RE,), ignore_merges=True)
+    tok = _bytelevel_pipeline(vocab, _tiktoken_merges(ranks, strs), (_LLAMA3_RE,), ignore_merges=True, path=path)
     _add_special_tokens(tok, tokens, types)
     bos, eos, stop = side.special_ids(vocab, range(len(ranks), len(tokens)), len(tokens),
                                       bos_default=vocab.get("<|begin_of_text|>"),
