@@ -446,3 +446,183 @@ def test_mutated_files_load_or_fail_cleanly(tmp_path):
     assert len(errors) > len(cases) // 4
     unnamed = [(c.name, m) for c, m in errors if c.path.name not in m]
     assert not unnamed, f"messages that do not name the file: {unnamed[:5]}"
+
+
+# ------------------------------------------------------------------------------- each reported bug
+
+def _stories_gguf() -> bytes:
+    return (SHARED_MODELS / "stories260K" / "stories260K.gguf").read_bytes()
+
+
+def patch_gguf(d: Path, label: str, value, vtype: Optional[int] = None, fmt: str = None) -> Path:
+    """stories260K.gguf with the header field `label` (as gguf_fields names it) set to value; vtype
+    changes the key's value type first (same width), fmt packs the value (default: the field's width)."""
+    data = bytearray(_stories_gguf())
+    fields = {lab: (off, size) for off, size, lab in gguf_fields(bytes(data))[0]}
+    if vtype is not None:
+        off, size = fields[label + " type"]
+        _put_int(data, off, size, vtype)
+    off, size = fields[label]
+    if fmt:
+        data[off:off + size] = struct.pack(fmt, value)
+    else:
+        _put_int(data, off, size, value)
+    path = d / f"patched-{label.replace(' ', '_')}.gguf"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def gguf_with_float(d: Path, tensor: str, index: int, value: float, *more) -> Path:
+    """stories260K.gguf (F32 tensors) with float `index` of `tensor` set to value (more: further triples)."""
+    from gguf_writer import gguf_tensor_table
+    src = SHARED_MODELS / "stories260K" / "stories260K.gguf"
+    table = gguf_tensor_table(src)
+    data = bytearray(src.read_bytes())
+    for name, i, v in [(tensor, index, value), *zip(more[::3], more[1::3], more[2::3])]:
+        offset = table[name][2]
+        data[offset + 4 * i:offset + 4 * i + 4] = struct.pack("<f", v)
+    path = d / f"{tensor}-{index}-{value}.gguf"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def gguf_renamed_key(d: Path, old: bytes, new: bytes) -> Path:
+    data = _stories_gguf()
+    assert len(old) == len(new) and data.count(old) == 1
+    path = d / "renamed.gguf"
+    path.write_bytes(data.replace(old, new))
+    return path
+
+
+def gguf_bad_utf8_token(d: Path) -> Path:
+    data = bytearray(_stories_gguf())
+    fields = {lab: off for off, _, lab in gguf_fields(bytes(data))[0]}
+    data[fields["tokenizer.ggml.tokens[3] length"] + 8] = 0xFF
+    path = d / "bad-utf8.gguf"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def hf_dir(d: Path, edit_config=None, files=None) -> Path:
+    files = dict(files or small_hf_files())
+    if edit_config is not None:
+        cfg = json.loads(files["config.json"])
+        edit_config(cfg)
+        files["config.json"] = json.dumps(cfg).encode()
+    d.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (d / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+    return d
+
+
+def hf_with_header(d: Path, header: bytes) -> Path:
+    files = small_hf_files()
+    files["model.safetensors"] = struct.pack("<Q", len(header)) + header
+    return hf_dir(d, files=files)
+
+
+def hf_sharded_with_index(d: Path, index: bytes) -> Path:
+    files = small_hf_files(sharded=True)
+    files["model.safetensors.index.json"] = index
+    return hf_dir(d, files=files)
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
+def tiktoken_long_line(d: Path) -> Path:
+    import base64
+    head = b"".join((SHARED_MODELS / "llama3-tokenizer" / "tokenizer.model").open("rb").readlines()[:300])
+    path = d / "tokenizer.model"
+    path.write_bytes(base64.b64encode(b"a" * 300_000) + b" 0\n" + head)
+    return path
+
+
+# name -> (kind, builder(dir) -> path, regex of the one-line message); every one of these ended in a
+# traceback, a hang or a model loaded with a zero context or NaN logits before the parsers were total
+REGRESSIONS = {
+    "gguf duplicate key": ("model", lambda d: gguf_renamed_key(d, b"tokenizer.ggml.bos_token_id",
+                                                               b"tokenizer.ggml.eos_token_id"),
+                           r"'tokenizer\.ggml\.eos_token_id' appears twice"),
+    "gguf invalid UTF-8 token": ("model", gguf_bad_utf8_token, r"tokenizer\.ggml\.tokens\[3\].*not valid UTF-8"),
+    "gguf n_dims 0": ("model", lambda d: patch_gguf(d, "blk.0.attn_q.weight n_dims", 0),
+                      r"blk\.0\.attn_q\.weight.*0 dimensions"),
+    "gguf dim 0": ("model", lambda d: patch_gguf(d, "blk.0.attn_q.weight ne[1]", 0),
+                   r"blk\.0\.attn_q\.weight.*dimensions \[64, 0\]"),
+    "gguf NaN in an int key": ("model", lambda d: patch_gguf(d, "llama.block_count", float("nan"), vtype=6, fmt="<f"),
+                               r"llama\.block_count.*nan.*whole number"),
+    "gguf negative context length": ("model", lambda d: patch_gguf(d, "llama.context_length", -5, vtype=5),
+                                     r"llama\.context_length is -5"),
+    "gguf context length 0": ("model", lambda d: patch_gguf(d, "llama.context_length", 0),
+                              r"llama\.context_length is 0"),
+    "gguf block_count 2^32-1": ("model", lambda d: patch_gguf(d, "llama.block_count", (1 << 32) - 1),
+                                r"llama\.block_count is 4294967295"),
+    "gguf scores count 2^31": ("model", lambda d: patch_gguf(d, "tokenizer.ggml.scores count", 1 << 31),
+                               r"item count of 'tokenizer\.ggml\.scores' 2147483648 does not fit"),
+    "gguf NaN in a norm": ("model", lambda d: gguf_with_float(d, "blk.2.ffn_norm.weight", 5, float("nan")),
+                           r"'blk\.2\.ffn_norm\.weight'.*non-finite"),
+    "gguf Inf in a weight": ("model", lambda d: gguf_with_float(d, "blk.1.ffn_down.weight", 172 + 5, float("inf")),
+                             r"'blk\.1\.ffn_down\.weight' row 1 .*non-finite"),
+    "gguf NaN in the embedding": ("model", lambda d: gguf_with_float(d, "token_embd.weight", 64 + 3, float("nan")),
+                                  r"'token_embd\.weight' row 1 .*non-finite"),
+    "gguf NaN in the classifier": ("model", lambda d: gguf_with_float(d, "output.weight", 64 * 300, float("nan")),
+                                   r"'output\.weight' row 300 .*non-finite"),
+    "gguf weight that overflows": ("model", lambda d: gguf_with_float(d, "output_norm.weight", 0, 3e38,
+                                                                         "output.weight", 64 * 5, 3e38),
+                                   r"non-finite logits at position \d+"),
+    "hf config.json is a list": ("model", lambda d: hf_dir(d, files={**small_hf_files(), "config.json": b"[1, 2]"}),
+                                 r"config\.json holds a JSON list, expected an object"),
+    "hf config.json 100k deep": ("model", lambda d: hf_dir(d, files={**small_hf_files(),
+                                                                     "config.json": b"[" * 100_000 + b"]" * 100_000}),
+                                 r"config\.json.*nested too deeply"),
+    "hf safetensors header is a list": ("model", lambda d: hf_with_header(d, b"[1]     "),
+                                        r"model\.safetensors: safetensors header holds a JSON list"),
+    "hf index is a string": ("model", lambda d: hf_sharded_with_index(d, b'"weights"'),
+                             r"model\.safetensors\.index\.json: safetensors index holds a JSON str"),
+    "hf llama3 rope keys missing": ("model", lambda d: hf_dir(d, lambda c: c.update(rope_scaling={"rope_type": "llama3",
+                                                                                                   "factor": 8.0})),
+                                    r"config\.json: rope_scaling.*llama3.*low_freq_factor"),
+    "hf llama3 rope factor 0": ("model", lambda d: hf_dir(d, lambda c: c.update(rope_scaling=dict(LLAMA3_ROPE, factor=0))),
+                                r"config\.json: rope_scaling.*factor > 0"),
+    "hf num_hidden_layers 2^31": ("model", lambda d: hf_dir(d, lambda c: c.update(num_hidden_layers=1 << 31)),
+                                  r"config\.json: .*num_hidden_layers is 2147483648"),
+    "hf hidden_size text": ("model", lambda d: hf_dir(d, lambda c: c.update(hidden_size="64")),
+                            r"config\.json: hidden_size is '64', expected a whole number"),
+    "tiktoken 300 KB line": ("tokenizer", tiktoken_long_line, r"tokenizer\.model: line 1 is over 1024 bytes"),
+    "gguf BPE merge of unknown tokens": ("tokenizer", lambda d: _bpe_with_bad_merge(d),
+                                         r"small-bpe\.gguf: the BPE vocabulary and merges do not fit"),
+}
+
+
+def _bpe_with_bad_merge(d: Path) -> Path:
+    path = write_small_bpe_gguf(d / "small-bpe.gguf")
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"\x03\x00\x00\x00\x00\x00\x00\x00o r", b"\x03\x00\x00\x00\x00\x00\x00\x00q r", 1))
+    return path
+
+
+@pytest.fixture(scope="module")
+def regression_results(tmp_path_factory):
+    if not (SHARED_MODELS / "stories260K").exists():
+        pytest.skip(f"{SHARED_MODELS} is absent")
+    root = tmp_path_factory.mktemp("regressions")
+    tok512 = SHARED_MODELS / "stories260K" / "tok512.bin"
+    cases = []
+    for i, (name, (kind, build, _)) in enumerate(REGRESSIONS.items()):
+        d = root / f"case{i}"
+        d.mkdir()
+        path = build(d)
+        cases.append(Case(name, kind, path, tokenizer=tok512 if path.is_dir() else None))
+    return {c.name: (c, r) for c, r in run_cases(cases)}
+
+
+@pytest.mark.parametrize("name", list(REGRESSIONS))
+def test_reported_bug_gives_one_error_line(regression_results, name):
+    import re
+    case, result = regression_results[name]
+    assert result["outcome"] == "error", f"{name}: {result['outcome']}: {result['detail'][-1500:]}"
+    message = result["detail"]
+    assert re.search(REGRESSIONS[name][2], message), f"{message!r} does not match {REGRESSIONS[name][2]!r}"
+    if "logits" not in message:
+        assert str(case.path) in message or case.path.name in message, f"{message!r} does not name the file"

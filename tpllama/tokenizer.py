@@ -725,7 +725,10 @@ _LLAMA3_N_SPECIAL = 256                          # ids reserved after the ranks 
 
 def _is_tiktoken(path: str) -> bool:
     with open(path, "rb") as f:
-        return _TIKTOKEN_LINE.match(f.readline(_TIKTOKEN_MAX_LINE) or b"") is not None
+        line = f.readline(_TIKTOKEN_MAX_LINE + 1)
+    if len(line) > _TIKTOKEN_MAX_LINE:           # too long to be one, but read as one to say so
+        return re.fullmatch(rb"[A-Za-z0-9+/]+", line[:_TIKTOKEN_MAX_LINE]) is not None
+    return _TIKTOKEN_LINE.match(line) is not None
 
 
 def _read_tiktoken_ranks(path: str) -> List[bytes]:
