@@ -49,9 +49,9 @@ class Generation:
     stats: RunStats = field(default_factory=RunStats)
 
 
-def _non_finite_logits(position: int) -> TpllamaError:
-    return TpllamaError(f"the model produced non-finite logits at position {position} (NaN or Inf in its "
-                        "weights or activations); check the model file", collective=True)
+def _non_finite_logits(path: str, position: int) -> TpllamaError:
+    return TpllamaError(f"{path}: the model produced non-finite logits at position {position} (NaN or Inf in "
+                        "its weights or activations); check the model file", collective=True)
 
 
 def _log(par: Parallel, verbose: bool, msg: str, end: str = "\n"):
@@ -166,7 +166,7 @@ class Model:
         full = self.par.gather_vocab(local, self._vocab_counts, root_only=False)
         finite = np.isfinite(full).all(axis=1)     # the same logits on every rank: all raise together
         if not finite.all():
-            raise _non_finite_logits(start_pos + int(np.flatnonzero(~finite)[0]))
+            raise _non_finite_logits(self.reader.path, start_pos + int(np.flatnonzero(~finite)[0]))
         return full
 
     def reset(self):
@@ -191,7 +191,7 @@ class Model:
                 token = CANCELLED if cancel is not None and cancel() else sampler.pick(*merged)
         token = int(self.par.bcast_ints(np.array([NEED_FULL_LOGITS if token is None else token]), 1)[0])
         if token == NON_FINITE:
-            raise _non_finite_logits(len(self.history) - 1)
+            raise _non_finite_logits(self.reader.path, len(self.history) - 1)
         if token == NEED_FULL_LOGITS:
             full = self.par.gather_vocab(local[None, :], self._vocab_counts, root_only=True)
             if self.par.is_root:
