@@ -352,6 +352,23 @@ def small_hf_files(vocab: int = 512, sharded: bool = False) -> dict:
     return files
 
 
+def small_tokenizer_json_files() -> dict:
+    """{file name: bytes} of a directory with a small byte-level BPE tokenizer.json and its config."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    table = _bytes_to_unicode()
+    vocab = {table[b]: b for b in range(256)}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("H", "e"), ("He", "l"), ("Hel", "l"), ("Hell", "o")]
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|begin_of_text|>", "<|eot_id|>"])
+    config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "add_bos_token": True,
+              "chat_template": "{% for m in messages %}{{ m['content'] }}<|eot_id|>{% endfor %}"}
+    return {"tokenizer.json": tok.to_str().encode(), "tokenizer_config.json": json.dumps(config).encode()}
+
+
 JSON_VALUES = (0, -1, 1 << 31, (1 << 32) - 1, 1 << 63, None, "x", [], {}, 1e308, -0.5, True, [1, 2])
 
 
@@ -396,9 +413,11 @@ def make_cases(directory: Path, count: int, seed: int) -> List[Case]:
     if tiktoken.exists():
         head = b"".join(tiktoken.open("rb").readlines()[:600])
         seeds.append(Seed("tiktoken-600", "tokenizer", head, ".model", [], len(head), weight=1))
-    hf_kinds = [("hf", False), ("hf-sharded", True)]
+    dir_kinds = [("tokenizer-json", "tokenizer", small_tokenizer_json_files)]
     tok512 = SHARED_MODELS / "stories260K" / "tok512.bin"
-    weights = [s.weight for s in seeds] + ([2, 1] if tok512.exists() else [])
+    if tok512.exists():
+        dir_kinds += [("hf", "model", small_hf_files), ("hf-sharded", "model", lambda: small_hf_files(sharded=True))]
+    weights = [s.weight for s in seeds] + [2, 2, 1][:len(dir_kinds)]
     p = np.array(weights, dtype=float) / sum(weights)
     cases = []
     for i in range(count):
@@ -410,18 +429,20 @@ def make_cases(directory: Path, count: int, seed: int) -> List[Case]:
             path.write_bytes(data)
             cases.append(Case(f"{s.name}: {what}", s.kind, path))
         else:
-            name, sharded = hf_kinds[k - len(seeds)]
-            files = small_hf_files(sharded=sharded)
+            name, kind, make_files = dir_kinds[k - len(seeds)]
+            files = make_files()
             target = sorted(files)[rng.integers(len(files))]
-            if target.endswith(".json"):
+            if target.endswith(".json") and rng.integers(4):
                 files[target], what = mutate_json(files[target], rng)
+            elif target.endswith(".json"):
+                files[target], what = mutate(files[target], [], len(files[target]), None, rng)
             else:
                 files[target], what = mutate_safetensors(files[target], rng)
             d = directory / f"{i:05d}-{name}"
             d.mkdir()
             for fname, data in files.items():
                 (d / fname).write_bytes(data)
-            cases.append(Case(f"{name} {target}: {what}", "model", d, tokenizer=tok512))
+            cases.append(Case(f"{name} {target}: {what}", kind, d, tokenizer=tok512 if kind == "model" else None))
     return cases
 
 
@@ -627,3 +648,46 @@ def test_reported_bug_gives_one_error_line(regression_results, name):
     message = result["detail"]
     assert re.search(REGRESSIONS[name][2], message), f"{message!r} does not match {REGRESSIONS[name][2]!r}"
     assert str(case.path) in message or case.path.name in message, f"{message!r} does not name the file"
+
+
+# ------------------------------------------------------------------------------- non-finite values on two ranks
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, pattern", [
+    # row 300 of the classifier belongs to rank 1 of 2 (vocab 512): only that rank reads it at load
+    ("nan-in-rank-1-classifier", r"'output\.weight' row 300 .*non-finite"),
+    # finite weights whose product overflows only in rank 1's logits shard, at the first step
+    ("overflow-in-rank-1-logits", r"non-finite logits at position \d+"),
+])
+def test_non_finite_values_stop_both_ranks_with_one_line(tmp_path, case, pattern):
+    import re
+    from mpi_util import mpirun
+    if not (SHARED_MODELS / "stories260K").exists():
+        pytest.skip(f"{SHARED_MODELS} is absent")
+    if case.startswith("nan"):
+        path = gguf_with_float(tmp_path, "output.weight", 64 * 300, float("nan"))
+    else:
+        path = gguf_with_float(tmp_path, "output_norm.weight", 0, 3e38, "output.weight", 64 * 300, 3e38)
+    proc = mpirun(2, ["-m", "tpllama.generate", "-m", str(path), "-p", "Once", "-n", "2", "-c", "16",
+                      "--temp", "0", "-t", "1"], timeout=180, check=False)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith("error: ") and str(path) in errors[0], errors[0]
+    assert re.search(pattern, errors[0]), errors[0]
+
+
+def test_forward_reports_non_finite_logits_with_their_position(tmp_path):
+    """The library's forward() checks the logits it returns, naming the first bad position."""
+    import tpllama
+    from tpllama.errors import TpllamaError
+    if not (SHARED_MODELS / "stories260K").exists():
+        pytest.skip(f"{SHARED_MODELS} is absent")
+    ok = tpllama.load(str(SHARED_MODELS / "stories260K" / "stories260K.gguf"), tokenizer="none",
+                      weight_type="f32", ctx_size=16, threads=1)
+    assert np.isfinite(ok.forward([1, 2, 3], 0)).all()
+    # output_norm[0] * output[5, 0] = 9e76 overflows float32: only logit 5 becomes infinite
+    path = gguf_with_float(tmp_path, "output_norm.weight", 0, 3e38, "output.weight", 64 * 5, 3e38)
+    model = tpllama.load(str(path), tokenizer="none", weight_type="f32", ctx_size=16, threads=1)
+    with pytest.raises(TpllamaError, match=r"non-finite logits at position 0"):
+        model.forward([1, 2, 3], 0)
