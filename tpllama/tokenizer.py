@@ -448,6 +448,22 @@ def _gguf_strings(meta: dict, key: str, path: str) -> Optional[List[str]]:
     return value
 
 
+def _gguf_flag(meta: dict, key: str, default: bool, path: str) -> bool:
+    """A GGUF key that must hold a bool (or a 0/1 number) when present."""
+    value = meta.get(key, default)
+    if not isinstance(value, (bool, int, np.bool_, np.integer)):
+        raise ModelFormatError(f"{path}: GGUF key {key!r} is not a bool")
+    return bool(value)
+
+
+def _gguf_text(meta: dict, key: str, path: str) -> Optional[str]:
+    """A GGUF key that must hold a string when present."""
+    value = meta.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ModelFormatError(f"{path}: GGUF key {key!r} is not a string")
+    return value
+
+
 def _gguf_numbers(meta: dict, key: str, path: str, count: int):
     """A GGUF key that must hold an array of `count` numbers (None when absent)."""
     value = meta.get(key)
@@ -497,20 +513,21 @@ def _gguf_spm(meta: dict, path: str, tokens: Sequence[str], types: List[int]) ->
     scores = [0.0] * len(tokens) if scores is None else [float(s) for s in scores]
     types = [NORMAL if t not in (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE) else t for t in types]
     bos, eos, stop = _gguf_special_ids(meta, tokens, types, 1, 2)
-    add_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    add_prefix = _gguf_flag(meta, "tokenizer.ggml.add_space_prefix", True, path)
     proto = _spm_model_proto(tokens, scores, types, bos=bos, eos=eos, add_dummy_prefix=add_prefix,
-                             remove_extra_whitespaces=bool(meta.get("tokenizer.ggml.remove_extra_whitespaces", False)))
+                             remove_extra_whitespaces=_gguf_flag(meta, "tokenizer.ggml.remove_extra_whitespaces", False, path))
     try:
         sp = spm.SentencePieceProcessor(model_proto=proto)
     except (RuntimeError, OSError) as e:
         raise ModelFormatError(f"{path}: GGUF 'llama' vocabulary is not a valid SentencePiece model ({e})") from None
     return SentencePieceTokenizer(sp, pieces=list(tokens), types=types, source=path, bos_id=bos, eos_ids=stop,
-                                  eos_id=eos, add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
-                                  chat_template=meta.get("tokenizer.chat_template"), add_dummy_prefix=add_prefix)
+                                  eos_id=eos, add_bos=_gguf_flag(meta, "tokenizer.ggml.add_bos_token", True, path),
+                                  chat_template=_gguf_text(meta, "tokenizer.chat_template", path),
+                                  add_dummy_prefix=add_prefix)
 
 
 def _gguf_bpe(meta: dict, path: str, tokens: Sequence[str], types: List[int]) -> HFTokenizer:
-    pre = str(meta.get("tokenizer.ggml.pre", "default"))
+    pre = _gguf_text(meta, "tokenizer.ggml.pre", path) or "default"
     name = _PRE_ALIASES.get(pre, pre)
     if name not in _PRE_TOKENIZERS:
         warnings.warn(f"{path}: unknown tokenizer.ggml.pre '{pre}', using llama.cpp's 'default' pre-tokenizer")
@@ -530,9 +547,9 @@ def _gguf_bpe(meta: dict, path: str, tokens: Sequence[str], types: List[int]) ->
     tok = _bytelevel_pipeline(vocab, pairs, regexes, ignore_merges, path)
     _add_special_tokens(tok, tokens, types)
     bos, eos, stop = _gguf_special_ids(meta, tokens, types, None, None)
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default))
+    add_bos = _gguf_flag(meta, "tokenizer.ggml.add_bos_token", add_bos_default, path)
     return _bytelevel_tokenizer(tok, tokens, types, source=path, bos_id=bos, eos_ids=stop, eos_id=eos,
-                                add_bos=add_bos, chat_template=meta.get("tokenizer.chat_template"))
+                                add_bos=add_bos, chat_template=_gguf_text(meta, "tokenizer.chat_template", path))
 
 
 # -- SentencePiece ModelProto, written by hand: the protobuf package is not a dependency ---------
@@ -597,8 +614,14 @@ class _HFSide:
     def _template(self, directory: str) -> Optional[str]:
         jinja_file = os.path.join(directory, "chat_template.jinja")
         if os.path.isfile(jinja_file):
-            with open(jinja_file, encoding="utf-8") as f:
-                return f.read()
+            with open(jinja_file, "rb") as f:
+                raw = f.read(MAX_TOKENIZER_FILE_BYTES + 1)
+            try:
+                if len(raw) > MAX_TOKENIZER_FILE_BYTES:
+                    raise ValueError(f"over {MAX_TOKENIZER_FILE_BYTES >> 20} MiB")
+                return raw.decode("utf-8")
+            except ValueError as e:
+                raise ModelFormatError(f"{jinja_file}: not a readable chat template ({e})") from None
         t = self.tokenizer_config.get("chat_template") or _read_json(
             os.path.join(directory, "chat_template.json")).get("chat_template")
         if isinstance(t, list):                   # named templates: [{"name": "default", "template": ...}]
@@ -712,6 +735,7 @@ def _nonneg(i: int) -> Optional[int]:
     return i if i >= 0 else None
 
 
+MAX_TOKENIZER_FILE_BYTES = 512 * 2**20         # tokenizer.json/.model/.bin: the largest real ones are ~30 MiB
 _TIKTOKEN_MAX_LINE = 1024                       # Llama 3's longest token is 128 bytes (~180 in base64)
 _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} \d+\r?\n")
 
@@ -779,9 +803,12 @@ def _load_tiktoken(path: str) -> HFTokenizer:
     n_special = _LLAMA3_N_SPECIAL
     names = _LLAMA3_SPECIALS + [f"<|reserved_special_token_{k}|>" for k in range(3, 3 + n_special)]
     specials = names[:n_special]
-    for i_str, entry in side.tokenizer_config.get("added_tokens_decoder", {}).items():
+    decoder = side.tokenizer_config.get("added_tokens_decoder")
+    for i_str, entry in (decoder.items() if isinstance(decoder, dict) else ()):
+        if not i_str.isdigit():
+            continue
         k = int(i_str) - len(ranks)               # names from tokenizer_config.json win
-        if 0 <= k < n_special and isinstance(entry, dict) and entry.get("content"):
+        if 0 <= k < n_special and isinstance(entry, dict) and isinstance(entry.get("content"), str) and entry["content"]:
             specials[k] = entry["content"]
     tokens = strs + specials
     types = [NORMAL] * len(ranks) + [CONTROL] * n_special
@@ -830,6 +857,9 @@ def load_tokenizer_file(path: str) -> Tokenizer:
         raise ModelFormatError(f"{path}: tokenizer file not found")
     with open(path, "rb") as f:
         head = f.read(4)
+    if head != b"GGUF" and os.path.getsize(path) > MAX_TOKENIZER_FILE_BYTES:
+        raise ModelFormatError(f"{path}: {os.path.getsize(path) >> 20} MiB is too big for a tokenizer file "
+                               f"(at most {MAX_TOKENIZER_FILE_BYTES >> 20} MiB); {TOKENIZER_FLAG_HINT}")
     if head == b"GGUF":
         return _from_gguf_metadata(_read_gguf_metadata(path), path)
     if path.endswith(".json"):
@@ -892,7 +922,8 @@ def _adopt_model_template(tok: Tokenizer, reader):
     """A tokenizer given by --tokenizer has no chat template of its own; the model file may have one."""
     if tok.chat_template is None:
         meta = getattr(reader, "metadata", None) or {}
-        tok.chat_template = meta.get("tokenizer.chat_template") or None
+        template = meta.get("tokenizer.chat_template")
+        tok.chat_template = template if isinstance(template, str) and template else None
 
 
 def _check_vocab_size(tok: Tokenizer, reader):
