@@ -2,7 +2,7 @@
 
 Run as `python tests/fuzz_worker.py HEADROOM_BYTES`. Each stdin line is a JSON request
 {"kind": "model" | "tokenizer", "path": ..., "tokenizer": ...}; each answer is one JSON line
-{"outcome": "ok" | "error" | "bug", "detail": ...}: "error" is one of the project's error classes
+{"outcome": "ok" | "error" | "bug", "detail": ..., "cpu_seconds": ...}: "error" is one of the project's error classes
 (the one-line message a user sees), "bug" any other exception with its traceback. A crash or a
 hang shows as no answer: the parent kills and restarts the worker. The address space is capped
 (RLIMIT_AS, HEADROOM_BYTES above what the imports mapped) so a file that makes the loader allocate without bound fails fast with MemoryError,
@@ -14,6 +14,7 @@ import json
 import os
 import resource
 import sys
+import time
 import traceback
 import warnings
 
@@ -41,6 +42,13 @@ def load_tokenizer(path: str):
 
 
 def handle(request: dict) -> dict:
+    before = time.process_time()
+    answer = _outcome(request)
+    answer["cpu_seconds"] = time.process_time() - before   # contention-proof, unlike the parent's clock
+    return answer
+
+
+def _outcome(request: dict) -> dict:
     from tpllama.errors import TpllamaError
     try:
         with warnings.catch_warnings():
