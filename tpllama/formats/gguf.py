@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -19,8 +20,9 @@ from .base import ModelReader, make_tensor
 GGUF_VERSIONS = (2, 3)
 MAX_COUNT = 1 << 24          # keys, tensors or array items: far above any real file (a 256k vocab)
 MAX_DIMS = 4
-_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1",
-            10: "<u8", 11: "<i8", 12: "<f8"}
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "B", 10: "Q", 11: "q", 12: "d"}  # struct codes
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
+          12: "<f8"}
 _STRING, _ARRAY, _BOOL = 8, 9, 7
 
 
@@ -31,12 +33,14 @@ class GGUFHeader:
     Values: int, float, bool, str; arrays of numbers as numpy arrays, of strings as lists."""
 
     def __init__(self, buf: np.ndarray, path: str):
-        self.buf, self.path, self.pos = buf, path, 0
+        self.mv, self.path, self.pos = memoryview(buf), path, 0   # memoryview: cheap slices, struct reads
         self.size = int(buf.shape[0])
-        if self.size < 24 or bytes(buf[:4]) != b"GGUF":
+        if self.size < 24 or bytes(self.mv[:4]) != b"GGUF":
             self._truncated(24)
         self.pos = 4
-        version = self._int("<u4")
+        version = self._int("I")
+        if version not in GGUF_VERSIONS and int.from_bytes(version.to_bytes(4, "little"), "big") in GGUF_VERSIONS:
+            raise ModelFormatError(f"{path}: a big-endian GGUF file; tpllama reads little-endian GGUF only")
         if version not in GGUF_VERSIONS:
             raise ModelFormatError(f"{path}: GGUF version {version} is not supported (expected 2 or 3)")
         n_tensors, n_kv = self._count("tensor count"), self._count("key count")
@@ -45,7 +49,7 @@ class GGUFHeader:
             key = self._string("a key name")
             if key in self.metadata:
                 raise ModelFormatError(f"{path}: GGUF key {key!r} appears twice")
-            self.metadata[key] = self._value(self._int("<u4"), key, depth=0)
+            self.metadata[key] = self._value(self._int("I"), key)
         self.tensors = [self._tensor_info() for _ in range(n_tensors)]
         names = [t[0] for t in self.tensors]
         if len(set(names)) != len(names):
@@ -62,19 +66,20 @@ class GGUFHeader:
         raise ModelFormatError(f"{self.path}: GGUF file is truncated (it needs at least {needed} bytes, "
                                f"it has {self.size}); download it again")
 
-    def _take(self, nbytes: int) -> np.ndarray:
+    def _take(self, nbytes: int) -> memoryview:
         end = self.pos + nbytes
         if end > self.size:
             self._truncated(end)
-        out = self.buf[self.pos:end]
+        out = self.mv[self.pos:end]
         self.pos = end
         return out
 
-    def _int(self, dtype: str) -> int:
-        return int(self._take(np.dtype(dtype).itemsize).view(dtype)[0])
+    def _int(self, code: str):
+        """One little-endian scalar of struct type code."""
+        return struct.unpack("<" + code, self._take(struct.calcsize(code)))[0]
 
     def _count(self, what: str, item_bytes: int = 1) -> int:
-        n = self._int("<u8")
+        n = self._int("Q")
         if n > MAX_COUNT or n * item_bytes > self.size - self.pos:
             raise ModelFormatError(f"{self.path}: GGUF {what} {n} does not fit in the file "
                                    f"({self.size} bytes); not a GGUF file tpllama can read")
@@ -82,46 +87,69 @@ class GGUFHeader:
 
     def _string(self, what: str) -> str:
         n = self._count(f"length of {what}")
-        raw = bytes(self._take(n))
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ModelFormatError(f"{self.path}: GGUF {what} is not valid UTF-8 ({raw[:40]!r})") from None
+        return self._utf8(self._take(n), what)
 
-    def _value(self, vtype: int, key: str, depth: int):
+    def _utf8(self, raw: memoryview, what: str) -> str:
+        try:
+            return str(raw, "utf-8")
+        except UnicodeDecodeError:
+            raise ModelFormatError(f"{self.path}: GGUF {what} is not valid UTF-8 ({bytes(raw[:40])!r})") from None
+
+    def _value(self, vtype: int, key: str):
         if vtype == _STRING:
             return self._string(f"value of {key!r}")
         if vtype == _ARRAY:
-            if depth > 0:
-                raise ModelFormatError(f"{self.path}: GGUF key {key!r} holds nested arrays; not supported")
-            itype = self._int("<u4")
-            item = np.dtype(_SCALARS[itype]).itemsize if itype in _SCALARS else 8
-            n = self._count(f"item count of {key!r}", item)
-            if itype in _SCALARS:
-                values = self._take(n * item).view(_SCALARS[itype])
-                return values.astype(bool) if itype == _BOOL else values
-            return [self._value(itype, f"{key}[{i}]", depth + 1) for i in range(n)]
+            return self._array(key)
         if vtype not in _SCALARS:
             raise ModelFormatError(f"{self.path}: GGUF key {key!r} has value type {vtype}, which is not a GGUF type")
-        value = self._take(np.dtype(_SCALARS[vtype]).itemsize).view(_SCALARS[vtype])[0]
-        return bool(value) if vtype == _BOOL else value.item()
+        value = self._int(_SCALARS[vtype])
+        return bool(value) if vtype == _BOOL else value
+
+    def _array(self, key: str):
+        itype = self._int("I")
+        if itype == _STRING:
+            return self._strings(self._count(f"item count of {key!r}", 8), key)
+        if itype not in _SCALARS:
+            what = "nested arrays" if itype == _ARRAY else f"items of type {itype}, which is not a GGUF type"
+            raise ModelFormatError(f"{self.path}: GGUF key {key!r} holds {what}; not supported")
+        item = struct.calcsize(_SCALARS[itype])
+        n = self._count(f"item count of {key!r}", item)
+        values = np.frombuffer(self._take(n * item), dtype=_NUMPY[itype])
+        return values.astype(bool) if itype == _BOOL else values
+
+    def _strings(self, n: int, key: str) -> list:
+        """n strings (a vocabulary: 100k+ of them, so the loop is kept lean)."""
+        mv, size, pos, out = self.mv, self.size, self.pos, []
+        length_of = struct.Struct("<Q").unpack_from
+        for i in range(n):
+            if pos + 8 > size:
+                self._truncated(pos + 8)
+            (length,) = length_of(mv, pos)
+            pos += 8
+            if length > size - pos:
+                raise ModelFormatError(f"{self.path}: GGUF length of {key}[{i}] {length} does not fit in the file "
+                                       f"({size} bytes); not a GGUF file tpllama can read")
+            out.append(self._utf8(mv[pos:pos + length], f"value of {key}[{i}]"))
+            pos += length
+        self.pos = pos
+        return out
 
     def _tensor_info(self):
         name = self._string("tensor name")
-        n_dims = self._int("<u4")
+        n_dims = self._int("I")
         if not 1 <= n_dims <= MAX_DIMS:
             raise ModelFormatError(f"{self.path}: GGUF tensor {name!r} has {n_dims} dimensions, expected 1 to {MAX_DIMS}")
-        ne = [self._int("<u8") for _ in range(n_dims)]
+        ne = [self._int("Q") for _ in range(n_dims)]
         if min(ne) <= 0 or math.prod(ne) > 8 * self.size:
             raise ModelFormatError(f"{self.path}: GGUF tensor {name!r} has dimensions {ne}, "
                                    f"which do not fit in the file ({self.size} bytes)")
-        type_number = self._int("<u4")
+        type_number = self._int("I")
         try:
             type_name = GGMLQuantizationType(type_number).name
         except ValueError:
             raise ModelFormatError(f"{self.path}: GGUF tensor {name!r} has type number {type_number}, "
                                    "which is not a GGML type") from None
-        return name, ne, type_name, self._int("<u8")
+        return name, ne, type_name, self._int("Q")
 
 
 class GGUFModel(ModelReader):
