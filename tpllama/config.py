@@ -13,6 +13,46 @@ import numpy as np
 
 from .errors import ModelFormatError
 
+# Sane upper bounds for sizes read from a file, checked before anything is allocated: well above
+# every released Llama-family model, far below what would make a loader loop or allocate for ever.
+LIMITS = {"dim": 1 << 17, "hidden_dim": 1 << 20, "n_layers": 1 << 12, "n_heads": 1 << 12,
+          "n_kv_heads": 1 << 12, "vocab_size": 1 << 24, "max_seq_len": 1 << 24, "head_dim": 1 << 13}
+
+
+GGUF_KEYS = {"dim": "llama.embedding_length", "hidden_dim": "llama.feed_forward_length",
+             "n_layers": "llama.block_count", "n_heads": "llama.attention.head_count",
+             "n_kv_heads": "llama.attention.head_count_kv", "vocab_size": "llama.vocab_size",
+             "max_seq_len": "llama.context_length", "head_dim": "llama.attention.key_length",
+             "norm_eps": "llama.attention.layer_norm_rms_epsilon", "rope_theta": "llama.rope.freq_base"}
+HF_KEYS = {"dim": "hidden_size", "hidden_dim": "intermediate_size", "n_layers": "num_hidden_layers",
+           "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "vocab_size": "vocab_size",
+           "max_seq_len": "max_position_embeddings", "head_dim": "head_dim", "norm_eps": "rms_norm_eps",
+           "rope_theta": "rope_theta"}
+LLAMA2C_KEYS = {"dim": "header dim", "hidden_dim": "header hidden_dim", "n_layers": "header n_layers",
+                "n_heads": "header n_heads", "n_kv_heads": "header n_kv_heads", "vocab_size": "header vocab_size",
+                "max_seq_len": "header seq_len"}
+
+
+def whole_number(value, key: str, where: str) -> int:
+    """An integer config value (a float is accepted when it is whole); else a one-line error naming key."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or (isinstance(value, (float, np.floating)) and not (math.isfinite(value) and value == int(value))):
+        raise ModelFormatError(f"{where}: {key} is {_show(value)}, expected a whole number")
+    return int(value)
+
+
+def real_number(value, key: str, where: str) -> float:
+    """A finite real config value; else a one-line error naming key."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(float(value)):
+        raise ModelFormatError(f"{where}: {key} is {_show(value)}, expected a finite number")
+    return float(value)
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
 
 @dataclass(frozen=True)
 class Llama3RopeScaling:
@@ -44,17 +84,28 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.head_dim == 0:
-            object.__setattr__(self, "head_dim", self.dim // max(self.n_heads, 1))
-        problems = []
-        if min(self.dim, self.hidden_dim, self.n_layers, self.n_heads, self.n_kv_heads, self.vocab_size) <= 0:
-            problems.append("sizes must be positive")
-        elif self.n_heads % self.n_kv_heads:
-            problems.append(f"{self.n_heads} query heads are not a multiple of {self.n_kv_heads} kv heads")
-        elif self.head_dim % 2:
-            problems.append(f"head size {self.head_dim} is odd")
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads if self.n_heads > 0 else 0)
+        problems = self._problems()
         if problems:
             where = self.source or f"model config {self.name}"
             raise ModelFormatError(f"{where}: not a valid Llama config: {'; '.join(problems)}")
+
+    def _problems(self) -> list:
+        """What makes this config unusable, each naming the source's key (extra["keys"]) if known."""
+        keys = self.extra.get("keys", {})
+        problems = [f"{keys.get(k, k)} is {getattr(self, k)}, expected 1 to {limit}"
+                    for k, limit in LIMITS.items() if not 0 < getattr(self, k) <= limit]
+        if not (math.isfinite(self.norm_eps) and 0 <= self.norm_eps < 1):
+            problems.append(f"{keys.get('norm_eps', 'norm_eps')} is {self.norm_eps}, expected 0 to 1")
+        if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
+            problems.append(f"{keys.get('rope_theta', 'rope_theta')} is {self.rope_theta}, expected a positive number")
+        if problems:
+            return problems
+        if self.n_heads % self.n_kv_heads:
+            return [f"{self.n_heads} query heads are not a multiple of {self.n_kv_heads} kv heads"]
+        if self.head_dim % 2:
+            return [f"head size {self.head_dim} is odd"]
+        return []
 
     @property
     def kv_group(self) -> int:
@@ -97,24 +148,26 @@ class ModelConfig:
         if arch != "llama":
             raise ModelFormatError(f"{where}: GGUF architecture {arch!r} is not supported (expected 'llama')")
 
-        def key(k, default=None):
+        def key(k, default=None, kind=whole_number):
             v = kv.get(f"llama.{k}", default)
             if v is None:
                 raise ModelFormatError(f"{where}: GGUF key 'llama.{k}' is missing")
-            return v
+            return kind(v, f"GGUF key 'llama.{k}'", where)
 
-        if int(kv.get("llama.expert_count") or 0) > 0:
+        if key("expert_count", 0) > 0:
             raise ModelFormatError(f"{where}: mixture-of-experts models (llama.expert_count = {kv['llama.expert_count']}) "
                                    "are not supported (expected a dense llama model)")
 
-        n_heads = int(key("attention.head_count"))
-        dim = int(key("embedding_length"))
+        n_heads = key("attention.head_count")
+        dim = key("embedding_length")
+        if n_heads <= 0:
+            raise ModelFormatError(f"{where}: GGUF key 'llama.attention.head_count' is {n_heads}, expected a positive number")
         vocab = kv.get("llama.vocab_size")
         if vocab is None:
             tokens = kv.get("tokenizer.ggml.tokens")
             vocab = len(tokens) if tokens is not None else 0
-        head_dim = int(kv.get("llama.attention.key_length", dim // n_heads))
-        rope_dim = int(kv.get("llama.rope.dimension_count", head_dim))
+        head_dim = key("attention.key_length", dim // n_heads)
+        rope_dim = key("rope.dimension_count", head_dim)
         if rope_dim != head_dim:
             raise ModelFormatError(f"{where}: partial rotary embeddings (rope dimension {rope_dim} of head size {head_dim}) are not supported")
         scaling = None
@@ -122,67 +175,79 @@ class ModelConfig:
             raise ModelFormatError(f"{where}: rope scaling {kv.get('llama.rope.scaling.type')!r} is not supported")
         return cls(
             dim=dim,
-            hidden_dim=int(key("feed_forward_length")),
-            n_layers=int(key("block_count")),
+            hidden_dim=key("feed_forward_length"),
+            n_layers=key("block_count"),
             n_heads=n_heads,
-            n_kv_heads=int(kv.get("llama.attention.head_count_kv", n_heads)),
-            vocab_size=int(vocab),
-            max_seq_len=int(kv.get("llama.context_length", 2048)),
-            norm_eps=float(kv.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(kv.get("llama.rope.freq_base", 10000.0)),
+            n_kv_heads=key("attention.head_count_kv", n_heads),
+            vocab_size=whole_number(vocab, "GGUF key 'llama.vocab_size'", where),
+            max_seq_len=key("context_length", 2048),
+            norm_eps=key("attention.layer_norm_rms_epsilon", 1e-5, real_number),
+            rope_theta=key("rope.freq_base", 10000.0, real_number),
             rope_scaling=scaling,
             head_dim=head_dim,
             name=str(kv.get("general.name", name)),
             source=source,
+            extra={"keys": GGUF_KEYS},
         )
 
     @classmethod
     def from_hf(cls, cfg: dict, name: str = "", source: str = "") -> "ModelConfig":
         """From a Hugging Face config.json (LlamaForCausalLM keys). source: the file, named in errors."""
         where = source or name
+        if not isinstance(cfg, dict):
+            raise ModelFormatError(f"{where}: config.json holds a JSON {type(cfg).__name__}, expected an object")
+
+        def number(k, default=None, kind=whole_number):
+            v = cfg.get(k)
+            v = default if v is None else v
+            return None if v is None else kind(v, k, where)
+
         archs = cfg.get("architectures") or ["LlamaForCausalLM"]
+        if not isinstance(archs, list):
+            archs = [archs]
         model_type = cfg.get("model_type", "llama")
         if model_type != "llama" and "LlamaForCausalLM" not in archs:
             raise ModelFormatError(f"{where}: model_type {model_type!r} is not supported (expected 'llama')")
         for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-            if k not in cfg:
+            if cfg.get(k) is None:
                 raise ModelFormatError(f"{where}: config.json has no {k!r}")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ModelFormatError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (expected 'silu')")
         if cfg.get("attention_bias") or cfg.get("mlp_bias"):
             raise ModelFormatError(f"{where}: attention_bias/mlp_bias are not supported")
-        n_heads = int(cfg["num_attention_heads"])
-        rope_theta = cfg.get("rope_theta")
+        n_heads = number("num_attention_heads")
+        dim = number("hidden_size")
+        if n_heads <= 0:
+            raise ModelFormatError(f"{where}: num_attention_heads is {n_heads}, expected a positive number")
+        rope_theta = number("rope_theta", kind=real_number)
         scaling = None
         rs = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+        if rs is not None and not isinstance(rs, dict):
+            raise ModelFormatError(f"{where}: rope_scaling is {_show(rs)}, expected an object or null")
         if rs:
             rtype = rs.get("rope_type", rs.get("type", "default"))
-            if rope_theta is None:
-                rope_theta = rs.get("rope_theta")
+            if rope_theta is None and rs.get("rope_theta") is not None:
+                rope_theta = real_number(rs["rope_theta"], "rope_scaling.rope_theta", where)
             if rtype == "llama3":
-                scaling = Llama3RopeScaling(
-                    factor=float(rs["factor"]),
-                    low_freq_factor=float(rs["low_freq_factor"]),
-                    high_freq_factor=float(rs["high_freq_factor"]),
-                    original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
-                )
+                scaling = _llama3_scaling(rs, where)
             elif rtype != "default":
-                raise ModelFormatError(f"{where}: rope_scaling type {rtype!r} is not supported (only 'llama3')")
+                raise ModelFormatError(f"{where}: rope_scaling type {_show(rtype)} is not supported (only 'llama3')")
         return cls(
-            dim=int(cfg["hidden_size"]),
-            hidden_dim=int(cfg["intermediate_size"]),
-            n_layers=int(cfg["num_hidden_layers"]),
+            dim=dim,
+            hidden_dim=number("intermediate_size"),
+            n_layers=number("num_hidden_layers"),
             n_heads=n_heads,
-            n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
-            vocab_size=int(cfg["vocab_size"]),
-            max_seq_len=int(cfg.get("max_position_embeddings", 2048)),
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            n_kv_heads=number("num_key_value_heads") or n_heads,
+            vocab_size=number("vocab_size"),
+            max_seq_len=number("max_position_embeddings", 2048),
+            norm_eps=number("rms_norm_eps", 1e-6, real_number),
+            rope_theta=rope_theta if rope_theta is not None else 10000.0,
             rope_scaling=scaling,
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            head_dim=int(cfg.get("head_dim") or int(cfg["hidden_size"]) // n_heads),
+            head_dim=number("head_dim") or dim // n_heads,
             name=name,
             source=source,
+            extra={"keys": HF_KEYS},
         )
 
     @classmethod
@@ -203,4 +268,24 @@ class ModelConfig:
             tie_embeddings=vocab_size > 0,
             name=name,
             source=source,
+            extra={"keys": LLAMA2C_KEYS},
         )
+
+
+def _llama3_scaling(rs: dict, where: str) -> Llama3RopeScaling:
+    """rope_scaling of type llama3: every key present, factors positive, low below high."""
+    missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+               if rs.get(k) is None]
+    if missing:
+        raise ModelFormatError(f"{where}: rope_scaling of type 'llama3' has no {', '.join(missing)}")
+    s = Llama3RopeScaling(
+        factor=real_number(rs["factor"], "rope_scaling.factor", where),
+        low_freq_factor=real_number(rs["low_freq_factor"], "rope_scaling.low_freq_factor", where),
+        high_freq_factor=real_number(rs["high_freq_factor"], "rope_scaling.high_freq_factor", where),
+        original_max_position_embeddings=whole_number(rs["original_max_position_embeddings"],
+                                                      "rope_scaling.original_max_position_embeddings", where))
+    if not (s.factor > 0 and 0 < s.low_freq_factor < s.high_freq_factor and s.original_max_position_embeddings > 0):
+        raise ModelFormatError(f"{where}: rope_scaling of type 'llama3' needs factor > 0, 0 < low_freq_factor < "
+                               f"high_freq_factor and original_max_position_embeddings > 0 (got {s.factor}, "
+                               f"{s.low_freq_factor}, {s.high_freq_factor}, {s.original_max_position_embeddings})")
+    return s

@@ -27,6 +27,7 @@ from .typeplan import choose_types
 
 NEED_FULL_LOGITS = -2
 CANCELLED = -3          # rank 0 ends the generation (e.g. its client went away)
+NON_FINITE = -4         # some rank's logits hold NaN/Inf: every rank raises the same error
 
 
 @dataclass
@@ -47,6 +48,11 @@ class Generation:
     prompt_tokens: List[int]
     finish_reason: str                # "stop" | "length"
     stats: RunStats = field(default_factory=RunStats)
+
+
+def _non_finite_logits(path: str, position: int) -> TpllamaError:
+    return TpllamaError(f"{path}: the model produced non-finite logits at position {position} (NaN or Inf in "
+                        "its weights or activations); check the model file", collective=True)
 
 
 def _log(par: Parallel, verbose: bool, msg: str, end: str = "\n"):
@@ -165,7 +171,11 @@ class Model:
             raise TpllamaError(f"start_pos {start_pos} is past the {len(self.history)} cached positions")
         del self.history[start_pos:]
         local = self._run(list(token_ids), "prefill", None, every_position=True)
-        return self.par.gather_vocab(local, self._vocab_counts, root_only=False)
+        full = self.par.gather_vocab(local, self._vocab_counts, root_only=False)
+        finite = np.isfinite(full).all(axis=1)     # the same logits on every rank: all raise together
+        if not finite.all():
+            raise _non_finite_logits(self.reader.path, start_pos + int(np.flatnonzero(~finite)[0]))
+        return full
 
     def reset(self):
         """Forget the cached conversation."""
@@ -177,12 +187,19 @@ class Model:
                     cancel: Optional[Callable[[], bool]] = None) -> int:
         """Collective: every rank gets the same next token from vocab-parallel logits (V_r,),
         or CANCELLED when rank 0's cancel() says to stop."""
+        if not np.isfinite(local).all():     # tell rank 0 through the candidates it gathers anyway
+            local = np.full_like(local, np.nan)
         values, ids, extras = local_candidates(local, self.shard.vocab.start, params.candidates_per_rank)
         merged = self.par.gather_candidates(values, ids, extras)
         token = None
         if self.par.is_root:
-            token = CANCELLED if cancel is not None and cancel() else sampler.pick(*merged)
+            if not (np.isfinite(merged[0]).all() and np.isfinite(merged[2]).all()):
+                token = NON_FINITE
+            else:
+                token = CANCELLED if cancel is not None and cancel() else sampler.pick(*merged)
         token = int(self.par.bcast_ints(np.array([NEED_FULL_LOGITS if token is None else token]), 1)[0])
+        if token == NON_FINITE:
+            raise _non_finite_logits(self.reader.path, len(self.history) - 1)
         if token == NEED_FULL_LOGITS:
             full = self.par.gather_vocab(local[None, :], self._vocab_counts, root_only=True)
             if self.par.is_root:

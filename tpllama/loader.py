@@ -14,6 +14,7 @@ from typing import Callable, List, Optional, Union
 import numpy as np
 
 from .config import ModelConfig
+from .errors import ModelFormatError
 from .formats import ModelReader, layer_names
 from .matrix import Matrix, _QUANTIZE
 from .plan import RankSlice
@@ -50,7 +51,12 @@ class Embedding:
         bad = ids[(ids < 0) | (ids >= vocab)]
         if bad.size:   # a negative id would silently read a row from the end
             raise ValueError(f"token id {int(bad[0])} is outside the vocabulary (0..{vocab - 1})")
-        return self.reader.read(self.name, rows=ids)
+        rows = self.reader.read(self.name, rows=ids)
+        if not np.isfinite(rows).all():      # every rank reads the same rows: they all raise this
+            bad = int(ids[np.flatnonzero(~np.isfinite(rows).all(axis=1))[0]])
+            raise ModelFormatError(f"{self.reader.path}: tensor {self.name!r} row {bad} (the embedding of token {bad}) "
+                                   "holds a non-finite value; the file is corrupt, download it again", collective=True)
+        return rows
 
 
 @dataclass
@@ -73,6 +79,26 @@ class RankWeights:
         return total
 
 
+def require_finite(reader: ModelReader, name: str, values: np.ndarray, first_row: int = 0) -> np.ndarray:
+    """values (read from tensor `name`, rows from first_row), or a one-line error if any is NaN or
+    infinite: such a model only ever produces garbage, so say so at load instead of decoding it."""
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = np.argwhere(~finite)[0]
+        row = f" row {first_row + int(bad[0])}" if values.ndim == 2 else ""
+        raise ModelFormatError(f"{reader.path}: tensor {name!r}{row} holds a non-finite value "
+                               f"({values[tuple(bad)]}); the file is corrupt, download it again")
+    return values
+
+
+def _require_finite_scales(reader: ModelReader, name: str, wtype: str, blocks: np.ndarray, first_row: int):
+    """The float16 scales (and mins) of every GGML block passed through as it is."""
+    t = weight_type(wtype)
+    per_block = blocks.reshape(blocks.shape[0], -1, t.block_bytes)
+    for at in t.fp16_offsets:
+        require_finite(reader, name, per_block[:, :, at:at + 2].copy().view(np.float16)[:, :, 0], first_row)
+
+
 def _rows_of(r: range, per_unit: int) -> slice:
     return slice(r.start * per_unit, r.stop * per_unit)
 
@@ -91,13 +117,15 @@ def _convert(reader: ModelReader, name: str, rows: slice, cols: slice, wtype: st
     c0, c1, _ = cols.indices(reader.shape(name)[1])
     n_cols = c1 - c0
     if wtype == "f32":
-        return Matrix("f32", n_rows, n_cols, reader.read(name, rows, cols), threads)
+        data = require_finite(reader, name, reader.read(name, rows, cols), rows.indices(reader.shape(name)[0])[0])
+        return Matrix("f32", n_rows, n_cols, data, threads)
     unit = weight_type(wtype).unit
     if n_cols % unit:
         raise ValueError(f"{name}: {n_cols} columns are not whole {wtype} units of {unit}")
     own = BY_GGML.get(reader.dtype(name))
     if own is not None and own.name == wtype and c0 % unit == 0:
         blocks, first_col = reader.read_blocks(name, rows, cols)     # the file's values, untouched
+        _require_finite_scales(reader, name, wtype, blocks, rows.indices(reader.shape(name)[0])[0])
         return Matrix.from_ggml(wtype, blocks, first_col, n_cols, threads)
     return Matrix.from_ggml(wtype, _quantized(reader, name, rows, cols, wtype, n_rows), 0, n_cols, threads)
 
@@ -110,8 +138,13 @@ def _quantized(reader: ModelReader, name: str, rows: slice, cols: slice, wtype: 
     data = np.empty((n_rows, n_cols // t.block * t.block_bytes), dtype=np.uint8)
     for r in range(0, n_rows, CONVERT_ROWS):
         chunk = slice(row0 + r, row0 + min(r + CONVERT_ROWS, n_rows))
-        data[r:r + CONVERT_ROWS] = _QUANTIZE[wtype](reader.read(name, chunk, cols))
+        data[r:r + CONVERT_ROWS] = _QUANTIZE[wtype](require_finite(reader, name, reader.read(name, chunk, cols),
+                                                                   chunk.start))
     return data
+
+
+def _norm(reader: ModelReader, name: str) -> np.ndarray:
+    return require_finite(reader, name, reader.read(name))
 
 
 def load_rank_weights(reader: ModelReader, shard: RankSlice, types: Union[TypePlan, str] = "auto", threads: int = 1,
@@ -131,12 +164,12 @@ def load_rank_weights(reader: ModelReader, shard: RankSlice, types: Union[TypePl
     for i in range(c.n_layers):
         n = layer_names(i)
         layers.append(LayerWeights(
-            attn_norm=reader.read(n["attn_norm"]),
+            attn_norm=_norm(reader, n["attn_norm"]),
             wq=load(n["wq"], q_rows, every),
             wk=load(n["wk"], kv_rows, every),
             wv=load(n["wv"], kv_rows, every),
             wo=load(n["wo"], every, q_rows),
-            ffn_norm=reader.read(n["ffn_norm"]),
+            ffn_norm=_norm(reader, n["ffn_norm"]),
             w1=load(n["w1"], ffn, every),
             w3=load(n["w3"], ffn, every),
             w2=load(n["w2"], every, ffn),
@@ -147,4 +180,4 @@ def load_rank_weights(reader: ModelReader, shard: RankSlice, types: Union[TypePl
     if progress:
         progress(c.n_layers + 1, c.n_layers + 1)
     return RankWeights(config=c, shard=shard, embedding=Embedding(reader), layers=layers,
-                       output_norm=reader.read("output_norm.weight"), output=output, threads=threads)
+                       output_norm=_norm(reader, "output_norm.weight"), output=output, threads=threads)

@@ -26,6 +26,8 @@ import warnings
 from datetime import datetime
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from .errors import ModelFormatError, TpllamaError
 
 # Token types; GGUF and SentencePiece number them the same way.
@@ -393,9 +395,12 @@ _PRE_ALIASES = {
 
 
 def _bytelevel_pipeline(vocab: Dict[str, int], merges: List[Tuple[str, str]], regexes: Sequence[str],
-                        ignore_merges: bool):
+                        ignore_merges: bool, path: str):
     from tokenizers import Regex, Tokenizer as HFTok, decoders, models, pre_tokenizers
-    tok = HFTok(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
+    try:
+        tok = HFTok(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
+    except Exception as e:                       # the library raises plain Exception for a bad vocabulary
+        raise ModelFormatError(f"{path}: the BPE vocabulary and merges do not fit together ({e})") from None
     splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.pre_tokenizer = pre_tokenizers.Sequence(splits + [byte_level])
@@ -435,10 +440,49 @@ def _bytelevel_tokenizer(tok, tokens: Sequence[str], types: Sequence[int], **kw)
 # GGUF vocabularies
 # ----------------------------------------------------------------------------------------------
 
+def _gguf_strings(meta: dict, key: str, path: str) -> Optional[List[str]]:
+    """A GGUF key that must hold an array of strings (None when absent)."""
+    value = meta.get(key)
+    if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise ModelFormatError(f"{path}: GGUF key {key!r} is not an array of strings")
+    return value
+
+
+def _gguf_flag(meta: dict, key: str, default: bool, path: str) -> bool:
+    """A GGUF key that must hold a bool (or a 0/1 number) when present."""
+    value = meta.get(key, default)
+    if not isinstance(value, (bool, int, np.bool_, np.integer)):
+        raise ModelFormatError(f"{path}: GGUF key {key!r} is not a bool")
+    return bool(value)
+
+
+def _gguf_text(meta: dict, key: str, path: str) -> Optional[str]:
+    """A GGUF key that must hold a string when present."""
+    value = meta.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ModelFormatError(f"{path}: GGUF key {key!r} is not a string")
+    return value
+
+
+def _gguf_numbers(meta: dict, key: str, path: str, count: int):
+    """A GGUF key that must hold an array of `count` numbers (None when absent)."""
+    value = meta.get(key)
+    if value is None:
+        return None
+    if not (hasattr(value, "dtype") and value.ndim == 1 and value.dtype.kind in "iuf"):
+        raise ModelFormatError(f"{path}: GGUF key {key!r} is not an array of numbers")
+    if len(value) != count:
+        raise ModelFormatError(f"{path}: GGUF key {key!r} has {len(value)} entries for {count} tokens")
+    if not np.isfinite(value).all():
+        raise ModelFormatError(f"{path}: GGUF key {key!r} holds a NaN or infinite value")
+    return value
+
+
 def _gguf_special_ids(meta: dict, tokens: Sequence[str], types: Sequence[int], bos_default, eos_default):
     def get(key, default=None):
         v = meta.get(f"tokenizer.ggml.{key}", default)
-        return int(v) if v is not None and 0 <= int(v) < len(tokens) else None
+        whole = isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+        return int(v) if whole and 0 <= int(v) < len(tokens) else None
     bos, eos = get("bos_token_id", bos_default), get("eos_token_id", eos_default)
     stop = {eos, get("eot_token_id"), get("eom_token_id")}
     stop |= {i for i, t in enumerate(tokens) if t in END_OF_TURN_TOKENS and types[i] in (CONTROL, USER_DEFINED)}
@@ -450,13 +494,11 @@ def _from_gguf_metadata(meta: dict, path: str) -> Tokenizer:
     if model is None:
         raise ModelFormatError(f"{path}: GGUF file has no embedded tokenizer (no tokenizer.ggml.model); "
                                f"{TOKENIZER_FLAG_HINT}")
-    tokens = meta.get("tokenizer.ggml.tokens")
+    tokens = _gguf_strings(meta, "tokenizer.ggml.tokens", path)
     if not tokens:
         raise ModelFormatError(f"{path}: GGUF tokenizer has no tokenizer.ggml.tokens list")
-    types = meta.get("tokenizer.ggml.token_type")
+    types = _gguf_numbers(meta, "tokenizer.ggml.token_type", path, len(tokens))
     types = [NORMAL] * len(tokens) if types is None else [int(t) for t in types]
-    if len(types) != len(tokens):
-        raise ModelFormatError(f"{path}: GGUF tokenizer has {len(tokens)} tokens but {len(types)} token types")
     if model == "llama":
         return _gguf_spm(meta, path, tokens, types)
     if model == "gpt2":
@@ -467,30 +509,31 @@ def _from_gguf_metadata(meta: dict, path: str) -> Tokenizer:
 
 def _gguf_spm(meta: dict, path: str, tokens: Sequence[str], types: List[int]) -> SentencePieceTokenizer:
     import sentencepiece as spm
-    scores = meta.get("tokenizer.ggml.scores")
+    scores = _gguf_numbers(meta, "tokenizer.ggml.scores", path, len(tokens))
     scores = [0.0] * len(tokens) if scores is None else [float(s) for s in scores]
     types = [NORMAL if t not in (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE) else t for t in types]
     bos, eos, stop = _gguf_special_ids(meta, tokens, types, 1, 2)
-    add_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    add_prefix = _gguf_flag(meta, "tokenizer.ggml.add_space_prefix", True, path)
     proto = _spm_model_proto(tokens, scores, types, bos=bos, eos=eos, add_dummy_prefix=add_prefix,
-                             remove_extra_whitespaces=bool(meta.get("tokenizer.ggml.remove_extra_whitespaces", False)))
+                             remove_extra_whitespaces=_gguf_flag(meta, "tokenizer.ggml.remove_extra_whitespaces", False, path))
     try:
         sp = spm.SentencePieceProcessor(model_proto=proto)
     except (RuntimeError, OSError) as e:
         raise ModelFormatError(f"{path}: GGUF 'llama' vocabulary is not a valid SentencePiece model ({e})") from None
     return SentencePieceTokenizer(sp, pieces=list(tokens), types=types, source=path, bos_id=bos, eos_ids=stop,
-                                  eos_id=eos, add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
-                                  chat_template=meta.get("tokenizer.chat_template"), add_dummy_prefix=add_prefix)
+                                  eos_id=eos, add_bos=_gguf_flag(meta, "tokenizer.ggml.add_bos_token", True, path),
+                                  chat_template=_gguf_text(meta, "tokenizer.chat_template", path),
+                                  add_dummy_prefix=add_prefix)
 
 
 def _gguf_bpe(meta: dict, path: str, tokens: Sequence[str], types: List[int]) -> HFTokenizer:
-    pre = str(meta.get("tokenizer.ggml.pre", "default"))
+    pre = _gguf_text(meta, "tokenizer.ggml.pre", path) or "default"
     name = _PRE_ALIASES.get(pre, pre)
     if name not in _PRE_TOKENIZERS:
         warnings.warn(f"{path}: unknown tokenizer.ggml.pre '{pre}', using llama.cpp's 'default' pre-tokenizer")
         name = "default"
     regexes, ignore_merges, add_bos_default = _PRE_TOKENIZERS[name]
-    merges = meta.get("tokenizer.ggml.merges")
+    merges = _gguf_strings(meta, "tokenizer.ggml.merges", path)
     if merges is None:
         raise ModelFormatError(f"{path}: GGUF 'gpt2' tokenizer has no tokenizer.ggml.merges")
     vocab: Dict[str, int] = {}
@@ -501,12 +544,12 @@ def _gguf_bpe(meta: dict, path: str, tokens: Sequence[str], types: List[int]) ->
         k = m.find(" ", 1)                        # like llama.cpp: a pair may start with a space
         if k > 0:
             pairs.append((m[:k], m[k + 1:]))
-    tok = _bytelevel_pipeline(vocab, pairs, regexes, ignore_merges)
+    tok = _bytelevel_pipeline(vocab, pairs, regexes, ignore_merges, path)
     _add_special_tokens(tok, tokens, types)
     bos, eos, stop = _gguf_special_ids(meta, tokens, types, None, None)
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default))
+    add_bos = _gguf_flag(meta, "tokenizer.ggml.add_bos_token", add_bos_default, path)
     return _bytelevel_tokenizer(tok, tokens, types, source=path, bos_id=bos, eos_ids=stop, eos_id=eos,
-                                add_bos=add_bos, chat_template=meta.get("tokenizer.chat_template"))
+                                add_bos=add_bos, chat_template=_gguf_text(meta, "tokenizer.chat_template", path))
 
 
 # -- SentencePiece ModelProto, written by hand: the protobuf package is not a dependency ---------
@@ -555,12 +598,8 @@ def _spm_model_proto(tokens: Sequence[str], scores: Sequence[float], types: Sequ
 def _read_json(path: str) -> dict:
     if not os.path.isfile(path):
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ModelFormatError(f"{path}: cannot read JSON ({e})") from None
-    return data if isinstance(data, dict) else {}
+    from .formats.jsonfile import read_json_object
+    return read_json_object(path, os.path.basename(path))
 
 
 class _HFSide:
@@ -575,8 +614,14 @@ class _HFSide:
     def _template(self, directory: str) -> Optional[str]:
         jinja_file = os.path.join(directory, "chat_template.jinja")
         if os.path.isfile(jinja_file):
-            with open(jinja_file, encoding="utf-8") as f:
-                return f.read()
+            with open(jinja_file, "rb") as f:
+                raw = f.read(MAX_TOKENIZER_FILE_BYTES + 1)
+            try:
+                if len(raw) > MAX_TOKENIZER_FILE_BYTES:
+                    raise ValueError(f"over {MAX_TOKENIZER_FILE_BYTES >> 20} MiB")
+                return raw.decode("utf-8")
+            except ValueError as e:
+                raise ModelFormatError(f"{jinja_file}: not a readable chat template ({e})") from None
         t = self.tokenizer_config.get("chat_template") or _read_json(
             os.path.join(directory, "chat_template.json")).get("chat_template")
         if isinstance(t, list):                   # named templates: [{"name": "default", "template": ...}]
@@ -620,11 +665,14 @@ def _load_tokenizer_json(path: str) -> HFTokenizer:
     try:
         tok = HFTok.from_file(path)
     except Exception as e:                       # the library raises plain Exception subclasses
-        raise ModelFormatError(f"{path}: not a readable tokenizer.json ({e})") from None
+        raise ModelFormatError(f"{path}: not a readable tokenizer.json ({' '.join(str(e).split())[:300]})") from None
     side = _HFSide(os.path.dirname(os.path.abspath(path)))
     added = tok.get_added_tokens_decoder()
     vocab = tok.get_vocab(with_added_tokens=True)
-    n = max(vocab.values()) + 1
+    n = max(vocab.values(), default=-1) + 1
+    if not vocab or n > 2 * len(vocab) + 1024:   # ids far past the number of tokens: not a real vocabulary
+        raise ModelFormatError(f"{path}: tokenizer.json has {len(vocab)} tokens with ids up to {n - 1}; "
+                               "expected ids 0..N-1")
     tokens = [""] * n
     for t, i in vocab.items():
         tokens[i] = t
@@ -687,6 +735,8 @@ def _nonneg(i: int) -> Optional[int]:
     return i if i >= 0 else None
 
 
+MAX_TOKENIZER_FILE_BYTES = 512 * 2**20         # tokenizer.json/.model/.bin: the largest real ones are ~30 MiB
+_TIKTOKEN_MAX_LINE = 1024                       # Llama 3's longest token is 128 bytes (~180 in base64)
 _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} \d+\r?\n")
 
 # Llama 3.1+ names of the 256 special tokens after the 128000 ranks (Llama 3.0 called 128004,
@@ -699,13 +749,19 @@ _LLAMA3_N_SPECIAL = 256                          # ids reserved after the ranks 
 
 def _is_tiktoken(path: str) -> bool:
     with open(path, "rb") as f:
-        return _TIKTOKEN_LINE.match(f.readline() or b"") is not None
+        line = f.readline(_TIKTOKEN_MAX_LINE + 1)
+    if len(line) > _TIKTOKEN_MAX_LINE:           # too long to be one, but read as one to say so
+        return re.fullmatch(rb"[A-Za-z0-9+/]+", line[:_TIKTOKEN_MAX_LINE]) is not None
+    return _TIKTOKEN_LINE.match(line) is not None
 
 
 def _read_tiktoken_ranks(path: str) -> List[bytes]:
     ranks: List[bytes] = []
     with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
+        for lineno, line in enumerate(iter(lambda: f.readline(_TIKTOKEN_MAX_LINE + 1), b""), 1):
+            if len(line) > _TIKTOKEN_MAX_LINE:   # merges are found by splitting each token at every byte
+                raise ModelFormatError(f"{path}: line {lineno} is over {_TIKTOKEN_MAX_LINE} bytes; a tiktoken "
+                                       "tokenizer.model has one short 'base64 rank' per line")
             if not line.strip():
                 continue
             try:
@@ -747,14 +803,17 @@ def _load_tiktoken(path: str) -> HFTokenizer:
     n_special = _LLAMA3_N_SPECIAL
     names = _LLAMA3_SPECIALS + [f"<|reserved_special_token_{k}|>" for k in range(3, 3 + n_special)]
     specials = names[:n_special]
-    for i_str, entry in side.tokenizer_config.get("added_tokens_decoder", {}).items():
+    decoder = side.tokenizer_config.get("added_tokens_decoder")
+    for i_str, entry in (decoder.items() if isinstance(decoder, dict) else ()):
+        if not i_str.isdigit():
+            continue
         k = int(i_str) - len(ranks)               # names from tokenizer_config.json win
-        if 0 <= k < n_special and isinstance(entry, dict) and entry.get("content"):
+        if 0 <= k < n_special and isinstance(entry, dict) and isinstance(entry.get("content"), str) and entry["content"]:
             specials[k] = entry["content"]
     tokens = strs + specials
     types = [NORMAL] * len(ranks) + [CONTROL] * n_special
     vocab = {t: i for i, t in enumerate(tokens)}
-    tok = _bytelevel_pipeline(vocab, _tiktoken_merges(ranks, strs), (_LLAMA3_RE,), ignore_merges=True)
+    tok = _bytelevel_pipeline(vocab, _tiktoken_merges(ranks, strs), (_LLAMA3_RE,), ignore_merges=True, path=path)
     _add_special_tokens(tok, tokens, types)
     bos, eos, stop = side.special_ids(vocab, range(len(ranks), len(tokens)), len(tokens),
                                       bos_default=vocab.get("<|begin_of_text|>"),
@@ -798,6 +857,9 @@ def load_tokenizer_file(path: str) -> Tokenizer:
         raise ModelFormatError(f"{path}: tokenizer file not found")
     with open(path, "rb") as f:
         head = f.read(4)
+    if head != b"GGUF" and os.path.getsize(path) > MAX_TOKENIZER_FILE_BYTES:
+        raise ModelFormatError(f"{path}: {os.path.getsize(path) >> 20} MiB is too big for a tokenizer file "
+                               f"(at most {MAX_TOKENIZER_FILE_BYTES >> 20} MiB); {TOKENIZER_FLAG_HINT}")
     if head == b"GGUF":
         return _from_gguf_metadata(_read_gguf_metadata(path), path)
     if path.endswith(".json"):
@@ -811,11 +873,8 @@ def load_tokenizer_file(path: str) -> Tokenizer:
 
 def _read_gguf_metadata(path: str) -> dict:
     """The keys of a GGUF used only for its vocabulary: no model config needed (vocab-only files)."""
-    from .formats.gguf import _PlainArrayGGUFReader, read_gguf_metadata
-    try:
-        return read_gguf_metadata(_PlainArrayGGUFReader(path))
-    except (ValueError, IndexError, EOFError) as e:
-        raise ModelFormatError(f"{path}: not a readable GGUF file ({e})") from None
+    from .formats.gguf import read_gguf_metadata
+    return read_gguf_metadata(path)
 
 
 def _load_hf_dir(directory: str) -> Tokenizer:
@@ -863,7 +922,8 @@ def _adopt_model_template(tok: Tokenizer, reader):
     """A tokenizer given by --tokenizer has no chat template of its own; the model file may have one."""
     if tok.chat_template is None:
         meta = getattr(reader, "metadata", None) or {}
-        tok.chat_template = meta.get("tokenizer.chat_template") or None
+        template = meta.get("tokenizer.chat_template")
+        tok.chat_template = template if isinstance(template, str) and template else None
 
 
 def _check_vocab_size(tok: Tokenizer, reader):

@@ -10,7 +10,7 @@ so row-parallel slices keep the file's weights at every rank count.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 
 @dataclass(frozen=True)
@@ -24,14 +24,16 @@ class WeightType:
     runtime_bytes_per_32: Optional[float] = None  # bytes per 32 weights of one row once packed (None: f32/float)
     activation: Optional[str] = "q80"              # format the activations are quantized to (None: float)
     unit: int = 32          # column slices must start and end at multiples of this
+    fp16_offsets: Tuple[int, ...] = ()   # byte offsets of the fp16 scales/mins inside a GGML block
 
     @property
     def quantized(self) -> bool:
         return self.activation is not None
 
 
-def _q(name, ggml, block, block_bytes, native, runtime32):
-    return WeightType(name, ggml, block, block_bytes, block_bytes * 8 / block, native, runtime32)
+def _q(name, ggml, block, block_bytes, native, runtime32, fp16_offsets):
+    return WeightType(name, ggml, block, block_bytes, block_bytes * 8 / block, native, runtime32,
+                      fp16_offsets=fp16_offsets)
 
 
 # Runtime bytes per 32 weights: the packed layouts in kernels/tpk.h. A type that is not native
@@ -40,13 +42,13 @@ TYPES: Dict[str, WeightType] = {t.name: t for t in (
     WeightType("f32", "F32", 1, 4, 32.0, True, None, None, 1),
     WeightType("f16", "F16", 1, 2, 16.0, False, None, None, 1),
     WeightType("bf16", "BF16", 1, 2, 16.0, False, None, None, 1),
-    _q("q40", "Q4_0", 32, 18, True, 18),
-    _q("q41", "Q4_1", 32, 20, True, 20),
-    _q("q50", "Q5_0", 32, 22, True, 22),
-    _q("q80", "Q8_0", 32, 34, True, 34),
-    _q("q4k", "Q4_K", 256, 144, True, 22),
-    _q("q5k", "Q5_K", 256, 176, True, 26),
-    _q("q6k", "Q6_K", 256, 210, True, 28),
+    _q("q40", "Q4_0", 32, 18, True, 18, (0,)),
+    _q("q41", "Q4_1", 32, 20, True, 20, (0, 2)),
+    _q("q50", "Q5_0", 32, 22, True, 22, (0,)),
+    _q("q80", "Q8_0", 32, 34, True, 34, (0,)),
+    _q("q4k", "Q4_K", 256, 144, True, 22, (0, 2)),
+    _q("q5k", "Q5_K", 256, 176, True, 26, (0, 2)),
+    _q("q6k", "Q6_K", 256, 210, True, 28, (208,)),
 )}
 
 BY_GGML: Dict[str, WeightType] = {t.ggml: t for t in TYPES.values()}

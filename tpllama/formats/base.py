@@ -233,6 +233,9 @@ def make_tensor(name: str, shape: Sequence[int], dtype_name: str, buf: np.ndarra
         raise ModelFormatError(f"{path}: tensor {name!r} has type {dtype_name}, which is not supported "
                                f"(supported: {', '.join(DTYPES)})")
     shape = tuple(int(s) for s in shape)
+    if len(shape) not in (1, 2) or min(shape) <= 0 or offset < 0:
+        raise ModelFormatError(f"{path}: tensor {name!r} has shape {shape} at offset {offset}; "
+                               "expected a 1-D or 2-D tensor with positive sizes")
     cols = shape[-1]
     rows = shape[0] if len(shape) == 2 else 1
     if cols % dt.block_size:

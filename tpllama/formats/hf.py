@@ -6,16 +6,14 @@ memory map gives row slices of every dtype without reading the rest of the file.
 """
 from __future__ import annotations
 
-import json
+import math
 import os
 import struct
-from typing import Dict
-
-import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
 from .base import ModelReader, make_tensor, rotary_interleave_permutation
+from .jsonfile import parse_json_object, read_json_object
 
 SAFETENSORS_DTYPES = {"F32": "F32", "F16": "F16", "BF16": "BF16"}
 
@@ -55,11 +53,22 @@ def _read_safetensors_header(path: str):
         (n,) = struct.unpack("<Q", head)
         if n > min(size - 8, 100 * 2**20):
             raise ModelFormatError(f"{path}: not a safetensors file (bad header length {n})")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise ModelFormatError(f"{path}: not a safetensors file (header is not JSON)") from None
+        header = parse_json_object(f.read(n), path, "safetensors header")
     return header, 8 + n, size
+
+
+def _entry(meta, file: str, hf_name: str):
+    """(dtype or None, begin, end, shape) of one header entry, each checked for its JSON type."""
+    def whole(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+    ok = (isinstance(meta, dict) and isinstance(meta.get("dtype"), str)
+          and isinstance(meta.get("data_offsets"), list) and len(meta["data_offsets"]) == 2
+          and all(whole(v) for v in meta["data_offsets"])
+          and isinstance(meta.get("shape"), list) and all(whole(v) for v in meta["shape"]))
+    if not ok:
+        raise ModelFormatError(f"{file}: not a valid safetensors header (entry {hf_name!r} is {meta!r:.80})")
+    begin, end = meta["data_offsets"]
+    return SAFETENSORS_DTYPES.get(meta["dtype"]), begin, end, list(meta["shape"])
 
 
 class HFModel(ModelReader):
@@ -68,11 +77,7 @@ class HFModel(ModelReader):
     def __init__(self, path: str):
         super().__init__(path)
         cfg_path = os.path.join(path, "config.json")
-        try:
-            with open(cfg_path) as f:
-                hf_config = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ModelFormatError(f"{cfg_path}: cannot read config.json ({e})") from None
+        hf_config = read_json_object(cfg_path, "config.json")
         self.hf_config = hf_config
         self.config = ModelConfig.from_hf(hf_config, name=os.path.basename(os.path.abspath(path)), source=cfg_path)
         for file in self._weight_files():
@@ -88,11 +93,10 @@ class HFModel(ModelReader):
         index = os.path.join(self.path, "model.safetensors.index.json")
         single = os.path.join(self.path, "model.safetensors")
         if os.path.exists(index):
-            try:
-                with open(index) as f:
-                    weight_map: Dict[str, str] = json.load(f)["weight_map"]
-            except (OSError, ValueError, KeyError) as e:
-                raise ModelFormatError(f"{index}: not a safetensors index ({e})") from None
+            weight_map = read_json_object(index, "safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+                raise ModelFormatError(f"{index}: not a safetensors index (expected \"weight_map\": "
+                                       "{tensor name: file name})")
             files = sorted({os.path.join(self.path, v) for v in weight_map.values()})
             for file in files:
                 if not os.path.exists(file):
@@ -114,17 +118,15 @@ class HFModel(ModelReader):
             name = _hf_to_gguf_name(hf_name)
             if name is None:
                 continue
-            try:
-                dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
-                begin, end = (int(v) for v in meta["data_offsets"])
-                shape = [int(v) for v in meta["shape"]]
-            except (KeyError, TypeError, ValueError):
-                raise ModelFormatError(f"{file}: not a valid safetensors header (entry {hf_name!r} is {meta!r:.80})") from None
+            dtype, begin, end, shape = _entry(meta, file, hf_name)
             if dtype is None:
                 raise ModelFormatError(f"{file}: tensor {hf_name!r} has dtype {meta['dtype']}, expected F32, F16 or BF16")
+            if not 0 <= begin <= end or len(shape) not in (1, 2) or min(shape) <= 0:
+                raise ModelFormatError(f"{file}: tensor {hf_name!r} has data_offsets [{begin}, {end}] and shape {shape}; "
+                                       "expected a 1-D or 2-D tensor with positive sizes")
             if data_start + end > size:
                 raise ModelFormatError(f"{file}: file is truncated (tensor {hf_name!r} ends at byte {data_start + end}, file has {size})")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * (4 if dtype == "F32" else 2)
+            nbytes = math.prod(shape) * (4 if dtype == "F32" else 2)
             if end - begin != nbytes:
                 raise ModelFormatError(f"{file}: tensor {hf_name!r} spans {end - begin} bytes but its shape {shape} "
                                        f"in {meta['dtype']} needs {nbytes}; not a valid safetensors file")
