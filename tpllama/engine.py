@@ -26,6 +26,7 @@ from .stats import RunStats, StepStats, peak_rss_bytes, resident_anon_bytes
 
 NEED_FULL_LOGITS = -2
 CANCELLED = -3          # rank 0 ends the generation (e.g. its client went away)
+FAILED = -4             # some rank failed: every rank learns the error (Parallel.agree) and raises it
 
 
 @dataclass
@@ -92,7 +93,7 @@ class Model:
     def _host_facts(self):
         import psutil
         facts = (self.par.hostname(), int(psutil.virtual_memory().available))
-        everyone = self.par.comm.allgather(facts) if self.par.size > 1 else [facts]
+        everyone = self.par.allgather_object(facts)
         return [h for h, _ in everyone], [a for _, a in everyone]
 
     def _choose_context(self) -> int:
@@ -125,30 +126,48 @@ class Model:
         if self.options.threads and self.options.threads > 0:
             return self.options.threads
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        ranks_here = self.par.host_comm().Get_size() if self.par.size > 1 else 1
+        ranks_here = self.par.ranks_on_host()
         return max(1, cores // ranks_here)
 
     # ------------------------------------------------------------ forward
 
-    def _run(self, tokens: Sequence[int], phase: str, stats: Optional[RunStats],
+    def _run(self, tokens: Sequence[int], phase: str, stats: Optional[RunStats], failure: "_LocalFailure",
              every_position: bool = False) -> np.ndarray:
         """Forward tokens at the end of the cache, a prefill chunk at a time; this rank's logits
-        (T, V_r) of the last position, or of every position."""
+        (T, V_r) of the last position, or of every position.
+
+        A failure on this rank alone is kept in `failure` for the next agreement; until then the
+        rank makes the same all-reduces as the others (with zeros), so none of them waits forever."""
         if len(self.history) + len(tokens) > self.ctx:
             raise TpllamaError(f"context full: {len(self.history) + len(tokens)} tokens exceed the context of {self.ctx} (-c)")
         logits = []
         for i in range(0, len(tokens), PREFILL_CHUNK):
             chunk = np.asarray(tokens[i:i + PREFILL_CHUNK], dtype=np.int64)
             clock = _StepClock(self.par)
-            hidden = self.rank_model.forward(chunk, len(self.history), self.par.allreduce_sum)
+            wanted = len(chunk) if every_position else (1 if i + PREFILL_CHUNK >= len(tokens) else 0)
+            logits.append(self._forward_chunk(chunk, wanted, failure))
             self.history.extend(int(t) for t in chunk)
-            if every_position:
-                logits.append(self.rank_model.logits(hidden))
-            elif i + PREFILL_CHUNK >= len(tokens):
-                logits.append(self.rank_model.logits(hidden[-1:]))
             if stats is not None:
                 clock.record(stats, phase, len(chunk))
         return np.concatenate(logits, axis=0)
+
+    def _forward_chunk(self, chunk: np.ndarray, wanted: int, failure: "_LocalFailure") -> np.ndarray:
+        """This rank's logits of the chunk's last `wanted` positions (T, V_r); zeros once failed."""
+        reduces_before = self.par.counters.calls.get("allreduce", 0)
+        if failure.error is None:
+            try:
+                hidden = self.rank_model.forward(chunk, len(self.history), self.par.allreduce_sum)
+                return self.rank_model.logits(hidden[len(chunk) - wanted:])
+            except Exception as e:
+                if self.par.size == 1:
+                    raise
+                failure.keep(e)
+        # keep step: the all-reduces the other ranks still make for this chunk (two per layer)
+        done = self.par.counters.calls.get("allreduce", 0) - reduces_before
+        zeros = np.zeros((len(chunk), self.config.dim), dtype=np.float64)
+        for _ in range(2 * self.config.n_layers - done):
+            self.par.allreduce_sum(zeros)
+        return np.zeros((wanted, self._vocab_counts[self.par.rank]), dtype=np.float32)
 
     def forward(self, token_ids: Sequence[int], start_pos: int) -> np.ndarray:
         """Logits (len(token_ids), vocab) float32, the same on every rank, for tokens placed at
@@ -156,7 +175,9 @@ class Model:
         if start_pos > len(self.history):
             raise TpllamaError(f"start_pos {start_pos} is past the {len(self.history)} cached positions")
         del self.history[start_pos:]
-        local = self._run(list(token_ids), "prefill", None, every_position=True)
+        failure = _LocalFailure(self.history, start_pos)
+        local = self._run(list(token_ids), "prefill", None, failure, every_position=True)
+        failure.agree(self.par)
         return self.par.gather_vocab(local, self._vocab_counts, root_only=False)
 
     def reset(self):
@@ -166,20 +187,26 @@ class Model:
     # ------------------------------------------------------------ sampling
 
     def _next_token(self, local: np.ndarray, sampler: Optional[Sampler], params: SamplingParams,
-                    cancel: Optional[Callable[[], bool]] = None) -> int:
+                    cancel: Optional[Callable[[], bool]], failure: "_LocalFailure") -> int:
         """Collective: every rank gets the same next token from vocab-parallel logits (V_r,),
-        or CANCELLED when rank 0's cancel() says to stop."""
+        or CANCELLED when rank 0's cancel() says to stop. If any rank has failed (its flag rides
+        with its candidates) or root's sampling fails, every rank raises that error."""
         values, ids, extras = local_candidates(local, self.shard.vocab.start, params.candidates_per_rank)
-        merged = self.par.gather_candidates(values, ids, extras)
+        merged = self.par.gather_candidates(values, ids, np.append(extras, failure.flag))
         token = None
         if self.par.is_root:
-            token = CANCELLED if cancel is not None and cancel() else sampler.pick(*merged)
+            values, ids, extras = merged
+            token = FAILED if extras[:, -1].any() or failure.error else failure.attempt(
+                lambda: CANCELLED if cancel is not None and cancel() else sampler.pick(values, ids, extras[:, :-1]),
+                FAILED)
         token = int(self.par.bcast_ints(np.array([NEED_FULL_LOGITS if token is None else token]), 1)[0])
         if token == NEED_FULL_LOGITS:
             full = self.par.gather_vocab(local[None, :], self._vocab_counts, root_only=True)
             if self.par.is_root:
-                token = sampler.pick_full(full[0])
+                token = failure.attempt(lambda: sampler.pick_full(full[0]), FAILED)
             token = int(self.par.bcast_ints(np.array([token if self.par.is_root else 0]), 1)[0])
+        if token == FAILED:
+            failure.agree(self.par)
         return token
 
     # ------------------------------------------------------------ generation
@@ -216,23 +243,24 @@ class Model:
         reuse = self._common_prefix(ids)
         del self.history[reuse:]
         stats.prompt_tokens, stats.cached_tokens = len(ids), reuse
-        local = self._run(ids[reuse:], "prefill", stats)
-        sampler = Sampler(params) if self.par.is_root else None
+        failure = _LocalFailure(self.history, reuse)
+        local = self._run(ids[reuse:], "prefill", stats, failure)
+        sampler = failure.attempt(lambda: Sampler(params)) if self.par.is_root else None
         decoder = self.tokenizer.stream_decoder(at_start=False)   # a continuation keeps its leading space
         eos = frozenset() if ignore_eos else self.tokenizer.eos_ids
         text, emitted = "", 0
         self._finish_reason = "length"
         clock = None     # a decode step: forward the previous token, sample the next
         for n in range(max_new_tokens):
-            token = self._next_token(local[-1], sampler, params, cancel)
+            token = self._next_token(local[-1], sampler, params, cancel, failure)
             if clock is not None:
                 clock.record(stats)
             if token == CANCELLED or token in eos:
                 self._finish_reason = "cancelled" if token == CANCELLED else "stop"
                 break
             stats.generated_tokens += 1
-            if on_token:
-                on_token(token)
+            if on_token and failure.error is None:
+                failure.attempt(lambda: on_token(token))   # a callback that fails on one rank only
             text += decoder.add(token)
             cut = _find_stop(text, stop)
             if cut is not None:
@@ -240,17 +268,17 @@ class Model:
                 self._finish_reason = "stop"
                 break
             safe = len(text) - _held_back(text, stop)
-            if safe > emitted:
+            if safe > emitted and failure.error is None:
                 yield text[emitted:safe]
                 emitted = safe
             if n + 1 == max_new_tokens or len(self.history) + 1 > self.ctx:
                 break
             clock = _StepClock(self.par)
-            local = self._run([token], "decode", None)
+            local = self._run([token], "decode", None, failure)
         text += decoder.flush()
+        stats.peak_rss = failure.agree(self.par, peak_rss_bytes())
         if len(text) > emitted:
             yield text[emitted:]
-        stats.peak_rss = self.par.comm.allgather(peak_rss_bytes()) if self.par.size > 1 else [peak_rss_bytes()]
 
     def generate(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 256,
                  on_token: Optional[Callable[[int], None]] = None, **kwargs) -> Generation:
@@ -271,16 +299,7 @@ class Model:
 
     def _root_encode(self, prompt, chat, system) -> List[int]:
         """Rank 0 tokenizes; every rank gets the ids, or the error."""
-        ids, error = None, None
-        if self.par.is_root:
-            try:
-                ids = self.encode_prompt(prompt, chat, system)
-            except TpllamaError as e:
-                error = str(e)
-        ids, error = self.par.bcast_object((ids, error))
-        if error:
-            raise TpllamaError(error, collective=True)
-        return ids
+        return self.par.from_root(lambda: self.encode_prompt(prompt, chat, system))
 
     def _common_prefix(self, ids: Sequence[int]) -> int:
         """Cached positions that the new prompt can keep (at least its last token is recomputed)."""
@@ -297,6 +316,41 @@ class Model:
 
     def close(self):
         self.reader.close()
+
+
+class _LocalFailure:
+    """An exception on this rank alone during a forward or a generation, held until the next
+    collective where every rank learns of it (the candidate gather, or the agreement that ends
+    the call); meanwhile the rank makes the same collectives as the others. When the ranks agree
+    on an error, the cache positions the call added are dropped (a failed rank's are not valid)."""
+
+    def __init__(self, history: List[int], valid: int):
+        self.error: Optional[BaseException] = None
+        self._history, self._valid = history, valid
+
+    @property
+    def flag(self) -> float:
+        return 0.0 if self.error is None else 1.0
+
+    def keep(self, error: BaseException):
+        if self.error is None:
+            self.error = error
+
+    def attempt(self, fn: Callable[[], object], on_error=None):
+        """fn(), or on_error after keeping what it raised."""
+        try:
+            return fn()
+        except Exception as e:
+            self.keep(e)
+            return on_error
+
+    def agree(self, par: Parallel, value=None):
+        """Collective: every rank's value, or every rank raises the first error any rank kept."""
+        try:
+            return par.allgather_checked(value, self.error, self.error)
+        except Exception:
+            del self._history[self._valid:]
+            raise
 
 
 class _StepClock:

@@ -64,7 +64,7 @@ def exchange(par, command: Optional[Command] = None) -> Command:
     """Collective: rank 0's command (the others pass None) arrives on every rank."""
     if par.size == 1:
         return command
-    request = par.comm.Ibarrier()
+    request = par.ibarrier()
     if par.is_root:
         request.Wait()
     else:
