@@ -1,11 +1,19 @@
 """Ranks that always agree: an exception of any class on one rank reaches every rank, which all
-raise the same error, and the job goes on in step; no module but parallel.py talks to MPI."""
+raise the same error, and the job goes on in step; no module but parallel.py talks to MPI; a
+rank that opened a different model stops the job at load with one message."""
 import ast
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from mpi_util import run_script
+from mpi_util import mpi_env, mpirun_cmd, run_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,3 +72,64 @@ def test_only_parallel_py_calls_mpi():
                  for path in sorted((REPO / "tpllama").rglob("*.py")) if path.name != "parallel.py"
                  for line, name in _mpi_uses(path)]
     assert not offenders, "MPI outside tpllama/parallel.py:\n" + "\n".join(offenders)
+
+
+# ---------------------------------------------------------------- every rank holds the same model
+
+def _copy_with(src: Path, dest: Path, edit) -> Path:
+    """A copy of a GGUF file, edited in place through gguf-py's reader (a stale or other copy)."""
+    from gguf import GGUFReader
+    shutil.copy(src, dest)
+    reader = GGUFReader(str(dest), "r+")
+    edit(reader)
+    reader.data.flush()
+    del reader
+    return dest
+
+
+def _fewer_layers(reader):
+    reader.fields["llama.block_count"].parts[-1][0] -= 1        # the last layer's tensors stay, unused
+
+
+def _other_weights(reader):
+    for t in reader.tensors:                                   # every weight moves one place: same shapes
+        t.data[...] = np.roll(np.array(t.data), 1)
+
+
+@pytest.mark.parametrize("variant", ["fewer_layers", "other_weights"])
+def test_a_different_model_on_one_rank_stops_every_rank_with_one_message(stories_gguf, tmp_path, variant):
+    """Rank 1 opens a different file: it used to hang (fewer layers) or garble the text silently."""
+    other = _copy_with(stories_gguf, tmp_path / f"{variant}.gguf", globals()[f"_{variant}"])
+    base = ["-m", "tpllama.generate", "-p", "Once upon a time", "-n", "8", "--temp", "0", "-q"]
+    cmd = mpirun_cmd(1, base + ["-m", str(stories_gguf)])
+    cmd += [":", "-n", "1", cmd[cmd.index("--mca") + 3]] + base + ["-m", str(other)]   # MPMD: rank 1's own file
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_env(),
+                            cwd=str(REPO), start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    elapsed = time.time() - t0
+    assert proc.returncode != 0, out
+    lines = [line for line in err.splitlines() if "different models" in line]
+    assert len(lines) == 1, err
+    host = socket.gethostname()
+    assert f"rank 0 on {host}: {stories_gguf} (5 layers)" in lines[0]
+    layers = 4 if variant == "fewer_layers" else 5
+    assert f"rank 1 on {host}: {other} ({layers} layers)" in lines[0]
+    assert ("different configs" if variant == "fewer_layers" else "different weights") in lines[0]
+    assert "Traceback" not in err and out == ""
+    assert elapsed < 30, f"the job took {elapsed:.1f} s to end"
+
+
+def test_the_fingerprint_is_the_same_for_the_same_file_and_differs_for_others(stories_gguf, tmp_path):
+    from tpllama.fingerprint import fingerprint
+    from tpllama.formats import open_model
+    same = shutil.copy(stories_gguf, tmp_path / "same.gguf")
+    other = _copy_with(stories_gguf, tmp_path / "other.gguf", _other_weights)
+    a, b, c = (fingerprint(open_model(str(p))) for p in (stories_gguf, same, other))
+    assert a == b
+    assert a.config == c.config and a.table == c.table and a.weights != c.weights

@@ -15,6 +15,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Union
 import numpy as np
 
 from .errors import TpllamaError
+from .fingerprint import check_same_model
 from .formats import open_model
 from .loader import load_rank_weights
 from .model import RankModel
@@ -62,6 +63,7 @@ class Model:
         self.options = opts
         self.par = par = Parallel(comm, opts.sync_type)
         self.reader = reader = par.together(lambda: open_model(path))
+        check_same_model(par, reader, path)   # a stale copy on one node would hang or garble the job
         self.config = c = reader.config
         self.tokenizer = None
         if opts.tokenizer != "none":   # "none": logits only (forward), no text in or out; before the weights, to fail fast
