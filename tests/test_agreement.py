@@ -45,6 +45,18 @@ def test_seed_minus_one_ends_the_same_way_on_every_rank(faults):
     assert ranks[0] == ranks[1], ranks
 
 
+def test_a_reader_that_stops_early_on_one_rank_leaves_the_ranks_in_step(faults):
+    """Leaving the loop over stream() on rank 1 only used to leave rank 0 waiting in a collective."""
+    full = faults["final"][0]
+    rank0, rank1 = faults["cases"]["reader_leaves_on_rank_1"]
+    assert rank0[0] == rank1[0] == "ok"
+    assert full.startswith(rank0[1]) and len(rank0[1]) > len(rank1[1]) > 0 and rank0[1].startswith(rank1[1])
+    # rank 0 stopping early cancels the generation everywhere
+    rank0, rank1 = faults["cases"]["reader_leaves_on_rank_0"]
+    assert rank0[2] == rank1[2] == "cancelled"
+    assert full.startswith(rank1[1]) and len(rank1[1]) < len(full)
+
+
 def test_ranks_stay_in_step_after_the_faults(faults):
     # the stories260K model's known greedy continuation (as in test_parallel's CLI test)
     assert faults["final"] == [", there was a little girl named Lily. She"] * 2

@@ -232,7 +232,10 @@ class Model:
 
         cancel: checked on rank 0 before each token; True ends the generation on every rank
         (finish reason "cancelled"). The finish reason of the last call is `last_finish_reason`.
-        ignore_eos: keep going through stop tokens (benchmarks measure a fixed token count)."""
+        ignore_eos: keep going through stop tokens (benchmarks measure a fixed token count).
+        A caller that stops reading early (closes the generator, e.g. by leaving its for loop)
+        cancels the generation if it is rank 0; on another rank the generator follows rank 0 to
+        the end without yielding, so the ranks stay in step."""
         stats = stats if stats is not None else RunStats()
         params = self.par.together(lambda: SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                                                           min_p=min_p, seed=seed))
@@ -253,8 +256,9 @@ class Model:
         text, emitted = "", 0
         self._finish_reason = "length"
         clock = None     # a decode step: forward the previous token, sample the next
+        reader_gone = False
         for n in range(max_new_tokens):
-            token = self._next_token(local[-1], sampler, params, cancel, failure)
+            token = self._next_token(local[-1], sampler, params, _always if reader_gone else cancel, failure)
             if clock is not None:
                 clock.record(stats)
             if token == CANCELLED or token in eos:
@@ -270,8 +274,11 @@ class Model:
                 self._finish_reason = "stop"
                 break
             safe = len(text) - _held_back(text, stop)
-            if safe > emitted and failure.error is None:
-                yield text[emitted:safe]
+            if safe > emitted and failure.error is None and not reader_gone:
+                try:
+                    yield text[emitted:safe]
+                except GeneratorExit:   # the caller stopped reading here, but the other ranks go on
+                    reader_gone = True
                 emitted = safe
             if n + 1 == max_new_tokens or len(self.history) + 1 > self.ctx:
                 break
@@ -279,7 +286,7 @@ class Model:
             local = self._run([token], "decode", None, failure)
         text += decoder.flush()
         stats.peak_rss = failure.agree(self.par, peak_rss_bytes())
-        if len(text) > emitted:
+        if len(text) > emitted and not reader_gone:
             yield text[emitted:]
 
     def generate(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 256,
@@ -373,6 +380,10 @@ def _rank_weights(value, world_size: int):
     if value is None or isinstance(value, str):
         return parse_rank_weights(value, world_size)
     return tuple(float(w) for w in value)
+
+
+def _always() -> bool:
+    return True
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> Optional[int]:

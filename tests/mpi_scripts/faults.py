@@ -95,6 +95,23 @@ on_rank(1, lambda: setattr(rm, "feed_forward", failing_after(2, ArithmeticError(
 cases["forward_api"] = outcome(lambda: model.forward([1, 2, 3, 4], 0))
 rm.feed_forward = real_ffn
 
+# a reader that stops early on one rank: rank 1 leaves its loop after one piece, rank 0 reads on
+# (outcome: the text each rank read); then rank 0 leaves early, which cancels rank 1's generation
+
+
+def read_stream(leaves_early):
+    pieces = []
+    for piece in model.stream(PROMPT, 10, temperature=0.0):
+        pieces.append(piece)
+        if leaves_early:
+            break
+    return type("Read", (), {"text": "".join(pieces)})
+
+
+cases["reader_leaves_on_rank_1"] = outcome(lambda: read_stream(world.rank == 1))
+cases["reader_leaves_on_rank_0"] = outcome(lambda: read_stream(world.rank == 0))
+cases["reader_leaves_on_rank_0"].append(model.last_finish_reason)
+
 # after all of that, the ranks are still in step and the cache is sound
 model.reset()
 model.generate(PROMPT + ", there", 4, temperature=0.0)   # leaves a cached prefix that the next call reuses
