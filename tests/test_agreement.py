@@ -62,6 +62,28 @@ def test_ranks_stay_in_step_after_the_faults(faults):
     assert faults["final"] == [", there was a little girl named Lily. She"] * 2
 
 
+def test_together_raises_the_same_class_and_message_marked_collective():
+    """At one rank too: any class comes back as itself (or, if other processes could not rebuild
+    it, as a TpllamaError naming it), marked collective, with the original as its cause."""
+    from tpllama.errors import TpllamaError
+    from tpllama.parallel import Parallel
+
+    class LocalError(Exception):      # not importable by name in another process
+        pass
+
+    par = Parallel()
+    cases = [(lambda: 1 / 0, ZeroDivisionError, "division by zero"),
+             (lambda: {}["key"], KeyError, "'key'"),
+             (lambda: int("x"), ValueError, "invalid literal for int() with base 10: 'x'"),
+             (lambda: bytes([255]).decode(), TpllamaError, "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff"),
+             (lambda: (_ for _ in ()).throw(LocalError("mine")), TpllamaError, "LocalError: mine")]
+    for fn, cls, message in cases:
+        with pytest.raises(cls) as info:
+            par.together(fn)
+        assert type(info.value) is cls and str(info.value).startswith(message) and info.value.collective
+        assert info.value.__cause__ is not None
+
+
 MPI_CALLS = {"comm", "Get_rank", "Get_size", "Abort", "Split_type", "Ibarrier", "Barrier", "Allreduce", "Allgather",
              "Allgatherv", "Bcast", "Gather", "Gatherv", "allgather", "allreduce", "bcast"}
 

@@ -208,7 +208,8 @@ class Model:
                 token = failure.attempt(lambda: sampler.pick_full(full[0]), FAILED)
             token = int(self.par.bcast_ints(np.array([token if self.par.is_root else 0]), 1)[0])
         if token == FAILED:
-            failure.agree(self.par)
+            failure.agree(self.par)   # raises on every rank: some rank kept an error
+            raise TpllamaError("a rank reported a failure without its reason", collective=True)
         return token
 
     # ------------------------------------------------------------ generation

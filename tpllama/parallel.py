@@ -253,17 +253,14 @@ class Parallel:
         prefixed with that rank and host when the ranks disagree. So a bad path on one node stops
         the whole job with one message, and a library caller sees the same exception everywhere."""
         mine = _describe(error) if error is not None else None
-        everyone = [(value, mine)] if self.size == 1 else self.allgather_object((value, mine))
-        errors = [e for _, e in everyone]
+        everyone = self.allgather_object((value, mine, self.hostname()))
+        errors = [e for _, e, _ in everyone]
         for r, e in enumerate(errors):
             if e is not None:
                 same_everywhere = self.size == 1 or all(x == e for x in errors)
-                prefix = "" if same_everywhere else f"rank {r} ({self._hosts()[r]}): "
+                prefix = "" if same_everywhere else f"rank {r} ({everyone[r][2]}): "
                 raise _rebuild((e[0], prefix + e[1]), cause=cause)
-        return [v for v, _ in everyone]
-
-    def _hosts(self) -> List[str]:
-        return self.allgather_object(self.hostname())
+        return [v for v, _, _ in everyone]
 
     def abort(self, code: int = 1):
         """End the whole job now (every rank, on every host)."""
@@ -298,9 +295,9 @@ def _describe(error) -> Tuple[type, str]:
     cls = type(error)
     args = error.args
     message = args[0] if len(args) == 1 and isinstance(args[0], str) else str(error)   # KeyError's str() quotes
-    if isinstance(error, TpllamaError) or _importable(cls):
+    if _importable(cls):
         return cls, message
-    return TpllamaError, f"{cls.__name__}: {message}"
+    return TpllamaError, message if isinstance(error, TpllamaError) else f"{cls.__name__}: {message}"
 
 
 def _importable(cls: type) -> bool:
