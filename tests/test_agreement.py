@@ -18,7 +18,7 @@ from mpi_util import mpi_env, mpirun_cmd, run_script
 REPO = Path(__file__).resolve().parents[1]
 
 INJECTED = {   # case of tests/mpi_scripts/faults.py -> the class it raises on one rank
-    "load": "ValueError", "on_token": "ValueError", "cancel": "KeyError", "sampling": "RuntimeError",
+    "load": "ValueError", "host_facts": "OSError", "on_token": "ValueError", "cancel": "KeyError", "sampling": "RuntimeError",
     "encode": "LookupError", "forward_prefill": "ZeroDivisionError", "forward_decode": "ZeroDivisionError",
     "forward_api": "ArithmeticError",
 }

@@ -241,6 +241,11 @@ class Parallel:
         self.agree(error, cause)
         return result
 
+    def everyones(self, fn: Callable[[], Any]) -> List[Any]:
+        """fn() of every rank, on every rank in rank order; if it fails on any, every rank raises."""
+        result, error, cause = _attempt(fn)
+        return self.allgather_checked(result, error, cause)
+
     def agree(self, error=None, cause: Optional[BaseException] = None) -> None:
         """Collective check: if any rank has an error, every rank raises it (see allgather_checked)."""
         self.allgather_checked(None, error, cause)
