@@ -31,6 +31,7 @@ def faults(stories_bin):
 
 
 @pytest.mark.parametrize("case", sorted(INJECTED))
+@pytest.mark.mpi
 def test_an_exception_on_one_rank_is_raised_on_every_rank(faults, case):
     ranks = faults["cases"][case]
     assert len(ranks) == 2
@@ -39,12 +40,14 @@ def test_an_exception_on_one_rank_is_raised_on_every_rank(faults, case):
     assert cls == INJECTED[case] and "injected" in message and collective, ranks[0]
 
 
+@pytest.mark.mpi
 def test_seed_minus_one_ends_the_same_way_on_every_rank(faults):
     """It used to deadlock: rank 0's sampler refused the seed while rank 1 waited for a token."""
     ranks = faults["cases"]["seed_minus_one"]
     assert ranks[0] == ranks[1], ranks
 
 
+@pytest.mark.mpi
 def test_a_reader_that_stops_early_on_one_rank_leaves_the_ranks_in_step(faults):
     """Leaving the loop over stream() on rank 1 only used to leave rank 0 waiting in a collective."""
     full = faults["final"][0]
@@ -57,6 +60,7 @@ def test_a_reader_that_stops_early_on_one_rank_leaves_the_ranks_in_step(faults):
     assert full.startswith(rank1[1]) and len(rank1[1]) < len(full)
 
 
+@pytest.mark.mpi
 def test_ranks_stay_in_step_after_the_faults(faults):
     # the stories260K model's known greedy continuation (as in test_parallel's CLI test)
     assert faults["final"] == [", there was a little girl named Lily. She"] * 2
@@ -130,6 +134,7 @@ def _other_weights(reader):
         t.data[...] = np.roll(np.array(t.data), 1)
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("variant", ["fewer_layers", "other_weights"])
 def test_a_different_model_on_one_rank_stops_every_rank_with_one_message(stories_gguf, tmp_path, variant):
     """Rank 1 opens a different file: it used to hang (fewer layers) or garble the text silently."""

