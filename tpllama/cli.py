@@ -112,21 +112,18 @@ def run(main: Callable[[], int]) -> None:
     except Exception as e:  # a bug: show where, then bring the job down
         detail = traceback.format_exc() if os.environ.get("TPLLAMA_DEBUG") else f"{type(e).__name__}: {e}"
         _fail(f"internal error on rank {_world_rank()}: {detail} (set TPLLAMA_DEBUG=1 for the traceback)",
-              collective=False)
+              collective=getattr(e, "collective", False))   # every rank raised it (Parallel.agree)
     sys.exit(code)
 
 
 def _fail(message: str, collective: bool):
     """Print once and end: an error every rank raised exits everywhere; a lone one aborts the job."""
-    from mpi4py import MPI
-    world = MPI.COMM_WORLD
+    from .parallel import Parallel
+    world = Parallel()
     if collective:
-        if world.Get_rank() == 0:
+        if world.is_root:
             print(message, file=sys.stderr, flush=True)
         sys.exit(1)
-    prefix = f"rank {world.Get_rank()}: " if world.Get_size() > 1 else ""
+    prefix = f"rank {world.rank}: " if world.size > 1 else ""
     print(prefix + message, file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    if world.Get_size() > 1:
-        world.Abort(1)
-    sys.exit(1)
+    world.abort(1)

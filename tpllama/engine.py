@@ -15,6 +15,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Union
 import numpy as np
 
 from .errors import TpllamaError
+from .fingerprint import check_same_model
 from .formats import open_model
 from .loader import load_rank_weights
 from .model import RankModel
@@ -27,7 +28,7 @@ from .typeplan import choose_types
 
 NEED_FULL_LOGITS = -2
 CANCELLED = -3          # rank 0 ends the generation (e.g. its client went away)
-NON_FINITE = -4         # some rank's logits hold NaN/Inf: every rank raises the same error
+FAILED = -4             # some rank failed: every rank learns the error (Parallel.agree) and raises it
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Model:
         self.options = opts
         self.par = par = Parallel(comm, opts.sync_type)
         self.reader = reader = par.together(lambda: open_model(path))
+        check_same_model(par, reader, path)   # a stale copy on one node would hang or garble the job
         self.config = c = reader.config
         self.tokenizer = None
         if opts.tokenizer != "none":   # "none": logits only (forward), no text in or out; before the weights, to fail fast
@@ -100,9 +102,10 @@ class Model:
     # ------------------------------------------------------------ setup
 
     def _host_facts(self):
-        import psutil
-        facts = (self.par.hostname(), int(psutil.virtual_memory().available))
-        everyone = self.par.comm.allgather(facts) if self.par.size > 1 else [facts]
+        def facts():
+            import psutil
+            return self.par.hostname(), int(psutil.virtual_memory().available)
+        everyone = self.par.everyones(facts)   # an agreement: a rank that fails here still takes part
         return [h for h, _ in everyone], [a for _, a in everyone]
 
     def _choose_context(self) -> int:
@@ -139,30 +142,48 @@ class Model:
         if self.options.threads and self.options.threads > 0:
             return self.options.threads
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        ranks_here = self.par.host_comm().Get_size() if self.par.size > 1 else 1
+        ranks_here = self.par.ranks_on_host()
         return max(1, cores // ranks_here)
 
     # ------------------------------------------------------------ forward
 
-    def _run(self, tokens: Sequence[int], phase: str, stats: Optional[RunStats],
+    def _run(self, tokens: Sequence[int], phase: str, stats: Optional[RunStats], failure: "_LocalFailure",
              every_position: bool = False) -> np.ndarray:
         """Forward tokens at the end of the cache, a prefill chunk at a time; this rank's logits
-        (T, V_r) of the last position, or of every position."""
+        (T, V_r) of the last position, or of every position.
+
+        A failure on this rank alone is kept in `failure` for the next agreement; until then the
+        rank makes the same all-reduces as the others (with zeros), so none of them waits forever."""
         if len(self.history) + len(tokens) > self.ctx:
             raise TpllamaError(f"context full: {len(self.history) + len(tokens)} tokens exceed the context of {self.ctx} (-c)")
         logits = []
         for i in range(0, len(tokens), PREFILL_CHUNK):
             chunk = np.asarray(tokens[i:i + PREFILL_CHUNK], dtype=np.int64)
             clock = _StepClock(self.par)
-            hidden = self.rank_model.forward(chunk, len(self.history), self.par.allreduce_sum)
+            wanted = len(chunk) if every_position else (1 if i + PREFILL_CHUNK >= len(tokens) else 0)
+            logits.append(self._forward_chunk(chunk, wanted, failure))
             self.history.extend(int(t) for t in chunk)
-            if every_position:
-                logits.append(self.rank_model.logits(hidden))
-            elif i + PREFILL_CHUNK >= len(tokens):
-                logits.append(self.rank_model.logits(hidden[-1:]))
             if stats is not None:
                 clock.record(stats, phase, len(chunk))
         return np.concatenate(logits, axis=0)
+
+    def _forward_chunk(self, chunk: np.ndarray, wanted: int, failure: "_LocalFailure") -> np.ndarray:
+        """This rank's logits of the chunk's last `wanted` positions (T, V_r); zeros once failed."""
+        reduces_before = self.par.counters.calls.get("allreduce", 0)
+        if failure.error is None:
+            try:
+                hidden = self.rank_model.forward(chunk, len(self.history), self.par.allreduce_sum)
+                return self.rank_model.logits(hidden[len(chunk) - wanted:])
+            except Exception as e:
+                if self.par.size == 1:
+                    raise
+                failure.keep(e)
+        # keep step: the all-reduces the other ranks still make for this chunk (two per layer)
+        done = self.par.counters.calls.get("allreduce", 0) - reduces_before
+        zeros = np.zeros((len(chunk), self.config.dim), dtype=np.float64)
+        for _ in range(2 * self.config.n_layers - done):
+            self.par.allreduce_sum(zeros)
+        return np.zeros((wanted, self._vocab_counts[self.par.rank]), dtype=np.float32)
 
     def forward(self, token_ids: Sequence[int], start_pos: int) -> np.ndarray:
         """Logits (len(token_ids), vocab) float32, the same on every rank, for tokens placed at
@@ -170,7 +191,9 @@ class Model:
         if start_pos > len(self.history):
             raise TpllamaError(f"start_pos {start_pos} is past the {len(self.history)} cached positions")
         del self.history[start_pos:]
-        local = self._run(list(token_ids), "prefill", None, every_position=True)
+        failure = _LocalFailure(self.history, start_pos)
+        local = self._run(list(token_ids), "prefill", None, failure, every_position=True)
+        failure.agree(self.par)
         full = self.par.gather_vocab(local, self._vocab_counts, root_only=False)
         finite = np.isfinite(full).all(axis=1)     # the same logits on every rank: all raise together
         if not finite.all():
@@ -184,27 +207,31 @@ class Model:
     # ------------------------------------------------------------ sampling
 
     def _next_token(self, local: np.ndarray, sampler: Optional[Sampler], params: SamplingParams,
-                    cancel: Optional[Callable[[], bool]] = None) -> int:
+                    cancel: Optional[Callable[[], bool]], failure: "_LocalFailure") -> int:
         """Collective: every rank gets the same next token from vocab-parallel logits (V_r,),
-        or CANCELLED when rank 0's cancel() says to stop."""
-        if not np.isfinite(local).all():     # tell rank 0 through the candidates it gathers anyway
-            local = np.full_like(local, np.nan)
+        or CANCELLED when rank 0's cancel() says to stop. If any rank has failed (its flag rides
+        with its candidates; NaN/Inf logits count as a failure) or root's sampling fails, every
+        rank raises that error."""
+        if not np.isfinite(local).all():
+            failure.keep(_non_finite_logits(self.reader.path, len(self.history) - 1))
+            local = np.zeros_like(local)
         values, ids, extras = local_candidates(local, self.shard.vocab.start, params.candidates_per_rank)
-        merged = self.par.gather_candidates(values, ids, extras)
+        merged = self.par.gather_candidates(values, ids, np.append(extras, failure.flag))
         token = None
         if self.par.is_root:
-            if not (np.isfinite(merged[0]).all() and np.isfinite(merged[2]).all()):
-                token = NON_FINITE
-            else:
-                token = CANCELLED if cancel is not None and cancel() else sampler.pick(*merged)
+            values, ids, extras = merged
+            token = FAILED if extras[:, -1].any() or failure.error else failure.attempt(
+                lambda: CANCELLED if cancel is not None and cancel() else sampler.pick(values, ids, extras[:, :-1]),
+                FAILED)
         token = int(self.par.bcast_ints(np.array([NEED_FULL_LOGITS if token is None else token]), 1)[0])
-        if token == NON_FINITE:
-            raise _non_finite_logits(self.reader.path, len(self.history) - 1)
         if token == NEED_FULL_LOGITS:
             full = self.par.gather_vocab(local[None, :], self._vocab_counts, root_only=True)
             if self.par.is_root:
-                token = sampler.pick_full(full[0])
+                token = failure.attempt(lambda: sampler.pick_full(full[0]), FAILED)
             token = int(self.par.bcast_ints(np.array([token if self.par.is_root else 0]), 1)[0])
+        if token == FAILED:
+            failure.agree(self.par)   # raises on every rank: some rank kept an error
+            raise TpllamaError("a rank reported a failure without its reason", collective=True)
         return token
 
     # ------------------------------------------------------------ generation
@@ -228,7 +255,10 @@ class Model:
 
         cancel: checked on rank 0 before each token; True ends the generation on every rank
         (finish reason "cancelled"). The finish reason of the last call is `last_finish_reason`.
-        ignore_eos: keep going through stop tokens (benchmarks measure a fixed token count)."""
+        ignore_eos: keep going through stop tokens (benchmarks measure a fixed token count).
+        A caller that stops reading early (closes the generator, e.g. by leaving its for loop)
+        cancels the generation if it is rank 0; on another rank the generator follows rank 0 to
+        the end without yielding, so the ranks stay in step."""
         stats = stats if stats is not None else RunStats()
         params = self.par.together(lambda: SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                                                           min_p=min_p, seed=seed))
@@ -241,23 +271,25 @@ class Model:
         reuse = self._common_prefix(ids)
         del self.history[reuse:]
         stats.prompt_tokens, stats.cached_tokens = len(ids), reuse
-        local = self._run(ids[reuse:], "prefill", stats)
-        sampler = Sampler(params) if self.par.is_root else None
+        failure = _LocalFailure(self.history, reuse)
+        local = self._run(ids[reuse:], "prefill", stats, failure)
+        sampler = failure.attempt(lambda: Sampler(params)) if self.par.is_root else None
         decoder = self.tokenizer.stream_decoder(at_start=False)   # a continuation keeps its leading space
         eos = frozenset() if ignore_eos else self.tokenizer.eos_ids
         text, emitted = "", 0
         self._finish_reason = "length"
         clock = None     # a decode step: forward the previous token, sample the next
+        reader_gone = False
         for n in range(max_new_tokens):
-            token = self._next_token(local[-1], sampler, params, cancel)
+            token = self._next_token(local[-1], sampler, params, _always if reader_gone else cancel, failure)
             if clock is not None:
                 clock.record(stats)
             if token == CANCELLED or token in eos:
                 self._finish_reason = "cancelled" if token == CANCELLED else "stop"
                 break
             stats.generated_tokens += 1
-            if on_token:
-                on_token(token)
+            if on_token and failure.error is None:
+                failure.attempt(lambda: on_token(token))   # a callback that fails on one rank only
             text += decoder.add(token)
             cut = _find_stop(text, stop)
             if cut is not None:
@@ -265,17 +297,20 @@ class Model:
                 self._finish_reason = "stop"
                 break
             safe = len(text) - _held_back(text, stop)
-            if safe > emitted:
-                yield text[emitted:safe]
+            if safe > emitted and failure.error is None and not reader_gone:
+                try:
+                    yield text[emitted:safe]
+                except GeneratorExit:   # the caller stopped reading here, but the other ranks go on
+                    reader_gone = True
                 emitted = safe
             if n + 1 == max_new_tokens or len(self.history) + 1 > self.ctx:
                 break
             clock = _StepClock(self.par)
-            local = self._run([token], "decode", None)
+            local = self._run([token], "decode", None, failure)
         text += decoder.flush()
-        if len(text) > emitted:
+        stats.peak_rss = failure.agree(self.par, peak_rss_bytes())
+        if len(text) > emitted and not reader_gone:
             yield text[emitted:]
-        stats.peak_rss = self.par.comm.allgather(peak_rss_bytes()) if self.par.size > 1 else [peak_rss_bytes()]
 
     def generate(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 256,
                  on_token: Optional[Callable[[int], None]] = None, **kwargs) -> Generation:
@@ -296,16 +331,7 @@ class Model:
 
     def _root_encode(self, prompt, chat, system) -> List[int]:
         """Rank 0 tokenizes; every rank gets the ids, or the error."""
-        ids, error = None, None
-        if self.par.is_root:
-            try:
-                ids = self.encode_prompt(prompt, chat, system)
-            except TpllamaError as e:
-                error = str(e)
-        ids, error = self.par.bcast_object((ids, error))
-        if error:
-            raise TpllamaError(error, collective=True)
-        return ids
+        return self.par.from_root(lambda: self.encode_prompt(prompt, chat, system))
 
     def _common_prefix(self, ids: Sequence[int]) -> int:
         """Cached positions that the new prompt can keep (at least its last token is recomputed)."""
@@ -322,6 +348,41 @@ class Model:
 
     def close(self):
         self.reader.close()
+
+
+class _LocalFailure:
+    """An exception on this rank alone during a forward or a generation, held until the next
+    collective where every rank learns of it (the candidate gather, or the agreement that ends
+    the call); meanwhile the rank makes the same collectives as the others. When the ranks agree
+    on an error, the cache positions the call added are dropped (a failed rank's are not valid)."""
+
+    def __init__(self, history: List[int], valid: int):
+        self.error: Optional[BaseException] = None
+        self._history, self._valid = history, valid
+
+    @property
+    def flag(self) -> float:
+        return 0.0 if self.error is None else 1.0
+
+    def keep(self, error: BaseException):
+        if self.error is None:
+            self.error = error
+
+    def attempt(self, fn: Callable[[], object], on_error=None):
+        """fn(), or on_error after keeping what it raised."""
+        try:
+            return fn()
+        except Exception as e:
+            self.keep(e)
+            return on_error
+
+    def agree(self, par: Parallel, value=None):
+        """Collective: every rank's value, or every rank raises the first error any rank kept."""
+        try:
+            return par.allgather_checked(value, self.error, self.error)
+        except Exception:
+            del self._history[self._valid:]
+            raise
 
 
 class _StepClock:
@@ -342,6 +403,10 @@ def _rank_weights(value, world_size: int):
     if value is None or isinstance(value, str):
         return parse_rank_weights(value, world_size)
     return tuple(float(w) for w in value)
+
+
+def _always() -> bool:
+    return True
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> Optional[int]:

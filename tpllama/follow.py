@@ -64,7 +64,7 @@ def exchange(par, command: Optional[Command] = None) -> Command:
     """Collective: rank 0's command (the others pass None) arrives on every rank."""
     if par.size == 1:
         return command
-    request = par.comm.Ibarrier()
+    request = par.ibarrier()
     if par.is_root:
         request.Wait()
     else:
@@ -84,6 +84,6 @@ def follow(model) -> None:
         try:
             for _ in model.stream(**command.call.kwargs()):
                 pass
-        except TpllamaError as e:
-            if not e.collective:   # this rank alone failed: let cli.run abort the job
+        except Exception as e:
+            if not getattr(e, "collective", False):   # this rank alone failed: let cli.run abort the job
                 raise               # (a collective one rank 0 reports to its user and goes on)

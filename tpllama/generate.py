@@ -79,7 +79,7 @@ def _report(model, stats, per_token: bool):
     """Summary on rank 0's stderr; with --stats every rank's per-token lines too, gathered to rank 0."""
     par = model.par
     lines = [s.line(i) for i, s in enumerate(stats.steps)] if per_token else []
-    everyone = par.comm.gather(lines, root=0) if par.size > 1 else [lines]
+    everyone = par.gather_object(lines)
     if not par.is_root:
         return
     if per_token:

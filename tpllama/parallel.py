@@ -1,7 +1,12 @@
-"""The communicator: every collective tpllama makes, with byte and time accounting.
+"""The communicator: every MPI call tpllama makes, with byte and time accounting, and the
+agreement on errors that keeps ranks in step.
 
 The model math calls only `allreduce_sum`; the engine uses the token broadcast and the
-candidate gather. At world size 1 every collective is a no-op or a copy.
+candidate gather. At world size 1 every collective is a no-op or a copy. No other module
+touches the communicator.
+
+A section that can fail runs in `together` (or `from_root`): an exception of any class on any
+rank reaches every rank, which all raise it, so no rank moves on while others wait.
 
 Bytes are payload bytes: what this rank hands to MPI and gets back. On the wire a ring
 all-reduce moves about 2(K-1)/K times its payload per rank; MPI picks the algorithm.
@@ -177,35 +182,90 @@ class Parallel:
             self._host_comm = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED, key=self.rank)
         return self._host_comm
 
+    def ranks_on_host(self) -> int:
+        return self.host_comm().Get_size() if self.size > 1 else 1
+
     def hostname(self) -> str:
         return socket.gethostname()
 
-    def together(self, fn: Callable[[], Any]) -> Any:
-        """Run fn on every rank; if it fails on any, every rank raises the failure (see agree)."""
-        result, error = None, None
-        try:
-            result = fn()
-        except TpllamaError as e:
-            error = (type(e), str(e))
-        except MemoryError:
-            error = (TpllamaError, "out of memory; lower -c, use more ranks, or --weight-type q40")
-        self.agree(error)
+    def allgather_object(self, obj: Any) -> List[Any]:
+        """Every rank's small Python object, on every rank, in rank order."""
+        if self.size == 1:
+            return [obj]
+        t0 = time.perf_counter()
+        everyone = self.comm.allgather(obj)
+        self._count("allgather", t0, 0, 0)
+        return everyone
+
+    def gather_object(self, obj: Any) -> Optional[List[Any]]:
+        """Every rank's small Python object on root, in rank order (None elsewhere)."""
+        if self.size == 1:
+            return [obj]
+        t0 = time.perf_counter()
+        everyone = self.comm.gather(obj, root=0)
+        self._count("gather", t0, 0, 0)
+        return everyone
+
+    def ibarrier(self):
+        """A non-blocking barrier (followers poll it while they sleep between commands)."""
+        t0 = time.perf_counter()
+        request = self.comm.Ibarrier()
+        self._count("ibarrier", t0, 0, 0)
+        return request
+
+    def on_host_leader(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on one rank per host (the others wait); every rank of that host gets its result,
+        or every rank of the job raises a host's error (a download into a host's shared cache)."""
+        if self.size == 1:
+            return fn()
+        host = self.host_comm()
+        outcome = _attempt(fn) if host.Get_rank() == 0 else None
+        t0 = time.perf_counter()
+        result, error = host.bcast(outcome[:2] if outcome else None, root=0)
+        self._count("bcast", t0, 0, 0)
+        self.agree(error, outcome[2] if outcome else None)   # a failure on one host stops every host
         return result
 
-    def agree(self, error) -> None:
-        """Collective check: if any rank has an error ((class, message) or a message), every rank
-        raises it: root's if it failed, else the lowest failing rank's, prefixed with that rank.
-        So a bad path on one node stops the whole job with one message."""
-        errors = [error] if self.size == 1 else self.comm.allgather(error)
+    def from_root(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on root only; every rank gets its result, or raises its error (any class)."""
+        outcome = _attempt(fn) if self.is_root else None
+        result, error = self.bcast_object(outcome[:2] if outcome else None)
+        if error is not None:
+            raise _rebuild(error, cause=outcome[2] if outcome else None)
+        return result
+
+    def together(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on every rank; if it fails on any, every rank raises the failure (see agree).
+        Any exception class counts: a rank that raised alone would leave the others waiting."""
+        result, error, cause = _attempt(fn)
+        self.agree(error, cause)
+        return result
+
+    def everyones(self, fn: Callable[[], Any]) -> List[Any]:
+        """fn() of every rank, on every rank in rank order; if it fails on any, every rank raises."""
+        result, error, cause = _attempt(fn)
+        return self.allgather_checked(result, error, cause)
+
+    def agree(self, error=None, cause: Optional[BaseException] = None) -> None:
+        """Collective check: if any rank has an error, every rank raises it (see allgather_checked)."""
+        self.allgather_checked(None, error, cause)
+
+    def allgather_checked(self, value: Any, error=None, cause: Optional[BaseException] = None) -> List[Any]:
+        """Every rank's value on every rank, unless a rank has an error: then every rank raises it.
+
+        error: None, a message, a (class, message) pair or an exception. Every rank raises the same
+        class (marked collective): root's error if it failed, else the lowest failing rank's,
+        prefixed with that rank and host when the ranks disagree. So a bad path on one node stops
+        the whole job with one message, and a library caller sees the same exception everywhere."""
+        mine = _describe(error) if error is not None else None
+        everyone = self.allgather_object((value, mine, self.hostname()))
+        errors = [e for _, e, _ in everyone]
         for r, e in enumerate(errors):
             if e is not None:
-                cls, message = e if isinstance(e, tuple) else (TpllamaError, e)
                 same_everywhere = self.size == 1 or all(x == e for x in errors)
-                prefix = "" if same_everywhere else f"rank {r} ({self._hosts()[r]}): "
-                raise cls(prefix + message, collective=True)
-
-    def _hosts(self) -> List[str]:
-        return self.comm.allgather(self.hostname()) if self.size > 1 else [self.hostname()]
+                prefix = "" if same_everywhere else f"rank {r} ({everyone[r][2]}): "
+                raise _rebuild((e[0], prefix + e[1]), cause=cause)
+        return [v for v, _, _ in everyone]
 
     def abort(self, code: int = 1):
         """End the whole job now (every rank, on every host)."""
@@ -214,3 +274,51 @@ class Parallel:
         if self.size > 1:
             self.comm.Abort(code)
         sys.exit(code)
+
+
+# ------------------------------------------------------------ errors that cross ranks
+
+OUT_OF_MEMORY = "out of memory; lower -c, use more ranks, or --weight-type q40"
+
+
+def _attempt(fn: Callable[[], Any]):
+    """(result, None, None), or (None, shareable error, the exception) if fn raised."""
+    try:
+        return fn(), None, None
+    except Exception as e:   # any class: the other ranks must hear of it, or they wait forever
+        return None, _describe(e), e
+
+
+def _describe(error) -> Tuple[type, str]:
+    """(class, message) of an error, in a form every rank can unpickle and rebuild."""
+    if isinstance(error, tuple):
+        return error
+    if isinstance(error, str):
+        return TpllamaError, error
+    if isinstance(error, MemoryError):
+        return TpllamaError, OUT_OF_MEMORY
+    cls = type(error)
+    args = error.args
+    message = args[0] if len(args) == 1 and isinstance(args[0], str) else str(error)   # KeyError's str() quotes
+    if _importable(cls):
+        return cls, message
+    return TpllamaError, message if isinstance(error, TpllamaError) else f"{cls.__name__}: {message}"
+
+
+def _importable(cls: type) -> bool:
+    """Whether another process can unpickle the class by name (not a local or __main__ class)."""
+    module = sys.modules.get(cls.__module__)
+    return cls.__module__ != "__main__" and getattr(module, cls.__qualname__, None) is cls
+
+
+def _rebuild(error: Tuple[type, str], cause: Optional[BaseException] = None) -> BaseException:
+    """The exception every rank raises for an agreed error, marked collective; this rank's own
+    exception (if it is where the error began) stays attached as the cause for tracebacks."""
+    cls, message = error
+    try:
+        exc = cls(message, collective=True) if issubclass(cls, TpllamaError) else cls(message)
+        exc.collective = True
+    except Exception:   # a class that needs other arguments: keep its name in the message
+        exc = TpllamaError(f"{cls.__name__}: {message}", collective=True)
+    exc.__cause__ = cause
+    return exc

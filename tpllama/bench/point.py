@@ -32,9 +32,9 @@ def run_point(model, pp: int, tg: int, reps: int, seed: int = 0) -> dict:
             "sent_bytes_per_token": s.mean("decode", "sent_bytes"), "recv_bytes_per_token": s.mean("decode", "recv_bytes"),
         })
     runs = runs[1:]
-    per_rank = model.par.comm.gather(runs, root=0) if model.par.size > 1 else [runs]
+    per_rank = model.par.gather_object(runs)
     from ..stats import peak_rss_bytes
-    rss = model.par.comm.gather(peak_rss_bytes(), root=0) if model.par.size > 1 else [peak_rss_bytes()]
+    rss = model.par.gather_object(peak_rss_bytes())
     if not model.par.is_root:
         return {}
 
