@@ -288,8 +288,10 @@ GROUP_FN(q80_group_neon_f64, q80_tile_neon, , 2, 1)
  * One tile per level for every type, T a compile-time TPK_T_* constant (tpk.h has the
  * layout and the per-block formula; tpk_x86.c the same scheme). Chunk k's quants: the
  * nibbles plus the bit planes moved into bits 4 and 5 by per-byte shifts. Elements 0..15
- * (low nibbles) and 16..31 (high) are summed apart, A and B. Plain NEON keeps the products
- * in int16: 4 per lane and half, at most 4 * 63 * 128 = 32256. */
+ * (low nibbles) and 16..31 (high) are summed apart, A and B, for q6k, whose halves have
+ * their own scales; the other types add both into A (B = 0). Plain NEON keeps the products
+ * in int16: q6k 4 per lane and half, at most 4 * 63 * 128 = 32256; the others 8 per lane,
+ * at most 8 * 31 * 128 = 31744. */
 
 INLINE uint8x16_t shl8(uint8x16_t v, const int s) { return vshlq_u8(v, vdupq_n_s8((int8_t)s)); }
 
@@ -424,7 +426,8 @@ INLINE TGT_DOT void kq_tile_dot(const uint8_t *w, int64_t nb, const tpk_xq *x, v
             kq_chunk(gb, (k), q, p0[q], p1[q], &lo, &hi, T);                    \
             for (int t = 0; t < TT; t++) {                                      \
                 A[t][q] = vdotq_laneq_s32(A[t][q], lo, xlo[t], (k));            \
-                B[t][q] = vdotq_laneq_s32(B[t][q], hi, xhi[t], (k));            \
+                if (KQ_MERGE(T)) A[t][q] = vdotq_laneq_s32(A[t][q], hi, xhi[t], (k)); \
+                else B[t][q] = vdotq_laneq_s32(B[t][q], hi, xhi[t], (k));       \
             }                                                                   \
         }
         KQ_DOT_K(0) KQ_DOT_K(1) KQ_DOT_K(2) KQ_DOT_K(3)
@@ -459,8 +462,9 @@ INLINE void kq_tile_neon(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y,
                 for (int t = 0; t < TT; t++) {
                     a16[t][q][0] = vmlal_s8(a16[t][q][0], vget_low_s8(lo), vget_low_s8(xl[t]));
                     a16[t][q][1] = vmlal_high_s8(a16[t][q][1], lo, xl[t]);
-                    b16[t][q][0] = vmlal_s8(b16[t][q][0], vget_low_s8(hi), vget_low_s8(xh[t]));
-                    b16[t][q][1] = vmlal_high_s8(b16[t][q][1], hi, xh[t]);
+                    int16x8_t *hb = KQ_MERGE(T) ? a16[t][q] : b16[t][q];
+                    hb[0] = vmlal_s8(hb[0], vget_low_s8(hi), vget_low_s8(xh[t]));
+                    hb[1] = vmlal_high_s8(hb[1], hi, xh[t]);
                 }
             }
         }
@@ -468,7 +472,7 @@ INLINE void kq_tile_neon(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y,
             int32x4_t A[4], B[4];
             for (int q = 0; q < 4; q++) {
                 A[q] = fold_rows16(a16[t][q][0], a16[t][q][1]);
-                B[q] = fold_rows16(b16[t][q][0], b16[t][q][1]);
+                B[q] = KQ_MERGE(T) ? vdupq_n_s32(0) : fold_rows16(b16[t][q][0], b16[t][q][1]);
             }
             kq_finish(&out[t], A, B, gb, x + t * nb + b, T, F64);
         }

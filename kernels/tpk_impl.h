@@ -40,6 +40,8 @@ typedef struct {
 #define KQ_OFF_MN 80
 #define KQ_OFF_SC6 32   /* q6k: int8 sc[2][16] */
 #define KQ_IS_K(T) ((T) == TPK_T_Q4K || (T) == TPK_T_Q5K)
+/* Only q6k needs A and B apart; the others sum both halves into one accumulator (A, B = 0). */
+#define KQ_MERGE(T) ((T) != TPK_T_Q6K)
 
 /* One row group (TPK_ROWS rows, nrows <= TPK_ROWS of them real) times ntok tokens:
  * w: the group's nb group blocks; x: token t's blocks at x + t * nb;

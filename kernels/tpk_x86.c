@@ -355,11 +355,14 @@ GROUP_FN(q80_group_avx2_f64, q80_tile_avx2, TGT_AVX2, 2, 1)
  * plus the bit planes moved into bits 4 and 5 by constant shifts (a plane byte holds the
  * chunk's bit at bit k for the low nibbles and bit 4+k for the high ones; 16-bit shifts
  * never carry a wanted bit across a byte here). Elements 0..15 (low nibbles) and 16..31
- * (high nibbles) are summed apart, A and B, because q6k scales them apart.
- * int16 bounds (vpmaddubsw path): a pair sum is at most 2*63*128 = 16128; up to 5-bit
- * quants, 4 chunks stay within 4*2*31*128 = 31744; 6-bit quants widen every 2 chunks. */
+ * (high nibbles) are summed apart, A and B, where q6k scales them apart; the other types
+ * add both into A (VNNI), or with the vpmaddubsw path the 4-bit types do (B stays 0).
+ * int16 bounds (vpmaddubsw path): a pair sum is at most 2*63*128 = 16128; 4-bit quants in
+ * one accumulator over 4 chunks: 8*2*15*128 = 30720; 5-bit ones apart: 4*2*31*128 = 31744;
+ * 6-bit quants widen every 2 chunks. */
 
 #define KQ_ACC16_CHUNKS(T) (KQ_PLANES(T) == 2 ? 2 : 4)
+#define KQ_MERGE16(T) (KQ_PLANES(T) == 0)
 
 INLINE TGT_512 void acc512_add2(acc512 *a, __m512i isum, __m512 dw, __m512i isum2, __m512 mw, float dx,
                                 const int F64, const int TWO, const int SUB) {
@@ -536,7 +539,8 @@ INLINE TGT_VNNI void kq_tile_vnni(const uint8_t *w, int64_t nb, const tpk_xq *x,
             for (int t = 0; t < TT; t++) {
                 const int8_t *xq = x[t * nb + b].qs;
                 A[t] = _mm512_dpbusd_epi32(A[t], lo, _mm512_set1_epi32(ld32(xq + 4 * k)));
-                B[t] = _mm512_dpbusd_epi32(B[t], hi, _mm512_set1_epi32(ld32(xq + 16 + 4 * k)));
+                if (KQ_MERGE(T)) A[t] = _mm512_dpbusd_epi32(A[t], hi, _mm512_set1_epi32(ld32(xq + 16 + 4 * k)));
+                else B[t] = _mm512_dpbusd_epi32(B[t], hi, _mm512_set1_epi32(ld32(xq + 16 + 4 * k)));
             }
         }
         for (int t = 0; t < TT; t++) kq512_finish(&out[t], A[t], B[t], gb, x + t * nb + b, T, F64);
@@ -559,11 +563,13 @@ INLINE TGT_512 void kq_tile_512(const uint8_t *w, int64_t nb, const tpk_xq *x, v
             kq512_chunk(gb, k, p0, p1, &lo, &hi, T);
             for (int t = 0; t < TT; t++) {
                 const int8_t *xq = x[t * nb + b].qs;
+                const __m512i ph = _mm512_maddubs_epi16(hi, _mm512_set1_epi32(ld32(xq + 16 + 4 * k)));
                 A16[t] = _mm512_add_epi16(A16[t], _mm512_maddubs_epi16(lo, _mm512_set1_epi32(ld32(xq + 4 * k))));
-                B16[t] = _mm512_add_epi16(B16[t], _mm512_maddubs_epi16(hi, _mm512_set1_epi32(ld32(xq + 16 + 4 * k))));
+                if (KQ_MERGE16(T)) A16[t] = _mm512_add_epi16(A16[t], ph);
+                else B16[t] = _mm512_add_epi16(B16[t], ph);
                 if ((k + 1) % KQ_ACC16_CHUNKS(T) == 0) {
                     A[t] = _mm512_add_epi32(A[t], _mm512_madd_epi16(A16[t], ones));
-                    B[t] = _mm512_add_epi32(B[t], _mm512_madd_epi16(B16[t], ones));
+                    if (!KQ_MERGE16(T)) B[t] = _mm512_add_epi32(B[t], _mm512_madd_epi16(B16[t], ones));
                     A16[t] = B16[t] = _mm512_setzero_si512();
                 }
             }
@@ -592,11 +598,13 @@ INLINE TGT_AVX2 void kq_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x,
                 kq256_chunk(gb, k, h, p0, p1, &lo, &hi, T);
                 for (int t = 0; t < TT; t++) {
                     const int8_t *xq = x[t * nb + b].qs;
+                    const __m256i ph = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(ld32(xq + 16 + 4 * k)));
                     A16[t] = _mm256_add_epi16(A16[t], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(ld32(xq + 4 * k))));
-                    B16[t] = _mm256_add_epi16(B16[t], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(ld32(xq + 16 + 4 * k))));
+                    if (KQ_MERGE16(T)) A16[t] = _mm256_add_epi16(A16[t], ph);
+                    else B16[t] = _mm256_add_epi16(B16[t], ph);
                     if ((k + 1) % KQ_ACC16_CHUNKS(T) == 0) {
                         A[t] = _mm256_add_epi32(A[t], _mm256_madd_epi16(A16[t], ones));
-                        B[t] = _mm256_add_epi32(B[t], _mm256_madd_epi16(B16[t], ones));
+                        if (!KQ_MERGE16(T)) B[t] = _mm256_add_epi32(B[t], _mm256_madd_epi16(B16[t], ones));
                         A16[t] = B16[t] = _mm256_setzero_si256();
                     }
                 }
