@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from tpllama import wtypes
+from tpllama import typeplan, wtypes
 from tpllama.config import ModelConfig
 from tpllama.errors import TpllamaError
 from tpllama.plan import make_plan, matrix_bytes, weight_bytes
@@ -56,8 +56,13 @@ def test_auto_runs_a_type_in_its_own_kernels_once_they_exist(monkeypatch, ggml):
     t = wtypes.BY_GGML[ggml]
     monkeypatch.setitem(wtypes.BY_GGML, ggml, dataclasses.replace(t, native=True, runtime_bytes_per_32=t.block_bytes * 32 / t.block))
     monkeypatch.setitem(wtypes.TYPES, t.name, wtypes.BY_GGML[ggml])
+    monkeypatch.setattr(typeplan, "WEIGHT_TYPE_CHOICES", wtypes.WEIGHT_TYPE_CHOICES + (t.name,))
     tp = choose_types(FakeFile(SMOLLM2, ggml, "Q8_0"))
     assert kinds_of(tp, "w2") == {t.name} and kinds_of(tp, "output") == {"q80"}
+    # forcing it is fine on its own files; no quantizer converts other types into it
+    assert kinds_of(choose_types(FakeFile(SMOLLM2, ggml), t.name), "w2") == {t.name}
+    with pytest.raises(TpllamaError, match=f"--weight-type {t.name}: a F16 matrix cannot be converted to it"):
+        choose_types(FakeFile(SMOLLM2, "F16"), t.name)
     assert tp.summary().startswith(f"weights: wq/wk/wv/wo/w1/w3/w2 {ggml} (file's own)")
     # the memory plan counts the runtime layout the table gives
     assert matrix_bytes(1536, 576, t.name) == 1536 * 576 // 32 * wtypes.BY_GGML[ggml].runtime_bytes_per_32

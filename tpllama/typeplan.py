@@ -28,6 +28,7 @@ UNIT = 32            # every quantized runtime type's column unit (wtypes.Weight
 LAYER_KINDS = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
 FLOAT_FILE_TYPES = ("F32", "F16", "BF16")
 FALLBACK = "q80"     # runtime type of quantized or float sources without native kernels
+CONVERTIBLE = ("q40", "q80", "f32")   # types the loader can convert any matrix into (C quantizers)
 
 
 def ffn_unit(config) -> int:
@@ -90,6 +91,10 @@ def choose(requested: str, ggml: str, width_problem: Optional[str]) -> Choice:
     if width_problem is not None:
         return Choice("f32", ggml, width_problem, by_width=True)
     if requested != "auto":
+        own_type = BY_GGML.get(ggml)
+        if requested not in CONVERTIBLE and (own_type is None or own_type.name != requested):
+            raise TpllamaError(f"--weight-type {requested}: a {ggml} matrix cannot be converted to it; "
+                               f"use auto or one of {', '.join(CONVERTIBLE)}")
         return Choice(requested, ggml, "--weight-type " + requested)
     if ggml in FLOAT_FILE_TYPES:     # q80 streams 4x fewer bytes than f32; the summary says it is lossy
         return Choice(FALLBACK, ggml, f"quantized from {ggml} for speed; --weight-type f32 keeps the file's values")
