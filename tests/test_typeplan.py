@@ -166,3 +166,16 @@ def test_the_type_table_agrees_with_gguf_and_the_kernels():
             for rows, cols in ((1, 32), (17, 256), (576, 1536)):
                 assert wtypes.runtime_bytes(t.name, rows, cols) == K.packed_bytes(t.name, rows, cols // 32), t.name
     assert set(wtypes.RUNTIME_TYPES) >= {"f32", "q40", "q80"}
+
+
+def test_plan_and_readers_import_without_the_compiled_kernels():
+    """The plan command and the file readers work in an unbuilt tree (the kernels are imported
+    only when a Q4_0/Q8_0 tensor is first dequantized)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys; sys.modules['tpllama._kernels'] = None\n"
+            "import tpllama.plan, tpllama.typeplan, tpllama.wtypes, tpllama.formats.base, tpllama.formats.gguf\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=str(Path(__file__).resolve().parents[1]), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
