@@ -177,10 +177,11 @@ def test_spec_parser_agrees_with_gguf_reader(hf_ref, tmp_path):
         assert np.array_equal(gguf_tensor_bytes(path, t.name).reshape(-1), np.asarray(t.data).view(np.uint8).reshape(-1))
 
 
-@pytest.mark.parametrize("qtype,runtime", [("Q4_0", "q40"), ("Q8_0", "q80")])
-def test_blocks_pass_through_bit_for_bit(hf_ref, qtype, runtime, tmp_path):
+@pytest.mark.parametrize("qtype,runtime,asked", [("Q4_0", "q40", "q40"), ("Q8_0", "q80", "q80"),
+                                                  ("Q4_0", "q40", "auto"), ("Q8_0", "q80", "auto")])
+def test_blocks_pass_through_bit_for_bit(hf_ref, qtype, runtime, asked, tmp_path):
     path = hf_model_to_gguf(tmp_path / f"tiny-{qtype}.gguf", hf_ref.state, hf_ref.cfg, T[qtype])
-    model = tpllama.load(str(path), weight_type=runtime, tokenizer="none", ctx_size=32, threads=1)
+    model = tpllama.load(str(path), weight_type=asked, tokenizer="none", ctx_size=32, threads=1)
     w = model.rank_model.w
     for i, layer in enumerate(w.layers):
         for attr, role in (("wq", "attn_q"), ("wk", "attn_k"), ("wv", "attn_v"), ("wo", "attn_output"),
@@ -525,6 +526,11 @@ def test_smollm2_q4_1_gguf(smollm2):
         blocks = file_blocks(smollm2, name)[rows]
         want = quants.dequantize(blocks, T[reader.dtype(name)])[:, cols]
         assert np.array_equal(reader.read(name, rows, cols), want), name
+    # at the default weight type the Q8_0 output keeps the file's blocks; Q4_1 (no kernels yet) -> q80
+    out = load_matrix(reader, "token_embd.weight", slice(4096, 4200), slice(None), "q80")
+    assert np.array_equal(out.blocks(), file_blocks(smollm2, "token_embd.weight")[4096:4200])
+    down = load_matrix(reader, "blk.3.ffn_down.weight", slice(100, 110), slice(64, 800), "q80")
+    assert np.array_equal(down.blocks(), K.quantize_q80(reader.read("blk.3.ffn_down.weight", slice(100, 110), slice(64, 800))))
 
 
 # =====================================================================================

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from tpllama import wtypes
+from tpllama import typeplan, wtypes
 from tpllama.config import ModelConfig
 from tpllama.errors import TpllamaError
 from tpllama.plan import make_plan, matrix_bytes, weight_bytes
@@ -67,8 +67,13 @@ def test_auto_runs_a_type_in_its_own_kernels_once_they_exist(monkeypatch, ggml):
     t = wtypes.BY_GGML[ggml]
     monkeypatch.setitem(wtypes.BY_GGML, ggml, dataclasses.replace(t, native=True, runtime_bytes_per_32=t.block_bytes * 32 / t.block))
     monkeypatch.setitem(wtypes.TYPES, t.name, wtypes.BY_GGML[ggml])
+    monkeypatch.setattr(typeplan, "WEIGHT_TYPE_CHOICES", wtypes.WEIGHT_TYPE_CHOICES + (t.name,))
     tp = choose_types(FakeFile(SMOLLM2, ggml, "Q8_0"))
     assert kinds_of(tp, "w2") == {t.name} and kinds_of(tp, "output") == {"q80"}
+    # forcing it is fine on its own files; no quantizer converts other types into it
+    assert kinds_of(choose_types(FakeFile(SMOLLM2, ggml), t.name), "w2") == {t.name}
+    with pytest.raises(TpllamaError, match=f"--weight-type {t.name}: a F16 matrix cannot be converted to it"):
+        choose_types(FakeFile(SMOLLM2, "F16"), t.name)
     assert tp.summary().startswith(f"weights: wq/wk/wv/wo/w1/w3/w2 {ggml} (file's own)")
     # the memory plan counts the runtime layout the table gives
     assert matrix_bytes(1536, 576, t.name) == 1536 * 576 // 32 * wtypes.BY_GGML[ggml].runtime_bytes_per_32
@@ -175,3 +180,16 @@ def test_the_type_table_agrees_with_gguf_and_the_kernels():
             for rows, cols in ((1, 32), (17, 256), (576, 1536)):
                 assert wtypes.runtime_bytes(t.name, rows, cols) == K.packed_bytes(t.name, rows, cols // 32), t.name
     assert set(wtypes.RUNTIME_TYPES) >= {"f32", "q40", "q80"}
+
+
+def test_plan_and_readers_import_without_the_compiled_kernels():
+    """The plan command and the file readers work in an unbuilt tree (the kernels are imported
+    only when a Q4_0/Q8_0 tensor is first dequantized)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys; sys.modules['tpllama._kernels'] = None\n"
+            "import tpllama.plan, tpllama.typeplan, tpllama.wtypes, tpllama.formats.base, tpllama.formats.gguf\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=str(Path(__file__).resolve().parents[1]), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -113,16 +113,16 @@ class Model:
         model's context capped to what fits, saying so."""
         opts, par, c = self.options, self.par, self.config
         hosts, available = self._host_facts()
-        wtype = self.types
+        types = self.types
         if opts.ctx_size and opts.ctx_size > 0:
             ctx = opts.ctx_size
         else:
             # below 256 positions nothing useful fits: plan for 256 and let the shortfall report say what is missing
-            ctx = max(min(c.max_seq_len, max_context(self.plan, wtype, hosts, available)), min(256, c.max_seq_len))
+            ctx = max(min(c.max_seq_len, max_context(self.plan, types, hosts, available)), min(256, c.max_seq_len))
             if ctx < c.max_seq_len:
                 _log(par, True, f"tpllama: context capped to {ctx} of the model's {c.max_seq_len} so the KV cache fits "
                                 "in memory (set it with -c)")
-        mem = rank_memory(self.plan, wtype, ctx, hosts, available)
+        mem = rank_memory(self.plan, types, ctx, hosts, available)
         if opts.verbose:
             _log(par, True, format_memory_table(mem, ctx, self.types))
         short = host_shortfalls(mem)

@@ -127,14 +127,13 @@ def _convert(reader: ModelReader, name: str, rows: slice, cols: slice, wtype: st
         blocks, first_col = reader.read_blocks(name, rows, cols)     # the file's values, untouched
         _require_finite_scales(reader, name, wtype, blocks, rows.indices(reader.shape(name)[0])[0])
         return Matrix.from_ggml(wtype, blocks, first_col, n_cols, threads)
-    return Matrix.from_ggml(wtype, _quantized(reader, name, rows, cols, wtype, n_rows), 0, n_cols, threads)
+    return Matrix.from_ggml(wtype, _quantized(reader, name, rows, cols, wtype, n_rows, n_cols), 0, n_cols, threads)
 
 
-def _quantized(reader: ModelReader, name: str, rows: slice, cols: slice, wtype: str, n_rows: int) -> np.ndarray:
+def _quantized(reader: ModelReader, name: str, rows: slice, cols: slice, wtype: str, n_rows: int, n_cols: int) -> np.ndarray:
     """GGML `wtype` blocks of W[rows, cols], converted CONVERT_ROWS rows at a time."""
     row0 = rows.indices(reader.shape(name)[0])[0]
     t = weight_type(wtype)
-    n_cols = len(range(*cols.indices(reader.shape(name)[1])))
     data = np.empty((n_rows, n_cols // t.block * t.block_bytes), dtype=np.uint8)
     for r in range(0, n_rows, CONVERT_ROWS):
         chunk = slice(row0 + r, row0 + min(r + CONVERT_ROWS, n_rows))

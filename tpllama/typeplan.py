@@ -24,10 +24,11 @@ from .errors import TpllamaError
 from .formats.base import layer_names
 from .wtypes import BY_GGML, RUNTIME_TYPES, TYPES, WEIGHT_TYPE_CHOICES, WeightType
 
-UNIT = 32            # every quantized runtime type's column unit (wtypes.WeightType.unit)
+UNIT = 32            # the plan's FFN slice step: every quantized type's column unit (wtypes) divides it
 LAYER_KINDS = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
 FLOAT_FILE_TYPES = ("F32", "F16", "BF16")
 FALLBACK = "q80"     # runtime type of quantized or float sources without native kernels
+CONVERTIBLE = ("q40", "q80", "f32")   # types the loader can convert any matrix into (C quantizers)
 
 
 def ffn_unit(config) -> int:
@@ -85,11 +86,13 @@ def lowers(runtime: str, ggml: str) -> bool:
     return TYPES[runtime].bits <= file_bits(ggml)
 
 
-def choose(requested: str, ggml: str, width_problem: Optional[str]) -> Choice:
-    """The runtime type of one matrix stored as `ggml` in the file."""
-    if width_problem is not None:
-        return Choice("f32", ggml, width_problem, by_width=True)
+def choose(requested: str, ggml: str) -> Choice:
+    """The runtime type of one matrix stored as `ggml` in the file, if its slices allow blocks."""
     if requested != "auto":
+        own_type = BY_GGML.get(ggml)
+        if requested not in CONVERTIBLE and (own_type is None or own_type.name != requested):
+            raise TpllamaError(f"--weight-type {requested}: a {ggml} matrix cannot be converted to it; "
+                               f"use auto or one of {', '.join(CONVERTIBLE)}")
         return Choice(requested, ggml, "--weight-type " + requested)
     if ggml in FLOAT_FILE_TYPES:     # q80 streams 4x fewer bytes than f32; the summary says it is lossy
         return Choice(FALLBACK, ggml, f"quantized from {ggml} for speed; --weight-type f32 keeps the file's values")
@@ -162,7 +165,12 @@ def choose_types(reader, requested: str = "auto") -> TypePlan:
     kinds = tensor_kinds(c, output_tensor_name(reader))
     choices = {}
     for name, kind in kinds.items():
-        choices[name] = choose(requested, reader.dtype(name), quantizable(c, kind))
+        choice = choose(requested, reader.dtype(name))
+        if TYPES[choice.runtime].quantized:
+            problem = quantizable(c, kind, TYPES[choice.runtime].unit)
+            if problem:
+                choice = Choice("f32", choice.file, problem, by_width=True)
+        choices[name] = choice
     return TypePlan(requested, choices, kinds)
 
 
@@ -192,7 +200,7 @@ def type_table() -> str:
     `python -m tpllama.typeplan` prints it."""
     lines = ["| file type | bits per weight | `--weight-type auto` runs it as | why |", "|---|---|---|---|"]
     for t in TYPES.values():
-        c = choose("auto", t.ggml, None)
+        c = choose("auto", t.ggml)
         runs = "its own blocks (" + c.runtime + ")" if c.reason == "file's own" else c.runtime
         why = {"file's own": "native kernels: the file's values, untouched"}.get(c.reason, c.reason)
         lines.append(f"| {t.ggml} | {t.bits:g} | {runs} | {why} |")
