@@ -526,9 +526,14 @@ def test_smollm2_q4_1_gguf(smollm2):
         blocks = file_blocks(smollm2, name)[rows]
         want = quants.dequantize(blocks, T[reader.dtype(name)])[:, cols]
         assert np.array_equal(reader.read(name, rows, cols), want), name
-    # at the default weight type the Q8_0 output keeps the file's blocks; Q4_1 (no kernels yet) -> q80
+    # at the default weight type the Q8_0 output keeps the file's blocks and the Q4_1 matrices
+    # the file's values (native q41); forcing q80 re-quantizes them
     out = load_matrix(reader, "token_embd.weight", slice(4096, 4200), slice(None), "q80")
     assert np.array_equal(out.blocks(), file_blocks(smollm2, "token_embd.weight")[4096:4200])
+    own = load_matrix(reader, "blk.3.ffn_down.weight", slice(100, 110), slice(64, 800), "q41")
+    assert own.wtype == "q41"
+    want = quants.dequantize(file_blocks(smollm2, "blk.3.ffn_down.weight")[100:110], T["Q4_1"])[:, 64:800]
+    assert np.array_equal(own.dequantized(), want)
     down = load_matrix(reader, "blk.3.ffn_down.weight", slice(100, 110), slice(64, 800), "q80")
     assert np.array_equal(down.blocks(), K.quantize_q80(reader.read("blk.3.ffn_down.weight", slice(100, 110), slice(64, 800))))
 
