@@ -7,7 +7,13 @@
 Imports are lazy so that the command-line entry points can set thread variables
 before numpy loads.
 """
+import logging
+
 __version__ = "0.1.0"
+
+# The library reports on logger "tpllama" and prints nothing unless the application (or the
+# command line, or verbose=True) gives that logger a handler.
+logging.getLogger("tpllama").addHandler(logging.NullHandler())
 
 
 def load(path=None, comm=None, **options):
