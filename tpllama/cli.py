@@ -151,10 +151,21 @@ def run(main: Callable[[], int]) -> None:
     except BrokenPipeError:
         sys.exit(0)
     except Exception as e:  # a bug: show where, then bring the job down
+        missing = _kernels_missing(e)
+        if missing:
+            _fail(f"error: {missing}", collective=True)
         detail = traceback.format_exc() if os.environ.get("TPLLAMA_DEBUG") else f"{type(e).__name__}: {e}"
         _fail(f"internal error on rank {_world_rank()}: {detail} (set TPLLAMA_DEBUG=1 for the traceback)",
               collective=False)
     sys.exit(code)
+
+
+def _kernels_missing(e: Exception):
+    """The one line for an unbuilt source tree, when that is what the error is."""
+    if isinstance(e, ImportError) and "_kernels" in str(e):
+        from . import kernels_missing
+        return kernels_missing()
+    return None
 
 
 def _fail(message: str, collective: bool):
