@@ -61,7 +61,7 @@ def test_stream_checks_its_arguments_when_called_not_when_iterated(stories):
 
 
 def test_seed_minus_one_is_a_random_seed(stories):
-    texts = {stories.generate("Once", 12, temperature=1.0, seed=-1).text for _ in range(4)}
+    texts = {stories.generate("Once", 12, temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=-1).text for _ in range(4)}
     assert len(texts) > 1, "seed -1 draws a new seed each time (llama.cpp's meaning)"
     same = {stories.generate("Once", 12, temperature=1.0, seed=5).text for _ in range(2)}
     assert len(same) == 1
@@ -218,3 +218,23 @@ def test_chat_flags_are_checked_before_loading(stories_bin, args, needle):
     out = cli("tpllama.chat", "-m", str(stories_bin), *args, stdin="")
     assert out.returncode != 0
     assert needle in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@pytest.mark.mpi
+def test_on_two_ranks_seed_minus_one_and_bad_arguments_keep_the_ranks_in_step(stories_bin):
+    from mpi_util import run_script
+    ranks = run_script(2, "bad_arguments.py", stories_bin, timeout=120)["ranks"]
+    (texts0, errors0, after0), (texts1, errors1, after1) = ranks
+    assert texts0 == texts1, "rank 0's random seed drives every rank: the same text everywhere"
+    assert len(set(texts0)) > 1
+    assert len(errors0) == 6 and errors0 == errors1
+    assert errors0[0].startswith("temperature=nan") and errors0[5].startswith("start_pos=-1")
+    assert after0 == after1 and after0
+
+
+@pytest.mark.mpi
+def test_cli_seed_minus_one_under_mpirun(stories_bin):
+    from mpi_util import mpirun
+    out = mpirun(2, ["-m", "tpllama.generate", "-m", str(stories_bin), "-q", "-p", "Once", "-n", "8", "-s", "-1",
+                     "-t", "1"])
+    assert out.stdout.strip().startswith("Once") and "error" not in out.stderr
