@@ -23,6 +23,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 from . import checks  # noqa: E402
+from .console import LAUNCHERS  # noqa: E402  (mpirun's process names: a rank beside mpirun is its child)
 from .errors import TpllamaError  # noqa: E402
 from .parallel import SYNC_TYPES  # noqa: E402
 from .wtypes import WEIGHT_TYPE_CHOICES  # noqa: E402
@@ -180,8 +181,6 @@ def _fail(message: str, collective: bool):
     end_job(1, collective)
 
 
-# mpirun of Open MPI 5 runs as prterun; a rank it started on its own host is its child
-LAUNCHERS = ("prterun", "mpirun", "mpiexec")
 # how long a rank waits for mpirun to end it before it ends itself
 END_WAIT_SECONDS = 10.0
 

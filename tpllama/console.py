@@ -74,7 +74,7 @@ class Terminal:
     @classmethod
     def take(cls) -> Optional["Terminal"]:
         """Take mpirun's terminal when mpirun runs in its foreground and reads it; else None."""
-        if "OMPI_COMM_WORLD_SIZE" not in os.environ:
+        if "OMPI_COMM_WORLD_SIZE" not in os.environ or not _parent_is_mpirun():
             return None
         launcher = os.getppid()
         path = os.path.realpath(f"/proc/{launcher}/fd/0")   # mpirun's stdin, when rank 0 is its child
@@ -168,8 +168,21 @@ class _LauncherInput:
         return False
 
 
+LAUNCHERS = ("prterun", "mpirun", "mpiexec")   # Open MPI 5's mpirun runs as prterun
+
+
+def _parent_is_mpirun() -> bool:
+    try:
+        with open(f"/proc/{os.getppid()}/comm") as f:
+            return f.read().strip() in LAUNCHERS
+    except OSError:
+        return False
+
+
 def _launcher_input() -> Optional[_LauncherInput]:
     """mpirun's stdin when rank 0 is its child and it is a pipe, a file or /dev/null."""
+    if not _parent_is_mpirun():      # rank 0 on another host: its parent is a daemon, not mpirun
+        return None
     path = f"/proc/{os.getppid()}/fd/0"
     try:
         mode = os.stat(path).st_mode
