@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import tpllama
@@ -238,3 +237,12 @@ def test_cli_seed_minus_one_under_mpirun(stories_bin):
     out = mpirun(2, ["-m", "tpllama.generate", "-m", str(stories_bin), "-q", "-p", "Once", "-n", "8", "-s", "-1",
                      "-t", "1"])
     assert out.stdout.strip().startswith("Once") and "error" not in out.stderr
+
+
+def test_a_model_file_with_a_zero_context_is_a_clear_error(tmp_path):
+    from test_formats import small_gguf
+    path = small_gguf(tmp_path / "zero-context.gguf", context=0)
+    with pytest.raises(TpllamaError, match=r"context length is 0"):
+        tpllama.load(str(path), tokenizer="none", weight_type="f32", threads=1)
+    model = tpllama.load(str(path), tokenizer="none", weight_type="f32", threads=1, ctx_size=16)   # -c fixes it
+    assert model.ctx == 16

@@ -154,6 +154,9 @@ class Model:
             if ctx < c.max_seq_len:
                 _log(par, f"tpllama: context capped to {ctx} of the model's {c.max_seq_len} so the KV cache fits "
                                 "in memory (set it with ctx_size, -c)", logging.WARNING)
+        if ctx < 1:   # a file that says its context is 0, and no -c
+            raise TpllamaError(f"{self.reader.path}: the model's context length is {c.max_seq_len}; "
+                               "give one with ctx_size (-c)")
         mem = rank_memory(self.plan, wtype, ctx, hosts, available)
         _log(par, format_memory_table(mem, ctx))
         short = host_shortfalls(mem)
