@@ -47,6 +47,26 @@ def _read_terminal(fd: int) -> bytes:
         return b""
 
 
+def kill_tree(pid: int) -> None:
+    """Kill a process that leads its own session and everything it started: mpirun puts each rank
+    in a process group of its own, and a rank whose mpirun was killed lives on, so every
+    descendant is killed by pid, then the process's own group."""
+    import psutil
+    try:
+        descendants = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 class Running:
     """A started process (its own session, so the group can be killed) whose stdout and stderr
     are collected by threads; feed it stdin lines and wait for text."""
@@ -138,21 +158,8 @@ class Running:
         """End the process and everything it started, whatever state they are in. mpirun puts each
         rank in a process group of its own, and a rank whose mpirun was killed lives on: so every
         descendant is killed by pid, then the process's own group."""
-        import psutil
         if self.proc.poll() is None:
-            try:
-                descendants = psutil.Process(self.proc.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                descendants = []
-            for child in descendants:
-                try:
-                    child.kill()
-                except psutil.NoSuchProcess:
-                    pass
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_tree(self.proc.pid)
             self.proc.wait(timeout=30)
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             try:

@@ -1,13 +1,13 @@
 """The terminal chat: conversation bookkeeping (KV cache reuse, dropping old turns) and
 `python -m tpllama.chat` driven through a pipe, on one rank and under mpirun."""
-import os
 import re
-import signal
+import time
+from contextlib import contextmanager
 
 import pytest
 
-from interactive import Running, command
-from mpi_util import mpirun
+from interactive import Running, command, kill_tree
+from mpi_util import REPO, mpi_env, mpirun
 
 CTX = 512
 # one kernel thread per process: CI machines are small and shared, and spinning OpenMP threads
@@ -166,22 +166,85 @@ def test_chat_on_two_ranks_through_a_pipe(smollm2):
     assert said[0] == reference.stdout.strip()
 
 
-@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.mpi)])
-def test_at_a_terminal_answers_stream_and_ctrl_c_stops_one_then_quits(smollm2, ranks):
-    args = ["-m", smollm2, "-c", str(CTX), "-n", "400", "--temp", "0", "--stats", *ONE_THREAD]
-    # in a pseudo-terminal, as a user runs it: stdout and stderr both appear in chat.stdout
-    with Running(command(ranks, "tpllama.chat", args), tty=True) as chat:
-        pid = int(chat.wait_for_text(r"rank 0 is pid (\d+)", 120, "stdout").group(1))
-        chat.wait_for(lambda: chat.stdout.endswith("> "), 30, "the prompt")
-        start = len(chat.stdout)
-        chat.send("Write a very long story about a dragon who learns to fly.\n")
-        chat.wait_for(lambda: len(chat.stdout) > start + 40, 120, "the answer starts")
-        assert not STATS.search(chat.stdout), "the answer shows while it is being written, not at its end"
-        # under mpirun, Ctrl-C reaches mpirun, which ends the job: to stop one answer, signal rank 0
-        os.kill(pid, signal.SIGINT)
-        chat.wait_for_text(r"\[answer stopped\]", 60, "stdout")
-        chat.wait_for(lambda: chat.stdout.endswith("> "), 30, "the next prompt")
-        finish = STATS.search(chat.stdout)
-        assert finish and finish.group(4) == "cancelled" and int(finish.group(3)) < 400, chat.report()
-        os.kill(pid, signal.SIGINT)   # at the prompt: quit, and every rank ends
+RANKS = [1, pytest.param(2, marks=pytest.mark.mpi)]
+TERMINAL_ARGS = ["-c", str(CTX), "-n", "400", "--temp", "0", "--stats", *ONE_THREAD]
+
+
+@contextmanager
+def at_a_terminal(ranks: int, args):
+    """The chat in a pseudo-terminal, as a user runs it (under mpirun for 2 ranks): the test types
+    real control characters, which the terminal turns into signals (^C) or the end of input (^D)."""
+    import pexpect
+    argv = command(ranks, "tpllama.chat", args)
+    chat = pexpect.spawn(argv[0], argv[1:], env=mpi_env(), cwd=str(REPO), encoding="utf-8", timeout=120)
+    try:
+        chat.expect(r"answers of at most (\d+) tokens \(-n\)")
+        chat.answer_limit = int(chat.match.group(1))
+        chat.expect("> ")
+        yield chat
+    finally:
+        if chat.isalive():
+            kill_tree(chat.pid)
+        chat.close(force=True)
+
+
+def ask(chat, question: str) -> None:
+    """Type a question and wait until the answer is a few words long."""
+    chat.sendline(question)
+    chat.expect_exact(question + "\r\n")           # the terminal's echo of the line
+    chat.expect(r"\w+\W+\w+\W+\w+\W+\w+\W+\w+")    # the answer streams
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+def test_at_a_terminal_ctrl_c_stops_the_answer_and_twice_quits(smollm2, ranks):
+    with at_a_terminal(ranks, ["-m", smollm2, *TERMINAL_ARGS]) as chat:
+        ask(chat, "Write a very long story about a dragon who learns to fly.")
+        assert "finish:" not in chat.before, "the answer shows while it is being written, not at its end"
+        chat.sendintr()                                # Ctrl-C: this answer stops, the chat goes on
+        chat.expect(r"\[answer stopped\]")
+        chat.expect(STATS)
+        assert chat.match.group(4) == "cancelled" and int(chat.match.group(3)) < 400
+        chat.expect("> ")
+        ask(chat, "Tell me another long story, please.")
+        chat.sendintr()
+        time.sleep(0.05)
+        chat.sendintr()                                # twice within a second: quit, every rank
+        chat.expect(pexpect_eof(), timeout=60)
+        chat.close()
+        assert chat.exitstatus == 0, chat.before
+        assert "interrupted" not in chat.before and "prterun" not in chat.before
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+def test_at_a_terminal_ctrl_d_at_the_prompt_quits_every_rank(stories_bin, ranks):
+    with at_a_terminal(ranks, ["-m", str(stories_bin), *ONE_THREAD]) as chat:
+        assert chat.answer_limit == 512, "the banner states the default limit of an answer"
+        chat.sendeof()                                 # Ctrl-D at the prompt
+        chat.expect(pexpect_eof(), timeout=60)
+        chat.close()
+        assert chat.exitstatus == 0, chat.before
+        assert chat.before.endswith("\r\n"), "the shell's prompt starts on a line of its own"
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+def test_at_a_terminal_ctrl_c_at_the_prompt_quits_every_rank(stories_bin, ranks):
+    with at_a_terminal(ranks, ["-m", str(stories_bin), *ONE_THREAD]) as chat:
+        chat.sendintr()
+        chat.expect(pexpect_eof(), timeout=60)
+        chat.close()
+        assert chat.exitstatus == 0, chat.before
+
+
+@pytest.mark.mpi
+def test_under_mpirun_the_end_of_a_pipe_ends_the_chat(stories_bin):
+    # Open MPI 5 never passes the end of its stdin on to rank 0: rank 0 watches mpirun's stdin
+    with Running(command(2, "tpllama.chat", ["-m", str(stories_bin), "-n", "8", *ONE_THREAD])) as chat:
+        chat.send("Once upon a time\n")
+        chat.close_stdin()
         assert chat.wait(60) == 0, chat.report()
+    assert len(answers(chat.stdout)) == 1, chat.report()
+
+
+def pexpect_eof():
+    import pexpect
+    return pexpect.EOF

@@ -26,7 +26,7 @@ import pytest
 from gguf import GGUFReader, GGUFWriter, quants
 
 import tpllama
-from tpllama.errors import ModelFormatError
+from tpllama.errors import ModelFormatError, TpllamaError
 from tpllama.formats import open_model
 from tpllama.loader import load_matrix
 from tpllama import _kernels as K
@@ -494,7 +494,7 @@ def test_stories_bin_and_gguf_give_the_same_logits(stories_bin, stories_gguf):
 def test_token_ids_outside_the_vocabulary_are_refused(stories_bin):
     model = load_f32(stories_bin)
     for bad in ([-1], [512], [3, 700]):
-        with pytest.raises(ValueError, match=r"token id -?\d+ is outside the vocabulary \(0\.\.511\)"):
+        with pytest.raises(TpllamaError, match=r"token_ids\[\d\]=-?\d+: expected a token id from 0 to 511"):
             model.forward(bad, 0)
     assert model.forward([1, 511], 0).shape == (2, 512)
 

@@ -222,3 +222,43 @@ def _rank_pid(mpirun_pid, rank):
                 continue
         time.sleep(0.2)
     raise AssertionError(f"rank {rank} not found under mpirun {mpirun_pid}")
+
+
+def _only_tpllama_lines(stderr: str):
+    """What a user sees: tpllama's lines only, none of Open MPI's boxes or PMIx errors."""
+    for noise in ("prterun", "PMIX", "MPI_ABORT", "----------", "Abort is in progress", "exited with non-zero"):
+        assert noise not in stderr, stderr
+
+
+@pytest.mark.parametrize("args,line", [
+    (["--temp", "-1"], "error: --temp -1.0: expected a finite number >= 0 (0 is greedy)"),
+    (["-c", "0"], "error: -c 0: expected a whole number >= 1, or leave it out for the model's context"),
+    (["--rank-weights", "1,1,1"], "error: --rank-weights '1,1,1' has 3 values but the job has 2 ranks"),
+    (["-m", "/nonexistent/model.gguf"], "error: /nonexistent/model.gguf: no such file or directory"),
+])
+def test_user_errors_under_mpirun_are_one_quiet_line(stories_bin, args, line):
+    proc = subprocess.run(mpirun_cmd(2, ["-m", "tpllama.generate", "-m", str(stories_bin), "-q", "-p", "hi", *args]),
+                          capture_output=True, text=True, timeout=60, env=mpi_env(), cwd=str(REPO))
+    assert proc.returncode == 1
+    _only_tpllama_lines(proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(line), proc.stderr
+
+
+def test_a_usage_error_under_mpirun_is_quiet(stories_bin):
+    proc = subprocess.run(mpirun_cmd(2, ["-m", "tpllama.generate", "--no-such-flag"]), capture_output=True, text=True,
+                          timeout=60, env=mpi_env(), cwd=str(REPO))
+    assert proc.returncode != 0
+    _only_tpllama_lines(proc.stderr)
+    assert proc.stderr.strip().splitlines()[-1].endswith("error: unrecognized arguments: --no-such-flag")
+
+
+def test_bad_path_on_one_rank_is_one_quiet_line(stories_bin, tmp_path):
+    missing = tmp_path / "not-here.bin"
+    base = ["-m", "tpllama.generate", "-p", "hi", "-n", "4", "-q"]
+    cmd = mpirun_cmd(1, base + ["-m", str(stories_bin)])
+    cmd += [":", "-n", "1", cmd[cmd.index("--mca") + 3]] + base + ["-m", str(missing)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=mpi_env(), cwd=str(REPO))
+    assert proc.returncode == 1
+    _only_tpllama_lines(proc.stderr)
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

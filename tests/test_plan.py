@@ -142,10 +142,45 @@ def test_plan_command_prints_the_split_and_the_memory_table(stories_bin):
     assert "memory plan at context 256" in out.stdout
     rows = [line.split() for line in out.stdout.splitlines() if line.strip().startswith(("0 ", "1 "))]
     assert len(rows) >= 4                              # two split rows and two memory rows
-    assert "2 x 5 layers x 64 x" in out.stdout        # per-token traffic formula
+    assert "2 x 5 layers x 64 values x 8 bytes" in out.stdout   # per-token traffic formula (f64 sync)
 
 
 def test_plan_command_says_which_host_does_not_fit(smollm2):
     out = run_plan_cli("-m", smollm2, "-n", "2", "-c", "8192", "--host-memory", "4G,200M")
     assert out.returncode == 1
     assert "does not fit: rank 1" in out.stdout and "lower -c" in out.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["-c", "-5"], "error: -c -5: expected a context of at least 1 position"),
+    (["-c", "0"], "error: -c 0:"),
+    (["-n", "0"], "error: -n 0: expected a number of ranks >= 1"),
+    (["--host-memory", "100M"], "error: --host-memory 100M: too small for even a context of 256: rank 0 needs"),
+    (["--host-memory=-4G"], "error: --host-memory -4G: expected positive sizes"),
+])
+def test_plan_command_rejects_nonsense_in_one_line(smollm2, args, needle):
+    out = run_plan_cli("-m", smollm2, *args)
+    assert out.returncode == 1
+    assert out.stdout == "" and out.stderr.strip() == out.stderr.strip().splitlines()[0], out.stderr
+    assert out.stderr.startswith(needle), out.stderr
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("sync", ["f64", "bf16"])
+def test_plan_traffic_is_what_stats_measures(stories_bin, sync):
+    """The plan's per-token traffic, labelled with the sync type (f64 by default), against the bytes
+    --stats counts on two ranks (greedy: the candidates and the token add under 0.1 kB)."""
+    import re
+    from mpi_util import mpirun
+    sync_args = [] if sync == "f64" else ["--sync-type", sync]
+    plan = run_plan_cli("-m", str(stories_bin), "-n", "2", "-c", "256", "--host-memory", "1G", *sync_args)
+    label = "f64 sync, the default" if sync == "f64" else f"{sync} sync"
+    m = re.search(rf"traffic per token and rank \({label}\): sent ([\d.]+) kB, received ([\d.]+) kB", plan.stdout)
+    assert m, plan.stdout
+    planned = float(m.group(1)), float(m.group(2))
+    run = mpirun(2, ["-m", "tpllama.generate", "-m", str(stories_bin), "-q", "-p", "Once upon a time", "-n", "5",
+                     "--temp", "0", "-c", "256", "-t", "1", "--stats", *sync_args])
+    steps = re.findall(r"rank 1 \[decode +\d+\] .* sent +([\d.]+) kB +recv +([\d.]+) kB", run.stderr)
+    assert len(steps) >= 3, run.stderr
+    for sent, received in steps:
+        assert abs(float(sent) - planned[0]) <= 0.15 and abs(float(received) - planned[1]) <= 0.15, (steps, planned)

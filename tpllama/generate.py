@@ -46,21 +46,26 @@ def main(argv=None) -> int:
     prompt = args.prompt
     if args.file:
         try:
-            with open(args.file, encoding="utf-8") as f:
+            with open(args.file, encoding="utf-8", errors="surrogateescape") as f:
                 prompt = f.read()
         except OSError as e:
             raise cli.TpllamaError(f"-f {args.file}: cannot read the prompt file ({e.strerror})", collective=True)
     if prompt is None:
         prompt = "Once upon a time"
-    if args.n_predict < 0:
-        raise cli.TpllamaError(f"-n {args.n_predict}: must be >= 0", collective=True)
+    _check_text(args, prompt)
+    cli.check_args(args)
+    cli.show_log(args)
 
     import tpllama
     model = tpllama.load(args.model, **cli.load_options(args))
     root = model.par.is_root
     use_chat = args.chat if args.chat is not None else (args.system is not None or model.tokenizer.chat_template is not None)
+    if use_chat and model.tokenizer.chat_template is None and root:
+        print(f"tpllama: the model has no chat template; {'-sys' if args.system is not None else '--chat'} uses a "
+              "generic one for its family (--raw continues the prompt as it is)", file=sys.stderr, flush=True)
     from .stats import RunStats
     stats = RunStats()
+    # stream() checks the prompt against the context before anything is printed
     pieces = model.stream(prompt, args.n_predict, chat=use_chat, system=args.system, stats=stats,
                           **cli.sampling_options(args))
     console = Console.open() if root else None
@@ -71,8 +76,26 @@ def main(argv=None) -> int:
             console.write(piece)
     if root:
         console.write("\n")
+        if _context_filled(model, stats, args.n_predict):
+            print(f"tpllama: the context is full ({model.ctx} tokens): the text was cut after "
+                  f"{stats.generated_tokens} tokens; raise -c for more", file=sys.stderr, flush=True)
     _report(model, stats, args.stats)
     return 0
+
+
+def _check_text(args, prompt: str) -> None:
+    """Text from argv that is not UTF-8 arrives with lone surrogates: refuse it by its flag."""
+    from .checks import text
+    where = f"-f {args.file}" if args.file else "-p"
+    text(where, prompt)
+    if args.system is not None:
+        text("-sys", args.system)
+
+
+def _context_filled(model, stats, n_predict: int) -> bool:
+    """The generation stopped because the context had no room left, not at -n or a stop token."""
+    return (model.last_finish_reason == "length" and stats.generated_tokens < n_predict
+            and stats.prompt_tokens + stats.generated_tokens >= model.ctx)
 
 
 def _report(model, stats, per_token: bool):

@@ -252,38 +252,81 @@ def parse_size(text: str) -> int:
         raise TpllamaError(f"memory size {text!r}: expected a number with a unit, e.g. 8G or 512M") from None
 
 
+# bytes per all-reduced value for each --sync-type (q80: blocks of 32 int8 values and an fp16 scale)
+SYNC_VALUE_BYTES = {"f64": 8.0, "f32": 4.0, "bf16": 2.0, "q80": 34 / 32}
+DEFAULT_SYNC_TYPE = "f64"   # the runtime's default (tpllama.engine.LoadOptions)
+
+
+def allreduce_bytes_per_token(config: ModelConfig, sync_type: str, world_size: int) -> Tuple[int, int]:
+    """Payload bytes one rank sends and receives in the two all-reduces per layer of one decoded
+    token, counted as --stats counts them (tpllama.parallel.Parallel.allreduce_sum): f64/f32 go
+    through MPI_Allreduce (sent = received = the vector); bf16/q80 are gathered from every rank."""
+    if world_size == 1:
+        return 0, 0
+    calls, d = 2 * config.n_layers, config.dim
+    if sync_type in ("f64", "f32"):
+        vector = int(d * SYNC_VALUE_BYTES[sync_type])
+        return calls * vector, calls * vector
+    if sync_type == "q80" and d % QK != 0:   # rows that are not whole blocks are sent as f32
+        vector = d * 4
+    else:
+        vector = int(d * SYNC_VALUE_BYTES[sync_type])
+    return calls * vector, calls * vector * (world_size - 1)
+
+
+def _positive(flag: str, value: Optional[int], what: str) -> None:
+    if value is not None and value < 1:
+        raise TpllamaError(f"{flag} {value}: expected {what}")
+
+
+def _host_sizes(text: Optional[str], ranks: int) -> List[int]:
+    """--host-memory: one size for every host, or one per rank; positive sizes only."""
+    if not text:
+        import psutil
+        return [int(psutil.virtual_memory().available)] * ranks
+    sizes = [parse_size(s) for s in text.split(",")]
+    if any(not size > 0 for size in sizes):
+        raise TpllamaError(f"--host-memory {text}: expected positive sizes, e.g. 8G or 8G,4G")
+    if len(sizes) == 1:
+        sizes *= ranks
+    if len(sizes) != ranks:
+        raise TpllamaError(f"--host-memory has {len(sizes)} values for {ranks} ranks")
+    return sizes
+
+
 def main(argv=None) -> int:
     import argparse
-    import psutil
     from .formats import open_model
+    from .parallel import SYNC_TYPES
     p = argparse.ArgumentParser(
         prog="python -m tpllama.plan",
         description="Show how a model splits over K ranks and what each rank needs in memory, before running "
                     "anything (no MPI). Each rank is assumed to be its own host.")
     p.add_argument("-m", "--model", required=True, help="GGUF file, Hugging Face directory or llama2.c .bin")
-    p.add_argument("-n", "--ranks", type=int, default=1, help="number of ranks (default 1)")
-    p.add_argument("-c", "--ctx-size", type=int, default=0, help="context length (default: the model's, capped to fit)")
+    p.add_argument("-n", "--ranks", type=int, default=1, help="number of ranks, at least 1 (default 1)")
+    p.add_argument("-c", "--ctx-size", type=int, default=None,
+                   help="context length, at least 1 (default: the model's, capped to fit)")
     p.add_argument("--weight-type", choices=WEIGHT_TYPE_CHOICES, default="auto",
                    help="runtime type of the weight matrices (default auto: each in its file's own type where "
                         "tpllama has kernels for it, else a finer one)")
+    p.add_argument("--sync-type", choices=SYNC_TYPES, default=DEFAULT_SYNC_TYPE,
+                   help=f"payload of the all-reduces, as the runtime's --sync-type (default {DEFAULT_SYNC_TYPE})")
     p.add_argument("--rank-weights", default=None, help="relative speeds, e.g. 2,1,1")
     p.add_argument("--host-memory", default=None,
                    help="memory available on each rank's host, e.g. 8G or 8G,4G,4G,4G (default: this machine's available memory)")
     args = p.parse_args(argv)
+    _positive("-n", args.ranks, "a number of ranks >= 1")
+    _positive("-c", args.ctx_size, "a context of at least 1 position")
+    sizes = _host_sizes(args.host_memory, args.ranks)
+    weights = parse_rank_weights(args.rank_weights, args.ranks)
     reader = open_model(args.model)
-    plan = make_plan(reader.config, args.ranks, parse_rank_weights(args.rank_weights, args.ranks))
-    if args.host_memory:
-        sizes = [parse_size(s) for s in args.host_memory.split(",")]
-        if len(sizes) == 1:
-            sizes *= args.ranks
-        if len(sizes) != args.ranks:
-            raise TpllamaError(f"--host-memory has {len(sizes)} values for {args.ranks} ranks")
-    else:
-        sizes = [int(psutil.virtual_memory().available)] * args.ranks
+    c = reader.config
+    plan = make_plan(c, args.ranks, weights)
     hosts = [f"host{r}" for r in range(args.ranks)]
     types = choose_types(reader, args.weight_type)
-    ctx = args.ctx_size or min(reader.config.max_seq_len, max_context(plan, types, hosts, sizes))
-    c = reader.config
+    ctx = args.ctx_size or min(c.max_seq_len, max_context(plan, types, hosts, sizes))
+    if ctx < 1:
+        _too_little_memory(plan, types, args, hosts, sizes)
     print(f"{args.model}: {c.n_layers} layers, dim {c.dim}, FFN {c.hidden_dim}, {c.n_heads} heads / {c.n_kv_heads} kv heads, "
           f"vocab {c.vocab_size}, context {c.max_seq_len}")
     print(f"{'rank':>4} {'weight':>6} {'heads':>9} {'kv heads':>9} {'FFN units':>11} {'vocab rows':>13}")
@@ -294,14 +337,33 @@ def main(argv=None) -> int:
     if types.lowered():
         print(types.lowered())
     print(format_memory_table(mem, ctx, types))
-    per_token = 2 * c.n_layers * c.dim * 4
-    print(f"traffic per token and rank (f32 sync): {per_token / 1024:.1f} kB of all-reduce payload "
-          f"(2 x {c.n_layers} layers x {c.dim} x 4 bytes) + a few bytes of token and candidates")
+    print(_traffic_line(c, args.sync_type, args.ranks))
     short = host_shortfalls(mem)
     for host, ranks, missing in short:
         print(f"does not fit: rank {ranks[0]} needs {missing / 2**20:,.0f} MiB more than {host} has; "
               "lower -c, add ranks, or change --rank-weights")
     return 1 if short else 0
+
+
+def _traffic_line(c: ModelConfig, sync_type: str, ranks: int) -> str:
+    if ranks == 1:
+        return "traffic per token: none (one rank)"
+    sent, received = allreduce_bytes_per_token(c, sync_type, ranks)
+    label = f"{sync_type} sync" + (", the default" if sync_type == DEFAULT_SYNC_TYPE else "")
+    return (f"traffic per token and rank ({label}): sent {sent / 1024:.1f} kB, received {received / 1024:.1f} kB "
+            f"of all-reduce payload (2 x {c.n_layers} layers x {c.dim} values x {SYNC_VALUE_BYTES[sync_type]:g} bytes"
+            f"{'' if sync_type in ('f64', 'f32') else f', from each of the {ranks - 1} other ranks'}) "
+            "+ a few bytes of token and candidates; --stats measures it")
+
+
+def _too_little_memory(plan: ShardPlan, types: TypePlan, args, hosts: List[str], sizes: List[int]) -> None:
+    """No context fits: say which host falls short at the smallest context the runtime plans."""
+    smallest = min(256, plan.config.max_seq_len)
+    short = host_shortfalls(rank_memory(plan, types, smallest, hosts, sizes))
+    host, ranks, missing = short[0] if short else (hosts[0], [0], 0)
+    raise TpllamaError(f"--host-memory {args.host_memory or '(this machine)'}: too small for even a context of "
+                       f"{smallest}: rank {ranks[0]} needs {missing / 2**20:,.0f} MiB more than {host} has; "
+                       "add ranks, or use a smaller --weight-type")
 
 
 if __name__ == "__main__":

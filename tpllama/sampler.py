@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .errors import TpllamaError
+from . import checks
 
 WIDE_CANDIDATES = 64  # sent per rank when top-k does not bound the set
 
@@ -31,12 +31,9 @@ class SamplingParams:
     seed: Optional[int] = None
 
     def __post_init__(self):
-        if self.top_k < 0:
-            raise TpllamaError(f"--top-k {self.top_k}: must be >= 0 (0 disables it)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise TpllamaError(f"--top-p {self.top_p}: must be in (0, 1]")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise TpllamaError(f"--min-p {self.min_p}: must be in [0, 1]")
+        """Refuse what the filters cannot mean (NaN, negatives, top_p outside (0, 1]); seed -1 is random."""
+        checks.sampling(self.temperature, self.top_k, self.top_p, self.min_p)
+        object.__setattr__(self, "seed", checks.seed(self.seed))
 
     @property
     def greedy(self) -> bool:
