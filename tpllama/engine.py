@@ -21,7 +21,7 @@ from .fingerprint import check_same_model
 from .formats import open_model
 from .loader import load_rank_weights
 from .model import RankModel
-from .parallel import Parallel
+from .parallel import Parallel, world_size
 from .plan import (PREFILL_CHUNK, format_memory_table, host_shortfalls, make_plan, max_context,
                    parse_rank_weights, rank_memory)
 from .sampler import Sampler, SamplingParams, local_candidates
@@ -109,7 +109,7 @@ class Model:
         self.options = opts
         if opts.verbose:
             show_log_on_stderr()
-        opts.check(_world_size(comm))     # every rank checks the same options: all fail alike, before any file is read
+        opts.check(world_size(comm))     # every rank checks the same options: all fail alike, before any file is read
         self.par = par = Parallel(comm, opts.sync_type)
         self.reader = reader = par.together(lambda: open_model(path))
         check_same_model(par, reader, path)   # a stale copy on one node would hang or garble the job
@@ -167,9 +167,6 @@ class Model:
             if ctx < c.max_seq_len:
                 _log(par, f"tpllama: context capped to {ctx} of the model's {c.max_seq_len} so the KV cache fits "
                                 "in memory (set it with ctx_size, -c)", logging.WARNING)
-        if ctx < 1:   # a file that says its context is 0, and no -c
-            raise TpllamaError(f"{self.reader.path}: the model's context length is {c.max_seq_len}; "
-                               "give one with ctx_size (-c)")
         mem = rank_memory(self.plan, types, ctx, hosts, available)
         _log(par, format_memory_table(mem, ctx, types))
         short = host_shortfalls(mem)
@@ -520,13 +517,6 @@ def _stop_strings(stop) -> List[str]:
         if not isinstance(s, str):
             raise checks.ParameterError(f"stop[{i}]", s, "expected a string")
     return stops
-
-
-def _world_size(comm) -> int:
-    if comm is None:
-        from mpi4py import MPI
-        comm = MPI.COMM_WORLD
-    return comm.Get_size()
 
 
 def _progress_done(par: Parallel):

@@ -281,6 +281,14 @@ class Parallel:
 OUT_OF_MEMORY = "out of memory; lower -c, use more ranks, or --weight-type q40"
 
 
+def world_size(comm=None) -> int:
+    """Ranks in `comm` (default MPI.COMM_WORLD), before any Parallel is made."""
+    if comm is None:
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+    return comm.Get_size()
+
+
 def _attempt(fn: Callable[[], Any]):
     """(result, None, None), or (None, shareable error, the exception) if fn raised."""
     try:
