@@ -65,7 +65,8 @@ class Model:
         self.tokenizer = None
         if opts.tokenizer != "none":   # "none": logits only (forward), no text in or out; before the weights, to fail fast
             from .tokenizer import load_tokenizer
-            self.tokenizer = par.together(lambda: load_tokenizer(reader, opts.tokenizer))
+            self.tokenizer = par.together(lambda: _check_special_ids(load_tokenizer(reader, opts.tokenizer),
+                                                                     c.vocab_size))
         self.plan = par.together(lambda: make_plan(c, par.size, _rank_weights(opts.rank_weights, par.size)))
         self.shard = self.plan[par.rank]
         _log(par, opts.verbose, f"tpllama: {os.path.basename(path)} ({reader.format_name}, {c.n_layers} layers, dim {c.dim}, "
@@ -191,7 +192,7 @@ class Model:
         tok = self.tokenizer
         if chat:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            return tok.encode(tok.render_chat(messages, add_generation_prompt=True), add_bos=False, parse_special=True)
+            return tok.encode_chat(messages, add_generation_prompt=True)   # the message is plain text
         return tok.encode(prompt)
 
     def stream(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 256, temperature: float = 0.8,
@@ -280,6 +281,10 @@ class Model:
         ids, error = self.par.bcast_object((ids, error))
         if error:
             raise TpllamaError(error, collective=True)
+        outside = next((t for t in ids if not 0 <= t < self.config.vocab_size), None)
+        if outside is not None:   # every rank sees the same ids: every rank stops here, before any collective
+            raise TpllamaError(f"token id {outside} is outside the model's vocabulary (0..{self.config.vocab_size - 1})",
+                               collective=True)
         return ids
 
     def _common_prefix(self, ids: Sequence[int]) -> int:
@@ -311,6 +316,17 @@ class _StepClock:
         s0, b0, r0 = self.counters
         s1, b1, r1 = self.par.counters.snapshot()
         stats.steps.append(StepStats(phase, tokens, 1000 * (time.perf_counter() - self.t0), 1000 * (s1 - s0), b1 - b0, r1 - r0))
+
+
+def _check_special_ids(tokenizer, vocab_size: int):
+    """The tokenizer, once its BOS and EOS ids are known to be in the model's vocabulary (a bad
+    bos_token_id in config.json would otherwise fail the first prompt deep inside the model)."""
+    for name, token_id in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id)):
+        if token_id is not None and not 0 <= token_id < min(vocab_size, tokenizer.vocab_size):
+            raise TpllamaError(f"{tokenizer.source}: {name} {token_id} is outside the vocabulary "
+                               f"(0..{min(vocab_size, tokenizer.vocab_size) - 1}); correct it in the model's "
+                               "config.json / tokenizer_config.json")
+    return tokenizer
 
 
 def _rank_weights(value, world_size: int):

@@ -7,6 +7,7 @@ broadcast: a chat or a server may sit idle for hours.
 """
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Tuple
@@ -73,6 +74,42 @@ def exchange(par, command: Optional[Command] = None) -> Command:
             time.sleep(sleep)
             sleep = min(2 * sleep, MAX_POLL_SLEEP)
     return par.bcast_object(command)
+
+
+class StopNotice:
+    """How a follower that gets SIGTERM or SIGINT asks rank 0 to end the job cleanly (rank 0 alone
+    talks to the clients): a message on a communicator of its own, which rank 0 polls for.
+
+    Collective to create. Under mpirun every rank gets the signal; a follower that died of it
+    would leave rank 0 waiting in a collective, so followers keep going until rank 0 says stop."""
+
+    TAG = 7
+
+    def __init__(self, par):
+        self.comm = par.comm.Dup() if par.size > 1 else None
+        self._sent = None
+
+    def send(self) -> None:
+        """A follower: ask rank 0 to shut down (once)."""
+        if self.comm is not None and self._sent is None:
+            self._sent = self.comm.isend(None, dest=0, tag=self.TAG)
+
+    def arrived(self) -> bool:
+        """Rank 0: whether some follower asked to shut down (the messages are taken)."""
+        if self.comm is None:
+            return False
+        from mpi4py import MPI
+        asked = False
+        while self.comm.iprobe(source=MPI.ANY_SOURCE, tag=self.TAG):
+            self.comm.recv(source=MPI.ANY_SOURCE, tag=self.TAG)
+            asked = True
+        return asked
+
+    def install_follower_signals(self) -> None:
+        def on_signal(signum, frame):
+            self.send()
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
 
 
 def follow(model) -> None:
