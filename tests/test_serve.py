@@ -542,3 +542,15 @@ def test_token_ids_outside_the_vocabulary_fail_the_request_on_every_rank(tmp_pat
         model.generate([1, 64], 2)
     assert e.value.collective
     assert len(model.generate([1, 2], 2, temperature=0).tokens) == 2
+
+
+def test_a_failure_inside_a_generation_ends_only_that_request_unless_ranks_are_out_of_step():
+    """follow.Outcomes, which the server runs after every generation on every rank."""
+    from mpi_util import SCRIPTS, mpirun
+    assert run_script(2, "outcomes.py", "same-place", timeout=120) == {
+        "failure": "internal error: ValueError: bad value on rank 0", "total": 2}
+    t0 = time.monotonic()
+    proc = mpirun(2, [str(SCRIPTS / "outcomes.py"), "rank-1-only"], timeout=120, check=False)
+    assert proc.returncode != 0 and time.monotonic() - t0 < 60
+    assert proc.stderr.count("error: internal error: ValueError: bad value on rank 1, and the other ranks did not "
+                             "finish it within 3 s: ending the job") == 1, proc.stderr[-3000:]

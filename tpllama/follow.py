@@ -112,15 +112,62 @@ class StopNotice:
         signal.signal(signal.SIGINT, on_signal)
 
 
-def follow(model) -> None:
-    """What every rank but 0 does: run rank 0's commands until it says stop."""
+class OutOfStep(TpllamaError):
+    """A rank did not finish a generation with the others: the job cannot go on."""
+
+
+class Outcomes:
+    """After each generation every rank meets the others on a communicator of its own and says
+    how its generation ended, so that a failure inside a generation ends that request only.
+
+    If every rank arrives, every collective of the generation was matched (whichever ranks
+    failed, and wherever), so the job can go on: the failures are reported, and the next request
+    is served. A rank that does not arrive within `timeout` seconds is stuck in a collective the
+    failed rank never entered: the ranks are out of step and the job must end (OutOfStep)."""
+
+    def __init__(self, par, timeout: float = 20.0):
+        self.comm = par.comm.Dup() if par.size > 1 else None   # collective
+        self.timeout = timeout
+
+    def agree(self, error: Optional[BaseException]) -> Optional[str]:
+        """Collective: the first rank's failure ("rank R: message"), or None when all succeeded."""
+        mine = describe_failure(error)
+        if self.comm is None:
+            return mine
+        request, deadline, sleep = self.comm.Ibarrier(), time.monotonic() + self.timeout, 0.0005
+        while not request.Test():
+            if time.monotonic() > deadline:
+                raise OutOfStep(f"{mine or 'a generation ended on this rank'}, and the other ranks did not "
+                                f"finish it within {self.timeout:g} s: ending the job")
+            time.sleep(sleep)
+            sleep = min(2 * sleep, MAX_POLL_SLEEP)
+        failures = self.comm.allgather(mine)
+        return next((f"rank {rank}: {f}" if rank else f for rank, f in enumerate(failures) if f), None)
+
+
+def describe_failure(error: Optional[BaseException]) -> Optional[str]:
+    if error is None:
+        return None
+    if isinstance(error, TpllamaError):
+        return str(error)
+    return f"internal error: {type(error).__name__}: {error}"
+
+
+def follow(model, outcomes: Optional[Outcomes] = None) -> None:
+    """What every rank but 0 does: run rank 0's commands until it says stop. With outcomes (the
+    server), every generation ends with Outcomes.agree, and a failure inside one is survived."""
     while True:
         command = exchange(model.par)
         if command.kind == STOP:
             return
+        error = None
         try:
             for _ in model.stream(**command.call.kwargs()):
                 pass
-        except TpllamaError as e:
-            if not e.collective:   # this rank alone failed: let cli.run abort the job
-                raise               # (a collective one rank 0 reports to its user and goes on)
+        except Exception as e:   # judged below
+            error = e
+        if outcomes is not None:
+            outcomes.agree(error)
+        elif error is not None and not (isinstance(error, TpllamaError) and error.collective):
+            raise error   # this rank alone failed: let cli.run abort the job
+                          # (a collective one rank 0 reports to its user and goes on)

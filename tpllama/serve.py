@@ -7,7 +7,9 @@ Rank 0 serves HTTP (stdlib ThreadingHTTPServer: one thread per connection). A ha
 checks and tokenizes its request (tpllama.api) and queues it; rank 0's main thread takes the
 queue in order, sends each request's generation call to the other ranks (tpllama.follow) and
 runs it with them, handing the text back to the waiting handler piece by piece. A client that
-goes away cancels its generation at the next token.
+goes away cancels its generation at the next token. A failure inside a generation ends that
+request with an error (an error event when streaming) and the server goes on, unless the ranks
+are out of step (follow.Outcomes), which ends the job.
 
 SIGTERM or SIGINT to rank 0, to any other rank or to mpirun (which sends SIGTERM to every rank
 and SIGKILL about 0.2 s later) shuts down cleanly: the answer being streamed ends with an error
@@ -36,7 +38,8 @@ from urllib.parse import unquote, urlsplit
 from . import cli
 from .api import (ApiError, ApiRequest, Defaults, RequestReader, completion_response, error_body, model_object,
                   new_id, now, parse_body, stream_chunk, usage, usage_chunk)
-from .follow import GENERATE, STOP, Command, StopNotice, check_sampling_flags, exchange, follow
+from .follow import (GENERATE, STOP, Command, Outcomes, StopNotice, check_sampling_flags, describe_failure, exchange,
+                     follow)
 
 DEFAULT_MAX_BODY = 4 << 20
 DRAIN_LIMIT = 64 << 20       # an over-long body up to this size is read and dropped so that the 413 arrives
@@ -91,6 +94,7 @@ class Server:
         self.stopping = threading.Event()
         self.httpd: Optional[ApiHttpServer] = None
         self.notice = None                   # follow.StopNotice: followers asking to shut down
+        self.outcomes = None                 # follow.Outcomes: how each generation ended on every rank
         self._failed: list = []              # jobs failed at shutdown: their clients are being told
         self._running: Optional[Job] = None  # the job being generated
         self._signals = 0
@@ -160,7 +164,6 @@ class Server:
             self._failed.append(job)
 
     def _run_job(self, job: Job) -> None:
-        from .errors import TpllamaError
         from .stats import RunStats
         call, stats, t0 = job.request.call, RunStats(), time.perf_counter()
 
@@ -168,14 +171,16 @@ class Server:
             return job.cancelled.is_set() or self._check_notice()
 
         exchange(self.model.par, Command(GENERATE, call))
+        error = None
         try:
             for piece in self.model.stream(**call.kwargs(), stats=stats, cancel=stop_now):
                 job.events.put(Event("text", text=piece))
-        except TpllamaError as e:
-            if not e.collective:   # this rank alone: cli.run ends the job
-                raise
-            self.log(f"generation failed: {e}")
-            job.fail(500, str(e))
+        except Exception as e:   # judged with the other ranks: only ranks out of step end the job
+            error = e
+        failure = self.outcomes.agree(error) if self.outcomes else describe_failure(error)
+        if failure:
+            self.log(f"generation failed: {failure}")
+            job.fail(500, failure)
             return
         reason = self.model.last_finish_reason
         self.log(f"{'chat' if job.request.chat else 'completion'}: prompt {stats.prompt_tokens} tokens "
@@ -539,14 +544,14 @@ def main(argv=None) -> int:
                                model.config.vocab_size)
         server = Server(model, reader, args.api_key or None, args.max_body)
     par.together(lambda: server.listen(args.host, args.port) if server else None)
-    notice = StopNotice(par)
+    notice, outcomes = StopNotice(par), Outcomes(par)
     if server:
-        server.notice = notice
+        server.notice, server.outcomes = notice, outcomes
         server.install_signals()
         server.run()
     else:
         notice.install_follower_signals()
-        follow(model)
+        follow(model, outcomes)
     return 0
 
 
