@@ -97,6 +97,7 @@ def special_ids(tok, ids):
     return [i for i in ids if i in hidden]
 
 
+@pytest.mark.slow
 def test_message_text_never_becomes_special_tokens(tok, smollm2_hf_tokenizer):
     ref = smollm2_hf_tokenizer
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": INJECTION}]
