@@ -470,16 +470,17 @@ TINY_TEMPLATE = (
     "{%- endfor %}")
 
 
-def write_tiny_chat_model(directory, template: str = TINY_TEMPLATE, bos_token_id=None):
-    """A 1-layer HF model (vocab 64) with a word-level tokenizer.json and the given chat template."""
+def write_tiny_chat_model(directory, template: str = TINY_TEMPLATE, bos_token_id=None, words: int = 63):
+    """A 1-layer HF model (vocab 64) with a word-level tokenizer.json (`words` words and <unk>)
+    and the given chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from test_formats import small_hf_state, write_hf_dir
     cfg, state = small_hf_state()
     if bos_token_id is not None:
         cfg["bos_token_id"] = bos_token_id
     write_hf_dir(directory, cfg, state)
-    vocab = {f"w{i}": i for i in range(cfg["vocab_size"] - 1)}
-    vocab["<unk>"] = cfg["vocab_size"] - 1
+    vocab = {f"w{i}": i for i in range(words)}
+    vocab["<unk>"] = words
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(directory / "tokenizer.json"))
@@ -557,3 +558,28 @@ def test_a_failure_inside_a_generation_ends_only_that_request_unless_ranks_are_o
     assert proc.returncode != 0 and time.monotonic() - t0 < 60
     assert proc.stderr.count("error: internal error: ValueError: bad value on rank 1, and the other ranks did not "
                              "finish it within 3 s: ending the job") == 1, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_failure_inside_a_generation_fails_that_request_and_the_server_goes_on(tmp_path):
+    """A tokenizer smaller than the model's (padded) vocabulary, as HF allows: a sampled id past
+    the tokenizer's end fails the text decoding on every rank. That used to abort the job."""
+    model = write_tiny_chat_model(tmp_path / "tiny", words=20)
+    s = start_server(str(model), 2)
+    try:
+        ask = {"prompt": "w1 w2", "max_tokens": 100, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+        status, _, body = s.request("POST", TEXT, dict(ask, seed=1), auth=False)
+        assert status == 500 and "is outside the vocabulary (0..20)" in body["error"]["message"], body
+        assert body["error"]["type"] == "server_error"
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=120)
+        conn.request("POST", TEXT, body=json.dumps(dict(ask, seed=2, stream=True)))
+        resp = conn.getresponse()
+        events = [e for e in resp.read().decode().split("\n\n") if e]
+        conn.close()
+        assert resp.status == 200 and "outside the vocabulary" in events[-1] and "[DONE]" not in events[-1], events
+        assert s.proc.proc.poll() is None and s.request("GET", "/health", auth=False)[0] == 200
+        assert s.proc.stderr.count("generation failed") == 2
+        status, _, body = s.request("POST", TEXT, {"prompt": [1, 2], "max_tokens": 1, "temperature": 0}, auth=False)
+        assert status in (200, 500) and s.proc.proc.poll() is None, body   # still served
+    finally:
+        s.proc.kill()

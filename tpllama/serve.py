@@ -177,10 +177,11 @@ class Server:
                 job.events.put(Event("text", text=piece))
         except Exception as e:   # judged with the other ranks: only ranks out of step end the job
             error = e
+            job.fail(500, describe_failure(e))   # told at once: if the ranks are out of step, the job ends next
         failure = self.outcomes.agree(error) if self.outcomes else describe_failure(error)
         if failure:
             self.log(f"generation failed: {failure}")
-            job.fail(500, failure)
+            job.fail(500, failure)   # a follower's failure (the client reads only the first error)
             return
         reason = self.model.last_finish_reason
         self.log(f"{'chat' if job.request.chat else 'completion'}: prompt {stats.prompt_tokens} tokens "
