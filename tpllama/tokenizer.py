@@ -26,7 +26,7 @@ import warnings
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .chat_template import ChatTemplate, ChatTemplateError
-from .errors import ModelFormatError, TpllamaError
+from .errors import ModelFormatError
 
 # Token types; GGUF and SentencePiece number them the same way.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

@@ -6,7 +6,6 @@ rank-1-only: rank 1 fails while rank 0 waits in a collective: the job must end w
 import json
 import sys
 
-import numpy as np
 from mpi4py import MPI
 
 from tpllama import cli
