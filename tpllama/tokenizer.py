@@ -185,6 +185,12 @@ class Tokenizer:
         """Token ids of chat_parts(): special-token texts count only in template parts. Plain text
         between two special tokens is encoded in one piece, as encode(parse_special=True) would."""
         splitter = _special_splitter(self.specials)
+        whole = "".join(text for text, _ in parts)
+        if splitter is None or len(splitter.findall(whole)) == sum(
+                len(splitter.findall(text)) for text, from_template in parts if from_template):
+            # no special-token text in the messages (nor across a boundary): the whole text
+            # encodes exactly as it always did (tokenizers that prefix only the text's start agree)
+            return self._encode_text(whole, True) if whole else []
         runs: List[object] = []          # plain text (str) and special token ids (int), in order
         for text, from_template in parts:
             pieces = _split_specials(text, splitter, self.specials) if from_template and splitter else [(text, None)]
