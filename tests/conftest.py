@@ -58,3 +58,37 @@ def tiny_hf(tmp_path_factory):
             made[name] = (spec, directory, write_hf_model(spec, directory))
         return made[name]
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_tokenizer(smollm2):
+    """HF transformers' own tokenizer for the default model's GGUF (an independent reference; slow to build)."""
+    import os
+    transformers = pytest.importorskip("transformers")
+    saved = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"           # a local file: never reach for the Hub
+    try:
+        return transformers.AutoTokenizer.from_pretrained(os.path.dirname(smollm2), gguf_file=os.path.basename(smollm2))
+    finally:
+        if saved is None:
+            del os.environ["HF_HUB_OFFLINE"]
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved
+
+
+def plain_content_chat_ids(ref, messages, add_generation_prompt=True):
+    """The reference ids of a chat: HF renders the template, its markup is encoded with special
+    tokens, and each message content as plain text (special-token texts split like any text)."""
+    import re
+    marks = [f"\x00{i}\x00" for i in range(len(messages))]
+    marked = [dict(m, content=marks[i]) for i, m in enumerate(messages)]
+    text = ref.apply_chat_template(marked, tokenize=False, add_generation_prompt=add_generation_prompt)
+    ids = []
+    for piece in re.split("(\x00\\d+\x00)", text):
+        mark = re.fullmatch("\x00(\\d+)\x00", piece)
+        if mark:
+            ids += ref.encode(messages[int(mark.group(1))]["content"], add_special_tokens=False,
+                              split_special_tokens=True)
+        elif piece:
+            ids += ref.encode(piece, add_special_tokens=False)
+    return ids

@@ -2,12 +2,15 @@
 
 `RequestReader` checks a decoded JSON body field by field and turns it into the one collective
 generation call the ranks will make (`StreamCall`): the prompt is rendered and tokenized here,
-on rank 0, so that every bad request is answered before it can reach the other ranks. The
-`*_response` and `*_chunk` functions build the JSON objects OpenAI's clients expect.
+on rank 0, so that every bad request is answered before it can reach the other ranks. Limits
+keep one request from stalling the others (stop strings, messages; the body size is the HTTP
+layer's), and message contents are tokenized as plain text, so that only the chat template's own
+markup becomes special tokens. The `*_response` and `*_chunk` functions build the JSON objects
+OpenAI's clients expect.
 """
 from __future__ import annotations
 
-import threading
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,6 +21,9 @@ from .follow import StreamCall
 from .sampler import SamplingParams
 
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MAX_STOP_STRINGS = 4          # as OpenAI: the stop check runs over every stop string at every token
+MAX_STOP_CHARS = 256
+MAX_MESSAGES = 2048           # as OpenAI
 
 
 class ApiError(Exception):
@@ -67,13 +73,13 @@ class RequestReader:
     """Turns request bodies into `ApiRequest`s, or raises ApiError (rank 0, HTTP handler threads)."""
 
     def __init__(self, tokenizer, ctx: int, model_name: str, aliases: Sequence[str] = (),
-                 defaults: Optional[Defaults] = None):
+                 defaults: Optional[Defaults] = None, vocab_size: Optional[int] = None):
         self.tokenizer = tokenizer
+        self.vocab_size = min(tokenizer.vocab_size, vocab_size or tokenizer.vocab_size)   # the model's may be smaller
         self.ctx = ctx
         self.model_name = model_name
         self.names = {model_name, *aliases}
         self.defaults = defaults or Defaults()
-        self._lock = threading.Lock()   # handler threads share one tokenizer (and its compiled template)
 
     # ------------------------------------------------------------ the two endpoints
 
@@ -81,21 +87,18 @@ class RequestReader:
         body = _object(payload)
         model = self._model(body)
         messages = _messages(body)
-        with self._lock:
-            try:
-                text = self.tokenizer.render_chat(messages, add_generation_prompt=True)
-            except TpllamaError as e:
-                raise ApiError(400, f"the messages do not fit the model's chat template: {e}", "messages") from None
-            ids = self.tokenizer.encode(text, add_bos=False, parse_special=True)
+        try:   # the template renders in a sandbox with limits (tpllama.chat_template); the tokenizer is thread-safe
+            ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+        except TpllamaError as e:
+            raise ApiError(400, f"the messages do not fit the model's chat template: {e}", "messages") from None
         return self._request(body, model, ids, "messages", chat=True)
 
     def completion(self, payload: Any) -> ApiRequest:
         body = _object(payload)
         model = self._model(body)
-        prompt = _prompt(body, self.tokenizer.vocab_size)
-        if isinstance(prompt, str):
-            with self._lock:   # like llama.cpp's server: special-token texts in the prompt become those tokens
-                ids = self.tokenizer.encode(prompt, parse_special=True)
+        prompt = _prompt(body, self.vocab_size)
+        if isinstance(prompt, str):   # like llama.cpp's server: special-token texts in the prompt become those tokens
+            ids = self.tokenizer.encode(prompt, parse_special=True)
         else:
             ids = prompt
         return self._request(body, model, ids, "prompt", chat=False)
@@ -117,6 +120,10 @@ class RequestReader:
         _refuse_unsupported(body)
         if not ids:
             raise ApiError(400, "the prompt is empty", prompt_field)
+        outside = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if outside is not None:
+            raise ApiError(400, f"the prompt holds token id {outside}, outside the model's vocabulary "
+                                f"(0..{self.vocab_size - 1})", prompt_field, "invalid_value")
         if len(ids) >= self.ctx:
             raise ApiError(400, f"the prompt has {len(ids)} tokens but the model's context holds {self.ctx}",
                            prompt_field, "context_length_exceeded")
@@ -146,6 +153,25 @@ class RequestReader:
 
 
 # ------------------------------------------------------------------ field checks
+
+
+def parse_body(raw: bytes) -> Any:
+    """A request body's JSON, or ApiError 400: invalid UTF-8 or JSON, nesting too deep for the
+    parser, or a lone surrogate escape (which no tokenizer can encode)."""
+    try:
+        payload = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body's JSON is nested too deeply", code="invalid_json") from None
+    try:
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"the request body holds a lone surrogate escape (\\u{ord(e.object[e.start]):04x}), "
+                            "which is not text", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body's JSON is nested too deeply", code="invalid_json") from None
+    return payload
 
 
 def _object(payload: Any) -> dict:
@@ -217,6 +243,13 @@ def _stop(body: dict) -> Tuple[str, ...]:
         value = [value]
     if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
         raise _wrong_type("stop", "a string or a list of strings")
+    if len(value) > MAX_STOP_STRINGS:
+        raise ApiError(400, f"'stop' holds {len(value)} strings; at most {MAX_STOP_STRINGS} are allowed", "stop",
+                       "invalid_value")
+    longest = max(value, key=len, default="")
+    if len(longest) > MAX_STOP_CHARS:
+        raise ApiError(400, f"a stop string has {len(longest)} characters; at most {MAX_STOP_CHARS} are allowed",
+                       "stop", "invalid_value")
     return tuple(s for s in value if s)
 
 
@@ -245,6 +278,9 @@ def _messages(body: dict) -> List[dict]:
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages",
                        "invalid_type" if messages is not None else "missing_required_parameter")
+    if len(messages) > MAX_MESSAGES:
+        raise ApiError(400, f"'messages' holds {len(messages)} messages; at most {MAX_MESSAGES} are allowed",
+                       "messages", "invalid_value")
     return [_message(m, i) for i, m in enumerate(messages)]
 
 

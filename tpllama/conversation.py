@@ -8,10 +8,12 @@ model produced, and the cache would be reused only up to the first difference.
 The new turn's text is the difference between two renders of the model's chat template (with
 and without it), so any template works; where a template rewrites earlier text (e.g. trims an
 answer), the conversation is tokenized afresh, which costs cache reuse but nothing else.
+Message texts are tokenized as plain text: a message holding `<|im_start|>` gets no control
+token from it; only the template's own markup does (Tokenizer.chat_parts).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from .errors import TpllamaError
 
@@ -43,15 +45,15 @@ class Conversation:
         """Token ids that ask for the answer to a new user message: the conversation's ids, then the turn."""
         messages = self.messages + [_message("user", user_text)]
         if self.ids:
-            turn = _text_after(self._render(self.messages, False), self._render(messages, True))
+            turn = _parts_after(self._render(self.messages, False), self._parts(messages, True))
             if turn is not None:
-                return self.ids + self._encode(turn)
-        return self._encode(self._render(messages, True))
+                return self.ids + self.tokenizer.encode_chat_parts(turn)
+        return self._encode(messages, True)
 
     def prompt_within(self, user_text: str, ctx: int, room: int) -> Tuple[List[int], int]:
         """The prompt for a new user message, dropping the oldest turns until it leaves `room`
         tokens for the answer in a context of `ctx`. Returns (ids, turns dropped)."""
-        alone = len(self._encode(self._render([_message("user", user_text)], True)))
+        alone = len(self._encode([_message("user", user_text)], True))
         if alone >= ctx:   # checked first, so that such a message costs no turns
             raise MessageTooLong(f"the message needs {alone} tokens with the chat template and the system prompt, "
                                  f"but the context holds {ctx}; shorten it or raise -c")
@@ -67,32 +69,45 @@ class Conversation:
         the template's end of turn after them."""
         asked = self._render(self.messages + [_message("user", user_text)], True)
         self.messages += [_message("user", user_text), _message("assistant", answer_text)]
-        whole = self._render(self.messages, False)
-        end_of_turn = _text_after(asked + answer_text, whole)
+        end_of_turn = _parts_after(asked + answer_text, self._parts(self.messages, False))
         if end_of_turn is None:
-            self.ids = self._encode(whole)
+            self.ids = self._encode(self.messages, False)
         else:
-            self.ids = list(prompt_ids) + list(answer_ids) + self._encode(end_of_turn)
+            self.ids = list(prompt_ids) + list(answer_ids) + self.tokenizer.encode_chat_parts(end_of_turn)
 
     # ------------------------------------------------------------ helpers
 
     def _drop_oldest_turn(self) -> None:
         self.messages = self.messages[2:]
-        self.ids = self._encode(self._render(self.messages, False)) if self.messages else []
+        self.ids = self._encode(self.messages, False) if self.messages else []
+
+    def _with_system(self, messages: List[dict]) -> List[dict]:
+        return ([_message("system", self.system)] if self.system else []) + messages
 
     def _render(self, messages: List[dict], add_generation_prompt: bool) -> str:
-        system = [_message("system", self.system)] if self.system else []
-        return self.tokenizer.render_chat(system + messages, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.render_chat(self._with_system(messages), add_generation_prompt=add_generation_prompt)
 
-    def _encode(self, text: str) -> List[int]:
+    def _parts(self, messages: List[dict], add_generation_prompt: bool) -> List[Tuple[str, bool]]:
+        return self.tokenizer.chat_parts(self._with_system(messages), add_generation_prompt=add_generation_prompt)
+
+    def _encode(self, messages: List[dict], add_generation_prompt: bool) -> List[int]:
         # like Model.encode_prompt: a rendered template carries its own BOS and special tokens
-        return self.tokenizer.encode(text, add_bos=False, parse_special=True)
+        return self.tokenizer.encode_chat(self._with_system(messages), add_generation_prompt=add_generation_prompt)
 
 
 def _message(role: str, content: str) -> dict:
     return {"role": role, "content": content}
 
 
-def _text_after(prefix: str, text: str) -> Optional[str]:
-    """What text adds after prefix, or None when text does not start with it."""
-    return text[len(prefix):] if text.startswith(prefix) else None
+def _parts_after(prefix: str, parts: Sequence[Tuple[str, bool]]) -> Optional[List[Tuple[str, bool]]]:
+    """The (text, from the template) parts that follow prefix, or None when they do not start with it."""
+    if not "".join(text for text, _ in parts).startswith(prefix):
+        return None
+    after, skip = [], len(prefix)
+    for text, from_template in parts:
+        if skip >= len(text):
+            skip -= len(text)
+            continue
+        after.append((text[skip:], from_template))
+        skip = 0
+    return after

@@ -117,7 +117,8 @@ class Model:
         self.tokenizer = None
         if opts.tokenizer != "none":   # "none": logits only (forward), no text in or out; before the weights, to fail fast
             from .tokenizer import load_tokenizer
-            self.tokenizer = par.together(lambda: load_tokenizer(reader, opts.tokenizer))
+            self.tokenizer = par.together(lambda: _check_special_ids(load_tokenizer(reader, opts.tokenizer),
+                                                                     c.vocab_size))
         self.plan = par.together(lambda: make_plan(c, par.size, _rank_weights(opts.rank_weights, par.size)))
         self.shard = self.plan[par.rank]
         self.types = par.together(lambda: self._choose_types(opts.weight_type))
@@ -303,7 +304,7 @@ class Model:
         if tok is None:
             raise TpllamaError("this model was loaded with tokenizer='none': it cannot read messages")
         checked = _messages(messages)
-        return tok.encode(tok.render_chat(checked, add_generation_prompt=True), add_bos=False, parse_special=True)
+        return tok.encode_chat(checked, add_generation_prompt=True)   # message contents stay plain text
 
     def stream(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 256, temperature: float = 0.8,
                top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
@@ -416,7 +417,12 @@ class Model:
 
     def _root_encode_with(self, encode: Callable[[], List[int]]) -> List[int]:
         """Rank 0 encodes; every rank gets the ids, or the same error."""
-        return self.par.from_root(encode)
+        ids = self.par.from_root(encode)
+        outside = next((t for t in ids if not 0 <= t < self.config.vocab_size), None)
+        if outside is not None:   # every rank sees the same ids: every rank stops here, before any collective
+            raise TpllamaError(f"token id {outside} is outside the model's vocabulary (0..{self.config.vocab_size - 1})",
+                               collective=True)
+        return ids
 
     def _common_prefix(self, ids: Sequence[int]) -> int:
         """Cached positions that the new prompt can keep (at least its last token is recomputed)."""
@@ -522,6 +528,17 @@ def _stop_strings(stop) -> List[str]:
 def _progress_done(par: Parallel):
     if par.is_root:
         print(file=sys.stderr, flush=True)
+
+
+def _check_special_ids(tokenizer, vocab_size: int):
+    """The tokenizer, once its BOS and EOS ids are known to be in the model's vocabulary (a bad
+    bos_token_id in config.json would otherwise fail the first prompt deep inside the model)."""
+    for name, token_id in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id)):
+        if token_id is not None and not 0 <= token_id < min(vocab_size, tokenizer.vocab_size):
+            raise TpllamaError(f"{tokenizer.source}: {name} {token_id} is outside the vocabulary "
+                               f"(0..{min(vocab_size, tokenizer.vocab_size) - 1}); correct it in the model's "
+                               "config.json / tokenizer_config.json")
+    return tokenizer
 
 
 def _rank_weights(value, world_size: int):

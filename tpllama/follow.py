@@ -7,6 +7,7 @@ broadcast: a chat or a server may sit idle for hours.
 """
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Tuple
@@ -75,15 +76,98 @@ def exchange(par, command: Optional[Command] = None) -> Command:
     return par.bcast_object(command)
 
 
-def follow(model) -> None:
-    """What every rank but 0 does: run rank 0's commands until it says stop."""
+class StopNotice:
+    """How a follower that gets SIGTERM or SIGINT asks rank 0 to end the job cleanly (rank 0 alone
+    talks to the clients): a message on a communicator of its own, which rank 0 polls for.
+
+    Collective to create. Under mpirun every rank gets the signal; a follower that died of it
+    would leave rank 0 waiting in a collective, so followers keep going until rank 0 says stop."""
+
+    TAG = 7
+
+    def __init__(self, par):
+        self.comm = par.comm.Dup() if par.size > 1 else None
+        self._sent = None
+
+    def send(self) -> None:
+        """A follower: ask rank 0 to shut down (once)."""
+        if self.comm is not None and self._sent is None:
+            self._sent = self.comm.isend(None, dest=0, tag=self.TAG)
+
+    def arrived(self) -> bool:
+        """Rank 0: whether some follower asked to shut down (the messages are taken)."""
+        if self.comm is None:
+            return False
+        from mpi4py import MPI
+        asked = False
+        while self.comm.iprobe(source=MPI.ANY_SOURCE, tag=self.TAG):
+            self.comm.recv(source=MPI.ANY_SOURCE, tag=self.TAG)
+            asked = True
+        return asked
+
+    def install_follower_signals(self) -> None:
+        def on_signal(signum, frame):
+            self.send()
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+
+class OutOfStep(TpllamaError):
+    """A rank did not finish a generation with the others: the job cannot go on."""
+
+
+class Outcomes:
+    """After each generation every rank meets the others on a communicator of its own and says
+    how its generation ended, so that a failure inside a generation ends that request only.
+
+    If every rank arrives, every collective of the generation was matched (whichever ranks
+    failed, and wherever), so the job can go on: the failures are reported, and the next request
+    is served. A rank that does not arrive within `timeout` seconds is stuck in a collective the
+    failed rank never entered: the ranks are out of step and the job must end (OutOfStep)."""
+
+    def __init__(self, par, timeout: float = 20.0):
+        self.comm = par.comm.Dup() if par.size > 1 else None   # collective
+        self.timeout = timeout
+
+    def agree(self, error: Optional[BaseException]) -> Optional[str]:
+        """Collective: the first rank's failure ("rank R: message"), or None when all succeeded."""
+        mine = describe_failure(error)
+        if self.comm is None:
+            return mine
+        request, deadline, sleep = self.comm.Ibarrier(), time.monotonic() + self.timeout, 0.0005
+        while not request.Test():
+            if time.monotonic() > deadline:
+                raise OutOfStep(f"{mine or 'a generation ended on this rank'}, and the other ranks did not "
+                                f"finish it within {self.timeout:g} s: ending the job")
+            time.sleep(sleep)
+            sleep = min(2 * sleep, MAX_POLL_SLEEP)
+        failures = self.comm.allgather(mine)
+        return next((f"rank {rank}: {f}" if rank else f for rank, f in enumerate(failures) if f), None)
+
+
+def describe_failure(error: Optional[BaseException]) -> Optional[str]:
+    if error is None:
+        return None
+    if isinstance(error, TpllamaError):
+        return str(error)
+    return f"internal error: {type(error).__name__}: {error}"
+
+
+def follow(model, outcomes: Optional[Outcomes] = None) -> None:
+    """What every rank but 0 does: run rank 0's commands until it says stop. With outcomes (the
+    server), every generation ends with Outcomes.agree, and a failure inside one is survived."""
     while True:
         command = exchange(model.par)
         if command.kind == STOP:
             return
+        error = None
         try:
             for _ in model.stream(**command.call.kwargs()):
                 pass
-        except Exception as e:
-            if not getattr(e, "collective", False):   # this rank alone failed: let cli.run abort the job
-                raise               # (a collective one rank 0 reports to its user and goes on)
+        except Exception as e:   # judged below
+            error = e
+        if outcomes is not None:
+            outcomes.agree(error)
+        elif error is not None and not getattr(error, "collective", False):
+            raise error   # this rank alone failed: let cli.run abort the job
+                          # (a collective one rank 0 reports to its user and goes on)

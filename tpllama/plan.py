@@ -267,7 +267,7 @@ def allreduce_bytes_per_token(config: ModelConfig, sync_type: str, world_size: i
     if sync_type in ("f64", "f32"):
         vector = int(d * SYNC_VALUE_BYTES[sync_type])
         return calls * vector, calls * vector
-    if sync_type == "q80" and d % QK != 0:   # rows that are not whole blocks are sent as f32
+    if sync_type == "q80" and d % weight_type("q80").block != 0:   # rows that are not whole blocks are sent as f32
         vector = d * 4
     else:
         vector = int(d * SYNC_VALUE_BYTES[sync_type])

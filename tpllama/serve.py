@@ -7,7 +7,15 @@ Rank 0 serves HTTP (stdlib ThreadingHTTPServer: one thread per connection). A ha
 checks and tokenizes its request (tpllama.api) and queues it; rank 0's main thread takes the
 queue in order, sends each request's generation call to the other ranks (tpllama.follow) and
 runs it with them, handing the text back to the waiting handler piece by piece. A client that
-goes away cancels its generation at the next token. SIGINT or SIGTERM to rank 0 ends every rank.
+goes away cancels its generation at the next token. A failure inside a generation ends that
+request with an error (an error event when streaming) and the server goes on, unless the ranks
+are out of step (follow.Outcomes), which ends the job.
+
+SIGTERM or SIGINT to rank 0, to any other rank or to mpirun (which sends SIGTERM to every rank
+and SIGKILL about 0.2 s later) shuts down cleanly: the answer being streamed ends with an error
+event, queued requests get 503, and every rank exits. Rank 0 tells its clients from a thread
+woken by the signal itself (its main thread may be inside a collective); a follower passes the
+signal on to rank 0 (follow.StopNotice) and keeps following until rank 0 says stop.
 """
 from __future__ import annotations
 
@@ -29,8 +37,9 @@ from urllib.parse import unquote, urlsplit
 
 from . import cli
 from .api import (ApiError, ApiRequest, Defaults, RequestReader, completion_response, error_body, model_object,
-                  new_id, now, stream_chunk, usage, usage_chunk)
-from .follow import GENERATE, STOP, Command, check_sampling_flags, exchange, follow
+                  new_id, now, parse_body, stream_chunk, usage, usage_chunk)
+from .follow import (GENERATE, STOP, Command, Outcomes, StopNotice, check_sampling_flags, describe_failure, exchange,
+                     follow)
 
 DEFAULT_MAX_BODY = 4 << 20
 DRAIN_LIMIT = 64 << 20       # an over-long body up to this size is read and dropped so that the 413 arrives
@@ -84,7 +93,12 @@ class Server:
         self.jobs: "queue.Queue[Job]" = queue.Queue()
         self.stopping = threading.Event()
         self.httpd: Optional[ApiHttpServer] = None
+        self.notice = None                   # follow.StopNotice: followers asking to shut down
+        self.outcomes = None                 # follow.Outcomes: how each generation ended on every rank
         self._failed: list = []              # jobs failed at shutdown: their clients are being told
+        self._running: Optional[Job] = None  # the job being generated
+        self._signals = 0
+        self._shutdown_lock = threading.Lock()
 
     def listen(self, host: str, port: int) -> None:
         try:
@@ -113,35 +127,68 @@ class Server:
             try:
                 job = self.jobs.get(timeout=0.2)
             except queue.Empty:
+                self._check_notice()
                 continue
             if not job.cancelled.is_set():   # its client left while it waited: skip it
+                self._running = job
                 self._run_job(job)
+                self._running = None
         self._close()
 
+    def _check_notice(self) -> bool:
+        if self.notice is not None and self.notice.arrived():
+            self.log("a rank was asked to stop")
+            self.begin_shutdown()
+        return self.stopping.is_set()
+
+    def begin_shutdown(self) -> None:
+        """Refuse new requests, fail the queued ones (503) and the one being answered (an error
+        event); the main thread then stops the generation at its next token and ends the ranks."""
+        with self._shutdown_lock:
+            if self.stopping.is_set():
+                return
+            self.stopping.set()
+        running = self._running
+        if running is not None:
+            running.fail(503, "the server is shutting down")
+            self._failed.append(running)
+        self._fail_queued()
+
+    def _fail_queued(self) -> None:
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            job.fail(503, "the server is shutting down")
+            self._failed.append(job)
+
     def _run_job(self, job: Job) -> None:
-        from .errors import TpllamaError
         from .stats import RunStats
         call, stats, t0 = job.request.call, RunStats(), time.perf_counter()
 
         def stop_now() -> bool:   # checked on rank 0 before each token
-            return job.cancelled.is_set() or self.stopping.is_set()
+            return job.cancelled.is_set() or self._check_notice()
 
         exchange(self.model.par, Command(GENERATE, call))
+        error = None
         try:
             for piece in self.model.stream(**call.kwargs(), stats=stats, cancel=stop_now):
                 job.events.put(Event("text", text=piece))
-        except TpllamaError as e:
-            if not e.collective:   # this rank alone: cli.run ends the job
-                raise
-            self.log(f"generation failed: {e}")
-            job.fail(500, str(e))
+        except Exception as e:   # judged with the other ranks: only ranks out of step end the job
+            error = e
+            job.fail(500, describe_failure(e))   # told at once: if the ranks are out of step, the job ends next
+        failure = self.outcomes.agree(error) if self.outcomes else describe_failure(error)
+        if failure:
+            self.log(f"generation failed: {failure}")
+            job.fail(500, failure)   # a follower's failure (the client reads only the first error)
             return
         reason = self.model.last_finish_reason
         self.log(f"{'chat' if job.request.chat else 'completion'}: prompt {stats.prompt_tokens} tokens "
                  f"({stats.cached_tokens} from cache), {stats.generated_tokens} generated in "
                  f"{time.perf_counter() - t0:.2f} s, {reason}")
-        if reason == "cancelled":
-            if not job.cancelled.is_set():
+        if reason == "cancelled":   # by its client, or by the shutdown (told again here: it may have come
+            if not job.cancelled.is_set():   # between taking the job and marking it running)
                 job.fail(503, "the server is shutting down")
                 self._failed.append(job)
             return
@@ -152,13 +199,7 @@ class Server:
         self.log("shutting down")
         if self.httpd is not None:
             self.httpd.shutdown()
-        while True:
-            try:
-                job = self.jobs.get_nowait()
-            except queue.Empty:
-                break
-            job.fail(503, "the server is shutting down")
-            self._failed.append(job)
+        self._fail_queued()
         exchange(self.model.par, Command(STOP))
         deadline = time.monotonic() + DELIVERY_GRACE
         for job in self._failed:
@@ -168,11 +209,22 @@ class Server:
 
     def install_signals(self) -> None:
         def stop(signum, frame):
-            if self.stopping.is_set():   # a second signal: do not wait any longer
+            self._signals += 1
+            if self._signals > 1:   # a second signal: do not wait any longer
                 raise KeyboardInterrupt
-            self.stopping.set()
+            self.begin_shutdown()
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGTERM, stop)
+        # The handler above runs only when the main thread is back in Python, which a collective
+        # can delay past mpirun's SIGKILL: the wakeup fd wakes a thread at once.
+        wake, woken = socket.socketpair()
+        wake.setblocking(False)
+        signal.set_wakeup_fd(wake.fileno(), warn_on_full_buffer=False)
+        threading.Thread(target=self._on_wakeup, args=(woken, wake), name="signals", daemon=True).start()
+
+    def _on_wakeup(self, woken: socket.socket, wake: socket.socket) -> None:
+        while woken.recv(64):   # wake is kept referenced here so that its fd stays open
+            self.begin_shutdown()
 
     @staticmethod
     def log(message: str) -> None:
@@ -230,10 +282,9 @@ class ApiHandler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         try:
             path = unquote(urlsplit(self.path).path).rstrip("/") or "/"
-            action = self._route(method, path)
-            if path != "/health":
+            if path != "/health":   # before routing: without the key, not even which paths exist is told
                 self._check_api_key()
-            action()
+            self._route(method, path)()
         except ApiError as e:
             self._send_error(e)
         except (ClientGone, ConnectionError, socket.timeout):
@@ -258,11 +309,11 @@ class ApiHandler(BaseHTTPRequestHandler):
         key = self.app.api_key
         if key is None:
             return
-        given = self.headers.get("Authorization", "")
-        if not given.startswith("Bearer "):
+        scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer":   # auth schemes are case-insensitive (RFC 9110)
             raise ApiError(401, "an API key is required: send 'Authorization: Bearer KEY'", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(given[len("Bearer "):].strip().encode(), key.encode()):
+        if not hmac.compare_digest(given.strip().encode(), key.encode()):
             raise ApiError(401, "incorrect API key provided", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
 
@@ -380,11 +431,7 @@ class ApiHandler(BaseHTTPRequestHandler):
                 self._read_exactly(size)
             raise ApiError(413, f"the request body has {size} bytes; this server takes at most {self.app.max_body} "
                                 f"(--max-body)", code="request_too_large")
-        raw = self._read_exactly(size)
-        try:
-            return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        return parse_body(self._read_exactly(size))
 
     def _read_exactly(self, size: int) -> bytes:
         data = self.rfile.read(size)
@@ -494,14 +541,18 @@ def main(argv=None) -> int:
     server = None
     if par.is_root:
         defaults = Defaults(**cli.sampling_options(args), max_tokens=args.n_predict)
-        reader = RequestReader(model.tokenizer, model.ctx, model_name(model), [ALIAS, *args.alias], defaults)
+        reader = RequestReader(model.tokenizer, model.ctx, model_name(model), [ALIAS, *args.alias], defaults,
+                               model.config.vocab_size)
         server = Server(model, reader, args.api_key or None, args.max_body)
     par.together(lambda: server.listen(args.host, args.port) if server else None)
+    notice, outcomes = StopNotice(par), Outcomes(par)
     if server:
+        server.notice, server.outcomes = notice, outcomes
         server.install_signals()
         server.run()
     else:
-        follow(model)
+        notice.install_follower_signals()
+        follow(model, outcomes)
     return 0
 
 

@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import base64
 import codecs
-import json
 import os
 import re
 import struct
 import threading
 import warnings
-from datetime import datetime
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import ModelFormatError, TpllamaError
+from .chat_template import ChatTemplate, ChatTemplateError
+from .errors import ModelFormatError
 
 # Token types; GGUF and SentencePiece number them the same way.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -43,10 +42,6 @@ TOKENIZER_FLAG_HINT = ("pass the model's tokenizer with --tokenizer PATH "
                        "(tokenizer.json, tokenizer.model or tokenizer.bin)")
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
-class ChatTemplateError(TpllamaError):
-    """A chat template that cannot be rendered (syntax error, or it raised for these messages)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,16 +146,66 @@ class Tokenizer:
 
     def render_chat(self, messages: List[dict], add_generation_prompt: bool = True, **extra) -> str:
         """The prompt text for a conversation, from the model's chat template (or a fallback for
-        its family). Encode the result with parse_special=True."""
+        its family), rendered in a sandbox with limits on time and size (tpllama.chat_template).
+        To tokenize a conversation use encode_chat: it keeps message text from becoming special tokens."""
         source = self.chat_template or self.fallback_chat_template()
-        if self._template is None or self._template[0] != source:
-            self._template = (source, _compile_template(source, self.source))
-        import jinja2                            # imported on first use: slow to import on a Pi
-        try:
-            return self._template[1].render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            bos_token=self.bos_token, eos_token=self.eos_token, **extra)
-        except jinja2.TemplateError as e:
-            raise ChatTemplateError(f"{self.source}: chat template failed: {e}") from None
+        template = self._template
+        if template is None or template.source != source:
+            template = self._template = ChatTemplate(source, self.source)
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                               bos_token=self.bos_token, eos_token=self.eos_token, **extra)
+
+    def encode_chat(self, messages: List[dict], add_generation_prompt: bool = True, **extra) -> List[int]:
+        """Token ids of a rendered conversation (with its BOS if the template writes one): special
+        tokens come only from the template's own markup; message contents are plain text."""
+        return self.encode_chat_parts(self.chat_parts(messages, add_generation_prompt, **extra))
+
+    def chat_parts(self, messages: List[dict], add_generation_prompt: bool = True,
+                   **extra) -> List[Tuple[str, bool]]:
+        """The rendered conversation as (text, from the template) parts, in order.
+
+        The template is rendered twice: as is, and with every message content replaced by a
+        unique marker. Between the markers lies the template's own text; the rendered text then
+        shows what stands where each marker was (the content, or the content trimmed)."""
+        text = self.render_chat(messages, add_generation_prompt, **extra)
+        contents = [m.get("content") if isinstance(m.get("content"), str) else "" for m in messages]
+        markers = _content_markers(len(messages), text)
+        marked = [dict(m, content=markers[i]) if contents[i] else m for i, m in enumerate(messages)]
+        shape = self.render_chat(marked, add_generation_prompt, **extra)
+        parts = _align_parts(text, shape, {markers[i]: contents[i] for i in range(len(messages)) if contents[i]})
+        if parts is not None:
+            return parts
+        # the template rewrites contents beyond trimming: safe as one text only if no content holds a special token
+        splitter = _special_splitter(self.specials)
+        if splitter is not None and any(splitter.search(c) for c in contents):
+            raise ChatTemplateError(f"{self.source}: a message holds special-token text, and the chat template "
+                                    "changes message contents so that it cannot be kept apart from its markup")
+        return [(text, True)]
+
+    def encode_chat_parts(self, parts: Sequence[Tuple[str, bool]]) -> List[int]:
+        """Token ids of chat_parts(): special-token texts count only in template parts. Plain text
+        between two special tokens is encoded in one piece, as encode(parse_special=True) would."""
+        splitter = _special_splitter(self.specials)
+        whole = "".join(text for text, _ in parts)
+        if splitter is None or len(splitter.findall(whole)) == sum(
+                len(splitter.findall(text)) for text, from_template in parts if from_template):
+            # no special-token text in the messages (nor across a boundary): the whole text
+            # encodes exactly as it always did (tokenizers that prefix only the text's start agree)
+            return self._encode_text(whole, True) if whole else []
+        runs: List[object] = []          # plain text (str) and special token ids (int), in order
+        for text, from_template in parts:
+            pieces = _split_specials(text, splitter, self.specials) if from_template and splitter else [(text, None)]
+            for fragment, special_id in pieces:
+                if special_id is not None:
+                    runs.append(special_id)
+                elif runs and isinstance(runs[-1], str):
+                    runs[-1] += fragment
+                else:
+                    runs.append(fragment)
+        ids: List[int] = []
+        for run in runs:
+            ids.extend([run] if isinstance(run, int) else self._encode_text(run, False) if run else [])
+        return ids
 
     def fallback_chat_template(self) -> str:
         """A template for models that ship none, chosen by the special tokens of the vocabulary."""
@@ -989,26 +1034,40 @@ LLAMA2_TEMPLATE = (
 )
 
 
-def _raise_template_exception(message):
-    import jinja2
-    raise jinja2.TemplateError(message)
+def _content_markers(n: int, rendered: str) -> List[str]:
+    """n texts that stand for message contents: unlike any text a template writes, no whitespace
+    (so that trimming keeps them), and absent from the rendered conversation."""
+    import secrets
+    while True:
+        tag = secrets.token_hex(6)
+        if tag not in rendered:
+            return [f"\ue000{tag}{i}\ue001" for i in range(n)]
 
 
-def _tojson(value, indent=None, ensure_ascii=False, sort_keys=False, separators=None):
-    # like transformers: templates expect non-ASCII text to stay as it is
-    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys, separators=separators)
-
-
-def _compile_template(source: str, where: str):
-    """A chat template in the same sandboxed Jinja setup as transformers' apply_chat_template."""
-    import jinja2
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_template_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateError as e:
-        raise ChatTemplateError(f"{where}: chat template does not parse: {e}") from None
+def _align_parts(text: str, shape: str, contents: Dict[str, str]) -> Optional[List[Tuple[str, bool]]]:
+    """Cut the rendered text where the marked render (shape) has its markers: (text, from the
+    template) parts, or None when the two renders do not line up."""
+    if not contents:
+        return [(text, True)]
+    pieces = re.split("(" + "|".join(map(re.escape, contents)) + ")", shape)   # template, marker, template, ...
+    parts: List[Tuple[str, bool]] = []
+    pos = 0
+    for k in range(0, len(pieces), 2):
+        template_text = pieces[k]
+        if not text.startswith(template_text, pos):
+            return None
+        parts.append((template_text, True))
+        pos += len(template_text)
+        if k + 1 == len(pieces):
+            break
+        content, following, last = contents[pieces[k + 1]], pieces[k + 2], k + 3 == len(pieces)
+        for candidate in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
+            end = pos + len(candidate)
+            if text.startswith(candidate, pos) and text.startswith(following, end) and \
+                    (not last or end + len(following) == len(text)):
+                parts.append((candidate, False))
+                pos = end
+                break
+        else:
+            return None
+    return parts if pos == len(text) else None
