@@ -128,7 +128,9 @@ def test_the_chat_and_the_library_keep_message_text_plain(tok, smollm2_hf_tokeni
                                                   {"role": "assistant", "content": answer},
                                                   {"role": "user", "content": INJECTION + " again"}])
     # Model.encode_prompt(chat=True), which generate(chat=True) uses, needs only the tokenizer
-    library = Model.encode_prompt(SimpleNamespace(tokenizer=tok), INJECTION, chat=True, system="Be brief.")
+    fake = SimpleNamespace(tokenizer=tok)
+    fake.encode_messages = lambda messages: Model.encode_messages(fake, messages)
+    library = Model.encode_prompt(fake, INJECTION, chat=True, system="Be brief.")
     assert library == first
 
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Tuple
 
 from .errors import TpllamaError
+from .parallel import SideChannel
 
 GENERATE = "generate"
 STOP = "stop"
@@ -83,27 +84,16 @@ class StopNotice:
     Collective to create. Under mpirun every rank gets the signal; a follower that died of it
     would leave rank 0 waiting in a collective, so followers keep going until rank 0 says stop."""
 
-    TAG = 7
-
     def __init__(self, par):
-        self.comm = par.comm.Dup() if par.size > 1 else None
-        self._sent = None
+        self.channel = SideChannel(par)
 
     def send(self) -> None:
         """A follower: ask rank 0 to shut down (once)."""
-        if self.comm is not None and self._sent is None:
-            self._sent = self.comm.isend(None, dest=0, tag=self.TAG)
+        self.channel.notify_root()
 
     def arrived(self) -> bool:
         """Rank 0: whether some follower asked to shut down (the messages are taken)."""
-        if self.comm is None:
-            return False
-        from mpi4py import MPI
-        asked = False
-        while self.comm.iprobe(source=MPI.ANY_SOURCE, tag=self.TAG):
-            self.comm.recv(source=MPI.ANY_SOURCE, tag=self.TAG)
-            asked = True
-        return asked
+        return self.channel.take_notices()
 
     def install_follower_signals(self) -> None:
         def on_signal(signum, frame):
@@ -126,22 +116,16 @@ class Outcomes:
     failed rank never entered: the ranks are out of step and the job must end (OutOfStep)."""
 
     def __init__(self, par, timeout: float = 20.0):
-        self.comm = par.comm.Dup() if par.size > 1 else None   # collective
+        self.channel = SideChannel(par)   # collective
         self.timeout = timeout
 
     def agree(self, error: Optional[BaseException]) -> Optional[str]:
         """Collective: the first rank's failure ("rank R: message"), or None when all succeeded."""
         mine = describe_failure(error)
-        if self.comm is None:
-            return mine
-        request, deadline, sleep = self.comm.Ibarrier(), time.monotonic() + self.timeout, 0.0005
-        while not request.Test():
-            if time.monotonic() > deadline:
-                raise OutOfStep(f"{mine or 'a generation ended on this rank'}, and the other ranks did not "
-                                f"finish it within {self.timeout:g} s: ending the job")
-            time.sleep(sleep)
-            sleep = min(2 * sleep, MAX_POLL_SLEEP)
-        failures = self.comm.allgather(mine)
+        if not self.channel.meet(self.timeout, MAX_POLL_SLEEP):
+            raise OutOfStep(f"{mine or 'a generation ended on this rank'}, and the other ranks did not "
+                            f"finish it within {self.timeout:g} s: ending the job")
+        failures = self.channel.allgather_object(mine)
         return next((f"rank {rank}: {f}" if rank else f for rank, f in enumerate(failures) if f), None)
 
 

@@ -281,6 +281,49 @@ class Parallel:
 OUT_OF_MEMORY = "out of memory; lower -c, use more ranks, or --weight-type q40"
 
 
+class SideChannel:
+    """A duplicate of a Parallel's communicator for messages outside the lock-step of its
+    collectives: a follower's notice to rank 0, and a meeting that may time out. Collective to
+    create; at world size 1 every call is a no-op."""
+
+    TAG = 7
+
+    def __init__(self, par: "Parallel"):
+        self.comm = par.comm.Dup() if par.size > 1 else None
+        self._sent = None
+
+    def notify_root(self) -> None:
+        """A follower: leave rank 0 a notice (once)."""
+        if self.comm is not None and self._sent is None:
+            self._sent = self.comm.isend(None, dest=0, tag=self.TAG)
+
+    def take_notices(self) -> bool:
+        """Rank 0: whether any notice arrived (they are taken)."""
+        if self.comm is None:
+            return False
+        from mpi4py import MPI
+        taken = False
+        while self.comm.iprobe(source=MPI.ANY_SOURCE, tag=self.TAG):
+            self.comm.recv(source=MPI.ANY_SOURCE, tag=self.TAG)
+            taken = True
+        return taken
+
+    def meet(self, timeout: float, max_sleep: float = 0.02) -> bool:
+        """A barrier that gives up after `timeout` seconds (False: some rank never came)."""
+        if self.comm is None:
+            return True
+        request, deadline, sleep = self.comm.Ibarrier(), time.monotonic() + timeout, 0.0005
+        while not request.Test():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(sleep)
+            sleep = min(2 * sleep, max_sleep)
+        return True
+
+    def allgather_object(self, obj: Any) -> List[Any]:
+        return [obj] if self.comm is None else self.comm.allgather(obj)
+
+
 def world_size(comm=None) -> int:
     """Ranks in `comm` (default MPI.COMM_WORLD), before any Parallel is made."""
     if comm is None:
