@@ -100,11 +100,13 @@ def write_results(name: str, data: dict, path: Optional[str] = None) -> Path:
     return out
 
 
-def bench_model(model: Optional[str], shape: Optional[str]) -> str:
-    """The model a benchmark runs: a given path, or a cached random-weight model of a named shape."""
+def bench_model(model: Optional[str], shape: Optional[str], file_type: str = "q40") -> str:
+    """The model a benchmark runs: a given path, or a cached random-weight model of a named shape
+    and file type (tpllama.bench.make_model.TYPES)."""
     if model:
         return model
     from tpllama.bench.make_model import ensure_model
     cache = Path(os.environ.get("TPLLAMA_CACHE", "~/.cache/tpllama")).expanduser() / "bench"
     cache.mkdir(parents=True, exist_ok=True)
-    return ensure_model(str(cache / f"{shape}.gguf"), shape)
+    name = f"{shape}.gguf" if file_type == "q40" else f"{shape}-{file_type}.gguf"
+    return ensure_model(str(cache / name), shape, file_type)
