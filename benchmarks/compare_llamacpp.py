@@ -30,7 +30,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks._common import Quiet, bench_model, machine_info, median, write_results  # noqa: E402
+from benchmarks._common import Quiet, bench_model, machine_info, median, run_tokens, write_results  # noqa: E402
 from tpllama.bench.make_model import TYPES as FILE_TYPES  # noqa: E402
 
 
@@ -52,11 +52,14 @@ class TpllamaRunner:
 
     def prompt(self, tokens):
         self.model.reset()
-        self.model._run(tokens, "prefill", None)
+        self._run(tokens, "prefill")
 
     def decode(self, tokens):
         for token in tokens:
-            self.model._run([token], "decode", None)     # computes this rank's logits, as llama.cpp does
+            self._run([token], "decode")     # computes this rank's logits, as llama.cpp does
+
+    def _run(self, tokens, phase):
+        run_tokens(self.model, tokens, phase)
 
 
 class LlamaCppRunner:
