@@ -100,11 +100,24 @@ def write_results(name: str, data: dict, path: Optional[str] = None) -> Path:
     return out
 
 
-def bench_model(model: Optional[str], shape: Optional[str]) -> str:
-    """The model a benchmark runs: a given path, or a cached random-weight model of a named shape."""
+def bench_model(model: Optional[str], shape: Optional[str], file_type: str = "q40") -> str:
+    """The model a benchmark runs: a given path, or a cached random-weight model of a named shape
+    and file type (tpllama.bench.make_model.TYPES)."""
     if model:
         return model
     from tpllama.bench.make_model import ensure_model
     cache = Path(os.environ.get("TPLLAMA_CACHE", "~/.cache/tpllama")).expanduser() / "bench"
     cache.mkdir(parents=True, exist_ok=True)
-    return ensure_model(str(cache / f"{shape}.gguf"), shape)
+    name = f"{shape}.gguf" if file_type == "q40" else f"{shape}-{file_type}.gguf"
+    return ensure_model(str(cache / name), shape, file_type)
+
+
+def run_tokens(model, tokens, phase: str):
+    """Forward `tokens` at the end of a loaded tpllama model's cache (phase "prefill" or "decode"),
+    on this rank, as a generation step does; raises what the step raised."""
+    from tpllama.engine import _LocalFailure
+    failure = _LocalFailure(model.history, len(model.history))
+    out = model._run(tokens, phase, None, failure)
+    if failure.error is not None:
+        raise failure.error
+    return out

@@ -3,7 +3,13 @@
 GGUF, the same thread count, prompt processing and decode, alternating the two in one run.
 
     python benchmarks/compare_llamacpp.py --shape tinyllama-1.1b --threads 1,2
+    python benchmarks/compare_llamacpp.py --shape tinyllama-1.1b --type q4km --threads 1,2
     python benchmarks/compare_llamacpp.py --model model.gguf --threads 2 --reps 5
+
+--shape writes (once, cached) a random-weight GGUF of that shape: `--type q40` (default) all
+Q4_0, `--type q4km` laid out as llama.cpp's Q4_K_M (Q4_K; Q6_K for the output matrix and for
+attn_v/ffn_down in llama.cpp's use_more_bits layers, 10 of TinyLlama's 22). tpllama runs every file at its default weight type, `auto`: each matrix in
+the file's own type, as llama.cpp does.
 
 llama-cpp-python is installed on demand (`pip install llama-cpp-python` compiles llama.cpp:
 several minutes). Both run in this process on one rank: tpllama through tpllama.load, llama.cpp
@@ -24,7 +30,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks._common import Quiet, bench_model, machine_info, median, write_results  # noqa: E402
+from benchmarks._common import Quiet, bench_model, machine_info, median, run_tokens, write_results  # noqa: E402
+from tpllama.bench.make_model import TYPES as FILE_TYPES  # noqa: E402
 
 
 def llama_cpp_module():
@@ -45,11 +52,14 @@ class TpllamaRunner:
 
     def prompt(self, tokens):
         self.model.reset()
-        self.model._run(tokens, "prefill", None)
+        self._run(tokens, "prefill")
 
     def decode(self, tokens):
         for token in tokens:
-            self.model._run([token], "decode", None)     # computes this rank's logits, as llama.cpp does
+            self._run([token], "decode")     # computes this rank's logits, as llama.cpp does
+
+    def _run(self, tokens, phase):
+        run_tokens(self.model, tokens, phase)
 
 
 class LlamaCppRunner:
@@ -67,6 +77,13 @@ class LlamaCppRunner:
     def decode(self, tokens):
         for token in tokens:
             self.llm.eval([token])
+
+
+def file_tensor_types(path):
+    """GGML type name -> how many tensors of the file have it."""
+    from collections import Counter
+    from gguf import GGUFReader
+    return dict(Counter(t.tensor_type.name for t in GGUFReader(path).tensors).most_common())
 
 
 def time_runner(runner, prompt, decode, quiet):
@@ -87,21 +104,28 @@ def main(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model")
     src.add_argument("--shape", help="a random-weight model of a named shape (tpllama.bench.make_model)")
+    p.add_argument("--type", default="q40", choices=FILE_TYPES,
+                   help="file type of the --shape model (default q40; q4km: llama.cpp's Q4_K_M layout)")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--pp", type=int, default=64)
     p.add_argument("--tg", type=int, default=64)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--no-quiet-wait", action="store_true", help="do not wait for an idle machine before each run")
     args = p.parse_args(argv)
-    path = bench_model(args.model, args.shape)
+    path = bench_model(args.model, args.shape, args.type)
     quiet = Quiet(enabled=not args.no_quiet_wait)
     ctx = args.pp + args.tg + 16
     rng = np.random.default_rng(0)
-    results = {"machine": machine_info(), "model": path, "command": " ".join(sys.argv), "points": []}
-    print(f"{path}: pp{args.pp} / tg{args.tg}, {args.reps} alternating repetitions\n")
+    results = {"machine": machine_info(), "model": path, "file_tensors": file_tensor_types(path),
+               "command": " ".join(sys.argv), "points": []}
+    print(f"{path}: pp{args.pp} / tg{args.tg}, {args.reps} alternating repetitions")
+    print(f"file tensors: {', '.join(f'{n} {t}' for t, n in results['file_tensors'].items())}")
     print(f"{'threads':>7} {'engine':>10} {'pp tok/s':>9} {'tg tok/s':>9}")
     for threads in (int(t) for t in args.threads.split(",")):
         runners = [TpllamaRunner(path, threads, ctx), LlamaCppRunner(path, threads, ctx, args.pp)]
+        if "tpllama_weights" not in results:
+            results["tpllama_weights"] = runners[0].model.types.summary()
+            print(f"tpllama {results['tpllama_weights']}\n")
         vocab = runners[0].model.config.vocab_size
         prompt = [int(t) for t in rng.integers(3, vocab, size=args.pp)]
         decode = [int(t) for t in rng.integers(3, vocab, size=args.tg)]

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import Quiet, machine_info, median, write_results  # noqa: E402
+from benchmarks._common import Quiet, machine_info, median, run_tokens, write_results  # noqa: E402
 
 # tokens/s on these 2-core machines (TinyLlama shape, random Q4_0): the best C++ engine with its
 # repacked AVX-512 weights, the same engine on plain Q4_0 blocks, and distributed-llama.
@@ -82,12 +82,12 @@ def measure(model, prompt, steps, reps, quiet):
         quiet.wait()
         model.reset()
         t = time.perf_counter()
-        model._run(prompt, "prefill", None)
+        run_tokens(model, prompt, "prefill")
         pp.append(len(prompt) / (time.perf_counter() - t))
         tok, step_ms = 7, []
         for i in range(steps):
             t = time.perf_counter()
-            model._run([tok], "decode", None)
+            run_tokens(model, [tok], "decode")
             step_ms.append(1e3 * (time.perf_counter() - t))
             tok = 100 + i
         dec.append(1e3 / median(step_ms))
@@ -98,11 +98,11 @@ def profile_decode(model, prompt, steps, quiet):
     """Split decode steps into time inside the kernels and outside them."""
     quiet.wait()
     model.reset()
-    model._run(prompt, "prefill", None)
+    run_tokens(model, prompt, "prefill")
     with KernelTimer() as kt:
         t = time.perf_counter()
         for i in range(steps):
-            model._run([100 + i], "decode", None)
+            run_tokens(model, [100 + i], "decode")
         total = time.perf_counter() - t
     kernel = sum(kt.ns.values()) / 1e9
     return {"step_ms": 1e3 * total / steps, "kernel_ms": 1e3 * kernel / steps,

@@ -5,10 +5,18 @@
 Weights are N(0, 0.02) (activations stay finite through any number of layers), norms are
 close to 1, and the vocabulary is a working SentencePiece-style one (`tokenizer.ggml.model`
 "llama": <unk>, <s>, </s>, the 256 byte tokens, then "▁the"-style letter n-grams, all
-unique, scores decreasing). Matrices are quantized with tpllama's own GGML-identical
-quantizers a slab of rows at a time and streamed to the file, so writing a 7B model never
-holds more than one slab in memory. The same shape, type and seed always give the same
-bytes; when FILE already holds them (same metadata), nothing is written.
+unique, scores decreasing). Matrices are quantized a slab of rows at a time and streamed
+to the file, so writing a 7B model never holds more than one slab in memory. The same shape,
+type and seed always give the same bytes; when FILE already holds them (same metadata),
+nothing is written.
+
+File types: q40, q80 and f32 put every matrix in that type (tpllama's own GGML-identical
+quantizers). q4km is laid out as llama.cpp's Q4_K_M (file type 15) would lay out these
+weights (`tensor_types`): Q4_K for most matrices and the token embedding, Q6_K for the output
+matrix and for attn_v / ffn_down in llama.cpp's "use_more_bits" layers, Q5_0 / Q8_0 in place
+of Q4_K / Q6_K where a row is not a multiple of 256. Its Q4_K and Q6_K blocks come from the
+simple quantizers below (not llama.cpp's search for the best scales: valid blocks of the same
+size, a little coarser).
 """
 from __future__ import annotations
 
@@ -52,9 +60,10 @@ SHAPES = {s.name: s for s in [
     Shape("tiny", 128, 256, 2, 4, 2, 512, ctx=256),
 ]}
 
-TYPES = ("q40", "q80", "f32")             # the types this writer quantizes to
-GGML_TYPE = {t: weight_type(t).ggml for t in TYPES}
-FILE_TYPE = {"q40": 2, "q80": 7, "f32": 0}   # llama.cpp's LLAMA_FTYPE_ALL_F32 / MOSTLY_Q4_0 / MOSTLY_Q8_0
+TYPES = ("q40", "q80", "f32", "q4km")     # the file types this writer makes
+# llama.cpp's LLAMA_FTYPE_ALL_F32 / MOSTLY_Q4_0 / MOSTLY_Q8_0 / MOSTLY_Q4_K_M
+FILE_TYPE = {"q40": 2, "q80": 7, "f32": 0, "q4km": 15}
+QK_K = 256                                   # values per K-quant super-block
 
 
 # ---------------------------------------------------------------- vocabulary
@@ -141,15 +150,128 @@ class _StreamedTensor:
         assert written == self.nbytes, (written, self.nbytes)
 
 
-def _encoded(name: str, dims: Tuple[int, ...], wtype: str, seed: int) -> Tuple[int, Callable[[], Iterator[np.ndarray]]]:
+# ---------------------------------------------------------------- K-quant blocks
+
+def _fp16_at_least(x: np.ndarray) -> np.ndarray:
+    """x rounded to float16, upwards where rounding to nearest went below x (so that a scale
+    derived from it never needs an integer multiplier above the top of its range)."""
+    h = x.astype(np.float16)
+    return np.where(h.astype(np.float32) < x, np.nextafter(h, np.float16(np.inf)), h)
+
+
+def _integer_multipliers(values: np.ndarray, unit: np.ndarray, top: int) -> np.ndarray:
+    """ceil(values / unit) in 0..top (0 where unit is 0): the sub-block scales and mins as
+    multiples of their super-block's unit, large enough that no value is clipped."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        k = np.ceil(values / unit[..., None])
+    return np.clip(np.nan_to_num(k, nan=0.0, posinf=0.0), 0, top).astype(np.uint8)
+
+
+def _nearest(values: np.ndarray, step: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """round(values / step) clipped to lo..hi (0 where step is 0), as int16."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.rint(values / step)
+    return np.clip(np.nan_to_num(q, nan=0.0, posinf=0.0, neginf=0.0), lo, hi).astype(np.int16)
+
+
+def quantize_q4_k(x: np.ndarray) -> np.ndarray:
+    """GGML Q4_K blocks (144 bytes per 256 values) of float32 rows whose length is a multiple of 256.
+
+    Value = d*sc*q - dmin*m with q in 0..15 and, per 32-value sub-block, 6-bit sc and m; d and
+    dmin are the super-block's fp16 units. The sub-block's min (clamped to <= 0, as GGML's
+    mins are subtracted) and max set m and sc, rounded up so that every value is in range."""
+    rows, cols = x.shape
+    b = x.reshape(-1, 8, 32).astype(np.float32)
+    mins = -np.minimum(b.min(axis=-1), 0.0)                       # (n, 8), >= 0
+    dmin = _fp16_at_least(mins.max(axis=-1) / 63)
+    m = _integer_multipliers(mins, dmin.astype(np.float32), 63)
+    offset = dmin.astype(np.float32)[:, None] * m                 # what the block subtracts
+    scales = (b.max(axis=-1) + offset) / 15
+    d = _fp16_at_least(scales.max(axis=-1) / 63)
+    sc = _integer_multipliers(scales, d.astype(np.float32), 63)
+    step = d.astype(np.float32)[:, None] * sc
+    q = _nearest(b + offset[..., None], step[..., None], 0, 15).astype(np.uint8).reshape(-1, 4, 2, 32)
+    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)        # sub-blocks 2i, 2i+1 share bytes
+    packed = np.empty((b.shape[0], 12), np.uint8)                  # 8 x (6-bit sc, 6-bit m)
+    packed[:, 0:4] = (sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6)
+    packed[:, 4:8] = (m[:, :4] & 63) | ((m[:, 4:] >> 4) << 6)
+    packed[:, 8:12] = (sc[:, 4:] & 15) | ((m[:, 4:] & 15) << 4)
+    out = np.concatenate([d.reshape(-1, 1).view(np.uint8), dmin.reshape(-1, 1).view(np.uint8), packed, qs], axis=1)
+    return out.reshape(rows, cols // QK_K * 144)
+
+
+def quantize_q6_k(x: np.ndarray) -> np.ndarray:
+    """GGML Q6_K blocks (210 bytes per 256 values) of float32 rows whose length is a multiple of 256.
+
+    Value = d*sc*(q-32) with q in 0..63 and, per 16-value sub-block, an int8 sc; d is the
+    super-block's fp16 unit. Each sub-block is scaled symmetrically (its largest magnitude at
+    q-32 = +-31), sc rounded up so that nothing is clipped."""
+    rows, cols = x.shape
+    b = x.reshape(-1, 16, 16).astype(np.float32)
+    scales = np.abs(b).max(axis=-1) / 31
+    d = _fp16_at_least(scales.max(axis=-1) / 127)
+    sc = _integer_multipliers(scales, d.astype(np.float32), 127)
+    step = d.astype(np.float32)[:, None] * sc
+    q = (_nearest(b, step[..., None], -32, 31) + 32).astype(np.uint8).reshape(-1, 256)
+    low, high = (q & 15).reshape(-1, 2, 2, 64), (q >> 4).reshape(-1, 2, 4, 32)
+    ql = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(-1, 128)
+    qh = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)).reshape(-1, 64)
+    out = np.concatenate([ql, qh, sc.view(np.int8).view(np.uint8), d.reshape(-1, 1).view(np.uint8)], axis=1)
+    return out.reshape(rows, cols // QK_K * 210)
+
+
+def _quantize_q5_0(x: np.ndarray) -> np.ndarray:
+    import gguf.quants
+    from gguf import GGMLQuantizationType
+    return gguf.quants.quantize(np.ascontiguousarray(x, np.float32), GGMLQuantizationType.Q5_0)
+
+
+def _quantizer(ggml: str) -> Callable[[np.ndarray], np.ndarray]:
     from .. import _kernels as K
-    if len(dims) == 1 or wtype == "f32":
+    return {"Q4_0": K.quantize_q40, "Q8_0": K.quantize_q80, "Q4_K": quantize_q4_k,
+            "Q6_K": quantize_q6_k, "Q5_0": _quantize_q5_0}[ggml]
+
+
+# ---------------------------------------------------------------- which type each tensor gets
+
+def _use_more_bits(layer: int, layers: int) -> bool:
+    """llama.cpp's choice of the layers whose attn_v / ffn_down a Q4_K_M file keeps in Q6_K:
+    the first and last eighth, and every third layer in between."""
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
+def _q4km_type(name: str, cols: int, shape: Shape) -> str:
+    if name == "output.weight" or (shape.tied and name == "token_embd.weight"):
+        return "Q6_K" if cols % QK_K == 0 else "Q8_0"
+    kind = name.split(".")[-2]
+    layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
+    wanted = "Q6_K" if kind in ("attn_v", "ffn_down") and _use_more_bits(layer, shape.layers) else "Q4_K"
+    if cols % QK_K:                        # llama.cpp's fallbacks for rows that are not whole super-blocks
+        return {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}[wanted]
+    return wanted
+
+
+def tensor_types(shape: Shape, wtype: str) -> dict:
+    """GGML type name of every tensor of a `wtype` file: norms F32, matrices by the file type."""
+    out = {}
+    for name, dims in tensor_list(shape):
+        if len(dims) == 1:
+            out[name] = "F32"
+        elif wtype == "q4km":
+            out[name] = _q4km_type(name, dims[1], shape)
+        else:
+            out[name] = weight_type(wtype).ggml
+    return out
+
+
+def _encoded(name: str, dims: Tuple[int, ...], ggml: str, seed: int) -> Tuple[int, Callable[[], Iterator[np.ndarray]]]:
+    if ggml == "F32":
         n = int(np.prod(dims))
         return 4 * n, lambda: _slabs(name, dims, seed)
-    quantize = K.quantize_q40 if wtype == "q40" else K.quantize_q80
-    bb = weight_type(wtype).block_bytes
+    t = weight_type(ggml)
+    quantize = _quantizer(ggml)
     rows, cols = dims
-    return rows * cols // 32 * bb, lambda: (quantize(s) for s in _slabs(name, dims, seed))
+    return rows * cols // t.block * t.block_bytes, lambda: (quantize(s) for s in _slabs(name, dims, seed))
 
 
 # ---------------------------------------------------------------- file
@@ -219,15 +341,16 @@ def write_model(path: str, shape: Shape, wtype: str = "q40", seed: int = 0, quie
     w.add_add_eos_token(False)
 
     plan = []
+    ggml_types = tensor_types(shape, wtype)
     for name, dims in tensor_list(shape):
-        t = "f32" if len(dims) == 1 else wtype
+        t = ggml_types[name]
         nbytes, chunks = _encoded(name, dims, t, seed)
-        if t == "f32":
+        if t == "F32":
             w.add_tensor_info(name, dims, np.dtype(np.float32), nbytes)
         else:
             rows, cols = dims
             w.add_tensor_info(name, (rows, nbytes // rows), np.dtype(np.uint8), nbytes,
-                              raw_dtype=GGMLQuantizationType[GGML_TYPE[t]])
+                              raw_dtype=GGMLQuantizationType[t])
         plan.append((name, nbytes, chunks))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -262,7 +385,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tpllama.bench.make_model", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", required=True, choices=sorted(SHAPES))
     p.add_argument("-o", "--output", required=True, help="GGUF file to write")
-    p.add_argument("--type", default="q40", choices=TYPES, help="matrix type (default q40, GGML Q4_0)")
+    p.add_argument("--type", default="q40", choices=TYPES,
+                   help="file type (default q40: every matrix GGML Q4_0; q4km: laid out as llama.cpp's Q4_K_M)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-q", "--quiet", action="store_true")
     a = p.parse_args(argv)
