@@ -42,7 +42,7 @@ from .follow import (GENERATE, STOP, Command, Outcomes, StopNotice, check_sampli
                      follow)
 
 DEFAULT_MAX_BODY = 4 << 20
-DRAIN_LIMIT = 64 << 20       # an over-long body up to this size is read and dropped so that the 413 arrives
+DRAIN_LIMIT = 64 << 20       # an over-long body up to this size is read and dropped so that the 400 arrives
 CLIENT_POLL = 0.1            # seconds between checks that a waiting client is still connected
 DELIVERY_GRACE = 2.0         # seconds given at shutdown to handlers telling their clients
 ALIAS = "tpllama"
@@ -429,7 +429,7 @@ class ApiHandler(BaseHTTPRequestHandler):
         if size > self.app.max_body:
             if size <= DRAIN_LIMIT:
                 self._read_exactly(size)
-            raise ApiError(413, f"the request body has {size} bytes; this server takes at most {self.app.max_body} "
+            raise ApiError(400, f"the request body has {size} bytes; this server takes at most {self.app.max_body} "
                                 f"(--max-body)", code="request_too_large")
         return parse_body(self._read_exactly(size))
 
