@@ -374,6 +374,20 @@ def test_the_api_key_is_required(server):
 # ------------------------------------------------------------------ shutdown
 
 
+def _stream_long(s, outcomes: dict):
+    """A long streaming completion; its status and whole body land in outcomes["stream"]."""
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=120)
+    conn.request("POST", TEXT, body=json.dumps({"prompt": TEXT_PROMPT, "max_tokens": 900, "stream": True}))
+    resp = conn.getresponse()
+    outcomes["stream"] = (resp.status, resp.read().decode())
+
+
+def _queued(s, outcomes: dict):
+    """A short completion that waits behind the stream; its answer lands in outcomes["queued"]."""
+    status, _, body = s.request("POST", TEXT, {"prompt": "Hello", "max_tokens": 4}, auth=False)
+    outcomes["queued"] = (status, body)
+
+
 @pytest.mark.parametrize("ranks,signum", [(2, signal.SIGTERM), (1, signal.SIGINT)], ids=["2-ranks-SIGTERM",
                                                                                         "1-rank-SIGINT"])
 def test_a_signal_to_rank_0_ends_every_rank_cleanly(smollm2, ranks, signum):
@@ -382,23 +396,13 @@ def test_a_signal_to_rank_0_ends_every_rank_cleanly(smollm2, ranks, signum):
         pid = int(s.proc.wait_for_text(r"rank 0 is pid (\d+)", 30).group(1))
         outcomes = {}
 
-        def stream_long():
-            conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=120)
-            conn.request("POST", TEXT, body=json.dumps({"prompt": TEXT_PROMPT, "max_tokens": 900, "stream": True}))
-            resp = conn.getresponse()
-            outcomes["stream"] = (resp.status, resp.read().decode())
-
-        def queued():
-            status, _, body = s.request("POST", TEXT, {"prompt": "Hello", "max_tokens": 4}, auth=False)
-            outcomes["queued"] = (status, body)
-
         def queue_length():
             return s.request("GET", "/health", auth=False)[2]["queued"]
 
-        streaming = threading.Thread(target=stream_long)
+        streaming = threading.Thread(target=_stream_long, args=(s, outcomes))
         streaming.start()
         s.proc.wait_for_text(r'"POST /v1/completions HTTP/1.1" 200', 60)   # the stream has begun
-        waiting = threading.Thread(target=queued)
+        waiting = threading.Thread(target=_queued, args=(s, outcomes))
         waiting.start()
         s.proc.wait_for(lambda: queue_length() == 1, 30, "the second request waits in the queue")
         os.kill(pid, signum)
@@ -423,20 +427,10 @@ def test_sigterm_to_mpirun_or_a_follower_shuts_down_cleanly(smollm2, target):
     try:
         outcomes = {}
 
-        def stream_long():
-            conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=120)
-            conn.request("POST", TEXT, body=json.dumps({"prompt": TEXT_PROMPT, "max_tokens": 900, "stream": True}))
-            resp = conn.getresponse()
-            outcomes["stream"] = (resp.status, resp.read().decode())
-
-        def queued():
-            status, _, body = s.request("POST", TEXT, {"prompt": "Hello", "max_tokens": 4}, auth=False)
-            outcomes["queued"] = (status, body)
-
-        streaming = threading.Thread(target=stream_long)
+        streaming = threading.Thread(target=_stream_long, args=(s, outcomes))
         streaming.start()
         s.proc.wait_for_text(r'"POST /v1/completions HTTP/1.1" 200', 60)
-        waiting = threading.Thread(target=queued)
+        waiting = threading.Thread(target=_queued, args=(s, outcomes))
         waiting.start()
         s.proc.wait_for(lambda: s.request("GET", "/health", auth=False)[2]["queued"] == 1, 30, "a queued request")
         if target == "mpirun":
