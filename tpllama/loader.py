@@ -1,4 +1,5 @@
-"""Reads one rank's shard of the weights from the model file in the runtime types a TypePlan chose.
+"""Reads one rank's shard of the weights from the model file in the runtime types a TypePlan chose,
+into the plain containers of weights.py.
 
 Only the rows/columns the plan gives this rank are read (memory-mapped, slice by slice),
 converted a few rows at a time, so a rank never holds a whole tensor it does not own.
@@ -8,75 +9,20 @@ quantizers, or kept as float32.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, List, Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 
-from .config import ModelConfig
 from .errors import ModelFormatError
-from .formats import ModelReader, layer_names
+from .formats import ModelReader
 from .matrix import Matrix, _QUANTIZE
 from .plan import RankSlice
+from .tensors import EMBEDDING, OUTPUT_NORM, layer_names
 from .typeplan import TypePlan, choose_types, output_tensor_name
+from .weights import EmbeddingTable, LayerWeights, RankWeights
 from .wtypes import BY_GGML, weight_type
 
 CONVERT_ROWS = 256  # rows dequantized at a time while converting (bounds the transient memory)
-
-
-@dataclass
-class LayerWeights:
-    attn_norm: np.ndarray   # (dim,)
-    wq: Matrix              # (local_heads * head_dim, dim)
-    wk: Matrix              # (local_kv_heads * head_dim, dim)
-    wv: Matrix              # (local_kv_heads * head_dim, dim)
-    wo: Matrix              # (dim, local_heads * head_dim)
-    ffn_norm: np.ndarray    # (dim,)
-    w1: Matrix              # (local_ffn, dim)   gate
-    w3: Matrix              # (local_ffn, dim)   up
-    w2: Matrix              # (dim, local_ffn)   down
-
-
-class Embedding:
-    """Token embedding rows read from the model file on demand (never loaded whole)."""
-
-    def __init__(self, reader: ModelReader, name: str = "token_embd.weight"):
-        self.reader = reader
-        self.name = name
-
-    def __call__(self, token_ids) -> np.ndarray:
-        """(T,) ids -> (T, dim) float32."""
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-        vocab = self.reader.shape(self.name)[0]
-        bad = ids[(ids < 0) | (ids >= vocab)]
-        if bad.size:   # a negative id would silently read a row from the end
-            raise ValueError(f"token id {int(bad[0])} is outside the vocabulary (0..{vocab - 1})")
-        rows = self.reader.read(self.name, rows=ids)
-        if not np.isfinite(rows).all():      # every rank reads the same rows: they all raise this
-            bad = int(ids[np.flatnonzero(~np.isfinite(rows).all(axis=1))[0]])
-            raise ModelFormatError(f"{self.reader.path}: tensor {self.name!r} row {bad} (the embedding of token {bad}) "
-                                   "holds a non-finite value; the file is corrupt, download it again", collective=True)
-        return rows
-
-
-@dataclass
-class RankWeights:
-    config: ModelConfig
-    shard: RankSlice
-    embedding: Embedding
-    layers: List[LayerWeights]
-    output_norm: np.ndarray  # (dim,)
-    output: Matrix           # (local_vocab, dim)
-    threads: int = 1         # kernel threads of this rank
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of weights this rank holds in memory (the embedding stays in the file)."""
-        total = self.output.nbytes + self.output_norm.nbytes
-        for layer in self.layers:
-            total += sum(m.nbytes for m in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w1, layer.w2, layer.w3))
-            total += layer.attn_norm.nbytes + layer.ffn_norm.nbytes
-        return total
 
 
 def require_finite(reader: ModelReader, name: str, values: np.ndarray, first_row: int = 0) -> np.ndarray:
@@ -146,6 +92,15 @@ def _norm(reader: ModelReader, name: str) -> np.ndarray:
     return require_finite(reader, name, reader.read(name))
 
 
+def embedding_table(reader: ModelReader) -> EmbeddingTable:
+    """The token embedding as a table over the file's mapped rows (nothing read until a step
+    indexes it: each step widens only its tokens' rows)."""
+    t = reader.tensor(EMBEDDING)
+    if t.row_permutation is not None or len(t.shape) != 2:
+        raise ModelFormatError(f"{reader.path}: tensor {EMBEDDING!r} is not a plain (vocab, dim) table")
+    return EmbeddingTable(rows=t.raw, widen=t.dtype.dequantize, source=f"{reader.path}: tensor {EMBEDDING!r}")
+
+
 def load_rank_weights(reader: ModelReader, shard: RankSlice, types: Union[TypePlan, str] = "auto", threads: int = 1,
                       progress: Optional[Callable[[int, int], None]] = None) -> RankWeights:
     """This rank's weights: its heads, kv heads, FFN units and vocab rows of every layer, each
@@ -178,5 +133,5 @@ def load_rank_weights(reader: ModelReader, shard: RankSlice, types: Union[TypePl
     output = load(output_tensor_name(reader), slice(shard.vocab.start, shard.vocab.stop), every)
     if progress:
         progress(c.n_layers + 1, c.n_layers + 1)
-    return RankWeights(config=c, shard=shard, embedding=Embedding(reader), layers=layers,
-                       output_norm=_norm(reader, "output_norm.weight"), output=output, threads=threads)
+    return RankWeights(config=c, shard=shard, embedding=embedding_table(reader), layers=layers,
+                       output_norm=_norm(reader, OUTPUT_NORM), output=output, threads=threads)

@@ -3,7 +3,8 @@
 Reads like the paper: for each layer, x += attention(rmsnorm(x)); x += ffn(rmsnorm(x)).
 A rank computes only its own heads and FFN units, so the two sublayer outputs are partial
 sums (float64) that `reduce` (an all-reduce across ranks) completes and rounds to float32.
-With one rank this is the whole model, and `single_rank` is its reduce.
+With one rank this is the whole model. The weights are plain data (weights.py): a step reads
+no file and makes no MPI call of its own.
 """
 from __future__ import annotations
 
@@ -12,17 +13,12 @@ from typing import Callable
 import numpy as np
 
 from .config import ModelConfig
-from .loader import LayerWeights, RankWeights
 from .matrix import Activation, matmul_all
 from .memory import lazy_zeros
+from .weights import LayerWeights, RankWeights
 from . import _kernels as K
 
 Reduce = Callable[[np.ndarray], np.ndarray]   # (T, dim) float64 partial sums -> (T, dim) float32 totals
-
-
-def single_rank(partial: np.ndarray) -> np.ndarray:
-    """The reduce of a one-rank job: the partial sum is the total."""
-    return partial.astype(np.float32)
 
 
 class KVCache:

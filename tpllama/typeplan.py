@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from .errors import TpllamaError
-from .formats.base import layer_names
+from .tensors import EMBEDDING, MATRIX_ROLES, OUTPUT, layer_names
 from .wtypes import BY_GGML, RUNTIME_TYPES, TYPES, WEIGHT_TYPE_CHOICES, WeightType
 
 UNIT = 32            # the plan's FFN slice step: every quantized type's column unit (wtypes) divides it
-LAYER_KINDS = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
 FLOAT_FILE_TYPES = ("F32", "F16", "BF16")
 FALLBACK = "q80"     # runtime type of quantized or float sources without native kernels
 CONVERTIBLE = ("q40", "q80", "f32")   # types the loader can convert any matrix into (C quantizers)
@@ -147,15 +146,15 @@ def tensor_kinds(config, output_name: str) -> Dict[str, str]:
     kinds = {}
     for i in range(config.n_layers):
         names = layer_names(i)
-        kinds.update({names[kind]: kind for kind in LAYER_KINDS})
+        kinds.update({names[kind]: kind for kind in MATRIX_ROLES})
     kinds[output_name] = "output"
     return kinds
 
 
 def output_tensor_name(reader) -> str:
     """The output matrix: its own tensor, or the token embedding when tied or absent."""
-    tied = reader.config.tie_embeddings or not reader.has("output.weight")
-    return "token_embd.weight" if tied else "output.weight"
+    tied = reader.config.tie_embeddings or not reader.has(OUTPUT)
+    return EMBEDDING if tied else OUTPUT
 
 
 def choose_types(reader, requested: str = "auto") -> TypePlan:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import os
 
 from ..errors import ModelFormatError
-from .base import ModelReader, RawTensor, layer_names
+from .base import ModelReader, RawTensor
 
-__all__ = ["open_model", "ModelReader", "RawTensor", "layer_names"]
+__all__ = ["open_model", "ModelReader", "RawTensor"]
 
 EXPECTED = "expected a GGUF file, a Hugging Face directory (config.json + safetensors) or a llama2.c .bin checkpoint"
 

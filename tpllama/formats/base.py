@@ -4,67 +4,22 @@ A reader (GGUF, HF safetensors, llama2.c) only builds a table name -> RawTensor 
 memory map. Everything else, slicing, dequantizing and handing out the file's own blocks
 (for matrices that run in the file's type), lives here, so every format behaves the same.
 
-Tensor names are GGUF's (token_embd.weight, blk.{i}.attn_q.weight, ...), shapes are
-(rows, cols) = (out_features, in_features), and attn_q/attn_k rows are in the interleaved
-rotary order (pairs 2i, 2i+1) that GGUF and llama2.c use.
+Tensor names and shapes are tpllama.tensors' (GGUF's names, (rows, cols) = (out_features,
+in_features)), and attn_q/attn_k rows are in the interleaved rotary order (pairs 2i, 2i+1)
+that GGUF and llama2.c use.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import mmap
 
 import numpy as np
-from gguf import GGMLQuantizationType, quants
 
 from ..errors import ModelFormatError
-
-
-def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
-    # numpy has no bfloat16: widen the 16 bits into the top half of a float32.
-    return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-
-
-def _gguf_dequant(qtype: GGMLQuantizationType) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda raw: quants.dequantize(raw, qtype).astype(np.float32, copy=False)
-
-
-@dataclass(frozen=True)
-class DType:
-    name: str
-    block_size: int      # elements per block along a row
-    block_bytes: int
-    dequantize: Callable[[np.ndarray], np.ndarray]  # uint8 (rows, nblocks*block_bytes) -> float32 (rows, nblocks*block_size)
-
-
-def _plain(name, np_dtype):
-    size = np.dtype(np_dtype).itemsize
-    return DType(name, 1, size, lambda raw: raw.view(np_dtype).astype(np.float32))
-
-
-DTYPES: Dict[str, DType] = {
-    "F32": _plain("F32", np.float32),
-    "F16": _plain("F16", np.float16),
-    "BF16": DType("BF16", 1, 2, _bf16_to_f32),
-}
-for _q in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
-    _t = GGMLQuantizationType[_q]
-    _bs, _bb = quants.GGML_QUANT_SIZES[_t]
-    DTYPES[_q] = DType(_q, _bs, _bb, _gguf_dequant(_t))
-
-# The runtime's own block types dequantize in C: the embedding rows each token reads
-# (gathered from the mapped file) and the conversion of Q4_0/Q8_0 slices.
-# Imported on first use, so the readers (and the plan command) work in an unbuilt tree.
-def _kernel_dequant(fn_name: str) -> Callable[[np.ndarray], np.ndarray]:
-    def dequantize(raw: np.ndarray) -> np.ndarray:
-        from .. import _kernels
-        return getattr(_kernels, fn_name)(np.ascontiguousarray(raw).reshape(raw.shape[0] if raw.ndim == 2 else 1, -1))
-    return dequantize
-
-
-DTYPES["Q4_0"] = DType("Q4_0", 32, 18, _kernel_dequant("dequantize_q40"))
-DTYPES["Q8_0"] = DType("Q8_0", 32, 34, _kernel_dequant("dequantize_q80"))
+from ..filetypes import DTYPES, DType
+from ..tensors import OUTPUT, expected_shapes
 
 Rows = Union[slice, Sequence[int], np.ndarray]
 
@@ -202,7 +157,7 @@ class ModelReader:
         for name, want in expected_shapes(c).items():
             t = self.tensors.get(name)
             if t is None:
-                if name == "output.weight":      # absent: tied to the token embedding
+                if name == OUTPUT:      # absent: tied to the token embedding
                     continue
                 raise ModelFormatError(f"{self.path}: tensor {name!r} is missing (a {c.n_layers}-layer llama model needs it)")
             got = t.shape
@@ -245,36 +200,6 @@ def make_tensor(name: str, shape: Sequence[int], dtype_name: str, buf: np.ndarra
     if end > buf.shape[0]:
         raise ModelFormatError(f"{path}: file is truncated (tensor {name!r} ends at byte {end}, file has {buf.shape[0]}); download it again")
     return RawTensor(name, shape, dt, raw_rows(buf, offset, nbytes, rows))
-
-
-def expected_shapes(c) -> Dict[str, tuple]:
-    """(rows, cols) = (out, in) of every tensor of a llama model with config c; (n,) for vectors."""
-    shapes = {"token_embd.weight": (c.vocab_size, c.dim), "output_norm.weight": (c.dim,),
-              "output.weight": (c.vocab_size, c.dim)}
-    for i in range(c.n_layers):
-        n = layer_names(i)
-        shapes.update({
-            n["attn_norm"]: (c.dim,), n["ffn_norm"]: (c.dim,),
-            n["wq"]: (c.q_dim, c.dim), n["wk"]: (c.kv_dim, c.dim), n["wv"]: (c.kv_dim, c.dim),
-            n["wo"]: (c.dim, c.q_dim),
-            n["w1"]: (c.hidden_dim, c.dim), n["w3"]: (c.hidden_dim, c.dim), n["w2"]: (c.dim, c.hidden_dim),
-        })
-    return shapes
-
-
-def layer_names(i: int) -> Dict[str, str]:
-    """GGUF tensor names of layer i, keyed by their role in the model math."""
-    return {
-        "attn_norm": f"blk.{i}.attn_norm.weight",
-        "wq": f"blk.{i}.attn_q.weight",
-        "wk": f"blk.{i}.attn_k.weight",
-        "wv": f"blk.{i}.attn_v.weight",
-        "wo": f"blk.{i}.attn_output.weight",
-        "ffn_norm": f"blk.{i}.ffn_norm.weight",
-        "w1": f"blk.{i}.ffn_gate.weight",
-        "w2": f"blk.{i}.ffn_down.weight",
-        "w3": f"blk.{i}.ffn_up.weight",
-    }
 
 
 def rotary_interleave_permutation(n_heads: int, head_dim: int) -> np.ndarray:

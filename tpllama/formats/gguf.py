@@ -14,6 +14,7 @@ from gguf import GGMLQuantizationType
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
+from ..tensors import EMBEDDING, OUTPUT, ROPE_FREQS
 from .base import ModelReader, make_tensor
 
 
@@ -162,7 +163,7 @@ class GGUFModel(ModelReader):
         self.metadata = kv = header.metadata
         if "llama.vocab_size" not in kv and "tokenizer.ggml.tokens" not in kv:
             # no vocabulary in the file: the embedding's rows are the vocabulary
-            embd = [ne for name, ne, _, _ in header.tensors if name == "token_embd.weight" and len(ne) >= 2]
+            embd = [ne for name, ne, _, _ in header.tensors if name == EMBEDDING and len(ne) >= 2]
             if embd:
                 kv = dict(kv, **{"llama.vocab_size": int(embd[0][1])})
         self.config = ModelConfig.from_gguf(kv, name=os.path.basename(path), source=path)
@@ -177,9 +178,9 @@ class GGUFModel(ModelReader):
     def _with_file_facts(self, cfg: ModelConfig) -> ModelConfig:
         """Facts the GGUF keys leave to the tensors: tied output and rope frequency factors."""
         from dataclasses import replace
-        changes = {"tie_embeddings": "output.weight" not in self.tensors}
-        if "rope_freqs.weight" in self.tensors:
-            factors = self.read("rope_freqs.weight")
+        changes = {"tie_embeddings": OUTPUT not in self.tensors}
+        if ROPE_FREQS in self.tensors:
+            factors = self.read(ROPE_FREQS)
             if factors.size != cfg.head_dim // 2:
                 raise ModelFormatError(f"{self.path}: tensor 'rope_freqs.weight' has {factors.size} values, expected "
                                        f"{cfg.head_dim // 2} (half the head size {cfg.head_dim})")

@@ -12,36 +12,11 @@ import struct
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
+from ..tensors import EMBEDDING, HF_EMBEDDING, OUTPUT, from_hf_name, layer_names
 from .base import ModelReader, make_tensor, rotary_interleave_permutation
 from .jsonfile import parse_json_object, read_json_object
 
 SAFETENSORS_DTYPES = {"F32": "F32", "F16": "F16", "BF16": "BF16"}
-
-
-def _hf_to_gguf_name(name: str):
-    """model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight (None for tensors we do not use)."""
-    fixed = {
-        "model.embed_tokens.weight": "token_embd.weight",
-        "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight",
-    }
-    if name in fixed:
-        return fixed[name]
-    parts = name.split(".")
-    if len(parts) == 6 and parts[0] == "model" and parts[1] == "layers":
-        layer, module, proj = parts[2], parts[3], parts[4]
-        role = {
-            ("self_attn", "q_proj"): "attn_q", ("self_attn", "k_proj"): "attn_k",
-            ("self_attn", "v_proj"): "attn_v", ("self_attn", "o_proj"): "attn_output",
-            ("mlp", "gate_proj"): "ffn_gate", ("mlp", "down_proj"): "ffn_down", ("mlp", "up_proj"): "ffn_up",
-        }.get((module, proj))
-        if role:
-            return f"blk.{layer}.{role}.weight"
-    if len(parts) == 5 and parts[0] == "model" and parts[1] == "layers":
-        role = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}.get(parts[3])
-        if role:
-            return f"blk.{parts[2]}.{role}.weight"
-    return None
 
 
 def _read_safetensors_header(path: str):
@@ -82,9 +57,9 @@ class HFModel(ModelReader):
         self.config = ModelConfig.from_hf(hf_config, name=os.path.basename(os.path.abspath(path)), source=cfg_path)
         for file in self._weight_files():
             self._add_file(file)
-        if "token_embd.weight" not in self.tensors:
-            raise ModelFormatError(f"{path}: no model.embed_tokens.weight in the safetensors files")
-        if not self.config.tie_embeddings and "output.weight" not in self.tensors:
+        if EMBEDDING not in self.tensors:
+            raise ModelFormatError(f"{path}: no {HF_EMBEDDING} in the safetensors files")
+        if not self.config.tie_embeddings and OUTPUT not in self.tensors:
             raise ModelFormatError(f"{path}: config.json says tie_word_embeddings=false but there is no lm_head.weight")
         self._interleave_rotary_rows()
         self.check_tensors()
@@ -115,7 +90,7 @@ class HFModel(ModelReader):
         for hf_name, meta in header.items():
             if hf_name == "__metadata__":
                 continue
-            name = _hf_to_gguf_name(hf_name)
+            name = from_hf_name(hf_name)
             if name is None:
                 continue
             dtype, begin, end, shape = _entry(meta, file, hf_name)
@@ -136,7 +111,8 @@ class HFModel(ModelReader):
         """HF stores q/k rows in rotate-half order; present them interleaved like GGUF."""
         c = self.config
         for i in range(c.n_layers):
-            for role, heads in (("attn_q", c.n_heads), ("attn_k", c.n_kv_heads)):
-                t = self.tensors.get(f"blk.{i}.{role}.weight")
+            names = layer_names(i)
+            for role, heads in (("wq", c.n_heads), ("wk", c.n_kv_heads)):
+                t = self.tensors.get(names[role])
                 if t is not None:
                     t.row_permutation = rotary_interleave_permutation(heads, c.head_dim)

@@ -1,8 +1,8 @@
 """llama2.c checkpoints (legacy format): a 7-int32 header followed by float32 tensors.
 
-Layout (karpathy/llama2.c run.c, memory_map_weights): token embedding, attention norms,
-wq, wk, wv, wo, FFN norms, w1, w2, w3 (each stacked over layers, rows = outputs),
-final norm, two unused RoPE tables, and the classifier when it is not shared.
+Layout (karpathy/llama2.c run.c, memory_map_weights): token embedding, then each layer tensor
+stacked over the layers in tensors.LLAMA2C_ORDER (rows = outputs), final norm, two unused
+RoPE tables, and the classifier when it is not shared.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
+from ..tensors import EMBEDDING, LLAMA2C_ORDER, OUTPUT, OUTPUT_NORM, layer_names, layer_shapes
 from .base import ModelReader, make_tensor
 
 HEADER_BYTES = 7 * 4
@@ -44,17 +45,13 @@ class Llama2cModel(ModelReader):
         c = self.config
         L, d, hd = c.n_layers, c.dim, c.head_dim
         offset = HEADER_BYTES
-        entries = [("token_embd.weight", None, (c.vocab_size, d))]
-        stacked = [
-            ("attn_norm", (d,)), ("attn_q", (c.n_heads * hd, d)), ("attn_k", (c.n_kv_heads * hd, d)),
-            ("attn_v", (c.n_kv_heads * hd, d)), ("attn_output", (d, c.n_heads * hd)), ("ffn_norm", (d,)),
-            ("ffn_gate", (c.hidden_dim, d)), ("ffn_down", (d, c.hidden_dim)), ("ffn_up", (c.hidden_dim, d)),
-        ]
-        entries += [(role, L, shape) for role, shape in stacked]
-        entries.append(("output_norm.weight", None, (d,)))
+        shapes = layer_shapes(c)
+        entries = [(EMBEDDING, None, (c.vocab_size, d))]
+        entries += [(role, L, shapes[role]) for role in LLAMA2C_ORDER]   # each stacked over the layers
+        entries.append((OUTPUT_NORM, None, (d,)))
         entries.append(("<rope tables>", None, (c.max_seq_len * hd,)))  # freq_cis_real and _imag, unused
         if not c.tie_embeddings:
-            entries.append(("output.weight", None, (c.vocab_size, d)))
+            entries.append((OUTPUT, None, (c.vocab_size, d)))
         expected = HEADER_BYTES + 4 * sum(int(np.prod(s)) * (n or 1) for _, n, s in entries)
         header = (f"the llama2.c header (dim {c.dim}, {c.n_layers} layers, FFN {c.hidden_dim}, vocab {c.vocab_size}, "
                   f"{'shared' if c.tie_embeddings else 'separate'} classifier)")
@@ -65,9 +62,8 @@ class Llama2cModel(ModelReader):
             raise ModelFormatError(f"{self.path}: {size - expected} bytes more than {header} describes "
                                    f"({size}, expected {expected}); not a legacy (version 0) llama2.c checkpoint")
         for name, n_stack, shape in entries:
-            count = n_stack or 1
-            for i in range(count):
-                full = f"blk.{i}.{name}.weight" if n_stack else name
+            for i in range(n_stack or 1):
+                full = layer_names(i)[name] if n_stack else name
                 if not full.startswith("<"):
                     self.tensors[full] = make_tensor(full, shape, "F32", self._map, offset, self.path)
                 offset += 4 * int(np.prod(shape))

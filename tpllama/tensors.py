@@ -1,0 +1,102 @@
+"""The tensors of a Llama-architecture model: their names and shapes, in one place.
+
+Names are GGUF's (llama.cpp's: token_embd.weight, blk.{i}.attn_q.weight, ...); every reader
+maps its file's own names onto them (HF_NAMES here for Hugging Face checkpoints; llama2.c
+files are read in LLAMA2C_ORDER). The model math names a layer's tensors by role (wq, wk, wv,
+wo, w1, w3, w2 and the two norms). Shapes are (rows, cols) = (out_features, in_features),
+(n,) for vectors, computed from a ModelConfig (head_dim is the config's, not dim / heads).
+Pure Python: the plan, the readers and the benchmark model writer import it without the build.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+Shape = Tuple[int, ...]
+
+EMBEDDING = "token_embd.weight"
+OUTPUT_NORM = "output_norm.weight"
+OUTPUT = "output.weight"          # absent when tied to the token embedding
+ROPE_FREQS = "rope_freqs.weight"  # optional (Llama 3.1 GGUFs): per-frequency rope divisors
+
+# role in the model math -> the tensor's GGUF name inside blk.{i}.
+LAYER_TENSORS: Dict[str, str] = {
+    "attn_norm": "attn_norm",
+    "wq": "attn_q",
+    "wk": "attn_k",
+    "wv": "attn_v",
+    "wo": "attn_output",
+    "ffn_norm": "ffn_norm",
+    "w1": "ffn_gate",
+    "w3": "ffn_up",
+    "w2": "ffn_down",
+}
+MATRIX_ROLES = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")   # a layer's weight matrices, in model order
+
+
+def layer_names(i: int) -> Dict[str, str]:
+    """GGUF tensor names of layer i, keyed by their role in the model math."""
+    return {role: f"blk.{i}.{gguf}.weight" for role, gguf in LAYER_TENSORS.items()}
+
+
+def role_of(name: str) -> Tuple[int, Optional[str]]:
+    """blk.3.attn_v.weight -> (3, "wv"); a tensor outside the layers -> (-1, None)."""
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] == "weight":
+        role = next((r for r, gguf in LAYER_TENSORS.items() if gguf == parts[2]), None)
+        return (int(parts[1]), role) if role else (-1, None)
+    return -1, None
+
+
+def layer_shapes(c) -> Dict[str, Shape]:
+    """Role -> shape of one layer's tensors for config c."""
+    return {
+        "attn_norm": (c.dim,), "ffn_norm": (c.dim,),
+        "wq": (c.q_dim, c.dim), "wk": (c.kv_dim, c.dim), "wv": (c.kv_dim, c.dim), "wo": (c.dim, c.q_dim),
+        "w1": (c.hidden_dim, c.dim), "w3": (c.hidden_dim, c.dim), "w2": (c.dim, c.hidden_dim),
+    }
+
+
+def model_tensors(c, with_output: Optional[bool] = None) -> List[Tuple[str, Shape]]:
+    """(name, shape) of every tensor of a model with config c, in GGUF file order. The output
+    matrix is listed unless the config ties it to the embedding (or with_output says otherwise)."""
+    out: List[Tuple[str, Shape]] = [(EMBEDDING, (c.vocab_size, c.dim))]
+    shapes = layer_shapes(c)
+    order = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w3", "w2")
+    for i in range(c.n_layers):
+        names = layer_names(i)
+        out += [(names[role], shapes[role]) for role in order]
+    out.append((OUTPUT_NORM, (c.dim,)))
+    if (not c.tie_embeddings) if with_output is None else with_output:
+        out.append((OUTPUT, (c.vocab_size, c.dim)))
+    return out
+
+
+def expected_shapes(c) -> Dict[str, Shape]:
+    """Name -> shape of every tensor the model math uses (the output matrix included)."""
+    return dict(model_tensors(c, with_output=True))
+
+
+# Hugging Face (transformers LlamaForCausalLM) names -> GGUF names.
+HF_EMBEDDING = "model.embed_tokens.weight"
+HF_GLOBAL = {HF_EMBEDDING: EMBEDDING, "model.norm.weight": OUTPUT_NORM, "lm_head.weight": OUTPUT}
+HF_LAYER = {   # the part after model.layers.{i}.
+    "self_attn.q_proj.weight": "wq", "self_attn.k_proj.weight": "wk", "self_attn.v_proj.weight": "wv",
+    "self_attn.o_proj.weight": "wo", "mlp.gate_proj.weight": "w1", "mlp.up_proj.weight": "w3",
+    "mlp.down_proj.weight": "w2", "input_layernorm.weight": "attn_norm",
+    "post_attention_layernorm.weight": "ffn_norm",
+}
+
+
+def from_hf_name(name: str) -> Optional[str]:
+    """model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight (None for tensors not used)."""
+    if name in HF_GLOBAL:
+        return HF_GLOBAL[name]
+    parts = name.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and parts[3] in HF_LAYER:
+        return f"blk.{int(parts[2])}.{LAYER_TENSORS[HF_LAYER[parts[3]]]}.weight"
+    return None
+
+
+# llama2.c checkpoints store each role stacked over the layers, in this order
+# (karpathy/llama2.c run.c, memory_map_weights), between the embedding and the final norm.
+LLAMA2C_ORDER = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3")

@@ -1,0 +1,79 @@
+"""One rank's weights as plain data: what the model math reads, nothing about files.
+
+The loader fills these containers; model.py computes with them. Matrices are the runtime's
+packed Matrix objects, norms float32 vectors, and the token embedding a table of the file's
+rows (memory-mapped bytes in the file's own element type) that a step indexes: only the
+rows of the step's tokens are read and widened to float32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import ModelFormatError
+from .matrix import Matrix
+from .plan import RankSlice
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: np.ndarray   # (dim,)
+    wq: Matrix              # (local_heads * head_dim, dim)
+    wk: Matrix              # (local_kv_heads * head_dim, dim)
+    wv: Matrix              # (local_kv_heads * head_dim, dim)
+    wo: Matrix              # (dim, local_heads * head_dim)
+    ffn_norm: np.ndarray    # (dim,)
+    w1: Matrix              # (local_ffn, dim)   gate
+    w3: Matrix              # (local_ffn, dim)   up
+    w2: Matrix              # (dim, local_ffn)   down
+
+    @property
+    def nbytes(self) -> int:
+        matrices = (self.wq, self.wk, self.wv, self.wo, self.w1, self.w3, self.w2)
+        return sum(m.nbytes for m in matrices) + self.attn_norm.nbytes + self.ffn_norm.nbytes
+
+
+@dataclass
+class EmbeddingTable:
+    """The token embedding: rows of the file's bytes (vocab, bytes_per_row), usually a memory
+    map, and the function that widens rows of its element type to float32."""
+    rows: np.ndarray                                  # uint8 (vocab, bytes_per_row)
+    widen: Callable[[np.ndarray], np.ndarray]         # uint8 (n, bytes_per_row) -> float32 (n, dim)
+    source: str = ""                                  # "file: tensor" for error messages
+
+    @property
+    def vocab_size(self) -> int:
+        return self.rows.shape[0]
+
+    def __call__(self, token_ids) -> np.ndarray:
+        """(T,) ids -> (T, dim) float32."""
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        bad = ids[(ids < 0) | (ids >= self.vocab_size)]
+        if bad.size:   # a negative id would silently read a row from the end
+            raise ValueError(f"token id {int(bad[0])} is outside the vocabulary (0..{self.vocab_size - 1})")
+        values = np.ascontiguousarray(self.widen(np.ascontiguousarray(self.rows[ids])), dtype=np.float32)
+        values = values.reshape(len(ids), -1)
+        if not np.isfinite(values).all():      # every rank reads the same rows: they all raise this
+            bad = int(ids[np.flatnonzero(~np.isfinite(values).all(axis=1))[0]])
+            raise ModelFormatError(f"{self.source} row {bad} (the embedding of token {bad}) holds a non-finite "
+                                   "value; the file is corrupt, download it again", collective=True)
+        return values
+
+
+@dataclass
+class RankWeights:
+    config: ModelConfig
+    shard: RankSlice
+    embedding: EmbeddingTable
+    layers: List[LayerWeights]
+    output_norm: np.ndarray  # (dim,)
+    output: Matrix           # (local_vocab, dim)
+    threads: int = 1         # kernel threads of this rank
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weights this rank holds in memory (the embedding stays in the file)."""
+        return self.output.nbytes + self.output_norm.nbytes + sum(layer.nbytes for layer in self.layers)
