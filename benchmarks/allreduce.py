@@ -79,7 +79,7 @@ def main(argv=None):
     for k in (int(x) for x in args.ranks.split(",")):
         if args.netem:
             sys.path.insert(0, str(REPO))
-            from tpllama.bench.hosts import namespace_hosts
+            from benchmarks.hosts import namespace_hosts
             with namespace_hosts(k, rate=args.rate) as cluster:
                 times = run(k, args, cluster)
         else:

@@ -12,7 +12,6 @@ hashing the whole file; writes JSON to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

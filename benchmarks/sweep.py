@@ -164,7 +164,7 @@ def main(argv=None) -> int:
                 print(f"skip {k} ranks x {t} threads: more than {cores} cores (use --oversubscribe)", flush=True)
                 continue
             if args.netem and k > 1:
-                from tpllama.bench.hosts import namespace_hosts, unavailable_reason
+                from benchmarks.hosts import namespace_hosts, unavailable_reason
                 reason = unavailable_reason()
                 if reason:
                     print(f"--netem: cannot make hosts here ({reason}); skipping", file=sys.stderr)

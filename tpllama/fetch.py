@@ -50,15 +50,11 @@ def cached_path(model: RegistryModel = DEFAULT_MODEL) -> str:
     return os.path.join(cache_dir(), os.path.basename(model.member))
 
 
-def sha256_of(path: str, progress: Optional[Callable[[int, int], None]] = None) -> str:
+def sha256_of(path: str) -> str:
     h = hashlib.sha256()
-    total, done = os.path.getsize(path), 0
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
-            done += len(chunk)
-            if progress:
-                progress(done, total)
     return h.hexdigest()
 
 

@@ -20,13 +20,11 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from . import _kernels as K
-from . import wtypes
 from .wtypes import weight_type
 
 QK = K.QK
 WEIGHT_TYPES = ("q40", "q80", "f32")     # the types a float matrix can be quantized to (from_float)
 PACKED_TYPES = K.PACKED_TYPES            # every type the kernels multiply
-BYTES_PER_WEIGHT = {**{t: wtypes.TYPES[t].runtime_bytes_per_32 / QK for t in PACKED_TYPES}, "f32": 4.0}
 
 _QUANTIZE = {"q40": K.quantize_q40, "q80": K.quantize_q80}
 _BLOCK_BYTES = {"q40": K.Q40_BYTES, "q80": K.Q80_BYTES}   # types whose packed layout holds GGML blocks

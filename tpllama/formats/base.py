@@ -168,13 +168,6 @@ class ModelReader:
                                        f"(dim {c.dim}, {c.n_heads}/{c.n_kv_heads} heads of {c.head_dim}, "
                                        f"FFN {c.hidden_dim}, vocab {c.vocab_size})")
 
-    def check_bounds(self, file_size: int, data_end: Dict[str, int]):
-        """Raise if a tensor's bytes run past the end of the file (a truncated download)."""
-        for name, end in data_end.items():
-            if end > file_size:
-                raise ModelFormatError(
-                    f"{self.path}: file is truncated (tensor {name!r} ends at byte {end}, file has {file_size}); download it again")
-
 
 def raw_rows(buf: np.ndarray, offset: int, nbytes: int, rows: int) -> np.ndarray:
     """A (rows, nbytes/rows) uint8 view of buf[offset:offset+nbytes], no copy."""
