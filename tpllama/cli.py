@@ -79,6 +79,12 @@ def add_model_args(p: argparse.ArgumentParser):
     p_.add_argument("--sync-type", choices=SYNC_TYPES, default="f64",
                     help="payload of the two all-reduces per layer: f64 (default) gives the same text at any rank "
                          "count; f32, bf16, q80 send 2x, 4x, 7.5x less but results then vary slightly with the rank count")
+    p_.add_argument("--shard-cache", metavar="DIR", default=None,
+                    help="folder of the per-rank shard files: each rank writes its converted weights there once "
+                         "and reads them back at the next start with the same model, rank count and types "
+                         "(default: ~/.cache/tpllama/shards, or $TPLLAMA_CACHE/shards)")
+    p_.add_argument("--no-shard-cache", action="store_true",
+                    help="neither read nor write shard files: convert the weights from the model file at every start")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="do not print the memory plan and loading progress (stderr)")
     p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)   # the default now; kept for old scripts
@@ -127,7 +133,7 @@ def _world_size() -> int:
 def load_options(args) -> dict:
     return dict(weight_type=args.weight_type, ctx_size=args.ctx_size, threads=args.threads,
                 rank_weights=args.rank_weights, sync_type=args.sync_type, tokenizer=args.tokenizer,
-                verbose=not args.quiet)
+                shard_cache=False if args.no_shard_cache else (True if args.shard_cache is None else args.shard_cache), verbose=not args.quiet)
 
 
 def show_log(args) -> None:

@@ -25,6 +25,8 @@ from .parallel import Parallel, world_size
 from .plan import (PREFILL_CHUNK, format_memory_table, host_shortfalls, make_plan, max_context,
                    parse_rank_weights, rank_memory)
 from .sampler import Sampler, SamplingParams, local_candidates
+from .shardcache import cached_rank_weights, shard_folder
+from .weights import RankWeights
 from .stats import RunStats, StepStats, peak_rss_bytes, resident_anon_bytes
 from .typeplan import choose_types
 
@@ -41,6 +43,7 @@ class LoadOptions:
     rank_weights: Optional[Union[str, Sequence[float]]] = None   # e.g. "2,1,1": shares of the work
     sync_type: str = "f64"            # payload of the per-layer all-reduces: f64 (same text at any rank count) | f32 | bf16 | q80
     tokenizer: Optional[str] = None   # tokenizer file when the model has none; "none": load no tokenizer
+    shard_cache: Union[bool, str] = True   # True: ~/.cache/tpllama/shards (or $TPLLAMA_CACHE/shards); a folder; False: off
     verbose: bool = False             # progress and the memory plan on rank 0's stderr (logger "tpllama")
 
     def check(self, world_size: int) -> None:
@@ -53,6 +56,7 @@ class LoadOptions:
             checks.optional_positive("ctx_size", self.ctx_size, "the model's context")
             checks.optional_positive("threads", self.threads, "this host's cores divided by its ranks")
             _rank_weights(self.rank_weights, world_size)
+            shard_folder(self.shard_cache)
         except TpllamaError as e:
             e.collective = True     # a pure function of the arguments, which every rank passes alike
             raise
@@ -112,7 +116,7 @@ class Model:
         opts.check(world_size(comm))     # every rank checks the same options: all fail alike, before any file is read
         self.par = par = Parallel(comm, opts.sync_type)
         self.reader = reader = par.together(lambda: open_model(path))
-        check_same_model(par, reader, path)   # a stale copy on one node would hang or garble the job
+        self.fingerprint = check_same_model(par, reader, path)   # a stale copy on one node would hang or garble the job
         self.config = c = reader.config
         self.tokenizer = None
         if opts.tokenizer != "none":   # "none": logits only (forward), no text in or out; before the weights, to fail fast
@@ -133,7 +137,7 @@ class Model:
         if opts.verbose and sys.stderr.isatty():   # redraw one line on a terminal; logs get one line at the end
             progress = lambda i, n: _progress(par, i, n)
         resident_before, t_load = resident_anon_bytes(), time.perf_counter()
-        weights = par.together(lambda: load_rank_weights(reader, self.shard, self.types, self.threads, progress))
+        weights = par.together(lambda: self._load_weights(progress))
         # what loading cost this rank: the weights it holds, and the resident memory that grew
         self.load_report = {"weight_bytes": weights.nbytes, "resident_growth": resident_anon_bytes() - resident_before}
         if progress:
@@ -182,6 +186,18 @@ class Model:
     def _choose_types(self, weight_type: str):
         self.reader.check_tensors()      # a vocab-only GGUF fails here, naming its first missing tensor
         return choose_types(self.reader, weight_type)
+
+    def _load_weights(self, progress) -> "RankWeights":
+        """This rank's weights: from its shard file when the cache has a sound one, else converted
+        from the model file (and written to the cache for the next start)."""
+        folder = shard_folder(self.options.shard_cache)
+        if folder is None:
+            return load_rank_weights(self.reader, self.shard, self.types, self.threads, progress)
+        cached = cached_rank_weights(self.reader, self.shard, self.types, self.threads, folder, self.fingerprint,
+                                     self.par.size, progress)
+        _log(self.par, f"tpllama: rank 0 {cached.note}")
+        self.shard_file = cached
+        return cached.weights
 
     def _choose_threads(self) -> int:
         if self.options.threads is not None:

@@ -56,12 +56,13 @@ def _samples(raw: np.ndarray):
         yield np.ascontiguousarray(rows[r, start:start + width]).tobytes()
 
 
-def check_same_model(par, reader, path: str) -> None:
-    """Collective: every rank raises the same error naming the ranks and hosts whose model differs."""
+def check_same_model(par, reader, path: str) -> Fingerprint:
+    """Collective: the model's fingerprint, the same on every rank; else every rank raises the
+    same error naming the ranks and hosts whose model differs."""
     mine = par.together(lambda: fingerprint(reader))
     everyone = par.allgather_object((mine, par.hostname(), str(path), reader.config.n_layers))
     if all(fp == everyone[0][0] for fp, *_ in everyone):
-        return
+        return mine
     raise TpllamaError(describe_mismatch(everyone), collective=True)
 
 

@@ -1,0 +1,97 @@
+"""Cold vs. warm start: time to first token with and without the per-rank shard files.
+
+    python benchmarks/warm_start.py [--shape tinyllama-1.1b] [--type q4km] [--ranks 2] [--reps 3]
+
+Each repetition runs `mpirun -n RANKS` twice over a fresh shard cache folder: the cold run
+converts every rank's slice from the model file and writes its shard file; the warm run reads
+the shard files back. Both runs have the model file in the page cache (it was just read), so
+the difference is the conversion, not the disk. Rank 0 reports, from its process start
+(psutil create_time): when loading ended and when the first token was sampled. Prints the
+medians and the warm/cold ratio; writes JSON to benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks._common import Quiet, bench_model, machine_info, median, write_results  # noqa: E402
+
+
+def worker(model_path: str, folder: str) -> None:
+    """One start under mpirun: load, sample one token; rank 0 prints the times as JSON."""
+    import psutil
+    started = psutil.Process().create_time()
+    import tpllama
+    m = tpllama.load(model_path, ctx_size=256, shard_cache=folder)
+    loaded = time.time()
+    m.generate([1, 2, 3, 4], 1, temperature=0.0)
+    first = time.time()
+    if m.par.is_root:
+        print("RESULT " + json.dumps({"load_s": loaded - started, "first_token_s": first - started,
+                                      "hit": m.shard_file.hit}), flush=True)
+
+
+def one_start(ranks: int, model_path: str, folder: str) -> dict:
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONPATH=str(REPO))
+    cmd = ["mpirun", "-n", str(ranks), "--oversubscribe", "--bind-to", "none", "--mca", "mpi_yield_when_idle", "1",
+           sys.executable, __file__, "--worker", model_path, folder]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise SystemExit(f"error: the run printed no result (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="model file (default: a random-weight model of --shape)")
+    p.add_argument("--shape", default="tinyllama-1.1b")
+    p.add_argument("--type", default="q4km", help="file type of the random-weight model (q40, q80, f32, q4km)")
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/warm_start-<time>.json)")
+    p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(*args.worker)
+    model_path = bench_model(args.model, args.shape, args.type)
+    quiet = Quiet()
+    runs = []
+    for rep in range(args.reps):
+        folder = tempfile.mkdtemp(prefix="tpllama-shards-")
+        try:
+            quiet.wait()
+            cold = one_start(args.ranks, model_path, folder)
+            quiet.wait()
+            warm = one_start(args.ranks, model_path, folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        if cold["hit"] or not warm["hit"]:
+            raise SystemExit(f"error: expected a cold then a warm start, got hits {cold['hit']}, {warm['hit']}")
+        runs.append({"cold": cold, "warm": warm})
+        print(f"rep {rep + 1}: cold first token {cold['first_token_s']:.2f} s, warm {warm['first_token_s']:.2f} s")
+    table = {phase: {key: median([r[phase][key] for r in runs]) for key in ("load_s", "first_token_s")}
+             for phase in ("cold", "warm")}
+    ratio = table["cold"]["first_token_s"] / table["warm"]["first_token_s"]
+    print(f"\n{os.path.basename(model_path)} on {args.ranks} rank(s), median of {args.reps} (seconds from process start)")
+    print(f"{'start':6} {'loaded':>8} {'first token':>12}")
+    for phase in ("cold", "warm"):
+        print(f"{phase:6} {table[phase]['load_s']:8.2f} {table[phase]['first_token_s']:12.2f}")
+    print(f"warm start is {ratio:.1f}x faster to first token (goal: >= 5x)")
+    out = write_results("warm_start", {"model": model_path, "ranks": args.ranks, "runs": runs, "median": table,
+                                       "speedup_first_token": ratio, "machine": machine_info(),
+                                       "busy_repetitions": quiet.noisy}, args.out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
