@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 from .config import ModelConfig
 from .errors import TpllamaError
+from .tensors import slice_shapes
 from .typeplan import TypePlan, choose_types, ffn_unit, uniform_types
 from .wtypes import WEIGHT_TYPE_CHOICES, runtime_bytes, weight_type
 
@@ -151,11 +152,8 @@ def weight_bytes(config: ModelConfig, shard: RankSlice, types: Types) -> int:
     """Bytes of weights a rank holds, each matrix in its runtime type (the token embedding
     stays in the file, read by rows)."""
     tp = _type_plan(config, types)
-    d, hd = config.dim, config.head_dim
-    q, kv, f = len(shard.heads) * hd, len(shard.kv_heads) * hd, len(shard.ffn)
-    shapes = {"wq": (q, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, q), "w1": (f, d), "w3": (f, d), "w2": (d, f),
-              "output": (len(shard.vocab), d)}
-    total = config.n_layers * 2 * 4 * d + 4 * d        # the norms, float32
+    shapes = slice_shapes(config, len(shard.heads), len(shard.kv_heads), len(shard.ffn), len(shard.vocab))
+    total = config.n_layers * 2 * 4 * config.dim + 4 * config.dim        # the norms, float32
     for name, kind in tp.kinds.items():
         total += matrix_bytes(*shapes[kind], tp.runtime(name))
     return total

@@ -56,6 +56,14 @@ def layer_shapes(c) -> Dict[str, Shape]:
     }
 
 
+def slice_shapes(c, heads: int, kv_heads: int, ffn: int, vocab: int) -> Dict[str, Shape]:
+    """Role -> shape of a rank's slice of each matrix (and "output"): `heads` query heads, the
+    `kv_heads` they read, `ffn` FFN units, `vocab` rows of the output matrix."""
+    q, kv, d = heads * c.head_dim, kv_heads * c.head_dim, c.dim
+    return {"wq": (q, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, q), "w1": (ffn, d), "w3": (ffn, d),
+            "w2": (d, ffn), "output": (vocab, d)}
+
+
 def model_tensors(c, with_output: Optional[bool] = None) -> List[Tuple[str, Shape]]:
     """(name, shape) of every tensor of a model with config c, in GGUF file order. The output
     matrix is listed unless the config ties it to the embedding (or with_output says otherwise)."""
