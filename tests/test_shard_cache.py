@@ -1,7 +1,13 @@
 """Per-rank shard files: a rank writes its converted weights once and reads them back at the
 next start; a stale or damaged file is rebuilt, never used; a folder that cannot be written
 costs only time."""
+import contextlib
+import json
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,7 +46,7 @@ def test_a_damaged_shard_file_is_rebuilt_not_used(stories_gguf, tmp_path, damage
     path = _load(stories_gguf, tmp_path).shard_file.path
     raw = bytearray(open(path, "rb").read())
     if damage == "header byte":
-        raw[40] ^= 0x01
+        raw[-100] ^= 0x01      # inside the JSON header, at the end of the file
     elif damage == "data truncated":
         raw = raw[:-100]
     elif damage == "data appended":
@@ -85,3 +91,68 @@ def test_each_rank_writes_its_own_file_and_reads_it_back(stories_gguf, tmp_path)
     assert [r["hit"] for r in second["ranks"]] == [True, True]
     assert len({r["file"] for r in first["ranks"]}) == 2 and len(_shard_files(tmp_path)) == 2
     assert second["text"] == first["text"] and len(first["text"]) > 20
+
+
+# ------------------------------------------------------------ mapped mode: weights beyond memory
+
+MAPPED_SHAPE = dict(name="mapped-test", dim=1024, ffn=2816, layers=8, heads=16, kv_heads=4, vocab=4096, ctx=256)
+
+
+@pytest.fixture(scope="module")
+def mapped_model(tmp_path_factory):
+    """A q40 file of 100 MiB whose f32 shard file is 360 MiB."""
+    from tpllama.bench.make_model import Shape, write_model
+    path = tmp_path_factory.mktemp("mapped") / "mapped-test.gguf"
+    write_model(str(path), Shape(**MAPPED_SHAPE), "q40", quiet=True)
+    return path
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit: int):
+    """A cgroup v1 memory group of `limit` bytes (root only), removed at the end."""
+    base = Path("/sys/fs/cgroup/memory")
+    if os.geteuid() != 0 or not base.is_dir():
+        pytest.skip("needs root and the cgroup v1 memory controller (/sys/fs/cgroup/memory) to cap memory")
+    group = base / f"tpllama-test-{os.getpid()}"
+    try:
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(limit))
+    except OSError as e:
+        pytest.skip(f"cannot make a memory cgroup here: {e}")
+    try:
+        yield group
+    finally:
+        for _ in range(50):
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def test_weights_twice_the_memory_limit_give_the_unconstrained_text(mapped_model, tmp_path):
+    reference = tpllama.load(str(mapped_model), weight_type="f32", threads=2, ctx_size=64, shard_cache=False)
+    want = reference.generate([1, 300, 400, 500], 4, temperature=0.0).tokens
+    del reference
+    folder = tmp_path / "shards"
+    limit = 180 * 2**20
+    with memory_cgroup(limit) as group:
+        cmd = ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$0" "$@"', sys.executable,
+               str(Path(__file__).parent / "mapped_worker.py"), str(mapped_model), str(folder)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        peak = int((group / "memory.max_usage_in_bytes").read_text())
+    assert proc.returncode == 0, f"exit {proc.returncode} (killed for memory?)\n{proc.stderr[-2000:]}"
+    shard_bytes = sum(f.stat().st_size for f in folder.iterdir())
+    assert shard_bytes >= 2 * limit, "the test model's weights should be twice the memory limit"
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == want
+    assert peak <= limit
+
+
+def test_the_mapped_memory_plan_holds_two_layers_and_the_output_slice():
+    from tpllama.config import ModelConfig
+    from tpllama.plan import make_plan, output_bytes, weight_bytes
+    c = ModelConfig(dim=1024, hidden_dim=2816, n_layers=8, n_heads=16, n_kv_heads=4, vocab_size=4096, max_seq_len=256)
+    shard = make_plan(c, 2)[1]
+    whole, out = weight_bytes(c, shard, "f32"), output_bytes(c, shard, "f32")
+    assert out == 2048 * 1024 * 4
+    assert weight_bytes(c, shard, "f32", mapped=True) == out + 2 * (whole - out) // 8

@@ -20,7 +20,7 @@ MAX_SEED = 2**64 - 1
 FLAGS = {
     "temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p", "seed": "-s",
     "max_new_tokens": "-n", "ctx_size": "-c", "threads": "-t", "weight_type": "--weight-type",
-    "sync_type": "--sync-type", "rank_weights": "--rank-weights", "shard_cache": "--shard-cache",
+    "sync_type": "--sync-type", "rank_weights": "--rank-weights", "shard_cache": "--shard-cache", "mmap": "--mmap",
 }
 
 

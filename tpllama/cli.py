@@ -85,6 +85,13 @@ def add_model_args(p: argparse.ArgumentParser):
                          "(default: ~/.cache/tpllama/shards, or $TPLLAMA_CACHE/shards)")
     p_.add_argument("--no-shard-cache", action="store_true",
                     help="neither read nor write shard files: convert the weights from the model file at every start")
+    mm = p_.add_mutually_exclusive_group()
+    mm.add_argument("--mmap", dest="mmap", action="store_const", const=True, default=None,
+                    help="run from the memory-mapped shard files: the OS pages weights in as the layers run, so a "
+                         "model larger than memory runs at the disk's speed (default: only when the weights do not "
+                         "fit, saying so)")
+    mm.add_argument("--no-mmap", dest="mmap", action="store_const", const=False,
+                    help="never run from mapped shard files: refuse a model whose weights do not fit")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="do not print the memory plan and loading progress (stderr)")
     p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)   # the default now; kept for old scripts
@@ -133,7 +140,8 @@ def _world_size() -> int:
 def load_options(args) -> dict:
     return dict(weight_type=args.weight_type, ctx_size=args.ctx_size, threads=args.threads,
                 rank_weights=args.rank_weights, sync_type=args.sync_type, tokenizer=args.tokenizer,
-                shard_cache=False if args.no_shard_cache else (True if args.shard_cache is None else args.shard_cache), verbose=not args.quiet)
+                shard_cache=False if args.no_shard_cache else (True if args.shard_cache is None else args.shard_cache),
+                mmap=args.mmap, verbose=not args.quiet)
 
 
 def show_log(args) -> None:

@@ -23,9 +23,9 @@ from .loader import load_rank_weights
 from .model import RankModel
 from .parallel import Parallel, world_size
 from .plan import (PREFILL_CHUNK, format_memory_table, host_shortfalls, make_plan, max_context,
-                   parse_rank_weights, rank_memory)
+                   parse_rank_weights, rank_memory, weight_bytes)
 from .sampler import Sampler, SamplingParams, local_candidates
-from .shardcache import cached_rank_weights, shard_folder
+from .shardcache import cached_rank_weights, read_bandwidth, shard_folder
 from .weights import RankWeights
 from .stats import RunStats, StepStats, peak_rss_bytes, resident_anon_bytes
 from .typeplan import choose_types
@@ -44,6 +44,7 @@ class LoadOptions:
     sync_type: str = "f64"            # payload of the per-layer all-reduces: f64 (same text at any rank count) | f32 | bf16 | q80
     tokenizer: Optional[str] = None   # tokenizer file when the model has none; "none": load no tokenizer
     shard_cache: Union[bool, str] = True   # True: ~/.cache/tpllama/shards (or $TPLLAMA_CACHE/shards); a folder; False: off
+    mmap: Optional[bool] = None       # run from the memory-mapped shard files; None: only when the weights do not fit
     verbose: bool = False             # progress and the memory plan on rank 0's stderr (logger "tpllama")
 
     def check(self, world_size: int) -> None:
@@ -57,6 +58,11 @@ class LoadOptions:
             checks.optional_positive("threads", self.threads, "this host's cores divided by its ranks")
             _rank_weights(self.rank_weights, world_size)
             shard_folder(self.shard_cache)
+            if self.mmap not in (None, True, False):
+                raise checks.ParameterError("mmap", self.mmap, "expected True, False or None (when the weights do not fit)")
+            if self.mmap and shard_folder(self.shard_cache) is None:
+                raise checks.ParameterError("mmap", self.mmap, "runs from the shard files: it needs the shard cache "
+                                            "(shard_cache True or a folder)")
         except TpllamaError as e:
             e.collective = True     # a pure function of the arguments, which every rank passes alike
             raise
@@ -164,24 +170,43 @@ class Model:
         opts, par, c = self.options, self.par, self.config
         hosts, available = self._host_facts()
         types = self.types
+        self.mapped = mapped = self._choose_mapped(hosts, available)
         if opts.ctx_size is not None:
             ctx = opts.ctx_size
         else:
             # below 256 positions nothing useful fits: plan for 256 and let the shortfall report say what is missing
-            ctx = max(min(c.max_seq_len, max_context(self.plan, types, hosts, available)), min(256, c.max_seq_len))
+            ctx = max(min(c.max_seq_len, max_context(self.plan, types, hosts, available, mapped=mapped)),
+                      min(256, c.max_seq_len))
             if ctx < c.max_seq_len:
                 _log(par, f"tpllama: context capped to {ctx} of the model's {c.max_seq_len} so the KV cache fits "
                                 "in memory (set it with ctx_size, -c)", logging.WARNING)
-        mem = rank_memory(self.plan, types, ctx, hosts, available)
-        _log(par, format_memory_table(mem, ctx, types))
+        mem = rank_memory(self.plan, types, ctx, hosts, available, mapped)
+        _log(par, format_memory_table(mem, ctx, types, mapped))
         short = host_shortfalls(mem)
         if short:
             host, ranks, missing = short[0]
+            mmap_hint = "" if mapped or opts.mmap is False else ", or run from mapped shard files (--mmap)"
             raise TpllamaError(
                 f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} on host {host} {'need' if len(ranks) > 1 else 'needs'} "
                 f"{missing / 2**20:,.0f} MiB more than the host has available at context {ctx}; "
-                f"lower -c, spread over more ranks or hosts, or shift work with --rank-weights")
+                f"lower -c, spread over more ranks or hosts{mmap_hint}, or shift work with --rank-weights")
         return ctx
+
+    def _choose_mapped(self, hosts, available) -> bool:
+        """Whether the weights run from memory-mapped shard files: when asked (mmap=True), or, by
+        default, when they do not fit in memory but would mapped (saying so)."""
+        opts, c = self.options, self.config
+        if opts.mmap is not None or shard_folder(opts.shard_cache) is None:
+            return bool(opts.mmap)
+        ctx = opts.ctx_size or min(256, c.max_seq_len)
+        short = host_shortfalls(rank_memory(self.plan, self.types, ctx, hosts, available))
+        if not short or host_shortfalls(rank_memory(self.plan, self.types, ctx, hosts, available, mapped=True)):
+            return False
+        host, _, missing = short[0]
+        _log(self.par, f"tpllama: the weights do not fit in memory (host {host} is {missing / 2**20:,.0f} MiB short): "
+                       "running from memory-mapped shard files (as --mmap), as fast as the disk reads them",
+             logging.WARNING)
+        return True
 
     def _choose_types(self, weight_type: str):
         self.reader.check_tensors()      # a vocab-only GGUF fails here, naming its first missing tensor
@@ -194,10 +219,21 @@ class Model:
         if folder is None:
             return load_rank_weights(self.reader, self.shard, self.types, self.threads, progress)
         cached = cached_rank_weights(self.reader, self.shard, self.types, self.threads, folder, self.fingerprint,
-                                     self.par.size, progress)
+                                     self.par.size, progress, mapped=self.mapped)
         _log(self.par, f"tpllama: rank 0 {cached.note}")
         self.shard_file = cached
+        if self.mapped and self.par.is_root:
+            self._log_mapped_speed(cached)
         return cached.weights
+
+    def _log_mapped_speed(self, cached) -> None:
+        """How fast mapped weights can run: bytes each token reads over what the disk reads per second."""
+        per_token = weight_bytes(self.config, self.shard, self.types)
+        speed = read_bandwidth(cached.path)
+        bound = (f"the disk reads {speed / 1e6:,.0f} MB/s, so decode runs at most {speed / per_token:.2f} tokens/s "
+                 "when they are not in the page cache" if speed else "the disk's read speed could not be measured")
+        _log(self.par, f"tpllama: mapped weights: each token reads {per_token / 2**20:,.0f} MiB of rank 0's shard "
+                       f"file; {bound}")
 
     def _choose_threads(self) -> int:
         if self.options.threads is not None:

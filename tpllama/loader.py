@@ -9,7 +9,7 @@ quantizers, or kept as float32.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Tuple, Union
 
 import numpy as np
 
@@ -105,6 +105,17 @@ def load_rank_weights(reader: ModelReader, shard: RankSlice, types: Union[TypePl
                       progress: Optional[Callable[[int, int], None]] = None) -> RankWeights:
     """This rank's weights: its heads, kv heads, FFN units and vocab rows of every layer, each
     matrix in the runtime type `types` chose for the whole matrix (a --weight-type name: chosen here)."""
+    parts = dict(rank_weight_parts(reader, shard, types, threads, progress))
+    layers = [parts.pop(i) for i in range(reader.config.n_layers)]
+    return RankWeights(config=reader.config, shard=shard, embedding=embedding_table(reader), layers=layers,
+                       output_norm=parts["output_norm"], output=parts["output"], threads=threads)
+
+
+def rank_weight_parts(reader: ModelReader, shard: RankSlice, types: Union[TypePlan, str] = "auto", threads: int = 1,
+                      progress: Optional[Callable[[int, int], None]] = None) -> Iterator[Tuple[object, object]]:
+    """This rank's weights one part at a time, so a caller can write each away before the next
+    is converted: (layer index, LayerWeights) for every layer, then ("output_norm", vector) and
+    ("output", Matrix)."""
     reader.check_tensors()    # readers check at open; a vocab-only GGUF is only caught here
     if isinstance(types, str):
         types = choose_types(reader, types)
@@ -114,10 +125,9 @@ def load_rank_weights(reader: ModelReader, shard: RankSlice, types: Union[TypePl
     ffn = slice(shard.ffn.start, shard.ffn.stop)
     every = slice(None)
     load = lambda name, rows, cols: load_matrix(reader, name, rows, cols, types.runtime(name), threads)
-    layers = []
     for i in range(c.n_layers):
         n = layer_names(i)
-        layers.append(LayerWeights(
+        yield i, LayerWeights(
             attn_norm=_norm(reader, n["attn_norm"]),
             wq=load(n["wq"], q_rows, every),
             wk=load(n["wk"], kv_rows, every),
@@ -127,11 +137,10 @@ def load_rank_weights(reader: ModelReader, shard: RankSlice, types: Union[TypePl
             w1=load(n["w1"], ffn, every),
             w3=load(n["w3"], ffn, every),
             w2=load(n["w2"], every, ffn),
-        ))
+        )
         if progress:
             progress(i + 1, c.n_layers + 1)
-    output = load(output_tensor_name(reader), slice(shard.vocab.start, shard.vocab.stop), every)
+    yield "output_norm", _norm(reader, OUTPUT_NORM)
+    yield "output", load(output_tensor_name(reader), slice(shard.vocab.start, shard.vocab.stop), every)
     if progress:
         progress(c.n_layers + 1, c.n_layers + 1)
-    return RankWeights(config=c, shard=shard, embedding=embedding_table(reader), layers=layers,
-                       output_norm=_norm(reader, OUTPUT_NORM), output=output, threads=threads)

@@ -148,15 +148,26 @@ def _type_plan(config: ModelConfig, types: Types) -> TypePlan:
     return uniform_types(config, types) if isinstance(types, str) else types
 
 
-def weight_bytes(config: ModelConfig, shard: RankSlice, types: Types) -> int:
+def weight_bytes(config: ModelConfig, shard: RankSlice, types: Types, mapped: bool = False) -> int:
     """Bytes of weights a rank holds, each matrix in its runtime type (the token embedding
-    stays in the file, read by rows)."""
+    stays in the file, read by rows). Mapped (the weights stay in the shard file): what must be
+    in memory at once to run at the disk's speed, two layers and the output slice."""
+    if mapped:
+        whole, output = weight_bytes(config, shard, types), output_bytes(config, shard, types)
+        return min(whole, output + 2 * (whole - output) // config.n_layers)
     tp = _type_plan(config, types)
     shapes = slice_shapes(config, len(shard.heads), len(shard.kv_heads), len(shard.ffn), len(shard.vocab))
     total = config.n_layers * 2 * 4 * config.dim + 4 * config.dim        # the norms, float32
     for name, kind in tp.kinds.items():
         total += matrix_bytes(*shapes[kind], tp.runtime(name))
     return total
+
+
+def output_bytes(config: ModelConfig, shard: RankSlice, types: Types) -> int:
+    """Bytes of the rank's slice of the output matrix."""
+    tp = _type_plan(config, types)
+    name = next(n for n, kind in tp.kinds.items() if kind == "output")
+    return matrix_bytes(len(shard.vocab), config.dim, tp.runtime(name))
 
 
 def kv_bytes_per_token(config: ModelConfig, shard: RankSlice) -> int:
@@ -187,9 +198,10 @@ class RankMemory:
         return self.weights + self.kv_cache + self.buffers + self.overhead
 
 
-def rank_memory(plan: ShardPlan, types: Types, ctx: int, hosts: Sequence[str], available: Sequence[int]) -> List[RankMemory]:
+def rank_memory(plan: ShardPlan, types: Types, ctx: int, hosts: Sequence[str], available: Sequence[int],
+                mapped: bool = False) -> List[RankMemory]:
     c = plan.config
-    return [RankMemory(rank=s.rank, host=hosts[s.rank], weights=weight_bytes(c, s, types),
+    return [RankMemory(rank=s.rank, host=hosts[s.rank], weights=weight_bytes(c, s, types, mapped),
                        kv_cache=ctx * kv_bytes_per_token(c, s), buffers=buffer_bytes(c, s, ctx),
                        overhead=RUNTIME_OVERHEAD, host_available=available[s.rank])
             for s in plan.ranks]
@@ -207,24 +219,26 @@ def host_shortfalls(mem: Sequence[RankMemory]) -> List[Tuple[str, List[int], int
 
 
 def max_context(plan: ShardPlan, types: Types, hosts: Sequence[str], available: Sequence[int],
-                fraction: float = 0.9) -> int:
+                fraction: float = 0.9, mapped: bool = False) -> int:
     """The longest context (a multiple of 256, at most the model's) whose KV caches fit every host."""
     c = plan.config
     best = c.max_seq_len
     for host in dict.fromkeys(hosts):
         ranks = [s for s in plan.ranks if hosts[s.rank] == host]
         budget = fraction * available[ranks[0].rank] - sum(
-            weight_bytes(c, s, types) + RUNTIME_OVERHEAD + buffer_bytes(c, s, 0) for s in ranks)
+            weight_bytes(c, s, types, mapped) + RUNTIME_OVERHEAD + buffer_bytes(c, s, 0) for s in ranks)
         per_token = sum(kv_bytes_per_token(c, s) + 4 * 2 * c.kv_group * PREFILL_CHUNK for s in ranks)
         best = min(best, int(budget // per_token) if budget > 0 else 0)
     return best if best >= c.max_seq_len else (best // 256) * 256
 
 
-def format_memory_table(mem: Sequence[RankMemory], ctx: int, types: Optional[TypePlan] = None) -> str:
+def format_memory_table(mem: Sequence[RankMemory], ctx: int, types: Optional[TypePlan] = None,
+                        mapped: bool = False) -> str:
     """The per-rank memory table; with `types`, a first line says the runtime type of each kind of matrix."""
     mib = lambda b: f"{b / 2**20:,.0f}"
     lines = [types.summary()] if types is not None else []
-    lines += [f"memory plan at context {ctx} (MiB):",
+    where = "; weights: two layers and the output slice of the mapped shard files" if mapped else ""
+    lines += [f"memory plan at context {ctx} (MiB{where}):",
              f"{'rank':>4} {'host':<16} {'weights':>9} {'kv cache':>9} {'buffers':>8} {'runtime':>8} {'total':>9} {'host free':>10}"]
     for m in mem:
         lines.append(f"{m.rank:>4} {m.host[:16]:<16} {mib(m.weights):>9} {mib(m.kv_cache):>9} {mib(m.buffers):>8} "

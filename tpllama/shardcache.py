@@ -12,21 +12,28 @@ the runtime type of every matrix, and the build of the kernels (their packed lay
 is used only if its header (magic, version, a SHA-256 of the header itself, the key) checks
 and its size is what the header says; anything else is rebuilt, never used.
 
-File layout: b"TPLSHARD", u32 version, u32 header length, the header (JSON), its SHA-256
-(32 bytes), zeros up to a 4 KiB boundary, then every array's bytes at the offsets the header
-lists (64-byte aligned). The token embedding is not in it: a step reads those rows from the
-model file, as without the cache.
+File layout: b"TPLSHARD", u32 version, zeros up to 4 KiB; every array's bytes from there, in
+model order, each 64-byte aligned; then the header (JSON: the key and each array's name, type,
+shape, offset and size), its SHA-256 (32 bytes), u64 header offset, u32 header length and
+b"TPLSHARD" again. The header comes last so a rank can write its slice a layer at a time and
+never hold more than one layer (mapped mode, models larger than memory). The token embedding is
+not in it: a step reads those rows from the model file, as without the cache.
+
+Mapped mode (`mapped=True`) runs straight from the file's memory map instead of reading it
+into memory: the OS pages weights in as the layers run, and while layer i computes, layer i+1
+is advised WILLNEED so its pages are on their way (MappedLayers).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import struct
 import tempfile
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
@@ -35,7 +42,7 @@ from .plan import RankSlice
 from .weights import LayerWeights, RankWeights
 
 MAGIC = b"TPLSHARD"
-VERSION = 1
+VERSION = 2
 ALIGN = 64
 DATA_START_ALIGN = 4096
 SUFFIX = ".tpshard"
@@ -89,15 +96,48 @@ def shard_path(folder: str, model_path: str, world_size: int, rank: int, key: st
     return os.path.join(folder, f"{name}.{world_size}r{rank}.{key[:16]}{SUFFIX}")
 
 
+def read_bandwidth(path: str, nbytes: int = 64 * 2**20) -> Optional[float]:
+    """Bytes per second this disk reads from `path`, measured on up to nbytes of it past the page
+    cache (O_DIRECT, page-aligned buffers); None where that cannot be measured."""
+    import time
+    flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
+    if not getattr(os, "O_DIRECT", 0) or not hasattr(os, "preadv"):
+        return None
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return None
+    chunk = mmap.mmap(-1, 4 * 2**20)
+    try:
+        size = os.fstat(fd).st_size
+        start = max(0, (size // 2 - nbytes // 2)) // 4096 * 4096
+        done, t0 = 0, time.perf_counter()
+        while done < nbytes:
+            got = os.preadv(fd, [chunk], start + done)
+            if got <= 0:
+                break
+            done += got
+        seconds = time.perf_counter() - t0
+        return done / seconds if done >= 4 * 2**20 and seconds > 0 else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+        chunk.close()
+
+
 # ------------------------------------------------------------ writing
 
-def _arrays(weights: RankWeights) -> List[Tuple[str, object]]:
-    """(name, Matrix or float32 vector) of everything the shard file holds, in a fixed order."""
-    out = []
-    for i, layer in enumerate(weights.layers):
-        out += [(f"{i}.{f}", getattr(layer, f)) for f in LAYER_FIELDS]
-    out += [("output_norm", weights.output_norm), ("output", weights.output)]
-    return out
+def _parts(weights: RankWeights) -> List[Tuple[object, object]]:
+    """The parts of loaded weights, as loader.rank_weight_parts yields them."""
+    return [*enumerate(weights.layers), ("output_norm", weights.output_norm), ("output", weights.output)]
+
+
+def _arrays(key, value) -> List[Tuple[str, object]]:
+    """(name, Matrix or float32 vector) of one part, in file order."""
+    if isinstance(value, LayerWeights):
+        return [(f"{key}.{f}", getattr(value, f)) for f in LAYER_FIELDS]
+    return [(str(key), value)]
 
 
 def _entry(name: str, value) -> Tuple[dict, np.ndarray]:
@@ -108,98 +148,163 @@ def _entry(name: str, value) -> Tuple[dict, np.ndarray]:
     return {"name": name, "wtype": "vector", "rows": 1, "cols": int(value.shape[0]), "nbytes": int(value.nbytes)}, value
 
 
-def save(path: str, weights: RankWeights, key: str) -> None:
-    """Write the shard file (through a temporary file renamed into place: a reader never sees
-    half a file). Raises OSError when it cannot be written."""
-    entries, arrays, offset = [], [], 0
-    for name, value in _arrays(weights):
-        entry, data = _entry(name, value)
-        entry["offset"] = offset
-        entries.append(entry)
-        arrays.append(data)
-        offset = -(-(offset + entry["nbytes"]) // ALIGN) * ALIGN
-    header = json.dumps({"key": key, "entries": entries, "data_bytes": offset}).encode()
-    head = MAGIC + struct.pack("<II", VERSION, len(header)) + header + hashlib.sha256(header).digest()
-    data_start = -(-len(head) // DATA_START_ALIGN) * DATA_START_ALIGN
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=SUFFIX, dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(head.ljust(data_start, b"\0"))
-            for entry, data in zip(entries, arrays):
-                f.seek(data_start + entry["offset"])
-                f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
-            f.truncate(data_start + offset)
-        os.replace(tmp, path)
-    except BaseException:
+FOOTER = struct.Struct("<QI8s")     # header offset, header length, MAGIC
+
+
+class ShardWriter:
+    """Writes a shard file part by part, through a temporary file renamed into place at the
+    end (a reader never sees half a file); `abort` removes the temporary file."""
+
+    def __init__(self, path: str, key: str):
+        self.path, self.key = path, key
+        self.entries: List[dict] = []
+        self.offset = 0
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=".tmp-", suffix=SUFFIX, dir=folder)
+        self.f = os.fdopen(fd, "wb")
+        self.f.write((MAGIC + struct.pack("<I", VERSION)).ljust(DATA_START_ALIGN, b"\0"))
+
+    def add(self, key, value) -> None:
+        for name, array in _arrays(key, value):
+            entry, data = _entry(name, array)
+            entry["offset"] = self.offset
+            self.f.seek(DATA_START_ALIGN + self.offset)
+            self.f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+            self.entries.append(entry)
+            self.offset = -(-(self.offset + entry["nbytes"]) // ALIGN) * ALIGN
+
+    def finish(self) -> None:
+        header = json.dumps({"key": self.key, "entries": self.entries, "data_bytes": self.offset}).encode()
+        at = DATA_START_ALIGN + self.offset
+        self.f.seek(at)
+        self.f.write(header + hashlib.sha256(header).digest() + FOOTER.pack(at, len(header), MAGIC))
+        self.f.truncate()
+        self.f.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
         try:
-            os.unlink(tmp)
+            self.f.close()
+            os.unlink(self.tmp)
         except OSError:
             pass
+
+
+def save(path: str, parts: Iterable[Tuple[object, object]], key: str) -> None:
+    """Write the parts (loader.rank_weight_parts, or _parts of loaded weights) to the shard
+    file. Raises OSError when it cannot be written."""
+    writer = ShardWriter(path, key)
+    try:
+        for k, value in parts:
+            writer.add(k, value)
+        writer.finish()
+    except BaseException:
+        writer.abort()
         raise
 
 
 # ------------------------------------------------------------ reading
 
-def _read_header(f, path: str, key: str, file_size: int) -> Optional[Tuple[dict, int]]:
-    """(header, data start), or None when the file is not a sound shard file of this key."""
-    head = f.read(len(MAGIC) + 8)
-    if len(head) < len(MAGIC) + 8 or head[:len(MAGIC)] != MAGIC:
+def read_header(f, key: str, file_size: int) -> Optional[dict]:
+    """The header of a sound shard file of this key, or None (wrong magic or version, a header
+    whose hash does not check, another key, a size that is not what the header says)."""
+    f.seek(0)
+    start = f.read(len(MAGIC) + 4)
+    if file_size < DATA_START_ALIGN + FOOTER.size + 32 or start != MAGIC + struct.pack("<I", VERSION):
         return None
-    version, length = struct.unpack("<II", head[len(MAGIC):])
-    if version != VERSION or length > file_size:
+    f.seek(file_size - FOOTER.size)
+    at, length, magic = FOOTER.unpack(f.read(FOOTER.size))
+    if magic != MAGIC or at + length + 32 + FOOTER.size != file_size:
         return None
+    f.seek(at)
     header = f.read(length)
-    if len(header) != length or f.read(32) != hashlib.sha256(header).digest():
+    if f.read(32) != hashlib.sha256(header).digest():
         return None
     try:
         meta = json.loads(header)
     except ValueError:
         return None
-    data_start = -(-(len(head) + length + 32) // DATA_START_ALIGN) * DATA_START_ALIGN
-    if meta.get("key") != key or file_size != data_start + meta.get("data_bytes", -1):
+    if not isinstance(meta, dict) or meta.get("key") != key or DATA_START_ALIGN + meta.get("data_bytes", -1) != at:
         return None
-    return meta, data_start
+    return meta
 
 
-def _read_into(f, data_start: int, entry: dict, out: np.ndarray) -> None:
-    f.seek(data_start + entry["offset"])
-    view = memoryview(out.reshape(-1).view(np.uint8))
-    if f.readinto(view) != entry["nbytes"]:
-        raise EOFError
-
-
-def _load_entry(f, data_start: int, entry: dict, threads: int):
+def _array(entry: dict, raw: np.ndarray, threads: int):
+    """A vector or Matrix over raw (the entry's bytes, read into memory or mapped)."""
     wtype, rows, cols = entry["wtype"], entry["rows"], entry["cols"]
     if wtype == "vector":
-        out = np.empty(cols, dtype=np.float32)
-    elif wtype == "f32":
-        out = np.empty((rows, cols), dtype=np.float32)
-    else:
-        out = _ARENA.empty(entry["nbytes"])
-    if out.nbytes != entry["nbytes"]:
-        raise ValueError
-    _read_into(f, data_start, entry, out)
-    if wtype == "vector":
-        return out
-    return Matrix(wtype, rows, cols, out, threads, packed=True)
+        return raw.view(np.float32).reshape(cols)
+    if wtype == "f32":
+        return Matrix("f32", rows, cols, raw.view(np.float32).reshape(rows, cols), threads)
+    return Matrix(wtype, rows, cols, raw, threads, packed=True)
 
 
-def load(path: str, key: str, template: "RankWeights") -> Optional[RankWeights]:
-    """The weights of a sound shard file of this key, read into memory (config, shard, embedding
-    and threads from the template); None when the file is absent, stale or damaged."""
+def _read_entry(f, entry: dict, threads: int):
+    raw = _ARENA.empty(entry["nbytes"]) if entry["wtype"] not in ("vector", "f32") else \
+        np.empty(entry["nbytes"], dtype=np.uint8)
+    f.seek(DATA_START_ALIGN + entry["offset"])
+    if f.readinto(memoryview(raw)) != entry["nbytes"]:
+        raise EOFError
+    return _array(entry, raw, threads)
+
+
+class MappedLayers(list):
+    """The layers of a mapped shard file: iterating them advises the kernel to read layer i+1's
+    pages (WILLNEED) while layer i computes."""
+
+    def __init__(self, layers, mapping: mmap.mmap, spans: List[Tuple[int, int]]):
+        super().__init__(layers)
+        self.mapping, self.spans = mapping, spans     # (start, end) byte range of each layer in the file
+
+    def prefetch(self, i: int) -> None:
+        if 0 <= i < len(self.spans) and hasattr(mmap, "MADV_WILLNEED"):
+            start, end = self.spans[i]
+            page = mmap.PAGESIZE
+            lo = start // page * page
+            try:
+                self.mapping.madvise(mmap.MADV_WILLNEED, lo, end - lo)
+            except (OSError, ValueError):
+                pass
+
+    def __iter__(self):
+        for i in range(len(self)):
+            self.prefetch(i + 1)
+            yield self[i]
+
+
+def load(path: str, key: str, template: RankWeights, mapped: bool = False) -> Optional[RankWeights]:
+    """The weights of a sound shard file of this key, read into memory or memory-mapped (config,
+    shard, embedding and threads from the template); None when the file is absent, stale or damaged."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
-            found = _read_header(f, path, key, size)
-            if found is None:
+            meta = read_header(f, key, size)
+            if meta is None:
                 return None
-            meta, data_start = found
-            values = {e["name"]: _load_entry(f, data_start, e, template.threads) for e in meta["entries"]}
-        return _assemble(values, template)
+            entries = meta["entries"]
+            if not mapped:
+                values = {e["name"]: _read_entry(f, e, template.threads) for e in entries}
+                return _assemble(values, template)
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        buf = np.frombuffer(mapping, dtype=np.uint8)
+        values = {e["name"]: _array(e, buf[DATA_START_ALIGN + e["offset"]:DATA_START_ALIGN + e["offset"] + e["nbytes"]],
+                                    template.threads) for e in entries}
+        weights = _assemble(values, template)
+        weights.layers = MappedLayers(weights.layers, mapping, _layer_spans(entries, len(weights.layers)))
+        weights.layers.prefetch(0)
+        return weights
     except (OSError, ValueError, KeyError, TypeError, EOFError):
         return None
+
+
+def _layer_spans(entries: List[dict], n_layers: int) -> List[Tuple[int, int]]:
+    spans = []
+    for i in range(n_layers):
+        mine = [e for e in entries if e["name"].split(".")[0] == str(i)]
+        spans.append((DATA_START_ALIGN + min(e["offset"] for e in mine),
+                      DATA_START_ALIGN + max(e["offset"] + e["nbytes"] for e in mine)))
+    return spans
 
 
 def _assemble(values: Dict[str, object], template: RankWeights) -> RankWeights:
@@ -219,29 +324,55 @@ class Cached:
 
 
 def cached_rank_weights(reader, shard: RankSlice, types, threads: int, folder: str, fingerprint, world_size: int,
-                        progress=None) -> Cached:
+                        progress=None, mapped: bool = False) -> Cached:
     """This rank's weights from its shard file when a sound one exists; else converted from the
-    model file (loader.load_rank_weights) and written to the shard file for the next start. A
-    shard file that cannot be written costs only the next start's time: the note says why."""
-    from .loader import embedding_table, load_rank_weights
+    model file and written to the shard file for the next start. Mapped: the weights stay in the
+    file (memory-mapped); a missing file is written a layer at a time, never holding more than
+    one layer. A shard file that cannot be written costs the next start its time (not mapped: the
+    note says why) or fails the load (mapped: there is no other place for the weights)."""
+    from .loader import embedding_table, load_rank_weights, rank_weight_parts
+    from .errors import TpllamaError
     key = shard_key(fingerprint, world_size, shard, types)
     path = shard_path(folder, reader.path, world_size, shard.rank, key)
     template = RankWeights(config=reader.config, shard=shard, embedding=embedding_table(reader), layers=[],
                            output_norm=None, output=None, threads=threads)
     existed = os.path.exists(path)
-    weights = load(path, key, template) if existed else None
+    weights = load(path, key, template, mapped) if existed else None
     if weights is not None:
-        return Cached(weights, path, True, f"read the converted weights from {path}")
+        how = "mapped" if mapped else "read"
+        return Cached(weights, path, True, f"{how} the converted weights from {path}")
+    what = "rebuilt the stale or damaged" if existed else "wrote the"
+    if mapped:
+        try:
+            _check_space(folder, None)
+            save(path, rank_weight_parts(reader, shard, types, threads, progress), key)
+        except OSError as e:
+            raise TpllamaError(f"{path}: cannot write the shard file that mapped mode runs from ({e.strerror or e}); "
+                               "free space there, or choose another folder with --shard-cache") from None
+        weights = load(path, key, template, mapped=True)
+        if weights is None:
+            raise TpllamaError(f"{path}: the shard file just written does not read back; check the disk")
+        return Cached(weights, path, False, f"{what} shard file {path} and mapped it")
     weights = load_rank_weights(reader, shard, types, threads, progress)
-    need = weights.nbytes + DATA_START_ALIGN + ALIGN * 16 * (len(weights.layers) + 1)
     try:
-        os.makedirs(folder, exist_ok=True)
-        free = shutil.disk_usage(folder).free
-        if free < need + 2**28:     # keep 256 MiB free for everyone else
-            return Cached(weights, path, False, f"did not write the shard file {path}: it needs "
-                                                f"{need / 2**20:,.0f} MiB and {free / 2**20:,.0f} MiB are free")
-        save(path, weights, key)
-        note = f"{'rebuilt the stale or damaged' if existed else 'wrote the'} shard file {path}"
+        short = _check_space(folder, weights.nbytes)
+        if short:
+            return Cached(weights, path, False, f"did not write the shard file {path}: {short}")
+        save(path, _parts(weights), key)
+        note = f"{what} shard file {path}"
     except OSError as e:
         note = f"could not write the shard file {path} ({e.strerror or e}); the next start converts again"
     return Cached(weights, path, False, note)
+
+
+def _check_space(folder: str, nbytes: Optional[int]) -> str:
+    """Why the folder cannot take nbytes more (keeping 256 MiB free for everyone else); "" if it can.
+    Creates the folder (OSError when it cannot)."""
+    os.makedirs(folder, exist_ok=True)
+    if nbytes is None:
+        return ""
+    free = shutil.disk_usage(folder).free
+    need = nbytes + DATA_START_ALIGN + 2**20
+    if free < need + 2**28:
+        return f"it needs {need / 2**20:,.0f} MiB and {free / 2**20:,.0f} MiB are free"
+    return ""
