@@ -93,7 +93,9 @@ def add_sampling_args(p: argparse.ArgumentParser, n_default: int = DEFAULT_MAX_N
                    help=f"tokens to generate at most (default {n_default})")
     for f, setting in settings():
         shown = "" if f.default is None else f" (default {f.default})"
-        g.add_argument(*setting.flags, dest=f.name, type=setting.type, default=f.default, help=setting.help + shown)
+        metavar = next(flag for flag in setting.flags if flag.startswith("--"))[2:].replace("-", "_").upper()
+        g.add_argument(*setting.flags, dest=f.name, metavar=metavar, type=setting.type, default=f.default,
+                       help=setting.help + shown)
 
 
 def check_args(args, n_minimum: int = 0) -> None:
