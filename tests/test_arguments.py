@@ -283,3 +283,14 @@ def test_the_help_shows_each_sampling_flags_default():
     for flag, value in (("--temp", 0.8), ("--top-k", 40), ("--top-p", 0.95), ("--min-p", 0.05)):
         after = text[text.index(flag + " ", text.index("sampling:")):]   # the flag's line in the sampling group
         assert f"(default {value})" in after[:200], flag
+
+
+def test_the_usage_docs_give_the_sampling_defaults_of_sampling_params():
+    from tpllama.sampler import DEFAULT_MAX_NEW_TOKENS, SamplingParams
+    lines = (REPO / "docs" / "usage.md").read_text().splitlines()
+    row = next(line for line in lines if line.startswith("| `--temp`"))
+    d = SamplingParams()
+    for shown in (f"0 = greedy; {d.temperature})", f"({d.top_k}; 0 = off)", f"({d.top_p}; 1 = off)",
+                  f"({d.min_p}; 0 = off)", "(-1 or none: random)"):
+        assert shown in row, shown
+    assert f"({DEFAULT_MAX_NEW_TOKENS})" in next(line for line in lines if line.startswith("| `-n`"))

@@ -23,12 +23,12 @@ from . import checks, generation
 from .errors import TpllamaError
 from .fingerprint import check_same_model
 from .formats import open_model
+from .generation import Generation  # noqa: F401  (tpllama.Generation, engine.Generation)
 from .loader import load_rank_weights
 from .model import RankModel
 from .parallel import Parallel, world_size
 from .plan import (PREFILL_CHUNK, format_memory_table, host_shortfalls, make_plan, max_context,
                    parse_rank_weights, rank_memory)
-from .generation import Generation  # noqa: F401  (tpllama.Generation, engine.Generation)
 from .sampler import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from .stats import RunStats, resident_anon_bytes
 from .steps import LocalFailure, StepClock, non_finite_logits
@@ -325,11 +325,10 @@ class Model:
 
         prompt: text, or token ids. chat=True wraps text in the model's chat template as a user
         turn (after a `system` turn if given): what instruct models expect (see also `chat()`).
-        sampling: a tpllama.sampler.SamplingParams (default SamplingParams(): temperature 0.8,
-        top_k 40, top_p 0.95, min_p 0.05, a random seed); temperature, top_k, top_p, min_p and
-        seed given here replace its fields (None keeps them). seed -1 is a random seed.
-        The arguments are checked, and the prompt encoded
-        and measured against the context, when stream() is called, before any text is yielded.
+        sampling: a tpllama.sampler.SamplingParams (None: SamplingParams(), whose fields hold the
+        defaults); temperature, top_k, top_p, min_p and seed given here replace its fields (None
+        keeps them); seed None or -1 is a random seed. The arguments are checked, and the prompt
+        encoded and measured against the context, when stream() is called, before any text is yielded.
         cancel: checked on rank 0 before each token; True ends the generation on every rank
         (finish reason "cancelled"). The finish reason of the last call is `last_finish_reason`.
         ignore_eos: keep going through stop tokens (benchmarks measure a fixed token count).
