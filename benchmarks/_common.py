@@ -110,14 +110,3 @@ def bench_model(model: Optional[str], shape: Optional[str], file_type: str = "q4
     cache.mkdir(parents=True, exist_ok=True)
     name = f"{shape}.gguf" if file_type == "q40" else f"{shape}-{file_type}.gguf"
     return ensure_model(str(cache / name), shape, file_type)
-
-
-def run_tokens(model, tokens, phase: str):
-    """Forward `tokens` at the end of a loaded tpllama model's cache (phase "prefill" or "decode"),
-    on this rank, as a generation step does; raises what the step raised."""
-    from tpllama.engine import _LocalFailure
-    failure = _LocalFailure(model.history, len(model.history))
-    out = model._run(tokens, phase, None, failure)
-    if failure.error is not None:
-        raise failure.error
-    return out

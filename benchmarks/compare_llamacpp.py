@@ -30,7 +30,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks._common import Quiet, bench_model, machine_info, median, run_tokens, write_results  # noqa: E402
+from benchmarks._common import Quiet, bench_model, machine_info, median, write_results  # noqa: E402
 from tpllama.bench.make_model import TYPES as FILE_TYPES  # noqa: E402
 
 
@@ -52,14 +52,11 @@ class TpllamaRunner:
 
     def prompt(self, tokens):
         self.model.reset()
-        self._run(tokens, "prefill")
+        self.model.prefill(tokens)
 
     def decode(self, tokens):
         for token in tokens:
-            self._run([token], "decode")     # computes this rank's logits, as llama.cpp does
-
-    def _run(self, tokens, phase):
-        run_tokens(self.model, tokens, phase)
+            self.model.decode_step(token)     # computes this rank's logits, as llama.cpp does
 
 
 class LlamaCppRunner:

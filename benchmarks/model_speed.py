@@ -3,8 +3,8 @@
     PYTHONPATH=. python benchmarks/model_speed.py [--shape tinyllama-1.1b] [--threads 1,2] [--reps 5]
 
 Writes the model with tpllama.bench.make_model on first use (cached), loads it with
-tpllama.load(path, tokenizer="none", threads=T, ctx_size=256), and times the engine's own
-step (Model._run): 64-token prompt processing, then decode steps (one token each, logits of
+tpllama.load(path, tokenizer="none", threads=T, ctx_size=256), and times the model's own
+steps (Model.prefill, Model.decode_step): 64-token prompt processing, then decode steps (one token each, logits of
 the rank's vocabulary computed as in generation). Prints tokens/s next to the reference bars
 and the targets, and where a decode step's time goes: inside the C kernels, or outside them
 (Python, numpy, the embedding row read). Writes JSON to benchmarks/results/.
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import Quiet, machine_info, median, run_tokens, write_results  # noqa: E402
+from benchmarks._common import Quiet, machine_info, median, write_results  # noqa: E402
 
 # tokens/s on these 2-core machines (TinyLlama shape, random Q4_0): the best C++ engine with its
 # repacked AVX-512 weights, the same engine on plain Q4_0 blocks, and distributed-llama.
@@ -82,12 +82,12 @@ def measure(model, prompt, steps, reps, quiet):
         quiet.wait()
         model.reset()
         t = time.perf_counter()
-        run_tokens(model, prompt, "prefill")
+        model.prefill(prompt)
         pp.append(len(prompt) / (time.perf_counter() - t))
         tok, step_ms = 7, []
         for i in range(steps):
             t = time.perf_counter()
-            run_tokens(model, [tok], "decode")
+            model.decode_step(tok)
             step_ms.append(1e3 * (time.perf_counter() - t))
             tok = 100 + i
         dec.append(1e3 / median(step_ms))
@@ -98,11 +98,11 @@ def profile_decode(model, prompt, steps, quiet):
     """Split decode steps into time inside the kernels and outside them."""
     quiet.wait()
     model.reset()
-    run_tokens(model, prompt, "prefill")
+    model.prefill(prompt)
     with KernelTimer() as kt:
         t = time.perf_counter()
         for i in range(steps):
-            run_tokens(model, [100 + i], "decode")
+            model.decode_step(100 + i)
         total = time.perf_counter() - t
     kernel = sum(kt.ns.values()) / 1e9
     return {"step_ms": 1e3 * total / steps, "kernel_ms": 1e3 * kernel / steps,

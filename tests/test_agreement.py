@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 INJECTED = {   # case of tests/mpi_scripts/faults.py -> the class it raises on one rank
     "load": "ValueError", "host_facts": "OSError", "on_token": "ValueError", "cancel": "KeyError", "sampling": "RuntimeError",
     "encode": "LookupError", "forward_prefill": "ZeroDivisionError", "forward_decode": "ZeroDivisionError",
-    "forward_api": "ArithmeticError",
+    "forward_api": "ArithmeticError", "prefill_api": "ArithmeticError", "decode_step_api": "ArithmeticError",
 }
 
 

@@ -245,3 +245,52 @@ def test_a_model_file_with_a_zero_context_is_a_clear_error(tmp_path):
     for ctx in (None, 16):    # the file's config is invalid, whatever context is asked for
         with pytest.raises(TpllamaError, match=r"zero-context\.gguf: .*llama\.context_length is 0"):
             tpllama.load(str(path), tokenizer="none", weight_type="f32", threads=1, ctx_size=ctx)
+
+
+# llama.cpp's sampling defaults (common/common.h: temp 0.80, top_k 40, top_p 0.95, min_p 0.05, seed random),
+# which tpllama follows (docs/usage.md)
+LLAMA_CPP_SAMPLING = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, seed=None)
+
+
+@pytest.mark.parametrize("module", ["tpllama.generate", "tpllama.chat", "tpllama.serve"])
+def test_sampling_flags_take_their_defaults_and_help_from_sampling_params(module):
+    """One home for the sampling defaults: every command's flags parse to SamplingParams()' values,
+    their --help shows those values, and the server's request defaults are the same."""
+    import dataclasses
+    import importlib
+    from tpllama import cli as cli_module
+    from tpllama.api import Defaults
+    from tpllama.sampler import SamplingParams
+    defaults = SamplingParams()
+    assert dataclasses.asdict(defaults) == LLAMA_CPP_SAMPLING
+    parser = importlib.import_module(module).build_parser()
+    args = parser.parse_args([])
+    assert cli_module.sampling_params(args) == defaults and Defaults().sampling == defaults
+    for field in dataclasses.fields(SamplingParams):
+        value = getattr(defaults, field.name)
+        assert getattr(args, field.name) == value, field.name
+        flag = field.metadata["setting"].flags[0]
+        action = next(a for a in parser._actions if flag in a.option_strings)
+        assert (f"(default {value})" in action.help) == (value is not None), (flag, action.help)
+        help_text = " ".join(parser.format_help().split())
+        assert action.help in help_text, flag
+
+
+def test_the_help_shows_each_sampling_flags_default():
+    out = cli("tpllama.generate", "--help")
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    for flag, value in (("--temp", 0.8), ("--top-k", 40), ("--top-p", 0.95), ("--min-p", 0.05)):
+        after = text[text.index(flag + " ", text.index("sampling:")):]   # the flag's line in the sampling group
+        assert f"(default {value})" in after[:200], flag
+
+
+def test_the_usage_docs_give_the_sampling_defaults_of_sampling_params():
+    from tpllama.sampler import DEFAULT_MAX_NEW_TOKENS, SamplingParams
+    lines = (REPO / "docs" / "usage.md").read_text().splitlines()
+    row = next(line for line in lines if line.startswith("| `--temp`"))
+    d = SamplingParams()
+    for shown in (f"0 = greedy; {d.temperature})", f"({d.top_k}; 0 = off)", f"({d.top_p}; 1 = off)",
+                  f"({d.min_p}; 0 = off)", "(-1 or none: random)"):
+        assert shown in row, shown
+    assert f"({DEFAULT_MAX_NEW_TOKENS})" in next(line for line in lines if line.startswith("| `-n`"))

@@ -133,3 +133,53 @@ def test_cli_bad_input_is_one_clear_line(stories_bin, args, needle):
     assert needle in out.stderr
     errors = [l for l in out.stderr.splitlines() if "error" in l]
     assert len(errors) == 1, out.stderr
+
+
+def test_prefill_and_decode_step_give_this_ranks_logits_of_the_last_position(stories):
+    """The public steps the generation loop and the benchmarks drive: on one rank the slice is
+    the whole vocabulary, the greedy pick follows the model's known text, and the logits match
+    forward()'s rows for the same positions."""
+    vocab = stories.config.vocab_size
+    stories.reset()
+    last = stories.prefill(STORIES_PROMPT_IDS)
+    assert stories.vocab_slice == range(0, vocab) and last.shape == (vocab,) and last.dtype == np.float32
+    assert stories.history == STORIES_PROMPT_IDS
+    assert int(np.argmax(last)) == STORIES_FIRST_IDS[0]
+    step = stories.decode_step(STORIES_FIRST_IDS[0])
+    assert int(np.argmax(step)) == STORIES_FIRST_IDS[1]
+    assert stories.history == STORIES_PROMPT_IDS + STORIES_FIRST_IDS[:1]
+    again = stories.prefill(STORIES_FIRST_IDS[:1], start_pos=len(STORIES_PROMPT_IDS))   # recompute the last position
+    np.testing.assert_array_equal(again, step)
+    full = stories.forward(STORIES_PROMPT_IDS + STORIES_FIRST_IDS[:1], 0)
+    np.testing.assert_allclose(full[-2], last, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(full[-1], step, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(stories.gather_vocab(step[None, :]), step[None, :])
+
+
+@pytest.mark.parametrize("call,needle", [
+    (lambda m: m.prefill([]), "tokens=[]"),
+    (lambda m: m.prefill([1, 2.0]), "tokens[1]=2.0"),
+    (lambda m: m.prefill([1], start_pos=99), "start_pos=99"),
+    (lambda m: m.decode_step(512), "token=512: expected a token id from 0 to 511"),
+    (lambda m: m.decode_step(-1), "token=-1"),
+])
+def test_the_public_steps_refuse_bad_arguments_on_every_rank(stories, call, needle):
+    from tpllama.checks import ParameterError
+    stories.reset()
+    with pytest.raises(ParameterError) as e:
+        call(stories)
+    assert needle in str(e.value) and e.value.collective
+    assert stories.history == []
+
+
+def test_sampling_params_and_keyword_arguments_choose_the_same_tokens(stories):
+    from tpllama.sampler import SamplingParams
+    params = SamplingParams(temperature=1.1, top_k=0, top_p=0.9, min_p=0.0, seed=3)
+    by_keywords = stories.generate("Once upon a time", 24, temperature=1.1, top_k=0, top_p=0.9, min_p=0.0, seed=3)
+    by_params = stories.generate("Once upon a time", 24, sampling=params)
+    assert by_params.tokens == by_keywords.tokens and by_params.text == by_keywords.text
+    # a keyword replaces that field of the given SamplingParams
+    greedy = stories.generate("Once upon a time", 10, sampling=params, temperature=0.0)
+    assert greedy.tokens == STORIES_FIRST_IDS
+    with pytest.raises(TpllamaError, match="sampling="):
+        stories.generate("Once", 4, sampling={"temperature": 0.0})

@@ -13,17 +13,19 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .errors import TpllamaError
 from .follow import StreamCall
-from .sampler import SamplingParams
+from .sampler import SamplingParams, settings
 
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP_STRINGS = 4          # as OpenAI: the stop check runs over every stop string at every token
 MAX_STOP_CHARS = 256
 MAX_MESSAGES = 2048           # as OpenAI
+OPENAI_MAXIMA = {"temperature": 2.0}   # OpenAI's own bounds, tighter than the library's
 
 
 class ApiError(Exception):
@@ -47,11 +49,7 @@ def error_body(message: str, param: Optional[str] = None, code: Optional[str] = 
 @dataclass
 class Defaults:
     """What a request gets for the fields it leaves out (the server's command-line flags)."""
-    temperature: float = SamplingParams.temperature    # one source for the sampling defaults
-    top_k: int = SamplingParams.top_k
-    top_p: float = SamplingParams.top_p
-    min_p: float = SamplingParams.min_p
-    seed: Optional[int] = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     max_tokens: int = -1          # -1: until a stop token or the end of the context
 
 
@@ -138,15 +136,8 @@ class RequestReader:
             raise ApiError(400, f"the context holds {self.ctx} tokens, but {len(ids) + max_tokens} were asked for "
                                 f"({len(ids)} in the prompt, max_tokens {max_tokens})", "max_tokens",
                            "context_length_exceeded")
-        call = StreamCall(
-            prompt_ids=list(ids), max_new_tokens=max_tokens,
-            temperature=_number(body, "temperature", d.temperature, 0.0, 2.0),
-            top_k=_integer(body, "top_k", d.top_k, minimum=0),
-            top_p=_top_p(body, d.top_p),
-            min_p=_number(body, "min_p", d.min_p, 0.0, 1.0),
-            seed=_seed(body, d.seed),
-            stop=_stop(body))
-        _check_sampling(call)
+        call = StreamCall(prompt_ids=list(ids), max_new_tokens=max_tokens, sampling=_sampling(body, d.sampling),
+                          stop=_stop(body))
         stream = _boolean(body, "stream", False)
         return ApiRequest(chat=chat, model=model, call=call, stream=stream,
                           include_usage=stream and _include_usage(body))
@@ -184,14 +175,17 @@ def _wrong_type(name: str, expected: str) -> ApiError:
     return ApiError(400, f"'{name}' must be {expected}", name, "invalid_type")
 
 
-def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
+def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _wrong_type(name, "a number")
     if not low <= value <= high:
-        raise ApiError(400, f"'{name}' must be between {low:g} and {high:g}, not {value}", name, "invalid_value")
+        bounds = f"between {low:g} and {high:g}" if high < math.inf else f"at least {low:g}"
+        raise ApiError(400, f"'{name}' must be {bounds}, not {value}", name, "invalid_value")
+    if low_open and value == low:
+        raise ApiError(400, f"'{name}' must be above {low:g}", name, "invalid_value")
     return float(value)
 
 
@@ -206,22 +200,23 @@ def _integer(body: dict, name: str, default: Optional[int], minimum: Optional[in
     return value
 
 
-def _top_p(body: dict, default: float) -> float:
-    top_p = _number(body, "top_p", default, 0.0, 1.0)
-    if top_p <= 0.0:
-        raise ApiError(400, "'top_p' must be above 0 (1 turns it off)", "top_p", "invalid_value")
-    return top_p
-
-
-def _seed(body: dict, default: Optional[int]) -> Optional[int]:
-    seed = _integer(body, "seed", default)
-    return None if seed is None or seed < 0 else seed   # like llama.cpp: -1 asks for a random seed
-
-
-def _check_sampling(call: StreamCall) -> None:
-    """The engine's own checks, here, so that a value it refuses never reaches the other ranks."""
+def _sampling(body: dict, defaults: SamplingParams) -> SamplingParams:
+    """The request's sampling fields over the server's defaults, within the ranges SamplingParams'
+    fields give (and OpenAI's tighter ones); checked here, so that a value the engine refuses
+    never reaches the other ranks."""
+    values = {}
+    for f, setting in settings():
+        default = getattr(defaults, f.name)
+        if setting.random is not None:     # like llama.cpp: a negative seed asks for a random one
+            value = _integer(body, f.name, default)
+            values[f.name] = None if value is None or value < 0 else value
+        elif setting.whole:
+            values[f.name] = _integer(body, f.name, default, minimum=int(setting.low))
+        else:
+            high = min(setting.high, OPENAI_MAXIMA.get(f.name, math.inf))
+            values[f.name] = _number(body, f.name, default, setting.low, high, setting.low_open)
     try:
-        call.check_sampling()
+        return SamplingParams(**values)
     except TpllamaError as e:
         raise ApiError(400, str(e).lstrip("-"), None, "invalid_value") from None
 

@@ -131,7 +131,7 @@ def answer(model, conversation, text: str, args, console: Console, interrupts: "
         return
     if dropped:
         console.note(f"context full: dropped the {dropped} oldest turn(s); {conversation.turns} left")
-    call = StreamCall(ids, min(n, model.ctx - len(ids)), **cli.sampling_options(args))
+    call = StreamCall(ids, min(n, model.ctx - len(ids)), cli.sampling_params(args))
     tokens, pieces, stats = [], [], RunStats()
     try:
         # from the command to the others on, Ctrl-C must stop the answer, not interrupt the exchange

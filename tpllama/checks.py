@@ -1,24 +1,21 @@
 """Argument checks shared by the library and the command line, made before any work starts.
 
 Each check raises `ParameterError`, whose message names the library's parameter
-(`temperature=nan: ...`); the command line re-words it with its flag (`--temp nan: ...`)
-through `FLAGS`. Every check is pure and cheap, so every rank can make it on its own
-arguments and every rank fails the same way.
+(`temperature=nan: ...`); the command line re-words it with its flag (`--temp nan: ...`):
+the flag the raiser names, else `FLAGS`'. The sampling settings' ranges and flags live in
+`tpllama.sampler.SamplingParams`' field metadata, which applies these checks. Every check is
+pure and cheap, so every rank can make it on its own arguments and every rank fails the same way.
 """
 from __future__ import annotations
 
 import math
 from numbers import Integral, Real
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 from .errors import TpllamaError
 
-RANDOM_SEED = -1       # llama.cpp's meaning: draw a seed at random
-MAX_SEED = 2**64 - 1
-
-# library parameter -> command-line flag
+# library parameter -> command-line flag (the sampling settings name theirs: tpllama.sampler)
 FLAGS = {
-    "temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p", "seed": "-s",
     "max_new_tokens": "-n", "ctx_size": "-c", "threads": "-t", "weight_type": "--weight-type",
     "sync_type": "--sync-type", "rank_weights": "--rank-weights", "shard_cache": "--shard-cache", "mmap": "--mmap",
 }
@@ -30,10 +27,11 @@ class ParameterError(TpllamaError):
     def __init__(self, param: str, value: Any, rule: str, collective: bool = False):
         super().__init__(f"{param}={value!r}: {rule}", collective)
         self.param, self.value, self.rule = param, value, rule
+        self.flag: Optional[str] = None   # the command-line flag, when the raiser knows it
 
     def flag_message(self) -> str:
         """The same message in the command line's words (the flag instead of the parameter)."""
-        flag = FLAGS.get(self.param)
+        flag = self.flag or FLAGS.get(self.param)
         if flag is None:
             return str(self)
         return f"{flag} {_show(self.value)}: {self.rule}"
@@ -45,7 +43,8 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """A whole number, and not a bool."""
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 
@@ -53,8 +52,8 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
-def integer(name: str, value: Any, minimum: int, rule: str) -> int:
-    if not _is_int(value) or value < minimum:
+def integer(name: str, value: Any, minimum: int, rule: str, maximum: float = math.inf) -> int:
+    if not is_int(value) or value < minimum or value > maximum:
         raise ParameterError(name, value, rule)
     return int(value)
 
@@ -74,23 +73,6 @@ def number(name: str, value: Any, low: float, high: float, rule: str, low_open: 
     return float(value)
 
 
-def seed(value: Any) -> Optional[int]:
-    """A seed for the sampler, or None for a random one (None or -1)."""
-    if value is None or (_is_int(value) and value == RANDOM_SEED):
-        return None
-    if not _is_int(value) or not 0 <= value <= MAX_SEED:
-        raise ParameterError("seed", value, "expected a whole number from 0 to 2^64-1, or -1 for a random seed")
-    return int(value)
-
-
-def sampling(temperature: Any, top_k: Any, top_p: Any, min_p: Any) -> None:
-    """The sampling settings llama.cpp's flags accept (0 turns top-k and min-p off, 1 top-p)."""
-    number("temperature", temperature, 0.0, math.inf, "expected a finite number >= 0 (0 is greedy)")
-    integer("top_k", top_k, 0, "expected a whole number >= 0 (0 turns it off)")
-    number("top_p", top_p, 0.0, 1.0, "expected a number above 0 and at most 1 (1 turns it off)", low_open=True)
-    number("min_p", min_p, 0.0, 1.0, "expected a number from 0 to 1 (0 turns it off)")
-
-
 def max_new_tokens(value: Any) -> int:
     return integer("max_new_tokens", value, 0, "expected a whole number of tokens >= 0")
 
@@ -103,7 +85,7 @@ def token_ids(name: str, ids: Any, vocab_size: Optional[int] = None, allow_empty
     if not values and not allow_empty:
         raise ParameterError(name, values, "expected at least one token id")
     for i, t in enumerate(values):
-        if not _is_int(t):
+        if not is_int(t):
             raise ParameterError(f"{name}[{i}]", t, "expected a whole-number token id")
         if t < 0 or (vocab_size is not None and t >= vocab_size):
             top = f"{vocab_size - 1}" if vocab_size is not None else "the vocabulary size - 1"
@@ -127,3 +109,12 @@ def choice(name: str, value: Any, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ParameterError(name, value, f"expected one of {', '.join(choices)}")
     return value
+
+
+def collective(check: Callable[[], Any]) -> Any:
+    """check(), for arguments every rank passes alike: its error is every rank's (reported once)."""
+    try:
+        return check()
+    except TpllamaError as e:
+        e.collective = True
+        raise

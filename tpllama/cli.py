@@ -26,6 +26,7 @@ from . import checks  # noqa: E402
 from .console import LAUNCHERS  # noqa: E402  (mpirun's process names: a rank beside mpirun is its child)
 from .errors import TpllamaError  # noqa: E402
 from .parallel import SYNC_TYPES  # noqa: E402
+from .sampler import DEFAULT_MAX_NEW_TOKENS, SamplingParams, settings  # noqa: E402
 from .wtypes import WEIGHT_TYPE_CHOICES  # noqa: E402
 
 
@@ -97,29 +98,28 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)   # the default now; kept for old scripts
 
 
-def add_sampling_args(p: argparse.ArgumentParser, n_default: int = 256):
+def add_sampling_args(p: argparse.ArgumentParser, n_default: int = DEFAULT_MAX_NEW_TOKENS):
+    """-n and the sampling flags, made from SamplingParams' fields: their flags, types, defaults
+    and help texts (the dest of each is its field's name)."""
     g = p.add_argument_group("sampling")
     g.add_argument("-n", "--n-predict", dest="n_predict", type=int, default=n_default,
                    help=f"tokens to generate at most (default {n_default})")
-    g.add_argument("--temp", type=float, default=0.8, help="temperature; 0 is greedy (default 0.8)")
-    g.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens, 0 = off (default 40)")
-    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, 1 = off (default 0.95)")
-    g.add_argument("--min-p", type=float, default=0.05,
-                   help="drop tokens below min-p times the top probability, 0 = off (default 0.05)")
-    g.add_argument("-s", "--seed", type=int, default=None,
-                   help="random seed, 0 to 2^64-1 (same seed, same text); -1 or none: random")
+    for f, setting in settings():
+        shown = "" if f.default is None else f" (default {f.default})"
+        metavar = next(flag for flag in setting.flags if flag.startswith("--"))[2:].replace("-", "_").upper()
+        g.add_argument(*setting.flags, dest=f.name, metavar=metavar, type=setting.type, default=f.default,
+                       help=setting.help + shown)
 
 
 def check_args(args, n_minimum: int = 0) -> None:
     """Every check that needs no model, before anything is loaded: one line naming the flag and
     what it accepts. Every rank parses the same argv, so every rank fails alike (rank 0 says it)."""
     from .engine import LoadOptions
-    from .sampler import SamplingParams
     try:
         if hasattr(args, "n_predict"):
             checks.integer("max_new_tokens", args.n_predict, n_minimum,
                            f"expected a whole number of tokens >= {n_minimum}")
-            SamplingParams(**sampling_options(args))
+            sampling_params(args)
         LoadOptions(**load_options(args)).check(_world_size())
     except TpllamaError as e:
         raise TpllamaError(flag_message(e), collective=True) from None
@@ -151,8 +151,13 @@ def show_log(args) -> None:
         show_log_on_stderr()
 
 
-def sampling_options(args) -> dict:
-    return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed)
+def sampling_params(args) -> SamplingParams:
+    """The sampling flags (add_sampling_args) as SamplingParams; a value it refuses is an error
+    in the flags' words that every rank raises (every rank parses the same argv)."""
+    try:
+        return SamplingParams(**{f.name: getattr(args, f.name) for f, _ in settings()})
+    except TpllamaError as e:
+        raise TpllamaError(flag_message(e), collective=True) from None
 
 
 def run(main: Callable[[], int]) -> None:

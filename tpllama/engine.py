@@ -1,8 +1,12 @@
-"""The library's model object: load a model over a communicator, then forward, generate, stream.
+"""The library's model object: load a model over a communicator, then run it forward.
+
+`Model` loads this rank's share of the weights and owns the KV cache (`history`): `forward`
+gives the full logits, `prefill` and `decode_step` this rank's vocabulary slice of them (what
+the generation loop and the benchmarks drive). `stream`, `generate` and `chat` are thin
+delegations to tpllama.generation, which drives the model through those public methods.
 
 Every public method is collective: all ranks of the communicator call it with the same
-arguments (prompts are taken from rank 0 and broadcast). Rank 0 samples and decides when
-to stop; the others follow the token it broadcasts. Text comes back on every rank.
+arguments (prompts are taken from rank 0 and broadcast). Text comes back on every rank.
 """
 from __future__ import annotations
 
@@ -10,29 +14,27 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
-from . import checks
+from . import checks, generation
 from .errors import TpllamaError
 from .fingerprint import check_same_model
 from .formats import open_model
+from .generation import Generation  # noqa: F401  (tpllama.Generation, engine.Generation)
 from .loader import load_rank_weights
 from .model import RankModel
 from .parallel import Parallel, world_size
 from .plan import (PREFILL_CHUNK, format_memory_table, host_shortfalls, make_plan, max_context,
                    parse_rank_weights, rank_memory, weight_bytes)
-from .sampler import Sampler, SamplingParams, local_candidates
+from .sampler import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from .shardcache import cached_rank_weights, read_bandwidth, shard_folder
+from .stats import RunStats, resident_anon_bytes
+from .steps import LocalFailure, StepClock, non_finite_logits
 from .weights import RankWeights
-from .stats import RunStats, StepStats, peak_rss_bytes, resident_anon_bytes
 from .typeplan import choose_types
-
-NEED_FULL_LOGITS = -2
-CANCELLED = -3          # rank 0 ends the generation (e.g. its client went away)
-FAILED = -4             # some rank failed: every rank learns the error (Parallel.agree) and raises it
 
 
 @dataclass
@@ -66,20 +68,6 @@ class LoadOptions:
         except TpllamaError as e:
             e.collective = True     # a pure function of the arguments, which every rank passes alike
             raise
-
-
-@dataclass
-class Generation:
-    text: str
-    tokens: List[int]
-    prompt_tokens: List[int]
-    finish_reason: str                # "stop" | "length"
-    stats: RunStats = field(default_factory=RunStats)
-
-
-def _non_finite_logits(path: str, position: int) -> TpllamaError:
-    return TpllamaError(f"{path}: the model produced non-finite logits at position {position} (NaN or Inf in "
-                        "its weights or activations); check the model file", collective=True)
 
 
 log = logging.getLogger("tpllama")
@@ -244,8 +232,60 @@ class Model:
 
     # ------------------------------------------------------------ forward
 
-    def _run(self, tokens: Sequence[int], phase: str, stats: Optional[RunStats], failure: "_LocalFailure",
-             every_position: bool = False) -> np.ndarray:
+    def prefill(self, tokens: Sequence[int], start_pos: Optional[int] = None, stats: Optional[RunStats] = None,
+                failure: Optional[LocalFailure] = None) -> np.ndarray:
+        """Collective. Put `tokens` in the KV cache after its first `start_pos` positions (None:
+        after all the cached ones), a prefill chunk at a time, and return this rank's logits of
+        the last position: float32 (V_r,) over its vocabulary slice, `vocab_slice` (gather_vocab
+        joins the ranks' slices). stats: each chunk's timing is appended ("prefill" steps).
+
+        failure: a LocalFailure in which a failure on this rank alone is kept for the caller's
+        next agreement (meanwhile this rank makes the others' collectives); None: the ranks agree
+        before returning, and every rank raises any rank's error."""
+        ids = checks.collective(lambda: checks.token_ids("tokens", tokens, self.config.vocab_size))
+        start = len(self.history) if start_pos is None else self._check_start(start_pos)
+        del self.history[start:]
+        return self._step(ids, "prefill", stats, failure)
+
+    def decode_step(self, token: int, failure: Optional[LocalFailure] = None) -> np.ndarray:
+        """Collective. Put one token in the KV cache after the cached ones and return this rank's
+        logits of it: float32 (V_r,) over `vocab_slice`. failure: as in prefill()."""
+        top = self.config.vocab_size - 1
+        checks.collective(lambda: checks.integer("token", token, 0, f"expected a token id from 0 to {top}", maximum=top))
+        return self._step([token], "decode", None, failure)
+
+    @property
+    def vocab_slice(self) -> range:
+        """The token ids whose logits this rank computes (prefill and decode_step return these)."""
+        return self.shard.vocab
+
+    def gather_vocab(self, local: np.ndarray, root_only: bool = False) -> Optional[np.ndarray]:
+        """Collective: each rank's (T, V_r) logits joined into (T, vocab), on every rank (on rank
+        0 alone with root_only; the others get None)."""
+        return self.par.gather_vocab(local, self._vocab_counts, root_only=root_only)
+
+    def _step(self, tokens: List[int], phase: str, stats: Optional[RunStats],
+              failure: Optional[LocalFailure]) -> np.ndarray:
+        """prefill/decode_step: the last position's local logits, agreeing at the end when the
+        caller holds no LocalFailure of its own."""
+        own = failure is None
+        if own:
+            failure = LocalFailure(self.history, len(self.history))
+        local = self._forward_tokens(tokens, phase, stats, failure)[-1]
+        if own and self.par.size > 1:   # on one rank a failure raises where it happens
+            failure.agree(self.par)
+        return local
+
+    def _check_start(self, start_pos: int) -> int:
+        checks.collective(lambda: checks.integer("start_pos", start_pos, 0, f"expected a position from 0 to the "
+                                                 f"{len(self.history)} cached ones"))
+        if start_pos > len(self.history):
+            raise checks.ParameterError("start_pos", start_pos, f"is past the {len(self.history)} cached positions",
+                                        collective=True)
+        return start_pos
+
+    def _forward_tokens(self, tokens: Sequence[int], phase: str, stats: Optional[RunStats], failure: LocalFailure,
+                        every_position: bool = False) -> np.ndarray:
         """Forward tokens at the end of the cache, a prefill chunk at a time; this rank's logits
         (T, V_r) of the last position, or of every position.
 
@@ -256,7 +296,7 @@ class Model:
         logits = []
         for i in range(0, len(tokens), PREFILL_CHUNK):
             chunk = np.asarray(tokens[i:i + PREFILL_CHUNK], dtype=np.int64)
-            clock = _StepClock(self.par)
+            clock = StepClock(self.par)
             wanted = len(chunk) if every_position else (1 if i + PREFILL_CHUNK >= len(tokens) else 0)
             logits.append(self._forward_chunk(chunk, wanted, failure))
             self.history.extend(int(t) for t in chunk)
@@ -264,7 +304,7 @@ class Model:
                 clock.record(stats, phase, len(chunk))
         return np.concatenate(logits, axis=0)
 
-    def _forward_chunk(self, chunk: np.ndarray, wanted: int, failure: "_LocalFailure") -> np.ndarray:
+    def _forward_chunk(self, chunk: np.ndarray, wanted: int, failure: LocalFailure) -> np.ndarray:
         """This rank's logits of the chunk's last `wanted` positions (T, V_r); zeros once failed."""
         reduces_before = self.par.counters.calls.get("allreduce", 0)
         if failure.error is None:
@@ -285,57 +325,23 @@ class Model:
     def forward(self, token_ids: Sequence[int], start_pos: int) -> np.ndarray:
         """Logits (len(token_ids), vocab) float32, the same on every rank, for tokens placed at
         positions start_pos.. (the cache keeps positions before start_pos)."""
-        ids = _collective_check(lambda: checks.token_ids("token_ids", token_ids, self.config.vocab_size))
-        _collective_check(lambda: checks.integer("start_pos", start_pos, 0, f"expected a position from 0 to the "
-                                                 f"{len(self.history)} cached ones"))
-        if start_pos > len(self.history):
-            raise checks.ParameterError("start_pos", start_pos, f"is past the {len(self.history)} cached positions",
-                                        collective=True)
+        ids = checks.collective(lambda: checks.token_ids("token_ids", token_ids, self.config.vocab_size))
+        self._check_start(start_pos)
         del self.history[start_pos:]
-        failure = _LocalFailure(self.history, start_pos)
-        local = self._run(ids, "prefill", None, failure, every_position=True)
+        failure = LocalFailure(self.history, start_pos)
+        local = self._forward_tokens(ids, "prefill", None, failure, every_position=True)
         failure.agree(self.par)
-        full = self.par.gather_vocab(local, self._vocab_counts, root_only=False)
+        full = self.gather_vocab(local, root_only=False)
         finite = np.isfinite(full).all(axis=1)     # the same logits on every rank: all raise together
         if not finite.all():
-            raise _non_finite_logits(self.reader.path, start_pos + int(np.flatnonzero(~finite)[0]))
+            raise non_finite_logits(self.reader.path, start_pos + int(np.flatnonzero(~finite)[0]))
         return full
 
     def reset(self):
         """Forget the cached conversation."""
         self.history = []
 
-    # ------------------------------------------------------------ sampling
-
-    def _next_token(self, local: np.ndarray, sampler: Optional[Sampler], params: SamplingParams,
-                    cancel: Optional[Callable[[], bool]], failure: "_LocalFailure") -> int:
-        """Collective: every rank gets the same next token from vocab-parallel logits (V_r,),
-        or CANCELLED when rank 0's cancel() says to stop. If any rank has failed (its flag rides
-        with its candidates; NaN/Inf logits count as a failure) or root's sampling fails, every
-        rank raises that error."""
-        if not np.isfinite(local).all():
-            failure.keep(_non_finite_logits(self.reader.path, len(self.history) - 1))
-            local = np.zeros_like(local)
-        values, ids, extras = local_candidates(local, self.shard.vocab.start, params.candidates_per_rank)
-        merged = self.par.gather_candidates(values, ids, np.append(extras, failure.flag))
-        token = None
-        if self.par.is_root:
-            values, ids, extras = merged
-            token = FAILED if extras[:, -1].any() or failure.error else failure.attempt(
-                lambda: CANCELLED if cancel is not None and cancel() else sampler.pick(values, ids, extras[:, :-1]),
-                FAILED)
-        token = int(self.par.bcast_ints(np.array([NEED_FULL_LOGITS if token is None else token]), 1)[0])
-        if token == NEED_FULL_LOGITS:
-            full = self.par.gather_vocab(local[None, :], self._vocab_counts, root_only=True)
-            if self.par.is_root:
-                token = failure.attempt(lambda: sampler.pick_full(full[0]), FAILED)
-            token = int(self.par.bcast_ints(np.array([token if self.par.is_root else 0]), 1)[0])
-        if token == FAILED:
-            failure.agree(self.par)   # raises on every rank: some rank kept an error
-            raise TpllamaError("a rank reported a failure without its reason", collective=True)
-        return token
-
-    # ------------------------------------------------------------ generation
+    # ------------------------------------------------------------ text
 
     def encode_prompt(self, prompt: Union[str, Sequence[int]], chat: bool = False, system: Optional[str] = None) -> List[int]:
         """Token ids of a prompt (rank 0's value counts): raw text, or a user turn in the chat template."""
@@ -355,134 +361,55 @@ class Model:
         tok = self.tokenizer
         if tok is None:
             raise TpllamaError("this model was loaded with tokenizer='none': it cannot read messages")
-        checked = _messages(messages)
+        checked = generation.check_messages(messages)
         return tok.encode_chat(checked, add_generation_prompt=True)   # message contents stay plain text
 
-    def stream(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 256, temperature: float = 0.8,
-               top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, seed: Optional[int] = None,
+    # ------------------------------------------------------------ generation (tpllama.generation)
+
+    def stream(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+               temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
+               min_p: Optional[float] = None, seed: Optional[int] = None,
                stop: Sequence[str] = (), chat: bool = False, system: Optional[str] = None,
                stats: Optional[RunStats] = None, on_token: Optional[Callable[[int], None]] = None,
-               cancel: Optional[Callable[[], bool]] = None, ignore_eos: bool = False) -> Iterator[str]:
+               cancel: Optional[Callable[[], bool]] = None, ignore_eos: bool = False,
+               sampling: Optional[SamplingParams] = None) -> Iterator[str]:
         """Yield text pieces as they are generated (the same on every rank). Collective.
 
         prompt: text, or token ids. chat=True wraps text in the model's chat template as a user
         turn (after a `system` turn if given): what instruct models expect (see also `chat()`).
-        seed: None or -1 for a random seed. The arguments are checked, and the prompt encoded
-        and measured against the context, when stream() is called, before any text is yielded.
+        sampling: a tpllama.sampler.SamplingParams (None: SamplingParams(), whose fields hold the
+        defaults); temperature, top_k, top_p, min_p and seed given here replace its fields (None
+        keeps them); seed None or -1 is a random seed. The arguments are checked, and the prompt
+        encoded and measured against the context, when stream() is called, before any text is yielded.
         cancel: checked on rank 0 before each token; True ends the generation on every rank
         (finish reason "cancelled"). The finish reason of the last call is `last_finish_reason`.
         ignore_eos: keep going through stop tokens (benchmarks measure a fixed token count).
         A caller that stops reading early (closes the generator, e.g. by leaving its for loop)
         cancels the generation if it is rank 0; on another rank the generator follows rank 0 to
         the end without yielding, so the ranks stay in step."""
-        stats = stats if stats is not None else RunStats()
-        params = _collective_check(lambda: SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                                                          min_p=min_p, seed=seed))
-        _collective_check(lambda: checks.max_new_tokens(max_new_tokens))
-        stop = _collective_check(lambda: _stop_strings(stop))
-        ids = self._root_encode(prompt, chat, system)
-        if not ids:
-            raise TpllamaError("the prompt is empty", collective=True)
-        if len(ids) >= self.ctx:
-            raise TpllamaError(f"the prompt has {len(ids)} tokens but the context holds {self.ctx}; shorten it or "
-                               "raise ctx_size (-c)", collective=True)
-        return self._pieces(ids, max_new_tokens, params, stop, stats, on_token, cancel, ignore_eos)
+        overrides = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+        return generation.stream(self, prompt, max_new_tokens, sampling, overrides, stop, chat, system, stats,
+                                 on_token, cancel, ignore_eos, self._set_finish_reason)
 
-    def _pieces(self, ids: List[int], max_new_tokens: int, params: SamplingParams, stop: Sequence[str],
-                stats: RunStats, on_token, cancel, ignore_eos: bool) -> Iterator[str]:
-        """The generation loop behind stream(), its arguments checked."""
-        reuse = self._common_prefix(ids)
-        del self.history[reuse:]
-        stats.prompt_tokens, stats.cached_tokens = len(ids), reuse
-        failure = _LocalFailure(self.history, reuse)
-        local = self._run(ids[reuse:], "prefill", stats, failure)
-        sampler = failure.attempt(lambda: Sampler(params)) if self.par.is_root else None
-        decoder = self.tokenizer.stream_decoder(at_start=False)   # a continuation keeps its leading space
-        eos = frozenset() if ignore_eos else self.tokenizer.eos_ids
-        text, emitted = "", 0
-        self._finish_reason = "length"
-        clock = None     # a decode step: forward the previous token, sample the next
-        reader_gone = False
-        for n in range(max_new_tokens):
-            token = self._next_token(local[-1], sampler, params, _always if reader_gone else cancel, failure)
-            if clock is not None:
-                clock.record(stats)
-            if token == CANCELLED or token in eos:
-                self._finish_reason = "cancelled" if token == CANCELLED else "stop"
-                break
-            stats.generated_tokens += 1
-            if on_token and failure.error is None:
-                failure.attempt(lambda: on_token(token))   # a callback that fails on one rank only
-            text += decoder.add(token)
-            cut = _find_stop(text, stop)
-            if cut is not None:
-                text = text[:cut]
-                self._finish_reason = "stop"
-                break
-            safe = len(text) - _held_back(text, stop)
-            if safe > emitted and failure.error is None and not reader_gone:
-                try:
-                    yield text[emitted:safe]
-                except GeneratorExit:   # the caller stopped reading here, but the other ranks go on
-                    reader_gone = True
-                emitted = safe
-            if n + 1 == max_new_tokens or len(self.history) + 1 > self.ctx:
-                break
-            clock = _StepClock(self.par)
-            local = self._run([token], "decode", None, failure)
-        text += decoder.flush()
-        stats.peak_rss = failure.agree(self.par, peak_rss_bytes())
-        if len(text) > emitted and not reader_gone:
-            yield text[emitted:]
-
-    def generate(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 256,
+    def generate(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  on_token: Optional[Callable[[int], None]] = None, **kwargs) -> Generation:
         """Generate a completion; returns its text, token ids and statistics. Collective.
-        Takes stream()'s arguments. Instruct models answer a question with chat=True (and an
+        Takes stream()'s arguments (sampling=SamplingParams(...), or its fields as keywords).
+        Instruct models answer a question with chat=True (and an
         optional system="..."); without it the text is continued as it is (raw completion).
         The finish reason is "stop" (the model ended), "length" (max_new_tokens or a full
         context) or "cancelled"."""
-        stats = kwargs.pop("stats", None) or RunStats()
-        tokens: List[int] = []
+        return generation.generate(self, prompt, max_new_tokens, on_token, kwargs)
 
-        def collect(token: int):
-            tokens.append(token)
-            if on_token:
-                on_token(token)
-
-        text = "".join(self.stream(prompt, max_new_tokens, stats=stats, on_token=collect, **kwargs))
-        prompt_ids = self.history[:stats.prompt_tokens]
-        return Generation(text=text, tokens=tokens, prompt_tokens=prompt_ids, finish_reason=self._finish_reason,
-                          stats=stats)
-
-    def chat(self, messages: Sequence[dict], max_new_tokens: int = 256, **kwargs) -> Generation:
+    def chat(self, messages: Sequence[dict], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, **kwargs) -> Generation:
         """Answer a conversation given as OpenAI-style messages, e.g.
         [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi!"}]
         (roles system, developer, user, assistant), in the model's chat template. Collective;
         takes generate()'s arguments; the answer is the returned Generation's text."""
-        ids = self._root_encode_with(lambda: self.encode_messages(messages))
-        return self.generate(ids, max_new_tokens, **kwargs)
+        return generation.chat(self, messages, max_new_tokens, kwargs)
 
-    def _root_encode(self, prompt, chat, system) -> List[int]:
-        """Rank 0 tokenizes; every rank gets the ids, or the error."""
-        return self._root_encode_with(lambda: self.encode_prompt(prompt, chat, system))
-
-    def _root_encode_with(self, encode: Callable[[], List[int]]) -> List[int]:
-        """Rank 0 encodes; every rank gets the ids, or the same error."""
-        ids = self.par.from_root(encode)
-        outside = next((t for t in ids if not 0 <= t < self.config.vocab_size), None)
-        if outside is not None:   # every rank sees the same ids: every rank stops here, before any collective
-            raise TpllamaError(f"token id {outside} is outside the model's vocabulary (0..{self.config.vocab_size - 1})",
-                               collective=True)
-        return ids
-
-    def _common_prefix(self, ids: Sequence[int]) -> int:
-        """Cached positions that the new prompt can keep (at least its last token is recomputed)."""
-        n = 0
-        limit = min(len(self.history), len(ids) - 1)
-        while n < limit and self.history[n] == ids[n]:
-            n += 1
-        return n
+    def _set_finish_reason(self, reason: str) -> None:
+        self._finish_reason = reason
 
     @property
     def last_finish_reason(self) -> str:
@@ -491,90 +418,6 @@ class Model:
 
     def close(self):
         self.reader.close()
-
-
-class _LocalFailure:
-    """An exception on this rank alone during a forward or a generation, held until the next
-    collective where every rank learns of it (the candidate gather, or the agreement that ends
-    the call); meanwhile the rank makes the same collectives as the others. When the ranks agree
-    on an error, the cache positions the call added are dropped (a failed rank's are not valid)."""
-
-    def __init__(self, history: List[int], valid: int):
-        self.error: Optional[BaseException] = None
-        self._history, self._valid = history, valid
-
-    @property
-    def flag(self) -> float:
-        return 0.0 if self.error is None else 1.0
-
-    def keep(self, error: BaseException):
-        if self.error is None:
-            self.error = error
-
-    def attempt(self, fn: Callable[[], object], on_error=None):
-        """fn(), or on_error after keeping what it raised."""
-        try:
-            return fn()
-        except Exception as e:
-            self.keep(e)
-            return on_error
-
-    def agree(self, par: Parallel, value=None):
-        """Collective: every rank's value, or every rank raises the first error any rank kept."""
-        try:
-            return par.allgather_checked(value, self.error, self.error)
-        except Exception:
-            del self._history[self._valid:]
-            raise
-
-
-class _StepClock:
-    """Wall time and the communicator's counters from creation to record()."""
-
-    def __init__(self, par: Parallel):
-        self.par = par
-        self.t0 = time.perf_counter()
-        self.counters = par.counters.snapshot()
-
-    def record(self, stats: RunStats, phase: str = "decode", tokens: int = 1):
-        s0, b0, r0 = self.counters
-        s1, b1, r1 = self.par.counters.snapshot()
-        stats.steps.append(StepStats(phase, tokens, 1000 * (time.perf_counter() - self.t0), 1000 * (s1 - s0), b1 - b0, r1 - r0))
-
-
-def _collective_check(check: Callable):
-    """Run a check of arguments every rank passes alike: its error is every rank's (reported once)."""
-    try:
-        return check()
-    except TpllamaError as e:
-        e.collective = True
-        raise
-
-
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-
-def _messages(messages) -> List[dict]:
-    """OpenAI-style messages checked: a non-empty list of {role, content} with text content."""
-    if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Sequence) or not messages:
-        raise checks.ParameterError("messages", messages, "expected a non-empty list of {'role': ..., 'content': ...}")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
-            raise checks.ParameterError(f"messages[{i}]", m, "expected {'role': one of "
-                                        f"{', '.join(CHAT_ROLES)}, 'content': a string}}")
-        out.append({"role": CHAT_ROLES[m["role"]], "content": checks.text(f"messages[{i}].content", m["content"])})
-    return out
-
-
-def _stop_strings(stop) -> List[str]:
-    if isinstance(stop, str):
-        return [stop]
-    stops = list(stop or ())
-    for i, s in enumerate(stops):
-        if not isinstance(s, str):
-            raise checks.ParameterError(f"stop[{i}]", s, "expected a string")
-    return stops
 
 
 def _progress_done(par: Parallel):
@@ -603,26 +446,6 @@ def _rank_weights(value, world_size: int):
     if len(weights) != world_size:
         raise checks.ParameterError("rank_weights", weights, f"expected {world_size} numbers, one per rank")
     return tuple(float(w) for w in weights)
-
-
-def _always() -> bool:
-    return True
-
-
-def _find_stop(text: str, stops: Sequence[str]) -> Optional[int]:
-    cuts = [text.find(s) for s in stops if s and s in text]
-    return min(cuts) if cuts else None
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Characters at the end of text that could begin a stop string (not shown yet)."""
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                hold = max(hold, k)
-                break
-    return hold
 
 
 def load(path: Optional[str] = None, comm=None, **options) -> Model:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 from .errors import TpllamaError
 from .parallel import SideChannel
+from .sampler import SamplingParams
 
 GENERATE = "generate"
 STOP = "stop"
@@ -28,38 +29,18 @@ class StreamCall:
     """The arguments of one collective `Model.stream` call (every rank passes the same)."""
     prompt_ids: List[int]
     max_new_tokens: int
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    seed: Optional[int] = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)   # checked when made, on rank 0
     stop: Tuple[str, ...] = field(default_factory=tuple)
 
     def kwargs(self) -> dict:
-        args = asdict(self)
-        args["prompt"] = args.pop("prompt_ids")
-        return args
-
-    def check_sampling(self) -> None:
-        """Raise the TpllamaError the engine would raise for these sampling settings, here on rank 0,
-        before they reach the other ranks."""
-        from .sampler import SamplingParams
-        SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-                       seed=self.seed)
+        return dict(prompt=self.prompt_ids, max_new_tokens=self.max_new_tokens, sampling=self.sampling,
+                    stop=self.stop)
 
 
 @dataclass
 class Command:
     kind: str                           # GENERATE | STOP
     call: Optional[StreamCall] = None
-
-
-def check_sampling_flags(sampling: dict) -> None:
-    """Sampling flags the engine would refuse end the job at once (every rank checks the same flags)."""
-    try:
-        StreamCall([], 1, **sampling).check_sampling()
-    except TpllamaError as e:
-        raise TpllamaError(str(e), collective=True) from None
 
 
 def exchange(par, command: Optional[Command] = None) -> Command:

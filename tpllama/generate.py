@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     stats = RunStats()
     # stream() checks the prompt against the context before anything is printed
     pieces = model.stream(prompt, args.n_predict, chat=use_chat, system=args.system, stats=stats,
-                          **cli.sampling_options(args))
+                          sampling=cli.sampling_params(args))
     console = Console.open() if root else None
     if root and not use_chat and not args.no_echo:
         console.write(prompt)   # a raw prompt reads on into its continuation

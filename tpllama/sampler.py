@@ -11,29 +11,90 @@ temperature, then a draw. temperature <= 0 is greedy (lowest id wins a tie).
 """
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
 from . import checks
 
 WIDE_CANDIDATES = 64  # sent per rank when top-k does not bound the set
+DEFAULT_MAX_NEW_TOKENS = 256   # tokens a generation makes at most unless told (the library and `generate -n`)
+RANDOM_SEED = -1       # llama.cpp's meaning: draw a seed at random
+MAX_SEED = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What one sampling setting accepts, its command-line flags and its one-line help.
+
+    Every check of a sampling value (the library, the command line, the server's requests) and
+    every help text reads it from here, through SamplingParams' field metadata."""
+    flags: Tuple[str, ...]       # the first one names the setting in command-line errors
+    help: str                    # --help text; "(default X)" is added when the default is not None
+    rule: str                    # what an error says the value must be
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False       # low itself is refused
+    whole: bool = False          # a whole number (int), not a float
+    random: Optional[int] = None  # a value meaning "no value": None (the seed's -1)
+
+    @property
+    def type(self) -> type:
+        return int if self.whole else float
+
+    def check(self, name: str, value: Any) -> Any:
+        """The value as the sampler keeps it, or ParameterError naming `name` (and the flag)."""
+        if self.random is not None and (value is None or (checks.is_int(value) and value == self.random)):
+            return None
+        try:
+            if self.whole:
+                checks.integer(name, value, int(self.low), self.rule, maximum=self.high)
+            else:
+                checks.number(name, value, self.low, self.high, self.rule, low_open=self.low_open)
+        except checks.ParameterError as e:
+            e.flag = self.flags[0]
+            raise
+        return int(value) if self.whole else value
+
+
+def _setting(default, **setting) -> Any:
+    return field(default=default, metadata={"setting": Setting(**setting)})
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    seed: Optional[int] = None
+    """How the next token is chosen: the one home of the sampling defaults, their accepted
+    values and their help texts (the command-line flags and the server's request defaults are
+    made from these fields)."""
+    temperature: float = _setting(0.8, flags=("--temp",), help="temperature; 0 is greedy",
+                                  rule="expected a finite number >= 0 (0 is greedy)", low=0.0)
+    top_k: int = _setting(40, flags=("--top-k",), help="keep the k most likely tokens, 0 = off",
+                          rule="expected a whole number >= 0 (0 turns it off)", low=0, whole=True)
+    top_p: float = _setting(0.95, flags=("--top-p",), help="nucleus sampling mass, 1 = off",
+                            rule="expected a number above 0 and at most 1 (1 turns it off)", low=0.0, high=1.0,
+                            low_open=True)
+    min_p: float = _setting(0.05, flags=("--min-p",),
+                            help="drop tokens below min-p times the top probability, 0 = off",
+                            rule="expected a number from 0 to 1 (0 turns it off)", low=0.0, high=1.0)
+    seed: Optional[int] = _setting(None, flags=("-s", "--seed"),
+                                   help="random seed, 0 to 2^64-1 (same seed, same text); -1 or none: random",
+                                   rule="expected a whole number from 0 to 2^64-1, or -1 for a random seed",
+                                   low=0, high=MAX_SEED, whole=True, random=RANDOM_SEED)
 
     def __post_init__(self):
         """Refuse what the filters cannot mean (NaN, negatives, top_p outside (0, 1]); seed -1 is random."""
-        checks.sampling(self.temperature, self.top_k, self.top_p, self.min_p)
-        object.__setattr__(self, "seed", checks.seed(self.seed))
+        for f, setting in settings():
+            checked = setting.check(f.name, getattr(self, f.name))
+            if f.name == "seed":
+                object.__setattr__(self, "seed", checked)
+
+    def with_values(self, **values) -> "SamplingParams":
+        """A copy with the given fields replaced; a None value keeps this one's (checked again)."""
+        given = {k: v for k, v in values.items() if v is not None}
+        return replace(self, **given) if given else self
 
     @property
     def greedy(self) -> bool:
@@ -44,6 +105,21 @@ class SamplingParams:
         if self.greedy:
             return 1
         return self.top_k if self.top_k > 0 else WIDE_CANDIDATES
+
+
+def settings():
+    """(field, Setting) of each sampling setting, in SamplingParams' order."""
+    return [(f, f.metadata["setting"]) for f in fields(SamplingParams)]
+
+
+def setting(name: str) -> Setting:
+    """The Setting of one SamplingParams field."""
+    return SamplingParams.__dataclass_fields__[name].metadata["setting"]
+
+
+def defaults() -> Dict[str, Any]:
+    """SamplingParams' defaults by field name."""
+    return {f.name: f.default for f in fields(SamplingParams)}
 
 
 def local_candidates(logits: np.ndarray, offset: int, n: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -38,8 +38,7 @@ from urllib.parse import unquote, urlsplit
 from . import cli
 from .api import (ApiError, ApiRequest, Defaults, RequestReader, completion_response, error_body, model_object,
                   new_id, now, parse_body, stream_chunk, usage, usage_chunk)
-from .follow import (GENERATE, STOP, Command, Outcomes, StopNotice, check_sampling_flags, describe_failure, exchange,
-                     follow)
+from .follow import GENERATE, STOP, Command, Outcomes, StopNotice, describe_failure, exchange, follow
 
 DEFAULT_MAX_BODY = 4 << 20
 DRAIN_LIMIT = 64 << 20       # an over-long body up to this size is read and dropped so that the 400 arrives
@@ -525,7 +524,7 @@ def check_args(args) -> None:
         raise cli.TpllamaError(f"--port {args.port}: expected 0..65535", collective=True)
     if args.max_body < 1:
         raise cli.TpllamaError(f"--max-body {args.max_body}: expected a positive number of bytes", collective=True)
-    check_sampling_flags(cli.sampling_options(args))
+    cli.sampling_params(args)   # a value it refuses ends the job, named by its flag
 
 
 def model_name(model) -> str:
@@ -540,7 +539,7 @@ def main(argv=None) -> int:
     par = model.par
     server = None
     if par.is_root:
-        defaults = Defaults(**cli.sampling_options(args), max_tokens=args.n_predict)
+        defaults = Defaults(sampling=cli.sampling_params(args), max_tokens=args.n_predict)
         reader = RequestReader(model.tokenizer, model.ctx, model_name(model), [ALIAS, *args.alias], defaults,
                                model.config.vocab_size)
         server = Server(model, reader, args.api_key or None, args.max_body)

@@ -102,6 +102,17 @@ on_rank(1, lambda: setattr(rm, "feed_forward", failing_after(2, ArithmeticError(
 cases["forward_api"] = outcome(lambda: model.forward([1, 2, 3, 4], 0))
 rm.feed_forward = real_ffn
 
+# the step API without a LocalFailure of the caller's: the ranks agree before prefill/decode_step return
+model.reset()
+on_rank(1, lambda: setattr(rm, "feed_forward", failing_after(2, ArithmeticError("injected in prefill()"), real_ffn)))
+cases["prefill_api"] = outcome(lambda: model.prefill([1, 2, 3, 4]))
+rm.feed_forward = real_ffn
+model.reset()
+on_rank(1, lambda: setattr(rm, "feed_forward", failing_after(layers + 2, ArithmeticError("injected in decode_step()"),
+                                                             real_ffn)))
+cases["decode_step_api"] = outcome(lambda: (model.prefill([1, 2, 3]), model.decode_step(4)))
+rm.feed_forward = real_ffn
+
 # a reader that stops early on one rank: rank 1 leaves its loop after one piece, rank 0 reads on
 # (outcome: the text each rank read); then rank 0 leaves early, which cancels rank 1's generation
 
