@@ -183,3 +183,12 @@ def test_sampling_params_and_keyword_arguments_choose_the_same_tokens(stories):
     assert greedy.tokens == STORIES_FIRST_IDS
     with pytest.raises(TpllamaError, match="sampling="):
         stories.generate("Once", 4, sampling={"temperature": 0.0})
+
+
+def test_a_model_without_tokenizer_generates_token_ids(stories_gguf):
+    """tokenizer="none": generate takes and gives token ids (it used to fail on the missing decoder)."""
+    model = tpllama.load(str(stories_gguf), weight_type="f32", threads=1, tokenizer="none")
+    g = model.generate(STORIES_PROMPT_IDS, len(STORIES_FIRST_IDS), temperature=0.0)
+    assert g.tokens == STORIES_FIRST_IDS and g.text == "" and g.finish_reason == "length"
+    with pytest.raises(TpllamaError, match="tokenizer='none'"):
+        model.generate(STORIES_PROMPT_IDS, 4, stop=["."])

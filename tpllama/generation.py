@@ -48,6 +48,9 @@ def stream(model, prompt, max_new_tokens: int, sampling: Optional[SamplingParams
     params = checks.collective(lambda: sampling_params(sampling, overrides))
     checks.collective(lambda: checks.max_new_tokens(max_new_tokens))
     stop = checks.collective(lambda: stop_strings(stop))
+    if stop and model.tokenizer is None:
+        raise checks.ParameterError("stop", stop, "needs text: this model was loaded with tokenizer='none'",
+                                    collective=True)
     ids = root_encode(model, lambda: model.encode_prompt(prompt, chat, system))
     if not ids:
         raise TpllamaError("the prompt is empty", collective=True)
@@ -75,8 +78,11 @@ def _pieces(model, ids: List[int], max_new_tokens: int, params: SamplingParams, 
     failure = LocalFailure(model.history, reuse)
     local = model.prefill(ids[reuse:], start_pos=reuse, stats=stats, failure=failure)
     sampler = failure.attempt(lambda: Sampler(params)) if par.is_root else None
-    decoder = model.tokenizer.stream_decoder(at_start=False)   # a continuation keeps its leading space
-    eos = frozenset() if ignore_eos else model.tokenizer.eos_ids
+    if model.tokenizer is None:    # tokenizer="none": token ids in, token ids out, no text and no stop tokens
+        decoder, eos = _NoText(), frozenset()
+    else:
+        decoder = model.tokenizer.stream_decoder(at_start=False)   # a continuation keeps its leading space
+        eos = frozenset() if ignore_eos else model.tokenizer.eos_ids
     text, emitted = "", 0
     finished("length")
     clock = None     # a decode step: forward the previous token, sample the next
@@ -227,3 +233,13 @@ def held_back(text: str, stops: Sequence[str]) -> int:
 
 def _always() -> bool:
     return True
+
+
+class _NoText:
+    """The stream decoder of a model loaded without a tokenizer: no text, only token ids."""
+
+    def add(self, token_id: int) -> str:
+        return ""
+
+    def flush(self) -> str:
+        return ""
