@@ -189,7 +189,8 @@ def test_plan_and_readers_import_without_the_compiled_kernels():
     import sys
     from pathlib import Path
     code = ("import sys; sys.modules['tpllama._kernels'] = None\n"
-            "import tpllama.plan, tpllama.typeplan, tpllama.wtypes, tpllama.formats.base, tpllama.formats.gguf\n")
+            "import tpllama.plan, tpllama.typeplan, tpllama.wtypes, tpllama.tensors, tpllama.filetypes,"
+            " tpllama.formats.base, tpllama.formats.gguf, tpllama.formats.hf, tpllama.formats.llama2c\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=str(Path(__file__).resolve().parents[1]), timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
