@@ -5,9 +5,10 @@
 Each repetition runs `mpirun -n RANKS` twice over a fresh shard cache folder: the cold run
 converts every rank's slice from the model file and writes its shard file; the warm run reads
 the shard files back. Both runs have the model file in the page cache (it was just read), so
-the difference is the conversion, not the disk. Rank 0 reports, from its process start
-(psutil create_time): when loading ended and when the first token was sampled. Prints the
-medians and the warm/cold ratio; writes JSON to benchmarks/results/.
+the difference is the conversion, not the disk. Rank 0 reports when loading ended and when the
+first token was sampled, counted from the call to tpllama.load and from its process start
+(psutil create_time: Python's imports and MPI's start, the same for both runs, included).
+Prints the medians and the cold/warm ratios; writes JSON to benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -31,12 +32,16 @@ def worker(model_path: str, folder: str) -> None:
     import psutil
     started = psutil.Process().create_time()
     import tpllama
+    from mpi4py import MPI
+    MPI.COMM_WORLD.Barrier()
+    called = time.time()
     m = tpllama.load(model_path, ctx_size=256, shard_cache=folder)
     loaded = time.time()
     m.generate([1, 2, 3, 4], 1, temperature=0.0)
     first = time.time()
     if m.par.is_root:
-        print("RESULT " + json.dumps({"load_s": loaded - started, "first_token_s": first - started,
+        print("RESULT " + json.dumps({"process_to_load_call_s": called - started, "load_s": loaded - called,
+                                      "first_token_s": first - called, "first_token_from_process_s": first - started,
                                       "hit": m.shard_file.hit}), flush=True)
 
 
@@ -79,16 +84,20 @@ def main(argv=None):
             raise SystemExit(f"error: expected a cold then a warm start, got hits {cold['hit']}, {warm['hit']}")
         runs.append({"cold": cold, "warm": warm})
         print(f"rep {rep + 1}: cold first token {cold['first_token_s']:.2f} s, warm {warm['first_token_s']:.2f} s")
-    table = {phase: {key: median([r[phase][key] for r in runs]) for key in ("load_s", "first_token_s")}
-             for phase in ("cold", "warm")}
+    keys = ("process_to_load_call_s", "load_s", "first_token_s", "first_token_from_process_s")
+    table = {phase: {key: median([r[phase][key] for r in runs]) for key in keys} for phase in ("cold", "warm")}
     ratio = table["cold"]["first_token_s"] / table["warm"]["first_token_s"]
-    print(f"\n{os.path.basename(model_path)} on {args.ranks} rank(s), median of {args.reps} (seconds from process start)")
-    print(f"{'start':6} {'loaded':>8} {'first token':>12}")
+    ratio_process = table["cold"]["first_token_from_process_s"] / table["warm"]["first_token_from_process_s"]
+    print(f"\n{os.path.basename(model_path)} on {args.ranks} rank(s), median of {args.reps} (seconds)")
+    print(f"{'start':6} {'imports+MPI':>12} {'load':>8} {'first token':>12} {'from process start':>19}")
     for phase in ("cold", "warm"):
-        print(f"{phase:6} {table[phase]['load_s']:8.2f} {table[phase]['first_token_s']:12.2f}")
-    print(f"warm start is {ratio:.1f}x faster to first token (goal: >= 5x)")
+        t = table[phase]
+        print(f"{phase:6} {t['process_to_load_call_s']:12.2f} {t['load_s']:8.2f} {t['first_token_s']:12.2f} "
+              f"{t['first_token_from_process_s']:19.2f}")
+    print(f"warm start is {ratio:.1f}x faster from tpllama.load to the first token (goal: >= 5x), "
+          f"{ratio_process:.1f}x counting Python's imports and MPI's start")
     out = write_results("warm_start", {"model": model_path, "ranks": args.ranks, "runs": runs, "median": table,
-                                       "speedup_first_token": ratio, "machine": machine_info(),
+                                       "speedup_first_token": ratio, "speedup_from_process_start": ratio_process, "machine": machine_info(),
                                        "busy_repetitions": quiet.noisy}, args.out)
     print(f"wrote {out}")
 
