@@ -118,7 +118,9 @@ CORPUS = ["Once upon a time there was a little girl named Lily.", "She liked to 
 
 
 def fake_hf_reader(directory: Path, vocab_size: int):
-    return SimpleNamespace(format_name="Hugging Face", path=str(directory), config=SimpleNamespace(vocab_size=vocab_size))
+    """A reader of an HF model directory with these tokenizer files and this many embedding rows."""
+    from tpllama.formats.tokenizer_source import TokenizerSource
+    return SimpleNamespace(tokenizer_source=lambda: TokenizerSource.hf_directory(str(directory), vocab_size))
 
 
 @pytest.fixture(scope="module")
