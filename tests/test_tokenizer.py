@@ -505,7 +505,6 @@ def test_bad_tiktoken_file(tmp_path):
         load_tokenizer_file(str(path))
 
 
-
 def write_llama_gguf(path: Path, *, vocabulary: bool, chat_template: Optional[str] = None):
     """A tensor-less GGUF with a 5-token llama config, optionally its SentencePiece vocabulary and a template."""
     import gguf

@@ -13,6 +13,9 @@ from typing import Optional, Tuple
 
 @dataclass(frozen=True)
 class TokenizerSource:
+    """A model's tokenizer: a vocabulary inside the model file, or the files to look for; and what
+    the loaded tokenizer must fit (the embedding's rows)."""
+
     model_path: str                          # the model, as errors name it
     vocab_size: int                          # rows of the model's token embedding
     gguf_vocabulary: Optional[dict] = None   # GGUF keys of a vocabulary embedded in the model (tokenizer.ggml.*)
