@@ -5,6 +5,7 @@ import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 import pytest
 
@@ -118,7 +119,9 @@ CORPUS = ["Once upon a time there was a little girl named Lily.", "She liked to 
 
 
 def fake_hf_reader(directory: Path, vocab_size: int):
-    return SimpleNamespace(format_name="Hugging Face", path=str(directory), config=SimpleNamespace(vocab_size=vocab_size))
+    """A reader of an HF model directory with these tokenizer files and this many embedding rows."""
+    from tpllama.formats.tokenizer_source import TokenizerSource
+    return SimpleNamespace(tokenizer_source=lambda: TokenizerSource.hf_directory(str(directory), vocab_size))
 
 
 @pytest.fixture(scope="module")
@@ -501,3 +504,44 @@ def test_bad_tiktoken_file(tmp_path):
     with pytest.raises(ModelFormatError, match=r"tokenizer\.model.*rank 5"):
         load_tokenizer_file(str(path))
 
+
+def write_llama_gguf(path: Path, *, vocabulary: bool, chat_template: Optional[str] = None):
+    """A tensor-less GGUF with a 5-token llama config, optionally its SentencePiece vocabulary and a template."""
+    import gguf
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(16)
+    w.add_head_count(2)
+    w.add_vocab_size(5)
+    if vocabulary:
+        w.add_tokenizer_model("llama")
+        w.add_token_list(["<unk>", "<s>", "</s>", "\u2581hello", "\u2581"])
+        w.add_token_types([2, 3, 3, 1, 1])
+    if chat_template:
+        w.add_chat_template(chat_template)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_a_tokenizer_file_without_a_template_takes_the_models(tmp_path):
+    template = "{{ bos_token }}T:{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    write_llama_gguf(tmp_path / "model.gguf", vocabulary=False, chat_template=template)
+    write_llama_gguf(tmp_path / "vocab.gguf", vocabulary=True)
+    tok = load_tokenizer(open_model(str(tmp_path / "model.gguf")), str(tmp_path / "vocab.gguf"))
+    assert tok.chat_template == template
+    assert tok.render_chat([{"role": "user", "content": "hello"}]) == "<s>T:hello"
+
+
+def test_a_gguf_without_a_vocabulary_names_the_files_looked_for(tmp_path):
+    write_llama_gguf(tmp_path / "model.gguf", vocabulary=False)
+    with pytest.raises(ModelFormatError) as e:
+        load_tokenizer(open_model(str(tmp_path / "model.gguf")))
+    looked = ", ".join(str(tmp_path / n) for n in ("tok5.bin", "tokenizer.bin", "tokenizer.json", "tokenizer.model"))
+    assert str(e.value).startswith(f"{tmp_path / 'model.gguf'}: no tokenizer found (looked for {looked}); pass ")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "tokenizer.bin").write_bytes(b"")      # the first of the files found is read
+    with pytest.raises(ModelFormatError, match=r"tokenizer\.bin: too short for a llama2\.c tokenizer\.bin"):
+        load_tokenizer(open_model(str(tmp_path / "model.gguf")))

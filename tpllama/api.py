@@ -85,7 +85,7 @@ class RequestReader:
         body = _object(payload)
         model = self._model(body)
         messages = _messages(body)
-        try:   # the template renders in a sandbox with limits (tpllama.chat_template); the tokenizer is thread-safe
+        try:   # the template renders in a sandbox with limits (tpllama.tokenizer.templates); the tokenizer is thread-safe
             ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
         except TpllamaError as e:
             raise ApiError(400, f"the messages do not fit the model's chat template: {e}", "messages") from None

@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import ModelFormatError
 from ..filetypes import DTYPES, DType
 from ..tensors import OUTPUT, expected_shapes
+from .tokenizer_source import TokenizerSource
 
 Rows = Union[slice, Sequence[int], np.ndarray]
 
@@ -56,6 +57,10 @@ class ModelReader:
         self.tensors: Dict[str, RawTensor] = {}
         self.config = None
         self._maps: list = []   # (mmap, first address) of every mapped file
+
+    def tokenizer_source(self) -> TokenizerSource:
+        """Where this model's tokenizer is (for tpllama.tokenizer): by default, files beside the model."""
+        return TokenizerSource.beside_file(self.path, self.config.vocab_size)
 
     def map_file(self, path: str) -> np.ndarray:
         """The file as a read-only uint8 array over a memory map (nothing read yet)."""

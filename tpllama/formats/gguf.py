@@ -16,6 +16,7 @@ from ..config import ModelConfig
 from ..errors import ModelFormatError
 from ..tensors import EMBEDDING, OUTPUT, ROPE_FREQS
 from .base import ModelReader, make_tensor
+from .tokenizer_source import TokenizerSource
 
 
 GGUF_VERSIONS = (2, 3)
@@ -174,6 +175,16 @@ class GGUFModel(ModelReader):
         self.config = self._with_file_facts(self.config)
         if self.tensors:    # a vocab-only GGUF (no tensors) still opens for its keys; loading its weights fails
             self.check_tensors()
+
+    def tokenizer_source(self) -> TokenizerSource:
+        """The embedded vocabulary when the file has one, else files beside it; and the file's chat
+        template, for a tokenizer given without one."""
+        template = self.metadata.get("tokenizer.chat_template")
+        template = template if isinstance(template, str) and template else None
+        if "tokenizer.ggml.model" in self.metadata:
+            return TokenizerSource(self.path, self.config.vocab_size, gguf_vocabulary=self.metadata,
+                                   chat_template=template)
+        return TokenizerSource.beside_file(self.path, self.config.vocab_size, chat_template=template)
 
     def _with_file_facts(self, cfg: ModelConfig) -> ModelConfig:
         """Facts the GGUF keys leave to the tensors: tied output and rope frequency factors."""

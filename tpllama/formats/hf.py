@@ -14,6 +14,7 @@ from ..config import ModelConfig
 from ..errors import ModelFormatError
 from ..tensors import EMBEDDING, HF_EMBEDDING, OUTPUT, from_hf_name, layer_names
 from .base import ModelReader, make_tensor, rotary_interleave_permutation
+from .tokenizer_source import TokenizerSource
 from .jsonfile import parse_json_object, read_json_object
 
 SAFETENSORS_DTYPES = {"F32": "F32", "F16": "F16", "BF16": "BF16"}
@@ -63,6 +64,9 @@ class HFModel(ModelReader):
             raise ModelFormatError(f"{path}: config.json says tie_word_embeddings=false but there is no lm_head.weight")
         self._interleave_rotary_rows()
         self.check_tensors()
+
+    def tokenizer_source(self) -> TokenizerSource:
+        return TokenizerSource.hf_directory(self.path, self.config.vocab_size)
 
     def _weight_files(self):
         index = os.path.join(self.path, "model.safetensors.index.json")

@@ -23,7 +23,7 @@ import time
 from datetime import datetime
 from typing import Any, Iterable
 
-from .errors import TpllamaError
+from ..errors import TpllamaError
 
 MAX_SECONDS = 5.0          # a real template renders in milliseconds, even on a Raspberry Pi
 MAX_CHARS = 8 << 20        # longest text (or list) a template may build: far above any context's prompt
