@@ -200,7 +200,12 @@ def load_llama2c_file(path: str) -> Llama2cTokenizer:
 
 # -- SentencePiece ModelProto, written by hand: the protobuf package is not a dependency ---------
 
+_ONE_BYTE = [bytes((i,)) for i in range(128)]   # the varints of 0..127, most of a vocabulary's numbers
+
+
 def _pb_varint(n: int) -> bytes:
+    if 0 <= n < 128:
+        return _ONE_BYTE[n]
     n &= (1 << 64) - 1                            # negative int32 fields are 10-byte two's complement
     out = bytearray()
     while True:
@@ -222,9 +227,12 @@ def spm_model_proto(tokens: Sequence[str], scores: Sequence[float], types: Seque
                     add_dummy_prefix: bool, remove_extra_whitespaces: bool) -> bytes:
     """sentencepiece_model.proto ModelProto: pieces (1), trainer_spec (2), normalizer_spec (3)."""
     out = bytearray()
-    for piece, score, ttype in zip(tokens, scores, types):
-        body = _pb_bytes(1, piece.encode("utf-8")) + _pb_varint(2 << 3 | 5) + struct.pack("<f", score)
-        out += _pb_bytes(1, body + _pb_int(3, ttype))
+    packed_scores = struct.pack(f"<{len(tokens)}f", *scores)     # one call: a vocabulary has ~32k pieces
+    for i, (piece, ttype) in enumerate(zip(tokens, types)):
+        text = piece.encode("utf-8")
+        # SentencePiece { piece (1, bytes), score (2, fixed32), type (3, varint) }
+        body = b"\x0a" + _pb_varint(len(text)) + text + b"\x15" + packed_scores[4 * i:4 * i + 4] + b"\x18" + _pb_varint(ttype)
+        out += b"\x0a" + _pb_varint(len(body)) + body
     unk = next((i for i, t in enumerate(types) if t == UNKNOWN), 0)
     trainer = (_pb_int(3, 2)                      # model_type = BPE
                + _pb_int(4, len(tokens))          # vocab_size
