@@ -1,4 +1,5 @@
-"""The sharding plan: which heads, FFN units and vocab rows each rank owns. Pure functions, no MPI.
+"""The sharding plan: which heads, FFN units and vocab rows each rank owns, and the memory each
+rank needs against its host's. Pure functions, no MPI; `python -m tpllama.plan` prints them.
 
 Megatron-style tensor parallelism with one all-reduce after attention and one after the FFN:
   wq/wk/wv   ColwiseParallel: rows of this rank's query heads / the kv heads they read

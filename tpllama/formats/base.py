@@ -1,8 +1,10 @@
 """What every model reader shares: tensors as memory-mapped rows of raw bytes, read slice by slice.
 
 A reader (GGUF, HF safetensors, llama2.c) only builds a table name -> RawTensor over its
-memory map. Everything else, slicing, dequantizing and handing out the file's own blocks
-(for matrices that run in the file's type), lives here, so every format behaves the same.
+memory map and says where its tokenizer is (`tokenizer_source`). Everything else, slicing,
+widening rows to float32 (with the element types of tpllama.filetypes), handing out the
+file's own blocks (for matrices that run in the file's type) and checking the tensors
+against the config, lives here, so every format behaves the same.
 
 Tensor names and shapes are tpllama.tensors' (GGUF's names, (rows, cols) = (out_features,
 in_features)), and attn_q/attn_k rows are in the interleaved rotary order (pairs 2i, 2i+1)
