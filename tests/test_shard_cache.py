@@ -156,3 +156,26 @@ def test_the_mapped_memory_plan_holds_two_layers_and_the_output_slice():
     whole, out = weight_bytes(c, shard, "f32"), output_bytes(c, shard, "f32")
     assert out == 2048 * 1024 * 4
     assert weight_bytes(c, shard, "f32", mapped=True) == out + 2 * (whole - out) // 8
+
+
+def test_weights_that_do_not_fit_run_mapped_by_themselves(stories_gguf, tmp_path, monkeypatch, caplog):
+    """The memory plan finds the weights too big for the free memory but not mapped: the load
+    switches to mapped shard files, says so, and gives the known text."""
+    import logging
+    import psutil
+    from tpllama.formats import open_model
+    from tpllama.plan import make_plan, rank_memory
+    from tpllama.typeplan import choose_types
+    reader = open_model(str(stories_gguf))
+    plan, types = make_plan(reader.config, 1), choose_types(reader, "f32")
+    full = rank_memory(plan, types, 64, ["h"], [0])[0].total
+    mapped = rank_memory(plan, types, 64, ["h"], [0], mapped=True)[0].total
+    assert mapped < full
+    real = psutil.virtual_memory
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real()._replace(available=(full + mapped) // 2))
+    with caplog.at_level(logging.WARNING, logger="tpllama"):
+        model = _load(stories_gguf, tmp_path, ctx_size=64)
+    assert model.mapped and "do not fit in memory" in caplog.text
+    assert model.generate("Once upon a time", 60, temperature=0.0).text == STORIES_TEXT[len("Once upon a time"):]
+    with pytest.raises(tpllama.errors.TpllamaError, match="needs .* MiB more"):
+        _load(stories_gguf, tmp_path, ctx_size=64, mmap=False)
