@@ -300,13 +300,13 @@ INLINE void kq_chunk(const uint8_t *gb, const int k, const int q, uint8x16_t p0,
                      int8x16_t *hi, const int T) {
     const uint8x16_t v = vld1q_u8(gb + KQ_OFF_QS(T) + 64 * k + 16 * q);
     uint8x16_t l = vandq_u8(v, vdupq_n_u8(0x0F)), h = vshrq_n_u8(v, 4);
-    if (KQ_PLANES(T) >= 1) {
+    if (KQ_PLANES(T) == 1) {
         l = vorrq_u8(l, vandq_u8(shl8(p0, 4 - k), vdupq_n_u8(0x10)));
         h = vorrq_u8(h, vandq_u8(shl8(p0, -k), vdupq_n_u8(0x10)));
     }
-    if (KQ_PLANES(T) == 2) {
-        l = vorrq_u8(l, vandq_u8(shl8(p1, 5 - k), vdupq_n_u8(0x20)));
-        h = vorrq_u8(h, vandq_u8(shl8(p1, 1 - k), vdupq_n_u8(0x20)));
+    if (KQ_PLANES(T) == 2) {   /* q6k: chunk k's 2 bits at bits 2k, 2k+1 of p0 (low), p1 (high) */
+        l = vorrq_u8(l, vandq_u8(shl8(p0, 4 - 2 * k), vdupq_n_u8(0x30)));
+        h = vorrq_u8(h, vandq_u8(shl8(p1, 4 - 2 * k), vdupq_n_u8(0x30)));
     }
     *lo = vreinterpretq_s8_u8(l);
     *hi = vreinterpretq_s8_u8(h);

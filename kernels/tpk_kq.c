@@ -120,14 +120,21 @@ static void put(int T, uint8_t *gb, uint8_t *hdr, int i, const kq_sub *o) {
             const uint8_t lo = o->q[4 * k + j], hi = o->q[16 + 4 * k + j];
             gb[KQ_OFF_QS(T) + 64 * k + 4 * i + j] = (uint8_t)((lo & 0x0F) | ((hi & 0x0F) << 4));
         }
-    for (int p = 0; p < KQ_PLANES(T); p++)
+    if (KQ_PLANES(T) == 1)
         for (int j = 0; j < 4; j++) {
             uint8_t bits = 0;
             for (int k = 0; k < 4; k++) {
-                bits |= (uint8_t)(((o->q[4 * k + j] >> (4 + p)) & 1) << k);
-                bits |= (uint8_t)(((o->q[16 + 4 * k + j] >> (4 + p)) & 1) << (4 + k));
+                bits |= (uint8_t)(((o->q[4 * k + j] >> 4) & 1) << k);
+                bits |= (uint8_t)(((o->q[16 + 4 * k + j] >> 4) & 1) << (4 + k));
             }
-            gb[KQ_OFF_QH(T) + 64 * p + 4 * i + j] = bits;
+            gb[KQ_OFF_QH(T) + 4 * i + j] = bits;
+        }
+    if (KQ_PLANES(T) == 2)   /* q6k: bits 4-5 of the low (h = 0) and high (h = 1) elements, 2 per chunk */
+        for (int h = 0; h < 2; h++)
+            for (int j = 0; j < 4; j++) {
+                uint8_t bits = 0;
+                for (int k = 0; k < 4; k++) bits |= (uint8_t)(((o->q[16 * h + 4 * k + j] >> 4) & 3) << (2 * k));
+                gb[KQ_OFF_QH(T) + 64 * h + 4 * i + j] = bits;
         }
 }
 
@@ -150,14 +157,20 @@ static void get(int T, const uint8_t *gb, const uint8_t *hdr, int i, kq_sub *o) 
             o->q[4 * k + j] = v & 0x0F;
             o->q[16 + 4 * k + j] = v >> 4;
         }
-    for (int p = 0; p < KQ_PLANES(T); p++)
+    if (KQ_PLANES(T) == 1)
         for (int j = 0; j < 4; j++) {
-            const uint8_t bits = gb[KQ_OFF_QH(T) + 64 * p + 4 * i + j];
+            const uint8_t bits = gb[KQ_OFF_QH(T) + 4 * i + j];
             for (int k = 0; k < 4; k++) {
-                o->q[4 * k + j] |= (uint8_t)(((bits >> k) & 1) << (4 + p));
-                o->q[16 + 4 * k + j] |= (uint8_t)(((bits >> (4 + k)) & 1) << (4 + p));
+                o->q[4 * k + j] |= (uint8_t)(((bits >> k) & 1) << 4);
+                o->q[16 + 4 * k + j] |= (uint8_t)(((bits >> (4 + k)) & 1) << 4);
             }
         }
+    if (KQ_PLANES(T) == 2)
+        for (int h = 0; h < 2; h++)
+            for (int j = 0; j < 4; j++) {
+                const uint8_t bits = gb[KQ_OFF_QH(T) + 64 * h + 4 * i + j];
+                for (int k = 0; k < 4; k++) o->q[16 * h + 4 * k + j] |= (uint8_t)(((bits >> (2 * k)) & 3) << 4);
+            }
 }
 
 int64_t tpk_kq_row_group_bytes(int type, int64_t nb) { return kq_row_group_bytes(type, nb); }

@@ -352,8 +352,9 @@ GROUP_FN(q80_group_avx2_f64, q80_tile_avx2, TGT_AVX2, 2, 1)
 /* ================================================================ q41, q50, q4k, q5k, q6k
  * One tile per level for every type, T a compile-time TPK_T_* constant (tpk.h has the
  * layout and the per-block formula). Per chunk k of 4 elements: the nibbles of 16 rows,
- * plus the bit planes moved into bits 4 and 5 by constant shifts (a plane byte holds the
- * chunk's bit at bit k for the low nibbles and bit 4+k for the high ones; 16-bit shifts
+ * plus the high bits moved into bits 4 (and 5) by constant shifts (q50, q5k: a plane byte
+ * holds the chunk's bit at bit k for the low nibbles and bit 4+k for the high ones; q6k: a
+ * byte of p0 (low) or p1 (high) holds the chunk's 2 bits at bits 2k, 2k+1; 16-bit shifts
  * never carry a wanted bit across a byte here). Elements 0..15 (low nibbles) and 16..31
  * (high nibbles) are summed apart, A and B, where q6k scales them apart; the other types
  * add both into A (VNNI), or with the vpmaddubsw path the 4-bit types do (B stays 0).
@@ -434,15 +435,15 @@ INLINE TGT_512 void kq512_chunk(const uint8_t *gb, const int k, __m512i p0, __m5
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const __m512i v = _mm512_loadu_si512((const void *)(gb + KQ_OFF_QS(T) + 64 * k));
     __m512i l = _mm512_and_si512(v, m4), h = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-    if (KQ_PLANES(T) >= 1) {
+    if (KQ_PLANES(T) == 1) {
         const __m512i b4 = _mm512_set1_epi8(0x10);
         l = _mm512_or_si512(l, _mm512_and_si512(shl512(p0, 4 - k), b4));
         h = _mm512_or_si512(h, _mm512_and_si512(shl512(p0, -k), b4));
     }
-    if (KQ_PLANES(T) == 2) {
-        const __m512i b5 = _mm512_set1_epi8(0x20);
-        l = _mm512_or_si512(l, _mm512_and_si512(shl512(p1, 5 - k), b5));
-        h = _mm512_or_si512(h, _mm512_and_si512(shl512(p1, 1 - k), b5));
+    if (KQ_PLANES(T) == 2) {   /* q6k: chunk k's 2 bits at bits 2k, 2k+1 of p0 (low), p1 (high) */
+        const __m512i b45 = _mm512_set1_epi8(0x30);
+        l = _mm512_or_si512(l, _mm512_and_si512(shl512(p0, 4 - 2 * k), b45));
+        h = _mm512_or_si512(h, _mm512_and_si512(shl512(p1, 4 - 2 * k), b45));
     }
     *lo = l;
     *hi = h;
@@ -453,15 +454,15 @@ INLINE TGT_AVX2 void kq256_chunk(const uint8_t *gb, const int k, const int half,
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     const __m256i v = _mm256_loadu_si256((const __m256i *)(gb + KQ_OFF_QS(T) + 64 * k + 32 * half));
     __m256i l = _mm256_and_si256(v, m4), h = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-    if (KQ_PLANES(T) >= 1) {
+    if (KQ_PLANES(T) == 1) {
         const __m256i b4 = _mm256_set1_epi8(0x10);
         l = _mm256_or_si256(l, _mm256_and_si256(shl256(p0, 4 - k), b4));
         h = _mm256_or_si256(h, _mm256_and_si256(shl256(p0, -k), b4));
     }
-    if (KQ_PLANES(T) == 2) {
-        const __m256i b5 = _mm256_set1_epi8(0x20);
-        l = _mm256_or_si256(l, _mm256_and_si256(shl256(p1, 5 - k), b5));
-        h = _mm256_or_si256(h, _mm256_and_si256(shl256(p1, 1 - k), b5));
+    if (KQ_PLANES(T) == 2) {   /* q6k: chunk k's 2 bits at bits 2k, 2k+1 of p0 (low), p1 (high) */
+        const __m256i b45 = _mm256_set1_epi8(0x30);
+        l = _mm256_or_si256(l, _mm256_and_si256(shl256(p0, 4 - 2 * k), b45));
+        h = _mm256_or_si256(h, _mm256_and_si256(shl256(p1, 4 - 2 * k), b45));
     }
     *lo = l;
     *hi = h;
