@@ -287,7 +287,8 @@ GROUP_FN(q80_group_neon_f64, q80_tile_neon, , 2, 1)
 /* ================================================================ q41, q50, q4k, q5k, q6k
  * One tile per level for every type, T a compile-time TPK_T_* constant (tpk.h has the
  * layout and the per-block formula; tpk_x86.c the same scheme). Chunk k's quants: the
- * nibbles plus the bit planes moved into bits 4 and 5 by per-byte shifts. Elements 0..15
+ * nibbles plus the high bits (q50/q5k: a bit plane; q6k: 2-bit pairs) moved into bits 4
+ * and 5 by per-byte shifts. The K-quants are walked span by span (KQ_WALK). Elements 0..15
  * (low nibbles) and 16..31 (high) are summed apart, A and B, for q6k, whose halves have
  * their own scales; the other types add both into A (B = 0). Plain NEON keeps the products
  * in int16: q6k 4 per lane and half, at most 4 * 63 * 128 = 32256; the others 8 per lane,
