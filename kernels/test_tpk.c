@@ -13,7 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "tpk.h"
+#include "tpk_impl.h"   /* the packed layout constants (magnitudes) */
 
 static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
 
@@ -126,16 +126,25 @@ static void random_ggml(int type, uint8_t *w, int64_t rows, int64_t nblk) {
 
 /* A copy of packed weights whose values are the magnitudes of their two float terms
  * (q41: |d|q + |m|, q4k/q5k: |d|sc*q + |dmin|mn): the kernels round those terms apart, so
- * this is the size their rounding error scales with. */
+ * this is the size their rounding error scales with. The K-quants' d, dmin are in their
+ * span headers (tpk_impl.h). */
 static void magnitudes(int type, uint8_t *wp, int64_t rows, int64_t nb) {
-    const int64_t gbytes = tpk_packed_bytes(type, TPK_ROWS, 1), n = tpk_packed_bytes(type, rows, nb) / gbytes;
-    for (int64_t g = 0; g < n; g++)
-        for (int i = 0; i < TPK_ROWS; i++) {
-            uint8_t *gb = wp + g * gbytes;
-            gb[2 * i + 1] &= 0x7F;                                             /* |d| */
-            if (type == TPK_T_Q41) gb[32 + 2 * i + 1] &= 0x7F;                 /* |m| */
-            if (type == TPK_T_Q4K || type == TPK_T_Q5K) gb[32 + 2 * i + 1] |= 0x80;  /* -|dmin| */
+    const int64_t G = (rows + TPK_ROWS - 1) / TPK_ROWS, rgb = tpk_packed_bytes(type, TPK_ROWS, nb);
+    for (int64_t g = 0; g < G; g++) {
+        uint8_t *rg = wp + g * rgb;
+        const int spans = KQ_SPANS(type);
+        uint8_t *p = rg + (spans ? KQ_PREFIX : 0);
+        for (int64_t b = 0; b < nb;) {
+            const int n = spans ? kq_span_len(b, nb, rg[0]) : 1;
+            for (int i = 0; i < TPK_ROWS; i++) {
+                p[2 * i + 1] &= 0x7F;                                             /* |d| */
+                if (type == TPK_T_Q41) p[32 + 2 * i + 1] &= 0x7F;                 /* |m| */
+                if (KQ_IS_K(type)) p[32 + 2 * i + 1] |= 0x80;                     /* -|dmin| */
+            }
+            p += (spans ? KQ_HDR(type) : 0) + n * KQ_GB(type);
+            b += n;
         }
+    }
 }
 
 /* The types beyond q40/q80: every level against the scalar level bit for bit (float32 and

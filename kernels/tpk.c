@@ -442,7 +442,7 @@ static void prepare_x(const tpk_block_q80 *x, tpk_xq *out) {
     out->s16 = -16 * s;
     out->h0 = -32 * s0;
     out->h1 = -32 * s1;
-    out->pad = 0;
+    out->sdx = (float)s * out->d;
 }
 
 /* Activations made ready once per call, in a per-thread buffer that only grows. */
@@ -465,7 +465,7 @@ static tpk_xq *xq_buffer(int64_t n) {
 
 /* Several matrices that read the same activations (wq, wk, wv; w1, w3) in one parallel
  * region: their row groups are dealt out to the threads as one list. */
-static void matmul_packed(tpk_group_fn fn, int64_t group_bytes, int n, const uint8_t *const *wp, const int64_t *rows,
+static void matmul_packed(tpk_group_fn fn, int64_t row_group_bytes, int n, const uint8_t *const *wp, const int64_t *rows,
                           int64_t nb, const tpk_block_q80 *x, int64_t ntok, void *const *y, int64_t esize,
                           const int64_t *ldy, int nthreads) {
     if (ntok <= 0 || n <= 0) return;
@@ -506,7 +506,7 @@ static void matmul_packed(tpk_group_fn fn, int64_t group_bytes, int n, const uin
                 const int64_t lo = g0 > first ? g0 - first : 0, hi = g1 - first < gi ? g1 - first : gi;
                 for (int64_t g = lo; g < hi; g++) {
                     const int64_t left = rows[i] - g * TPK_ROWS;
-                    fn(wp[i] + g * nb * group_bytes, nb, xq, ntok, (char *)y[i] + g * TPK_ROWS * esize, ldy[i],
+                    fn(wp[i] + g * row_group_bytes, nb, xq, ntok, (char *)y[i] + g * TPK_ROWS * esize, ldy[i],
                        left < TPK_ROWS ? (int)left : TPK_ROWS);
                 }
                 first += gi;
@@ -518,36 +518,36 @@ static void matmul_packed(tpk_group_fn fn, int64_t group_bytes, int n, const uin
 void tpk_matmul_q40p(const uint8_t *wp, int64_t rows, int64_t nb,
                      const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy, int nthreads) {
     void *out = y;
-    matmul_packed(pick_q40(0), TPK_Q40_GROUP_BYTES, 1, &wp, &rows, nb, x, ntok, &out, sizeof(float), &ldy, nthreads);
+    matmul_packed(pick_q40(0), nb * TPK_Q40_GROUP_BYTES, 1, &wp, &rows, nb, x, ntok, &out, sizeof(float), &ldy, nthreads);
 }
 
 void tpk_matmul_q80p(const uint8_t *wp, int64_t rows, int64_t nb,
                      const tpk_block_q80 *x, int64_t ntok, float *y, int64_t ldy, int nthreads) {
     void *out = y;
-    matmul_packed(pick_q80(0), TPK_Q80_GROUP_BYTES, 1, &wp, &rows, nb, x, ntok, &out, sizeof(float), &ldy, nthreads);
+    matmul_packed(pick_q80(0), nb * TPK_Q80_GROUP_BYTES, 1, &wp, &rows, nb, x, ntok, &out, sizeof(float), &ldy, nthreads);
 }
 
 void tpk_matmul_q40p_f64(const uint8_t *wp, int64_t rows, int64_t nb,
                          const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy, int nthreads) {
     void *out = y;
-    matmul_packed(pick_q40(1), TPK_Q40_GROUP_BYTES, 1, &wp, &rows, nb, x, ntok, &out, sizeof(double), &ldy, nthreads);
+    matmul_packed(pick_q40(1), nb * TPK_Q40_GROUP_BYTES, 1, &wp, &rows, nb, x, ntok, &out, sizeof(double), &ldy, nthreads);
 }
 
 void tpk_matmul_q80p_f64(const uint8_t *wp, int64_t rows, int64_t nb,
                          const tpk_block_q80 *x, int64_t ntok, double *y, int64_t ldy, int nthreads) {
     void *out = y;
-    matmul_packed(pick_q80(1), TPK_Q80_GROUP_BYTES, 1, &wp, &rows, nb, x, ntok, &out, sizeof(double), &ldy, nthreads);
+    matmul_packed(pick_q80(1), nb * TPK_Q80_GROUP_BYTES, 1, &wp, &rows, nb, x, ntok, &out, sizeof(double), &ldy, nthreads);
 }
 
 void tpk_matmul_q40p_many(int n, const uint8_t *const *wp, const int64_t *rows, int64_t nb,
                           const tpk_block_q80 *x, int64_t ntok, float *const *y, const int64_t *ldy, int nthreads) {
-    matmul_packed(pick_q40(0), TPK_Q40_GROUP_BYTES, n, wp, rows, nb, x, ntok, (void *const *)y, sizeof(float), ldy,
+    matmul_packed(pick_q40(0), nb * TPK_Q40_GROUP_BYTES, n, wp, rows, nb, x, ntok, (void *const *)y, sizeof(float), ldy,
                   nthreads);
 }
 
 void tpk_matmul_q80p_many(int n, const uint8_t *const *wp, const int64_t *rows, int64_t nb,
                           const tpk_block_q80 *x, int64_t ntok, float *const *y, const int64_t *ldy, int nthreads) {
-    matmul_packed(pick_q80(0), TPK_Q80_GROUP_BYTES, n, wp, rows, nb, x, ntok, (void *const *)y, sizeof(float), ldy,
+    matmul_packed(pick_q80(0), nb * TPK_Q80_GROUP_BYTES, n, wp, rows, nb, x, ntok, (void *const *)y, sizeof(float), ldy,
                   nthreads);
 }
 
@@ -571,15 +571,16 @@ static tpk_group_fn pick(int type, int f64) {
     return pick_kq(type, f64);
 }
 
-static int64_t group_bytes(int type) {
-    if (type == TPK_T_Q40) return TPK_Q40_GROUP_BYTES;
-    if (type == TPK_T_Q80) return TPK_Q80_GROUP_BYTES;
-    return tpk_kq_group_bytes(type);
+/* Bytes of one packed row group (16 rows) of nb 32-column blocks. */
+static int64_t row_group_bytes(int type, int64_t nb) {
+    if (type == TPK_T_Q40) return nb * TPK_Q40_GROUP_BYTES;
+    if (type == TPK_T_Q80) return nb * TPK_Q80_GROUP_BYTES;
+    return tpk_kq_row_group_bytes(type, nb);
 }
 
 int64_t tpk_packed_bytes(int type, int64_t rows, int64_t nb) {
     if (type < 0 || type >= TPK_NTYPES) return -1;
-    return groups_of(rows) * nb * group_bytes(type);
+    return groups_of(rows) * row_group_bytes(type, nb);
 }
 
 int tpk_pack_ggml(int type, const uint8_t *w, int64_t row_stride, int64_t rows, int64_t first, int64_t nb,
@@ -598,9 +599,9 @@ void tpk_dequantize_packed(int type, const uint8_t *wp, int64_t rows, int64_t nb
         if (!row) abort();
         for (int64_t r = 0; r < rows; r++) {
             /* one row at a time: unpack a 1-row view of group r/16 */
-            const uint8_t *grp = wp + (r / TPK_ROWS) * nb * group_bytes(type);
+            const uint8_t *grp = wp + (r / TPK_ROWS) * row_group_bytes(type, nb);
             for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *o = grp + b * group_bytes(type);
+                const uint8_t *o = grp + b * (bb == TPK_Q40_BYTES ? TPK_Q40_GROUP_BYTES : TPK_Q80_GROUP_BYTES);
                 uint8_t *blk = row + b * bb;
                 const int i = (int)(r % TPK_ROWS);
                 memcpy(blk, o + 2 * i, 2);
@@ -618,13 +619,13 @@ void tpk_dequantize_packed(int type, const uint8_t *wp, int64_t rows, int64_t nb
 
 void tpk_matmul_packed(int type, const uint8_t *wp, int64_t rows, int64_t nb, const tpk_block_q80 *x,
                        int64_t ntok, void *y, int64_t ldy, int f64, int nthreads) {
-    matmul_packed(pick(type, f64), group_bytes(type), 1, &wp, &rows, nb, x, ntok, &y,
+    matmul_packed(pick(type, f64), row_group_bytes(type, nb), 1, &wp, &rows, nb, x, ntok, &y,
                   f64 ? sizeof(double) : sizeof(float), &ldy, nthreads);
 }
 
 void tpk_matmul_packed_many(int type, int n, const uint8_t *const *wp, const int64_t *rows, int64_t nb,
                             const tpk_block_q80 *x, int64_t ntok, float *const *y, const int64_t *ldy, int nthreads) {
-    matmul_packed(pick(type, 0), group_bytes(type), n, wp, rows, nb, x, ntok, (void *const *)y, sizeof(float), ldy,
+    matmul_packed(pick(type, 0), row_group_bytes(type, nb), n, wp, rows, nb, x, ntok, (void *const *)y, sizeof(float), ldy,
                   nthreads);
 }
 

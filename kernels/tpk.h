@@ -25,26 +25,34 @@
  * Q4_K, Q5_K, Q6_K) are packed the same way, one group block per 32 columns whatever the
  * file's block size, so a matrix can be cut at any multiple of 32 columns and still hold
  * the file's values exactly. Each group block carries, per row, its quants q (0..2^bits-1)
- * in the q40 nibble arrangement plus 1 or 2 bit planes, and the exact parameters of those
- * 32 values (a K-quant's super-block d/dmin repeated beside the sub-block's small integer
- * scales: d*sc and dmin*m are exact in float32). Sections, in order (bytes per group block):
- *   uint16 d[16]                                       all types (fp16)
- *   q41: uint16 m[16]                                  value = d*q + m
- *   q50:                                               value = d*(q - 16)
- *   q4k, q5k: uint16 dmin[16]; uint8 sc[16]; uint8 mn[16]   value = d*sc*q - dmin*mn
+ * in the q40 nibble arrangement plus 1 or 2 bit planes, and the small integer parameters of
+ * those 32 values. Sections, in order (bytes per group block):
+ *   q41: uint16 d[16]; uint16 m[16]                    value = d*q + m
+ *   q50: uint16 d[16]                                  value = d*(q - 16)
+ *   q4k, q5k: uint8 sc[16]; uint8 mn[16]               value = d*sc*q - dmin*mn
  *   q6k: int8 sc[2][16] (elements 0..15, 16..31)       value = d*sc[h]*(q - 32)
- *   planes (q50, q5k: 1; q6k: 2) uint8 [plane p][16][4]: byte j of row i holds, at bit k,
- *        bit 4+p of element 4k+j and at bit 4+k, bit 4+p of element 16+4k+j (k < 4)
+ *   q50, q5k: uint8 plane[16][4]: byte j of row i holds, at bit k, bit 4 of element 4k+j
+ *        and at bit 4+k, bit 4 of element 16+4k+j (k < 4)
+ *   q6k: uint8 hb[2][16][4]: byte j of row i in hb[h] holds, at bits 2k and 2k+1, bits 4
+ *        and 5 of element 16h+4k+j (k < 4)
  *   uint8 qs[4][16][4]: low 4 bits of every q, as q40 (low nibble: element 4k+j,
  *        high nibble: element 16+4k+j)
- * Group block bytes: q41 320, q50 352, q4k 352, q5k 416, q6k 448 (bytes per 32 weights of
- * one row: 20, 22, 22, 26, 28; the files hold 20, 22, 18, 22, 26.25).
+ * Group block bytes: q41 320, q50 352, q4k 288, q5k 352, q6k 416.
+ * q41 and q50 row groups are their group blocks back to back. The K-quants keep a
+ * super-block's fp16 d (and dmin) once per span: a row group is a 64-byte prefix (byte 0:
+ * the phase, where its first 32 columns sit in their super-block, 0..7), then spans, each a
+ * header uint16 d[16] (q4k, q5k: then uint16 dmin[16]) and the group blocks of the up to 8
+ * columns of 32 that come from that super-block; ceil((nb+7)/8) headers' room in all (the
+ * unused end is zero). Bytes per 32 weights of one row: 20, 22, 18.5, 22.5, 26.25 (the files
+ * hold 20, 22, 18, 22, 26.25).
  * Per block, with A, B the exact int32 sums of q*x over elements 0..15 and 16..31 and
  * S, S0, S1 the activation sums over 0..31, 0..15, 16..31, every path computes in float32
- * (or float64 for the _f64 variants), dd = d*dx, in this order, without FMA:
- *   q41: t = (float)(A+B)*dd + (float)S*(m*dx)       q50: t = (float)(A+B-16*S)*dd
- *   q4k, q5k: t = (float)(sc*(A+B))*dd - (float)(mn*S)*(dmin*dx)
- *   q6k: t = (float)(sc0*(A-32*S0) + sc1*(B-32*S1))*dd;   then acc = acc + t.
+ * (or float64 for the _f64 variants, with (double) operands), in this order, without FMA:
+ *   q41: acc = acc + ((float)(A+B)*(d*dx) + (float)S*(m*dx))
+ *   q50: acc = acc + (float)(A+B-16*S)*(d*dx)
+ *   K-quants, per span: s = s + (float)isum*dx and (q4k, q5k) m = m + (float)mn*sdx for each
+ *   block (isum = sc*(A+B), or q6k sc0*(A-32*S0) + sc1*(B-32*S1); sdx = (float)S*dx, in
+ *   float64 S*dx exactly), then acc = acc + (d*s - dmin*m) (q6k: acc + d*s).
  */
 #ifndef TPK_H
 #define TPK_H

@@ -287,7 +287,8 @@ GROUP_FN(q80_group_neon_f64, q80_tile_neon, , 2, 1)
 /* ================================================================ q41, q50, q4k, q5k, q6k
  * One tile per level for every type, T a compile-time TPK_T_* constant (tpk.h has the
  * layout and the per-block formula; tpk_x86.c the same scheme). Chunk k's quants: the
- * nibbles plus the bit planes moved into bits 4 and 5 by per-byte shifts. Elements 0..15
+ * nibbles plus the high bits (q50/q5k: a bit plane; q6k: 2-bit pairs) moved into bits 4
+ * and 5 by per-byte shifts. The K-quants are walked span by span (KQ_WALK). Elements 0..15
  * (low nibbles) and 16..31 (high) are summed apart, A and B, for q6k, whose halves have
  * their own scales; the other types add both into A (B = 0). Plain NEON keeps the products
  * in int16: q6k 4 per lane and half, at most 4 * 63 * 128 = 32256; the others 8 per lane,
@@ -300,13 +301,13 @@ INLINE void kq_chunk(const uint8_t *gb, const int k, const int q, uint8x16_t p0,
                      int8x16_t *hi, const int T) {
     const uint8x16_t v = vld1q_u8(gb + KQ_OFF_QS(T) + 64 * k + 16 * q);
     uint8x16_t l = vandq_u8(v, vdupq_n_u8(0x0F)), h = vshrq_n_u8(v, 4);
-    if (KQ_PLANES(T) >= 1) {
+    if (KQ_PLANES(T) == 1) {
         l = vorrq_u8(l, vandq_u8(shl8(p0, 4 - k), vdupq_n_u8(0x10)));
         h = vorrq_u8(h, vandq_u8(shl8(p0, -k), vdupq_n_u8(0x10)));
     }
-    if (KQ_PLANES(T) == 2) {
-        l = vorrq_u8(l, vandq_u8(shl8(p1, 5 - k), vdupq_n_u8(0x20)));
-        h = vorrq_u8(h, vandq_u8(shl8(p1, 1 - k), vdupq_n_u8(0x20)));
+    if (KQ_PLANES(T) == 2) {   /* q6k: chunk k's 2 bits at bits 2k, 2k+1 of p0 (low), p1 (high) */
+        l = vorrq_u8(l, vandq_u8(shl8(p0, 4 - 2 * k), vdupq_n_u8(0x30)));
+        h = vorrq_u8(h, vandq_u8(shl8(p1, 4 - 2 * k), vdupq_n_u8(0x30)));
     }
     *lo = vreinterpretq_s8_u8(l);
     *hi = vreinterpretq_s8_u8(h);
@@ -338,41 +339,22 @@ INLINE void widen_s8(const uint8_t *p, int32x4_t out[4]) {
     out[3] = vmovl_s16(vget_high_s16(b));
 }
 
-/* A, B of 16 rows (4 x 4 lanes) -> the block's term, added to one token's sums. */
+/* A, B of 16 rows (4 x 4 lanes) -> the block's term, added to one token's sums (q41, q50). */
 INLINE void kq_finish(rowacc *a, const int32x4_t A[4], const int32x4_t B[4], const uint8_t *gb, const tpk_xq *xb,
                       const int T, const int F64) {
     float32x4_t dw[4], mw[4];
     int32x4_t isum[4], isum2[4];
-    const int TWO = T == TPK_T_Q41 || KQ_IS_K(T), SUB = KQ_IS_K(T);
+    const int TWO = T == TPK_T_Q41;
     scales16(gb, dw);
     if (TWO) scales16(gb + KQ_OFF_M, mw);
     else for (int q = 0; q < 4; q++) mw[q] = dw[q];
-    if (T == TPK_T_Q41) {
-        for (int q = 0; q < 4; q++) {
+    for (int q = 0; q < 4; q++) {
+        if (T == TPK_T_Q41) {
             isum[q] = vaddq_s32(A[q], B[q]);
             isum2[q] = vdupq_n_s32(xb->sum);
-        }
-    } else if (T == TPK_T_Q50) {
-        for (int q = 0; q < 4; q++) {
+        } else {
             isum[q] = vaddq_s32(vaddq_s32(A[q], B[q]), vdupq_n_s32(xb->s16));
             isum2[q] = vdupq_n_s32(0);
-        }
-    } else if (T == TPK_T_Q6K) {
-        int32x4_t s0[4], s1[4];
-        widen_s8(gb + KQ_OFF_SC6, s0);
-        widen_s8(gb + KQ_OFF_SC6 + 16, s1);
-        for (int q = 0; q < 4; q++) {
-            isum[q] = vaddq_s32(vmulq_s32(s0[q], vaddq_s32(A[q], vdupq_n_s32(xb->h0))),
-                                vmulq_s32(s1[q], vaddq_s32(B[q], vdupq_n_s32(xb->h1))));
-            isum2[q] = vdupq_n_s32(0);
-        }
-    } else {
-        int32x4_t sc[4], mn[4];
-        widen_u8(gb + KQ_OFF_SC, sc);
-        widen_u8(gb + KQ_OFF_MN, mn);
-        for (int q = 0; q < 4; q++) {
-            isum[q] = vmulq_s32(sc[q], vaddq_s32(A[q], B[q]));
-            isum2[q] = vmulq_s32(mn[q], vdupq_n_s32(xb->sum));
         }
     }
     const float dx = xb->d;
@@ -386,8 +368,7 @@ INLINE void kq_finish(rowacc *a, const int32x4_t A[4], const int32x4_t B[4], con
                 if (TWO) {
                     const float64x2_t md = vmulq_f64(h ? vcvt_high_f64_f32(mw[q]) : vcvt_f64_f32(vget_low_f32(mw[q])), vdx);
                     const int64x2_t i2 = h ? vmovl_high_s32(isum2[q]) : vmovl_s32(vget_low_s32(isum2[q]));
-                    const float64x2_t t2 = vmulq_f64(vcvtq_f64_s64(i2), md);
-                    t = SUB ? vsubq_f64(t, t2) : vaddq_f64(t, t2);
+                    t = vaddq_f64(t, vmulq_f64(vcvtq_f64_s64(i2), md));
                 }
                 a->d[2 * q + h] = vaddq_f64(a->d[2 * q + h], t);
             }
@@ -395,88 +376,180 @@ INLINE void kq_finish(rowacc *a, const int32x4_t A[4], const int32x4_t B[4], con
         const float32x4_t vdx = vdupq_n_f32(dx);
         for (int q = 0; q < 4; q++) {
             float32x4_t t = vmulq_f32(vcvtq_f32_s32(isum[q]), vmulq_f32(dw[q], vdx));
-            if (TWO) {
-                const float32x4_t t2 = vmulq_f32(vcvtq_f32_s32(isum2[q]), vmulq_f32(mw[q], vdx));
-                t = SUB ? vsubq_f32(t, t2) : vaddq_f32(t, t2);
-            }
+            if (TWO) t = vaddq_f32(t, vmulq_f32(vcvtq_f32_s32(isum2[q]), vmulq_f32(mw[q], vdx)));
             a->f[q] = vaddq_f32(a->f[q], t);
         }
     }
 }
 
+/* q4k, q5k, q6k (tpk_x86.c has the scheme): one block's A, B of 16 rows, the scales applied,
+ * into the span's sums s += (float)isum * dx and m += (float)mn * (S*dx). */
+INLINE void kspan_block(rowacc *s, rowacc *m, const int32x4_t A[4], const int32x4_t B[4], const uint8_t *gb,
+                        const tpk_xq *xb, const int T, const int F64) {
+    int32x4_t isum[4], mn[4];
+    if (T == TPK_T_Q6K) {
+        int32x4_t s0[4], s1[4];
+        widen_s8(gb + KQ_OFF_SC6, s0);
+        widen_s8(gb + KQ_OFF_SC6 + 16, s1);
+        for (int q = 0; q < 4; q++)
+            isum[q] = vaddq_s32(vmulq_s32(s0[q], vaddq_s32(A[q], vdupq_n_s32(xb->h0))),
+                                vmulq_s32(s1[q], vaddq_s32(B[q], vdupq_n_s32(xb->h1))));
+    } else {
+        int32x4_t sc[4];
+        widen_u8(gb + KQ_OFF_SC, sc);
+        widen_u8(gb + KQ_OFF_MN, mn);
+        for (int q = 0; q < 4; q++) isum[q] = vmulq_s32(sc[q], vaddq_s32(A[q], B[q]));
+    }
+    if (F64) {
+        const float64x2_t vdx = vdupq_n_f64((double)xb->d), vsdx = vdupq_n_f64((double)xb->sum * (double)xb->d);
+        for (int q = 0; q < 4; q++)
+            for (int h = 0; h < 2; h++) {
+                const int64x2_t i1 = h ? vmovl_high_s32(isum[q]) : vmovl_s32(vget_low_s32(isum[q]));
+                s->d[2 * q + h] = vaddq_f64(s->d[2 * q + h], vmulq_f64(vcvtq_f64_s64(i1), vdx));
+                if (KQ_IS_K(T)) {
+                    const int64x2_t i2 = h ? vmovl_high_s32(mn[q]) : vmovl_s32(vget_low_s32(mn[q]));
+                    m->d[2 * q + h] = vaddq_f64(m->d[2 * q + h], vmulq_f64(vcvtq_f64_s64(i2), vsdx));
+                }
+            }
+    } else {
+        const float32x4_t vdx = vdupq_n_f32(xb->d), vsdx = vdupq_n_f32(xb->sdx);
+        for (int q = 0; q < 4; q++) {
+            s->f[q] = vaddq_f32(s->f[q], vmulq_f32(vcvtq_f32_s32(isum[q]), vdx));
+            if (KQ_IS_K(T)) m->f[q] = vaddq_f32(m->f[q], vmulq_f32(vcvtq_f32_s32(mn[q]), vsdx));
+        }
+    }
+}
+
+/* The span's end: out += d*s - dmin*m (q6k: d*s). */
+INLINE void kspan_end(rowacc *out, const rowacc *s, const rowacc *m, const uint8_t *hdr, const int T, const int F64) {
+    float32x4_t d[4], dmin[4];
+    scales16(hdr, d);
+    if (KQ_IS_K(T)) scales16(hdr + 32, dmin);
+    for (int q = 0; q < 4; q++) {
+        if (F64) {
+            for (int h = 0; h < 2; h++) {
+                const float64x2_t dd = h ? vcvt_high_f64_f32(d[q]) : vcvt_f64_f32(vget_low_f32(d[q]));
+                float64x2_t t = vmulq_f64(dd, s->d[2 * q + h]);
+                if (KQ_IS_K(T)) {
+                    const float64x2_t md = h ? vcvt_high_f64_f32(dmin[q]) : vcvt_f64_f32(vget_low_f32(dmin[q]));
+                    t = vsubq_f64(t, vmulq_f64(md, m->d[2 * q + h]));
+                }
+                out->d[2 * q + h] = vaddq_f64(out->d[2 * q + h], t);
+            }
+        } else {
+            float32x4_t t = vmulq_f32(d[q], s->f[q]);
+            if (KQ_IS_K(T)) t = vsubq_f32(t, vmulq_f32(dmin[q], m->f[q]));
+            out->f[q] = vaddq_f32(out->f[q], t);
+        }
+    }
+}
+
+/* Walks the blocks of a row group: q41/q50 one after another; the K-quants span by span
+ * (tpk_impl.h), their sums s, m restarted per span and folded in at its end. SUMS computes
+ * the block at gb (index b) into A[t], B[t] for every token. */
+#define KQ_WALK(T, TT, F64, SUMS)                                                              \
+    do {                                                                                        \
+        rowacc s_[2], m_[2];                                                                    \
+        const int spans_ = KQ_SPANS(T), phase_ = spans_ ? w[0] : 0;                             \
+        const uint8_t *p_ = w + (spans_ ? KQ_PREFIX : 0);                                       \
+        for (int64_t b = 0; b < nb;) {                                                          \
+            const int n_ = spans_ ? kq_span_len(b, nb, phase_) : 1;                             \
+            const uint8_t *hdr_ = p_;                                                           \
+            if (spans_) {                                                                       \
+                p_ += KQ_HDR(T);                                                                \
+                for (int t = 0; t < TT; t++) {                                                  \
+                    acc_zero(&s_[t], F64);                                                      \
+                    acc_zero(&m_[t], F64);                                                      \
+                }                                                                               \
+            }                                                                                   \
+            for (int j_ = 0; j_ < n_; j_++, b++, p_ += KQ_GB(T)) {                              \
+                const uint8_t *gb = p_;                                                         \
+                int32x4_t A[2][4], B[2][4];                                                     \
+                SUMS(gb, x, nb, b, A, B, TT, T);                                                \
+                for (int t = 0; t < TT; t++) {                                                  \
+                    if (spans_) kspan_block(&s_[t], &m_[t], A[t], B[t], gb, x + t * nb + b, T, F64); \
+                    else kq_finish(&out[t], A[t], B[t], gb, x + t * nb + b, T, F64);            \
+                }                                                                               \
+            }                                                                                   \
+            if (spans_)                                                                         \
+                for (int t = 0; t < TT; t++) kspan_end(&out[t], &s_[t], &m_[t], hdr_, T, F64);  \
+        }                                                                                       \
+    } while (0)
+
+/* A[t], B[t] of one block: the dot product instructions, one 16-byte activation half per token. */
 #if defined(TPK_HAVE_DOTPROD)
+INLINE TGT_DOT void kq_dot_sums(const uint8_t *gb, const tpk_xq *x, int64_t nb, int64_t b, int32x4_t A[2][4],
+                                int32x4_t B[2][4], const int TT, const int T) {
+    uint8x16_t p0[4], p1[4];
+    kq_planes(gb, p0, p1, T);
+    int8x16_t xlo[2], xhi[2];
+    for (int t = 0; t < TT; t++) {
+        xlo[t] = vld1q_s8(x[t * nb + b].qs);
+        xhi[t] = vld1q_s8(x[t * nb + b].qs + 16);
+        for (int q = 0; q < 4; q++) A[t][q] = B[t][q] = vdupq_n_s32(0);
+    }
+#define KQ_DOT_K(k)                                                             \
+    for (int q = 0; q < 4; q++) {                                               \
+        int8x16_t lo, hi;                                                       \
+        kq_chunk(gb, (k), q, p0[q], p1[q], &lo, &hi, T);                        \
+        for (int t = 0; t < TT; t++) {                                          \
+            A[t][q] = vdotq_laneq_s32(A[t][q], lo, xlo[t], (k));                \
+            if (KQ_MERGE(T)) A[t][q] = vdotq_laneq_s32(A[t][q], hi, xhi[t], (k)); \
+            else B[t][q] = vdotq_laneq_s32(B[t][q], hi, xhi[t], (k));           \
+        }                                                                       \
+    }
+    KQ_DOT_K(0) KQ_DOT_K(1) KQ_DOT_K(2) KQ_DOT_K(3)
+#undef KQ_DOT_K
+}
+
 INLINE TGT_DOT void kq_tile_dot(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
                                 int nrows, const int TT, const int F64, const int T) {
     rowacc out[2];
     for (int t = 0; t < TT; t++) acc_zero(&out[t], F64);
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *gb = w + b * KQ_GB(T);
-        uint8x16_t p0[4], p1[4];
-        kq_planes(gb, p0, p1, T);
-        int32x4_t A[2][4], B[2][4];
-        int8x16_t xlo[2], xhi[2];
-        for (int t = 0; t < TT; t++) {
-            xlo[t] = vld1q_s8(x[t * nb + b].qs);
-            xhi[t] = vld1q_s8(x[t * nb + b].qs + 16);
-            for (int q = 0; q < 4; q++) A[t][q] = B[t][q] = vdupq_n_s32(0);
-        }
-#define KQ_DOT_K(k)                                                             \
-        for (int q = 0; q < 4; q++) {                                           \
-            int8x16_t lo, hi;                                                   \
-            kq_chunk(gb, (k), q, p0[q], p1[q], &lo, &hi, T);                    \
-            for (int t = 0; t < TT; t++) {                                      \
-                A[t][q] = vdotq_laneq_s32(A[t][q], lo, xlo[t], (k));            \
-                if (KQ_MERGE(T)) A[t][q] = vdotq_laneq_s32(A[t][q], hi, xhi[t], (k)); \
-                else B[t][q] = vdotq_laneq_s32(B[t][q], hi, xhi[t], (k));       \
-            }                                                                   \
-        }
-        KQ_DOT_K(0) KQ_DOT_K(1) KQ_DOT_K(2) KQ_DOT_K(3)
-#undef KQ_DOT_K
-        for (int t = 0; t < TT; t++) kq_finish(&out[t], A[t], B[t], gb, x + t * nb + b, T, F64);
-    }
+    KQ_WALK(T, TT, F64, kq_dot_sums);
     for (int t = 0; t < TT; t++) store_rows(y, at + t * ldy, &out[t], nrows, F64);
 }
 #endif
+
+/* The same with plain NEON: int16 products (bounds above), folded to int32 per block. */
+INLINE void kq_neon_sums(const uint8_t *gb, const tpk_xq *x, int64_t nb, int64_t b, int32x4_t A[2][4],
+                         int32x4_t B[2][4], const int TT, const int T) {
+    uint8x16_t p0[4], p1[4];
+    kq_planes(gb, p0, p1, T);
+    int16x8_t a16[2][4][2], b16[2][4][2];
+    for (int t = 0; t < TT; t++)
+        for (int q = 0; q < 4; q++) a16[t][q][0] = a16[t][q][1] = b16[t][q][0] = b16[t][q][1] = vdupq_n_s16(0);
+    for (int k = 0; k < 4; k++) {
+        int8x16_t xl[2], xh[2];
+        for (int t = 0; t < TT; t++) {
+            const int8_t *xq = x[t * nb + b].qs;
+            xl[t] = vreinterpretq_s8_u32(vdupq_n_u32(ld32u(xq + 4 * k)));
+            xh[t] = vreinterpretq_s8_u32(vdupq_n_u32(ld32u(xq + 16 + 4 * k)));
+        }
+        for (int q = 0; q < 4; q++) {
+            int8x16_t lo, hi;
+            kq_chunk(gb, k, q, p0[q], p1[q], &lo, &hi, T);
+            for (int t = 0; t < TT; t++) {
+                a16[t][q][0] = vmlal_s8(a16[t][q][0], vget_low_s8(lo), vget_low_s8(xl[t]));
+                a16[t][q][1] = vmlal_high_s8(a16[t][q][1], lo, xl[t]);
+                int16x8_t *hb = KQ_MERGE(T) ? a16[t][q] : b16[t][q];
+                hb[0] = vmlal_s8(hb[0], vget_low_s8(hi), vget_low_s8(xh[t]));
+                hb[1] = vmlal_high_s8(hb[1], hi, xh[t]);
+            }
+        }
+    }
+    for (int t = 0; t < TT; t++)
+        for (int q = 0; q < 4; q++) {
+            A[t][q] = fold_rows16(a16[t][q][0], a16[t][q][1]);
+            B[t][q] = KQ_MERGE(T) ? vdupq_n_s32(0) : fold_rows16(b16[t][q][0], b16[t][q][1]);
+        }
+}
 
 INLINE void kq_tile_neon(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
                          int nrows, const int TT, const int F64, const int T) {
     rowacc out[2];
     for (int t = 0; t < TT; t++) acc_zero(&out[t], F64);
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *gb = w + b * KQ_GB(T);
-        uint8x16_t p0[4], p1[4];
-        kq_planes(gb, p0, p1, T);
-        int16x8_t a16[2][4][2], b16[2][4][2];
-        for (int t = 0; t < TT; t++)
-            for (int q = 0; q < 4; q++) a16[t][q][0] = a16[t][q][1] = b16[t][q][0] = b16[t][q][1] = vdupq_n_s16(0);
-        for (int k = 0; k < 4; k++) {
-            int8x16_t xl[2], xh[2];
-            for (int t = 0; t < TT; t++) {
-                const int8_t *xq = x[t * nb + b].qs;
-                xl[t] = vreinterpretq_s8_u32(vdupq_n_u32(ld32u(xq + 4 * k)));
-                xh[t] = vreinterpretq_s8_u32(vdupq_n_u32(ld32u(xq + 16 + 4 * k)));
-            }
-            for (int q = 0; q < 4; q++) {
-                int8x16_t lo, hi;
-                kq_chunk(gb, k, q, p0[q], p1[q], &lo, &hi, T);
-                for (int t = 0; t < TT; t++) {
-                    a16[t][q][0] = vmlal_s8(a16[t][q][0], vget_low_s8(lo), vget_low_s8(xl[t]));
-                    a16[t][q][1] = vmlal_high_s8(a16[t][q][1], lo, xl[t]);
-                    int16x8_t *hb = KQ_MERGE(T) ? a16[t][q] : b16[t][q];
-                    hb[0] = vmlal_s8(hb[0], vget_low_s8(hi), vget_low_s8(xh[t]));
-                    hb[1] = vmlal_high_s8(hb[1], hi, xh[t]);
-                }
-            }
-        }
-        for (int t = 0; t < TT; t++) {
-            int32x4_t A[4], B[4];
-            for (int q = 0; q < 4; q++) {
-                A[q] = fold_rows16(a16[t][q][0], a16[t][q][1]);
-                B[q] = KQ_MERGE(T) ? vdupq_n_s32(0) : fold_rows16(b16[t][q][0], b16[t][q][1]);
-            }
-            kq_finish(&out[t], A, B, gb, x + t * nb + b, T, F64);
-        }
-    }
+    KQ_WALK(T, TT, F64, kq_neon_sums);
     for (int t = 0; t < TT; t++) store_rows(y, at + t * ldy, &out[t], nrows, F64);
 }
 

@@ -16,7 +16,7 @@
  * offset corrections -8*sum(qs) (q40 weights are stored as unsigned nibbles q, so
  * sum((q-8)*x) = sum(q*x) - 8*sum(x)) and -128*sum(qs) (q80 weights stored as q+128),
  * and for the other types (tpk.h): S = sum(qs), -16*S (q50), -32*S0, -32*S1 (q6k, the
- * two halves of 16). */
+ * two halves of 16), and sdx = S * d for the K-quants' mins. */
 typedef struct {
     int8_t qs[TPK_QK];
     float d;
@@ -26,22 +26,47 @@ typedef struct {
     int32_t s16;
     int32_t h0;
     int32_t h1;
-    int32_t pad;
+    float sdx;   /* (float)sum * d: the K-quants' min term */
 } tpk_xq;
 
 /* Packed layout of the types q41, q50, q4k, q5k, q6k (tpk.h), as compile-time constants
- * of T (a TPK_T_* value) so each kernel instance knows its offsets. */
-#define KQ_GB(T) ((T) == TPK_T_Q41 ? 320 : (T) == TPK_T_Q50 ? 352 : (T) == TPK_T_Q4K ? 352 : (T) == TPK_T_Q5K ? 416 : 448)
+ * of T (a TPK_T_* value) so each kernel instance knows its offsets. KQ_GB: bytes of one
+ * group block (16 rows x 32 columns). */
+#define KQ_GB(T) ((T) == TPK_T_Q41 ? 320 : (T) == TPK_T_Q50 ? 352 : (T) == TPK_T_Q4K ? 288 : (T) == TPK_T_Q5K ? 352 : 416)
 #define KQ_OFF_QS(T) (KQ_GB(T) - 256)
 #define KQ_PLANES(T) ((T) == TPK_T_Q50 || (T) == TPK_T_Q5K ? 1 : (T) == TPK_T_Q6K ? 2 : 0)
-#define KQ_OFF_QH(T) ((T) == TPK_T_Q50 ? 32 : (T) == TPK_T_Q5K ? 96 : 64)
-#define KQ_OFF_M 32     /* q41: fp16 m; q4k, q5k: fp16 dmin */
-#define KQ_OFF_SC 64    /* q4k, q5k: uint8 sc[16], then uint8 mn[16] */
-#define KQ_OFF_MN 80
-#define KQ_OFF_SC6 32   /* q6k: int8 sc[2][16] */
+#define KQ_OFF_QH(T) 32 /* q50: after d[16]; q5k: after sc, mn; q6k: after sc6 */
+#define KQ_OFF_M 32     /* q41: fp16 m */
+#define KQ_OFF_SC 0     /* q4k, q5k: uint8 sc[16], then uint8 mn[16] */
+#define KQ_OFF_MN 16
+#define KQ_OFF_SC6 0    /* q6k: int8 sc[2][16] */
 #define KQ_IS_K(T) ((T) == TPK_T_Q4K || (T) == TPK_T_Q5K)
 /* Only q6k needs A and B apart; the others sum both halves into one accumulator (A, B = 0). */
 #define KQ_MERGE(T) ((T) != TPK_T_Q6K)
+
+/* The K-quants (q4k, q5k, q6k) keep a super-block's fp16 d (and dmin) once per "span": the
+ * run of up to 8 consecutive group blocks of one row group that come from one GGML
+ * super-block. A row group is: a KQ_PREFIX-byte prefix whose byte 0 is the phase (where its
+ * first 32 columns sit in their super-block, 0..7), then span after span, each a KQ_HDR
+ * header (uint16 d[16]; q4k/q5k: uint16 dmin[16]) and its group blocks. Room is left for
+ * the headers of the worst phase (zero bytes at the end when fewer), so a row group's size
+ * does not depend on the phase. */
+#define KQ_SPANS(T) ((T) == TPK_T_Q4K || (T) == TPK_T_Q5K || (T) == TPK_T_Q6K)
+#define KQ_SPAN 8
+#define KQ_PREFIX 64
+#define KQ_HDR(T) (KQ_IS_K(T) ? 64 : 32)
+
+/* Bytes of one row group of nb group blocks. */
+static inline int64_t kq_row_group_bytes(int T, int64_t nb) {
+    if (!KQ_SPANS(T)) return nb * KQ_GB(T);
+    return KQ_PREFIX + (nb + 2 * KQ_SPAN - 2) / KQ_SPAN * KQ_HDR(T) + nb * KQ_GB(T);
+}
+
+/* Group blocks in the span that starts at group block b (of nb; the row group's phase). */
+static inline int kq_span_len(int64_t b, int64_t nb, int phase) {
+    const int64_t n = KQ_SPAN - (b + phase) % KQ_SPAN;
+    return (int)(n < nb - b ? n : nb - b);
+}
 
 /* One row group (TPK_ROWS rows, nrows <= TPK_ROWS of them real) times ntok tokens:
  * w: the group's nb group blocks; x: token t's blocks at x + t * nb;
@@ -51,7 +76,7 @@ typedef void (*tpk_group_fn)(const uint8_t *w, int64_t nb, const tpk_xq *x, int6
                              void *y, int64_t ldy, int nrows);
 
 /* tpk_kq.c: the q41/q50/q4k/q5k/q6k layout (T a TPK_T_* value of those). */
-int64_t tpk_kq_group_bytes(int T);
+int64_t tpk_kq_row_group_bytes(int T, int64_t nb);
 void tpk_kq_pack(int T, const uint8_t *w, int64_t row_stride, int64_t rows, int64_t first, int64_t nb, uint8_t *dst);
 void tpk_kq_dequantize(int T, const uint8_t *wp, int64_t rows, int64_t nb, float *y);
 tpk_group_fn tpk_kq_scalar(int T, int f64);

@@ -88,9 +88,25 @@ static void decode(int T, const uint8_t *blk, int s, kq_sub *o) {
 
 /* ---------------------------------------------------------------- sub-blocks <-> packed layout */
 
-static void put(int T, uint8_t *gb, int i, const kq_sub *o) {
-    st16(gb + 2 * i, o->d);
-    if (T == TPK_T_Q41 || KQ_IS_K(T)) st16(gb + KQ_OFF_M + 2 * i, o->m);
+/* Where group block b of a row group (rg, nb group blocks) is, and for the K-quants the
+ * header of its span (tpk_impl.h); hdr is NULL for the other types. */
+static const uint8_t *locate(int T, const uint8_t *rg, int64_t nb, int64_t b, const uint8_t **hdr) {
+    if (!KQ_SPANS(T)) {
+        *hdr = NULL;
+        return rg + b * KQ_GB(T);
+    }
+    (void)nb;
+    const int phase = rg[0];
+    const int64_t s = (b + phase) / KQ_SPAN, b0 = s == 0 ? 0 : s * KQ_SPAN - phase;
+    *hdr = rg + KQ_PREFIX + s * KQ_HDR(T) + b0 * KQ_GB(T);
+    return rg + KQ_PREFIX + (s + 1) * KQ_HDR(T) + b * KQ_GB(T);
+}
+
+/* Row i's d (and m / dmin) live in the group block, or for the K-quants in the span header. */
+static void put(int T, uint8_t *gb, uint8_t *hdr, int i, const kq_sub *o) {
+    uint8_t *dm = hdr ? hdr : gb;
+    st16(dm + 2 * i, o->d);
+    if (T == TPK_T_Q41 || KQ_IS_K(T)) st16(dm + 32 + 2 * i, o->m);
     if (KQ_IS_K(T)) {
         gb[KQ_OFF_SC + i] = o->sc;
         gb[KQ_OFF_MN + i] = o->mn;
@@ -104,21 +120,29 @@ static void put(int T, uint8_t *gb, int i, const kq_sub *o) {
             const uint8_t lo = o->q[4 * k + j], hi = o->q[16 + 4 * k + j];
             gb[KQ_OFF_QS(T) + 64 * k + 4 * i + j] = (uint8_t)((lo & 0x0F) | ((hi & 0x0F) << 4));
         }
-    for (int p = 0; p < KQ_PLANES(T); p++)
+    if (KQ_PLANES(T) == 1)
         for (int j = 0; j < 4; j++) {
             uint8_t bits = 0;
             for (int k = 0; k < 4; k++) {
-                bits |= (uint8_t)(((o->q[4 * k + j] >> (4 + p)) & 1) << k);
-                bits |= (uint8_t)(((o->q[16 + 4 * k + j] >> (4 + p)) & 1) << (4 + k));
+                bits |= (uint8_t)(((o->q[4 * k + j] >> 4) & 1) << k);
+                bits |= (uint8_t)(((o->q[16 + 4 * k + j] >> 4) & 1) << (4 + k));
             }
-            gb[KQ_OFF_QH(T) + 64 * p + 4 * i + j] = bits;
+            gb[KQ_OFF_QH(T) + 4 * i + j] = bits;
+        }
+    if (KQ_PLANES(T) == 2)   /* q6k: bits 4-5 of the low (h = 0) and high (h = 1) elements, 2 per chunk */
+        for (int h = 0; h < 2; h++)
+            for (int j = 0; j < 4; j++) {
+                uint8_t bits = 0;
+                for (int k = 0; k < 4; k++) bits |= (uint8_t)(((o->q[16 * h + 4 * k + j] >> 4) & 3) << (2 * k));
+                gb[KQ_OFF_QH(T) + 64 * h + 4 * i + j] = bits;
         }
 }
 
-static void get(int T, const uint8_t *gb, int i, kq_sub *o) {
+static void get(int T, const uint8_t *gb, const uint8_t *hdr, int i, kq_sub *o) {
+    const uint8_t *dm = hdr ? hdr : gb;
     memset(o, 0, sizeof *o);
-    o->d = ld16(gb + 2 * i);
-    if (T == TPK_T_Q41 || KQ_IS_K(T)) o->m = ld16(gb + KQ_OFF_M + 2 * i);
+    o->d = ld16(dm + 2 * i);
+    if (T == TPK_T_Q41 || KQ_IS_K(T)) o->m = ld16(dm + 32 + 2 * i);
     if (KQ_IS_K(T)) {
         o->sc = gb[KQ_OFF_SC + i];
         o->mn = gb[KQ_OFF_MN + i];
@@ -133,41 +157,53 @@ static void get(int T, const uint8_t *gb, int i, kq_sub *o) {
             o->q[4 * k + j] = v & 0x0F;
             o->q[16 + 4 * k + j] = v >> 4;
         }
-    for (int p = 0; p < KQ_PLANES(T); p++)
+    if (KQ_PLANES(T) == 1)
         for (int j = 0; j < 4; j++) {
-            const uint8_t bits = gb[KQ_OFF_QH(T) + 64 * p + 4 * i + j];
+            const uint8_t bits = gb[KQ_OFF_QH(T) + 4 * i + j];
             for (int k = 0; k < 4; k++) {
-                o->q[4 * k + j] |= (uint8_t)(((bits >> k) & 1) << (4 + p));
-                o->q[16 + 4 * k + j] |= (uint8_t)(((bits >> (4 + k)) & 1) << (4 + p));
+                o->q[4 * k + j] |= (uint8_t)(((bits >> k) & 1) << 4);
+                o->q[16 + 4 * k + j] |= (uint8_t)(((bits >> (4 + k)) & 1) << 4);
             }
         }
+    if (KQ_PLANES(T) == 2)
+        for (int h = 0; h < 2; h++)
+            for (int j = 0; j < 4; j++) {
+                const uint8_t bits = gb[KQ_OFF_QH(T) + 64 * h + 4 * i + j];
+                for (int k = 0; k < 4; k++) o->q[16 * h + 4 * k + j] |= (uint8_t)(((bits >> (2 * k)) & 3) << 4);
+            }
 }
 
-int64_t tpk_kq_group_bytes(int type) { return KQ_GB(type); }
+int64_t tpk_kq_row_group_bytes(int type, int64_t nb) { return kq_row_group_bytes(type, nb); }
 
 void tpk_kq_pack(int T, const uint8_t *w, int64_t row_stride, int64_t rows, int64_t first, int64_t nb, uint8_t *dst) {
     int bb = 1;
     const int per = tpk_ggml_block(T, &bb) / TPK_QK;   /* 32-column blocks per GGML block */
-    const int64_t G = (rows + TPK_ROWS - 1) / TPK_ROWS;
+    const int64_t G = (rows + TPK_ROWS - 1) / TPK_ROWS, rgb = kq_row_group_bytes(T, nb);
     kq_sub o;
-    for (int64_t g = 0; g < G; g++)
+    for (int64_t g = 0; g < G; g++) {
+        uint8_t *rg = dst + g * rgb;
+        memset(rg, 0, (size_t)rgb);   /* padding rows and unused headers: all zero, value 0 */
+        if (KQ_SPANS(T)) rg[0] = (uint8_t)(first % per);
         for (int64_t b = 0; b < nb; b++) {
-            uint8_t *gb = dst + (g * nb + b) * KQ_GB(T);
-            memset(gb, 0, (size_t)KQ_GB(T));   /* padding rows: all zero, value 0 */
+            const uint8_t *hdr;
+            uint8_t *gb = (uint8_t *)locate(T, rg, nb, b, &hdr);
             const int64_t a = first + b;
             for (int i = 0; i < TPK_ROWS && g * TPK_ROWS + i < rows; i++) {
                 decode(T, w + (g * TPK_ROWS + i) * row_stride + (a / per) * bb, (int)(a % per), &o);
-                put(T, gb, i, &o);
+                put(T, gb, (uint8_t *)hdr, i, &o);
             }
         }
+    }
 }
 
 /* The values as gguf-py computes them in float32 (tpk.h has the formulas). */
 void tpk_kq_dequantize(int T, const uint8_t *wp, int64_t rows, int64_t nb, float *y) {
     kq_sub o;
+    const int64_t rgb = kq_row_group_bytes(T, nb);
     for (int64_t r = 0; r < rows; r++)
         for (int64_t b = 0; b < nb; b++) {
-            get(T, wp + ((r / TPK_ROWS) * nb + b) * KQ_GB(T), (int)(r % TPK_ROWS), &o);
+            const uint8_t *hdr, *gb = locate(T, wp + (r / TPK_ROWS) * rgb, nb, b, &hdr);
+            get(T, gb, hdr, (int)(r % TPK_ROWS), &o);
             float *out = y + (r * nb + b) * TPK_QK;
             const float d = tpk_f16(o.d), m = tpk_f16(o.m);
             for (int e = 0; e < TPK_QK; e++) {
@@ -183,6 +219,24 @@ void tpk_kq_dequantize(int T, const uint8_t *wp, int64_t rows, int64_t nb, float
 
 /* ---------------------------------------------------------------- scalar reference kernel */
 
+/* The int32 sums of one row's block: isum (scaled by d*dx below) and isum2 (q41's m term,
+ * or the K-quants' mn*S; see tpk.h). */
+static void block_sums(int T, const kq_sub *o, const tpk_xq *xb, int32_t *isum, int32_t *isum2) {
+    int32_t A = 0, B = 0;
+    for (int e = 0; e < 16; e++) {
+        A += o->q[e] * xb->qs[e];
+        B += o->q[16 + e] * xb->qs[16 + e];
+    }
+    *isum2 = 0;
+    switch (T) {
+    case TPK_T_Q41: *isum = A + B; *isum2 = xb->sum; break;
+    case TPK_T_Q50: *isum = A + B + xb->s16; break;
+    case TPK_T_Q6K: *isum = o->sc6[0] * (A + xb->h0) + o->sc6[1] * (B + xb->h1); break;
+    default: *isum = o->sc * (A + B); *isum2 = o->mn; break;
+    }
+}
+
+/* q41, q50: one term per 32-column block. */
 static inline void kq_scalar(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok, void *y, int64_t ldy,
                              int nrows, const int T, const int F64) {
     kq_sub o;
@@ -192,33 +246,58 @@ static inline void kq_scalar(const uint8_t *w, int64_t nb, const tpk_xq *x, int6
             double dacc = 0.0;
             for (int64_t b = 0; b < nb; b++) {
                 const tpk_xq *xb = x + t * nb + b;
-                get(T, w + b * KQ_GB(T), i, &o);
-                int32_t A = 0, B = 0;
-                for (int e = 0; e < 16; e++) {
-                    A += o.q[e] * xb->qs[e];
-                    B += o.q[16 + e] * xb->qs[16 + e];
-                }
-                int32_t isum, isum2 = 0;
-                switch (T) {
-                case TPK_T_Q41: isum = A + B; isum2 = xb->sum; break;
-                case TPK_T_Q50: isum = A + B + xb->s16; break;
-                case TPK_T_Q6K: isum = o.sc6[0] * (A + xb->h0) + o.sc6[1] * (B + xb->h1); break;
-                default: isum = o.sc * (A + B); isum2 = o.mn * xb->sum; break;
-                }
+                get(T, w + b * KQ_GB(T), NULL, i, &o);
+                int32_t isum, isum2;
+                block_sums(T, &o, xb, &isum, &isum2);
                 const float d = tpk_f16(o.d), m = tpk_f16(o.m);
                 if (F64) {
                     double term = (double)isum * ((double)d * (double)xb->d);
-                    const double t2 = (double)isum2 * ((double)m * (double)xb->d);
-                    if (T == TPK_T_Q41) term = term + t2;
-                    if (KQ_IS_K(T)) term = term - t2;
+                    if (T == TPK_T_Q41) term = term + (double)isum2 * ((double)m * (double)xb->d);
                     dacc = dacc + term;
                 } else {
                     float term = (float)isum * (d * xb->d);
-                    const float t2 = (float)isum2 * (m * xb->d);
-                    if (T == TPK_T_Q41) term = term + t2;
-                    if (KQ_IS_K(T)) term = term - t2;
+                    if (T == TPK_T_Q41) term = term + (float)isum2 * (m * xb->d);
                     acc = acc + term;
                 }
+            }
+            if (F64) ((double *)y)[t * ldy + i] = dacc;
+            else ((float *)y)[t * ldy + i] = acc;
+        }
+}
+
+/* q4k, q5k, q6k: per span, s = sum of isum * dx and (q4k, q5k) m = sum of mn * S*dx over its
+ * blocks, then one term d*s - dmin*m (tpk.h). */
+static inline void kspan_scalar(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok, void *y, int64_t ldy,
+                                int nrows, const int T, const int F64) {
+    kq_sub o;
+    const int phase = w[0];
+    for (int64_t t = 0; t < ntok; t++)
+        for (int i = 0; i < nrows; i++) {
+            float acc = 0.0f;
+            double dacc = 0.0;
+            const uint8_t *p = w + KQ_PREFIX;
+            for (int64_t b = 0; b < nb;) {
+                const int n = kq_span_len(b, nb, phase);
+                const uint8_t *hdr = p;
+                p += KQ_HDR(T);
+                float s = 0.0f, m = 0.0f;
+                double ds = 0.0, dm = 0.0;
+                for (int j = 0; j < n; j++, b++, p += KQ_GB(T)) {
+                    const tpk_xq *xb = x + t * nb + b;
+                    get(T, p, hdr, i, &o);
+                    int32_t isum, mn;
+                    block_sums(T, &o, xb, &isum, &mn);
+                    if (F64) {
+                        ds = ds + (double)isum * (double)xb->d;
+                        if (KQ_IS_K(T)) dm = dm + (double)mn * ((double)xb->sum * (double)xb->d);
+                    } else {
+                        s = s + (float)isum * xb->d;
+                        if (KQ_IS_K(T)) m = m + (float)mn * xb->sdx;
+                    }
+                }
+                const float d = tpk_f16(ld16(hdr + 2 * i)), dmin = KQ_IS_K(T) ? tpk_f16(ld16(hdr + 32 + 2 * i)) : 0.0f;
+                if (F64) dacc = dacc + (KQ_IS_K(T) ? (double)d * ds - (double)dmin * dm : (double)d * ds);
+                else acc = acc + (KQ_IS_K(T) ? d * s - dmin * m : d * s);
             }
             if (F64) ((double *)y)[t * ldy + i] = dacc;
             else ((float *)y)[t * ldy + i] = acc;
@@ -228,7 +307,8 @@ static inline void kq_scalar(const uint8_t *w, int64_t nb, const tpk_xq *x, int6
 #define SCALAR_FN(name, T, F64)                                                                        \
     static void name(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok, void *y, int64_t ldy, \
                      int nrows) {                                                                      \
-        kq_scalar(w, nb, x, ntok, y, ldy, nrows, T, F64);                                              \
+        if (KQ_SPANS(T)) kspan_scalar(w, nb, x, ntok, y, ldy, nrows, T, F64);                          \
+        else kq_scalar(w, nb, x, ntok, y, ldy, nrows, T, F64);                                         \
     }
 SCALAR_FN(q41_scalar, TPK_T_Q41, 0)
 SCALAR_FN(q41_scalar_f64, TPK_T_Q41, 1)

@@ -352,8 +352,9 @@ GROUP_FN(q80_group_avx2_f64, q80_tile_avx2, TGT_AVX2, 2, 1)
 /* ================================================================ q41, q50, q4k, q5k, q6k
  * One tile per level for every type, T a compile-time TPK_T_* constant (tpk.h has the
  * layout and the per-block formula). Per chunk k of 4 elements: the nibbles of 16 rows,
- * plus the bit planes moved into bits 4 and 5 by constant shifts (a plane byte holds the
- * chunk's bit at bit k for the low nibbles and bit 4+k for the high ones; 16-bit shifts
+ * plus the high bits moved into bits 4 (and 5) by constant shifts (q50, q5k: a plane byte
+ * holds the chunk's bit at bit k for the low nibbles and bit 4+k for the high ones; q6k: a
+ * byte of p0 (low) or p1 (high) holds the chunk's 2 bits at bits 2k, 2k+1; 16-bit shifts
  * never carry a wanted bit across a byte here). Elements 0..15 (low nibbles) and 16..31
  * (high nibbles) are summed apart, A and B, where q6k scales them apart; the other types
  * add both into A (VNNI), or with the vpmaddubsw path the 4-bit types do (B stays 0).
@@ -434,15 +435,15 @@ INLINE TGT_512 void kq512_chunk(const uint8_t *gb, const int k, __m512i p0, __m5
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const __m512i v = _mm512_loadu_si512((const void *)(gb + KQ_OFF_QS(T) + 64 * k));
     __m512i l = _mm512_and_si512(v, m4), h = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-    if (KQ_PLANES(T) >= 1) {
+    if (KQ_PLANES(T) == 1) {
         const __m512i b4 = _mm512_set1_epi8(0x10);
         l = _mm512_or_si512(l, _mm512_and_si512(shl512(p0, 4 - k), b4));
         h = _mm512_or_si512(h, _mm512_and_si512(shl512(p0, -k), b4));
     }
-    if (KQ_PLANES(T) == 2) {
-        const __m512i b5 = _mm512_set1_epi8(0x20);
-        l = _mm512_or_si512(l, _mm512_and_si512(shl512(p1, 5 - k), b5));
-        h = _mm512_or_si512(h, _mm512_and_si512(shl512(p1, 1 - k), b5));
+    if (KQ_PLANES(T) == 2) {   /* q6k: chunk k's 2 bits at bits 2k, 2k+1 of p0 (low), p1 (high) */
+        const __m512i b45 = _mm512_set1_epi8(0x30);
+        l = _mm512_or_si512(l, _mm512_and_si512(shl512(p0, 4 - 2 * k), b45));
+        h = _mm512_or_si512(h, _mm512_and_si512(shl512(p1, 4 - 2 * k), b45));
     }
     *lo = l;
     *hi = h;
@@ -453,44 +454,34 @@ INLINE TGT_AVX2 void kq256_chunk(const uint8_t *gb, const int k, const int half,
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     const __m256i v = _mm256_loadu_si256((const __m256i *)(gb + KQ_OFF_QS(T) + 64 * k + 32 * half));
     __m256i l = _mm256_and_si256(v, m4), h = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-    if (KQ_PLANES(T) >= 1) {
+    if (KQ_PLANES(T) == 1) {
         const __m256i b4 = _mm256_set1_epi8(0x10);
         l = _mm256_or_si256(l, _mm256_and_si256(shl256(p0, 4 - k), b4));
         h = _mm256_or_si256(h, _mm256_and_si256(shl256(p0, -k), b4));
     }
-    if (KQ_PLANES(T) == 2) {
-        const __m256i b5 = _mm256_set1_epi8(0x20);
-        l = _mm256_or_si256(l, _mm256_and_si256(shl256(p1, 5 - k), b5));
-        h = _mm256_or_si256(h, _mm256_and_si256(shl256(p1, 1 - k), b5));
+    if (KQ_PLANES(T) == 2) {   /* q6k: chunk k's 2 bits at bits 2k, 2k+1 of p0 (low), p1 (high) */
+        const __m256i b45 = _mm256_set1_epi8(0x30);
+        l = _mm256_or_si256(l, _mm256_and_si256(shl256(p0, 4 - 2 * k), b45));
+        h = _mm256_or_si256(h, _mm256_and_si256(shl256(p1, 4 - 2 * k), b45));
     }
     *lo = l;
     *hi = h;
 }
 
-/* A, B -> the block's term for 16 rows, added to one token's sums. */
+/* A, B -> the block's term for 16 rows, added to one token's sums (q41, q50). */
 INLINE TGT_512 void kq512_finish(acc512 *out, __m512i A, __m512i B, const uint8_t *gb, const tpk_xq *xb, const int T,
                                  const int F64) {
     const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)gb));
     __m512 mw = dw;
     __m512i isum, isum2 = _mm512_setzero_si512();
-    if (T == TPK_T_Q41 || KQ_IS_K(T)) mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gb + KQ_OFF_M)));
     if (T == TPK_T_Q41) {
+        mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(gb + KQ_OFF_M)));
         isum = _mm512_add_epi32(A, B);
         isum2 = _mm512_set1_epi32(xb->sum);
-    } else if (T == TPK_T_Q50) {
-        isum = _mm512_add_epi32(_mm512_add_epi32(A, B), _mm512_set1_epi32(xb->s16));
-    } else if (T == TPK_T_Q6K) {
-        const __m512i s0 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(gb + KQ_OFF_SC6)));
-        const __m512i s1 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(gb + KQ_OFF_SC6 + 16)));
-        isum = _mm512_add_epi32(_mm512_mullo_epi32(s0, _mm512_add_epi32(A, _mm512_set1_epi32(xb->h0))),
-                                _mm512_mullo_epi32(s1, _mm512_add_epi32(B, _mm512_set1_epi32(xb->h1))));
     } else {
-        const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(gb + KQ_OFF_SC)));
-        const __m512i mn = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(gb + KQ_OFF_MN)));
-        isum = _mm512_mullo_epi32(sc, _mm512_add_epi32(A, B));
-        isum2 = _mm512_mullo_epi32(mn, _mm512_set1_epi32(xb->sum));
+        isum = _mm512_add_epi32(_mm512_add_epi32(A, B), _mm512_set1_epi32(xb->s16));
     }
-    acc512_add2(out, isum, dw, isum2, mw, xb->d, F64, T == TPK_T_Q41 || KQ_IS_K(T), KQ_IS_K(T));
+    acc512_add2(out, isum, dw, isum2, mw, xb->d, F64, T == TPK_T_Q41, 0);
 }
 
 INLINE TGT_AVX2 void kq256_finish(acc256 *out, __m256i A, __m256i B, const uint8_t *gb, const int half,
@@ -498,24 +489,14 @@ INLINE TGT_AVX2 void kq256_finish(acc256 *out, __m256i A, __m256i B, const uint8
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb + 16 * half)));
     __m256 mw = dw;
     __m256i isum, isum2 = _mm256_setzero_si256();
-    if (T == TPK_T_Q41 || KQ_IS_K(T)) mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb + KQ_OFF_M + 16 * half)));
     if (T == TPK_T_Q41) {
+        mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb + KQ_OFF_M + 16 * half)));
         isum = _mm256_add_epi32(A, B);
         isum2 = _mm256_set1_epi32(xb->sum);
-    } else if (T == TPK_T_Q50) {
-        isum = _mm256_add_epi32(_mm256_add_epi32(A, B), _mm256_set1_epi32(xb->s16));
-    } else if (T == TPK_T_Q6K) {
-        const __m256i s0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(gb + KQ_OFF_SC6 + 8 * half)));
-        const __m256i s1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(gb + KQ_OFF_SC6 + 16 + 8 * half)));
-        isum = _mm256_add_epi32(_mm256_mullo_epi32(s0, _mm256_add_epi32(A, _mm256_set1_epi32(xb->h0))),
-                                _mm256_mullo_epi32(s1, _mm256_add_epi32(B, _mm256_set1_epi32(xb->h1))));
     } else {
-        const __m256i sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(gb + KQ_OFF_SC + 8 * half)));
-        const __m256i mn = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(gb + KQ_OFF_MN + 8 * half)));
-        isum = _mm256_mullo_epi32(sc, _mm256_add_epi32(A, B));
-        isum2 = _mm256_mullo_epi32(mn, _mm256_set1_epi32(xb->sum));
+        isum = _mm256_add_epi32(_mm256_add_epi32(A, B), _mm256_set1_epi32(xb->s16));
     }
-    acc256_add2(out, isum, dw, isum2, mw, xb->d, F64, T == TPK_T_Q41 || KQ_IS_K(T), KQ_IS_K(T));
+    acc256_add2(out, isum, dw, isum2, mw, xb->d, F64, T == TPK_T_Q41, 0);
 }
 
 INLINE TGT_512 void kq512_planes(const uint8_t *gb, __m512i *p0, __m512i *p1, const int T) {
@@ -618,6 +599,289 @@ INLINE TGT_AVX2 void kq_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x,
     }
 }
 
+/* ---------------------------------------------------------------- q4k, q5k, q6k: spans
+ * A row group is walked span by span (tpk_impl.h). Per block and token, the block's int32
+ * sum with the sub-block scales applied (q4k, q5k: sc*(A+B); q6k: sc0*(A-32*S0) +
+ * sc1*(B-32*S1)) goes into the span's s += (float)isum * dx, and the mins into
+ * m += (float)mn * (S*dx); at the span's end, one acc += d*s - dmin*m with the span
+ * header's d, dmin: the scalar reference's steps, lane by lane. On the vpmaddubsw paths the
+ * scales come in as the vpmaddwd multiplier (a lane's two int16 pair sums times sc), so they
+ * cost nothing; every product there is exact (|sum| < 2^31, see the bounds above). */
+
+/* (v, v) as the two int16 halves of every int32 lane of small integers v. */
+INLINE TGT_AVX2 __m256i pair16_256(__m256i v) {
+    return _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(v, 16));
+}
+INLINE TGT_512 __m512i pair16_512(__m512i v) {
+    return _mm512_or_si512(_mm512_and_si512(v, _mm512_set1_epi32(0xFFFF)), _mm512_slli_epi32(v, 16));
+}
+
+/* a += (float)isum * dx, or in float64 (double)isum * (double)dx */
+INLINE TGT_AVX2 void acc256_scaled(acc256 *a, __m256i isum, float dx, const int F64) {
+    if (F64) {
+        const __m256d v = _mm256_set1_pd((double)dx);
+        a->d0 = _mm256_add_pd(a->d0, _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(isum)), v));
+        a->d1 = _mm256_add_pd(a->d1, _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(isum, 1)), v));
+    } else {
+        a->f = _mm256_add_ps(a->f, _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(dx)));
+    }
+}
+INLINE TGT_512 void acc512_scaled(acc512 *a, __m512i isum, float dx, const int F64) {
+    if (F64) {
+        const __m512d v = _mm512_set1_pd((double)dx);
+        a->d0 = _mm512_add_pd(a->d0, _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(isum)), v));
+        a->d1 = _mm512_add_pd(a->d1, _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(isum, 1)), v));
+    } else {
+        a->f = _mm512_add_ps(a->f, _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(dx)));
+    }
+}
+
+/* the mins: a += (float)mn * sdx, or (double)mn * ((double)S * (double)dx) */
+INLINE TGT_AVX2 void acc256_mins(acc256 *a, __m256i mn, const tpk_xq *xb, const int F64) {
+    if (F64) {
+        const __m256d v = _mm256_set1_pd((double)xb->sum * (double)xb->d);
+        a->d0 = _mm256_add_pd(a->d0, _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(mn)), v));
+        a->d1 = _mm256_add_pd(a->d1, _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(mn, 1)), v));
+    } else {
+        a->f = _mm256_add_ps(a->f, _mm256_mul_ps(_mm256_cvtepi32_ps(mn), _mm256_set1_ps(xb->sdx)));
+    }
+}
+INLINE TGT_512 void acc512_mins(acc512 *a, __m512i mn, const tpk_xq *xb, const int F64) {
+    if (F64) {
+        const __m512d v = _mm512_set1_pd((double)xb->sum * (double)xb->d);
+        a->d0 = _mm512_add_pd(a->d0, _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(mn)), v));
+        a->d1 = _mm512_add_pd(a->d1, _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(mn, 1)), v));
+    } else {
+        a->f = _mm512_add_ps(a->f, _mm512_mul_ps(_mm512_cvtepi32_ps(mn), _mm512_set1_ps(xb->sdx)));
+    }
+}
+
+/* The span's end: out += d*s - dmin*m (q6k: d*s), d and dmin from the span header. */
+INLINE TGT_AVX2 void acc256_span(acc256 *out, const acc256 *s, const acc256 *m, const uint8_t *hdr, const int half,
+                                 const int T, const int F64) {
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(hdr + 16 * half)));
+    __m256 dmin = d;
+    if (KQ_IS_K(T)) dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(hdr + 32 + 16 * half)));
+    if (F64) {
+        for (int h = 0; h < 2; h++) {
+            const __m256d dd = _mm256_cvtps_pd(h ? _mm256_extractf128_ps(d, 1) : _mm256_castps256_ps128(d));
+            __m256d t = _mm256_mul_pd(dd, h ? s->d1 : s->d0);
+            if (KQ_IS_K(T)) {
+                const __m256d md = _mm256_cvtps_pd(h ? _mm256_extractf128_ps(dmin, 1) : _mm256_castps256_ps128(dmin));
+                t = _mm256_sub_pd(t, _mm256_mul_pd(md, h ? m->d1 : m->d0));
+            }
+            if (h) out->d1 = _mm256_add_pd(out->d1, t);
+            else out->d0 = _mm256_add_pd(out->d0, t);
+        }
+    } else {
+        __m256 t = _mm256_mul_ps(d, s->f);
+        if (KQ_IS_K(T)) t = _mm256_sub_ps(t, _mm256_mul_ps(dmin, m->f));
+        out->f = _mm256_add_ps(out->f, t);
+    }
+}
+INLINE TGT_512 void acc512_span(acc512 *out, const acc512 *s, const acc512 *m, const uint8_t *hdr, const int T,
+                                const int F64) {
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)hdr));
+    __m512 dmin = d;
+    if (KQ_IS_K(T)) dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(hdr + 32)));
+    if (F64) {
+        for (int h = 0; h < 2; h++) {
+            const __m512d dd = _mm512_cvtps_pd(h ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1))
+                                                 : _mm512_castps512_ps256(d));
+            __m512d t = _mm512_mul_pd(dd, h ? s->d1 : s->d0);
+            if (KQ_IS_K(T)) {
+                const __m512d md = _mm512_cvtps_pd(h ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(dmin), 1))
+                                                     : _mm512_castps512_ps256(dmin));
+                t = _mm512_sub_pd(t, _mm512_mul_pd(md, h ? m->d1 : m->d0));
+            }
+            if (h) out->d1 = _mm512_add_pd(out->d1, t);
+            else out->d0 = _mm512_add_pd(out->d0, t);
+        }
+    } else {
+        __m512 t = _mm512_mul_ps(d, s->f);
+        if (KQ_IS_K(T)) t = _mm512_sub_ps(t, _mm512_mul_ps(dmin, m->f));
+        out->f = _mm512_add_ps(out->f, t);
+    }
+}
+
+/* q6k's offsets: sc0*(-32*S0) + sc1*(-32*S1) */
+INLINE TGT_AVX2 __m256i q6k_offset256(__m256i sc0, __m256i sc1, const tpk_xq *xb) {
+    return _mm256_add_epi32(_mm256_mullo_epi32(sc0, _mm256_set1_epi32(xb->h0)), _mm256_mullo_epi32(sc1, _mm256_set1_epi32(xb->h1)));
+}
+INLINE TGT_512 __m512i q6k_offset512(__m512i sc0, __m512i sc1, const tpk_xq *xb) {
+    return _mm512_add_epi32(_mm512_mullo_epi32(sc0, _mm512_set1_epi32(xb->h0)), _mm512_mullo_epi32(sc1, _mm512_set1_epi32(xb->h1)));
+}
+
+/* One group block, 8 rows (half), TT tokens: isum[t] with the scales applied. */
+INLINE TGT_AVX2 void kspan256_sums(const uint8_t *gb, const int half, const tpk_xq *x, int64_t nb, int64_t b,
+                                   __m256i *isum, const int TT, const int T) {
+    __m256i sc0, sc1;
+    if (T == TPK_T_Q6K) {
+        sc0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(gb + KQ_OFF_SC6 + 8 * half)));
+        sc1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(gb + KQ_OFF_SC6 + 16 + 8 * half)));
+    } else {
+        sc0 = sc1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(gb + KQ_OFF_SC + 8 * half)));
+    }
+    const __m256i wA = pair16_256(sc0), wB = T == TPK_T_Q6K ? pair16_256(sc1) : wA;
+    __m256i A[2], B[2], A16[2], B16[2];
+    __m256i p0 = _mm256_setzero_si256(), p1 = p0;
+    if (KQ_PLANES(T) >= 1) p0 = _mm256_loadu_si256((const __m256i *)(gb + KQ_OFF_QH(T) + 32 * half));
+    if (KQ_PLANES(T) == 2) p1 = _mm256_loadu_si256((const __m256i *)(gb + KQ_OFF_QH(T) + 64 + 32 * half));
+    for (int t = 0; t < TT; t++) A[t] = B[t] = A16[t] = B16[t] = _mm256_setzero_si256();
+    for (int k = 0; k < 4; k++) {
+        __m256i lo, hi;
+        kq256_chunk(gb, k, half, p0, p1, &lo, &hi, T);
+        for (int t = 0; t < TT; t++) {
+            const int8_t *xq = x[t * nb + b].qs;
+            const __m256i ph = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(ld32(xq + 16 + 4 * k)));
+            A16[t] = _mm256_add_epi16(A16[t], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(ld32(xq + 4 * k))));
+            if (KQ_MERGE16(T)) A16[t] = _mm256_add_epi16(A16[t], ph);
+            else B16[t] = _mm256_add_epi16(B16[t], ph);
+            if ((k + 1) % KQ_ACC16_CHUNKS(T) == 0) {
+                A[t] = _mm256_add_epi32(A[t], _mm256_madd_epi16(A16[t], wA));
+                if (!KQ_MERGE16(T)) B[t] = _mm256_add_epi32(B[t], _mm256_madd_epi16(B16[t], wB));
+                A16[t] = B16[t] = _mm256_setzero_si256();
+            }
+        }
+    }
+    for (int t = 0; t < TT; t++) {
+        isum[t] = _mm256_add_epi32(A[t], B[t]);
+        if (T == TPK_T_Q6K) isum[t] = _mm256_add_epi32(isum[t], q6k_offset256(sc0, sc1, x + t * nb + b));
+    }
+}
+
+INLINE TGT_AVX2 void kspan_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
+                                     int nrows, const int TT, const int F64, const int T) {
+    acc256 out[2][2], s[2][2], m[2][2];
+    for (int h = 0; h < 2; h++)
+        for (int t = 0; t < TT; t++) acc256_zero(&out[h][t], F64);
+    const int phase = w[0];
+    const uint8_t *p = w + KQ_PREFIX;
+    for (int64_t b = 0; b < nb;) {
+        const int n = kq_span_len(b, nb, phase);
+        const uint8_t *hdr = p;
+        p += KQ_HDR(T);
+        for (int h = 0; h < 2; h++)
+            for (int t = 0; t < TT; t++) {
+                acc256_zero(&s[h][t], F64);
+                acc256_zero(&m[h][t], F64);
+            }
+        for (int j = 0; j < n; j++, b++, p += KQ_GB(T)) {
+            for (int h = 0; h < 2; h++) {
+                __m256i isum[2];
+                kspan256_sums(p, h, x, nb, b, isum, TT, T);
+                const __m256i mn = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + KQ_OFF_MN + 8 * h)));
+                for (int t = 0; t < TT; t++) {
+                    acc256_scaled(&s[h][t], isum[t], x[t * nb + b].d, F64);
+                    if (KQ_IS_K(T)) acc256_mins(&m[h][t], mn, x + t * nb + b, F64);
+                }
+            }
+        }
+        for (int h = 0; h < 2; h++)
+            for (int t = 0; t < TT; t++) acc256_span(&out[h][t], &s[h][t], &m[h][t], hdr, h, T, F64);
+    }
+    for (int t = 0; t < TT; t++) {
+        acc256_store(y, at + t * ldy, &out[0][t], nrows, F64);
+        acc256_store(y, at + t * ldy + 8, &out[1][t], nrows - 8, F64);
+    }
+}
+
+/* 16 rows, TT tokens, the vpmaddubsw path (AVX-512 F/BW). */
+INLINE TGT_512 void kspan512_sums(const uint8_t *gb, const tpk_xq *x, int64_t nb, int64_t b, __m512i *isum,
+                                  const int TT, const int T) {
+    __m512i sc0, sc1, p0, p1;
+    if (T == TPK_T_Q6K) {
+        sc0 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(gb + KQ_OFF_SC6)));
+        sc1 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(gb + KQ_OFF_SC6 + 16)));
+    } else {
+        sc0 = sc1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(gb + KQ_OFF_SC)));
+    }
+    const __m512i wA = pair16_512(sc0), wB = T == TPK_T_Q6K ? pair16_512(sc1) : wA;
+    __m512i A[4], B[4], A16[4], B16[4];
+    kq512_planes(gb, &p0, &p1, T);
+    for (int t = 0; t < TT; t++) A[t] = B[t] = A16[t] = B16[t] = _mm512_setzero_si512();
+    for (int k = 0; k < 4; k++) {
+        __m512i lo, hi;
+        kq512_chunk(gb, k, p0, p1, &lo, &hi, T);
+        for (int t = 0; t < TT; t++) {
+            const int8_t *xq = x[t * nb + b].qs;
+            const __m512i ph = _mm512_maddubs_epi16(hi, _mm512_set1_epi32(ld32(xq + 16 + 4 * k)));
+            A16[t] = _mm512_add_epi16(A16[t], _mm512_maddubs_epi16(lo, _mm512_set1_epi32(ld32(xq + 4 * k))));
+            if (KQ_MERGE16(T)) A16[t] = _mm512_add_epi16(A16[t], ph);
+            else B16[t] = _mm512_add_epi16(B16[t], ph);
+            if ((k + 1) % KQ_ACC16_CHUNKS(T) == 0) {
+                A[t] = _mm512_add_epi32(A[t], _mm512_madd_epi16(A16[t], wA));
+                if (!KQ_MERGE16(T)) B[t] = _mm512_add_epi32(B[t], _mm512_madd_epi16(B16[t], wB));
+                A16[t] = B16[t] = _mm512_setzero_si512();
+            }
+        }
+    }
+    for (int t = 0; t < TT; t++) {
+        isum[t] = _mm512_add_epi32(A[t], B[t]);
+        if (T == TPK_T_Q6K) isum[t] = _mm512_add_epi32(isum[t], q6k_offset512(sc0, sc1, x + t * nb + b));
+    }
+}
+
+/* The same with VNNI: int32 sums by vpdpbusd, then the scales by vpmulld. */
+INLINE TGT_VNNI void kspan_vnni_sums(const uint8_t *gb, const tpk_xq *x, int64_t nb, int64_t b, __m512i *isum,
+                                     const int TT, const int T) {
+    __m512i A[4], B[4], p0, p1;
+    kq512_planes(gb, &p0, &p1, T);
+    for (int t = 0; t < TT; t++) A[t] = B[t] = _mm512_setzero_si512();
+    for (int k = 0; k < 4; k++) {
+        __m512i lo, hi;
+        kq512_chunk(gb, k, p0, p1, &lo, &hi, T);
+        for (int t = 0; t < TT; t++) {
+            const int8_t *xq = x[t * nb + b].qs;
+            A[t] = _mm512_dpbusd_epi32(A[t], lo, _mm512_set1_epi32(ld32(xq + 4 * k)));
+            if (KQ_MERGE(T)) A[t] = _mm512_dpbusd_epi32(A[t], hi, _mm512_set1_epi32(ld32(xq + 16 + 4 * k)));
+            else B[t] = _mm512_dpbusd_epi32(B[t], hi, _mm512_set1_epi32(ld32(xq + 16 + 4 * k)));
+        }
+    }
+    if (T == TPK_T_Q6K) {
+        const __m512i sc0 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(gb + KQ_OFF_SC6)));
+        const __m512i sc1 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(gb + KQ_OFF_SC6 + 16)));
+        for (int t = 0; t < TT; t++)
+            isum[t] = _mm512_add_epi32(_mm512_add_epi32(_mm512_mullo_epi32(sc0, A[t]), _mm512_mullo_epi32(sc1, B[t])),
+                                       q6k_offset512(sc0, sc1, x + t * nb + b));
+    } else {
+        const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(gb + KQ_OFF_SC)));
+        for (int t = 0; t < TT; t++) isum[t] = _mm512_mullo_epi32(sc, A[t]);
+    }
+}
+
+/* The 16-row span walk, once per level (the target attributes differ). */
+#define KSPAN512_TILE(name, TGT, sums)                                                                   \
+    INLINE TGT void name(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,  \
+                         int nrows, const int TT, const int F64, const int T) {                          \
+        acc512 out[4], s[4], m[4];                                                                       \
+        for (int t = 0; t < TT; t++) acc512_zero(&out[t], F64);                                          \
+        const int phase = w[0];                                                                          \
+        const uint8_t *p = w + KQ_PREFIX;                                                                \
+        for (int64_t b = 0; b < nb;) {                                                                   \
+            const int n = kq_span_len(b, nb, phase);                                                     \
+            const uint8_t *hdr = p;                                                                      \
+            p += KQ_HDR(T);                                                                              \
+            for (int t = 0; t < TT; t++) {                                                               \
+                acc512_zero(&s[t], F64);                                                                 \
+                acc512_zero(&m[t], F64);                                                                 \
+            }                                                                                            \
+            for (int j = 0; j < n; j++, b++, p += KQ_GB(T)) {                                            \
+                __m512i isum[4];                                                                         \
+                sums(p, x, nb, b, isum, TT, T);                                                          \
+                const __m512i mn = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + KQ_OFF_MN))); \
+                for (int t = 0; t < TT; t++) {                                                           \
+                    acc512_scaled(&s[t], isum[t], x[t * nb + b].d, F64);                                 \
+                    if (KQ_IS_K(T)) acc512_mins(&m[t], mn, x + t * nb + b, F64);                         \
+                }                                                                                        \
+            }                                                                                            \
+            for (int t = 0; t < TT; t++) acc512_span(&out[t], &s[t], &m[t], hdr, T, F64);                \
+        }                                                                                                \
+        for (int t = 0; t < TT; t++) acc512_store(y, at + t * ldy, &out[t], nrows, F64);                 \
+    }
+KSPAN512_TILE(kspan_tile_512, TGT_512, kspan512_sums)
+KSPAN512_TILE(kspan_tile_vnni, TGT_VNNI, kspan_vnni_sums)
+
 /* Group functions: full tiles of TT tokens, then what is left one token at a time. */
 #define KQ_GROUP_FN(name, tile, TGT, TT, F64, T)                                                        \
     TGT static void name(const uint8_t *w, int64_t nb, const tpk_xq *x, int64_t ntok, void *y,          \
@@ -628,13 +892,14 @@ INLINE TGT_AVX2 void kq_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x,
         if (ntok - t >= 1) tile(w, nb, x + t * nb, y, t * ldy, ldy, nrows, 1, F64, T);                 \
     }
 
-#define KQ_TYPE_FNS(t, T)                                                  \
-    KQ_GROUP_FN(t##_group_vnni, kq_tile_vnni, TGT_VNNI, 4, 0, T)           \
-    KQ_GROUP_FN(t##_group_vnni_f64, kq_tile_vnni, TGT_VNNI, 4, 1, T)       \
-    KQ_GROUP_FN(t##_group_512, kq_tile_512, TGT_512, 4, 0, T)              \
-    KQ_GROUP_FN(t##_group_512_f64, kq_tile_512, TGT_512, 4, 1, T)          \
-    KQ_GROUP_FN(t##_group_avx2, kq_tile_avx2, TGT_AVX2, 2, 0, T)           \
-    KQ_GROUP_FN(t##_group_avx2_f64, kq_tile_avx2, TGT_AVX2, 2, 1, T)       \
+/* t: the type's name; tiles: kq (q41, q50) or kspan (the K-quants) */
+#define KQ_TYPE_FNS(t, T, tiles)                                           \
+    KQ_GROUP_FN(t##_group_vnni, tiles##_tile_vnni, TGT_VNNI, 4, 0, T)      \
+    KQ_GROUP_FN(t##_group_vnni_f64, tiles##_tile_vnni, TGT_VNNI, 4, 1, T)  \
+    KQ_GROUP_FN(t##_group_512, tiles##_tile_512, TGT_512, 4, 0, T)         \
+    KQ_GROUP_FN(t##_group_512_f64, tiles##_tile_512, TGT_512, 4, 1, T)     \
+    KQ_GROUP_FN(t##_group_avx2, tiles##_tile_avx2, TGT_AVX2, 2, 0, T)      \
+    KQ_GROUP_FN(t##_group_avx2_f64, tiles##_tile_avx2, TGT_AVX2, 2, 1, T)  \
     static tpk_group_fn t##_pick(int level, int f64) {                     \
         switch (level) {                                                   \
         case TPK_AVX512_VNNI: return f64 ? t##_group_vnni_f64 : t##_group_vnni; \
@@ -644,11 +909,11 @@ INLINE TGT_AVX2 void kq_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x,
         }                                                                  \
     }
 
-KQ_TYPE_FNS(q41, TPK_T_Q41)
-KQ_TYPE_FNS(q50, TPK_T_Q50)
-KQ_TYPE_FNS(q4k, TPK_T_Q4K)
-KQ_TYPE_FNS(q5k, TPK_T_Q5K)
-KQ_TYPE_FNS(q6k, TPK_T_Q6K)
+KQ_TYPE_FNS(q41, TPK_T_Q41, kq)
+KQ_TYPE_FNS(q50, TPK_T_Q50, kq)
+KQ_TYPE_FNS(q4k, TPK_T_Q4K, kspan)
+KQ_TYPE_FNS(q5k, TPK_T_Q5K, kspan)
+KQ_TYPE_FNS(q6k, TPK_T_Q6K, kspan)
 
 tpk_group_fn tpk_x86_kq(int type, int level, int f64) {
     switch (type) {

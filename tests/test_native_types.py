@@ -175,12 +175,13 @@ TOKENS = [1, 2, 3, 4, 5, 8, 9, 17, 33]
 @pytest.mark.parametrize("sums", ["float32", "float64"])
 @pytest.mark.parametrize("wtype", NEW_TYPES)
 def test_every_level_bit_identical_to_scalar(wtype, sums):
-    """Ragged row counts, token tiles and their tails, 1 and 2 threads, a column offset."""
+    """Ragged row counts, token tiles and their tails, 1 and 2 threads, column offsets that start
+    at every place inside a K-quant super-block (so spans of every length)."""
     dtype = np.dtype(sums)
     per = K.ggml_block(wtype)[0] // 32
     checked = 0
     for si, (rows, nb) in enumerate(SHAPES):
-        first = 3 % per
+        first = (3 * si + 3) % per
         blocks = random_blocks(wtype, rows, -(-(first + nb) // per), seed=si)
         m = Matrix.from_ggml(wtype, blocks, first * 32, nb * 32)
         for ntok in TOKENS:
@@ -269,13 +270,13 @@ def test_row_parallel_slices_add_up(wtype):
 
 
 def test_exactness_test_can_fail():
-    """One ulp off in one row's scale of one 32-column block is seen by the bit-exact comparison."""
+    """One ulp off in one row's super-block scale is seen by the bit-exact comparison."""
     blocks = random_blocks("q4k", 20, 1, seed=1)
     m = Matrix.from_ggml("q4k", blocks, 0, 256)
     a = activations(3, 256, seed=2)
     K.set_simd_level("scalar")
     ref = product(m, a)
-    m.data[2 * 352 + 2 * 5] ^= 1          # 32-column block 2, row 5: low bit of its fp16 d
+    m.data[64 + 2 * 5] ^= 1          # the first span's header (after the 64-byte prefix): row 5's fp16 d
     for level in LEVELS:
         K.set_simd_level(level)
         got = product(m, a)

@@ -65,7 +65,8 @@ def test_auto_raises_a_type_without_kernels_to_q80(monkeypatch):
 def test_auto_runs_a_type_in_its_own_kernels_once_they_exist(monkeypatch, ggml):
     """The decision reads the table: flip a type to native and auto keeps it as it is."""
     t = wtypes.BY_GGML[ggml]
-    monkeypatch.setitem(wtypes.BY_GGML, ggml, dataclasses.replace(t, native=True, runtime_bytes_per_32=t.block_bytes * 32 / t.block))
+    monkeypatch.setitem(wtypes.BY_GGML, ggml, dataclasses.replace(t, native=True, runtime_bytes_per_32=t.block_bytes * 32 / t.block,
+                                                                span_header=0))
     monkeypatch.setitem(wtypes.TYPES, t.name, wtypes.BY_GGML[ggml])
     monkeypatch.setattr(typeplan, "WEIGHT_TYPE_CHOICES", wtypes.WEIGHT_TYPE_CHOICES + (t.name,))
     tp = choose_types(FakeFile(SMOLLM2, ggml, "Q8_0"))

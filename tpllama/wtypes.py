@@ -25,18 +25,20 @@ class WeightType:
     activation: Optional[str] = "q80"              # format the activations are quantized to (None: float)
     unit: int = 32          # column slices must start and end at multiples of this
     fp16_offsets: Tuple[int, ...] = ()   # byte offsets of the fp16 scales/mins inside a GGML block
+    span_header: int = 0    # K-quants: bytes per row of a span header (d, dmin once per super-block), else 0
 
     @property
     def quantized(self) -> bool:
         return self.activation is not None
 
 
-def _q(name, ggml, block, block_bytes, native, runtime32, fp16_offsets):
+def _q(name, ggml, block, block_bytes, native, runtime32, fp16_offsets, span_header=0):
     return WeightType(name, ggml, block, block_bytes, block_bytes * 8 / block, native, runtime32,
-                      fp16_offsets=fp16_offsets)
+                      fp16_offsets=fp16_offsets, span_header=span_header)
 
 
-# Runtime bytes per 32 weights: the packed layouts in kernels/tpk.h. A type that is not native
+# Runtime bytes per 32 weights: the packed layouts in kernels/tpk.h (for the K-quants the span
+# header's share included: a row's d, dmin once per 8 blocks of 32). A type that is not native
 # yet has None there; set both when its kernels land.
 TYPES: Dict[str, WeightType] = {t.name: t for t in (
     WeightType("f32", "F32", 1, 4, 32.0, True, None, None, 1),
@@ -46,9 +48,9 @@ TYPES: Dict[str, WeightType] = {t.name: t for t in (
     _q("q41", "Q4_1", 32, 20, True, 20, (0, 2)),
     _q("q50", "Q5_0", 32, 22, True, 22, (0,)),
     _q("q80", "Q8_0", 32, 34, True, 34, (0,)),
-    _q("q4k", "Q4_K", 256, 144, True, 22, (0, 2)),
-    _q("q5k", "Q5_K", 256, 176, True, 26, (0, 2)),
-    _q("q6k", "Q6_K", 256, 210, True, 28, (208,)),
+    _q("q4k", "Q4_K", 256, 144, True, 18.5, (0, 2), span_header=4),
+    _q("q5k", "Q5_K", 256, 176, True, 22.5, (0, 2), span_header=4),
+    _q("q6k", "Q6_K", 256, 210, True, 26.25, (208,), span_header=2),
 )}
 
 BY_GGML: Dict[str, WeightType] = {t.ggml: t for t in TYPES.values()}
@@ -60,6 +62,8 @@ FORCED_TYPES = ("f32", "q40", "q80")
 WEIGHT_TYPE_CHOICES = ("auto",) + FORCED_TYPES
 
 ROWS_PER_GROUP = 16   # the kernels pack rows 16 at a time (the last group padded)
+SPAN = 8              # K-quant blocks of 32 per span header (one GGML super-block)
+SPAN_PREFIX = 64      # K-quants: bytes before a row group's first span (its phase)
 
 
 def weight_type(name: str) -> WeightType:
@@ -79,4 +83,10 @@ def runtime_bytes(name: str, rows: int, cols: int) -> int:
     if t.runtime_bytes_per_32 is None:
         raise ValueError(f"{t.name} has no runtime layout yet")
     groups = -(-rows // ROWS_PER_GROUP)
-    return int(groups * ROWS_PER_GROUP * (cols // 32) * t.runtime_bytes_per_32)
+    nb = cols // 32
+    if not t.span_header:
+        return int(groups * ROWS_PER_GROUP * nb * t.runtime_bytes_per_32)
+    # a row group: prefix, then spans; room for the headers of the worst phase, ceil((nb + 7) / 8)
+    block = t.runtime_bytes_per_32 - t.span_header / SPAN
+    headers = (nb + 2 * SPAN - 2) // SPAN
+    return int(groups * (SPAN_PREFIX + ROWS_PER_GROUP * (headers * t.span_header + nb * block)))
