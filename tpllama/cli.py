@@ -86,6 +86,13 @@ def add_model_args(p: argparse.ArgumentParser):
                          "(default: ~/.cache/tpllama/shards, or $TPLLAMA_CACHE/shards)")
     p_.add_argument("--no-shard-cache", action="store_true",
                     help="neither read nor write shard files: convert the weights from the model file at every start")
+    wr = p_.add_mutually_exclusive_group()
+    wr.add_argument("--weights-from-root", dest="weights_from_root", action="store_const", const=True, default=None,
+                    help="ranks that cannot open the model path get their converted weights from rank 0 over MPI, "
+                         "once: they keep them in their shard files (GGUF models; default: whenever a rank "
+                         "cannot open the path and rank 0 can, saying so)")
+    wr.add_argument("--no-weights-from-root", dest="weights_from_root", action="store_const", const=False,
+                    help="every rank must open the model file itself")
     mm = p_.add_mutually_exclusive_group()
     mm.add_argument("--mmap", dest="mmap", action="store_const", const=True, default=None,
                     help="run from the memory-mapped shard files: the OS pages weights in as the layers run, so a "
@@ -141,7 +148,7 @@ def load_options(args) -> dict:
     return dict(weight_type=args.weight_type, ctx_size=args.ctx_size, threads=args.threads,
                 rank_weights=args.rank_weights, sync_type=args.sync_type, tokenizer=args.tokenizer,
                 shard_cache=False if args.no_shard_cache else (True if args.shard_cache is None else args.shard_cache),
-                mmap=args.mmap, verbose=not args.quiet)
+                mmap=args.mmap, weights_from_root=args.weights_from_root, verbose=not args.quiet)
 
 
 def show_log(args) -> None:

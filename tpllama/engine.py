@@ -30,7 +30,8 @@ from .parallel import Parallel, world_size
 from .plan import (PREFILL_CHUNK, format_memory_table, host_shortfalls, make_plan, max_context,
                    parse_rank_weights, rank_memory, weight_bytes)
 from .sampler import DEFAULT_MAX_NEW_TOKENS, SamplingParams
-from .shardcache import cached_rank_weights, read_bandwidth, shard_folder
+from . import remote
+from .shardcache import cached_rank_weights, read_bandwidth, shard_folder, shard_key, shard_path
 from .stats import RunStats, resident_anon_bytes
 from .steps import LocalFailure, StepClock, non_finite_logits
 from .weights import RankWeights
@@ -47,6 +48,7 @@ class LoadOptions:
     tokenizer: Optional[str] = None   # tokenizer file when the model has none; "none": load no tokenizer
     shard_cache: Union[bool, str] = True   # True: ~/.cache/tpllama/shards (or $TPLLAMA_CACHE/shards); a folder; False: off
     mmap: Optional[bool] = None       # run from the memory-mapped shard files; None: only when the weights do not fit
+    weights_from_root: Optional[bool] = None   # ranks without the model file get their weights from rank 0; None: when needed
     verbose: bool = False             # progress and the memory plan on rank 0's stderr (logger "tpllama")
 
     def check(self, world_size: int) -> None:
@@ -60,6 +62,9 @@ class LoadOptions:
             checks.optional_positive("threads", self.threads, "this host's cores divided by its ranks")
             _rank_weights(self.rank_weights, world_size)
             shard_folder(self.shard_cache)
+            if self.weights_from_root not in (None, True, False):
+                raise checks.ParameterError("weights_from_root", self.weights_from_root,
+                                            "expected True, False or None (when a rank cannot open the model)")
             if self.mmap not in (None, True, False):
                 raise checks.ParameterError("mmap", self.mmap, "expected True, False or None (when the weights do not fit)")
             if self.mmap and shard_folder(self.shard_cache) is None:
@@ -109,7 +114,7 @@ class Model:
             show_log_on_stderr()
         opts.check(world_size(comm))     # every rank checks the same options: all fail alike, before any file is read
         self.par = par = Parallel(comm, opts.sync_type)
-        self.reader = reader = par.together(lambda: open_model(path))
+        self.reader = reader = self._open_model(path)
         self.fingerprint = check_same_model(par, reader, path)   # a stale copy on one node would hang or garble the job
         self.config = c = reader.config
         self.tokenizer = None
@@ -131,6 +136,8 @@ class Model:
         if opts.verbose and sys.stderr.isatty():   # redraw one line on a terminal; logs get one line at the end
             progress = lambda i, n: _progress(par, i, n)
         resident_before, t_load = resident_anon_bytes(), time.perf_counter()
+        if self.remote_ranks:
+            self._send_missing_shards()
         weights = par.together(lambda: self._load_weights(progress))
         # what loading cost this rank: the weights it holds, and the resident memory that grew
         self.load_report = {"weight_bytes": weights.nbytes, "resident_growth": resident_anon_bytes() - resident_before}
@@ -144,6 +151,52 @@ class Model:
         self._finish_reason = "stop"
 
     # ------------------------------------------------------------ setup
+
+    def _open_model(self, path: str):
+        """This rank's reader of the model file; on a rank that cannot open the path while rank 0
+        can, a RemoteModel of rank 0's description (weights_from_root, or by default)."""
+        from .fingerprint import fingerprint
+        par, opts = self.par, self.options
+        self.remote_ranks: List[int] = []
+        here = os.path.exists(os.path.expanduser(str(path)))
+        everyone = par.allgather_object((str(path), here))
+        have = [h for _, h in everyone]
+        same_path = all(p == everyone[0][0] for p, _ in everyone)
+        if all(have) or not have[0] or not same_path or opts.weights_from_root is False:
+            return par.together(lambda: open_model(path))    # a missing file is an error of every rank
+        reader = par.together(lambda: open_model(path) if here else None)
+        if opts.weights_from_root is None and not par.from_root(lambda: reader.format_name == "GGUF"):
+            return par.together(lambda: reader if here else open_model(path))   # only GGUF travels by itself
+        if shard_folder(opts.shard_cache) is None:
+            raise TpllamaError(f"{path}: rank(s) {', '.join(str(r) for r, h in enumerate(have) if not h)} cannot open "
+                               "the model, and the shard cache that would keep the weights rank 0 sends is off "
+                               "(--no-shard-cache); copy the model to every node or turn the cache on", collective=True)
+        description = par.from_root(lambda: remote.describe(reader, fingerprint(reader)))
+        self.remote_ranks = [r for r, h in enumerate(have) if not h]
+        _log(par, f"tpllama: rank(s) {', '.join(map(str, self.remote_ranks))} cannot open {path}: rank 0 sends them "
+                  "their converted weights where their shard files lack them (--weights-from-root)")
+        return reader if here else remote.RemoteModel(description)
+
+    def _send_missing_shards(self) -> None:
+        """Collective: every rank without the model file and without a sound shard file of its
+        slice gets one from rank 0 (remote.py); every rank raises if the transfer failed."""
+        par = self.par
+        folder = shard_folder(self.options.shard_cache)
+        key = shard_key(self.fingerprint, par.size, self.shard, self.types)
+        path = shard_path(folder, self.reader.path, par.size, par.rank, key)
+        missing = par.rank in self.remote_ranks and not remote.has_sound_shard(path, key)
+        needing = [r for r, m in enumerate(par.allgather_object(missing)) if m]
+        error = None
+        for r in needing:
+            if par.is_root:
+                error = error or remote.send_shard(par, self.reader, self.plan[r], self.types, self.threads, r)
+            elif par.rank == r:
+                error = remote.receive_shard(par, path, key)
+        par.agree(error)
+        sent = par.counters.weight_bytes_sent
+        _log(par, f"tpllama: rank 0 sent {sent / 2**20:,.1f} MiB of converted weights to rank(s) "
+                  f"{', '.join(map(str, needing))}" if needing else
+                  "tpllama: the ranks without the model file have their shard files: no weights sent")
 
     def _host_facts(self):
         def facts():

@@ -33,6 +33,8 @@ class CommCounters:
     sent: int = 0
     received: int = 0
     calls: Dict[str, int] = field(default_factory=dict)
+    weight_bytes_sent: int = 0       # weights sent to / received from ranks without the model file
+    weight_bytes_received: int = 0
 
     def snapshot(self) -> Tuple[float, int, int]:
         return self.seconds, self.sent, self.received
@@ -205,6 +207,34 @@ class Parallel:
         everyone = self.comm.gather(obj, root=0)
         self._count("gather", t0, 0, 0)
         return everyone
+
+    # ------------------------------------------------------------ one rank to another (weights for a node without the file)
+
+    WEIGHTS_TAG = 11
+
+    def send_object(self, obj: Any, dest: int) -> None:
+        t0 = time.perf_counter()
+        self.comm.send(obj, dest=dest, tag=self.WEIGHTS_TAG)
+        self._count("send", t0, 0, 0)
+
+    def recv_object(self, source: int) -> Any:
+        t0 = time.perf_counter()
+        obj = self.comm.recv(source=source, tag=self.WEIGHTS_TAG)
+        self._count("recv", t0, 0, 0)
+        return obj
+
+    def send_bytes(self, data: np.ndarray, dest: int) -> None:
+        """A contiguous uint8 array to one rank (the receiver knows its size)."""
+        t0 = time.perf_counter()
+        self.comm.Send([data, self.MPI.BYTE], dest=dest, tag=self.WEIGHTS_TAG)
+        self.counters.weight_bytes_sent += data.nbytes
+        self._count("send", t0, data.nbytes, 0)
+
+    def recv_bytes(self, out: np.ndarray, source: int) -> None:
+        t0 = time.perf_counter()
+        self.comm.Recv([out, self.MPI.BYTE], source=source, tag=self.WEIGHTS_TAG)
+        self.counters.weight_bytes_received += out.nbytes
+        self._count("recv", t0, 0, out.nbytes)
 
     def ibarrier(self):
         """A non-blocking barrier (followers poll it while they sleep between commands)."""

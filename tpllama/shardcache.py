@@ -39,7 +39,8 @@ import numpy as np
 
 from .matrix import Matrix, _ARENA
 from .plan import RankSlice
-from .weights import LayerWeights, RankWeights
+from .filetypes import DTYPES
+from .weights import EmbeddingTable, LayerWeights, RankWeights
 
 MAGIC = b"TPLSHARD"
 VERSION = 2
@@ -174,6 +175,23 @@ class ShardWriter:
             self.entries.append(entry)
             self.offset = -(-(self.offset + entry["nbytes"]) // ALIGN) * ALIGN
 
+    def begin(self, entry: dict) -> None:
+        """Start an array whose bytes come in pieces (write), e.g. as they arrive from another rank."""
+        entry = dict(entry, offset=self.offset)
+        self.f.seek(DATA_START_ALIGN + self.offset)
+        self._open, self._written = entry, 0
+
+    def write(self, data: np.ndarray) -> None:
+        self.f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+        self._written += data.nbytes
+
+    def end(self) -> None:
+        entry = self._open
+        if self._written != entry["nbytes"]:
+            raise ValueError(f"array {entry['name']}: {self._written} bytes written, {entry['nbytes']} announced")
+        self.entries.append(entry)
+        self.offset = -(-(self.offset + entry["nbytes"]) // ALIGN) * ALIGN
+
     def finish(self) -> None:
         header = json.dumps({"key": self.key, "entries": self.entries, "data_bytes": self.offset}).encode()
         at = DATA_START_ALIGN + self.offset
@@ -230,9 +248,19 @@ def read_header(f, key: str, file_size: int) -> Optional[dict]:
     return meta
 
 
+@dataclass
+class RawRows:
+    """Rows of a model file's tensor as they are in the file (the token embedding of a rank
+    without the model file), and their element type."""
+    rows: np.ndarray      # uint8 (rows, bytes_per_row)
+    dtype: str
+
+
 def _array(entry: dict, raw: np.ndarray, threads: int):
-    """A vector or Matrix over raw (the entry's bytes, read into memory or mapped)."""
+    """A vector, Matrix or RawRows over raw (the entry's bytes, read into memory or mapped)."""
     wtype, rows, cols = entry["wtype"], entry["rows"], entry["cols"]
+    if wtype == "raw":
+        return RawRows(raw.reshape(rows, cols), str(entry["dtype"]))
     if wtype == "vector":
         return raw.view(np.float32).reshape(cols)
     if wtype == "f32":
@@ -241,7 +269,7 @@ def _array(entry: dict, raw: np.ndarray, threads: int):
 
 
 def _read_entry(f, entry: dict, threads: int):
-    raw = _ARENA.empty(entry["nbytes"]) if entry["wtype"] not in ("vector", "f32") else \
+    raw = _ARENA.empty(entry["nbytes"]) if entry["wtype"] not in ("vector", "f32", "raw") else \
         np.empty(entry["nbytes"], dtype=np.uint8)
     f.seek(DATA_START_ALIGN + entry["offset"])
     if f.readinto(memoryview(raw)) != entry["nbytes"]:
@@ -285,12 +313,12 @@ def load(path: str, key: str, template: RankWeights, mapped: bool = False) -> Op
             entries = meta["entries"]
             if not mapped:
                 values = {e["name"]: _read_entry(f, e, template.threads) for e in entries}
-                return _assemble(values, template)
+                return _assemble(values, template, path)
             mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         buf = np.frombuffer(mapping, dtype=np.uint8)
         values = {e["name"]: _array(e, buf[DATA_START_ALIGN + e["offset"]:DATA_START_ALIGN + e["offset"] + e["nbytes"]],
                                     template.threads) for e in entries}
-        weights = _assemble(values, template)
+        weights = _assemble(values, template, path)
         weights.layers = MappedLayers(weights.layers, mapping, _layer_spans(entries, len(weights.layers)))
         weights.layers.prefetch(0)
         return weights
@@ -307,11 +335,15 @@ def _layer_spans(entries: List[dict], n_layers: int) -> List[Tuple[int, int]]:
     return spans
 
 
-def _assemble(values: Dict[str, object], template: RankWeights) -> RankWeights:
+def _assemble(values: Dict[str, object], template: RankWeights, path: str) -> RankWeights:
     layers = [LayerWeights(**{f: values[f"{i}.{f}"] for f in LAYER_FIELDS}) for i in range(template.config.n_layers)]
-    if len(values) != len(LAYER_FIELDS) * len(layers) + 2:
+    embedding = template.embedding
+    if "embedding" in values:      # a rank without the model file keeps the embedding here
+        rows = values.pop("embedding")
+        embedding = EmbeddingTable(rows=rows.rows, widen=DTYPES[rows.dtype].dequantize, source=f"{path}: embedding")
+    if len(values) != len(LAYER_FIELDS) * len(layers) + 2 or embedding is None:
         raise ValueError("the shard file holds other arrays than the model's")
-    return RankWeights(config=template.config, shard=template.shard, embedding=template.embedding, layers=layers,
+    return RankWeights(config=template.config, shard=template.shard, embedding=embedding, layers=layers,
                        output_norm=values["output_norm"], output=values["output"], threads=template.threads)
 
 
@@ -334,13 +366,17 @@ def cached_rank_weights(reader, shard: RankSlice, types, threads: int, folder: s
     from .errors import TpllamaError
     key = shard_key(fingerprint, world_size, shard, types)
     path = shard_path(folder, reader.path, world_size, shard.rank, key)
-    template = RankWeights(config=reader.config, shard=shard, embedding=embedding_table(reader), layers=[],
-                           output_norm=None, output=None, threads=threads)
+    remote = getattr(reader, "remote", False)      # no model file here: the shard file holds everything
+    template = RankWeights(config=reader.config, shard=shard, embedding=None if remote else embedding_table(reader),
+                           layers=[], output_norm=None, output=None, threads=threads)
     existed = os.path.exists(path)
     weights = load(path, key, template, mapped) if existed else None
     if weights is not None:
         how = "mapped" if mapped else "read"
         return Cached(weights, path, True, f"{how} the converted weights from {path}")
+    if remote:
+        raise TpllamaError(f"{path}: this rank has neither the model file nor a sound shard file of it "
+                           "(the weights rank 0 sent did not arrive whole)")
     what = "rebuilt the stale or damaged" if existed else "wrote the"
     if mapped:
         try:
