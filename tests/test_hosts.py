@@ -43,3 +43,31 @@ def test_hostfile_default_model(two_hosts, smollm2):
     cluster = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=mpi_env(), cwd=str(REPO))
     assert cluster.returncode == 0, cluster.stderr[-3000:]
     assert cluster.stdout == alone.stdout
+
+
+def test_a_host_without_the_model_file_gets_its_weights_over_tcp_once(two_hosts, stories_gguf, tmp_path):
+    """Only host 1's rank 0 has the model (its working folder); host 2's rank gets its slice over
+    TCP from rank 0 and keeps it in its shard file: the second start sends nothing."""
+    import json
+    import shutil
+    from mpi_util import SCRIPTS
+    a, b = tmp_path / "host1", tmp_path / "host2"
+    a.mkdir()
+    b.mkdir()
+    shutil.copy(stories_gguf, a / "model.gguf")
+    script = [sys.executable, str(SCRIPTS / "weights_from_root.py"), "model.gguf", "shards"]
+    alone = subprocess.run([mpirun_path(), "-n", "1", "--wdir", str(a), *script], capture_output=True, text=True,
+                           timeout=120, env=mpi_env())
+    cmd = [mpirun_path(), *two_hosts.mpirun_args(), "-n", "1", "--host", two_hosts.hosts[0].address, "--wdir", str(a),
+           *script, ":", "-n", "1", "--host", two_hosts.hosts[1].address, "--wdir", str(b), *script]
+
+    def result(proc):
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        assert line, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+        return json.loads(line[len("RESULT "):])
+
+    first, second = (result(subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=mpi_env()))
+                     for _ in range(2))
+    assert first["text"] == second["text"] == result(alone)["text"]
+    assert first["ranks"][0]["sent"] == first["ranks"][1]["received"] > 0 and not first["ranks"][1]["has_file"]
+    assert all(r["sent"] == r["received"] == 0 for r in second["ranks"])
