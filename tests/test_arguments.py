@@ -105,6 +105,10 @@ def test_generate_refuses_float_prompt_ids(stories):
     (dict(sync_type="f16"), "sync_type='f16'"),
     (dict(rank_weights=[1.0, 2.0]), "rank_weights=[1.0, 2.0]: expected 1 numbers"),
     (dict(rank_weights=[math.nan]), "rank_weights=nan"),
+    (dict(shard_cache=""), "shard_cache=''"),
+    (dict(mmap="yes"), "mmap='yes'"),
+    (dict(mmap=True, shard_cache=False), "mmap=True: runs from the shard files"),
+    (dict(weights_from_root="yes"), "weights_from_root='yes'"),
 ])
 def test_load_options_are_checked_before_the_file_is_opened(options, needle):
     t0 = time.perf_counter()
@@ -152,6 +156,8 @@ def test_verbose_shows_the_log_on_stderr(stories_bin, capfd, tpllama_logger):
     (["--top-k", "-1"], "--top-k -1"),
     (["-s", "-5"], "-s -5: expected a whole number from 0 to 2^64-1, or -1 for a random seed"),
     (["-n", "-3"], "-n -3"),
+    (["--shard-cache", ""], "--shard-cache : expected True (the default folder), False (off) or a folder"),
+    (["--mmap", "--no-shard-cache"], "--mmap True: runs from the shard files"),
 ])
 def test_generate_flags_are_checked_before_loading(stories_bin, args, needle):
     out = cli("tpllama.generate", "-m", str(stories_bin), "-p", "hi", *args)

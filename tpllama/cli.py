@@ -86,23 +86,26 @@ def add_model_args(p: argparse.ArgumentParser):
                          "(default: ~/.cache/tpllama/shards, or $TPLLAMA_CACHE/shards)")
     p_.add_argument("--no-shard-cache", action="store_true",
                     help="neither read nor write shard files: convert the weights from the model file at every start")
-    wr = p_.add_mutually_exclusive_group()
-    wr.add_argument("--weights-from-root", dest="weights_from_root", action="store_const", const=True, default=None,
-                    help="ranks that cannot open the model path get their converted weights from rank 0 over MPI, "
-                         "once: they keep them in their shard files (GGUF models; default: whenever a rank "
-                         "cannot open the path and rank 0 can, saying so)")
-    wr.add_argument("--no-weights-from-root", dest="weights_from_root", action="store_const", const=False,
-                    help="every rank must open the model file itself")
-    mm = p_.add_mutually_exclusive_group()
-    mm.add_argument("--mmap", dest="mmap", action="store_const", const=True, default=None,
-                    help="run from the memory-mapped shard files: the OS pages weights in as the layers run, so a "
-                         "model larger than memory runs at the disk's speed (default: only when the weights do not "
-                         "fit, saying so)")
-    mm.add_argument("--no-mmap", dest="mmap", action="store_const", const=False,
-                    help="never run from mapped shard files: refuse a model whose weights do not fit")
+    _on_off(p_, "weights-from-root",
+            "ranks that cannot open the model path get their converted weights from rank 0 over MPI, once: they "
+            "keep them in their shard files (GGUF models; default: whenever a rank cannot open the path and rank 0 "
+            "can, saying so)",
+            "every rank must open the model file itself")
+    _on_off(p_, "mmap",
+            "run from the memory-mapped shard files: the OS pages weights in as the layers run, so a model larger "
+            "than memory runs at the disk's speed (default: only when the weights do not fit, saying so)",
+            "never run from mapped shard files: refuse a model whose weights do not fit")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="do not print the memory plan and loading progress (stderr)")
     p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)   # the default now; kept for old scripts
+
+
+def _on_off(group, name: str, on_help: str, off_help: str) -> None:
+    """--NAME / --no-NAME: True, False, or None (the default: the library decides)."""
+    pair = group.add_mutually_exclusive_group()
+    dest = name.replace("-", "_")
+    pair.add_argument(f"--{name}", dest=dest, action="store_const", const=True, default=None, help=on_help)
+    pair.add_argument(f"--no-{name}", dest=dest, action="store_const", const=False, help=off_help)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, n_default: int = DEFAULT_MAX_NEW_TOKENS):
