@@ -92,6 +92,18 @@ def _norm(reader: ModelReader, name: str) -> np.ndarray:
     return require_finite(reader, name, reader.read(name))
 
 
+def _architecture_vectors(reader: ModelReader, names: dict, q_rows: slice, kv_rows: slice) -> dict:
+    """The vectors this architecture adds to a layer, this rank's part of them (float32)."""
+    c = reader.config
+    out = {}
+    if c.qkv_bias:
+        out.update(bq=_norm(reader, names["bq"])[q_rows], bk=_norm(reader, names["bk"])[kv_rows],
+                   bv=_norm(reader, names["bv"])[kv_rows])
+    if c.qk_norm:
+        out.update(q_norm=_norm(reader, names["q_norm"]), k_norm=_norm(reader, names["k_norm"]))
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
 def embedding_table(reader: ModelReader) -> EmbeddingTable:
     """The token embedding as a table over the file's mapped rows (nothing read until a step
     indexes it: each step widens only its tokens' rows)."""
@@ -137,6 +149,7 @@ def rank_weight_parts(reader: ModelReader, shard: RankSlice, types: Union[TypePl
             w1=load(n["w1"], ffn, every),
             w3=load(n["w3"], ffn, every),
             w2=load(n["w2"], every, ffn),
+            **_architecture_vectors(reader, n, q_rows, kv_rows),
         )
         if progress:
             progress(i + 1, c.n_layers + 1)
