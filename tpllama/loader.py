@@ -88,7 +88,7 @@ def _quantized(reader: ModelReader, name: str, rows: slice, cols: slice, wtype: 
     return data
 
 
-def _norm(reader: ModelReader, name: str) -> np.ndarray:
+def _vector(reader: ModelReader, name: str) -> np.ndarray:
     return require_finite(reader, name, reader.read(name))
 
 
@@ -97,10 +97,10 @@ def _architecture_vectors(reader: ModelReader, names: dict, q_rows: slice, kv_ro
     c = reader.config
     out = {}
     if c.qkv_bias:
-        out.update(bq=_norm(reader, names["bq"])[q_rows], bk=_norm(reader, names["bk"])[kv_rows],
-                   bv=_norm(reader, names["bv"])[kv_rows])
+        out.update(bq=_vector(reader, names["bq"])[q_rows], bk=_vector(reader, names["bk"])[kv_rows],
+                   bv=_vector(reader, names["bv"])[kv_rows])
     if c.qk_norm:
-        out.update(q_norm=_norm(reader, names["q_norm"]), k_norm=_norm(reader, names["k_norm"]))
+        out.update(q_norm=_vector(reader, names["q_norm"]), k_norm=_vector(reader, names["k_norm"]))
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 
@@ -140,12 +140,12 @@ def rank_weight_parts(reader: ModelReader, shard: RankSlice, types: Union[TypePl
     for i in range(c.n_layers):
         n = layer_names(i)
         yield i, LayerWeights(
-            attn_norm=_norm(reader, n["attn_norm"]),
+            attn_norm=_vector(reader, n["attn_norm"]),
             wq=load(n["wq"], q_rows, every),
             wk=load(n["wk"], kv_rows, every),
             wv=load(n["wv"], kv_rows, every),
             wo=load(n["wo"], every, q_rows),
-            ffn_norm=_norm(reader, n["ffn_norm"]),
+            ffn_norm=_vector(reader, n["ffn_norm"]),
             w1=load(n["w1"], ffn, every),
             w3=load(n["w3"], ffn, every),
             w2=load(n["w2"], every, ffn),
@@ -153,7 +153,7 @@ def rank_weight_parts(reader: ModelReader, shard: RankSlice, types: Union[TypePl
         )
         if progress:
             progress(i + 1, c.n_layers + 1)
-    yield "output_norm", _norm(reader, OUTPUT_NORM)
+    yield "output_norm", _vector(reader, OUTPUT_NORM)
     yield "output", load(output_tensor_name(reader), slice(shard.vocab.start, shard.vocab.stop), every)
     if progress:
         progress(c.n_layers + 1, c.n_layers + 1)
