@@ -2,9 +2,11 @@
 tensors of hand-made K-quant blocks; and a minimal GGUF tensor-table parser written from the
 spec (ggml/docs/gguf.md), independent of both the `gguf` package's reader and tpllama's.
 
-The conversion follows llama.cpp's convert_hf_to_gguf.py (LlamaModel): HF names -> GGUF names,
-q_proj/k_proj rows permuted into GGUF's interleaved rotary order by `LlamaModel.permute`, the
-`llama.*` keys, 1-D tensors (norms) kept F32, every 2-D tensor stored in the asked-for type
+The conversion follows llama.cpp's convert_hf_to_gguf.py (LlamaModel, Qwen2Model, Qwen3Model):
+HF names -> GGUF names, q_proj/k_proj rows permuted into GGUF's interleaved rotary order by
+`LlamaModel.permute` for llama only (Qwen2Model/Qwen3Model keep HF's rows: llama.cpp runs them
+with NEOX rope), the `{arch}.*` keys (attention.key_length/value_length when config.json has
+head_dim), 1-D tensors (norms, biases) kept F32, every 2-D tensor stored in the asked-for type
 (quantized with gguf.quants), lm_head dropped when the embeddings are tied.
 """
 from __future__ import annotations
@@ -33,6 +35,11 @@ HF_LAYER = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
 }
 
 
@@ -63,6 +70,7 @@ def llama_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 def hf_to_gguf_tensors(state: Dict[str, np.ndarray], hf_cfg: dict) -> Dict[str, np.ndarray]:
     """float32 HF state dict -> {GGUF name: float32 array in GGUF row order}."""
     n_head, n_kv = hf_cfg["num_attention_heads"], hf_cfg["num_key_value_heads"]
+    permute = hf_cfg.get("model_type", "llama") == "llama"
     out = {}
     for hf, w in state.items():
         if hf == "lm_head.weight" and hf_cfg.get("tie_word_embeddings"):
@@ -70,9 +78,9 @@ def hf_to_gguf_tensors(state: Dict[str, np.ndarray], hf_cfg: dict) -> Dict[str, 
         if "rotary_emb" in hf:
             continue
         w = np.asarray(w, dtype=np.float32)
-        if hf.endswith("q_proj.weight"):
+        if permute and hf.endswith("q_proj.weight"):
             w = llama_permute(w, n_head, n_head)
-        elif hf.endswith("k_proj.weight"):
+        elif permute and hf.endswith("k_proj.weight"):
             w = llama_permute(w, n_head, n_kv)
         out[gguf_name(hf)] = np.ascontiguousarray(w)
     return out
@@ -97,10 +105,12 @@ def round_trip(w: np.ndarray, qtype: T) -> np.ndarray:
 def write_gguf(path: Path, tensors: Dict[str, Tuple[np.ndarray, Optional[T]]], *, dim: int, hidden: int,
                layers: int, heads: int, kv_heads: int, vocab: int, context: int = 256,
                rope_theta: float = 10000.0, eps: float = 1e-5, arch: str = "llama",
-               extra: Optional[dict] = None, name: str = "tiny", alignment: Optional[int] = None) -> Path:
-    """A GGUF with the `llama.*` keys of convert_hf_to_gguf.py and the given (data, raw_dtype) tensors.
+               extra: Optional[dict] = None, name: str = "tiny", alignment: Optional[int] = None,
+               head_dim: Optional[int] = None) -> Path:
+    """A GGUF with the `{arch}.*` keys of convert_hf_to_gguf.py and the given (data, raw_dtype) tensors.
 
-    extra: more keys, {key: value} (str, int, float, bool or list of str); alignment: general.alignment."""
+    extra: more keys, {key: value} (str, int, float, bool or list of str); alignment: general.alignment;
+    head_dim: config.json's head_dim, written as attention.key_length and value_length."""
     w = GGUFWriter(str(path), arch)
     if alignment:
         w.add_custom_alignment(alignment)
@@ -111,7 +121,10 @@ def write_gguf(path: Path, tensors: Dict[str, Tuple[np.ndarray, Optional[T]]], *
     w.add_feed_forward_length(hidden)
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
-    w.add_rope_dimension_count(dim // heads)
+    if head_dim:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim or dim // heads)
     w.add_rope_freq_base(rope_theta)
     w.add_layer_norm_rms_eps(eps)
     w.add_vocab_size(vocab)
@@ -143,7 +156,8 @@ def hf_model_to_gguf(path: Path, state: Dict[str, np.ndarray], hf_cfg: dict, qty
                       layers=hf_cfg["num_hidden_layers"], heads=hf_cfg["num_attention_heads"],
                       kv_heads=hf_cfg["num_key_value_heads"], vocab=hf_cfg["vocab_size"],
                       context=hf_cfg["max_position_embeddings"], rope_theta=hf_cfg["rope_theta"],
-                      eps=hf_cfg["rms_norm_eps"], **kw)
+                      eps=hf_cfg["rms_norm_eps"], arch=hf_cfg.get("model_type", "llama"),
+                      head_dim=hf_cfg.get("head_dim"), **kw)
 
 
 # ------------------------------------------------------------------------------ K-quant blocks

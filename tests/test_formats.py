@@ -684,8 +684,10 @@ ERROR_CASES = {
                                                _gguf_data_start(d / "ok.gguf") - 40), r"truncated"),
     "gguf-cut-in-data": (lambda d: _cut(small_gguf(d / "ok.gguf"), d / "cut.gguf", -1000), r"truncated"),
     "gguf-cut-by-one-byte": (lambda d: _cut(small_gguf(d / "ok.gguf"), d / "cut.gguf", -1), r"truncated"),
-    "gguf-arch-gpt2": (lambda d: small_gguf(d / "gpt2.gguf", arch="gpt2"), r"architecture 'gpt2'.*expected 'llama'"),
-    "gguf-arch-qwen2": (lambda d: small_gguf(d / "qwen2.gguf", arch="qwen2"), r"architecture 'qwen2'.*expected 'llama'"),
+    "gguf-arch-gpt2": (lambda d: small_gguf(d / "gpt2.gguf", arch="gpt2"),
+                       r"architecture 'gpt2' is not supported \(supported: llama, qwen2, qwen3\)"),
+    "gguf-qwen2-without-biases": (lambda d: small_gguf(d / "qwen2.gguf", arch="qwen2"),
+                                  r"blk\.0\.attn_q\.bias.*missing.*qwen2"),
     "gguf-arch-falcon": (lambda d: small_gguf(d / "falcon.gguf", arch="falcon"), r"architecture 'falcon'"),
     "gguf-moe-llama": (lambda d: small_gguf(d / "mixtral.gguf", extra={"llama.expert_count": 8,
                                                                      "llama.expert_used_count": 2}),
@@ -702,7 +704,8 @@ ERROR_CASES = {
     "gguf-legacy-ggml": (lambda d: (d / "old.ggml").write_bytes(b"lmgg" + bytes(64)) and d / "old.ggml", r"GGML/GGJT.*GGUF"),
     "hf-gelu": (lambda d: _bad_hf(d / "gelu", hidden_act="gelu"), r"hidden_act 'gelu'.*expected 'silu'"),
     "hf-mistral": (lambda d: _bad_hf(d / "mistral", model_type="mistral", architectures=["MistralForCausalLM"],
-                                     sliding_window=4096), r"mistral.*expected 'llama'"),
+                                     sliding_window=4096),
+                   r"model_type 'mistral' \(MistralForCausalLM\) is not supported \(supported: llama, qwen2, qwen3\)"),
     "hf-missing-shard": (lambda d: _sharded_hf_missing_shard(d / "sharded"), r"missing.*index\.json"),
     "hf-truncated-safetensors": (_hf_truncated, r"truncated"),
     "hf-shape-vs-offsets": (lambda d: _hf_edited_header(
@@ -795,7 +798,7 @@ def shared_model_or_skip(*parts):
 
 # One of each kind through the real command line (every case above goes through the same cli.run)
 CLI_CASES = ["nonexistent", "dir-without-config", "png-named-gguf", "empty-file", "gguf-cut-in-header",
-             "gguf-cut-in-data", "gguf-arch-gpt2", "gguf-arch-qwen2", "gguf-type-IQ2_XXS", "gguf-wrong-shape",
+             "gguf-cut-in-data", "gguf-arch-gpt2", "gguf-qwen2-without-biases", "gguf-type-IQ2_XXS", "gguf-wrong-shape",
              "gguf-legacy-ggjt", "hf-gelu", "hf-mistral", "hf-missing-shard", "llama2c-truncated",
              "llama2c-extra-bytes", "tokenizer-mismatch"]
 

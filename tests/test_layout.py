@@ -59,6 +59,7 @@ def test_tensor_names_are_spelled_only_in_tensors_py():
     from tpllama import tensors
     gguf_names = set(tensors.LAYER_TENSORS.values()) | {tensors.EMBEDDING, tensors.OUTPUT, tensors.OUTPUT_NORM,
                                                         tensors.ROPE_FREQS}
+    gguf_names |= set(tensors.BIAS_TENSORS.values()) | set(tensors.QK_NORM_TENSORS.values())
     gguf_names -= {"attn_norm", "ffn_norm"}   # also the roles' own names, used as keys
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
@@ -67,22 +68,28 @@ def test_tensor_names_are_spelled_only_in_tensors_py():
         for line, text in _code_strings(path):
             if text in gguf_names or text.startswith("blk.") or any(n in text for n in (
                     "attn_q.", "attn_k.", "attn_v.", "attn_output.", "ffn_gate.", "ffn_up.", "ffn_down.",
-                    "token_embd.", "q_proj", "down_proj", "embed_tokens")):
+                    "token_embd.", "q_proj", "down_proj", "embed_tokens", "attn_q_norm", "attn_k_norm",
+                    "self_attn.")):
                 found.append(f"{path.relative_to(REPO)}:{line}: {text!r}")
     assert not found, "tensor names outside tpllama/tensors.py:\n" + "\n".join(found)
 
 
 def test_every_reader_names_the_same_tensors():
-    """HF and llama2.c names map onto the GGUF names the model math uses, role for role."""
+    """HF and llama2.c names map onto the GGUF names the model math uses, role for role, for
+    every architecture (qwen2's biases and qwen3's q/k norms only where the architecture has them)."""
     from tpllama import tensors
-    from tpllama.config import ModelConfig
-    c = ModelConfig(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, max_seq_len=16)
-    hf = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
-    for i in range(c.n_layers):
-        hf |= {f"model.layers.{i}.{part}" for part in tensors.HF_LAYER}
-    assert {tensors.from_hf_name(n) for n in hf} == set(tensors.expected_shapes(c))
+    from tpllama.config import ARCHITECTURES, ModelConfig
+    for arch in ARCHITECTURES:
+        c = ModelConfig(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, max_seq_len=16,
+                        arch=arch)
+        roles = tensors.layer_shapes(c)
+        hf = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+        for i in range(c.n_layers):
+            hf |= {f"model.layers.{i}.{part}" for part, role in tensors.HF_LAYER.items() if role in roles}
+        assert {tensors.from_hf_name(n) for n in hf} == set(tensors.expected_shapes(c)), arch
     assert sorted(tensors.LLAMA2C_ORDER) == sorted(tensors.LAYER_TENSORS)
     assert tensors.role_of("blk.1.ffn_down.weight") == (1, "w2") and tensors.role_of("output.weight") == (-1, None)
+    assert tensors.role_of("blk.2.attn_k.bias") == (2, "bk") and tensors.role_of("blk.0.attn_q_norm.weight") == (0, "q_norm")
 
 
 def _imported_top_level_modules():

@@ -1,7 +1,8 @@
-"""Tiny Llama models written by the tests themselves, as Hugging Face directories.
+"""Tiny Llama-family models written by the tests themselves, as Hugging Face directories.
 
-The reference implementation is HF transformers' LlamaForCausalLM (CPU torch): the tests
-write its weights with save_pretrained and compare tpllama's logits against its own.
+The reference implementation is HF transformers' LlamaForCausalLM (Qwen2ForCausalLM,
+Qwen3ForCausalLM for those architectures; CPU torch): the tests write its weights with
+save_pretrained and compare tpllama's logits against its own.
 
 A model with random weights has near-flat logits, where any rounding flips the top token;
 a trained model is confident. So each tiny model is first trained for a few seconds on a
@@ -43,6 +44,7 @@ class TinySpec:
     max_shard_size: Optional[str] = None
     train_steps: int = 200
     seed: int = 0
+    arch: str = "llama"             # llama | qwen2 | qwen3: the transformers classes that write it
     extra: dict = field(default_factory=dict)
 
 
@@ -59,18 +61,36 @@ SPECS = {
     "head48": TinySpec("head48", hidden=192, heads=4, kv_heads=2),
 }
 
+# Qwen2 (q/k/v biases) and Qwen3 (per-head q/k norms; head size other than hidden / heads)
+QWEN_SPECS = {
+    "qwen2": TinySpec("qwen2", arch="qwen2", train_steps=10, hidden=64, intermediate=128, heads=4, kv_heads=2, rope_theta=1e6),
+    "qwen2-tied": TinySpec("qwen2-tied", arch="qwen2", train_steps=10, hidden=64, intermediate=128, heads=4, kv_heads=1, tied=True),
+    "qwen3": TinySpec("qwen3", arch="qwen3", train_steps=10, hidden=64, intermediate=128, heads=4, kv_heads=2, rope_theta=1e6,
+                      extra={"head_dim": 32}),
+    "qwen3-tied": TinySpec("qwen3-tied", arch="qwen3", train_steps=10, hidden=64, intermediate=128, heads=4, kv_heads=4, tied=True,
+                           extra={"head_dim": 24}),
+}
+
+
+def _classes(arch: str):
+    """(config class, model class) of transformers for an architecture."""
+    names = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+             "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}[arch]
+    return tuple(getattr(transformers, n) for n in names)
+
 
 def write_hf_model(spec: TinySpec, directory: Path):
-    """Save a random LlamaForCausalLM of `spec` into directory; returns the torch model (float32)."""
+    """Save a random (briefly trained) model of `spec` into directory; returns the torch model (float32)."""
     _import_reference()
-    cfg = transformers.LlamaConfig(
+    config_class, model_class = _classes(spec.arch)
+    cfg = config_class(
         vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
         num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
         max_position_embeddings=256, rope_theta=spec.rope_theta, rope_scaling=spec.rope_scaling,
         tie_word_embeddings=spec.tied, rms_norm_eps=1e-5, **spec.extra,
     )
     torch.manual_seed(spec.seed)
-    model = transformers.LlamaForCausalLM(cfg)
+    model = model_class(cfg)
     train(model, spec)
     saved = model.eval().to(getattr(torch, spec.dtype))
     kwargs = {"safe_serialization": True}
@@ -79,7 +99,7 @@ def write_hf_model(spec: TinySpec, directory: Path):
     saved.save_pretrained(directory, **kwargs)
     # The reference is HF reading the saved files back, computing in float32 (casting the
     # live model instead would leave its rotary buffer rounded to bf16).
-    return transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    return model_class.from_pretrained(directory, dtype=torch.float32).eval()
 
 
 class Rule:
@@ -107,10 +127,12 @@ def train(model, spec: TinySpec):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    with torch.no_grad():   # non-trivial norm weights, so a norm read wrongly is caught
+    with torch.no_grad():   # non-trivial norm weights and biases, so one read wrongly is caught
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.mul_(1.0 + 0.05 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
 
 
 def reference_logits(model, prompt, steps):

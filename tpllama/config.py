@@ -1,7 +1,9 @@
-"""ModelConfig: the shape and hyper-parameters of a Llama-family model.
+"""ModelConfig: the shape and hyper-parameters of a Llama-family model, and its architecture.
 
 Built from each format's own keys (GGUF metadata, HF config.json, the llama2.c header);
 each constructor names the keys by their source names so a reader can check them.
+ARCHITECTURES is the one table of the architectures tpllama runs and how each differs from
+Llama's math (biases on q/k/v, per-head norms on q/k, the rotary row order of its GGUF files).
 """
 from __future__ import annotations
 
@@ -19,11 +21,34 @@ LIMITS = {"dim": 1 << 17, "hidden_dim": 1 << 20, "n_layers": 1 << 12, "n_heads":
           "n_kv_heads": 1 << 12, "vocab_size": 1 << 24, "max_seq_len": 1 << 24, "head_dim": 1 << 13}
 
 
-GGUF_KEYS = {"dim": "llama.embedding_length", "hidden_dim": "llama.feed_forward_length",
-             "n_layers": "llama.block_count", "n_heads": "llama.attention.head_count",
-             "n_kv_heads": "llama.attention.head_count_kv", "vocab_size": "llama.vocab_size",
-             "max_seq_len": "llama.context_length", "head_dim": "llama.attention.key_length",
-             "norm_eps": "llama.attention.layer_norm_rms_epsilon", "rope_theta": "llama.rope.freq_base"}
+@dataclass(frozen=True)
+class Architecture:
+    """What an architecture changes in the Llama math, and how its files name it."""
+    name: str                 # GGUF general.architecture, HF model_type
+    hf_class: str             # HF config.json architectures[0]
+    qkv_bias: bool            # biases added to q, k and v after their matmuls (Qwen2)
+    qk_norm: bool             # RMSNorm over each head of q and k before rope (Qwen3)
+    gguf_rotate_half: bool    # its GGUF q/k rows keep HF's rotate-half order (llama.cpp permutes only llama's)
+
+
+ARCHITECTURES = {a.name: a for a in (
+    Architecture("llama", "LlamaForCausalLM", qkv_bias=False, qk_norm=False, gguf_rotate_half=False),
+    Architecture("qwen2", "Qwen2ForCausalLM", qkv_bias=True, qk_norm=False, gguf_rotate_half=True),
+    Architecture("qwen3", "Qwen3ForCausalLM", qkv_bias=False, qk_norm=True, gguf_rotate_half=True),
+)}
+SUPPORTED = ", ".join(ARCHITECTURES)
+
+
+def gguf_keys(arch: str) -> dict:
+    """Config field -> the GGUF key it comes from, for architecture `arch` (keys `{arch}.*`)."""
+    return {"dim": f"{arch}.embedding_length", "hidden_dim": f"{arch}.feed_forward_length",
+            "n_layers": f"{arch}.block_count", "n_heads": f"{arch}.attention.head_count",
+            "n_kv_heads": f"{arch}.attention.head_count_kv", "vocab_size": f"{arch}.vocab_size",
+            "max_seq_len": f"{arch}.context_length", "head_dim": f"{arch}.attention.key_length",
+            "norm_eps": f"{arch}.attention.layer_norm_rms_epsilon", "rope_theta": f"{arch}.rope.freq_base"}
+
+
+GGUF_KEYS = gguf_keys("llama")
 HF_KEYS = {"dim": "hidden_size", "hidden_dim": "intermediate_size", "n_layers": "num_hidden_layers",
            "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "vocab_size": "vocab_size",
            "max_seq_len": "max_position_embeddings", "head_dim": "head_dim", "norm_eps": "rms_norm_eps",
@@ -78,6 +103,7 @@ class ModelConfig:
     rope_freq_factors: Optional[tuple] = None  # GGUF rope_freqs.weight: per-frequency divisors (Llama 3.1 GGUFs)
     tie_embeddings: bool = False  # output matrix is the token embedding
     head_dim: int = 0          # 0: dim // n_heads
+    arch: str = "llama"        # a key of ARCHITECTURES
     name: str = ""
     extra: dict = field(default_factory=dict, compare=False, repr=False)
     source: str = field(default="", compare=False, repr=False)  # the file it came from, for error messages
@@ -101,11 +127,23 @@ class ModelConfig:
             problems.append(f"{keys.get('rope_theta', 'rope_theta')} is {self.rope_theta}, expected a positive number")
         if problems:
             return problems
+        if self.arch not in ARCHITECTURES:
+            return [f"architecture {self.arch!r} is not supported (supported: {SUPPORTED})"]
         if self.n_heads % self.n_kv_heads:
             return [f"{self.n_heads} query heads are not a multiple of {self.n_kv_heads} kv heads"]
         if self.head_dim % 2:
             return [f"head size {self.head_dim} is odd"]
         return []
+
+    @property
+    def qkv_bias(self) -> bool:
+        """q, k and v get a bias after their matmuls (Qwen2)."""
+        return ARCHITECTURES[self.arch].qkv_bias
+
+    @property
+    def qk_norm(self) -> bool:
+        """Each head of q and k is RMS-normed (weights of head_dim) before rope (Qwen3)."""
+        return ARCHITECTURES[self.arch].qk_norm
 
     @property
     def kv_group(self) -> int:
@@ -145,49 +183,53 @@ class ModelConfig:
         source: the file, named in error messages."""
         where = source or name
         arch = kv.get("general.architecture")
-        if arch != "llama":
-            raise ModelFormatError(f"{where}: GGUF architecture {arch!r} is not supported (expected 'llama')")
+        if arch not in ARCHITECTURES:
+            raise ModelFormatError(f"{where}: GGUF architecture {_show(arch)} is not supported (supported: {SUPPORTED})")
 
         def key(k, default=None, kind=whole_number):
-            v = kv.get(f"llama.{k}", default)
+            v = kv.get(f"{arch}.{k}", default)
             if v is None:
-                raise ModelFormatError(f"{where}: GGUF key 'llama.{k}' is missing")
-            return kind(v, f"GGUF key 'llama.{k}'", where)
+                raise ModelFormatError(f"{where}: GGUF key '{arch}.{k}' is missing")
+            return kind(v, f"GGUF key '{arch}.{k}'", where)
 
         if key("expert_count", 0) > 0:
-            raise ModelFormatError(f"{where}: mixture-of-experts models (llama.expert_count = {kv['llama.expert_count']}) "
-                                   "are not supported (expected a dense llama model)")
+            raise ModelFormatError(f"{where}: mixture-of-experts models ({arch}.expert_count = "
+                                   f"{kv[f'{arch}.expert_count']}) are not supported (expected a dense model)")
 
         n_heads = key("attention.head_count")
         dim = key("embedding_length")
         if n_heads <= 0:
-            raise ModelFormatError(f"{where}: GGUF key 'llama.attention.head_count' is {n_heads}, expected a positive number")
-        vocab = kv.get("llama.vocab_size")
+            raise ModelFormatError(f"{where}: GGUF key '{arch}.attention.head_count' is {n_heads}, expected a positive number")
+        vocab = kv.get(f"{arch}.vocab_size")
         if vocab is None:
             tokens = kv.get("tokenizer.ggml.tokens")
             vocab = len(tokens) if tokens is not None else 0
         head_dim = key("attention.key_length", dim // n_heads)
+        if key("attention.value_length", head_dim) != head_dim:
+            raise ModelFormatError(f"{where}: value heads of {kv[f'{arch}.attention.value_length']} with key heads of "
+                                   f"{head_dim} are not supported (expected equal sizes)")
         rope_dim = key("rope.dimension_count", head_dim)
         if rope_dim != head_dim:
             raise ModelFormatError(f"{where}: partial rotary embeddings (rope dimension {rope_dim} of head size {head_dim}) are not supported")
         scaling = None
-        if kv.get("llama.rope.scaling.type") not in (None, "none"):
-            raise ModelFormatError(f"{where}: rope scaling {kv.get('llama.rope.scaling.type')!r} is not supported")
+        if kv.get(f"{arch}.rope.scaling.type") not in (None, "none"):
+            raise ModelFormatError(f"{where}: rope scaling {kv.get(f'{arch}.rope.scaling.type')!r} is not supported")
         return cls(
             dim=dim,
             hidden_dim=key("feed_forward_length"),
             n_layers=key("block_count"),
             n_heads=n_heads,
             n_kv_heads=key("attention.head_count_kv", n_heads),
-            vocab_size=whole_number(vocab, "GGUF key 'llama.vocab_size'", where),
+            vocab_size=whole_number(vocab, f"GGUF key '{arch}.vocab_size'", where),
             max_seq_len=key("context_length", 2048),
             norm_eps=key("attention.layer_norm_rms_epsilon", 1e-5, real_number),
             rope_theta=key("rope.freq_base", 10000.0, real_number),
             rope_scaling=scaling,
             head_dim=head_dim,
+            arch=arch,
             name=str(kv.get("general.name", name)),
             source=source,
-            extra={"keys": GGUF_KEYS},
+            extra={"keys": gguf_keys(arch)},
         )
 
     @classmethod
@@ -202,19 +244,17 @@ class ModelConfig:
             v = default if v is None else v
             return None if v is None else kind(v, k, where)
 
-        archs = cfg.get("architectures") or ["LlamaForCausalLM"]
-        if not isinstance(archs, list):
-            archs = [archs]
-        model_type = cfg.get("model_type", "llama")
-        if model_type != "llama" and "LlamaForCausalLM" not in archs:
-            raise ModelFormatError(f"{where}: model_type {model_type!r} is not supported (expected 'llama')")
+        arch = _hf_architecture(cfg, where)
         for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
             if cfg.get(k) is None:
                 raise ModelFormatError(f"{where}: config.json has no {k!r}")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ModelFormatError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (expected 'silu')")
-        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise ModelFormatError(f"{where}: attention_bias/mlp_bias are not supported")
+        if cfg.get("mlp_bias") or (cfg.get("attention_bias") and arch.name != "qwen2"):
+            # Qwen2 always has its q/k/v biases; elsewhere attention_bias also biases o_proj
+            raise ModelFormatError(f"{where}: attention_bias/mlp_bias are not supported for {arch.name}")
+        if cfg.get("use_sliding_window"):
+            raise ModelFormatError(f"{where}: sliding-window attention (use_sliding_window) is not supported")
         n_heads = number("num_attention_heads")
         dim = number("hidden_size")
         if n_heads <= 0:
@@ -245,6 +285,7 @@ class ModelConfig:
             rope_scaling=scaling,
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             head_dim=number("head_dim") or dim // n_heads,
+            arch=arch.name,
             name=name,
             source=source,
             extra={"keys": HF_KEYS},
@@ -270,6 +311,20 @@ class ModelConfig:
             source=source,
             extra={"keys": LLAMA2C_KEYS},
         )
+
+
+def _hf_architecture(cfg: dict, where: str) -> Architecture:
+    """The architecture of a config.json: by its class name (architectures), else its model_type."""
+    archs = cfg.get("architectures") or []
+    archs = archs if isinstance(archs, list) else [archs]
+    for a in ARCHITECTURES.values():
+        if a.hf_class in archs:
+            return a
+    model_type = cfg.get("model_type", "llama")
+    if isinstance(model_type, str) and model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    raise ModelFormatError(f"{where}: model_type {_show(model_type)} ({', '.join(map(str, archs)) or 'no architectures'}) "
+                           f"is not supported (supported: {SUPPORTED})")
 
 
 def _llama3_scaling(rs: dict, where: str) -> Llama3RopeScaling:

@@ -88,8 +88,20 @@ def _quantized(reader: ModelReader, name: str, rows: slice, cols: slice, wtype: 
     return data
 
 
-def _norm(reader: ModelReader, name: str) -> np.ndarray:
+def _vector(reader: ModelReader, name: str) -> np.ndarray:
     return require_finite(reader, name, reader.read(name))
+
+
+def _architecture_vectors(reader: ModelReader, names: dict, q_rows: slice, kv_rows: slice) -> dict:
+    """The vectors this architecture adds to a layer, this rank's part of them (float32)."""
+    c = reader.config
+    out = {}
+    if c.qkv_bias:
+        out.update(bq=_vector(reader, names["bq"])[q_rows], bk=_vector(reader, names["bk"])[kv_rows],
+                   bv=_vector(reader, names["bv"])[kv_rows])
+    if c.qk_norm:
+        out.update(q_norm=_vector(reader, names["q_norm"]), k_norm=_vector(reader, names["k_norm"]))
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 
 def embedding_table(reader: ModelReader) -> EmbeddingTable:
@@ -128,19 +140,20 @@ def rank_weight_parts(reader: ModelReader, shard: RankSlice, types: Union[TypePl
     for i in range(c.n_layers):
         n = layer_names(i)
         yield i, LayerWeights(
-            attn_norm=_norm(reader, n["attn_norm"]),
+            attn_norm=_vector(reader, n["attn_norm"]),
             wq=load(n["wq"], q_rows, every),
             wk=load(n["wk"], kv_rows, every),
             wv=load(n["wv"], kv_rows, every),
             wo=load(n["wo"], every, q_rows),
-            ffn_norm=_norm(reader, n["ffn_norm"]),
+            ffn_norm=_vector(reader, n["ffn_norm"]),
             w1=load(n["w1"], ffn, every),
             w3=load(n["w3"], ffn, every),
             w2=load(n["w2"], every, ffn),
+            **_architecture_vectors(reader, n, q_rows, kv_rows),
         )
         if progress:
             progress(i + 1, c.n_layers + 1)
-    yield "output_norm", _norm(reader, OUTPUT_NORM)
+    yield "output_norm", _vector(reader, OUTPUT_NORM)
     yield "output", load(output_tensor_name(reader), slice(shard.vocab.start, shard.vocab.stop), every)
     if progress:
         progress(c.n_layers + 1, c.n_layers + 1)

@@ -1,6 +1,8 @@
 """The math of one rank's Llama forward pass. No MPI in here.
 
 Reads like the paper: for each layer, x += attention(rmsnorm(x)); x += ffn(rmsnorm(x)).
+Other architectures are small differences inside attention: Qwen2 adds biases to q, k and v,
+Qwen3 RMS-norms each head of q and k before rope.
 A rank computes only its own heads and FFN units, so the two sublayer outputs are partial
 sums (float64) that `reduce` (an all-reduce across ranks) completes and rounds to float32.
 With one rank this is the whole model. The weights are plain data (weights.py): a step reads
@@ -44,6 +46,11 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float, threads: int = 1) -> 
     return K.rmsnorm(np.ascontiguousarray(x, dtype=np.float32), weight, eps, threads)
 
 
+def head_rmsnorm(x: np.ndarray, weight: np.ndarray, head_dim: int, eps: float, threads: int = 1) -> np.ndarray:
+    """(T, heads * head_dim) -> the same with every head RMS-normed on its own (weight: (head_dim,))."""
+    return rmsnorm(x.reshape(-1, head_dim), weight, eps, threads).reshape(x.shape)
+
+
 def rope_tables(inv_freq: np.ndarray, positions: np.ndarray):
     """cos, sin (T, head_dim/2) float32 for the given positions."""
     angles = positions[:, None].astype(np.float64) * inv_freq[None, :]
@@ -80,8 +87,16 @@ class RankModel:
 
     def attention(self, layer: int, lw: LayerWeights, h: Activation, start: int, cos, sin) -> np.ndarray:
         """(T, dim) normed input -> (T, dim) float64 partial output of this rank's heads."""
-        hd = self.config.head_dim
+        c = self.config
+        hd = c.head_dim
         q, k, v = matmul_all((lw.wq, lw.wk, lw.wv), h)            # (T, local_heads * hd), (T, local_kv * hd) x 2
+        if lw.bq is not None:                                     # qwen2
+            q += lw.bq
+            k += lw.bk
+            v += lw.bv
+        if lw.q_norm is not None:                                 # qwen3
+            q = head_rmsnorm(q, lw.q_norm, hd, c.norm_eps, self.threads)
+            k = head_rmsnorm(k, lw.k_norm, hd, c.norm_eps, self.threads)
         apply_rope(q, hd, cos, sin)
         apply_rope(k, hd, cos, sin)
         # k, v go into the cache at positions start..; each position attends to 0..itself

@@ -43,11 +43,12 @@ from .filetypes import DTYPES
 from .weights import EmbeddingTable, LayerWeights, RankWeights
 
 MAGIC = b"TPLSHARD"
-VERSION = 2
+VERSION = 3
 ALIGN = 64
 DATA_START_ALIGN = 4096
 SUFFIX = ".tpshard"
 LAYER_FIELDS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w3", "w2")
+OPTIONAL_LAYER_FIELDS = ("bq", "bk", "bv", "q_norm", "k_norm")   # stored when the architecture has them
 
 
 def default_dir() -> str:
@@ -137,7 +138,8 @@ def _parts(weights: RankWeights) -> List[Tuple[object, object]]:
 def _arrays(key, value) -> List[Tuple[str, object]]:
     """(name, Matrix or float32 vector) of one part, in file order."""
     if isinstance(value, LayerWeights):
-        return [(f"{key}.{f}", getattr(value, f)) for f in LAYER_FIELDS]
+        return [(f"{key}.{f}", getattr(value, f)) for f in LAYER_FIELDS + OPTIONAL_LAYER_FIELDS
+                if getattr(value, f) is not None]
     return [(str(key), value)]
 
 
@@ -336,12 +338,15 @@ def _layer_spans(entries: List[dict], n_layers: int) -> List[Tuple[int, int]]:
 
 
 def _assemble(values: Dict[str, object], template: RankWeights, path: str) -> RankWeights:
-    layers = [LayerWeights(**{f: values[f"{i}.{f}"] for f in LAYER_FIELDS}) for i in range(template.config.n_layers)]
+    values = dict(values)
+    layers = [LayerWeights(**{f: values.pop(f"{i}.{f}") for f in LAYER_FIELDS},
+                           **{f: values.pop(f"{i}.{f}", None) for f in OPTIONAL_LAYER_FIELDS})
+              for i in range(template.config.n_layers)]
     embedding = template.embedding
     if "embedding" in values:      # a rank without the model file keeps the embedding here
         rows = values.pop("embedding")
         embedding = EmbeddingTable(rows=rows.rows, widen=DTYPES[rows.dtype].dequantize, source=f"{path}: embedding")
-    if len(values) != len(LAYER_FIELDS) * len(layers) + 2 or embedding is None:
+    if set(values) != {"output_norm", "output"} or embedding is None:
         raise ValueError("the shard file holds other arrays than the model's")
     return RankWeights(config=template.config, shard=template.shard, embedding=embedding, layers=layers,
                        output_norm=values["output_norm"], output=values["output"], threads=template.threads)

@@ -1,9 +1,10 @@
-"""The tensors of a Llama-architecture model: their names and shapes, in one place.
+"""The tensors of a Llama-family model: their names and shapes, in one place.
 
 Names are GGUF's (llama.cpp's: token_embd.weight, blk.{i}.attn_q.weight, ...); every reader
 maps its file's own names onto them (HF_NAMES here for Hugging Face checkpoints; llama2.c
 files are read in LLAMA2C_ORDER). The model math names a layer's tensors by role (wq, wk, wv,
-wo, w1, w3, w2 and the two norms). Shapes are (rows, cols) = (out_features, in_features),
+wo, w1, w3, w2 and the two norms; Qwen2's q/k/v biases bq, bk, bv and Qwen3's per-head norms
+q_norm, k_norm, which only the architectures that have them list). Shapes are (rows, cols) = (out_features, in_features),
 (n,) for vectors, computed from a ModelConfig (head_dim is the config's, not dim / heads).
 Pure Python: the plan, the readers and the benchmark model writer import it without the build.
 """
@@ -32,28 +33,45 @@ LAYER_TENSORS: Dict[str, str] = {
 }
 MATRIX_ROLES = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")   # a layer's weight matrices, in model order
 
+# Vectors some architectures add to a layer: role -> name inside blk.{i}. (suffix included).
+BIAS_TENSORS: Dict[str, str] = {"bq": "attn_q.bias", "bk": "attn_k.bias", "bv": "attn_v.bias"}      # qwen2
+QK_NORM_TENSORS: Dict[str, str] = {"q_norm": "attn_q_norm.weight", "k_norm": "attn_k_norm.weight"}  # qwen3
+# The roles whose values are laid out by rotary position: the readers put them in interleaved order.
+ROTARY_ROLES = ("wq", "wk", "bq", "bk", "q_norm", "k_norm")
+
+
+def _layer_suffixes() -> Dict[str, str]:
+    """Role -> the tensor's name inside blk.{i}., for every role of every architecture."""
+    return {**{role: f"{gguf}.weight" for role, gguf in LAYER_TENSORS.items()}, **BIAS_TENSORS, **QK_NORM_TENSORS}
+
 
 def layer_names(i: int) -> Dict[str, str]:
-    """GGUF tensor names of layer i, keyed by their role in the model math."""
-    return {role: f"blk.{i}.{gguf}.weight" for role, gguf in LAYER_TENSORS.items()}
+    """GGUF tensor names of layer i, keyed by their role in the model math (every architecture's
+    roles: layer_shapes(c) says which a config has)."""
+    return {role: f"blk.{i}.{suffix}" for role, suffix in _layer_suffixes().items()}
 
 
 def role_of(name: str) -> Tuple[int, Optional[str]]:
     """blk.3.attn_v.weight -> (3, "wv"); a tensor outside the layers -> (-1, None)."""
-    parts = name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] == "weight":
-        role = next((r for r, gguf in LAYER_TENSORS.items() if gguf == parts[2]), None)
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit():
+        role = next((r for r, suffix in _layer_suffixes().items() if suffix == parts[2]), None)
         return (int(parts[1]), role) if role else (-1, None)
     return -1, None
 
 
 def layer_shapes(c) -> Dict[str, Shape]:
-    """Role -> shape of one layer's tensors for config c."""
-    return {
+    """Role -> shape of one layer's tensors for config c (its architecture's extra vectors included)."""
+    shapes = {
         "attn_norm": (c.dim,), "ffn_norm": (c.dim,),
         "wq": (c.q_dim, c.dim), "wk": (c.kv_dim, c.dim), "wv": (c.kv_dim, c.dim), "wo": (c.dim, c.q_dim),
         "w1": (c.hidden_dim, c.dim), "w3": (c.hidden_dim, c.dim), "w2": (c.dim, c.hidden_dim),
     }
+    if c.qkv_bias:
+        shapes.update(bq=(c.q_dim,), bk=(c.kv_dim,), bv=(c.kv_dim,))
+    if c.qk_norm:
+        shapes.update(q_norm=(c.head_dim,), k_norm=(c.head_dim,))
+    return shapes
 
 
 def slice_shapes(c, heads: int, kv_heads: int, ffn: int, vocab: int) -> Dict[str, Shape]:
@@ -69,10 +87,10 @@ def model_tensors(c, with_output: Optional[bool] = None) -> List[Tuple[str, Shap
     matrix is listed unless the config ties it to the embedding (or with_output says otherwise)."""
     out: List[Tuple[str, Shape]] = [(EMBEDDING, (c.vocab_size, c.dim))]
     shapes = layer_shapes(c)
-    order = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w3", "w2")
+    order = ("attn_norm", "wq", "bq", "wk", "bk", "wv", "bv", "q_norm", "k_norm", "wo", "ffn_norm", "w1", "w3", "w2")
     for i in range(c.n_layers):
         names = layer_names(i)
-        out += [(names[role], shapes[role]) for role in order]
+        out += [(names[role], shapes[role]) for role in order if role in shapes]
     out.append((OUTPUT_NORM, (c.dim,)))
     if (not c.tie_embeddings) if with_output is None else with_output:
         out.append((OUTPUT, (c.vocab_size, c.dim)))
@@ -84,7 +102,7 @@ def expected_shapes(c) -> Dict[str, Shape]:
     return dict(model_tensors(c, with_output=True))
 
 
-# Hugging Face (transformers LlamaForCausalLM) names -> GGUF names.
+# Hugging Face (transformers LlamaForCausalLM, Qwen2/Qwen3ForCausalLM) names -> GGUF names.
 HF_EMBEDDING = "model.embed_tokens.weight"
 HF_GLOBAL = {HF_EMBEDDING: EMBEDDING, "model.norm.weight": OUTPUT_NORM, "lm_head.weight": OUTPUT}
 HF_LAYER = {   # the part after model.layers.{i}.
@@ -92,6 +110,8 @@ HF_LAYER = {   # the part after model.layers.{i}.
     "self_attn.o_proj.weight": "wo", "mlp.gate_proj.weight": "w1", "mlp.up_proj.weight": "w3",
     "mlp.down_proj.weight": "w2", "input_layernorm.weight": "attn_norm",
     "post_attention_layernorm.weight": "ffn_norm",
+    "self_attn.q_proj.bias": "bq", "self_attn.k_proj.bias": "bk", "self_attn.v_proj.bias": "bv",
+    "self_attn.q_norm.weight": "q_norm", "self_attn.k_norm.weight": "k_norm",
 }
 
 
@@ -101,7 +121,7 @@ def from_hf_name(name: str) -> Optional[str]:
         return HF_GLOBAL[name]
     parts = name.split(".", 3)
     if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and parts[3] in HF_LAYER:
-        return f"blk.{int(parts[2])}.{LAYER_TENSORS[HF_LAYER[parts[3]]]}.weight"
+        return layer_names(int(parts[2]))[HF_LAYER[parts[3]]]
     return None
 
 

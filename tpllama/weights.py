@@ -8,7 +8,7 @@ rows of the step's tokens are read and widened to float32.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import numpy as np
 
@@ -29,11 +29,18 @@ class LayerWeights:
     w1: Matrix              # (local_ffn, dim)   gate
     w3: Matrix              # (local_ffn, dim)   up
     w2: Matrix              # (dim, local_ffn)   down
+    # what some architectures add (None elsewhere), float32, q/k ones in interleaved rotary order
+    bq: Optional[np.ndarray] = None      # (local_heads * head_dim,)     qwen2: biases of q, k, v
+    bk: Optional[np.ndarray] = None      # (local_kv_heads * head_dim,)
+    bv: Optional[np.ndarray] = None      # (local_kv_heads * head_dim,)
+    q_norm: Optional[np.ndarray] = None  # (head_dim,)                   qwen3: RMSNorm of each q and k head
+    k_norm: Optional[np.ndarray] = None  # (head_dim,)
 
     @property
     def nbytes(self) -> int:
         matrices = (self.wq, self.wk, self.wv, self.wo, self.w1, self.w3, self.w2)
-        return sum(m.nbytes for m in matrices) + self.attn_norm.nbytes + self.ffn_norm.nbytes
+        vectors = (self.attn_norm, self.ffn_norm, self.bq, self.bk, self.bv, self.q_norm, self.k_norm)
+        return sum(m.nbytes for m in matrices) + sum(v.nbytes for v in vectors if v is not None)
 
 
 @dataclass

@@ -7,8 +7,9 @@ file's own blocks (for matrices that run in the file's type) and checking the te
 against the config, lives here, so every format behaves the same.
 
 Tensor names and shapes are tpllama.tensors' (GGUF's names, (rows, cols) = (out_features,
-in_features)), and attn_q/attn_k rows are in the interleaved rotary order (pairs 2i, 2i+1)
-that GGUF and llama2.c use.
+in_features)), and attn_q/attn_k rows (and the q/k biases and norms) are in the interleaved
+rotary order (pairs 2i, 2i+1) that llama GGUFs and llama2.c use: a reader whose file keeps
+HF's rotate-half order (HF directories; qwen2/qwen3 GGUFs) calls interleave_rotary_rows.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from ..errors import ModelFormatError
 from ..filetypes import DTYPES, DType
-from ..tensors import OUTPUT, expected_shapes
+from ..tensors import OUTPUT, ROTARY_ROLES, expected_shapes, layer_names
 from .tokenizer_source import TokenizerSource
 
 Rows = Union[slice, Sequence[int], np.ndarray]
@@ -130,7 +131,8 @@ class ModelReader:
         """Dequantized float32 (len(rows), len(cols)); one row (an int) and a 1-D tensor come back 1-D."""
         t = self.tensor(name)
         if len(t.shape) == 1:
-            return t.dtype.dequantize(np.ascontiguousarray(t.raw)).reshape(-1)[cols]
+            values = t.dtype.dequantize(np.ascontiguousarray(t.raw)).reshape(-1)
+            return (values if t.row_permutation is None else values[t.row_permutation])[cols]
         if isinstance(rows, (int, np.integer)):
             r = range(t.rows)[rows]          # IndexError when out of range, negative counts from the end
             return self.read(name, slice(r, r + 1), cols)[0]
@@ -153,6 +155,18 @@ class ModelReader:
         blocks = np.ascontiguousarray(t.raw[self._row_index(t, rows)][:, b0 * bb:b1 * bb])
         return blocks, c0 - b0 * t.dtype.block_size
 
+    def interleave_rotary_rows(self):
+        """Present q/k rows (and the q/k biases and per-head norms) stored in HF's rotate-half order
+        in interleaved order, the order of the rope kernels: a permutation within each head."""
+        c = self.config
+        heads = {"wq": c.n_heads, "bq": c.n_heads, "wk": c.n_kv_heads, "bk": c.n_kv_heads, "q_norm": 1, "k_norm": 1}
+        for i in range(c.n_layers):
+            names = layer_names(i)
+            for role in ROTARY_ROLES:
+                t = self.tensors.get(names[role])
+                if t is not None:
+                    t.row_permutation = rotary_interleave_permutation(heads[role], c.head_dim)
+
     def close(self):
         self.tensors = {}
         self._maps = []
@@ -166,7 +180,7 @@ class ModelReader:
             if t is None:
                 if name == OUTPUT:      # absent: tied to the token embedding
                     continue
-                raise ModelFormatError(f"{self.path}: tensor {name!r} is missing (a {c.n_layers}-layer llama model needs it)")
+                raise ModelFormatError(f"{self.path}: tensor {name!r} is missing (a {c.n_layers}-layer {c.arch} model needs it)")
             got = t.shape
             if len(want) == 1 and len(got) == 2 and got[0] == 1:
                 got = got[1:]

@@ -1,4 +1,4 @@
-"""GGUF files (architecture llama): the header parsed here by the spec, the tensors over a memory map.
+"""GGUF files (architectures llama, qwen2, qwen3): the header parsed here by the spec, the tensors over a memory map.
 
 The `gguf` package's reader trusts the counts and lengths in a file (a huge array count loops for
 minutes, a bad byte in a string raises from deep inside); this parser checks each against the
@@ -12,7 +12,7 @@ import struct
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from ..config import ModelConfig
+from ..config import ARCHITECTURES, ModelConfig
 from ..errors import ModelFormatError
 from ..tensors import EMBEDDING, OUTPUT, ROPE_FREQS
 from .base import ModelReader, make_tensor
@@ -162,17 +162,20 @@ class GGUFModel(ModelReader):
         buf = self.map_file(path)
         header = GGUFHeader(buf, path)
         self.metadata = kv = header.metadata
-        if "llama.vocab_size" not in kv and "tokenizer.ggml.tokens" not in kv:
+        vocab_key = f"{kv.get('general.architecture')}.vocab_size"
+        if vocab_key not in kv and "tokenizer.ggml.tokens" not in kv:
             # no vocabulary in the file: the embedding's rows are the vocabulary
             embd = [ne for name, ne, _, _ in header.tensors if name == EMBEDDING and len(ne) >= 2]
             if embd:
-                kv = dict(kv, **{"llama.vocab_size": int(embd[0][1])})
+                kv = dict(kv, **{vocab_key: int(embd[0][1])})
         self.config = ModelConfig.from_gguf(kv, name=os.path.basename(path), source=path)
         for name, ne, type_name, offset in header.tensors:
             # GGUF order: ne[0] is the row length; trailing dimensions of 1 are dropped
             shape = (ne[1], ne[0]) if len(ne) >= 2 and all(n == 1 for n in ne[2:]) else tuple(ne[::-1])
             self.tensors[name] = make_tensor(name, shape, type_name, buf, header.data_start + offset, path)
         self.config = self._with_file_facts(self.config)
+        if ARCHITECTURES[self.config.arch].gguf_rotate_half:
+            self.interleave_rotary_rows()   # llama.cpp's converter leaves qwen2/qwen3 q/k rows as HF has them
         if self.tensors:    # a vocab-only GGUF (no tensors) still opens for its keys; loading its weights fails
             self.check_tensors()
 

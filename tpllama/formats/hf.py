@@ -12,8 +12,8 @@ import struct
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
-from ..tensors import EMBEDDING, HF_EMBEDDING, OUTPUT, from_hf_name, layer_names
-from .base import ModelReader, make_tensor, rotary_interleave_permutation
+from ..tensors import EMBEDDING, HF_EMBEDDING, OUTPUT, from_hf_name
+from .base import ModelReader, make_tensor
 from .tokenizer_source import TokenizerSource
 from .jsonfile import parse_json_object, read_json_object
 
@@ -62,7 +62,7 @@ class HFModel(ModelReader):
             raise ModelFormatError(f"{path}: no {HF_EMBEDDING} in the safetensors files")
         if not self.config.tie_embeddings and OUTPUT not in self.tensors:
             raise ModelFormatError(f"{path}: config.json says tie_word_embeddings=false but there is no lm_head.weight")
-        self._interleave_rotary_rows()
+        self.interleave_rotary_rows()    # HF stores q/k rows in rotate-half order, every architecture
         self.check_tensors()
 
     def tokenizer_source(self) -> TokenizerSource:
@@ -110,13 +110,3 @@ class HFModel(ModelReader):
                 raise ModelFormatError(f"{file}: tensor {hf_name!r} spans {end - begin} bytes but its shape {shape} "
                                        f"in {meta['dtype']} needs {nbytes}; not a valid safetensors file")
             self.tensors[name] = make_tensor(name, shape, dtype, buf, data_start + begin, file)
-
-    def _interleave_rotary_rows(self):
-        """HF stores q/k rows in rotate-half order; present them interleaved like GGUF."""
-        c = self.config
-        for i in range(c.n_layers):
-            names = layer_names(i)
-            for role, heads in (("wq", c.n_heads), ("wk", c.n_kv_heads)):
-                t = self.tensors.get(names[role])
-                if t is not None:
-                    t.row_permutation = rotary_interleave_permutation(heads, c.head_dim)
