@@ -20,7 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks._common import Quiet, bench_model, machine_info, median, write_results  # noqa: E402
+from benchmarks._common import Quiet, add_model_arguments, bench_model, machine_info, median, write_results  # noqa: E402
 
 
 def drop_cached_pages(model) -> None:
@@ -52,9 +52,7 @@ def decode_steps(model, n: int, cold: bool, quiet: Quiet) -> list:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="model file (default: a random-weight model of --shape)")
-    p.add_argument("--shape", default="tinyllama-1.1b")
-    p.add_argument("--type", default="q4km", help="file type of the random-weight model (q40, q80, f32, q4km)")
+    add_model_arguments(p)
     p.add_argument("--tokens", type=int, default=8)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks._common import Quiet, bench_model, machine_info, median, write_results  # noqa: E402
+from benchmarks._common import Quiet, add_model_arguments, bench_model, machine_info, median, write_results  # noqa: E402
 
 
 def worker(model_path: str, folder: str) -> None:
@@ -58,9 +58,7 @@ def one_start(ranks: int, model_path: str, folder: str) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="model file (default: a random-weight model of --shape)")
-    p.add_argument("--shape", default="tinyllama-1.1b")
-    p.add_argument("--type", default="q4km", help="file type of the random-weight model (q40, q80, f32, q4km)")
+    add_model_arguments(p)
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/warm_start-<time>.json)")

@@ -65,6 +65,13 @@ def optional_positive(name: str, value: Any, default_meaning: str) -> Optional[i
     return integer(name, value, 1, f"expected a whole number >= 1, or leave it out for {default_meaning}")
 
 
+def optional_flag(name: str, value: Any, none_meaning: str) -> Optional[bool]:
+    """None (the default: tpllama decides), True or False."""
+    if value not in (None, True, False):
+        raise ParameterError(name, value, f"expected True, False or None ({none_meaning})")
+    return value
+
+
 def number(name: str, value: Any, low: float, high: float, rule: str, low_open: bool = False) -> float:
     if not _is_number(value) or not math.isfinite(value):
         raise ParameterError(name, value, rule)

@@ -62,11 +62,8 @@ class LoadOptions:
             checks.optional_positive("threads", self.threads, "this host's cores divided by its ranks")
             _rank_weights(self.rank_weights, world_size)
             shard_folder(self.shard_cache)
-            if self.weights_from_root not in (None, True, False):
-                raise checks.ParameterError("weights_from_root", self.weights_from_root,
-                                            "expected True, False or None (when a rank cannot open the model)")
-            if self.mmap not in (None, True, False):
-                raise checks.ParameterError("mmap", self.mmap, "expected True, False or None (when the weights do not fit)")
+            checks.optional_flag("weights_from_root", self.weights_from_root, "when a rank cannot open the model")
+            checks.optional_flag("mmap", self.mmap, "when the weights do not fit")
             if self.mmap and shard_folder(self.shard_cache) is None:
                 raise checks.ParameterError("mmap", self.mmap, "runs from the shard files: it needs the shard cache "
                                             "(shard_cache True or a folder)")

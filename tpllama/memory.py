@@ -6,6 +6,21 @@ import mmap
 import numpy as np
 
 
+def advise(mapping: mmap.mmap, advice: str, start: int, end: int) -> None:
+    """madvise(mmap.<advice>) on the pages covering bytes start..end of a mapping; nothing where
+    the platform lacks that advice or refuses it (a hint, never an error)."""
+    flag = getattr(mmap, advice, None)
+    if flag is None:
+        return
+    page = mmap.PAGESIZE
+    lo = start // page * page
+    hi = min(len(mapping), -(-end // page) * page)
+    try:
+        mapping.madvise(flag, lo, hi - lo)
+    except (OSError, ValueError):
+        pass
+
+
 def lazy_zeros(shape, dtype=np.float32) -> np.ndarray:
     """Zeros whose pages are allocated on first write, 4 KiB at a time.
 

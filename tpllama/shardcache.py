@@ -25,6 +25,7 @@ is advised WILLNEED so its pages are on their way (MappedLayers).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import mmap
@@ -38,6 +39,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from .matrix import Matrix, _ARENA
+from .memory import advise
 from .plan import RankSlice
 from .filetypes import DTYPES
 from .weights import EmbeddingTable, LayerWeights, RankWeights
@@ -69,14 +71,12 @@ def shard_folder(shard_cache) -> Optional[str]:
     raise ParameterError("shard_cache", shard_cache, "expected True (the default folder), False (off) or a folder")
 
 
+@functools.lru_cache(maxsize=1)
 def _kernels_build_id() -> str:
-    """A hash of the compiled kernels: a rebuild may change the packed layout."""
+    """A hash of the compiled kernels (a rebuild may change the packed layout); read once per process."""
     from . import _kernels
-    h = hashlib.sha256()
-    with open(_kernels.__file__, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    from .fetch import sha256_of
+    return sha256_of(_kernels.__file__)[:16]
 
 
 def shard_key(fingerprint, world_size: int, shard: RankSlice, types) -> str:
@@ -288,14 +288,8 @@ class MappedLayers(list):
         self.mapping, self.spans = mapping, spans     # (start, end) byte range of each layer in the file
 
     def prefetch(self, i: int) -> None:
-        if 0 <= i < len(self.spans) and hasattr(mmap, "MADV_WILLNEED"):
-            start, end = self.spans[i]
-            page = mmap.PAGESIZE
-            lo = start // page * page
-            try:
-                self.mapping.madvise(mmap.MADV_WILLNEED, lo, end - lo)
-            except (OSError, ValueError):
-                pass
+        if 0 <= i < len(self.spans):
+            advise(self.mapping, "MADV_WILLNEED", *self.spans[i])
 
     def __iter__(self):
         for i in range(len(self)):

@@ -16,12 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Union
 
-import mmap
-
 import numpy as np
 
 from ..errors import ModelFormatError
 from ..filetypes import DTYPES, DType
+from ..memory import advise
 from ..tensors import OUTPUT, ROTARY_ROLES, expected_shapes, layer_names
 from .tokenizer_source import TokenizerSource
 
@@ -81,19 +80,11 @@ class ModelReader:
         They stay in the page cache, shared and reclaimable, but no longer count in this
         rank's resident memory: a rank that touched every page of a row-parallel tensor to copy
         its columns does not keep the whole tensor resident."""
-        if not hasattr(mmap, "MADV_DONTNEED"):
-            return
         raw = self.tensor(name).raw
         start = raw.__array_interface__["data"][0]
         for mm, base, size in self._maps:
             if base <= start < base + size:
-                page = mmap.PAGESIZE
-                lo = (start - base) // page * page
-                hi = min(size, -(-(start - base + raw.nbytes) // page) * page)
-                try:
-                    mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-                except (OSError, ValueError):
-                    pass
+                advise(mm, "MADV_DONTNEED", start - base, start - base + raw.nbytes)
                 return
 
     # ------------------------------------------------------------ table
