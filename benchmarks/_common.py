@@ -104,7 +104,7 @@ def add_model_arguments(p, default_type: str = "q4km") -> None:
     """--model, or --shape and --type of a random-weight model (see bench_model)."""
     p.add_argument("--model", default=None, help="model file (default: a random-weight model of --shape)")
     p.add_argument("--shape", default="tinyllama-1.1b")
-    p.add_argument("--type", default=default_type, help="file type of the random-weight model (q40, q80, f32, q4km)")
+    p.add_argument("--type", default=default_type, help="file type of the random-weight model (q40, q80, f32, f16, q4km)")
 
 
 def bench_model(model: Optional[str], shape: Optional[str], file_type: str = "q40") -> str:

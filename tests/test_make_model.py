@@ -161,3 +161,15 @@ def test_q4km_falls_back_where_rows_are_not_super_blocks(tmp_path):
     assert kinds == {"F32", "Q5_0", "Q8_0", "Q4_K", "Q6_K"}      # dim 128 falls back; ffn_down (256) does not
     logits = tpllama.load(path, tokenizer="none", threads=1, ctx_size=16).forward([1, 300, 5], 0)
     assert np.all(np.isfinite(logits))
+
+
+def test_f16_file_holds_the_f32_files_values_rounded(tmp_path):
+    """An f16 model (as most published checkpoints are converted) is the f32 model's weights in half precision."""
+    f32, f16 = (GGUFReader(mm.write_model(str(tmp_path / f"{t}.gguf"), K_SHAPE, t, quiet=True)) for t in ("f32", "f16"))
+    assert [t.name for t in f16.tensors] == [t.name for t in f32.tensors]
+    for a, b in zip(f32.tensors, f16.tensors):
+        want = np.asarray(a.data)
+        if want.ndim == 2:
+            assert b.tensor_type.name == "F16"
+            want = want.astype(np.float16)
+        assert np.array_equal(np.asarray(b.data), want), a.name

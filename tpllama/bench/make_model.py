@@ -10,8 +10,8 @@ to the file, so writing a 7B model never holds more than one slab in memory. The
 type and seed always give the same bytes; when FILE already holds them (same metadata),
 nothing is written.
 
-File types: q40, q80 and f32 put every matrix in that type (tpllama's own GGML-identical
-quantizers). q4km is laid out as llama.cpp's Q4_K_M (file type 15) would lay out these
+File types: q40, q80, f32 and f16 put every matrix in that type (tpllama's own GGML-identical
+quantizers; f16 is how most published checkpoints are converted). q4km is laid out as llama.cpp's Q4_K_M (file type 15) would lay out these
 weights (`tensor_types`): Q4_K for most matrices and the token embedding, Q6_K for the output
 matrix and for attn_v / ffn_down in llama.cpp's "use_more_bits" layers, Q5_0 / Q8_0 in place
 of Q4_K / Q6_K where a row is not a multiple of 256. Its Q4_K and Q6_K blocks come from the
@@ -69,9 +69,9 @@ SHAPES = {s.name: s for s in [
     Shape("tiny", 128, 256, 2, 4, 2, 512, ctx=256),
 ]}
 
-TYPES = ("q40", "q80", "f32", "q4km")     # the file types this writer makes
+TYPES = ("q40", "q80", "f32", "f16", "q4km")     # the file types this writer makes
 # llama.cpp's LLAMA_FTYPE_ALL_F32 / MOSTLY_Q4_0 / MOSTLY_Q8_0 / MOSTLY_Q4_K_M
-FILE_TYPE = {"q40": 2, "q80": 7, "f32": 0, "q4km": 15}
+FILE_TYPE = {"q40": 2, "q80": 7, "f32": 0, "f16": 1, "q4km": 15}
 QK_K = 256                                   # values per K-quant super-block
 
 
@@ -259,6 +259,9 @@ def _encoded(name: str, dims: Tuple[int, ...], ggml: str, seed: int) -> Tuple[in
     if ggml == "F32":
         n = int(np.prod(dims))
         return 4 * n, lambda: _slabs(name, dims, seed)
+    if ggml == "F16":                    # how most published checkpoints are converted (llama.cpp's default)
+        n = int(np.prod(dims))
+        return 2 * n, lambda: (s.astype(np.float16) for s in _slabs(name, dims, seed))
     t = weight_type(ggml)
     quantize = _quantizer(ggml)
     rows, cols = dims
@@ -336,8 +339,8 @@ def write_model(path: str, shape: Shape, wtype: str = "q40", seed: int = 0, quie
     for name, dims in tensor_list(shape):
         t = ggml_types[name]
         nbytes, chunks = _encoded(name, dims, t, seed)
-        if t == "F32":
-            w.add_tensor_info(name, dims, np.dtype(np.float32), nbytes)
+        if t in ("F32", "F16"):
+            w.add_tensor_info(name, dims, np.dtype(np.float32 if t == "F32" else np.float16), nbytes)
         else:
             rows, cols = dims
             w.add_tensor_info(name, (rows, nbytes // rows), np.dtype(np.uint8), nbytes,
