@@ -25,6 +25,20 @@ def default_model_or_skip() -> str:
         pytest.skip(f"the default model could not be fetched: {e}")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _shard_files_of_this_run(tmp_path_factory):
+    """Shard files the tests write (every load writes one by default) go to this run's temporary
+    folder, not the user's ~/.cache/tpllama/shards; mpirun'd scripts inherit the variable."""
+    import os
+    saved = os.environ.get("TPLLAMA_SHARD_CACHE")
+    os.environ["TPLLAMA_SHARD_CACHE"] = str(tmp_path_factory.mktemp("shard-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("TPLLAMA_SHARD_CACHE", None)
+    else:
+        os.environ["TPLLAMA_SHARD_CACHE"] = saved
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     return default_model_or_skip()

@@ -69,11 +69,33 @@ def test_a_folder_that_cannot_be_written_costs_only_time(stories_gguf, tmp_path)
 
 
 def test_off_means_no_file(stories_gguf, tmp_path, monkeypatch):
+    monkeypatch.delenv("TPLLAMA_SHARD_CACHE")
     monkeypatch.setenv("TPLLAMA_CACHE", str(tmp_path))
     tpllama.load(str(stories_gguf), weight_type="f32", threads=1, shard_cache=False)
     assert not (tmp_path / "shards").exists()
     tpllama.load(str(stories_gguf), weight_type="f32", threads=1)        # default: on, under $TPLLAMA_CACHE
     assert len(_shard_files(tmp_path / "shards")) == 1
+    monkeypatch.setenv("TPLLAMA_SHARD_CACHE", str(tmp_path / "mine"))
+    tpllama.load(str(stories_gguf), weight_type="f32", threads=1)        # $TPLLAMA_SHARD_CACHE comes first
+    assert len(_shard_files(tmp_path / "mine")) == 1
+
+
+def test_the_folder_keeps_the_two_most_recently_used_files_of_a_model_and_rank(stories_gguf, tmp_path):
+    """Every change of type, split or build wrote another file of the model's size, forever."""
+    others = ["other.gguf.1r0.0123456789abcdef.tpshard", "stories260K.gguf.2r0.0123456789abcdef.tpshard"]
+    for name in others + [".tmp-old.tpshard", ".tmp-new.tpshard"]:
+        (tmp_path / name).write_bytes(b"x")
+    os.utime(tmp_path / ".tmp-old.tpshard", (time.time() - 2 * 86400,) * 2)   # a killed writer's, two days ago
+    paths = {t: tpllama.load(str(stories_gguf), weight_type=t, threads=1, shard_cache=str(tmp_path)).shard_file.path
+             for t in ("f32", "q40", "q80")}
+    files = set(_shard_files(tmp_path))
+    assert os.path.basename(paths["f32"]) not in files                        # the least recently used went
+    assert {os.path.basename(paths["q40"]), os.path.basename(paths["q80"])} <= files
+    assert tpllama.load(str(stories_gguf), weight_type="q40", threads=1, shard_cache=str(tmp_path)).shard_file.hit
+    tpllama.load(str(stories_gguf), weight_type="f32", threads=1, shard_cache=str(tmp_path))   # q40 was used last
+    assert set(_shard_files(tmp_path)) - {".tmp-new.tpshard"} == \
+        {os.path.basename(paths["q40"]), os.path.basename(paths["f32"])} | set(others)
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith(".tmp-")) == [".tmp-new.tpshard"]
 
 
 @pytest.mark.parametrize("value", ["", "  ", 3])

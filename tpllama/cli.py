@@ -83,7 +83,7 @@ def add_model_args(p: argparse.ArgumentParser):
     p_.add_argument("--shard-cache", metavar="DIR", default=None,
                     help="folder of the per-rank shard files: each rank writes its converted weights there once "
                          "and reads them back at the next start with the same model, rank count and types "
-                         "(default: ~/.cache/tpllama/shards, or $TPLLAMA_CACHE/shards)")
+                         "(default: $TPLLAMA_SHARD_CACHE, else ~/.cache/tpllama/shards or $TPLLAMA_CACHE/shards)")
     p_.add_argument("--no-shard-cache", action="store_true",
                     help="neither read nor write shard files: convert the weights from the model file at every start")
     _on_off(p_, "weights-from-root",

@@ -46,7 +46,7 @@ class LoadOptions:
     rank_weights: Optional[Union[str, Sequence[float]]] = None   # e.g. "2,1,1": shares of the work
     sync_type: str = "f64"            # payload of the per-layer all-reduces: f64 (same text at any rank count) | f32 | bf16 | q80
     tokenizer: Optional[str] = None   # tokenizer file when the model has none; "none": load no tokenizer
-    shard_cache: Union[bool, str] = True   # True: ~/.cache/tpllama/shards (or $TPLLAMA_CACHE/shards); a folder; False: off
+    shard_cache: Union[bool, str] = True   # True: $TPLLAMA_SHARD_CACHE or ~/.cache/tpllama/shards; a folder; False: off
     mmap: Optional[bool] = None       # run from the memory-mapped shard files; None: only when the weights do not fit
     weights_from_root: Optional[bool] = None   # ranks without the model file get their weights from rank 0; None: when needed
     verbose: bool = False             # progress and the memory plan on rank 0's stderr (logger "tpllama")

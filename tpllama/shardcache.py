@@ -10,7 +10,9 @@ The key names everything the bytes depend on: the model's fingerprint (config, t
 sampled weights), the plan (rank count, this rank's heads, kv heads, FFN units and vocab rows),
 the runtime type of every matrix, and the build of the kernels (their packed layout). A file
 is used only if its header (magic, version, a SHA-256 of the header itself, the key) checks
-and its size is what the header says; anything else is rebuilt, never used.
+and its size is what the header says; anything else is rebuilt, never used. Writing a file
+retires older ones of the same model file name, rank count and rank beyond the two most
+recently used (retire_replaced), so the folder does not grow at every change of plan or build.
 
 File layout: b"TPLSHARD", u32 version, zeros up to 4 KiB; every array's bytes from there, in
 model order, each 64-byte aligned; then the header (JSON: the key and each array's name, type,
@@ -33,6 +35,7 @@ import os
 import shutil
 import struct
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -54,9 +57,9 @@ OPTIONAL_LAYER_FIELDS = ("bq", "bk", "bv", "q_norm", "k_norm")   # stored when t
 
 
 def default_dir() -> str:
-    """~/.cache/tpllama/shards, or $TPLLAMA_CACHE/shards."""
+    """$TPLLAMA_SHARD_CACHE, else ~/.cache/tpllama/shards (or $TPLLAMA_CACHE/shards)."""
     from .fetch import cache_dir
-    return os.path.join(cache_dir(), "shards")
+    return os.path.expanduser(os.environ.get("TPLLAMA_SHARD_CACHE") or os.path.join(cache_dir(), "shards"))
 
 
 def shard_folder(shard_cache) -> Optional[str]:
@@ -96,6 +99,40 @@ def shard_key(fingerprint, world_size: int, shard: RankSlice, types) -> str:
 def shard_path(folder: str, model_path: str, world_size: int, rank: int, key: str) -> str:
     name = os.path.basename(os.path.normpath(model_path))
     return os.path.join(folder, f"{name}.{world_size}r{rank}.{key[:16]}{SUFFIX}")
+
+
+def retire_replaced(path: str, keep: int = 2, tmp_age_s: float = 86400.0) -> List[str]:
+    """Bound the folder: of the shard files with `path`'s model file name, rank count and rank
+    (other keys: another plan or weight type, an edited model, a rebuilt tpllama), keep the `keep`
+    most recently used (a hit touches its file) and remove the rest, which would otherwise pile
+    up a model's size at every change; remove temporary files a killed writer left over a day
+    ago. Returns the paths removed."""
+    folder, name = os.path.split(path)
+    stem = name[:-len(SUFFIX)].rsplit(".", 1)[0] + "."        # "<model file>.<world>r<rank>."
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    siblings, stale_tmp, now = [], [], time.time()
+    for other in names:
+        full = os.path.join(folder, other)
+        try:
+            if other.startswith(stem) and other.endswith(SUFFIX) and len(other) == len(name):   # same pattern
+                siblings.append((os.path.getmtime(full), full))
+            elif other.startswith(".tmp-") and other.endswith(SUFFIX) and now - os.path.getmtime(full) > tmp_age_s:
+                stale_tmp.append(full)
+        except OSError:
+            pass
+    siblings.sort(reverse=True)
+    doomed = [p for _, p in siblings if p != path][max(keep - 1, 0):] + stale_tmp
+    removed = []
+    for p in doomed:
+        try:
+            os.unlink(p)              # a process that still maps it keeps its pages until it exits
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
 
 
 def read_bandwidth(path: str, nbytes: int = 64 * 2**20, streams: int = 4) -> Optional[float]:
@@ -213,6 +250,7 @@ class ShardWriter:
         self.f.truncate()
         self.f.close()
         os.replace(self.tmp, self.path)
+        retire_replaced(self.path)
 
     def abort(self) -> None:
         try:
@@ -382,6 +420,7 @@ def cached_rank_weights(reader, shard: RankSlice, types, threads: int, folder: s
     existed = os.path.exists(path)
     weights = load(path, key, template, mapped) if existed else None
     if weights is not None:
+        _touch(path)
         how = "mapped" if mapped else "read"
         return Cached(weights, path, True, f"{how} the converted weights from {path}")
     if remote:
@@ -409,6 +448,14 @@ def cached_rank_weights(reader, shard: RankSlice, types, threads: int, folder: s
     except OSError as e:
         note = f"could not write the shard file {path} ({e.strerror or e}); the next start converts again"
     return Cached(weights, path, False, note)
+
+
+def _touch(path: str) -> None:
+    """Mark a shard file used now (retire_replaced keeps the most recently used)."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def _check_space(folder: str, nbytes: Optional[int]) -> str:
