@@ -184,3 +184,47 @@ def test_plan_traffic_is_what_stats_measures(stories_bin, sync):
     assert len(steps) >= 3, run.stderr
     for sent, received in steps:
         assert abs(float(sent) - planned[0]) <= 0.15 and abs(float(received) - planned[1]) <= 0.15, (steps, planned)
+
+
+def _start_rows(stdout):
+    """{rank: (shard file MiB, resident in memory, mapped, what it does)} from the plan's start table."""
+    lines = stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("start ("))
+    rows = {}
+    for line in lines[at + 2:]:
+        parts = line.split(None, 4)
+        if len(parts) < 5 or not parts[0].isdigit():
+            break
+        rows[int(parts[0])] = (parts[1], float(parts[2].replace(",", "")), float(parts[3].replace(",", "")), parts[4])
+    return rows
+
+
+def test_plan_command_says_what_each_rank_does_at_start(smollm2, tmp_path):
+    """Issue 11: per rank, convert / read or map its shard file / receive it, the disk its shard
+    file takes (against the file a real load writes) and the resident memory in each mode."""
+    import os
+    import tpllama
+    from gguf import GGUFReader
+    cold = run_plan_cli("-m", smollm2, "--shard-cache", str(tmp_path), "-c", "512")
+    assert cold.returncode == 0, cold.stderr
+    assert _start_rows(cold.stdout)[0][3] == "convert its slice, write its shard file"
+    written = tpllama.load(smollm2, shard_cache=str(tmp_path), ctx_size=512, threads=1).shard_file.path
+    warm = _start_rows(run_plan_cli("-m", smollm2, "--shard-cache", str(tmp_path), "-c", "512").stdout)[0]
+    assert warm[3] == "read its shard file (found here)"
+    assert abs(float(warm[0]) - os.path.getsize(written) / 2**20) <= 1.0, (warm, os.path.getsize(written))
+    assert warm[2] < warm[1]                                  # mapped holds two layers, not all of them
+
+    two = run_plan_cli("-m", smollm2, "-n", "2", "-c", "512", "--shard-cache", str(tmp_path), "--remote-ranks", "1")
+    rows = _start_rows(two.stdout)
+    assert rows[0][3] == "convert its slice, write its shard file"
+    assert rows[1][3] == "receive its slice from rank 0 into its shard file, then read it"
+    embedding = next(t for t in GGUFReader(smollm2).tensors if t.name == "token_embd.weight").n_bytes
+    assert abs(float(rows[1][0]) - float(rows[0][0]) - embedding / 2**20) <= 2.0   # it also keeps the embedding
+
+    small = run_plan_cli("-m", smollm2, "-n", "2", "-c", "512", "--shard-cache", str(tmp_path), "--host-memory", "220M")
+    assert small.returncode == 0, small.stdout + small.stderr
+    assert "they run mapped from the shard files (as --mmap)" in small.stdout
+    assert _start_rows(small.stdout)[1][3] == "convert its slice into its shard file, then map it"
+    assert "SD card (90 MB/s)" in small.stdout
+    off = run_plan_cli("-m", smollm2, "-n", "2", "-c", "512", "--no-shard-cache", "--host-memory", "220M")
+    assert off.returncode == 1 and "does not fit" in off.stdout and "no shard cache" in off.stdout

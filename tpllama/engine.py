@@ -31,6 +31,7 @@ from .plan import (PREFILL_CHUNK, format_memory_table, host_shortfalls, make_pla
                    parse_rank_weights, rank_memory, weight_bytes)
 from .sampler import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from . import remote
+from .startplan import choose_mapped
 from .shardcache import cached_rank_weights, read_bandwidth, shard_folder, shard_key, shard_path
 from .stats import RunStats, resident_anon_bytes
 from .steps import LocalFailure, StepClock, non_finite_logits
@@ -234,17 +235,13 @@ class Model:
         """Whether the weights run from memory-mapped shard files: when asked (mmap=True), or, by
         default, when they do not fit in memory but would mapped (saying so)."""
         opts, c = self.options, self.config
-        if opts.mmap is not None or shard_folder(opts.shard_cache) is None:
-            return bool(opts.mmap)
-        ctx = opts.ctx_size or min(256, c.max_seq_len)
-        short = host_shortfalls(rank_memory(self.plan, self.types, ctx, hosts, available))
-        if not short or host_shortfalls(rank_memory(self.plan, self.types, ctx, hosts, available, mapped=True)):
-            return False
-        host, _, missing = short[0]
-        _log(self.par, f"tpllama: the weights do not fit in memory (host {host} is {missing / 2**20:,.0f} MiB short): "
-                       "running from memory-mapped shard files (as --mmap), as fast as the disk reads them",
-             logging.WARNING)
-        return True
+        mapped, why = choose_mapped(self.plan, self.types, opts.ctx_size or min(256, c.max_seq_len), hosts, available,
+                                    opts.mmap, shard_folder(opts.shard_cache) is not None)
+        if why:
+            _log(self.par, f"tpllama: the weights do not fit in memory (host {why[0]} is {why[1] / 2**20:,.0f} MiB "
+                           "short): running from memory-mapped shard files (as --mmap), as fast as the disk reads them",
+                 logging.WARNING)
+        return mapped
 
     def _choose_types(self, weight_type: str):
         self.reader.check_tensors()      # a vocab-only GGUF fails here, naming its first missing tensor

@@ -17,6 +17,7 @@ read it.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -310,6 +311,7 @@ def _host_sizes(text: Optional[str], ranks: int) -> List[int]:
 def main(argv=None) -> int:
     import argparse
     from .formats import open_model
+    from .startplan import choose_mapped, mapped_speed_lines, rank_starts, startplan_table
     from .parallel import SYNC_TYPES
     p = argparse.ArgumentParser(
         prog="python -m tpllama.plan",
@@ -327,6 +329,16 @@ def main(argv=None) -> int:
     p.add_argument("--rank-weights", default=None, help="relative speeds, e.g. 2,1,1")
     p.add_argument("--host-memory", default=None,
                    help="memory available on each rank's host, e.g. 8G or 8G,4G,4G,4G (default: this machine's available memory)")
+    p.add_argument("--shard-cache", metavar="DIR", default=None,
+                   help="shard file folder, as the runtime's (default: $TPLLAMA_SHARD_CACHE, else ~/.cache/tpllama/shards); "
+                        "the plan says which ranks' shard files are found in it on this machine")
+    p.add_argument("--no-shard-cache", action="store_true", help="plan as the runtime's --no-shard-cache")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--mmap", dest="mmap", action="store_const", const=True, default=None,
+                      help="plan the weights mapped from the shard files (default: only when they do not fit in memory)")
+    mode.add_argument("--no-mmap", dest="mmap", action="store_const", const=False, help="plan the weights in memory")
+    p.add_argument("--remote-ranks", default="", metavar="R,R",
+                   help="ranks whose hosts lack the model file (they receive their slices from rank 0), e.g. 1,2,3")
     args = p.parse_args(argv)
     _positive("-n", args.ranks, "a number of ranks >= 1")
     _positive("-c", args.ctx_size, "a context of at least 1 position")
@@ -337,7 +349,10 @@ def main(argv=None) -> int:
     plan = make_plan(c, args.ranks, weights)
     hosts = [f"host{r}" for r in range(args.ranks)]
     types = choose_types(reader, args.weight_type)
-    ctx = args.ctx_size or min(c.max_seq_len, max_context(plan, types, hosts, sizes))
+    folder = None if args.no_shard_cache else os.path.expanduser(args.shard_cache) if args.shard_cache else default_folder()
+    mapped, why_mapped = choose_mapped(plan, types, args.ctx_size or min(256, c.max_seq_len), hosts, sizes,
+                                       args.mmap, folder is not None)
+    ctx = args.ctx_size or min(c.max_seq_len, max_context(plan, types, hosts, sizes, mapped=mapped))
     if ctx < 1:
         _too_little_memory(plan, types, args, hosts, sizes)
     print(f"{args.model}: {c.n_layers} layers, dim {c.dim}, FFN {c.hidden_dim}, {c.n_heads} heads / {c.n_kv_heads} kv heads, "
@@ -346,16 +361,40 @@ def main(argv=None) -> int:
     for s, w in zip(plan.ranks, plan.weights):
         print(f"{s.rank:>4} {w:>6g} {s.heads.start:>4}-{s.heads.stop - 1:<4} {s.kv_heads.start:>4}-{s.kv_heads.stop - 1:<4} "
               f"{s.ffn.start:>5}-{s.ffn.stop - 1:<5} {s.vocab.start:>6}-{s.vocab.stop - 1:<6}")
-    mem = rank_memory(plan, types, ctx, hosts, sizes)
+    mem = rank_memory(plan, types, ctx, hosts, sizes, mapped)
     if types.lowered():
         print(types.lowered())
-    print(format_memory_table(mem, ctx, types))
+    if why_mapped:
+        print(f"the weights do not fit in memory ({why_mapped[0]} is {why_mapped[1] / 2**20:,.0f} MiB short): "
+              "they run mapped from the shard files (as --mmap)")
+    print(format_memory_table(mem, ctx, types, mapped))
+    print(startplan_table(rank_starts(reader, plan, types, ctx, hosts, sizes, folder, mapped,
+                                      _remote_ranks(args.remote_ranks, args.ranks)), folder, mapped))
+    if mapped:
+        print(mapped_speed_lines(plan, types))
     print(_traffic_line(c, args.sync_type, args.ranks))
     short = host_shortfalls(mem)
     for host, ranks, missing in short:
         print(f"does not fit: rank {ranks[0]} needs {missing / 2**20:,.0f} MiB more than {host} has; "
-              "lower -c, add ranks, or change --rank-weights")
+              "lower -c, add ranks, or change --rank-weights" + ("" if mapped or folder is None else ", or --mmap"))
     return 1 if short else 0
+
+
+def default_folder() -> str:
+    """The runtime's default shard folder (shardcache.default_dir, without importing the kernels)."""
+    from .fetch import cache_dir
+    return os.path.expanduser(os.environ.get("TPLLAMA_SHARD_CACHE") or os.path.join(cache_dir(), "shards"))
+
+
+def _remote_ranks(text: str, ranks: int) -> List[int]:
+    try:
+        out = [int(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        out = [-1]
+    if any(not 0 < r < ranks for r in out):
+        which = f"ranks between 1 and {ranks - 1}, comma-separated" if ranks > 1 else "nothing: one rank has the file"
+        raise TpllamaError(f"--remote-ranks {text}: expected {which} (rank 0 reads the model file)")
+    return out
 
 
 def _traffic_line(c: ModelConfig, sync_type: str, ranks: int) -> str:
