@@ -205,9 +205,6 @@ def test_plan_command_says_what_each_rank_does_at_start(smollm2, tmp_path):
     import os
     import tpllama
     from gguf import GGUFReader
-    cold = run_plan_cli("-m", smollm2, "--shard-cache", str(tmp_path), "-c", "512")
-    assert cold.returncode == 0, cold.stderr
-    assert _start_rows(cold.stdout)[0][3] == "convert its slice, write its shard file"
     written = tpllama.load(smollm2, shard_cache=str(tmp_path), ctx_size=512, threads=1).shard_file.path
     warm = _start_rows(run_plan_cli("-m", smollm2, "--shard-cache", str(tmp_path), "-c", "512").stdout)[0]
     assert warm[3] == "read its shard file (found here)"
