@@ -38,7 +38,7 @@ def mpirun_binary() -> str:
     return local if os.path.exists(local) else "mpirun"
 
 
-def run_point(model: str, ranks: int, threads: int, args, cluster=None) -> dict:
+def run_point(model: str, ranks: int, threads: int, args, cluster=None, overlap: Optional[str] = None) -> dict:
     """One mpirun of tpllama.bench.point; its RESULT as a dict (or an 'error')."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -52,12 +52,32 @@ def run_point(model: str, ranks: int, threads: int, args, cluster=None) -> dict:
     cmd = launch + [sys.executable, "-m", "tpllama.bench.point", "-m", model, "-t", str(threads),
                     "--pp", str(args.pp), "--tg", str(args.tg), "--reps", str(args.reps),
                     "--weight-type", args.weight_type, "--sync-type", args.sync_type]
+    if overlap in ("on", "off"):
+        cmd.append("--overlap" if overlap == "on" else "--no-overlap")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     return {"ranks": ranks, "threads": threads, "error": f"exit {proc.returncode}: {tail}"}
+
+
+def overlap_modes(choice: str, ranks: int) -> List[str]:
+    return ["off", "on"] if choice == "both" and ranks > 1 else [choice]
+
+
+def overlap_table(rows: List[dict], pp: int, tg: int) -> str:
+    """Without against with overlapped prefill all-reduces, per point (--overlap both)."""
+    lines = [f"| ranks | threads/rank | pp{pp} off | pp{pp} on | ratio | tg{tg} off | tg{tg} on | ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    for off in (r for r in rows if r.get("overlap") == "off" and "error" not in r):
+        on = next((r for r in rows if r.get("overlap") == "on" and r["ranks"] == off["ranks"]
+                   and r["threads"] == off["threads"] and "error" not in r), None)
+        if on:
+            lines.append(f"| {off['ranks']} | {off['threads']} | {off['pp_median']:.1f} | {on['pp_median']:.1f} | "
+                         f"{on['pp_median'] / off['pp_median']:.2f}x | {off['tg_median']:.2f} | {on['tg_median']:.2f} | "
+                         f"{on['tg_median'] / off['tg_median']:.2f}x |")
+    return "\n".join(lines)
 
 
 def summarize(r: dict, latency_ms: float, collectives_per_token: int) -> dict:
@@ -144,6 +164,9 @@ def main(argv=None) -> int:
     p.add_argument("--netem", action="store_true", help="each rank on its own namespace host behind a shaped link")
     p.add_argument("--rate", default="1gbit", help="link rate with --netem (tc tbf), default 1gbit")
     p.add_argument("--latency-ms", type=float, default=0.2, help="modelled one-way link latency with --netem")
+    p.add_argument("--overlap", choices=("auto", "on", "off", "both"), default="auto",
+                   help="prefill all-reduces overlapping compute (tpllama's --overlap; auto: over a network); both: "
+                        "each multi-rank point without, then with, and a table of the ratios")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per point")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="directory for JSON, markdown, PNG")
     args = p.parse_args(argv)
@@ -170,12 +193,13 @@ def main(argv=None) -> int:
                     print(f"--netem: cannot make hosts here ({reason}); skipping", file=sys.stderr)
                     return 2
                 with namespace_hosts(k, rate=args.rate) as cluster:
-                    r = run_point(model, k, t, args, cluster)
+                    points = [(o, run_point(model, k, t, args, cluster, o)) for o in overlap_modes(args.overlap, k)]
             else:
-                r = run_point(model, k, t, args)
-            row = summarize(r, args.latency_ms if args.netem else 0.0, 2 * n_layers)
-            rows.append(row)
-            print(markdown_table([row], args.netem, args.pp, args.tg).splitlines()[-1], flush=True)
+                points = [(o, run_point(model, k, t, args, None, o)) for o in overlap_modes(args.overlap, k)]
+            for o, r in points:
+                row = dict(summarize(r, args.latency_ms if args.netem else 0.0, 2 * n_layers), overlap=o)
+                rows.append(row)
+                print(markdown_table([row], args.netem, args.pp, args.tg).splitlines()[-1] + f" overlap {o}", flush=True)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,6 +212,8 @@ def main(argv=None) -> int:
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (out / f"{name}.md").write_text(f"{meta['date']} `{meta['command']}` on {meta['cpu']} ({cores} cores)\n\n{table}\n")
     print("\n" + table)
+    if args.overlap == "both":
+        print("\n" + overlap_table(rows, args.pp, args.tg))
     note = plot(rows, out / f"{name}.png")
     print(note or f"wrote {out / name}.json, .md, .png")
     return 0 if all("error" not in r for r in rows) else 1

@@ -95,6 +95,10 @@ def add_model_args(p: argparse.ArgumentParser):
             "run from the memory-mapped shard files: the OS pages weights in as the layers run, so a model larger "
             "than memory runs at the disk's speed (default: only when the weights do not fit, saying so)",
             "never run from mapped shard files: refuse a model whose weights do not fit")
+    _on_off(p_, "overlap",
+            "run each prompt chunk as two micro-batches so that one's all-reduces travel while the other computes "
+            "(the same results; default: when the ranks span hosts, i.e. over a network)",
+            "wait for each all-reduce of a prompt chunk before computing on")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="do not print the memory plan and loading progress (stderr)")
     p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)   # the default now; kept for old scripts
@@ -151,7 +155,8 @@ def load_options(args) -> dict:
     return dict(weight_type=args.weight_type, ctx_size=args.ctx_size, threads=args.threads,
                 rank_weights=args.rank_weights, sync_type=args.sync_type, tokenizer=args.tokenizer,
                 shard_cache=False if args.no_shard_cache else (True if args.shard_cache is None else args.shard_cache),
-                mmap=args.mmap, weights_from_root=args.weights_from_root, verbose=not args.quiet)
+                mmap=args.mmap, weights_from_root=args.weights_from_root, overlap=args.overlap,
+                verbose=not args.quiet)
 
 
 def show_log(args) -> None:

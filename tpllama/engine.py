@@ -25,8 +25,8 @@ from .fingerprint import check_same_model
 from .formats import open_model
 from .generation import Generation  # noqa: F401  (tpllama.Generation, engine.Generation)
 from .loader import load_rank_weights
-from .model import RankModel
-from .parallel import Parallel, world_size
+from .model import RankModel, row_groups
+from .parallel import Finished, Parallel, world_size
 from .plan import (PREFILL_CHUNK, format_memory_table, host_shortfalls, make_plan, max_context,
                    parse_rank_weights, rank_memory, weight_bytes)
 from .sampler import DEFAULT_MAX_NEW_TOKENS, SamplingParams
@@ -37,6 +37,10 @@ from .stats import RunStats, resident_anon_bytes
 from .steps import LocalFailure, StepClock, non_finite_logits
 from .weights import RankWeights
 from .typeplan import choose_types
+
+
+PREFILL_MICRO_BATCHES = 2   # micro-batches of a prefill chunk whose all-reduces overlap (overlap=True)
+MIN_ROWS_TO_SPLIT = 16      # shorter chunks run whole: halves of fewer rows lose more kernel speed than they hide
 
 
 @dataclass
@@ -50,6 +54,7 @@ class LoadOptions:
     shard_cache: Union[bool, str] = True   # True: $TPLLAMA_SHARD_CACHE or ~/.cache/tpllama/shards; a folder; False: off
     mmap: Optional[bool] = None       # run from the memory-mapped shard files; None: only when the weights do not fit
     weights_from_root: Optional[bool] = None   # ranks without the model file get their weights from rank 0; None: when needed
+    overlap: Optional[bool] = None    # prefill in micro-batches whose all-reduces travel while the next computes; None: when the ranks span hosts
     verbose: bool = False             # progress and the memory plan on rank 0's stderr (logger "tpllama")
 
     def check(self, world_size: int) -> None:
@@ -65,6 +70,7 @@ class LoadOptions:
             shard_folder(self.shard_cache)
             checks.optional_flag("weights_from_root", self.weights_from_root, "when a rank cannot open the model")
             checks.optional_flag("mmap", self.mmap, "when the weights do not fit")
+            checks.optional_flag("overlap", self.overlap, "when the ranks span hosts")
             if self.mmap and shard_folder(self.shard_cache) is None:
                 raise checks.ParameterError("mmap", self.mmap, "runs from the shard files: it needs the shard cache "
                                             "(shard_cache True or a folder)")
@@ -129,6 +135,7 @@ class Model:
         if self.types.lowered():
             _log(par, "tpllama: " + self.types.lowered(), logging.WARNING)
         self.ctx = par.together(self._choose_context)
+        self.micro_batches = self._choose_micro_batches()
         self.threads = self._choose_threads()
         progress = None
         if opts.verbose and sys.stderr.isatty():   # redraw one line on a terminal; logs get one line at the end
@@ -208,6 +215,7 @@ class Model:
         model's context capped to what fits, saying so."""
         opts, par, c = self.options, self.par, self.config
         hosts, available = self._host_facts()
+        self.hosts = hosts
         types = self.types
         self.mapped = mapped = self._choose_mapped(hosts, available)
         if opts.ctx_size is not None:
@@ -242,6 +250,20 @@ class Model:
                            "short): running from memory-mapped shard files (as --mmap), as fast as the disk reads them",
                  logging.WARNING)
         return mapped
+
+    def _choose_micro_batches(self) -> int:
+        """How many micro-batches a prefill chunk runs as, so that one's all-reduces travel while
+        the next computes: PREFILL_MICRO_BATCHES when asked (overlap=True) or, by default, when the
+        ranks span hosts (a network link, not shared memory); 1 otherwise, or where MPI cannot
+        (Parallel.can_overlap: f64/f32 payloads, MPI_THREAD_MULTIPLE)."""
+        wanted = self.options.overlap if self.options.overlap is not None else len(set(self.hosts)) > 1
+        if wanted and self.par.size > 1 and not self.par.can_overlap:
+            if self.options.overlap:
+                _log(self.par, f"tpllama: overlap asked, but the {self.par.sync_type} payload or this MPI's thread "
+                               "level (MPI_THREAD_MULTIPLE needed) does not allow it: prefill waits for each all-reduce",
+                     logging.WARNING)
+            return 1
+        return PREFILL_MICRO_BATCHES if wanted and self.par.size > 1 else 1
 
     def _choose_types(self, weight_type: str):
         self.reader.check_tensors()      # a vocab-only GGUF fails here, naming its first missing tensor
@@ -353,21 +375,27 @@ class Model:
 
     def _forward_chunk(self, chunk: np.ndarray, wanted: int, failure: LocalFailure) -> np.ndarray:
         """This rank's logits of the chunk's last `wanted` positions (T, V_r); zeros once failed."""
-        reduces_before = self.par.counters.calls.get("allreduce", 0)
+        par = self.par
+        parts = self.micro_batches if len(chunk) >= MIN_ROWS_TO_SPLIT else 1
+        reduce = par.start_allreduce_sum if parts > 1 else (lambda partial: Finished(par.allreduce_sum(partial)))
+        reduces_before = par.counters.calls.get("allreduce", 0)
         if failure.error is None:
             try:
-                hidden = self.rank_model.forward(chunk, len(self.history), self.par.allreduce_sum)
+                hidden = self.rank_model.forward(chunk, len(self.history), par.allreduce_sum, parts,
+                                                 par.start_allreduce_sum if parts > 1 else None)
                 return self.rank_model.logits(hidden[len(chunk) - wanted:])
             except Exception as e:
-                if self.par.size == 1:
+                if par.size == 1:
                     raise
                 failure.keep(e)
-        # keep step: the all-reduces the other ranks still make for this chunk (two per layer)
-        done = self.par.counters.calls.get("allreduce", 0) - reduces_before
+        # keep step: the all-reduces the other ranks still make for this chunk (two per layer and
+        # micro-batch, in forward's order), of the same kind and shapes
+        groups = row_groups(len(chunk), parts)
+        done = par.counters.calls.get("allreduce", 0) - reduces_before
         zeros = np.zeros((len(chunk), self.config.dim), dtype=np.float64)
-        for _ in range(2 * self.config.n_layers - done):
-            self.par.allreduce_sum(zeros)
-        return np.zeros((wanted, self._vocab_counts[self.par.rank]), dtype=np.float32)
+        for k in range(done, 2 * self.config.n_layers * len(groups)):
+            reduce(zeros[groups[k % len(groups)]]).wait()
+        return np.zeros((wanted, self._vocab_counts[par.rank]), dtype=np.float32)
 
     def forward(self, token_ids: Sequence[int], start_pos: int) -> np.ndarray:
         """Logits (len(token_ids), vocab) float32, the same on every rank, for tokens placed at

@@ -4,13 +4,14 @@ Reads like the paper: for each layer, x += attention(rmsnorm(x)); x += ffn(rmsno
 Other architectures are small differences inside attention: Qwen2 adds biases to q, k and v,
 Qwen3 RMS-norms each head of q and k before rope.
 A rank computes only its own heads and FFN units, so the two sublayer outputs are partial
-sums (float64) that `reduce` (an all-reduce across ranks) completes and rounds to float32.
+sums (float64) that `reduce` (an all-reduce across ranks) completes and rounds to float32; a
+prompt may run as micro-batches so that one's all-reduce travels while the next computes.
 With one rank this is the whole model. The weights are plain data (weights.py): a step reads
 no file and makes no MPI call of its own.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, List, Optional
 
 import numpy as np
 
@@ -21,6 +22,24 @@ from .weights import LayerWeights, RankWeights
 from . import _kernels as K
 
 Reduce = Callable[[np.ndarray], np.ndarray]   # (T, dim) float64 partial sums -> (T, dim) float32 totals
+StartReduce = Callable[[np.ndarray], "PendingTotal"]   # the same, returning at once: .wait() gives the totals
+
+
+class _Finished:
+    """A total that is already there (forward's blocking reduce, as a pending one)."""
+
+    def __init__(self, total: np.ndarray):
+        self.total = total
+
+    def wait(self) -> np.ndarray:
+        return self.total
+
+
+def row_groups(n_rows: int, parts: int) -> List[slice]:
+    """n_rows split into `parts` consecutive slices (fewer when there are fewer rows)."""
+    parts = max(1, min(parts, n_rows))
+    bounds = [n_rows * k // parts for k in range(parts + 1)]
+    return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
 
 class KVCache:
@@ -111,18 +130,42 @@ class RankModel:
 
     # ------------------------------------------------------------ whole pass
 
-    def forward(self, tokens: np.ndarray, start: int, reduce: Reduce) -> np.ndarray:
-        """Token ids (T,) at positions start.. -> final normed hidden states (T, dim)."""
+    def forward(self, tokens: np.ndarray, start: int, reduce: Reduce, micro_batches: int = 1,
+                start_reduce: Optional[StartReduce] = None) -> np.ndarray:
+        """Token ids (T,) at positions start.. -> final normed hidden states (T, dim).
+
+        micro_batches > 1 (with start_reduce, a reduce that returns at once with a pending sum)
+        runs the rows as that many consecutive micro-batches, one sublayer of each in turn, so
+        that one micro-batch's all-reduce travels while the next one computes. Every operation
+        works row by row (a row attends to the cache, where the earlier micro-batch's keys
+        already are), so the result is bit-identical to one batch."""
         c = self.config
         if start + len(tokens) > self.cache.ctx:
             raise ValueError(f"context full: {start + len(tokens)} tokens exceed the context size {self.cache.ctx}")
         x = self.w.embedding(tokens)                              # (T, dim)
         cos, sin = rope_tables(self.inv_freq, np.arange(start, start + len(tokens)))
-        for i, lw in enumerate(self.w.layers):
-            h = Activation(rmsnorm(x, lw.attn_norm, c.norm_eps, self.threads))
-            x += reduce(self.attention(i, lw, h, start, cos, sin))
-            h = Activation(rmsnorm(x, lw.ffn_norm, c.norm_eps, self.threads))
-            x += reduce(self.feed_forward(lw, h))
+        groups = row_groups(len(tokens), micro_batches if start_reduce else 1)
+        begin = start_reduce or (lambda partial: _Finished(reduce(partial)))
+        pending: List[Optional[object]] = [None] * len(groups)
+
+        def settle(g: int) -> None:                               # add micro-batch g's last sublayer
+            if pending[g] is not None:
+                total, pending[g] = pending[g], None
+                x[groups[g]] += total.wait()
+
+        try:
+            for i, lw in enumerate(self.w.layers):
+                for g, rows in enumerate(groups):                 # x += attention(rmsnorm(x))
+                    settle(g)
+                    h = Activation(rmsnorm(x[rows], lw.attn_norm, c.norm_eps, self.threads))
+                    pending[g] = begin(self.attention(i, lw, h, start + rows.start, cos[rows], sin[rows]))
+                for g, rows in enumerate(groups):                 # x += ffn(rmsnorm(x))
+                    settle(g)
+                    h = Activation(rmsnorm(x[rows], lw.ffn_norm, c.norm_eps, self.threads))
+                    pending[g] = begin(self.feed_forward(lw, h))
+        finally:   # also after a failure: no all-reduce is left half done (the other ranks finish theirs)
+            for g in range(len(groups)):
+                settle(g)
         return rmsnorm(x, self.w.output_norm, c.norm_eps, self.threads)
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:

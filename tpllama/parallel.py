@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -38,6 +39,64 @@ class CommCounters:
 
     def snapshot(self) -> Tuple[float, int, int]:
         return self.seconds, self.sent, self.received
+
+
+class Finished:
+    """A sum that is already complete (one rank, or a payload that is reduced at once)."""
+
+    def __init__(self, total: np.ndarray):
+        self.total = total
+
+    def wait(self) -> np.ndarray:
+        return self.total
+
+
+class PendingSum:
+    """A non-blocking all-reduce on its way; wait() gives the float32 total."""
+
+    def __init__(self, par: "Parallel", buf: np.ndarray, request):
+        self.par, self.buf, self.request = par, buf, request
+
+    def wait(self) -> np.ndarray:
+        t0 = time.perf_counter()
+        self.request.Wait()
+        self.par._progress.remove()
+        self.par._count("allreduce", t0, self.buf.nbytes, self.buf.nbytes)   # seconds: only the time waited
+        return self.buf.astype(np.float32, copy=False)
+
+
+class _ProgressThread:
+    """Drives MPI's progress engine while non-blocking all-reduces are on their way: Open MPI
+    moves a message past its first fragment only inside MPI calls, and the rank is inside a
+    compute kernel (which releases the GIL) meanwhile. Sleeps while nothing is pending."""
+
+    PAUSE_S = 1e-4
+
+    def __init__(self, comm, MPI):
+        self.comm, self.MPI = comm, MPI
+        self.pending = 0
+        self.changed = threading.Condition()
+        self.thread: Optional[threading.Thread] = None
+
+    def add(self) -> None:
+        with self.changed:
+            self.pending += 1
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="tpllama-mpi-progress", daemon=True)
+                self.thread.start()
+            self.changed.notify()
+
+    def remove(self) -> None:
+        with self.changed:
+            self.pending -= 1
+
+    def _run(self) -> None:
+        while True:
+            with self.changed:
+                while self.pending == 0:
+                    self.changed.wait()
+            self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=self.MPI.ANY_TAG)   # any call progresses them all
+            time.sleep(self.PAUSE_S)
 
 
 def _to_bf16(x: np.ndarray) -> np.ndarray:
@@ -65,6 +124,14 @@ class Parallel:
         self.sync_type = sync_type
         self.counters = CommCounters()
         self._host_comm = None
+        self._progress = _ProgressThread(self.comm, MPI)
+
+    @property
+    def can_overlap(self) -> bool:
+        """Non-blocking all-reduces can travel while this rank computes: a payload that MPI sums
+        (f64, f32), and an MPI that lets a progress thread call it (MPI_THREAD_MULTIPLE)."""
+        return self.size > 1 and self.sync_type in ("f64", "f32") and \
+            self.MPI.Query_thread() == self.MPI.THREAD_MULTIPLE
 
     @property
     def is_root(self) -> bool:
@@ -106,6 +173,17 @@ class Parallel:
         for r in range(1, self.size):
             total += self._decompress(gathered[r], x.shape)
         return total
+
+    def start_allreduce_sum(self, partial: np.ndarray, overlap: bool = True):
+        """allreduce_sum that returns at once with a pending sum (.wait() gives the total) when
+        `overlap` and can_overlap, so the payload travels while the caller computes the next
+        micro-batch; otherwise the finished sum. The same arithmetic either way."""
+        if not (overlap and self.can_overlap):
+            return Finished(self.allreduce_sum(partial))
+        x = np.ascontiguousarray(partial, dtype=np.float64 if self.sync_type == "f64" else np.float32)
+        request = self.comm.Iallreduce(self.MPI.IN_PLACE, x, op=self.MPI.SUM)
+        self._progress.add()
+        return PendingSum(self, x, request)
 
     def _compress(self, x: np.ndarray) -> np.ndarray:
         if self.sync_type == "bf16":
