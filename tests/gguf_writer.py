@@ -5,7 +5,7 @@ spec (ggml/docs/gguf.md), independent of both the `gguf` package's reader and tp
 The conversion follows llama.cpp's convert_hf_to_gguf.py (LlamaModel, Qwen2Model, Qwen3Model):
 HF names -> GGUF names, q_proj/k_proj rows permuted into GGUF's interleaved rotary order by
 `LlamaModel.permute` for llama only (Qwen2Model/Qwen3Model keep HF's rows: llama.cpp runs them
-with NEOX rope), the `{arch}.*` keys (attention.key_length/value_length when config.json has
+with NEOX rope; MistralForCausalLM is converted by LlamaModel, as arch llama, with no sliding-window key), the `{arch}.*` keys (attention.key_length/value_length when config.json has
 head_dim), 1-D tensors (norms, biases) kept F32, every 2-D tensor stored in the asked-for type
 (quantized with gguf.quants), lm_head dropped when the embeddings are tied.
 """
@@ -25,6 +25,7 @@ HF_TO_GGUF = {
     "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
 }
+GGUF_ARCH = {"mistral": "llama"}   # HF model_type -> general.architecture, where they differ
 HF_LAYER = {
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -70,7 +71,7 @@ def llama_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 def hf_to_gguf_tensors(state: Dict[str, np.ndarray], hf_cfg: dict) -> Dict[str, np.ndarray]:
     """float32 HF state dict -> {GGUF name: float32 array in GGUF row order}."""
     n_head, n_kv = hf_cfg["num_attention_heads"], hf_cfg["num_key_value_heads"]
-    permute = hf_cfg.get("model_type", "llama") == "llama"
+    permute = gguf_arch(hf_cfg) == "llama"
     out = {}
     for hf, w in state.items():
         if hf == "lm_head.weight" and hf_cfg.get("tie_word_embeddings"):
@@ -84,6 +85,11 @@ def hf_to_gguf_tensors(state: Dict[str, np.ndarray], hf_cfg: dict) -> Dict[str, 
             w = llama_permute(w, n_head, n_kv)
         out[gguf_name(hf)] = np.ascontiguousarray(w)
     return out
+
+
+def gguf_arch(hf_cfg: dict) -> str:
+    model_type = hf_cfg.get("model_type", "llama")
+    return GGUF_ARCH.get(model_type, model_type)
 
 
 def encode(w: np.ndarray, qtype: T) -> Tuple[np.ndarray, Optional[T]]:
@@ -149,14 +155,17 @@ def write_gguf(path: Path, tensors: Dict[str, Tuple[np.ndarray, Optional[T]]], *
     return Path(path)
 
 
-def hf_model_to_gguf(path: Path, state: Dict[str, np.ndarray], hf_cfg: dict, qtype: T, **kw) -> Path:
-    """Convert a float32 HF state dict into a GGUF of `qtype` (norms F32)."""
+def hf_model_to_gguf(path: Path, state: Dict[str, np.ndarray], hf_cfg: dict, qtype: T,
+                     tensors_extra: Optional[Dict[str, np.ndarray]] = None, **kw) -> Path:
+    """Convert a float32 HF state dict into a GGUF of `qtype` (norms F32); tensors_extra: more
+    tensors stored F32 under their GGUF names (rope_freqs.weight)."""
     tensors = {n: encode(w, qtype) for n, w in hf_to_gguf_tensors(state, hf_cfg).items()}
+    tensors.update({n: (np.asarray(w, np.float32), None) for n, w in (tensors_extra or {}).items()})
     return write_gguf(path, tensors, dim=hf_cfg["hidden_size"], hidden=hf_cfg["intermediate_size"],
                       layers=hf_cfg["num_hidden_layers"], heads=hf_cfg["num_attention_heads"],
                       kv_heads=hf_cfg["num_key_value_heads"], vocab=hf_cfg["vocab_size"],
                       context=hf_cfg["max_position_embeddings"], rope_theta=hf_cfg["rope_theta"],
-                      eps=hf_cfg["rms_norm_eps"], arch=hf_cfg.get("model_type", "llama"),
+                      eps=hf_cfg["rms_norm_eps"], arch=gguf_arch(hf_cfg),
                       head_dim=hf_cfg.get("head_dim"), **kw)
 
 
