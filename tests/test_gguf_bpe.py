@@ -6,7 +6,8 @@ with `tokenizers`: the model's pre-tokenizer regex and byte-level mapping, a sma
 trained on mixed text, its special tokens after the vocabulary (as the real ones are), Llama 3's
 ignore_merges; then writes it into a GGUF's tokenizer.ggml.* keys the way llama.cpp's converter
 does (added special tokens as CONTROL) and checks that tpllama's ids are the library's ids on
-tricky text: digits, contractions, CJK, emoji, whitespace runs, newlines, special tokens in text.
+tricky text: digits, contractions, CJK, emoji, whitespace runs, newlines, special tokens in text,
+decomposed accents (Qwen2's tokenizer.json normalizes to NFC; llama.cpp does not).
 """
 import json
 
@@ -22,10 +23,10 @@ QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 LLAMA3_REGEX = QWEN2_REGEX.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
 STYLES = {
-    # pre: (regex, ignore_merges, special tokens, eos)
-    "qwen2": (QWEN2_REGEX, False, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_end|>"),
+    # pre: (regex, ignore_merges, special tokens, eos, NFC normalizer)
+    "qwen2": (QWEN2_REGEX, False, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_end|>", True),
     "llama-bpe": (LLAMA3_REGEX, True, ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                                       "<|end_header_id|>", "<|eot_id|>"], "<|eot_id|>"),
+                                       "<|end_header_id|>", "<|eot_id|>"], "<|eot_id|>", False),
 }
 
 TRICKY = [
@@ -41,6 +42,7 @@ TRICKY = [
     "text<|endoftext|>more <|endoftext|> <|eot_id|>after<|end_of_text|>",
     "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHello<|eot_id|>",
     "<|im_end",                      # not a whole special token
+    "cafe\u0301 e\u0301te\u0301 A\u030angstro\u0308m",   # decomposed accents: Qwen2's tokenizer composes them (NFC)
 ]
 CORPUS = TRICKY * 3 + [
     "The quick brown fox jumps over the lazy dog. " * 4,
@@ -51,9 +53,11 @@ CORPUS = TRICKY * 3 + [
 
 def build(pre: str):
     """The reference `tokenizers.Tokenizer` of a style: trained BPE + the model's pre-tokenizer."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    regex, ignore_merges, specials, _ = STYLES[pre]
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    regex, ignore_merges, specials, _, nfc = STYLES[pre]
     tok = Tokenizer(models.BPE())
+    if nfc:
+        tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
