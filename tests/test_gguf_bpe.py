@@ -1,5 +1,6 @@
 """GGUF `gpt2` vocabularies with `tokenizer.ggml.pre` qwen2 and llama-bpe against the `tokenizers`
-library (the reference: the pipeline of Qwen2's and Llama 3's tokenizer.json).
+library (the reference: the pipeline of Qwen2's and Llama 3's tokenizer.json), and Qwen's and
+Mistral's chat templates from the file against HF transformers' apply_chat_template.
 
 llama.cpp's vocab test files for these models are not at hand, so the test builds each tokenizer
 with `tokenizers`: the model's pre-tokenizer regex and byte-level mapping, a small BPE vocabulary
@@ -8,6 +9,11 @@ ignore_merges; then writes it into a GGUF's tokenizer.ggml.* keys the way llama.
 does (added special tokens as CONTROL) and checks that tpllama's ids are the library's ids on
 tricky text: digits, contractions, CJK, emoji, whitespace runs, newlines, special tokens in text,
 decomposed accents (Qwen2's tokenizer.json normalizes to NFC; llama.cpp does not).
+
+The chat templates are written here in the shape of Qwen2.5's (ChatML, a default system message,
+a tools block through tojson) and Mistral's ([INST] turns, BOS/EOS, alternation enforced with
+raise_exception, the system message folded into the first user turn); the file carries them in
+tokenizer.chat_template, and tpllama must render and encode them as transformers does.
 """
 import json
 
@@ -51,10 +57,43 @@ CORPUS = TRICKY * 3 + [
 ]
 
 
-def build(pre: str):
-    """The reference `tokenizers.Tokenizer` of a style: trained BPE + the model's pre-tokenizer."""
+QWEN_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
+    "{%- else %}{%- set system = 'You are Qwen, a helpful assistant.' %}{%- endif %}"
+    "{{- '<|im_start|>system\\n' + system }}"
+    "{%- if tools %}{{- '\\n\\n# Tools\\n<tools>' }}{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}"
+    "{%- endfor %}{{- '\\n</tools>' }}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- for message in messages %}{%- if not (loop.first and message['role'] == 'system') %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+MISTRAL_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] + '\\n\\n' %}"
+    "{%- set turns = messages[1:] %}{%- else %}{%- set system = '' %}{%- set turns = messages %}{%- endif %}"
+    "{{- bos_token }}"
+    "{%- for message in turns %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif %}"
+    "{%- if message['role'] == 'user' %}"
+    "{{- '[INST] ' + (system if loop.first else '') + message['content'] | trim + ' [/INST]' }}"
+    "{%- else %}{{- ' ' + message['content'] | trim + eos_token }}{%- endif %}"
+    "{%- endfor %}"
+)
+CHATS = [
+    [{"role": "user", "content": "Hello!"}],
+    [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi  there "},
+     {"role": "assistant", "content": " Bonjour ! "}, {"role": "user", "content": "Ça va? 3 + 33 = 36\n\nok"}],
+]
+
+
+def build(pre: str, specials=None):
+    """The reference `tokenizers.Tokenizer` of a style: trained BPE + the model's pre-tokenizer
+    (specials: other special tokens than the style's)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    regex, ignore_merges, specials, _, nfc = STYLES[pre]
+    regex, ignore_merges, style_specials, _, nfc = STYLES[pre]
+    specials = style_specials if specials is None else specials
     tok = Tokenizer(models.BPE())
     if nfc:
         tok.normalizer = normalizers.NFC()
@@ -72,13 +111,13 @@ def build(pre: str):
     return tok
 
 
-def write_gguf(path, tok, pre: str):
+def write_gguf(path, tok, pre: str, specials=None, eos=None, bos=None, template=None):
     """A vocab-only GGUF with the tokenizer.ggml.* keys of llama.cpp's converter (_set_vocab_gpt2)."""
     import gguf
     vocab = tok.get_vocab(with_added_tokens=True)
     tokens = sorted(vocab, key=vocab.get)
     assert [vocab[t] for t in tokens] == list(range(len(tokens)))
-    specials = set(STYLES[pre][2])
+    specials = set(STYLES[pre][2] if specials is None else specials)
     merges = [" ".join(m) if isinstance(m, list) else m for m in json.loads(tok.to_str())["model"]["merges"]]
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_tokenizer_model("gpt2")
@@ -86,7 +125,12 @@ def write_gguf(path, tok, pre: str):
     w.add_token_list(tokens)
     w.add_token_types([CONTROL if t in specials else NORMAL for t in tokens])
     w.add_token_merges(merges)
-    w.add_eos_token_id(vocab[STYLES[pre][3]])
+    w.add_eos_token_id(vocab[eos or STYLES[pre][3]])
+    if bos:
+        w.add_bos_token_id(vocab[bos])
+        w.add_add_bos_token(False)      # the template writes it
+    if template:
+        w.add_chat_template(template)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -135,3 +179,46 @@ def test_end_of_turn_tokens_stop(pair):
     ends = {"qwen2": ("<|im_end|>", "<|endoftext|>"), "llama-bpe": ("<|eot_id|>", "<|end_of_text|>")}[pre]
     assert {vocab[t] for t in ends} <= set(ours.eos_ids)
     assert vocab["<|im_start|>" if pre == "qwen2" else "<|start_header_id|>"] not in ours.eos_ids
+
+
+def hf_tokenizer(ref, template, **special_tokens):
+    """transformers' tokenizer over the reference pipeline, with the chat template."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=ref, **special_tokens)
+    hf.chat_template = template
+    return hf
+
+
+def assert_chats_match(ours, hf, **extra):
+    for messages in CHATS:
+        for prompt in (True, False):
+            want = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt, **extra)
+            assert ours.render_chat(messages, add_generation_prompt=prompt, **extra) == want, (messages, prompt)
+            ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=prompt, **extra)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+            assert ours.encode_chat(messages, add_generation_prompt=prompt, **extra) == list(ids), (messages, prompt)
+
+
+def test_qwen_chat_template_from_the_file_renders_like_transformers(tmp_path):
+    ref = build("qwen2")
+    path = write_gguf(tmp_path / "qwen.gguf", ref, "qwen2", template=QWEN_TEMPLATE)
+    ours = load_tokenizer_file(str(path))
+    assert ours.chat_template == QWEN_TEMPLATE
+    hf = hf_tokenizer(ref, QWEN_TEMPLATE, eos_token="<|im_end|>")
+    assert_chats_match(ours, hf)
+    assert_chats_match(ours, hf, tools=[{"name": "météo", "parameters": {"city": {"type": "string"}}}])
+    assert ours.render_chat(CHATS[0]).startswith("<|im_start|>system\nYou are Qwen")
+
+
+def test_mistral_chat_template_from_the_file_renders_like_transformers(tmp_path):
+    specials = ["<unk>", "<s>", "</s>"]
+    ref = build("llama-bpe", specials)
+    path = write_gguf(tmp_path / "mistral.gguf", ref, "llama-bpe", specials, eos="</s>", bos="<s>",
+                      template=MISTRAL_TEMPLATE)
+    ours = load_tokenizer_file(str(path))
+    hf = hf_tokenizer(ref, MISTRAL_TEMPLATE, bos_token="<s>", eos_token="</s>")
+    assert_chats_match(ours, hf)
+    assert ours.render_chat(CHATS[1]).startswith("<s>[INST] Answer in French.\n\nHi  there [/INST] Bonjour !</s>")
+    from tpllama.tokenizer import ChatTemplateError
+    with pytest.raises(ChatTemplateError, match="roles must alternate"):
+        ours.render_chat([{"role": "assistant", "content": "first"}])
