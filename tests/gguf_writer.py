@@ -263,3 +263,41 @@ def gguf_tensor_bytes(path, name) -> np.ndarray:
     ne, _, offset, nbytes = gguf_tensor_table(path)[name]
     rows = int(np.prod(ne[1:])) if len(ne) > 1 else 1
     return np.fromfile(path, dtype=np.uint8, count=nbytes, offset=offset).reshape(rows, -1)
+
+
+# ------------------------------------------------------------------------------ a Qwen GGUF that always says one token
+
+CHATML = ("{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def write_one_token_qwen(path: Path, answer: str) -> Path:
+    """A 1-layer qwen2 GGUF with a byte-level vocabulary and Qwen's special tokens, keyed as
+    llama.cpp writes Qwen2.5-Instruct (eos <|im_end|>, bos and padding <|endoftext|>, no BOS added,
+    a ChatML template), whose greedy next token is always `answer`: every layer adds nothing
+    (zero matrices and biases), every embedding row is the same, and only answer's output row
+    is non-zero."""
+    from tokenizers import pre_tokenizers
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + ["\u0120t"] + specials
+    types = [1] * (len(tokens) - len(specials)) + [3] * len(specials)
+    dim, hidden, heads, kv_heads, vocab = 64, 128, 4, 2, len(tokens)
+    kv = kv_heads * dim // heads
+    zeros = {"attn_q": (dim, dim), "attn_k": (kv, dim), "attn_v": (kv, dim), "attn_output": (dim, dim),
+             "ffn_gate": (hidden, dim), "ffn_up": (hidden, dim), "ffn_down": (dim, hidden)}
+    tensors = {f"blk.0.{name}.weight": np.zeros(shape, np.float32) for name, shape in zeros.items()}
+    tensors.update({f"blk.0.{n}.bias": np.zeros(size, np.float32) for n, size in (("attn_q", dim), ("attn_k", kv),
+                                                                                  ("attn_v", kv))})
+    tensors.update({"blk.0.attn_norm.weight": np.ones(dim, np.float32), "blk.0.ffn_norm.weight": np.ones(dim, np.float32),
+                    "output_norm.weight": np.ones(dim, np.float32), "token_embd.weight": np.ones((vocab, dim), np.float32)})
+    output = np.zeros((vocab, dim), np.float32)
+    output[tokens.index(answer)] = 0.05
+    tensors["output.weight"] = output
+    keys = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": ["\u0120 t"],
+            "tokenizer.ggml.eos_token_id": tokens.index("<|im_end|>"),
+            "tokenizer.ggml.bos_token_id": tokens.index("<|endoftext|>"),
+            "tokenizer.ggml.padding_token_id": tokens.index("<|endoftext|>"),
+            "tokenizer.ggml.add_bos_token": False, "tokenizer.chat_template": CHATML}
+    return write_gguf(path, {n: (w, None) for n, w in tensors.items()}, dim=dim, hidden=hidden, layers=1, heads=heads,
+                      kv_heads=kv_heads, vocab=vocab, arch="qwen2", extra=keys, name="one-token-qwen")
