@@ -72,7 +72,7 @@ cdef extern from "tpk.h":
     void tpk_silu_mul(const float *g, const float *u, float *out, int64_t n, int nthreads) nogil
     void tpk_attention(const float *q, const float *k, const float *v, int64_t T, int64_t n_heads, int64_t n_kv,
                        int64_t hd, const int32_t *kv_of_head, float *kcache, float *vcache, int64_t ctx,
-                       int64_t start, float scale, float *out, int nthreads) nogil
+                       int64_t start, int64_t window, float scale, float *out, int nthreads) nogil
 
 QK = TPK_QK
 Q40_BYTES = TPK_Q40_BYTES
@@ -430,15 +430,19 @@ def silu_mul(g_array, const float[:, ::1] u, int nthreads=1):
 
 
 def attention(const float[:, ::1] q, const float[:, ::1] k, const float[:, ::1] v, float[:, :, ::1] kcache,
-              float[:, :, ::1] vcache, int64_t start, const int32_t[::1] kv_of_head, float scale, int nthreads=1):
+              float[:, :, ::1] vcache, int64_t start, const int32_t[::1] kv_of_head, float scale, int nthreads=1,
+              int64_t window=0):
     """Causal attention for T new positions start..: q (T, heads*hd), k, v (T, kv*hd) are stored
-    into the caches (kv, ctx, hd) first. Returns (T, heads*hd) float32."""
+    into the caches (kv, ctx, hd) first. window > 0: each position attends only to itself and the
+    window - 1 positions before it (a sliding window). Returns (T, heads*hd) float32."""
     cdef int64_t T = q.shape[0], n_kv = kcache.shape[0], ctx = kcache.shape[1], hd = kcache.shape[2]
     cdef int64_t n_heads = kv_of_head.shape[0], i
     if vcache.shape[0] != n_kv or vcache.shape[1] != ctx or vcache.shape[2] != hd:
         raise ValueError("attention: caches differ")
     if q.shape[1] != n_heads * hd or k.shape[1] != n_kv * hd or v.shape[1] != n_kv * hd or k.shape[0] != T or v.shape[0] != T:
         raise ValueError("attention: shapes do not match")
+    if window < 0:
+        raise ValueError(f"attention: window {window} is negative")
     if start < 0 or start + T > ctx:
         raise ValueError(f"attention: positions {start}..{start + T} do not fit the cache of {ctx}")
     for i in range(n_heads):
@@ -449,5 +453,6 @@ def attention(const float[:, ::1] q, const float[:, ::1] k, const float[:, ::1] 
     if T and n_heads and hd:
         with nogil:
             tpk_attention(&q[0, 0], &k[0, 0] if n_kv else NULL, &v[0, 0] if n_kv else NULL, T, n_heads, n_kv, hd,
-                          &kv_of_head[0], &kcache[0, 0, 0], &vcache[0, 0, 0], ctx, start, scale, &o[0, 0], nthreads)
+                          &kv_of_head[0], &kcache[0, 0, 0], &vcache[0, 0, 0], ctx, start, window, scale, &o[0, 0],
+                          nthreads)
     return out

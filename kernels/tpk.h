@@ -177,10 +177,11 @@ void tpk_rope(float *x, int64_t T, int64_t heads, int64_t hd, const float *cos_t
 void tpk_silu_mul(const float *g, const float *u, float *out, int64_t n, int nthreads);
 /* Causal attention of T new positions start..start+T-1: stores k, v (T, n_kv, hd) into the
  * caches (n_kv, ctx, hd), then for every position and query head h (q, out: (T, n_heads, hd))
- * softmax(q . K[kv_of_head[h], 0..pos] * scale) . V[...]. */
+ * softmax(q . K[kv_of_head[h], first..pos] * scale) . V[...], where first is 0, or with a
+ * sliding window (window > 0) pos - window + 1: a position sees itself and window - 1 before it. */
 void tpk_attention(const float *q, const float *k, const float *v, int64_t T, int64_t n_heads, int64_t n_kv,
                    int64_t hd, const int32_t *kv_of_head, float *kcache, float *vcache, int64_t ctx,
-                   int64_t start, float scale, float *out, int nthreads);
+                   int64_t start, int64_t window, float scale, float *out, int nthreads);
 
 /* Sum of n floats read once, over nthreads threads: a memory read bandwidth probe. */
 double tpk_stream_sum(const float *x, int64_t n, int nthreads);

@@ -222,7 +222,7 @@ TPK_CLONES static void attend_group(const float *q, int64_t nh, const float *K, 
 
 void tpk_attention(const float *q, const float *k, const float *v, int64_t T, int64_t n_heads, int64_t n_kv,
                    int64_t hd, const int32_t *kv_of_head, float *kcache, float *vcache, int64_t ctx,
-                   int64_t start, float scale, float *out, int nthreads) {
+                   int64_t start, int64_t window, float scale, float *out, int nthreads) {
     /* store the new keys and values: k, v are (T, n_kv, hd), the caches (n_kv, ctx, hd) */
     for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < n_kv; h++) {
@@ -256,8 +256,11 @@ void tpk_attention(const float *q, const float *k, const float *v, int64_t T, in
         for (int64_t u = 0; u < units; u++) {
             const int64_t t = u / runs, r = u % runs;
             const int64_t h0 = run_start[r], nh = run_start[r + 1] - h0, kv = kv_of_head[h0];
-            attend_group(q + (t * n_heads + h0) * hd, nh, kcache + kv * ctx * hd, vcache + kv * ctx * hd,
-                         start + t + 1, hd, scale, scores, acc, out + (t * n_heads + h0) * hd);
+            /* keys first..start+t: every earlier position, or the last `window` with a sliding window */
+            const int64_t first = window > 0 && start + t + 1 > window ? start + t + 1 - window : 0;
+            attend_group(q + (t * n_heads + h0) * hd, nh, kcache + (kv * ctx + first) * hd,
+                         vcache + (kv * ctx + first) * hd, start + t + 1 - first, hd, scale, scores, acc,
+                         out + (t * n_heads + h0) * hd);
         }
         free(scores);
         free(acc);

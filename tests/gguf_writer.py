@@ -5,7 +5,7 @@ spec (ggml/docs/gguf.md), independent of both the `gguf` package's reader and tp
 The conversion follows llama.cpp's convert_hf_to_gguf.py (LlamaModel, Qwen2Model, Qwen3Model):
 HF names -> GGUF names, q_proj/k_proj rows permuted into GGUF's interleaved rotary order by
 `LlamaModel.permute` for llama only (Qwen2Model/Qwen3Model keep HF's rows: llama.cpp runs them
-with NEOX rope), the `{arch}.*` keys (attention.key_length/value_length when config.json has
+with NEOX rope; MistralForCausalLM is converted by LlamaModel, as arch llama, with no sliding-window key), the `{arch}.*` keys (attention.key_length/value_length when config.json has
 head_dim), 1-D tensors (norms, biases) kept F32, every 2-D tensor stored in the asked-for type
 (quantized with gguf.quants), lm_head dropped when the embeddings are tied.
 """
@@ -25,6 +25,7 @@ HF_TO_GGUF = {
     "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
 }
+GGUF_ARCH = {"mistral": "llama"}   # HF model_type -> general.architecture, where they differ
 HF_LAYER = {
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -70,7 +71,7 @@ def llama_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 def hf_to_gguf_tensors(state: Dict[str, np.ndarray], hf_cfg: dict) -> Dict[str, np.ndarray]:
     """float32 HF state dict -> {GGUF name: float32 array in GGUF row order}."""
     n_head, n_kv = hf_cfg["num_attention_heads"], hf_cfg["num_key_value_heads"]
-    permute = hf_cfg.get("model_type", "llama") == "llama"
+    permute = gguf_arch(hf_cfg) == "llama"
     out = {}
     for hf, w in state.items():
         if hf == "lm_head.weight" and hf_cfg.get("tie_word_embeddings"):
@@ -84,6 +85,11 @@ def hf_to_gguf_tensors(state: Dict[str, np.ndarray], hf_cfg: dict) -> Dict[str, 
             w = llama_permute(w, n_head, n_kv)
         out[gguf_name(hf)] = np.ascontiguousarray(w)
     return out
+
+
+def gguf_arch(hf_cfg: dict) -> str:
+    model_type = hf_cfg.get("model_type", "llama")
+    return GGUF_ARCH.get(model_type, model_type)
 
 
 def encode(w: np.ndarray, qtype: T) -> Tuple[np.ndarray, Optional[T]]:
@@ -149,14 +155,17 @@ def write_gguf(path: Path, tensors: Dict[str, Tuple[np.ndarray, Optional[T]]], *
     return Path(path)
 
 
-def hf_model_to_gguf(path: Path, state: Dict[str, np.ndarray], hf_cfg: dict, qtype: T, **kw) -> Path:
-    """Convert a float32 HF state dict into a GGUF of `qtype` (norms F32)."""
+def hf_model_to_gguf(path: Path, state: Dict[str, np.ndarray], hf_cfg: dict, qtype: T,
+                     tensors_extra: Optional[Dict[str, np.ndarray]] = None, **kw) -> Path:
+    """Convert a float32 HF state dict into a GGUF of `qtype` (norms F32); tensors_extra: more
+    tensors stored F32 under their GGUF names (rope_freqs.weight)."""
     tensors = {n: encode(w, qtype) for n, w in hf_to_gguf_tensors(state, hf_cfg).items()}
+    tensors.update({n: (np.asarray(w, np.float32), None) for n, w in (tensors_extra or {}).items()})
     return write_gguf(path, tensors, dim=hf_cfg["hidden_size"], hidden=hf_cfg["intermediate_size"],
                       layers=hf_cfg["num_hidden_layers"], heads=hf_cfg["num_attention_heads"],
                       kv_heads=hf_cfg["num_key_value_heads"], vocab=hf_cfg["vocab_size"],
                       context=hf_cfg["max_position_embeddings"], rope_theta=hf_cfg["rope_theta"],
-                      eps=hf_cfg["rms_norm_eps"], arch=hf_cfg.get("model_type", "llama"),
+                      eps=hf_cfg["rms_norm_eps"], arch=gguf_arch(hf_cfg),
                       head_dim=hf_cfg.get("head_dim"), **kw)
 
 
@@ -254,3 +263,41 @@ def gguf_tensor_bytes(path, name) -> np.ndarray:
     ne, _, offset, nbytes = gguf_tensor_table(path)[name]
     rows = int(np.prod(ne[1:])) if len(ne) > 1 else 1
     return np.fromfile(path, dtype=np.uint8, count=nbytes, offset=offset).reshape(rows, -1)
+
+
+# ------------------------------------------------------------------------------ a Qwen GGUF that always says one token
+
+CHATML = ("{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def write_one_token_qwen(path: Path, answer: str) -> Path:
+    """A 1-layer qwen2 GGUF with a byte-level vocabulary and Qwen's special tokens, keyed as
+    llama.cpp writes Qwen2.5-Instruct (eos <|im_end|>, bos and padding <|endoftext|>, no BOS added,
+    a ChatML template), whose greedy next token is always `answer`: every layer adds nothing
+    (zero matrices and biases), every embedding row is the same, and only answer's output row
+    is non-zero."""
+    from tokenizers import pre_tokenizers
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + ["\u0120t"] + specials
+    types = [1] * (len(tokens) - len(specials)) + [3] * len(specials)
+    dim, hidden, heads, kv_heads, vocab = 64, 128, 4, 2, len(tokens)
+    kv = kv_heads * dim // heads
+    zeros = {"attn_q": (dim, dim), "attn_k": (kv, dim), "attn_v": (kv, dim), "attn_output": (dim, dim),
+             "ffn_gate": (hidden, dim), "ffn_up": (hidden, dim), "ffn_down": (dim, hidden)}
+    tensors = {f"blk.0.{name}.weight": np.zeros(shape, np.float32) for name, shape in zeros.items()}
+    tensors.update({f"blk.0.{n}.bias": np.zeros(size, np.float32) for n, size in (("attn_q", dim), ("attn_k", kv),
+                                                                                  ("attn_v", kv))})
+    tensors.update({"blk.0.attn_norm.weight": np.ones(dim, np.float32), "blk.0.ffn_norm.weight": np.ones(dim, np.float32),
+                    "output_norm.weight": np.ones(dim, np.float32), "token_embd.weight": np.ones((vocab, dim), np.float32)})
+    output = np.zeros((vocab, dim), np.float32)
+    output[tokens.index(answer)] = 0.05
+    tensors["output.weight"] = output
+    keys = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": ["\u0120 t"],
+            "tokenizer.ggml.eos_token_id": tokens.index("<|im_end|>"),
+            "tokenizer.ggml.bos_token_id": tokens.index("<|endoftext|>"),
+            "tokenizer.ggml.padding_token_id": tokens.index("<|endoftext|>"),
+            "tokenizer.ggml.add_bos_token": False, "tokenizer.chat_template": CHATML}
+    return write_gguf(path, {n: (w, None) for n, w in tensors.items()}, dim=dim, hidden=hidden, layers=1, heads=heads,
+                      kv_heads=kv_heads, vocab=vocab, arch="qwen2", extra=keys, name="one-token-qwen")

@@ -150,6 +150,24 @@ def test_a_full_context_drops_old_turns_instead_of_failing(smollm2):
     assert all(int(m.group(1)) + 16 <= 160 for m in STATS.finditer(chat.stderr))
 
 
+@pytest.mark.parametrize("answer, finish", [("<|im_end|>", "stop"), ("<|endoftext|>", "stop"), ("A", "length")])
+def test_a_qwen_models_end_of_turn_tokens_end_the_reply(tmp_path, answer, finish):
+    """A Qwen GGUF (keys as llama.cpp writes Qwen2.5-Instruct) whose model always says `answer`:
+    <|im_end|> (its eos) and <|endoftext|> (bos and padding in the file, an end-of-turn token by
+    name) end the reply at once; an ordinary token runs on to -n."""
+    from gguf_writer import write_one_token_qwen
+    model = write_one_token_qwen(tmp_path / "qwen.gguf", answer)
+    # no shard file: the three models differ in one output row, which the sampled fingerprint may not see
+    args = ["-m", str(model), "-c", "64", "-n", "6", "--temp", "0", "--stats", "--no-shard-cache", *ONE_THREAD]
+    with Running(command(1, "tpllama.chat", args)) as chat:
+        chat.send("Hi\n")
+        chat.close_stdin()
+        assert chat.wait(60) == 0, chat.report()
+    stats = [m.groups() for m in STATS.finditer(chat.stderr)]
+    assert [(int(n), end) for _, _, n, end in stats] == [(0 if finish == "stop" else 6, finish)], chat.report()
+    assert answers(chat.stdout) == ([] if finish == "stop" else ["AAAAAA"]), chat.report()
+
+
 @pytest.mark.mpi
 def test_chat_on_two_ranks_through_a_pipe(smollm2):
     # Open MPI 5's mpirun does not pass the end of stdin on to rank 0, so the chat ends with /exit

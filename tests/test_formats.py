@@ -703,9 +703,9 @@ ERROR_CASES = {
     "gguf-legacy-ggjt": (lambda d: (d / "old.bin").write_bytes(b"tjgg" + bytes(64)) and d / "old.bin", r"GGML/GGJT.*GGUF"),
     "gguf-legacy-ggml": (lambda d: (d / "old.ggml").write_bytes(b"lmgg" + bytes(64)) and d / "old.ggml", r"GGML/GGJT.*GGUF"),
     "hf-gelu": (lambda d: _bad_hf(d / "gelu", hidden_act="gelu"), r"hidden_act 'gelu'.*expected 'silu'"),
-    "hf-mistral": (lambda d: _bad_hf(d / "mistral", model_type="mistral", architectures=["MistralForCausalLM"],
-                                     sliding_window=4096),
-                   r"model_type 'mistral' \(MistralForCausalLM\) is not supported \(supported: llama, qwen2, qwen3\)"),
+    "hf-gemma2": (lambda d: _bad_hf(d / "gemma2", model_type="gemma2", architectures=["Gemma2ForCausalLM"],
+                                    sliding_window=4096),
+                  r"model_type 'gemma2' \(Gemma2ForCausalLM\) is not supported \(supported: llama, qwen2, qwen3\)"),
     "hf-missing-shard": (lambda d: _sharded_hf_missing_shard(d / "sharded"), r"missing.*index\.json"),
     "hf-truncated-safetensors": (_hf_truncated, r"truncated"),
     "hf-shape-vs-offsets": (lambda d: _hf_edited_header(
@@ -764,6 +764,18 @@ def test_bad_model_raises_one_line_error(case, tmp_path):
     assert_one_line_naming(str(e.value), named, ERROR_CASES[case][1])
 
 
+def test_formats_md_quotes_the_unsupported_architecture_errors():
+    """docs/formats.md shows the exact lines a user sees for an architecture tpllama does not run."""
+    from tpllama.config import ModelConfig
+    docs = (REPO / "docs" / "formats.md").read_text()
+    for make in (lambda: ModelConfig.from_gguf({"general.architecture": "gemma2"}, source="model.gguf"),
+                 lambda: ModelConfig.from_hf({"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2"},
+                                             source="model/config.json")):
+        with pytest.raises(ModelFormatError) as e:
+            make()
+        assert f"error: {e.value}\n" in docs
+
+
 def test_vocab_only_gguf_opens_but_does_not_load(tmp_path):
     """llama.cpp's vocab-only GGUFs (llama keys, a vocabulary, no tensors) open for their keys;
     loading weights from one is a one-line error."""
@@ -799,7 +811,7 @@ def shared_model_or_skip(*parts):
 # One of each kind through the real command line (every case above goes through the same cli.run)
 CLI_CASES = ["nonexistent", "dir-without-config", "png-named-gguf", "empty-file", "gguf-cut-in-header",
              "gguf-cut-in-data", "gguf-arch-gpt2", "gguf-qwen2-without-biases", "gguf-type-IQ2_XXS", "gguf-wrong-shape",
-             "gguf-legacy-ggjt", "hf-gelu", "hf-mistral", "hf-missing-shard", "llama2c-truncated",
+             "gguf-legacy-ggjt", "hf-gelu", "hf-gemma2", "hf-missing-shard", "llama2c-truncated",
              "llama2c-extra-bytes", "tokenizer-mismatch"]
 
 

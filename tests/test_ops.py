@@ -51,16 +51,19 @@ def test_silu_mul_matches_float64():
     assert np.array_equal(K.silu_mul(big.copy(), ones, 1), K.silu_mul(big.copy(), ones, 2))
 
 
-def attention_float64(q, kc, vc, start, kv_of_head, scale):
+def attention_float64(q, kc, vc, start, kv_of_head, scale, window=0):
+    """window > 0: position p sees keys p - window + 1 .. p (HF's sliding_window_overlay:
+    kv_idx > q_idx - sliding_window)."""
     T, n_heads, hd = q.shape[0], len(kv_of_head), kc.shape[2]
     q = q.reshape(T, n_heads, hd).astype(np.float64)
     out = np.empty_like(q)
     for t in range(T):
+        first = max(0, start + t + 1 - window) if window else 0
         for h in range(n_heads):
-            keys = kc[kv_of_head[h], :start + t + 1].astype(np.float64)
+            keys = kc[kv_of_head[h], first:start + t + 1].astype(np.float64)
             s = keys @ q[t, h] * scale
             p = np.exp(s - s.max())
-            out[t, h] = (p / p.sum()) @ vc[kv_of_head[h], :start + t + 1]
+            out[t, h] = (p / p.sum()) @ vc[kv_of_head[h], first:start + t + 1]
     return out.reshape(T, -1)
 
 
@@ -88,6 +91,23 @@ def test_attention_matches_float64(T, start, n_heads, n_kv, hd):
     assert np.array_equal(outs[0], outs[1])
     want = attention_float64(q, kc1, vc1, start, kv_of_head, scale)
     assert np.allclose(outs[0], want, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("T,start,window", [(9, 0, 4), (1, 12, 4), (5, 7, 1), (6, 2, 100)])
+def test_attention_with_a_sliding_window_matches_float64(T, start, window):
+    n_heads, n_kv, hd, ctx = 4, 2, 16, start + T
+    r = rng(window * 1000 + T * 10 + start)
+    kc = np.zeros((n_kv, ctx, hd), np.float32)
+    vc = np.zeros((n_kv, ctx, hd), np.float32)
+    kc[:, :start] = r.standard_normal((n_kv, start, hd))
+    vc[:, :start] = r.standard_normal((n_kv, start, hd))
+    q, k, v = (r.standard_normal((T, n * hd)).astype(np.float32) for n in (n_heads, n_kv, n_kv))
+    kv_of_head = (np.arange(n_heads) // 2).astype(np.int32)
+    scale = np.float32(1 / np.sqrt(hd))
+    out = K.attention(q, k, v, kc, vc, start, kv_of_head, scale, 2, window)
+    assert np.allclose(out, attention_float64(q, kc, vc, start, kv_of_head, scale, window), rtol=1e-5, atol=2e-6)
+    if start + T > window:   # the window changes the result: it is not ignored
+        assert not np.allclose(out, attention_float64(q, kc, vc, start, kv_of_head, scale), rtol=1e-3, atol=1e-3)
 
 
 def test_attention_checks_bounds():

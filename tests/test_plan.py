@@ -109,6 +109,39 @@ def test_weight_bytes_add_up_to_the_model():
         assert sum(weight_bytes(LLAMA3_8B, s, "q40") for s in plan.ranks) == pytest.approx(full + (k - 1) * 32 * 8 * 4096, rel=0.001)
 
 
+def test_qwen_biases_and_qk_norms_are_counted_per_rank():
+    """Qwen2 adds this rank's part of the q, k, v biases to every layer, Qwen3 two whole q/k norms
+    of head_dim (Qwen2.5-7B's and Qwen3-8B's shapes, 3 ranks: 28 and 32 heads split unevenly)."""
+    from dataclasses import replace
+    qwen25_7b = ModelConfig(dim=3584, hidden_dim=18944, n_layers=28, n_heads=28, n_kv_heads=4, vocab_size=152064,
+                            max_seq_len=32768, arch="qwen2")
+    qwen3_8b = ModelConfig(dim=4096, hidden_dim=12288, n_layers=36, n_heads=32, n_kv_heads=8, vocab_size=151936,
+                           max_seq_len=40960, head_dim=128, arch="qwen3")
+    for c in (qwen25_7b, qwen3_8b):
+        for s in make_plan(c, 3).ranks:
+            added = weight_bytes(c, s, "q40") - weight_bytes(replace(c, arch="llama"), s, "q40")
+            per_layer = (len(s.heads) + 2 * len(s.kv_heads)) * 128 if c.arch == "qwen2" else 2 * 128
+            assert added == c.n_layers * 4 * per_layer, (c.arch, s.rank)
+
+
+def test_plan_command_shows_the_architecture_and_its_vectors_per_rank(tmp_path):
+    """The vectors per layer the plan prints are the bytes the loaded model holds (1 rank), and
+    each rank's share of the biases at 3 ranks (4 heads: 2, 1, 1; 2 kv heads: 1, 1, 1)."""
+    import tpllama
+    from gguf_writer import write_one_token_qwen
+    path = write_one_token_qwen(tmp_path / "qwen.gguf", "A")
+    layer = tpllama.load(str(path), ctx_size=16, threads=1, shard_cache=False, verbose=False).rank_model.w.layers[0]
+    held = sum(getattr(layer, v).nbytes for v in ("attn_norm", "ffn_norm", "bq", "bk", "bv"))
+    out = run_plan_cli("-m", str(path), "-n", "3", "-c", "64", "--host-memory", "1G")
+    assert out.returncode == 0, out.stderr
+    assert f"{path}: qwen2 (q/k/v biases), 1 layers, dim 64" in out.stdout
+    assert "4 heads / 2 kv heads of 16" in out.stdout and "vectors/layer" in out.stdout
+    split = [line.split() for line in out.stdout.splitlines()[2:5]]
+    assert [int(row[-2]) for row in split] == [4 * (2 * 64 + (h + 2) * 16) for h in (2, 1, 1)]
+    one = run_plan_cli("-m", str(path), "-n", "1", "-c", "64", "--host-memory", "1G")
+    assert int(one.stdout.splitlines()[2].split()[-2]) == held
+
+
 def test_stories_ffn_is_not_blockable_and_stays_f32():
     assert matrix_bytes(64, 172, "q40") == 64 * 172 * 4
     assert matrix_bytes(172, 64, "q40") == 176 * 64 * 18 // 32   # rows packed 16 at a time (kernels/tpk.h)

@@ -581,3 +581,22 @@ def test_a_failure_inside_a_generation_fails_that_request_and_the_server_goes_on
         assert status in (200, 500) and s.proc.proc.poll() is None, body   # still served
     finally:
         s.proc.kill()
+
+
+def test_a_qwen_models_endoftext_ends_the_answer(tmp_path):
+    """A Qwen GGUF (keys as llama.cpp writes Qwen2.5-Instruct: eos <|im_end|>, <|endoftext|> only
+    bos and padding) whose model always says <|endoftext|>: the answer ends there, with
+    finish_reason "stop", in chat and text completions, streamed or not."""
+    from gguf_writer import write_one_token_qwen
+    s = start_server(str(write_one_token_qwen(tmp_path / "qwen.gguf", "<|endoftext|>")), 1, "--no-shard-cache")
+    try:
+        for path, ask in ((CHAT, {"messages": USER}), (TEXT, {"prompt": "Once"})):
+            status, _, body = s.request("POST", path, dict(ask, max_tokens=8, temperature=0), auth=False)
+            choice = body["choices"][0]
+            assert status == 200 and choice["finish_reason"] == "stop", body
+            assert (choice["message"]["content"] if path == CHAT else choice["text"]) == "", body
+            assert body["usage"]["completion_tokens"] == 0, body
+            status, _, events = s.request("POST", path, dict(ask, max_tokens=8, temperature=0, stream=True), auth=False)
+            assert status == 200 and '"finish_reason": "stop"' in events and events.rstrip().endswith("[DONE]"), events
+    finally:
+        s.proc.kill()

@@ -357,6 +357,8 @@ def test_hf_dir_chat_template_and_generation_config(tmp_path, hf_bytelevel_dir):
     tok = load_tokenizer(fake_hf_reader(d, 384))
     assert tok.eos_ids == {0, 1, 2}          # eos_token, generation_config, <|endoftext|> / <|im_end|>
     assert tok.render_chat([{"role": "user", "content": "héllo"}]) == '[user]"héllo"<|im_end|>4'
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 7]}))   # a list, as Qwen2.5's
+    assert load_tokenizer(fake_hf_reader(d, 384)).eos_ids == {0, 1, 2, 7}
 
 
 # ------------------------------------------------------------------------------------------------

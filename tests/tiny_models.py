@@ -1,7 +1,7 @@
 """Tiny Llama-family models written by the tests themselves, as Hugging Face directories.
 
 The reference implementation is HF transformers' LlamaForCausalLM (Qwen2ForCausalLM,
-Qwen3ForCausalLM for those architectures; CPU torch): the tests write its weights with
+Qwen3ForCausalLM, MistralForCausalLM for those architectures; CPU torch): the tests write its weights with
 save_pretrained and compare tpllama's logits against its own.
 
 A model with random weights has near-flat logits, where any rounding flips the top token;
@@ -44,7 +44,7 @@ class TinySpec:
     max_shard_size: Optional[str] = None
     train_steps: int = 200
     seed: int = 0
-    arch: str = "llama"             # llama | qwen2 | qwen3: the transformers classes that write it
+    arch: str = "llama"             # llama | qwen2 | qwen3 | mistral: the transformers classes that write it
     extra: dict = field(default_factory=dict)
 
 
@@ -71,11 +71,17 @@ QWEN_SPECS = {
                            extra={"head_dim": 24}),
 }
 
+# Mistral: a sliding window of 4 positions (prompts are longer) and a head size other than hidden / heads
+MISTRAL_SPECS = {
+    "mistral": TinySpec("mistral", arch="mistral", train_steps=10, hidden=64, intermediate=128, heads=4, kv_heads=2,
+                        rope_theta=1e6, extra={"sliding_window": 4, "head_dim": 32}),
+}
+
 
 def _classes(arch: str):
     """(config class, model class) of transformers for an architecture."""
     names = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-             "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}[arch]
+             "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM")}[arch]
     return tuple(getattr(transformers, n) for n in names)
 
 

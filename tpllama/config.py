@@ -3,7 +3,9 @@
 Built from each format's own keys (GGUF metadata, HF config.json, the llama2.c header);
 each constructor names the keys by their source names so a reader can check them.
 ARCHITECTURES is the one table of the architectures tpllama runs and how each differs from
-Llama's math (biases on q/k/v, per-head norms on q/k, the rotary row order of its GGUF files).
+Llama's math (biases on q/k/v, per-head norms on q/k, the rotary row order of its GGUF files);
+HF_ALIASES names the HF classes that are one of them under another name (Mistral is Llama's
+math, with a sliding attention window when its config sets one).
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ ARCHITECTURES = {a.name: a for a in (
     Architecture("qwen3", "Qwen3ForCausalLM", qkv_bias=False, qk_norm=True, gguf_rotate_half=True),
 )}
 SUPPORTED = ", ".join(ARCHITECTURES)
+# HF config.json architectures[0] / model_type -> the architecture whose math it is
+HF_ALIASES = {"MistralForCausalLM": "llama", "mistral": "llama"}
 
 
 def gguf_keys(arch: str) -> dict:
@@ -45,14 +49,15 @@ def gguf_keys(arch: str) -> dict:
             "n_layers": f"{arch}.block_count", "n_heads": f"{arch}.attention.head_count",
             "n_kv_heads": f"{arch}.attention.head_count_kv", "vocab_size": f"{arch}.vocab_size",
             "max_seq_len": f"{arch}.context_length", "head_dim": f"{arch}.attention.key_length",
-            "norm_eps": f"{arch}.attention.layer_norm_rms_epsilon", "rope_theta": f"{arch}.rope.freq_base"}
+            "norm_eps": f"{arch}.attention.layer_norm_rms_epsilon", "rope_theta": f"{arch}.rope.freq_base",
+            "sliding_window": f"{arch}.attention.sliding_window"}
 
 
 GGUF_KEYS = gguf_keys("llama")
 HF_KEYS = {"dim": "hidden_size", "hidden_dim": "intermediate_size", "n_layers": "num_hidden_layers",
            "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "vocab_size": "vocab_size",
            "max_seq_len": "max_position_embeddings", "head_dim": "head_dim", "norm_eps": "rms_norm_eps",
-           "rope_theta": "rope_theta"}
+           "rope_theta": "rope_theta", "sliding_window": "sliding_window"}
 LLAMA2C_KEYS = {"dim": "header dim", "hidden_dim": "header hidden_dim", "n_layers": "header n_layers",
                 "n_heads": "header n_heads", "n_kv_heads": "header n_kv_heads", "vocab_size": "header vocab_size",
                 "max_seq_len": "header seq_len"}
@@ -103,6 +108,7 @@ class ModelConfig:
     rope_freq_factors: Optional[tuple] = None  # GGUF rope_freqs.weight: per-frequency divisors (Llama 3.1 GGUFs)
     tie_embeddings: bool = False  # output matrix is the token embedding
     head_dim: int = 0          # 0: dim // n_heads
+    sliding_window: int = 0    # > 0: a position attends only to itself and the window - 1 before it (Mistral)
     arch: str = "llama"        # a key of ARCHITECTURES
     name: str = ""
     extra: dict = field(default_factory=dict, compare=False, repr=False)
@@ -125,6 +131,9 @@ class ModelConfig:
             problems.append(f"{keys.get('norm_eps', 'norm_eps')} is {self.norm_eps}, expected 0 to 1")
         if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
             problems.append(f"{keys.get('rope_theta', 'rope_theta')} is {self.rope_theta}, expected a positive number")
+        if self.sliding_window < 0:
+            problems.append(f"{keys.get('sliding_window', 'sliding_window')} is {self.sliding_window}, "
+                            "expected 0 (none) or a positive number")
         if problems:
             return problems
         if self.arch not in ARCHITECTURES:
@@ -226,6 +235,7 @@ class ModelConfig:
             rope_theta=key("rope.freq_base", 10000.0, real_number),
             rope_scaling=scaling,
             head_dim=head_dim,
+            sliding_window=key("attention.sliding_window", 0),   # llama.cpp's converters do not write it for llama
             arch=arch,
             name=str(kv.get("general.name", name)),
             source=source,
@@ -285,6 +295,7 @@ class ModelConfig:
             rope_scaling=scaling,
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             head_dim=number("head_dim") or dim // n_heads,
+            sliding_window=number("sliding_window", 0) if _is_mistral(cfg) else 0,   # null: none
             arch=arch.name,
             name=name,
             source=source,
@@ -313,16 +324,30 @@ class ModelConfig:
         )
 
 
-def _hf_architecture(cfg: dict, where: str) -> Architecture:
-    """The architecture of a config.json: by its class name (architectures), else its model_type."""
+def _hf_classes(cfg: dict) -> list:
     archs = cfg.get("architectures") or []
-    archs = archs if isinstance(archs, list) else [archs]
+    return archs if isinstance(archs, list) else [archs]
+
+
+def _is_mistral(cfg: dict) -> bool:
+    return "MistralForCausalLM" in _hf_classes(cfg) or cfg.get("model_type") == "mistral"
+
+
+def _hf_architecture(cfg: dict, where: str) -> Architecture:
+    """The architecture of a config.json: by its class name (architectures), else its model_type
+    (either may be an alias in HF_ALIASES)."""
+    archs = _hf_classes(cfg)
     for a in ARCHITECTURES.values():
         if a.hf_class in archs:
             return a
+    alias = next((HF_ALIASES[a] for a in archs if isinstance(a, str) and a in HF_ALIASES), None)
+    if alias:
+        return ARCHITECTURES[alias]
     model_type = cfg.get("model_type", "llama")
     if isinstance(model_type, str) and model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type]
+    if isinstance(model_type, str) and model_type in HF_ALIASES:
+        return ARCHITECTURES[HF_ALIASES[model_type]]
     raise ModelFormatError(f"{where}: model_type {_show(model_type)} ({', '.join(map(str, archs)) or 'no architectures'}) "
                            f"is not supported (supported: {SUPPORTED})")
 

@@ -2,7 +2,7 @@
 
 Reads like the paper: for each layer, x += attention(rmsnorm(x)); x += ffn(rmsnorm(x)).
 Other architectures are small differences inside attention: Qwen2 adds biases to q, k and v,
-Qwen3 RMS-norms each head of q and k before rope.
+Qwen3 RMS-norms each head of q and k before rope, Mistral may limit attention to a sliding window.
 A rank computes only its own heads and FFN units, so the two sublayer outputs are partial
 sums (float64) that `reduce` (an all-reduce across ranks) completes and rounds to float32; a
 prompt may run as micro-batches so that one's all-reduce travels while the next computes.
@@ -118,9 +118,10 @@ class RankModel:
             k = head_rmsnorm(k, lw.k_norm, hd, c.norm_eps, self.threads)
         apply_rope(q, hd, cos, sin)
         apply_rope(k, hd, cos, sin)
-        # k, v go into the cache at positions start..; each position attends to 0..itself
+        # k, v go into the cache at positions start..; each position attends to 0..itself, or with
+        # a sliding window (Mistral) to itself and the sliding_window - 1 positions before it
         out = K.attention(q, k, v, self.cache.k[layer], self.cache.v[layer], start, self.kv_of_head,
-                          self.scale, self.threads)               # (T, local_heads * hd)
+                          self.scale, self.threads, c.sliding_window)   # (T, local_heads * hd)
         return lw.wo.partial_sums(Activation(out))
 
     def feed_forward(self, lw: LayerWeights, h: Activation) -> np.ndarray:

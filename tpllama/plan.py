@@ -159,10 +159,28 @@ def weight_bytes(config: ModelConfig, shard: RankSlice, types: Types, mapped: bo
         return min(whole, output + 2 * (whole - output) // config.n_layers)
     tp = _type_plan(config, types)
     shapes = slice_shapes(config, len(shard.heads), len(shard.kv_heads), len(shard.ffn), len(shard.vocab))
-    total = config.n_layers * 2 * 4 * config.dim + 4 * config.dim        # the norms, float32
+    total = config.n_layers * layer_vector_bytes(config, shard) + 4 * config.dim   # + the output norm
     for name, kind in tp.kinds.items():
         total += matrix_bytes(*shapes[kind], tp.runtime(name))
     return total
+
+
+def layer_vector_bytes(config: ModelConfig, shard: RankSlice) -> int:
+    """Bytes of one layer's float32 vectors on a rank: its two norms, and what the architecture
+    adds: Qwen2's q, k and v biases (this rank's heads of them), Qwen3's q/k norms (whole, head_dim each)."""
+    values = 2 * config.dim
+    if config.qkv_bias:
+        values += (len(shard.heads) + 2 * len(shard.kv_heads)) * config.head_dim
+    if config.qk_norm:
+        values += 2 * config.head_dim
+    return 4 * values
+
+
+def architecture_note(config: ModelConfig) -> str:
+    """What this model's architecture adds to Llama's math, for the plan's first line."""
+    parts = (["q/k/v biases"] if config.qkv_bias else []) + (["q/k norms"] if config.qk_norm else [])
+    parts += [f"sliding window {config.sliding_window}"] if config.sliding_window else []
+    return config.arch + (f" ({', '.join(parts)})" if parts else "")
 
 
 def output_bytes(config: ModelConfig, shard: RankSlice, types: Types) -> int:
@@ -355,12 +373,14 @@ def main(argv=None) -> int:
     ctx = args.ctx_size or min(c.max_seq_len, max_context(plan, types, hosts, sizes, mapped=mapped))
     if ctx < 1:
         _too_little_memory(plan, types, args, hosts, sizes)
-    print(f"{args.model}: {c.n_layers} layers, dim {c.dim}, FFN {c.hidden_dim}, {c.n_heads} heads / {c.n_kv_heads} kv heads, "
-          f"vocab {c.vocab_size}, context {c.max_seq_len}")
-    print(f"{'rank':>4} {'weight':>6} {'heads':>9} {'kv heads':>9} {'FFN units':>11} {'vocab rows':>13}")
+    print(f"{args.model}: {architecture_note(c)}, {c.n_layers} layers, dim {c.dim}, FFN {c.hidden_dim}, "
+          f"{c.n_heads} heads / {c.n_kv_heads} kv heads of {c.head_dim}, vocab {c.vocab_size}, context {c.max_seq_len}")
+    print(f"{'rank':>4} {'weight':>6} {'heads':>9} {'kv heads':>9} {'FFN units':>11} {'vocab rows':>13} "
+          f"{'vectors/layer':>14}")
     for s, w in zip(plan.ranks, plan.weights):
         print(f"{s.rank:>4} {w:>6g} {s.heads.start:>4}-{s.heads.stop - 1:<4} {s.kv_heads.start:>4}-{s.kv_heads.stop - 1:<4} "
-              f"{s.ffn.start:>5}-{s.ffn.stop - 1:<5} {s.vocab.start:>6}-{s.vocab.stop - 1:<6}")
+              f"{s.ffn.start:>5}-{s.ffn.stop - 1:<5} {s.vocab.start:>6}-{s.vocab.stop - 1:<6} "
+              f"{layer_vector_bytes(c, s):>12} B")
     mem = rank_memory(plan, types, ctx, hosts, sizes, mapped)
     if types.lowered():
         print(types.lowered())

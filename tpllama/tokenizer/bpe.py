@@ -84,11 +84,14 @@ PRE_ALIASES = {
     "gpt-2": "gpt2", "phi-2": "gpt2", "mpt": "gpt2", "olmo": "gpt2", "jais": "gpt2",
     "deepseek-r1-qwen": "qwen2", "stablelm2": "qwen2",
 }
+# `tokenizer.ggml.pre` values whose tokenizer.json normalizes text to NFC first (Qwen2, Qwen2.5,
+# Qwen3): llama.cpp skips that step, so a decomposed "e\u0301" would give other ids than the model's own.
+NFC_PRE = ("qwen2",)
 
 
 def bytelevel_pipeline(vocab: Dict[str, int], merges: List[Tuple[str, str]], regexes: Sequence[str],
-                       ignore_merges: bool, path: str):
-    from tokenizers import Regex, Tokenizer as HFTok, decoders, models, pre_tokenizers
+                       ignore_merges: bool, path: str, nfc: bool = False):
+    from tokenizers import Regex, Tokenizer as HFTok, decoders, models, normalizers, pre_tokenizers
     try:
         tok = HFTok(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
     except Exception as e:                       # the library raises plain Exception for a bad vocabulary
@@ -97,6 +100,8 @@ def bytelevel_pipeline(vocab: Dict[str, int], merges: List[Tuple[str, str]], reg
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.pre_tokenizer = pre_tokenizers.Sequence(splits + [byte_level])
     tok.decoder = decoders.ByteLevel()
+    if nfc:
+        tok.normalizer = normalizers.NFC()
     return tok
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import ModelFormatError
 from .base import TOKENIZER_FLAG_HINT, Tokenizer
-from .bpe import PRE_ALIASES, PRE_TOKENIZERS, HFTokenizer, add_special_tokens, bytelevel_pipeline, bytelevel_tokenizer
+from .bpe import NFC_PRE, PRE_ALIASES, PRE_TOKENIZERS, HFTokenizer, add_special_tokens, bytelevel_pipeline, bytelevel_tokenizer
 from .sentencepiece import SentencePieceTokenizer, spm_model_proto
 from .specials import BYTE, CONTROL, END_OF_TURN_TOKENS, NORMAL, UNKNOWN, UNUSED, USER_DEFINED
 
@@ -120,7 +120,7 @@ def _gguf_bpe(meta: dict, path: str, tokens: Sequence[str], types: List[int]) ->
         k = m.find(" ", 1)                        # like llama.cpp: a pair may start with a space
         if k > 0:
             pairs.append((m[:k], m[k + 1:]))
-    tok = bytelevel_pipeline(vocab, pairs, regexes, ignore_merges, path)
+    tok = bytelevel_pipeline(vocab, pairs, regexes, ignore_merges, path, nfc=pre in NFC_PRE)
     add_special_tokens(tok, tokens, types)
     bos, eos, stop = _gguf_special_ids(meta, tokens, types, None, None)
     add_bos = _gguf_flag(meta, "tokenizer.ggml.add_bos_token", add_bos_default, path)
