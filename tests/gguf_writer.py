@@ -2,7 +2,9 @@
 tensors of hand-made K-quant blocks; and a minimal GGUF tensor-table parser written from the
 spec (ggml/docs/gguf.md), independent of both the `gguf` package's reader and tpllama's.
 
-The conversion follows llama.cpp's convert_hf_to_gguf.py (LlamaModel, Qwen2Model, Qwen3Model):
+The conversion follows llama.cpp's convert_hf_to_gguf.py (LlamaModel, Qwen2Model, Qwen3Model,
+Qwen3MoeModel: each layer's experts stacked into 3-D ffn_{gate,up,down}_exps, the router
+mlp.gate as ffn_gate_inp, and the expert_* keys):
 HF names -> GGUF names, q_proj/k_proj rows permuted into GGUF's interleaved rotary order by
 `LlamaModel.permute` for llama only (Qwen2Model/Qwen3Model keep HF's rows: llama.cpp runs them
 with NEOX rope), the `{arch}.*` keys (attention.key_length/value_length when config.json has
@@ -43,7 +45,30 @@ HF_LAYER = {
 }
 
 
+HF_EXPERT = {"gate_proj.weight": "ffn_gate_exps.weight", "up_proj.weight": "ffn_up_exps.weight",
+             "down_proj.weight": "ffn_down_exps.weight"}
+HF_LAYER["mlp.gate.weight"] = "ffn_gate_inp.weight"
+
+
+def stack_experts(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Per-expert HF tensors (model.layers.{i}.mlp.experts.{e}.{part}) -> one (n_experts, rows, cols)
+    tensor per layer and part, named by GGUF; the other tensors as they are."""
+    out, experts = {}, {}
+    for name, w in state.items():
+        parts = name.split(".")
+        if parts[3:5] == ["mlp", "experts"] and parts[5].isdigit():
+            key = f"blk.{parts[2]}.{HF_EXPERT['.'.join(parts[6:])]}"
+            experts.setdefault(key, {})[int(parts[5])] = w
+        else:
+            out[name] = w
+    for key, by_expert in experts.items():
+        out[key] = np.stack([by_expert[e] for e in range(len(by_expert))])
+    return out
+
+
 def gguf_name(hf_name: str) -> str:
+    if hf_name.startswith("blk."):       # already GGUF's (stacked experts)
+        return hf_name
     if hf_name in HF_TO_GGUF:
         return HF_TO_GGUF[hf_name]
     parts = hf_name.split(".")
@@ -72,7 +97,7 @@ def hf_to_gguf_tensors(state: Dict[str, np.ndarray], hf_cfg: dict) -> Dict[str, 
     n_head, n_kv = hf_cfg["num_attention_heads"], hf_cfg["num_key_value_heads"]
     permute = hf_cfg.get("model_type", "llama") == "llama"
     out = {}
-    for hf, w in state.items():
+    for hf, w in stack_experts(state).items():
         if hf == "lm_head.weight" and hf_cfg.get("tie_word_embeddings"):
             continue
         if "rotary_emb" in hf:
@@ -149,14 +174,33 @@ def write_gguf(path: Path, tensors: Dict[str, Tuple[np.ndarray, Optional[T]]], *
     return Path(path)
 
 
+def gguf_arch(hf_cfg: dict) -> str:
+    """general.architecture of an HF config (llama.cpp spells qwen3_moe qwen3moe)."""
+    model_type = hf_cfg.get("model_type", "llama")
+    return {"qwen3_moe": "qwen3moe"}.get(model_type, model_type)
+
+
+def moe_keys(hf_cfg: dict) -> dict:
+    """The expert keys convert_hf_to_gguf.py writes for a Qwen3-MoE config (none for a dense one)."""
+    experts = hf_cfg.get("num_experts", hf_cfg.get("num_local_experts"))   # transformers 5 writes the latter
+    if experts is None:
+        return {}
+    arch = gguf_arch(hf_cfg)
+    return {f"{arch}.expert_count": experts, f"{arch}.expert_used_count": hf_cfg["num_experts_per_tok"],
+            f"{arch}.expert_feed_forward_length": hf_cfg["moe_intermediate_size"]}
+
+
 def hf_model_to_gguf(path: Path, state: Dict[str, np.ndarray], hf_cfg: dict, qtype: T, **kw) -> Path:
-    """Convert a float32 HF state dict into a GGUF of `qtype` (norms F32)."""
-    tensors = {n: encode(w, qtype) for n, w in hf_to_gguf_tensors(state, hf_cfg).items()}
+    """Convert a float32 HF state dict into a GGUF of `qtype` (norms F32; a MoE router F32, as
+    llama-quantize keeps ffn_gate_inp)."""
+    tensors = {n: encode(w, T.F32 if n.endswith("ffn_gate_inp.weight") else qtype)
+               for n, w in hf_to_gguf_tensors(state, hf_cfg).items()}
+    kw["extra"] = {**moe_keys(hf_cfg), **kw.get("extra", {})}
     return write_gguf(path, tensors, dim=hf_cfg["hidden_size"], hidden=hf_cfg["intermediate_size"],
                       layers=hf_cfg["num_hidden_layers"], heads=hf_cfg["num_attention_heads"],
                       kv_heads=hf_cfg["num_key_value_heads"], vocab=hf_cfg["vocab_size"],
                       context=hf_cfg["max_position_embeddings"], rope_theta=hf_cfg["rope_theta"],
-                      eps=hf_cfg["rms_norm_eps"], arch=hf_cfg.get("model_type", "llama"),
+                      eps=hf_cfg["rms_norm_eps"], arch=gguf_arch(hf_cfg),
                       head_dim=hf_cfg.get("head_dim"), **kw)
 
 
