@@ -167,10 +167,19 @@ def weight_bytes(config: ModelConfig, shard: RankSlice, types: Types, mapped: bo
     tp = _type_plan(config, types)
     shapes = slice_shapes(config, len(shard.heads), len(shard.kv_heads), len(shard.ffn), len(shard.vocab))
     total = config.n_layers * 2 * 4 * config.dim + 4 * config.dim        # the norms, float32
+    total += config.n_layers * 4 * _layer_vector_values(config, shard)
     total += config.n_layers * matrix_bytes(*shapes["router"], "f32") if config.moe else 0   # whole on every rank
     for name, kind in tp.kinds.items():
         total += matrix_bytes(*shapes[kind], tp.runtime(name))
     return total
+
+
+def _layer_vector_values(config: ModelConfig, shard: RankSlice) -> int:
+    """Values of the float32 vectors an architecture adds to a rank's layer: q/k/v biases of its
+    heads (qwen2), the per-head q/k norms (qwen3)."""
+    hd = config.head_dim
+    biases = (len(shard.heads) + 2 * len(shard.kv_heads)) * hd if config.qkv_bias else 0
+    return biases + (2 * hd if config.qk_norm else 0)
 
 
 def output_bytes(config: ModelConfig, shard: RankSlice, types: Types) -> int:
@@ -354,7 +363,8 @@ def main(argv=None) -> int:
           f"vocab {c.vocab_size}, context {c.max_seq_len}")
     if c.moe:
         print(_expert_split_line(c))
-    print(f"{'rank':>4} {'weight':>6} {'heads':>9} {'kv heads':>9} {'FFN units':>11} {'vocab rows':>13}")
+    print(f"{'rank':>4} {'weight':>6} {'heads':>9} {'kv heads':>9} {'expert units' if c.moe else 'FFN units':>11} "
+          f"{'vocab rows':>13}")
     for s, w in zip(plan.ranks, plan.weights):
         print(f"{s.rank:>4} {w:>6g} {s.heads.start:>4}-{s.heads.stop - 1:<4} {s.kv_heads.start:>4}-{s.kv_heads.stop - 1:<4} "
               f"{s.ffn.start:>5}-{s.ffn.stop - 1:<5} {s.vocab.start:>6}-{s.vocab.stop - 1:<6}")
