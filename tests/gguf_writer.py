@@ -42,12 +42,12 @@ HF_LAYER = {
     "self_attn.v_proj.bias": "attn_v.bias",
     "self_attn.q_norm.weight": "attn_q_norm.weight",
     "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight",
 }
 
 
 HF_EXPERT = {"gate_proj.weight": "ffn_gate_exps.weight", "up_proj.weight": "ffn_up_exps.weight",
              "down_proj.weight": "ffn_down_exps.weight"}
-HF_LAYER["mlp.gate.weight"] = "ffn_gate_inp.weight"
 
 
 def stack_experts(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:

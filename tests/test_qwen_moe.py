@@ -166,3 +166,12 @@ def test_moe_options_not_supported_are_refused(moe, tmp_path, changes, message):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelFormatError, match=message):
         load_f32(bad)
+
+
+def test_whole_expert_split_benchmark_counts_the_busiest_rank():
+    """benchmarks/moe_split.py (the figures docs/formats.md gives for not splitting by whole
+    experts) against a case counted by hand: 2 of 4 experts, 2 per rank: of the 6 pairs, 2 sit
+    on one rank (busiest runs 2), 4 straddle (busiest runs 1): 8/6 on average."""
+    from benchmarks.moe_split import busiest_rank_load
+    assert busiest_rank_load(4, 2, 2, 200_000) == pytest.approx(8 / 6, abs=0.01)
+    assert busiest_rank_load(128, 8, 1, 1000) == 8.0

@@ -397,8 +397,8 @@ def _hf_architecture(cfg: dict, where: str) -> Architecture:
         if a.hf_class in archs:
             return a
     model_type = cfg.get("model_type", "llama")
-    if isinstance(model_type, str) and model_type in ARCHITECTURES:
-        return ARCHITECTURES[model_type]
+    if isinstance(model_type, str) and model_type.replace("_", "") in ARCHITECTURES:   # HF qwen3_moe: qwen3moe
+        return ARCHITECTURES[model_type.replace("_", "")]
     raise ModelFormatError(f"{where}: model_type {_show(model_type)} ({', '.join(map(str, archs)) or 'no architectures'}) "
                            f"is not supported (supported: {SUPPORTED})")
 
