@@ -175,3 +175,15 @@ def test_whole_expert_split_benchmark_counts_the_busiest_rank():
     from benchmarks.moe_split import busiest_rank_load
     assert busiest_rank_load(4, 2, 2, 200_000) == pytest.approx(8 / 6, abs=0.01)
     assert busiest_rank_load(128, 8, 1, 1000) == 8.0
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"qwen3moe.expert_shared_count": 1}, r"shared experts \(qwen3moe.expert_shared_count = 1\) are not supported"),
+    ({"qwen3moe.expert_gating_func": 2}, r"expert gating function 2 \(qwen3moe.expert_gating_func\) is not supported"),
+    ({"qwen3moe.expert_count": 16}, r"tensor 'blk.0.ffn_gate_inp.weight' has shape \(8, 64\), expected \(16, 64\)"),
+])
+def test_moe_gguf_not_supported_or_inconsistent_is_refused(moe, tmp_path, extra, message):
+    from tpllama.errors import ModelFormatError
+    _, _, cfg, state, _ = moe
+    with pytest.raises(ModelFormatError, match=message):
+        load_f32(hf_model_to_gguf(tmp_path / "bad.gguf", state, cfg, T.F32, extra=extra))
