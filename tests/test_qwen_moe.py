@@ -14,20 +14,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-import tpllama
 from gguf_writer import T, hf_model_to_gguf
 from mpi_util import run_script
-from test_qwen import TOLERANCE, assert_matches, load_f32, reference, run_calls
+from test_qwen import TOLERANCE, _hf_config, assert_matches, load_f32, reference, run_calls
 from tiny_models import QWEN_MOE_SPEC, reference_logits, rule_prompt, write_hf_model
 
 PROMPT_TOKENS = 12
 DECODE_STEPS = 6
-
-
-def _hf_config(directory) -> dict:
-    cfg = json.loads((directory / "config.json").read_text())
-    cfg.setdefault("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
-    return cfg
 
 
 @pytest.fixture(scope="module")
