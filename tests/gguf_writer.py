@@ -2,7 +2,9 @@
 tensors of hand-made K-quant blocks; and a minimal GGUF tensor-table parser written from the
 spec (ggml/docs/gguf.md), independent of both the `gguf` package's reader and tpllama's.
 
-The conversion follows llama.cpp's convert_hf_to_gguf.py (LlamaModel, Qwen2Model, Qwen3Model):
+The conversion follows llama.cpp's convert_hf_to_gguf.py (LlamaModel, Qwen2Model, Qwen3Model,
+Qwen3MoeModel: each layer's experts stacked into 3-D ffn_{gate,up,down}_exps, the router
+mlp.gate as ffn_gate_inp, and the expert_* keys):
 HF names -> GGUF names, q_proj/k_proj rows permuted into GGUF's interleaved rotary order by
 `LlamaModel.permute` for llama only (Qwen2Model/Qwen3Model keep HF's rows: llama.cpp runs them
 with NEOX rope; MistralForCausalLM is converted by LlamaModel, as arch llama, with no sliding-window key), the `{arch}.*` keys (attention.key_length/value_length when config.json has
@@ -25,7 +27,7 @@ HF_TO_GGUF = {
     "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
 }
-GGUF_ARCH = {"mistral": "llama"}   # HF model_type -> general.architecture, where they differ
+GGUF_ARCH = {"mistral": "llama", "qwen3_moe": "qwen3moe"}   # HF model_type -> general.architecture, where they differ
 HF_LAYER = {
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -41,10 +43,33 @@ HF_LAYER = {
     "self_attn.v_proj.bias": "attn_v.bias",
     "self_attn.q_norm.weight": "attn_q_norm.weight",
     "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight",
 }
 
 
+HF_EXPERT = {"gate_proj.weight": "ffn_gate_exps.weight", "up_proj.weight": "ffn_up_exps.weight",
+             "down_proj.weight": "ffn_down_exps.weight"}
+
+
+def stack_experts(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Per-expert HF tensors (model.layers.{i}.mlp.experts.{e}.{part}) -> one (n_experts, rows, cols)
+    tensor per layer and part, named by GGUF; the other tensors as they are."""
+    out, experts = {}, {}
+    for name, w in state.items():
+        parts = name.split(".")
+        if parts[3:5] == ["mlp", "experts"] and parts[5].isdigit():
+            key = f"blk.{parts[2]}.{HF_EXPERT['.'.join(parts[6:])]}"
+            experts.setdefault(key, {})[int(parts[5])] = w
+        else:
+            out[name] = w
+    for key, by_expert in experts.items():
+        out[key] = np.stack([by_expert[e] for e in range(len(by_expert))])
+    return out
+
+
 def gguf_name(hf_name: str) -> str:
+    if hf_name.startswith("blk."):       # already GGUF's (stacked experts)
+        return hf_name
     if hf_name in HF_TO_GGUF:
         return HF_TO_GGUF[hf_name]
     parts = hf_name.split(".")
@@ -73,7 +98,7 @@ def hf_to_gguf_tensors(state: Dict[str, np.ndarray], hf_cfg: dict) -> Dict[str, 
     n_head, n_kv = hf_cfg["num_attention_heads"], hf_cfg["num_key_value_heads"]
     permute = gguf_arch(hf_cfg) == "llama"
     out = {}
-    for hf, w in state.items():
+    for hf, w in stack_experts(state).items():
         if hf == "lm_head.weight" and hf_cfg.get("tie_word_embeddings"):
             continue
         if "rotary_emb" in hf:
@@ -155,12 +180,25 @@ def write_gguf(path: Path, tensors: Dict[str, Tuple[np.ndarray, Optional[T]]], *
     return Path(path)
 
 
+def moe_keys(hf_cfg: dict) -> dict:
+    """The expert keys convert_hf_to_gguf.py writes for a Qwen3-MoE config (none for a dense one)."""
+    experts = hf_cfg.get("num_experts", hf_cfg.get("num_local_experts"))   # transformers 5 writes the latter
+    if experts is None:
+        return {}
+    arch = gguf_arch(hf_cfg)
+    return {f"{arch}.expert_count": experts, f"{arch}.expert_used_count": hf_cfg["num_experts_per_tok"],
+            f"{arch}.expert_feed_forward_length": hf_cfg["moe_intermediate_size"]}
+
+
 def hf_model_to_gguf(path: Path, state: Dict[str, np.ndarray], hf_cfg: dict, qtype: T,
                      tensors_extra: Optional[Dict[str, np.ndarray]] = None, **kw) -> Path:
-    """Convert a float32 HF state dict into a GGUF of `qtype` (norms F32); tensors_extra: more
-    tensors stored F32 under their GGUF names (rope_freqs.weight)."""
-    tensors = {n: encode(w, qtype) for n, w in hf_to_gguf_tensors(state, hf_cfg).items()}
+    """Convert a float32 HF state dict into a GGUF of `qtype` (norms F32; a MoE router F32, as
+    llama-quantize keeps ffn_gate_inp); tensors_extra: more tensors stored F32 under their GGUF
+    names (rope_freqs.weight)."""
+    tensors = {n: encode(w, T.F32 if n.endswith("ffn_gate_inp.weight") else qtype)
+               for n, w in hf_to_gguf_tensors(state, hf_cfg).items()}
     tensors.update({n: (np.asarray(w, np.float32), None) for n, w in (tensors_extra or {}).items()})
+    kw["extra"] = {**moe_keys(hf_cfg), **kw.get("extra", {})}
     return write_gguf(path, tensors, dim=hf_cfg["hidden_size"], hidden=hf_cfg["intermediate_size"],
                       layers=hf_cfg["num_hidden_layers"], heads=hf_cfg["num_attention_heads"],
                       kv_heads=hf_cfg["num_key_value_heads"], vocab=hf_cfg["vocab_size"],

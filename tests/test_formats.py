@@ -685,7 +685,7 @@ ERROR_CASES = {
     "gguf-cut-in-data": (lambda d: _cut(small_gguf(d / "ok.gguf"), d / "cut.gguf", -1000), r"truncated"),
     "gguf-cut-by-one-byte": (lambda d: _cut(small_gguf(d / "ok.gguf"), d / "cut.gguf", -1), r"truncated"),
     "gguf-arch-gpt2": (lambda d: small_gguf(d / "gpt2.gguf", arch="gpt2"),
-                       r"architecture 'gpt2' is not supported \(supported: llama, qwen2, qwen3\)"),
+                       r"architecture 'gpt2' is not supported \(supported: llama, qwen2, qwen3, qwen3moe\)"),
     "gguf-qwen2-without-biases": (lambda d: small_gguf(d / "qwen2.gguf", arch="qwen2"),
                                   r"blk\.0\.attn_q\.bias.*missing.*qwen2"),
     "gguf-arch-falcon": (lambda d: small_gguf(d / "falcon.gguf", arch="falcon"), r"architecture 'falcon'"),
@@ -705,7 +705,7 @@ ERROR_CASES = {
     "hf-gelu": (lambda d: _bad_hf(d / "gelu", hidden_act="gelu"), r"hidden_act 'gelu'.*expected 'silu'"),
     "hf-gemma2": (lambda d: _bad_hf(d / "gemma2", model_type="gemma2", architectures=["Gemma2ForCausalLM"],
                                     sliding_window=4096),
-                  r"model_type 'gemma2' \(Gemma2ForCausalLM\) is not supported \(supported: llama, qwen2, qwen3\)"),
+                  r"model_type 'gemma2' \(Gemma2ForCausalLM\) is not supported \(supported: llama, qwen2, qwen3, qwen3moe\)"),
     "hf-missing-shard": (lambda d: _sharded_hf_missing_shard(d / "sharded"), r"missing.*index\.json"),
     "hf-truncated-safetensors": (_hf_truncated, r"truncated"),
     "hf-shape-vs-offsets": (lambda d: _hf_edited_header(

@@ -60,6 +60,7 @@ def test_tensor_names_are_spelled_only_in_tensors_py():
     gguf_names = set(tensors.LAYER_TENSORS.values()) | {tensors.EMBEDDING, tensors.OUTPUT, tensors.OUTPUT_NORM,
                                                         tensors.ROPE_FREQS}
     gguf_names |= set(tensors.BIAS_TENSORS.values()) | set(tensors.QK_NORM_TENSORS.values())
+    gguf_names |= set(tensors.EXPERT_TENSORS.values())
     gguf_names -= {"attn_norm", "ffn_norm"}   # also the roles' own names, used as keys
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
@@ -69,7 +70,7 @@ def test_tensor_names_are_spelled_only_in_tensors_py():
             if text in gguf_names or text.startswith("blk.") or any(n in text for n in (
                     "attn_q.", "attn_k.", "attn_v.", "attn_output.", "ffn_gate.", "ffn_up.", "ffn_down.",
                     "token_embd.", "q_proj", "down_proj", "embed_tokens", "attn_q_norm", "attn_k_norm",
-                    "self_attn.")):
+                    "self_attn.", "_exps", "ffn_gate_inp", "mlp.")):
                 found.append(f"{path.relative_to(REPO)}:{line}: {text!r}")
     assert not found, "tensor names outside tpllama/tensors.py:\n" + "\n".join(found)
 
@@ -80,13 +81,17 @@ def test_every_reader_names_the_same_tensors():
     from tpllama import tensors
     from tpllama.config import ARCHITECTURES, ModelConfig
     for arch in ARCHITECTURES:
+        experts = dict(n_experts=3, n_experts_used=2) if ARCHITECTURES[arch].moe else {}
         c = ModelConfig(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, max_seq_len=16,
-                        arch=arch)
+                        arch=arch, **experts)
         roles = tensors.layer_shapes(c)
         hf = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
         for i in range(c.n_layers):
             hf |= {f"model.layers.{i}.{part}" for part, role in tensors.HF_LAYER.items() if role in roles}
-        assert {tensors.from_hf_name(n) for n in hf} == set(tensors.expected_shapes(c)), arch
+            hf |= {f"model.layers.{i}.mlp.experts.{e}.{part}" for e in range(c.n_experts) for part in tensors.HF_EXPERT}
+        gguf = {tensors.from_hf_name(n) for n in hf}    # an HF expert -> expert e of the stacked GGUF tensor
+        assert {(tensors.split_expert_name(n) or (n,))[0] for n in gguf} == set(tensors.expected_shapes(c)), arch
+        assert len(gguf) == len(hf), arch
     assert sorted(tensors.LLAMA2C_ORDER) == sorted(tensors.LAYER_TENSORS)
     assert tensors.role_of("blk.1.ffn_down.weight") == (1, "w2") and tensors.role_of("output.weight") == (-1, None)
     assert tensors.role_of("blk.2.attn_k.bias") == (2, "bk") and tensors.role_of("blk.0.attn_q_norm.weight") == (0, "q_norm")

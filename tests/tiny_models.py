@@ -1,7 +1,7 @@
 """Tiny Llama-family models written by the tests themselves, as Hugging Face directories.
 
 The reference implementation is HF transformers' LlamaForCausalLM (Qwen2ForCausalLM,
-Qwen3ForCausalLM, MistralForCausalLM for those architectures; CPU torch): the tests write its weights with
+Qwen3ForCausalLM, Qwen3MoeForCausalLM, MistralForCausalLM for those architectures; CPU torch): the tests write its weights with
 save_pretrained and compare tpllama's logits against its own.
 
 A model with random weights has near-flat logits, where any rounding flips the top token;
@@ -44,7 +44,7 @@ class TinySpec:
     max_shard_size: Optional[str] = None
     train_steps: int = 200
     seed: int = 0
-    arch: str = "llama"             # llama | qwen2 | qwen3 | mistral: the transformers classes that write it
+    arch: str = "llama"             # llama | qwen2 | qwen3 | qwen3moe | mistral: the transformers classes that write it
     extra: dict = field(default_factory=dict)
 
 
@@ -78,10 +78,17 @@ MISTRAL_SPECS = {
 }
 
 
+# Qwen3-MoE: 8 experts of FFN width 128 (4 units of 32: 2, 1, 1 at 3 ranks), top 2, renormalised
+QWEN_MOE_SPEC = TinySpec("qwen3moe", arch="qwen3moe", train_steps=10, hidden=64, intermediate=128, heads=4, kv_heads=2,
+                         rope_theta=1e6, extra={"head_dim": 32, "num_experts": 8, "num_experts_per_tok": 2,
+                                                "moe_intermediate_size": 128, "norm_topk_prob": True})
+
+
 def _classes(arch: str):
     """(config class, model class) of transformers for an architecture."""
     names = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-             "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM")}[arch]
+             "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+             "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM")}[arch]
     return tuple(getattr(transformers, n) for n in names)
 
 

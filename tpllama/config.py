@@ -3,7 +3,8 @@
 Built from each format's own keys (GGUF metadata, HF config.json, the llama2.c header);
 each constructor names the keys by their source names so a reader can check them.
 ARCHITECTURES is the one table of the architectures tpllama runs and how each differs from
-Llama's math (biases on q/k/v, per-head norms on q/k, the rotary row order of its GGUF files);
+Llama's math (biases on q/k/v, per-head norms on q/k, the rotary row order of its GGUF files,
+a mixture-of-experts FFN). For a mixture-of-experts model, hidden_dim is each expert's FFN width.
 HF_ALIASES names the HF classes that are one of them under another name (Mistral is Llama's
 math, with a sliding attention window when its config sets one).
 """
@@ -31,13 +32,16 @@ class Architecture:
     qkv_bias: bool            # biases added to q, k and v after their matmuls (Qwen2)
     qk_norm: bool             # RMSNorm over each head of q and k before rope (Qwen3)
     gguf_rotate_half: bool    # its GGUF q/k rows keep HF's rotate-half order (llama.cpp permutes only llama's)
+    moe: bool = False         # every layer's FFN is a mixture of experts behind a softmax top-k router (Qwen3-MoE)
 
 
 ARCHITECTURES = {a.name: a for a in (
     Architecture("llama", "LlamaForCausalLM", qkv_bias=False, qk_norm=False, gguf_rotate_half=False),
     Architecture("qwen2", "Qwen2ForCausalLM", qkv_bias=True, qk_norm=False, gguf_rotate_half=True),
     Architecture("qwen3", "Qwen3ForCausalLM", qkv_bias=False, qk_norm=True, gguf_rotate_half=True),
+    Architecture("qwen3moe", "Qwen3MoeForCausalLM", qkv_bias=False, qk_norm=True, gguf_rotate_half=True, moe=True),
 )}
+MAX_EXPERTS = 1 << 12     # far above any released model (Qwen3-MoE: 128)
 SUPPORTED = ", ".join(ARCHITECTURES)
 # HF config.json architectures[0] / model_type -> the architecture whose math it is
 HF_ALIASES = {"MistralForCausalLM": "llama", "mistral": "llama"}
@@ -45,13 +49,23 @@ HF_ALIASES = {"MistralForCausalLM": "llama", "mistral": "llama"}
 
 def gguf_keys(arch: str) -> dict:
     """Config field -> the GGUF key it comes from, for architecture `arch` (keys `{arch}.*`)."""
-    return {"dim": f"{arch}.embedding_length", "hidden_dim": f"{arch}.feed_forward_length",
+    keys = {"dim": f"{arch}.embedding_length", "hidden_dim": f"{arch}.feed_forward_length",
             "n_layers": f"{arch}.block_count", "n_heads": f"{arch}.attention.head_count",
             "n_kv_heads": f"{arch}.attention.head_count_kv", "vocab_size": f"{arch}.vocab_size",
             "max_seq_len": f"{arch}.context_length", "head_dim": f"{arch}.attention.key_length",
             "norm_eps": f"{arch}.attention.layer_norm_rms_epsilon", "rope_theta": f"{arch}.rope.freq_base",
             "sliding_window": f"{arch}.attention.sliding_window"}
+    if arch in ARCHITECTURES and ARCHITECTURES[arch].moe:
+        keys.update({k: f"{arch}.{v}" for k, v in MOE_GGUF_KEYS.items()})
+    return keys
 
+
+# Mixture-of-experts fields -> their GGUF key after `{arch}.` and their HF config.json key
+# (hidden_dim: each expert's FFN width; the dense feed_forward_length / intermediate_size is unused).
+MOE_GGUF_KEYS = {"hidden_dim": "expert_feed_forward_length", "n_experts": "expert_count",
+                 "n_experts_used": "expert_used_count"}
+MOE_HF_KEYS = {"hidden_dim": "moe_intermediate_size", "n_experts": "num_experts",
+               "n_experts_used": "num_experts_per_tok"}
 
 GGUF_KEYS = gguf_keys("llama")
 HF_KEYS = {"dim": "hidden_size", "hidden_dim": "intermediate_size", "n_layers": "num_hidden_layers",
@@ -110,6 +124,9 @@ class ModelConfig:
     head_dim: int = 0          # 0: dim // n_heads
     sliding_window: int = 0    # > 0: a position attends only to itself and the window - 1 before it (Mistral)
     arch: str = "llama"        # a key of ARCHITECTURES
+    n_experts: int = 0         # mixture of experts (ARCHITECTURES[arch].moe): experts per layer; 0: dense
+    n_experts_used: int = 0    # experts each token is routed to (top-k)
+    expert_weights_norm: bool = False  # the top-k router weights are renormalised to sum to 1
     name: str = ""
     extra: dict = field(default_factory=dict, compare=False, repr=False)
     source: str = field(default="", compare=False, repr=False)  # the file it came from, for error messages
@@ -142,7 +159,23 @@ class ModelConfig:
             return [f"{self.n_heads} query heads are not a multiple of {self.n_kv_heads} kv heads"]
         if self.head_dim % 2:
             return [f"head size {self.head_dim} is odd"]
+        return self._expert_problems(keys)
+
+    def _expert_problems(self, keys: dict) -> list:
+        """A mixture-of-experts architecture needs experts and a top-k within them; a dense one none."""
+        if not ARCHITECTURES[self.arch].moe:
+            return [] if self.n_experts == 0 else [f"{self.arch} models have no experts (got {self.n_experts})"]
+        if not 0 < self.n_experts <= MAX_EXPERTS:
+            return [f"{keys.get('n_experts', 'n_experts')} is {self.n_experts}, expected 1 to {MAX_EXPERTS}"]
+        if not 0 < self.n_experts_used <= self.n_experts:
+            return [f"{keys.get('n_experts_used', 'n_experts_used')} is {self.n_experts_used}, "
+                    f"expected 1 to {self.n_experts} (the expert count)"]
         return []
+
+    @property
+    def moe(self) -> bool:
+        """Every layer's FFN is a mixture of n_experts experts, each of width hidden_dim."""
+        return self.n_experts > 0
 
     @property
     def qkv_bias(self) -> bool:
@@ -201,9 +234,7 @@ class ModelConfig:
                 raise ModelFormatError(f"{where}: GGUF key '{arch}.{k}' is missing")
             return kind(v, f"GGUF key '{arch}.{k}'", where)
 
-        if key("expert_count", 0) > 0:
-            raise ModelFormatError(f"{where}: mixture-of-experts models ({arch}.expert_count = "
-                                   f"{kv[f'{arch}.expert_count']}) are not supported (expected a dense model)")
+        experts = _gguf_experts(arch, key, where)
 
         n_heads = key("attention.head_count")
         dim = key("embedding_length")
@@ -225,7 +256,7 @@ class ModelConfig:
             raise ModelFormatError(f"{where}: rope scaling {kv.get(f'{arch}.rope.scaling.type')!r} is not supported")
         return cls(
             dim=dim,
-            hidden_dim=key("feed_forward_length"),
+            hidden_dim=key("expert_feed_forward_length" if experts else "feed_forward_length"),
             n_layers=key("block_count"),
             n_heads=n_heads,
             n_kv_heads=key("attention.head_count_kv", n_heads),
@@ -237,6 +268,7 @@ class ModelConfig:
             head_dim=head_dim,
             sliding_window=key("attention.sliding_window", 0),   # llama.cpp's converters do not write it for llama
             arch=arch,
+            **experts,
             name=str(kv.get("general.name", name)),
             source=source,
             extra={"keys": gguf_keys(arch)},
@@ -255,7 +287,9 @@ class ModelConfig:
             return None if v is None else kind(v, k, where)
 
         arch = _hf_architecture(cfg, where)
-        for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        experts = _hf_experts(arch, cfg, number, where)
+        ffn_key = "moe_intermediate_size" if arch.moe else "intermediate_size"
+        for k in ("hidden_size", ffn_key, "num_hidden_layers", "num_attention_heads", "vocab_size"):
             if cfg.get(k) is None:
                 raise ModelFormatError(f"{where}: config.json has no {k!r}")
         if cfg.get("hidden_act", "silu") != "silu":
@@ -284,7 +318,7 @@ class ModelConfig:
                 raise ModelFormatError(f"{where}: rope_scaling type {_show(rtype)} is not supported (only 'llama3')")
         return cls(
             dim=dim,
-            hidden_dim=number("intermediate_size"),
+            hidden_dim=number(ffn_key),
             n_layers=number("num_hidden_layers"),
             n_heads=n_heads,
             n_kv_heads=number("num_key_value_heads") or n_heads,
@@ -297,9 +331,10 @@ class ModelConfig:
             head_dim=number("head_dim") or dim // n_heads,
             sliding_window=number("sliding_window", 0) if _is_mistral(cfg) else 0,   # null: none
             arch=arch.name,
+            **experts,
             name=name,
             source=source,
-            extra={"keys": HF_KEYS},
+            extra={"keys": {**HF_KEYS, **MOE_HF_KEYS} if arch.moe else HF_KEYS},
         )
 
     @classmethod
@@ -324,6 +359,47 @@ class ModelConfig:
         )
 
 
+def _gguf_experts(arch: str, key, where: str) -> dict:
+    """The expert fields of a GGUF file's config ({} for a dense architecture, whose files with
+    experts are refused); key(k, default) reads `{arch}.k`."""
+    if not ARCHITECTURES[arch].moe:
+        if key("expert_count", 0) > 0:
+            raise ModelFormatError(f"{where}: mixture-of-experts models ({arch}.expert_count = "
+                                   f"{key('expert_count')}) are not supported for {arch} (expected a dense model)")
+        return {}
+    if key("expert_shared_count", 0) > 0:
+        raise ModelFormatError(f"{where}: shared experts ({arch}.expert_shared_count = {key('expert_shared_count')}) "
+                               "are not supported")
+    if key("expert_gating_func", GATING_SOFTMAX) != GATING_SOFTMAX:
+        raise ModelFormatError(f"{where}: expert gating function {key('expert_gating_func')} ({arch}.expert_gating_func) "
+                               f"is not supported (only softmax, {GATING_SOFTMAX})")
+    # llama.cpp's qwen3moe graph always renormalises the top-k weights (build_moe_ffn with norm_w true)
+    return {"n_experts": key("expert_count"), "n_experts_used": key("expert_used_count"), "expert_weights_norm": True}
+
+
+GATING_SOFTMAX = 1   # llama.cpp LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX
+
+
+def _hf_experts(arch: Architecture, cfg: dict, number, where: str) -> dict:
+    """The expert fields of a config.json ({} for a dense architecture). Every layer must be a
+    mixture-of-experts layer: dense layers among them (decoder_sparse_step, mlp_only_layers) are refused."""
+    if not arch.moe:
+        return {}
+    experts_key = "num_experts" if cfg.get("num_experts") is not None else "num_local_experts"  # transformers 5 writes the latter
+    for k in (experts_key, "num_experts_per_tok", "moe_intermediate_size"):
+        if cfg.get(k) is None:
+            raise ModelFormatError(f"{where}: config.json has no {k!r} (a {arch.hf_class} needs it)")
+    step, dense = cfg.get("decoder_sparse_step", 1), cfg.get("mlp_only_layers") or []
+    if step != 1 or dense:
+        raise ModelFormatError(f"{where}: dense FFN layers among the expert layers (decoder_sparse_step {_show(step)}, "
+                               f"mlp_only_layers {_show(dense)}) are not supported; expected decoder_sparse_step 1 "
+                               "and no mlp_only_layers")
+    if cfg.get("shared_expert_intermediate_size"):
+        raise ModelFormatError(f"{where}: shared experts (shared_expert_intermediate_size) are not supported")
+    return {"n_experts": number(experts_key), "n_experts_used": number("num_experts_per_tok"),
+            "expert_weights_norm": bool(cfg.get("norm_topk_prob", False))}
+
+
 def _hf_classes(cfg: dict) -> list:
     archs = cfg.get("architectures") or []
     return archs if isinstance(archs, list) else [archs]
@@ -344,8 +420,8 @@ def _hf_architecture(cfg: dict, where: str) -> Architecture:
     if alias:
         return ARCHITECTURES[alias]
     model_type = cfg.get("model_type", "llama")
-    if isinstance(model_type, str) and model_type in ARCHITECTURES:
-        return ARCHITECTURES[model_type]
+    if isinstance(model_type, str) and model_type.replace("_", "") in ARCHITECTURES:   # HF qwen3_moe: qwen3moe
+        return ARCHITECTURES[model_type.replace("_", "")]
     if isinstance(model_type, str) and model_type in HF_ALIASES:
         return ARCHITECTURES[HF_ALIASES[model_type]]
     raise ModelFormatError(f"{where}: model_type {_show(model_type)} ({', '.join(map(str, archs)) or 'no architectures'}) "

@@ -17,9 +17,9 @@ from .errors import ModelFormatError
 from .formats import ModelReader
 from .matrix import Matrix, _QUANTIZE
 from .plan import RankSlice
-from .tensors import EMBEDDING, OUTPUT_NORM, layer_names
+from .tensors import EMBEDDING, EXPERT_ROLES, OUTPUT_NORM, expert_name, layer_names
 from .typeplan import TypePlan, choose_types, output_tensor_name
-from .weights import EmbeddingTable, LayerWeights, RankWeights
+from .weights import EmbeddingTable, ExpertWeights, LayerWeights, RankWeights
 from .wtypes import BY_GGML, weight_type
 
 CONVERT_ROWS = 256  # rows dequantized at a time while converting (bounds the transient memory)
@@ -104,6 +104,18 @@ def _architecture_vectors(reader: ModelReader, names: dict, q_rows: slice, kv_ro
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 
+def _experts(reader: ModelReader, names: dict, ffn: slice, load) -> dict:
+    """A mixture-of-experts layer's router (whole, float32: every rank routes) and this rank's
+    slice of every expert: rows `ffn` of its w1 and w3, those columns of its w2."""
+    every = slice(None)
+    experts = []
+    for e in range(reader.config.n_experts):
+        w = {role: expert_name(names[stacked], e) for stacked, role in EXPERT_ROLES.items()}
+        experts.append(ExpertWeights(w1=load(w["w1"], ffn, every), w3=load(w["w3"], ffn, every),
+                                     w2=load(w["w2"], every, ffn)))
+    return {"router": load_matrix(reader, names["router"], every, every, "f32"), "experts": experts}
+
+
 def embedding_table(reader: ModelReader) -> EmbeddingTable:
     """The token embedding as a table over the file's mapped rows (nothing read until a step
     indexes it: each step widens only its tokens' rows)."""
@@ -146,9 +158,8 @@ def rank_weight_parts(reader: ModelReader, shard: RankSlice, types: Union[TypePl
             wv=load(n["wv"], kv_rows, every),
             wo=load(n["wo"], every, q_rows),
             ffn_norm=_vector(reader, n["ffn_norm"]),
-            w1=load(n["w1"], ffn, every),
-            w3=load(n["w3"], ffn, every),
-            w2=load(n["w2"], every, ffn),
+            **(_experts(reader, n, ffn, load) if c.moe else
+               dict(w1=load(n["w1"], ffn, every), w3=load(n["w3"], ffn, every), w2=load(n["w2"], every, ffn))),
             **_architecture_vectors(reader, n, q_rows, kv_rows),
         )
         if progress:

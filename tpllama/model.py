@@ -2,7 +2,9 @@
 
 Reads like the paper: for each layer, x += attention(rmsnorm(x)); x += ffn(rmsnorm(x)).
 Other architectures are small differences inside attention: Qwen2 adds biases to q, k and v,
-Qwen3 RMS-norms each head of q and k before rope, Mistral may limit attention to a sliding window.
+Qwen3 RMS-norms each head of q and k before rope, Mistral may limit attention to a sliding
+window; and in the FFN: Qwen3-MoE routes each token to its top-k experts, each expert the same
+FFN as a dense layer's.
 A rank computes only its own heads and FFN units, so the two sublayer outputs are partial
 sums (float64) that `reduce` (an all-reduce across ranks) completes and rounds to float32; a
 prompt may run as micro-batches so that one's all-reduce travels while the next computes.
@@ -16,7 +18,7 @@ from typing import Callable, List, Optional
 import numpy as np
 
 from .config import ModelConfig
-from .matrix import Activation, matmul_all
+from .matrix import Activation, Matrix, matmul_all
 from .memory import lazy_zeros
 from .weights import LayerWeights, RankWeights
 from . import _kernels as K
@@ -82,6 +84,20 @@ def apply_rope(x: np.ndarray, head_dim: int, cos: np.ndarray, sin: np.ndarray) -
     return x
 
 
+def route(router: Matrix, h: Activation, k: int, renormalise: bool):
+    """The top-k experts of each token and their weights: softmax over the router's logits
+    (float64, so ranks agree on near ties), the k largest, renormalised to sum to 1 when the
+    model says so. (T, dim) -> (T, k) expert ids, (T, k) float64 weights."""
+    logits = router.partial_sums(h)                               # (T, n_experts)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    chosen = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    weights = np.take_along_axis(probs, chosen, axis=1)
+    if renormalise:
+        weights /= weights.sum(axis=1, keepdims=True)
+    return chosen, weights
+
+
 def silu_mul(gate: np.ndarray, up: np.ndarray, threads: int = 1) -> np.ndarray:
     """silu(gate) * up, written over gate."""
     return K.silu_mul(gate, up, threads)
@@ -126,8 +142,27 @@ class RankModel:
 
     def feed_forward(self, lw: LayerWeights, h: Activation) -> np.ndarray:
         """(T, dim) -> (T, dim) float64 partial output of this rank's FFN units."""
-        gate, up = matmul_all((lw.w1, lw.w3), h)                  # (T, local_ffn) x 2
-        return lw.w2.partial_sums(Activation(silu_mul(gate, up, self.threads)))
+        if lw.experts is not None:
+            return self.experts_feed_forward(lw, h)
+        return self.ffn(lw.w1, lw.w3, lw.w2, h)
+
+    def ffn(self, w1: Matrix, w3: Matrix, w2: Matrix, h: Activation) -> np.ndarray:
+        """w2(silu(w1 h) * w3 h): (T, dim) -> (T, dim) float64 partial sums over this rank's units."""
+        gate, up = matmul_all((w1, w3), h)                        # (T, local_ffn) x 2
+        return w2.partial_sums(Activation(silu_mul(gate, up, self.threads)))
+
+    def experts_feed_forward(self, lw: LayerWeights, h: Activation) -> np.ndarray:
+        """Mixture of experts: each token's FFN output is the router-weighted sum of its top-k
+        experts' FFNs. Every rank routes (the router is whole on each, so all pick the same
+        experts) and runs its slice of each chosen expert once over all the tokens routed to it."""
+        c = self.config
+        chosen, weights = route(lw.router, h, c.n_experts_used, c.expert_weights_norm)    # (T, k) x 2
+        out = np.zeros((h.x.shape[0], c.dim), dtype=np.float64)
+        for e in np.unique(chosen):
+            tokens, slot = np.nonzero(chosen == e)                # a token picks an expert at most once
+            ex = lw.experts[e]
+            out[tokens] += weights[tokens, slot, None] * self.ffn(ex.w1, ex.w3, ex.w2, Activation(h.x[tokens]))
+        return out
 
     # ------------------------------------------------------------ whole pass
 

@@ -14,6 +14,13 @@ divide nothing evenly. Heads are split first; FFN blocks then even out each rank
 layer (attention + FFN) to its share, so a rank that got an extra head gets fewer FFN
 blocks. When ranks outnumber kv heads, a kv head is held by every rank whose query heads
 read it.
+
+Mixture-of-experts models (Qwen3-MoE): every rank holds its slice of EVERY expert (the same FFN
+units of each, w1/w3 rows and w2 columns) and the whole router, so each rank routes a token
+itself, runs its slice of the token's k experts, and the FFN still ends in one all-reduce; the
+work of a token is split evenly whichever experts it picks. (Whole experts per rank would leave
+the ranks whose experts a token did not pick idle, and need the token's routing known across
+ranks.) For these models `ffn` is a range of units of each expert's FFN.
 """
 from __future__ import annotations
 
@@ -33,7 +40,7 @@ class RankSlice:
     rank: int
     heads: range       # query heads
     kv_heads: range    # kv heads read by those query heads
-    ffn: range         # FFN hidden units (rows of w1/w3, columns of w2)
+    ffn: range         # FFN hidden units (rows of w1/w3, columns of w2; of every expert in a MoE model)
     vocab: range       # rows of the output matrix
 
 
@@ -124,7 +131,8 @@ def _balanced_ffn(config: ModelConfig, weights, heads, kv_heads) -> List[range]:
     d, hd = config.dim, config.head_dim
     unit = ffn_unit(config)
     attention = [2 * len(h) * hd * d + 2 * len(kv) * hd * d for h, kv in zip(heads, kv_heads)]
-    ffn_per_unit = 3 * d * unit
+    # a token streams the unit's w1/w3/w2 values once, of each of its k experts in a MoE model
+    ffn_per_unit = 3 * d * unit * (config.n_experts_used if config.moe else 1)
     layer_total = sum(attention) + ffn_per_unit * (config.hidden_dim // unit)
     share = [w / sum(weights) for w in weights]
     targets = [(s * layer_total - a) / ffn_per_unit for s, a in zip(share, attention)]
@@ -160,6 +168,7 @@ def weight_bytes(config: ModelConfig, shard: RankSlice, types: Types, mapped: bo
     tp = _type_plan(config, types)
     shapes = slice_shapes(config, len(shard.heads), len(shard.kv_heads), len(shard.ffn), len(shard.vocab))
     total = config.n_layers * layer_vector_bytes(config, shard) + 4 * config.dim   # + the output norm
+    total += config.n_layers * matrix_bytes(*shapes["router"], "f32") if config.moe else 0   # whole on every rank
     for name, kind in tp.kinds.items():
         total += matrix_bytes(*shapes[kind], tp.runtime(name))
     return total
@@ -373,10 +382,13 @@ def main(argv=None) -> int:
     ctx = args.ctx_size or min(c.max_seq_len, max_context(plan, types, hosts, sizes, mapped=mapped))
     if ctx < 1:
         _too_little_memory(plan, types, args, hosts, sizes)
-    print(f"{args.model}: {architecture_note(c)}, {c.n_layers} layers, dim {c.dim}, FFN {c.hidden_dim}, "
+    ffn = f"{c.n_experts} experts of FFN {c.hidden_dim}, {c.n_experts_used} per token" if c.moe else f"FFN {c.hidden_dim}"
+    print(f"{args.model}: {architecture_note(c)}, {c.n_layers} layers, dim {c.dim}, {ffn}, "
           f"{c.n_heads} heads / {c.n_kv_heads} kv heads of {c.head_dim}, vocab {c.vocab_size}, context {c.max_seq_len}")
-    print(f"{'rank':>4} {'weight':>6} {'heads':>9} {'kv heads':>9} {'FFN units':>11} {'vocab rows':>13} "
-          f"{'vectors/layer':>14}")
+    if c.moe:
+        print(_expert_split_line(c))
+    print(f"{'rank':>4} {'weight':>6} {'heads':>9} {'kv heads':>9} {'expert units' if c.moe else 'FFN units':>11} "
+          f"{'vocab rows':>13} {'vectors/layer':>14}")
     for s, w in zip(plan.ranks, plan.weights):
         print(f"{s.rank:>4} {w:>6g} {s.heads.start:>4}-{s.heads.stop - 1:<4} {s.kv_heads.start:>4}-{s.kv_heads.stop - 1:<4} "
               f"{s.ffn.start:>5}-{s.ffn.stop - 1:<5} {s.vocab.start:>6}-{s.vocab.stop - 1:<6} "
@@ -417,15 +429,21 @@ def _remote_ranks(text: str, ranks: int) -> List[int]:
     return out
 
 
+def _expert_split_line(c: ModelConfig) -> str:
+    return (f"experts: every rank holds the router ({c.n_experts} x {c.dim}, float32) and the FFN units below of "
+            f"each of the {c.n_experts} experts; a token runs its {c.n_experts_used} experts' units on every rank")
+
+
 def _traffic_line(c: ModelConfig, sync_type: str, ranks: int) -> str:
     if ranks == 1:
         return "traffic per token: none (one rank)"
+    moe = " (experts included: each rank routes for itself, nothing more is sent)" if c.moe else ""
     sent, received = allreduce_bytes_per_token(c, sync_type, ranks)
     label = f"{sync_type} sync" + (", the default" if sync_type == DEFAULT_SYNC_TYPE else "")
     return (f"traffic per token and rank ({label}): sent {sent / 1024:.1f} kB, received {received / 1024:.1f} kB "
             f"of all-reduce payload (2 x {c.n_layers} layers x {c.dim} values x {SYNC_VALUE_BYTES[sync_type]:g} bytes"
             f"{'' if sync_type in ('f64', 'f32') else f', from each of the {ranks - 1} other ranks'}) "
-            "+ a few bytes of token and candidates; --stats measures it")
+            f"+ a few bytes of token and candidates{moe}; --stats measures it")
 
 
 def _too_little_memory(plan: ShardPlan, types: TypePlan, args, hosts: List[str], sizes: List[int]) -> None:

@@ -45,15 +45,16 @@ from .matrix import Matrix, _ARENA
 from .memory import advise
 from .plan import RankSlice
 from .filetypes import DTYPES
-from .weights import EmbeddingTable, LayerWeights, RankWeights
+from .weights import EmbeddingTable, ExpertWeights, LayerWeights, RankWeights
 
 MAGIC = b"TPLSHARD"
 VERSION = 3
 ALIGN = 64
 DATA_START_ALIGN = 4096
 SUFFIX = ".tpshard"
-LAYER_FIELDS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w3", "w2")
-OPTIONAL_LAYER_FIELDS = ("bq", "bk", "bv", "q_norm", "k_norm")   # stored when the architecture has them
+LAYER_FIELDS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm")
+OPTIONAL_LAYER_FIELDS = ("w1", "w3", "w2", "bq", "bk", "bv", "q_norm", "k_norm", "router")   # stored when present
+EXPERT_FIELDS = ("w1", "w3", "w2")    # of each expert of a mixture-of-experts layer: {layer}.experts.{e}.{field}
 
 
 def default_dir() -> str:
@@ -187,7 +188,9 @@ def _arrays(key, value) -> List[Tuple[str, object]]:
     """(name, Matrix or float32 vector) of one part, in file order."""
     if isinstance(value, LayerWeights):
         return [(f"{key}.{f}", getattr(value, f)) for f in LAYER_FIELDS + OPTIONAL_LAYER_FIELDS
-                if getattr(value, f) is not None]
+                if getattr(value, f) is not None] + [
+            (f"{key}.experts.{e}.{f}", getattr(expert, f)) for e, expert in enumerate(value.experts or ())
+            for f in EXPERT_FIELDS]
     return [(str(key), value)]
 
 
@@ -383,8 +386,12 @@ def _layer_spans(entries: List[dict], n_layers: int) -> List[Tuple[int, int]]:
 def _assemble(values: Dict[str, object], template: RankWeights, path: str) -> RankWeights:
     values = dict(values)
     layers = [LayerWeights(**{f: values.pop(f"{i}.{f}") for f in LAYER_FIELDS},
-                           **{f: values.pop(f"{i}.{f}", None) for f in OPTIONAL_LAYER_FIELDS})
+                           **{f: values.pop(f"{i}.{f}", None) for f in OPTIONAL_LAYER_FIELDS},
+                           experts=_experts_of(values, i, template.config.n_experts))
               for i in range(template.config.n_layers)]
+    if any((lw.w1 is None or lw.w3 is None or lw.w2 is None) if lw.experts is None else lw.router is None
+           for lw in layers):
+        raise ValueError("the shard file lacks a layer's FFN")
     embedding = template.embedding
     if "embedding" in values:      # a rank without the model file keeps the embedding here
         rows = values.pop("embedding")
@@ -393,6 +400,14 @@ def _assemble(values: Dict[str, object], template: RankWeights, path: str) -> Ra
         raise ValueError("the shard file holds other arrays than the model's")
     return RankWeights(config=template.config, shard=template.shard, embedding=embedding, layers=layers,
                        output_norm=values["output_norm"], output=values["output"], threads=template.threads)
+
+
+def _experts_of(values: Dict[str, object], layer: int, n_experts: int) -> Optional[List[ExpertWeights]]:
+    """The experts of a mixture-of-experts layer, taken out of values (None for a dense model)."""
+    if not n_experts:
+        return None
+    return [ExpertWeights(**{f: values.pop(f"{layer}.experts.{e}.{f}") for f in EXPERT_FIELDS})
+            for e in range(n_experts)]
 
 
 @dataclass

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from .errors import TpllamaError
-from .tensors import EMBEDDING, MATRIX_ROLES, OUTPUT, layer_names
+from .tensors import EMBEDDING, OUTPUT, layer_matrices
 from .wtypes import BY_GGML, RUNTIME_TYPES, TYPES, WEIGHT_TYPE_CHOICES, WeightType
 
 UNIT = 32            # the plan's FFN slice step: every quantized type's column unit (wtypes) divides it
@@ -145,8 +145,7 @@ def tensor_kinds(config, output_name: str) -> Dict[str, str]:
     """Every weight matrix's tensor name -> its kind, in model order."""
     kinds = {}
     for i in range(config.n_layers):
-        names = layer_names(i)
-        kinds.update({names[kind]: kind for kind in MATRIX_ROLES})
+        kinds.update(layer_matrices(config, i))     # a mixture of experts: each expert's w1, w3, w2
     kinds[output_name] = "output"
     return kinds
 

@@ -19,6 +19,18 @@ from .plan import RankSlice
 
 
 @dataclass
+class ExpertWeights:
+    """A rank's slice of one expert of a mixture-of-experts layer: the same FFN as a dense layer's."""
+    w1: Matrix              # (local_ffn, dim)   gate
+    w3: Matrix              # (local_ffn, dim)   up
+    w2: Matrix              # (dim, local_ffn)   down
+
+    @property
+    def nbytes(self) -> int:
+        return self.w1.nbytes + self.w3.nbytes + self.w2.nbytes
+
+
+@dataclass
 class LayerWeights:
     attn_norm: np.ndarray   # (dim,)
     wq: Matrix              # (local_heads * head_dim, dim)
@@ -26,21 +38,25 @@ class LayerWeights:
     wv: Matrix              # (local_kv_heads * head_dim, dim)
     wo: Matrix              # (dim, local_heads * head_dim)
     ffn_norm: np.ndarray    # (dim,)
-    w1: Matrix              # (local_ffn, dim)   gate
-    w3: Matrix              # (local_ffn, dim)   up
-    w2: Matrix              # (dim, local_ffn)   down
+    w1: Optional[Matrix] = None   # (local_ffn, dim)   gate   (None in a mixture-of-experts layer)
+    w3: Optional[Matrix] = None   # (local_ffn, dim)   up
+    w2: Optional[Matrix] = None   # (dim, local_ffn)   down
     # what some architectures add (None elsewhere), float32, q/k ones in interleaved rotary order
     bq: Optional[np.ndarray] = None      # (local_heads * head_dim,)     qwen2: biases of q, k, v
     bk: Optional[np.ndarray] = None      # (local_kv_heads * head_dim,)
     bv: Optional[np.ndarray] = None      # (local_kv_heads * head_dim,)
     q_norm: Optional[np.ndarray] = None  # (head_dim,)                   qwen3: RMSNorm of each q and k head
     k_norm: Optional[np.ndarray] = None  # (head_dim,)
+    # qwen3moe: the FFN is a mixture of experts, each rank holding its slice of every expert
+    router: Optional[Matrix] = None                    # (n_experts, dim) f32, whole on every rank
+    experts: Optional[List[ExpertWeights]] = None      # n_experts slices
 
     @property
     def nbytes(self) -> int:
-        matrices = (self.wq, self.wk, self.wv, self.wo, self.w1, self.w3, self.w2)
+        matrices = (self.wq, self.wk, self.wv, self.wo, self.w1, self.w3, self.w2, self.router)
         vectors = (self.attn_norm, self.ffn_norm, self.bq, self.bk, self.bv, self.q_norm, self.k_norm)
-        return sum(m.nbytes for m in matrices) + sum(v.nbytes for v in vectors if v is not None)
+        return (sum(m.nbytes for m in matrices if m is not None) + sum(v.nbytes for v in vectors if v is not None)
+                + sum(e.nbytes for e in self.experts or ()))
 
 
 @dataclass

@@ -10,9 +10,13 @@ Tensor names and shapes are tpllama.tensors' (GGUF's names, (rows, cols) = (out_
 in_features)), and attn_q/attn_k rows (and the q/k biases and norms) are in the interleaved
 rotary order (pairs 2i, 2i+1) that llama GGUFs and llama2.c use: a reader whose file keeps
 HF's rotate-half order (HF directories; qwen2/qwen3 GGUFs) calls interleave_rotary_rows.
+A stacked 3-D tensor (GGUF's experts, (n_experts, rows, cols)) is rows of bytes like a matrix;
+tensor(expert_name(stacked, e)) is expert e's 2-D matrix, a view of its rows, so the loader reads
+one expert like any matrix, whether the file stacks the experts (GGUF) or not (HF).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Union
 
@@ -21,7 +25,7 @@ import numpy as np
 from ..errors import ModelFormatError
 from ..filetypes import DTYPES, DType
 from ..memory import advise
-from ..tensors import OUTPUT, ROTARY_ROLES, expected_shapes, layer_names
+from ..tensors import OUTPUT, ROTARY_ROLES, expected_shapes, expert_name, layer_names, split_expert_name
 from .tokenizer_source import TokenizerSource
 
 Rows = Union[slice, Sequence[int], np.ndarray]
@@ -31,14 +35,14 @@ Rows = Union[slice, Sequence[int], np.ndarray]
 class RawTensor:
     """One tensor over the file's memory map: raw is uint8 (rows, bytes_per_row), nothing read yet."""
     name: str
-    shape: tuple          # (rows, cols) or (n,) for vectors
+    shape: tuple          # (rows, cols), (n,) for vectors, or (n_experts, rows, cols) stacked
     dtype: DType
     raw: np.ndarray
     row_permutation: Optional[np.ndarray] = None  # logical row r is stored at raw row row_permutation[r]
 
     @property
     def rows(self) -> int:
-        return self.shape[0] if len(self.shape) == 2 else 1
+        return math.prod(self.shape[:-1])
 
     @property
     def cols(self) -> int:
@@ -89,14 +93,25 @@ class ModelReader:
 
     # ------------------------------------------------------------ table
 
-    def has(self, name: str) -> bool:
-        return name in self.tensors
-
     def tensor(self, name: str) -> RawTensor:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise ModelFormatError(f"{self.path}: tensor {name!r} is missing") from None
+        t = self.tensors.get(name)
+        if t is None:
+            t = self._expert_view(name)
+        if t is None:
+            raise ModelFormatError(f"{self.path}: tensor {name!r} is missing")
+        return t
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors or self._expert_view(name) is not None
+
+    def _expert_view(self, name: str) -> Optional[RawTensor]:
+        """Expert e's matrix of a stacked 3-D tensor (expert_name(stacked, e)): a view of its rows."""
+        split = split_expert_name(name)
+        stacked = self.tensors.get(split[0]) if split else None
+        if stacked is None or len(stacked.shape) != 3 or not 0 <= split[1] < stacked.shape[0]:
+            return None
+        rows = stacked.shape[1]
+        return RawTensor(name, stacked.shape[1:], stacked.dtype, stacked.raw[split[1] * rows:(split[1] + 1) * rows])
 
     def shape(self, name: str) -> tuple:
         return self.tensor(name).shape
@@ -168,6 +183,9 @@ class ModelReader:
         c = self.config
         for name, want in expected_shapes(c).items():
             t = self.tensors.get(name)
+            if t is None and len(want) == 3:    # experts stored one by one (HF)
+                self._check_experts(name, want)
+                continue
             if t is None:
                 if name == OUTPUT:      # absent: tied to the token embedding
                     continue
@@ -176,9 +194,25 @@ class ModelReader:
             if len(want) == 1 and len(got) == 2 and got[0] == 1:
                 got = got[1:]
             if tuple(got) != want:
-                raise ModelFormatError(f"{self.path}: tensor {name!r} has shape {tuple(got)}, expected {want} "
-                                       f"(dim {c.dim}, {c.n_heads}/{c.n_kv_heads} heads of {c.head_dim}, "
-                                       f"FFN {c.hidden_dim}, vocab {c.vocab_size})")
+                self._wrong_shape(name, tuple(got), want)
+
+    def _check_experts(self, stacked: str, want: tuple):
+        """Every expert's matrix of a stacked tensor the file stores one by one: present, its shape."""
+        c = self.config
+        for e in range(want[0]):
+            t = self.tensors.get(expert_name(stacked, e))
+            if t is None:
+                raise ModelFormatError(f"{self.path}: tensor {expert_name(stacked, e)!r} (expert {e}) is missing "
+                                       f"(a {c.n_layers}-layer {c.arch} model with {c.n_experts} experts needs it)")
+            if tuple(t.shape) != want[1:]:
+                self._wrong_shape(t.name, tuple(t.shape), want[1:])
+
+    def _wrong_shape(self, name: str, got: tuple, want: tuple):
+        c = self.config
+        experts = f", {c.n_experts} experts" if c.moe else ""
+        raise ModelFormatError(f"{self.path}: tensor {name!r} has shape {got}, expected {want} "
+                               f"(dim {c.dim}, {c.n_heads}/{c.n_kv_heads} heads of {c.head_dim}, "
+                               f"FFN {c.hidden_dim}{experts}, vocab {c.vocab_size})")
 
 
 def raw_rows(buf: np.ndarray, offset: int, nbytes: int, rows: int) -> np.ndarray:
@@ -193,11 +227,11 @@ def make_tensor(name: str, shape: Sequence[int], dtype_name: str, buf: np.ndarra
         raise ModelFormatError(f"{path}: tensor {name!r} has type {dtype_name}, which is not supported "
                                f"(supported: {', '.join(DTYPES)})")
     shape = tuple(int(s) for s in shape)
-    if len(shape) not in (1, 2) or min(shape) <= 0 or offset < 0:
+    if len(shape) not in (1, 2, 3) or min(shape) <= 0 or offset < 0:
         raise ModelFormatError(f"{path}: tensor {name!r} has shape {shape} at offset {offset}; "
-                               "expected a 1-D or 2-D tensor with positive sizes")
+                               "expected a 1-D, 2-D or 3-D (stacked experts) tensor with positive sizes")
     cols = shape[-1]
-    rows = shape[0] if len(shape) == 2 else 1
+    rows = math.prod(shape[:-1])
     if cols % dt.block_size:
         raise ModelFormatError(f"{path}: tensor {name!r} has {cols} columns, not a multiple of the {dtype_name} block size {dt.block_size}")
     nbytes = rows * (cols // dt.block_size) * dt.block_bytes

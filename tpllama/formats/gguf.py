@@ -1,4 +1,4 @@
-"""GGUF files (architectures llama, qwen2, qwen3): the header parsed here by the spec, the tensors over a memory map.
+"""GGUF files (architectures llama, qwen2, qwen3, qwen3moe): the header parsed here by the spec, the tensors over a memory map.
 
 The `gguf` package's reader trusts the counts and lengths in a file (a huge array count loops for
 minutes, a bad byte in a string raises from deep inside); this parser checks each against the
