@@ -201,3 +201,25 @@ def test_weights_that_do_not_fit_run_mapped_by_themselves(stories_gguf, tmp_path
     assert model.generate("Once upon a time", 60, temperature=0.0).text == STORIES_TEXT[len("Once upon a time"):]
     with pytest.raises(tpllama.errors.TpllamaError, match="needs .* MiB more"):
         _load(stories_gguf, tmp_path, ctx_size=64, mmap=False)
+
+
+def test_an_edited_model_file_is_converted_again(stories_gguf, tmp_path):
+    """The fingerprint samples 4 rows per tensor: a model edited in another row (a patched
+    token, a small merge) got the old model's shard file and ran the old weights."""
+    import shutil
+    from gguf import GGUFReader
+    model = tmp_path / "model.gguf"
+    shutil.copy(stories_gguf, model)
+    _load(model, tmp_path / "shards")
+    tensor = next(t for t in GGUFReader(str(model)).tensors if t.name == "blk.2.ffn_down.weight")
+    row_bytes = int(tensor.n_bytes) // int(tensor.shape[-1])      # GGUF shapes run innermost first
+    with open(model, "r+b") as f:                                  # row 1: between the sampled rows
+        f.seek(int(tensor.data_offset) + row_bytes)
+        row = np.frombuffer(f.read(row_bytes), dtype=np.float32) * np.float32(3.0)
+        f.seek(int(tensor.data_offset) + row_bytes)
+        f.write(row.tobytes())
+    edited = _load(model, tmp_path / "shards")
+    assert not edited.shard_file.hit, edited.shard_file.note
+    fresh = tpllama.load(str(model), weight_type="f32", threads=1, shard_cache=False)
+    ids = [1, 403, 407, 261, 300]
+    assert np.array_equal(edited.forward(ids, 0), fresh.forward(ids, 0))

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import checks, generation
 from .errors import TpllamaError
-from .fingerprint import check_same_model
+from .fingerprint import check_same_model, model_identity
 from .formats import open_model
 from .generation import Generation  # noqa: F401  (tpllama.Generation, engine.Generation)
 from .loader import load_rank_weights
@@ -120,6 +120,7 @@ class Model:
         self.par = par = Parallel(comm, opts.sync_type)
         self.reader = reader = self._open_model(path)
         self.fingerprint = check_same_model(par, reader, path)   # a stale copy on one node would hang or garble the job
+        self.shard_identity = (*self.fingerprint, model_identity(reader))   # shard files of an edited file: not used
         self.config = c = reader.config
         self.tokenizer = None
         if opts.tokenizer != "none":   # "none": logits only (forward), no text in or out; before the weights, to fail fast
@@ -187,7 +188,7 @@ class Model:
         slice gets one from rank 0 (remote.py); every rank raises if the transfer failed."""
         par = self.par
         folder = shard_folder(self.options.shard_cache)
-        key = shard_key(self.fingerprint, par.size, self.shard, self.types)
+        key = shard_key(self.shard_identity, par.size, self.shard, self.types)
         path = shard_path(folder, self.reader.path, par.size, par.rank, key)
         missing = par.rank in self.remote_ranks and not remote.has_sound_shard(path, key)
         needing = [r for r, m in enumerate(par.allgather_object(missing)) if m]
@@ -275,7 +276,7 @@ class Model:
         folder = shard_folder(self.options.shard_cache)
         if folder is None:
             return load_rank_weights(self.reader, self.shard, self.types, self.threads, progress)
-        cached = cached_rank_weights(self.reader, self.shard, self.types, self.threads, folder, self.fingerprint,
+        cached = cached_rank_weights(self.reader, self.shard, self.types, self.threads, folder, self.shard_identity,
                                      self.par.size, progress, mapped=self.mapped)
         _log(self.par, f"tpllama: rank 0 {cached.note}")
         self.shard_file = cached

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from typing import List, NamedTuple
 
 import numpy as np
@@ -41,6 +42,27 @@ def fingerprint(reader) -> Fingerprint:
         for sample in _samples(t.raw):
             weights.update(sample)
     return Fingerprint(config.hexdigest()[:16], table.hexdigest()[:16], weights.hexdigest()[:16])
+
+
+def model_identity(reader) -> str:
+    """A hash of the size and modification time of each file the model consists of (a GGUF or
+    llama2.c file, an HF directory's weights and JSON files). The fingerprint samples a few rows
+    per tensor, enough to tell models apart but not an edit of a few rows; a shard file's key
+    adds this, so a shard file converted before the model file changed is never used. A rank
+    without the model file has rank 0's (remote.RemoteModel)."""
+    known = getattr(reader, "known_identity", None)
+    if known is not None:
+        return known
+    path = os.path.expanduser(str(reader.path))
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith((".safetensors", ".json", ".model")))
+    else:
+        files = [path]
+    facts = []
+    for f in files:
+        st = os.stat(f)
+        facts.append((os.path.basename(f), st.st_size, st.st_mtime_ns))
+    return hashlib.sha256(repr(facts).encode()).hexdigest()[:16]
 
 
 def _config_fields(config) -> tuple:

@@ -23,6 +23,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from .errors import TpllamaError
+from .fingerprint import model_identity
 from .shardcache import ShardWriter, _arrays, _entry, read_header
 from .tensors import EMBEDDING
 
@@ -38,6 +39,7 @@ class ModelDescription:
     tensors: Dict[str, Tuple[str, tuple]]     # name -> (element type name, shape)
     fingerprint: tuple
     tokenizer_source: object
+    identity: str = ""                        # rank 0's model_identity: its file's size and modification time
 
 
 def describe(reader, fingerprint) -> ModelDescription:
@@ -46,7 +48,7 @@ def describe(reader, fingerprint) -> ModelDescription:
                            "its tokenizer); copy the model to every node, or convert it to GGUF")
     tensors = {name: (t.dtype.name, tuple(t.shape)) for name, t in reader.tensors.items()}
     return ModelDescription(reader.path, reader.format_name, reader.config, tensors, tuple(fingerprint),
-                            reader.tokenizer_source())
+                            reader.tokenizer_source(), model_identity(reader))
 
 
 class RemoteModel:
@@ -61,6 +63,7 @@ class RemoteModel:
         self.format_name = f"{d.format_name}, sent by rank 0"
         self._tensors, self._tokenizer_source = d.tensors, d.tokenizer_source
         self.known_fingerprint = d.fingerprint
+        self.known_identity = d.identity
 
     def has(self, name: str) -> bool:
         return name in self._tensors

@@ -7,8 +7,8 @@ layout, to one file under the shard cache folder; the next start with the same k
 file straight into the weight arena instead of converting.
 
 The key names everything the bytes depend on: the model's fingerprint (config, tensor table,
-sampled weights), the plan (rank count, this rank's heads, kv heads, FFN units and vocab rows),
-the runtime type of every matrix, and the build of the kernels (their packed layout). A file
+sampled weights) and its file's size and modification time (fingerprint.model_identity), the
+plan (rank count, this rank's heads, kv heads, FFN units and vocab rows), the runtime type of every matrix, and the build of the kernels (their packed layout). A file
 is used only if its header (magic, version, a SHA-256 of the header itself, the key) checks
 and its size is what the header says; anything else is rebuilt, never used. Writing a file
 retires older ones of the same model file name, rank count and rank beyond the two most

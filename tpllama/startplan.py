@@ -55,9 +55,9 @@ def _found_here(reader, plan: ShardPlan, rank: int, types, folder: str) -> Optio
     """A sound shard file of this rank's key is in the folder (None: the kernels, which name the
     packed layout, are not built, so the key is unknown)."""
     try:
-        from .fingerprint import fingerprint
+        from .fingerprint import fingerprint, model_identity
         from .shardcache import read_header, shard_key, shard_path
-        key = shard_key(fingerprint(reader), plan.world_size, plan[rank], types)
+        key = shard_key((*fingerprint(reader), model_identity(reader)), plan.world_size, plan[rank], types)
     except ImportError:
         return None
     path = shard_path(folder, reader.path, plan.world_size, rank, key)
