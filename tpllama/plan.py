@@ -200,10 +200,11 @@ class RankMemory:
 
 
 def rank_memory(plan: ShardPlan, types: Types, ctx: int, hosts: Sequence[str], available: Sequence[int],
-                mapped: bool = False) -> List[RankMemory]:
+                mapped: bool = False, slots: int = 1) -> List[RankMemory]:
+    """Each rank's memory at context ctx; slots: sequences the KV cache holds at once (each ctx long)."""
     c = plan.config
     return [RankMemory(rank=s.rank, host=hosts[s.rank], weights=weight_bytes(c, s, types, mapped),
-                       kv_cache=ctx * kv_bytes_per_token(c, s), buffers=buffer_bytes(c, s, ctx),
+                       kv_cache=slots * ctx * kv_bytes_per_token(c, s), buffers=buffer_bytes(c, s, ctx),
                        overhead=RUNTIME_OVERHEAD, host_available=available[s.rank])
             for s in plan.ranks]
 
@@ -220,26 +221,28 @@ def host_shortfalls(mem: Sequence[RankMemory]) -> List[Tuple[str, List[int], int
 
 
 def max_context(plan: ShardPlan, types: Types, hosts: Sequence[str], available: Sequence[int],
-                fraction: float = 0.9, mapped: bool = False) -> int:
-    """The longest context (a multiple of 256, at most the model's) whose KV caches fit every host."""
+                fraction: float = 0.9, mapped: bool = False, slots: int = 1) -> int:
+    """The longest context (a multiple of 256, at most the model's) whose KV caches (of `slots`
+    sequences) fit every host."""
     c = plan.config
     best = c.max_seq_len
     for host in dict.fromkeys(hosts):
         ranks = [s for s in plan.ranks if hosts[s.rank] == host]
         budget = fraction * available[ranks[0].rank] - sum(
             weight_bytes(c, s, types, mapped) + RUNTIME_OVERHEAD + buffer_bytes(c, s, 0) for s in ranks)
-        per_token = sum(kv_bytes_per_token(c, s) + 4 * 2 * c.kv_group * PREFILL_CHUNK for s in ranks)
+        per_token = sum(slots * kv_bytes_per_token(c, s) + 4 * 2 * c.kv_group * PREFILL_CHUNK for s in ranks)
         best = min(best, int(budget // per_token) if budget > 0 else 0)
     return best if best >= c.max_seq_len else (best // 256) * 256
 
 
 def format_memory_table(mem: Sequence[RankMemory], ctx: int, types: Optional[TypePlan] = None,
-                        mapped: bool = False) -> str:
+                        mapped: bool = False, slots: int = 1) -> str:
     """The per-rank memory table; with `types`, a first line says the runtime type of each kind of matrix."""
     mib = lambda b: f"{b / 2**20:,.0f}"
     lines = [types.summary()] if types is not None else []
     where = "; weights: two layers and the output slice of the mapped shard files" if mapped else ""
-    lines += [f"memory plan at context {ctx} (MiB{where}):",
+    sequences = f", kv cache for {slots} sequences" if slots > 1 else ""
+    lines += [f"memory plan at context {ctx}{sequences} (MiB{where}):",
              f"{'rank':>4} {'host':<16} {'weights':>9} {'kv cache':>9} {'buffers':>8} {'runtime':>8} {'total':>9} {'host free':>10}"]
     for m in mem:
         lines.append(f"{m.rank:>4} {m.host[:16]:<16} {mib(m.weights):>9} {mib(m.kv_cache):>9} {mib(m.buffers):>8} "
