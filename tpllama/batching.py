@@ -182,15 +182,14 @@ class Batch:
             seq.pending, seq.cached = seq.pending[n:], seq.cached + n
         ending = [rows[i][0] for i in sampled]
         try:
-            chosen = self._choose(ending, local, failure)
-        except BaseException:
+            for seq, token in zip(ending, self._choose(ending, local, failure)):
+                update = seq.accept(token, self.model.ctx)    # decoding the text can fail too (on every rank)
+                if update.finish_reason is not None:
+                    self._retire(seq)
+                updates.append(update)
+        except BaseException:   # every rank raises here alike: no sequence can go on
             self._drop_all()
             raise
-        for seq, token in zip(ending, chosen):
-            update = seq.accept(token, self.model.ctx)
-            if update.finish_reason is not None:
-                self._retire(seq)
-            updates.append(update)
         self.last = StepReport(len(rows), len(tokens), time.perf_counter() - t0)
         return updates
 

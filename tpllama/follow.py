@@ -17,6 +17,7 @@ from .parallel import SideChannel
 from .sampler import SamplingParams
 
 GENERATE = "generate"
+STEP = "step"           # the server: requests join the batch, cancelled ones end, one batch step runs
 STOP = "stop"
 
 # Followers poll for the next command with a growing sleep, up to this many seconds: the delay
@@ -39,8 +40,10 @@ class StreamCall:
 
 @dataclass
 class Command:
-    kind: str                           # GENERATE | STOP
-    call: Optional[StreamCall] = None
+    kind: str                           # GENERATE | STEP | STOP
+    call: Optional[StreamCall] = None   # GENERATE
+    calls: List[StreamCall] = field(default_factory=list)   # STEP: requests joining the batch
+    cancel: List[int] = field(default_factory=list)         # STEP: sequences whose clients went away
 
 
 def exchange(par, command: Optional[Command] = None) -> Command:
