@@ -77,4 +77,8 @@ def test_a_sequence_reuses_the_prefix_an_earlier_one_left_in_its_slot(stories_gg
     c, = run_to_end(batch, [Request(follow_up, 12, greedy)])
     assert c.slot == a.slot and c.reused == len(first) + len(a.tokens) - 1   # the last token was never fed
     model.reset()
-    assert c.tokens == model.generate(follow_up, 12, temperature=0).tokens
+    alone = model.generate(follow_up, 12, temperature=0).tokens
+    assert c.tokens == alone
+    model.generate(other, 12, temperature=0)           # the one-conversation API overwrote slot 0
+    d, = run_to_end(batch, [Request(follow_up, 12, greedy)])
+    assert d.reused <= 1 and d.tokens == alone           # at most the shared BOS of the other slot

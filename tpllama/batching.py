@@ -168,6 +168,7 @@ class Batch:
     def step(self) -> List[Update]:
         """Collective: admit, forward every running sequence once, sample, retire."""
         t0 = time.perf_counter()
+        self._reclaim_slot_zero()
         updates = self._admit()
         rows = self._layout()
         if not rows:
@@ -192,6 +193,18 @@ class Batch:
             raise
         self.last = StepReport(len(rows), len(tokens), time.perf_counter() - t0)
         return updates
+
+    def _reclaim_slot_zero(self) -> None:
+        """The one-conversation API (generate, stream, prefill, forward) writes slot 0: if it ran
+        since the last step, slot 0 no longer holds this batch's tokens."""
+        if not self.model.history:
+            return
+        self.model.reset()
+        self.slot_tokens[0] = []
+        if any(s.slot == 0 for s in self.running.values()):
+            self._drop_all()
+            raise TpllamaError("Model.generate, stream, prefill or forward ran while a batch sequence was in the KV "
+                               "cache's slot 0; finish the batch first", collective=True)
 
     def _admit(self) -> List[Update]:
         """Waiting sequences into free slots, each into the slot whose earlier tokens share the

@@ -322,6 +322,8 @@ def main(argv=None) -> int:
     p.add_argument("-n", "--ranks", type=int, default=1, help="number of ranks, at least 1 (default 1)")
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="context length, at least 1 (default: the model's, capped to fit)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="sequences whose KV caches are held at once, as the server's --parallel (default 1)")
     p.add_argument("--weight-type", choices=WEIGHT_TYPE_CHOICES, default="auto",
                    help="runtime type of the weight matrices (default auto: each in its file's own type where "
                         "tpllama has kernels for it, else a finer one)")
@@ -333,6 +335,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     _positive("-n", args.ranks, "a number of ranks >= 1")
     _positive("-c", args.ctx_size, "a context of at least 1 position")
+    _positive("--parallel", args.parallel, "a number of sequences >= 1")
     sizes = _host_sizes(args.host_memory, args.ranks)
     weights = parse_rank_weights(args.rank_weights, args.ranks)
     reader = open_model(args.model)
@@ -340,7 +343,7 @@ def main(argv=None) -> int:
     plan = make_plan(c, args.ranks, weights)
     hosts = [f"host{r}" for r in range(args.ranks)]
     types = choose_types(reader, args.weight_type)
-    ctx = args.ctx_size or min(c.max_seq_len, max_context(plan, types, hosts, sizes))
+    ctx = args.ctx_size or min(c.max_seq_len, max_context(plan, types, hosts, sizes, slots=args.parallel))
     if ctx < 1:
         _too_little_memory(plan, types, args, hosts, sizes)
     print(f"{args.model}: {c.n_layers} layers, dim {c.dim}, FFN {c.hidden_dim}, {c.n_heads} heads / {c.n_kv_heads} kv heads, "
@@ -349,10 +352,10 @@ def main(argv=None) -> int:
     for s, w in zip(plan.ranks, plan.weights):
         print(f"{s.rank:>4} {w:>6g} {s.heads.start:>4}-{s.heads.stop - 1:<4} {s.kv_heads.start:>4}-{s.kv_heads.stop - 1:<4} "
               f"{s.ffn.start:>5}-{s.ffn.stop - 1:<5} {s.vocab.start:>6}-{s.vocab.stop - 1:<6}")
-    mem = rank_memory(plan, types, ctx, hosts, sizes)
+    mem = rank_memory(plan, types, ctx, hosts, sizes, slots=args.parallel)
     if types.lowered():
         print(types.lowered())
-    print(format_memory_table(mem, ctx, types))
+    print(format_memory_table(mem, ctx, types, slots=args.parallel))
     print(_traffic_line(c, args.sync_type, args.ranks))
     short = host_shortfalls(mem)
     for host, ranks, missing in short:
@@ -375,7 +378,7 @@ def _traffic_line(c: ModelConfig, sync_type: str, ranks: int) -> str:
 def _too_little_memory(plan: ShardPlan, types: TypePlan, args, hosts: List[str], sizes: List[int]) -> None:
     """No context fits: say which host falls short at the smallest context the runtime plans."""
     smallest = min(256, plan.config.max_seq_len)
-    short = host_shortfalls(rank_memory(plan, types, smallest, hosts, sizes))
+    short = host_shortfalls(rank_memory(plan, types, smallest, hosts, sizes, slots=args.parallel))
     host, ranks, missing = short[0] if short else (hosts[0], [0], 0)
     raise TpllamaError(f"--host-memory {args.host_memory or '(this machine)'}: too small for even a context of "
                        f"{smallest}: rank {ranks[0]} needs {missing / 2**20:,.0f} MiB more than {host} has; "
