@@ -82,3 +82,21 @@ def test_a_sequence_reuses_the_prefix_an_earlier_one_left_in_its_slot(stories_gg
     model.generate(other, 12, temperature=0)           # the one-conversation API overwrote slot 0
     d, = run_to_end(batch, [Request(follow_up, 12, greedy)])
     assert d.reused <= 1 and d.tokens == alone           # at most the shared BOS of the other slot
+
+
+def test_cancel_ends_a_running_or_waiting_sequence_and_frees_its_slot(stories_gguf):
+    import tpllama
+    from tpllama.batching import Batch, Request
+    from tpllama.sampler import SamplingParams
+    model = tpllama.load(stories_gguf, ctx_size=128, threads=1, parallel=1)
+    greedy = SamplingParams(temperature=0)
+    batch = Batch(model)
+    running, waiting = (batch.add(Request(model.encode_prompt(p), 50, greedy)) for p in ("Once upon", "A dog"))
+    batch.step()
+    assert list(batch.running) == [running] and len(batch.waiting) == 1   # one slot: the second waits
+    assert batch.cancel(waiting).finish_reason == batch.cancel(running).finish_reason == "cancelled"
+    assert batch.idle and batch.cancel(running) is None
+    assert batch.take(waiting).tokens == [] and len(batch.take(running).tokens) == 1
+    third = batch.add(Request(model.encode_prompt("The sun"), 5, greedy))
+    batch.step()
+    assert list(batch.running) == [third]

@@ -151,9 +151,13 @@ class Batch:
         return seq_id
 
     def cancel(self, seq_id: int) -> Optional[Update]:
-        """Collective: end a waiting or running sequence now (its slot is free for the next step)."""
-        self.waiting = deque((i, r) for i, r in self.waiting if i != seq_id)
+        """Collective: end a waiting or running sequence now (its slot is free for the next step);
+        None if it had already ended."""
         seq = self.running.pop(seq_id, None)
+        waiting = [r for i, r in self.waiting if i == seq_id]
+        if waiting:
+            self.waiting = deque((i, r) for i, r in self.waiting if i != seq_id)
+            seq = Running(seq_id, waiting[0], -1, self.model, None)   # never had a slot
         if seq is None:
             return None
         self.finished[seq_id] = seq
