@@ -51,6 +51,7 @@ def test_generate_batch_checks_its_arguments(stories_gguf):
     with pytest.raises(TpllamaError, match=r"prompts\[1\] has \d+ tokens but the context holds 64"):
         model.generate_batch(["a", "word " * 80], 4)
     assert [g.finish_reason for g in model.generate_batch(["One day", "A cat"], 0)] == ["length", "length"]
+    assert tpllama.load(stories_gguf, ctx_size=64, threads=1, parallel=None).slots == 8   # what fits, at most 8
 
 
 def test_the_memory_plan_holds_a_cache_per_slot():
