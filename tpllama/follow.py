@@ -1,7 +1,8 @@
 """Rank 0 leads, the other ranks follow: how the interactive commands (chat, serve) drive a job.
 
 Only rank 0 talks to the user (stdin, HTTP). Each time it has work it sends a `Command` to every
-rank with `exchange`; then all ranks make the same collective `Model.stream` call. Between
+rank with `exchange`; then all ranks make the same collective call: `Model.stream` (chat's
+GENERATE), or one step of the server's batch (STEP, run by tpllama.serve). Between
 commands the followers wait asleep (polling a non-blocking barrier), not spinning in a blocking
 broadcast: a chat or a server may sit idle for hours.
 """
