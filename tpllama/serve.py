@@ -14,7 +14,7 @@ streaming) and the server goes on, unless the ranks are out of step (follow.Outc
 ends the job. GET /metrics reports the load in Prometheus' text format.
 
 SIGTERM or SIGINT to rank 0, to any other rank or to mpirun (which sends SIGTERM to every rank
-and SIGKILL about 0.2 s later) shuts down cleanly: the answer being streamed ends with an error
+and SIGKILL about 0.2 s later) shuts down cleanly: the answers being streamed end with an error
 event, queued requests get 503, and every rank exits. Rank 0 tells its clients from a thread
 woken by the signal itself (its main thread may be inside a collective); a follower passes the
 signal on to rank 0 (follow.StopNotice) and keeps following until rank 0 says stop.
