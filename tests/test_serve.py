@@ -204,7 +204,7 @@ def test_a_conversation_reuses_the_cache_of_its_previous_request(server):
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
 
 
-# ------------------------------------------------------------------ one at a time, nothing lost
+# ------------------------------------------------------------------ together, nothing lost
 
 
 def test_concurrent_requests_all_complete(server, reference):
@@ -391,7 +391,7 @@ def _queued(s, outcomes: dict):
 @pytest.mark.parametrize("ranks,signum", [(2, signal.SIGTERM), (1, signal.SIGINT)], ids=["2-ranks-SIGTERM",
                                                                                         "1-rank-SIGINT"])
 def test_a_signal_to_rank_0_ends_every_rank_cleanly(smollm2, ranks, signum):
-    s = start_server(smollm2, ranks)
+    s = start_server(smollm2, ranks, "--parallel", "1")   # one slot: the second request waits in the queue
     try:
         pid = int(s.proc.wait_for_text(r"rank 0 is pid (\d+)", 30).group(1))
         outcomes = {}
@@ -423,7 +423,7 @@ def test_sigterm_to_mpirun_or_a_follower_shuts_down_cleanly(smollm2, target):
     """mpirun (Open MPI 5) sends SIGCONT, then SIGTERM to every rank, then SIGKILL about 0.2 s
     later: the clients must be told within that time. A follower's SIGTERM reaches rank 0."""
     import psutil
-    s = start_server(smollm2, 2)
+    s = start_server(smollm2, 2, "--parallel", "1")
     try:
         outcomes = {}
 

@@ -47,6 +47,7 @@ MIN_ROWS_TO_SPLIT = 16      # shorter chunks run whole: halves of fewer rows los
 class LoadOptions:
     weight_type: str = "auto"         # auto (each matrix in its file's type where native, else finer) | q40 | q80 | f32
     ctx_size: Optional[int] = None    # KV cache positions; None: the model's context, capped to fit memory
+    parallel: Optional[int] = 1       # sequences the KV cache holds at once (generate_batch); None: as many as fit, at most 8
     threads: Optional[int] = None     # kernel threads per rank; None: this host's cores / its ranks
     rank_weights: Optional[Union[str, Sequence[float]]] = None   # e.g. "2,1,1": shares of the work
     sync_type: str = "f64"            # payload of the per-layer all-reduces: f64 (same text at any rank count) | f32 | bf16 | q80
@@ -65,6 +66,8 @@ class LoadOptions:
             checks.choice("weight_type", self.weight_type, WEIGHT_TYPE_CHOICES)
             checks.choice("sync_type", self.sync_type, SYNC_TYPES)
             checks.optional_positive("ctx_size", self.ctx_size, "the model's context")
+            checks.optional_positive("parallel", self.parallel, "as many sequences as fit in memory, at most "
+                                     f"{MAX_DEFAULT_PARALLEL}")
             checks.optional_positive("threads", self.threads, "this host's cores divided by its ranks")
             _rank_weights(self.rank_weights, world_size)
             shard_folder(self.shard_cache)
@@ -80,6 +83,7 @@ class LoadOptions:
 
 
 log = logging.getLogger("tpllama")
+MAX_DEFAULT_PARALLEL = 8    # parallel=None: at most this many sequences, fewer where memory is short
 
 
 def _log(par: Parallel, msg: str, level: int = logging.INFO):
@@ -151,7 +155,7 @@ class Model:
             _progress_done(par)
         _log(par, f"tpllama: rank 0 loaded {weights.nbytes / 2**20:,.1f} MiB of weights "
                                 f"in {time.perf_counter() - t_load:.1f} s; context {self.ctx}, {self.threads} thread(s) per rank")
-        self.rank_model = par.together(lambda: RankModel(weights, self.ctx))
+        self.rank_model = par.together(lambda: RankModel(weights, self.ctx, self.slots))
         self.history: List[int] = []      # tokens whose keys and values are in the cache, in order
         self._vocab_counts = [len(s.vocab) for s in self.plan.ranks]
         self._finish_reason = "stop"
@@ -219,26 +223,38 @@ class Model:
         self.hosts = hosts
         types = self.types
         self.mapped = mapped = self._choose_mapped(hosts, available)
+        slots = opts.parallel or 1
         if opts.ctx_size is not None:
             ctx = opts.ctx_size
         else:
             # below 256 positions nothing useful fits: plan for 256 and let the shortfall report say what is missing
-            ctx = max(min(c.max_seq_len, max_context(self.plan, types, hosts, available, mapped=mapped)),
+            ctx = max(min(c.max_seq_len, max_context(self.plan, types, hosts, available, mapped=mapped, slots=slots)),
                       min(256, c.max_seq_len))
             if ctx < c.max_seq_len:
                 _log(par, f"tpllama: context capped to {ctx} of the model's {c.max_seq_len} so the KV cache fits "
                                 "in memory (set it with ctx_size, -c)", logging.WARNING)
-        mem = rank_memory(self.plan, types, ctx, hosts, available, mapped)
-        _log(par, format_memory_table(mem, ctx, types, mapped))
+        if opts.parallel is None:
+            slots = self._slots_that_fit(ctx, hosts, available, mapped)
+        self.slots = slots
+        mem = rank_memory(self.plan, types, ctx, hosts, available, mapped, slots)
+        _log(par, format_memory_table(mem, ctx, types, mapped, slots))
         short = host_shortfalls(mem)
         if short:
             host, ranks, missing = short[0]
             mmap_hint = "" if mapped or opts.mmap is False else ", or run from mapped shard files (--mmap)"
+            fewer = f", run fewer sequences at once (parallel {slots})" if slots > 1 else ""
             raise TpllamaError(
                 f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} on host {host} {'need' if len(ranks) > 1 else 'needs'} "
                 f"{missing / 2**20:,.0f} MiB more than the host has available at context {ctx}; "
-                f"lower -c, spread over more ranks or hosts{mmap_hint}, or shift work with --rank-weights")
+                f"lower -c{fewer}, spread over more ranks or hosts{mmap_hint}, or shift work with --rank-weights")
         return ctx
+
+    def _slots_that_fit(self, ctx: int, hosts, available, mapped: bool) -> int:
+        """parallel=None: the most sequences (at most MAX_DEFAULT_PARALLEL) whose KV caches fit at ctx."""
+        for slots in range(MAX_DEFAULT_PARALLEL, 1, -1):
+            if not host_shortfalls(rank_memory(self.plan, self.types, ctx, hosts, available, mapped, slots)):
+                return slots
+        return 1
 
     def _choose_mapped(self, hosts, available) -> bool:
         """Whether the weights run from memory-mapped shard files: when asked (mmap=True), or, by
@@ -483,6 +499,24 @@ class Model:
         (roles system, developer, user, assistant), in the model's chat template. Collective;
         takes generate()'s arguments; the answer is the returned Generation's text."""
         return generation.chat(self, messages, max_new_tokens, kwargs)
+
+    def generate_batch(self, prompts: Sequence[Union[str, Sequence[int]]], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                       temperature: Optional[float] = None, top_k: Optional[int] = None,
+                       top_p: Optional[float] = None, min_p: Optional[float] = None, seed: Optional[int] = None,
+                       stop: Sequence[str] = (), chat: bool = False, system: Optional[str] = None,
+                       ignore_eos: bool = False,
+                       sampling: Union[None, SamplingParams, Sequence[SamplingParams]] = None) -> List[Generation]:
+        """Generate completions of several prompts at once; one Generation per prompt, in order.
+        Collective. Each prompt's tokens are those generate() gives it alone (at temperature 0,
+        or with a seed). Up to `slots` (load's `parallel`) run together, one forward pass per
+        step for all of them; the rest wait for a free slot (tpllama.batching.Batch is the
+        scheduler, for programs that add requests as they come). sampling: one SamplingParams
+        for all, or one per prompt; the keywords replace their fields. The one-conversation
+        cache (history) is forgotten: the batch uses its slot."""
+        from . import batching
+        overrides = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+        return batching.generate_batch(self, prompts, max_new_tokens, sampling, overrides, stop, chat, system,
+                                       ignore_eos)
 
     def _set_finish_reason(self, reason: str) -> None:
         self._finish_reason = reason

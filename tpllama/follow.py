@@ -1,7 +1,8 @@
 """Rank 0 leads, the other ranks follow: how the interactive commands (chat, serve) drive a job.
 
 Only rank 0 talks to the user (stdin, HTTP). Each time it has work it sends a `Command` to every
-rank with `exchange`; then all ranks make the same collective `Model.stream` call. Between
+rank with `exchange`; then all ranks make the same collective call: `Model.stream` (chat's
+GENERATE), or one step of the server's batch (STEP, run by tpllama.serve). Between
 commands the followers wait asleep (polling a non-blocking barrier), not spinning in a blocking
 broadcast: a chat or a server may sit idle for hours.
 """
@@ -17,6 +18,7 @@ from .parallel import SideChannel
 from .sampler import SamplingParams
 
 GENERATE = "generate"
+STEP = "step"           # the server: requests join the batch, cancelled ones end, one batch step runs
 STOP = "stop"
 
 # Followers poll for the next command with a growing sleep, up to this many seconds: the delay
@@ -39,8 +41,10 @@ class StreamCall:
 
 @dataclass
 class Command:
-    kind: str                           # GENERATE | STOP
-    call: Optional[StreamCall] = None
+    kind: str                           # GENERATE | STEP | STOP
+    call: Optional[StreamCall] = None   # GENERATE
+    calls: List[StreamCall] = field(default_factory=list)   # STEP: requests joining the batch
+    cancel: List[int] = field(default_factory=list)         # STEP: sequences whose clients went away
 
 
 def exchange(par, command: Optional[Command] = None) -> Command:

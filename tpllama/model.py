@@ -13,7 +13,8 @@ no file and makes no MPI call of its own.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -45,21 +46,58 @@ def row_groups(n_rows: int, parts: int) -> List[slice]:
 
 
 class KVCache:
-    """Keys and values of this rank's kv heads for every position seen so far."""
+    """Keys and values of this rank's kv heads for every position seen so far, in `slots`
+    independent sequences (slot 0 is the one-conversation API's; tpllama.batching uses them all).
 
-    def __init__(self, config: ModelConfig, n_local_kv_heads: int, ctx: int):
-        shape = (config.n_layers, n_local_kv_heads, ctx, config.head_dim)
-        self.k = lazy_zeros(shape)   # (layers, local_kv_heads, ctx, head_dim); resident as it fills
+    Slots are fixed slices of one allocation, each as long as the context: a sequence's
+    positions stay contiguous, so attention reads them as one (kv, ctx, hd) array. Pages become
+    resident only as positions are written (lazy_zeros), so unused slot space costs address
+    space, not memory."""
+
+    def __init__(self, config: ModelConfig, n_local_kv_heads: int, ctx: int, slots: int = 1):
+        shape = (slots, config.n_layers, n_local_kv_heads, ctx, config.head_dim)
+        self.k = lazy_zeros(shape)   # (slots, layers, local_kv_heads, ctx, head_dim); resident as it fills
         self.v = lazy_zeros(shape)
         self.ctx = ctx
+        self.slots = slots
 
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
     @staticmethod
-    def bytes_needed(config: ModelConfig, n_local_kv_heads: int, ctx: int) -> int:
-        return 2 * 4 * config.n_layers * n_local_kv_heads * ctx * config.head_dim
+    def bytes_needed(config: ModelConfig, n_local_kv_heads: int, ctx: int, slots: int = 1) -> int:
+        return 2 * 4 * config.n_layers * n_local_kv_heads * ctx * config.head_dim * slots
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive rows of a forward pass that belong to one sequence: its cache slot and the
+    position of its first row. A decode step of B sequences is B segments of one row each."""
+    slot: int
+    start: int
+    length: int
+
+
+def segments_in(segments: Sequence[Segment], rows: slice) -> List[Segment]:
+    """The parts of a pass's segments that fall in its rows rows.start..rows.stop, in order."""
+    out, at = [], 0
+    for s in segments:
+        lo, hi = max(rows.start, at), min(rows.stop, at + s.length)
+        if lo < hi:
+            out.append(Segment(s.slot, s.start + lo - at, hi - lo))
+        at += s.length
+    return out
+
+
+def segments_of(start: Union[int, Sequence[Segment]], n_tokens: int) -> List[Segment]:
+    """forward's `start`: a position (one sequence in slot 0) or the segments themselves."""
+    if isinstance(start, (int, np.integer)):
+        return [Segment(0, int(start), n_tokens)]
+    segments = list(start)
+    if sum(s.length for s in segments) != n_tokens:
+        raise ValueError(f"the segments cover {sum(s.length for s in segments)} rows, not the {n_tokens} tokens")
+    return segments
 
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float, threads: int = 1) -> np.ndarray:
@@ -106,12 +144,12 @@ def silu_mul(gate: np.ndarray, up: np.ndarray, threads: int = 1) -> np.ndarray:
 class RankModel:
     """One rank's share of the model: its weights, its KV cache, and the forward pass over them."""
 
-    def __init__(self, weights: RankWeights, ctx: int):
+    def __init__(self, weights: RankWeights, ctx: int, slots: int = 1):
         self.w = weights
         self.config = c = weights.config
         self.threads = weights.threads
         shard = weights.shard
-        self.cache = KVCache(c, len(shard.kv_heads), ctx)
+        self.cache = KVCache(c, len(shard.kv_heads), ctx, slots)
         self.inv_freq = c.rope_frequencies()
         self.scale = np.float32(1.0 / np.sqrt(c.head_dim))
         # the local kv head that each local query head reads
@@ -120,8 +158,9 @@ class RankModel:
 
     # ------------------------------------------------------------ one layer
 
-    def attention(self, layer: int, lw: LayerWeights, h: Activation, start: int, cos, sin) -> np.ndarray:
-        """(T, dim) normed input -> (T, dim) float64 partial output of this rank's heads."""
+    def attention(self, layer: int, lw: LayerWeights, h: Activation, segments: List[Segment], cos, sin) -> np.ndarray:
+        """(T, dim) normed input -> (T, dim) float64 partial output of this rank's heads. The
+        projections run over all T rows at once; each segment attends over its own slot."""
         c = self.config
         hd = c.head_dim
         q, k, v = matmul_all((lw.wq, lw.wk, lw.wv), h)            # (T, local_heads * hd), (T, local_kv * hd) x 2
@@ -134,11 +173,15 @@ class RankModel:
             k = head_rmsnorm(k, lw.k_norm, hd, c.norm_eps, self.threads)
         apply_rope(q, hd, cos, sin)
         apply_rope(k, hd, cos, sin)
-        # k, v go into the cache at positions start..; each position attends to 0..itself, or with
-        # a sliding window (Mistral) to itself and the sliding_window - 1 positions before it
-        out = K.attention(q, k, v, self.cache.k[layer], self.cache.v[layer], start, self.kv_of_head,
-                          self.scale, self.threads, c.sliding_window)   # (T, local_heads * hd)
-        return lw.wo.partial_sums(Activation(out))
+        out = np.concatenate([self.attend(layer, s, q[r], k[r], v[r]) for s, r in _row_ranges(segments)])
+        return lw.wo.partial_sums(Activation(out))                # out: (T, local_heads * hd)
+
+    def attend(self, layer: int, seg: Segment, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """One segment's k, v go into its slot at positions start..; each position attends to
+        its slot's positions 0..itself, or with a sliding window (Mistral) to itself and the
+        sliding_window - 1 positions before it. (length, local_heads * hd)."""
+        return K.attention(q, k, v, self.cache.k[seg.slot, layer], self.cache.v[seg.slot, layer], seg.start,
+                           self.kv_of_head, self.scale, self.threads, self.config.sliding_window)
 
     def feed_forward(self, lw: LayerWeights, h: Activation) -> np.ndarray:
         """(T, dim) -> (T, dim) float64 partial output of this rank's FFN units."""
@@ -166,9 +209,10 @@ class RankModel:
 
     # ------------------------------------------------------------ whole pass
 
-    def forward(self, tokens: np.ndarray, start: int, reduce: Reduce, micro_batches: int = 1,
-                start_reduce: Optional[StartReduce] = None) -> np.ndarray:
-        """Token ids (T,) at positions start.. -> final normed hidden states (T, dim).
+    def forward(self, tokens: np.ndarray, start: Union[int, Sequence[Segment]], reduce: Reduce,
+                micro_batches: int = 1, start_reduce: Optional[StartReduce] = None) -> np.ndarray:
+        """Token ids (T,) at positions start.. of slot 0, or in the given segments (several
+        sequences in one pass: tpllama.batching) -> final normed hidden states (T, dim).
 
         micro_batches > 1 (with start_reduce, a reduce that returns at once with a pending sum)
         runs the rows as that many consecutive micro-batches, one sublayer of each in turn, so
@@ -176,12 +220,16 @@ class RankModel:
         works row by row (a row attends to the cache, where the earlier micro-batch's keys
         already are), so the result is bit-identical to one batch."""
         c = self.config
-        if start + len(tokens) > self.cache.ctx:
-            raise ValueError(f"context full: {start + len(tokens)} tokens exceed the context size {self.cache.ctx}")
+        segments = segments_of(start, len(tokens))
+        for s in segments:
+            if s.start + s.length > self.cache.ctx:
+                raise ValueError(f"context full: {s.start + s.length} tokens exceed the context size {self.cache.ctx}")
         x = self.w.embedding(tokens)                              # (T, dim)
-        cos, sin = rope_tables(self.inv_freq, np.arange(start, start + len(tokens)))
+        positions = np.concatenate([np.arange(s.start, s.start + s.length) for s in segments])
+        cos, sin = rope_tables(self.inv_freq, positions)
         groups = row_groups(len(tokens), micro_batches if start_reduce else 1)
         begin = start_reduce or (lambda partial: _Finished(reduce(partial)))
+        parts = [segments_in(segments, rows) for rows in groups]   # each micro-batch's rows of each sequence
         pending: List[Optional[object]] = [None] * len(groups)
 
         def settle(g: int) -> None:                               # add micro-batch g's last sublayer
@@ -194,7 +242,7 @@ class RankModel:
                 for g, rows in enumerate(groups):                 # x += attention(rmsnorm(x))
                     settle(g)
                     h = Activation(rmsnorm(x[rows], lw.attn_norm, c.norm_eps, self.threads))
-                    pending[g] = begin(self.attention(i, lw, h, start + rows.start, cos[rows], sin[rows]))
+                    pending[g] = begin(self.attention(i, lw, h, parts[g], cos[rows], sin[rows]))
                 for g, rows in enumerate(groups):                 # x += ffn(rmsnorm(x))
                     settle(g)
                     h = Activation(rmsnorm(x[rows], lw.ffn_norm, c.norm_eps, self.threads))
@@ -207,3 +255,11 @@ class RankModel:
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """(T, dim) -> (T, local_vocab): this rank's slice of the vocabulary."""
         return self.w.output(Activation(np.ascontiguousarray(hidden)))
+
+
+def _row_ranges(segments: Sequence[Segment]):
+    """(segment, slice of its rows) in order."""
+    row = 0
+    for s in segments:
+        yield s, slice(row, row + s.length)
+        row += s.length

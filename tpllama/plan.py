@@ -228,10 +228,11 @@ class RankMemory:
 
 
 def rank_memory(plan: ShardPlan, types: Types, ctx: int, hosts: Sequence[str], available: Sequence[int],
-                mapped: bool = False) -> List[RankMemory]:
+                mapped: bool = False, slots: int = 1) -> List[RankMemory]:
+    """Each rank's memory at context ctx; slots: sequences the KV cache holds at once (each ctx long)."""
     c = plan.config
     return [RankMemory(rank=s.rank, host=hosts[s.rank], weights=weight_bytes(c, s, types, mapped),
-                       kv_cache=ctx * kv_bytes_per_token(c, s), buffers=buffer_bytes(c, s, ctx),
+                       kv_cache=slots * ctx * kv_bytes_per_token(c, s), buffers=buffer_bytes(c, s, ctx),
                        overhead=RUNTIME_OVERHEAD, host_available=available[s.rank])
             for s in plan.ranks]
 
@@ -248,26 +249,28 @@ def host_shortfalls(mem: Sequence[RankMemory]) -> List[Tuple[str, List[int], int
 
 
 def max_context(plan: ShardPlan, types: Types, hosts: Sequence[str], available: Sequence[int],
-                fraction: float = 0.9, mapped: bool = False) -> int:
-    """The longest context (a multiple of 256, at most the model's) whose KV caches fit every host."""
+                fraction: float = 0.9, mapped: bool = False, slots: int = 1) -> int:
+    """The longest context (a multiple of 256, at most the model's) whose KV caches (of `slots`
+    sequences) fit every host."""
     c = plan.config
     best = c.max_seq_len
     for host in dict.fromkeys(hosts):
         ranks = [s for s in plan.ranks if hosts[s.rank] == host]
         budget = fraction * available[ranks[0].rank] - sum(
             weight_bytes(c, s, types, mapped) + RUNTIME_OVERHEAD + buffer_bytes(c, s, 0) for s in ranks)
-        per_token = sum(kv_bytes_per_token(c, s) + 4 * 2 * c.kv_group * PREFILL_CHUNK for s in ranks)
+        per_token = sum(slots * kv_bytes_per_token(c, s) + 4 * 2 * c.kv_group * PREFILL_CHUNK for s in ranks)
         best = min(best, int(budget // per_token) if budget > 0 else 0)
     return best if best >= c.max_seq_len else (best // 256) * 256
 
 
 def format_memory_table(mem: Sequence[RankMemory], ctx: int, types: Optional[TypePlan] = None,
-                        mapped: bool = False) -> str:
+                        mapped: bool = False, slots: int = 1) -> str:
     """The per-rank memory table; with `types`, a first line says the runtime type of each kind of matrix."""
     mib = lambda b: f"{b / 2**20:,.0f}"
     lines = [types.summary()] if types is not None else []
     where = "; weights: two layers and the output slice of the mapped shard files" if mapped else ""
-    lines += [f"memory plan at context {ctx} (MiB{where}):",
+    sequences = f", kv cache for {slots} sequences" if slots > 1 else ""
+    lines += [f"memory plan at context {ctx}{sequences} (MiB{where}):",
              f"{'rank':>4} {'host':<16} {'weights':>9} {'kv cache':>9} {'buffers':>8} {'runtime':>8} {'total':>9} {'host free':>10}"]
     for m in mem:
         lines.append(f"{m.rank:>4} {m.host[:16]:<16} {mib(m.weights):>9} {mib(m.kv_cache):>9} {mib(m.buffers):>8} "
@@ -348,6 +351,8 @@ def main(argv=None) -> int:
     p.add_argument("-n", "--ranks", type=int, default=1, help="number of ranks, at least 1 (default 1)")
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="context length, at least 1 (default: the model's, capped to fit)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="sequences whose KV caches are held at once, as the server's --parallel (default 1)")
     p.add_argument("--weight-type", choices=WEIGHT_TYPE_CHOICES, default="auto",
                    help="runtime type of the weight matrices (default auto: each in its file's own type where "
                         "tpllama has kernels for it, else a finer one)")
@@ -369,6 +374,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     _positive("-n", args.ranks, "a number of ranks >= 1")
     _positive("-c", args.ctx_size, "a context of at least 1 position")
+    _positive("--parallel", args.parallel, "a number of sequences >= 1")
     sizes = _host_sizes(args.host_memory, args.ranks)
     weights = parse_rank_weights(args.rank_weights, args.ranks)
     reader = open_model(args.model)
@@ -379,7 +385,7 @@ def main(argv=None) -> int:
     folder = None if args.no_shard_cache else os.path.expanduser(args.shard_cache) if args.shard_cache else default_folder()
     mapped, why_mapped = choose_mapped(plan, types, args.ctx_size or min(256, c.max_seq_len), hosts, sizes,
                                        args.mmap, folder is not None)
-    ctx = args.ctx_size or min(c.max_seq_len, max_context(plan, types, hosts, sizes, mapped=mapped))
+    ctx = args.ctx_size or min(c.max_seq_len, max_context(plan, types, hosts, sizes, mapped=mapped, slots=args.parallel))
     if ctx < 1:
         _too_little_memory(plan, types, args, hosts, sizes)
     ffn = f"{c.n_experts} experts of FFN {c.hidden_dim}, {c.n_experts_used} per token" if c.moe else f"FFN {c.hidden_dim}"
@@ -393,13 +399,13 @@ def main(argv=None) -> int:
         print(f"{s.rank:>4} {w:>6g} {s.heads.start:>4}-{s.heads.stop - 1:<4} {s.kv_heads.start:>4}-{s.kv_heads.stop - 1:<4} "
               f"{s.ffn.start:>5}-{s.ffn.stop - 1:<5} {s.vocab.start:>6}-{s.vocab.stop - 1:<6} "
               f"{layer_vector_bytes(c, s):>12} B")
-    mem = rank_memory(plan, types, ctx, hosts, sizes, mapped)
+    mem = rank_memory(plan, types, ctx, hosts, sizes, mapped, slots=args.parallel)
     if types.lowered():
         print(types.lowered())
     if why_mapped:
         print(f"the weights do not fit in memory ({why_mapped[0]} is {why_mapped[1] / 2**20:,.0f} MiB short): "
               "they run mapped from the shard files (as --mmap)")
-    print(format_memory_table(mem, ctx, types, mapped))
+    print(format_memory_table(mem, ctx, types, mapped, slots=args.parallel))
     print(startplan_table(rank_starts(reader, plan, types, ctx, hosts, sizes, folder, mapped,
                                       _remote_ranks(args.remote_ranks, args.ranks)), folder, mapped))
     if mapped:
@@ -449,7 +455,7 @@ def _traffic_line(c: ModelConfig, sync_type: str, ranks: int) -> str:
 def _too_little_memory(plan: ShardPlan, types: TypePlan, args, hosts: List[str], sizes: List[int]) -> None:
     """No context fits: say which host falls short at the smallest context the runtime plans."""
     smallest = min(256, plan.config.max_seq_len)
-    short = host_shortfalls(rank_memory(plan, types, smallest, hosts, sizes))
+    short = host_shortfalls(rank_memory(plan, types, smallest, hosts, sizes, slots=args.parallel))
     host, ranks, missing = short[0] if short else (hosts[0], [0], 0)
     raise TpllamaError(f"--host-memory {args.host_memory or '(this machine)'}: too small for even a context of "
                        f"{smallest}: rank {ranks[0]} needs {missing / 2**20:,.0f} MiB more than {host} has; "

@@ -4,15 +4,17 @@
     mpirun -n 2 python -m tpllama.serve -m model.gguf --host 127.0.0.1 --port 8080
 
 Rank 0 serves HTTP (stdlib ThreadingHTTPServer: one thread per connection). A handler thread
-checks and tokenizes its request (tpllama.api) and queues it; rank 0's main thread takes the
-queue in order, sends each request's generation call to the other ranks (tpllama.follow) and
-runs it with them, handing the text back to the waiting handler piece by piece. A client that
-goes away cancels its generation at the next token. A failure inside a generation ends that
-request with an error (an error event when streaming) and the server goes on, unless the ranks
-are out of step (follow.Outcomes), which ends the job.
+checks and tokenizes its request (tpllama.api) and queues it. Rank 0's main thread runs a
+continuous batch (tpllama.batching.Batch, up to --parallel sequences): before each step it sends
+the other ranks the requests that arrived and the ones whose clients went away (tpllama.follow),
+then every rank runs the same step, one forward pass for every running sequence; the text goes
+back to each waiting handler piece by piece. A client that goes away frees its slot at the next
+step. A failure inside a step ends the requests of that step with an error (an error event when
+streaming) and the server goes on, unless the ranks are out of step (follow.Outcomes), which
+ends the job. GET /metrics reports the load in Prometheus' text format.
 
 SIGTERM or SIGINT to rank 0, to any other rank or to mpirun (which sends SIGTERM to every rank
-and SIGKILL about 0.2 s later) shuts down cleanly: the answer being streamed ends with an error
+and SIGKILL about 0.2 s later) shuts down cleanly: the answers being streamed end with an error
 event, queued requests get 503, and every rank exits. Rank 0 tells its clients from a thread
 woken by the signal itself (its main thread may be inside a collective); a follower passes the
 signal on to rank 0 (follow.StopNotice) and keeps following until rank 0 says stop.
@@ -32,13 +34,14 @@ import time
 import traceback
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 from urllib.parse import unquote, urlsplit
 
 from . import cli
 from .api import (ApiError, ApiRequest, Defaults, RequestReader, completion_response, error_body, model_object,
                   new_id, now, parse_body, stream_chunk, usage, usage_chunk)
-from .follow import GENERATE, STOP, Command, Outcomes, StopNotice, describe_failure, exchange, follow
+from .batching import Batch, Request
+from .follow import STEP, STOP, Command, Outcomes, StopNotice, describe_failure, exchange
 
 DEFAULT_MAX_BODY = 4 << 20
 DRAIN_LIMIT = 64 << 20       # an over-long body up to this size is read and dropped so that the 400 arrives
@@ -65,10 +68,11 @@ class Event:
 
 
 class Job:
-    """One accepted request on its way through the queue."""
+    """One accepted request on its way through the queue and the batch."""
 
     def __init__(self, request: ApiRequest):
         self.request = request
+        self.t0 = time.perf_counter()
         self.events: "queue.Queue[Event]" = queue.Queue()
         self.cancelled = threading.Event()   # set by the handler: its client is gone
         self.delivered = threading.Event()   # set by the handler: it has answered (or given up)
@@ -80,8 +84,64 @@ class Job:
 # ------------------------------------------------------------------ rank 0
 
 
+class Metrics:
+    """The server's counters for GET /metrics (written by the main thread, read by handlers)."""
+
+    def __init__(self, slots: int):
+        self.lock = threading.Lock()
+        self.slots = slots
+        self.requests = {"finished": 0, "cancelled": 0, "failed": 0}
+        self.prompt_tokens = self.generated_tokens = self.cached_tokens = 0
+        self.steps = self.step_rows = self.step_sequences = 0
+        self.step_seconds = 0.0
+        self.last_batch = 0
+
+    def step(self, report) -> None:
+        with self.lock:
+            self.steps += 1
+            self.step_rows += report.rows
+            self.step_sequences += report.sequences
+            self.step_seconds += report.seconds
+            self.last_batch = report.sequences
+
+    def ended(self, outcome: str, prompt: int = 0, generated: int = 0, cached: int = 0) -> None:
+        with self.lock:
+            self.requests[outcome] += 1
+            self.prompt_tokens += prompt - cached
+            self.cached_tokens += cached
+            self.generated_tokens += generated
+
+    def text(self, queued: int, running: int) -> str:
+        """Prometheus' text exposition format (version 0.0.4)."""
+        with self.lock:
+            rows = [
+                ("tpllama_requests_total", "counter", "requests ended, by outcome",
+                 [(f'{{outcome="{k}"}}', v) for k, v in self.requests.items()]),
+                ("tpllama_prompt_tokens_total", "counter", "prompt tokens read (not counting cached ones)",
+                 [("", self.prompt_tokens)]),
+                ("tpllama_cached_prompt_tokens_total", "counter", "prompt tokens found in a slot's cache",
+                 [("", self.cached_tokens)]),
+                ("tpllama_generated_tokens_total", "counter", "tokens generated", [("", self.generated_tokens)]),
+                ("tpllama_queue_length", "gauge", "requests waiting for a slot", [("", queued)]),
+                ("tpllama_batch_size", "gauge", "sequences running (prefilling or decoding)", [("", running)]),
+                ("tpllama_slots", "gauge", "sequences that can run at once (--parallel)", [("", self.slots)]),
+                ("tpllama_last_step_batch_size", "gauge", "sequences in the last step", [("", self.last_batch)]),
+                ("tpllama_step_seconds", "summary", "time of a batch step (forward pass and sampling)",
+                 [("_sum", round(self.step_seconds, 6)), ("_count", self.steps)]),
+                ("tpllama_step_sequences_total", "counter", "sequences summed over steps (/ steps: mean batch size)",
+                 [("", self.step_sequences)]),
+                ("tpllama_step_rows_total", "counter", "forward-pass rows summed over steps (tokens decoded and "
+                 "prompt tokens read)", [("", self.step_rows)]),
+            ]
+        lines = []
+        for name, kind, help_text, samples in rows:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+            lines += [f"{name}{suffix} {value}" for suffix, value in samples]   # suffix: labels, _sum, _count
+        return "\n".join(lines) + "\n"
+
+
 class Server:
-    """Rank 0: HTTP in threads, generation on the main thread, one request at a time in order."""
+    """Rank 0: HTTP in threads; the batch on the main thread, up to model.slots requests at once."""
 
     def __init__(self, model, reader: RequestReader, api_key: Optional[str], max_body: int):
         self.model = model
@@ -93,9 +153,11 @@ class Server:
         self.stopping = threading.Event()
         self.httpd: Optional[ApiHttpServer] = None
         self.notice = None                   # follow.StopNotice: followers asking to shut down
-        self.outcomes = None                 # follow.Outcomes: how each generation ended on every rank
+        self.outcomes = None                 # follow.Outcomes: how a failed step ended on every rank
+        self.batch: Optional[Batch] = None   # made by run(), as every rank makes its own
+        self.metrics = Metrics(model.slots)
         self._failed: list = []              # jobs failed at shutdown: their clients are being told
-        self._running: Optional[Job] = None  # the job being generated
+        self._active: Dict[int, Job] = {}    # the batch's sequences (waiting or running) by id
         self._signals = 0
         self._shutdown_lock = threading.Lock()
 
@@ -108,7 +170,8 @@ class Server:
                          daemon=True).start()
         host, port = self.httpd.server_address[:2]
         self.log(f"listening on http://{host}:{port} (model {self.reader.model_name}, "
-                 f"{self.model.par.size} rank(s), context {self.model.ctx}; rank 0 is pid {os.getpid()})")
+                 f"{self.model.par.size} rank(s), context {self.model.ctx}, {self.model.slots} at once; "
+                 f"rank 0 is pid {os.getpid()})")
 
     def submit(self, request: ApiRequest) -> Job:
         if self.stopping.is_set():
@@ -118,21 +181,74 @@ class Server:
         return job
 
     def queued(self) -> int:
-        return self.jobs.qsize()
+        """Requests waiting for a slot."""
+        batch = self.batch
+        return self.jobs.qsize() + (len(batch.waiting) if batch is not None else 0)
+
+    def running(self) -> int:
+        batch = self.batch
+        return len(batch.running) if batch is not None else 0
 
     def run(self) -> None:
-        """The generation loop, until SIGINT or SIGTERM; then every rank is told to stop."""
+        """The batch loop, until SIGINT or SIGTERM; then every rank is told to stop."""
+        self.batch = Batch(self.model)
         while not self.stopping.is_set():
-            try:
-                job = self.jobs.get(timeout=0.2)
-            except queue.Empty:
-                self._check_notice()
+            arrived = self._take_arrivals(wait=self.batch.idle)
+            gone = [seq_id for seq_id, job in self._active.items() if job.cancelled.is_set()]
+            if not arrived and not gone and self.batch.idle:
                 continue
-            if not job.cancelled.is_set():   # its client left while it waited: skip it
-                self._running = job
-                self._run_job(job)
-                self._running = None
+            command = Command(STEP, calls=[job.request.call for job in arrived], cancel=gone)
+            exchange(self.model.par, command)
+            try:
+                ids, updates, records = batch_step(self.batch, command)
+            except Exception as e:   # judged with the other ranks: only ranks out of step end the job
+                self._step_failed(e, arrived)
+                continue
+            self._active.update(zip(ids, arrived))
+            self.metrics.step(self.batch.last)
+            self._deliver(updates, records)
         self._close()
+
+    def _take_arrivals(self, wait: bool) -> list:
+        """The queued jobs whose clients are still there (waiting up to 0.2 s for one when idle)."""
+        jobs = []
+        try:
+            if wait:
+                jobs.append(self.jobs.get(timeout=0.2))
+            while True:
+                jobs.append(self.jobs.get_nowait())
+        except queue.Empty:
+            pass
+        self._check_notice()
+        return [job for job in jobs if not job.cancelled.is_set()]   # a client that left while it waited
+
+    def _deliver(self, updates, records) -> None:
+        for update in updates:
+            job = self._active.get(update.seq_id)
+            if job is None:
+                continue
+            if update.text:
+                job.events.put(Event("text", text=update.text))
+            if update.finish_reason is not None:
+                del self._active[update.seq_id]
+                self._finished(job, records[update.seq_id])
+
+    def _finished(self, job: Job, seq) -> None:
+        prompt, generated, reason = len(seq.request.prompt_ids), len(seq.tokens), seq.reason
+        self.log(f"{'chat' if job.request.chat else 'completion'}: prompt {prompt} tokens ({seq.reused} from cache), "
+                 f"{generated} generated in {time.perf_counter() - job.t0:.2f} s, {reason}")
+        self.metrics.ended("cancelled" if reason == "cancelled" else "finished", prompt, generated, seq.reused)
+        if reason != "cancelled":     # cancelled: its client has gone
+            job.events.put(Event("done", finish_reason=reason, counts=usage(prompt, generated, seq.reused)))
+
+    def _step_failed(self, error: Exception, arrived: list) -> None:
+        """Every request of the batch fails (the ranks dropped them); the server goes on."""
+        failure = self.outcomes.agree(error) if self.outcomes else describe_failure(error)
+        self.log(f"generation failed: {failure}")
+        for job in list(self._active.values()) + arrived:
+            job.fail(500, failure)
+            self.metrics.ended("failed")
+        self._active.clear()
 
     def _check_notice(self) -> bool:
         if self.notice is not None and self.notice.arrived():
@@ -141,16 +257,15 @@ class Server:
         return self.stopping.is_set()
 
     def begin_shutdown(self) -> None:
-        """Refuse new requests, fail the queued ones (503) and the one being answered (an error
-        event); the main thread then stops the generation at its next token and ends the ranks."""
+        """Refuse new requests, fail the queued ones (503) and the ones being answered (an error
+        event); the main thread then ends the ranks after its current step."""
         with self._shutdown_lock:
             if self.stopping.is_set():
                 return
             self.stopping.set()
-        running = self._running
-        if running is not None:
-            running.fail(503, "the server is shutting down")
-            self._failed.append(running)
+        for job in list(self._active.values()):
+            job.fail(503, "the server is shutting down")
+            self._failed.append(job)
         self._fail_queued()
 
     def _fail_queued(self) -> None:
@@ -162,40 +277,12 @@ class Server:
             job.fail(503, "the server is shutting down")
             self._failed.append(job)
 
-    def _run_job(self, job: Job) -> None:
-        from .stats import RunStats
-        call, stats, t0 = job.request.call, RunStats(), time.perf_counter()
-
-        def stop_now() -> bool:   # checked on rank 0 before each token
-            return job.cancelled.is_set() or self._check_notice()
-
-        exchange(self.model.par, Command(GENERATE, call))
-        error = None
-        try:
-            for piece in self.model.stream(**call.kwargs(), stats=stats, cancel=stop_now):
-                job.events.put(Event("text", text=piece))
-        except Exception as e:   # judged with the other ranks: only ranks out of step end the job
-            error = e
-            job.fail(500, describe_failure(e))   # told at once: if the ranks are out of step, the job ends next
-        failure = self.outcomes.agree(error) if self.outcomes else describe_failure(error)
-        if failure:
-            self.log(f"generation failed: {failure}")
-            job.fail(500, failure)   # a follower's failure (the client reads only the first error)
-            return
-        reason = self.model.last_finish_reason
-        self.log(f"{'chat' if job.request.chat else 'completion'}: prompt {stats.prompt_tokens} tokens "
-                 f"({stats.cached_tokens} from cache), {stats.generated_tokens} generated in "
-                 f"{time.perf_counter() - t0:.2f} s, {reason}")
-        if reason == "cancelled":   # by its client, or by the shutdown (told again here: it may have come
-            if not job.cancelled.is_set():   # between taking the job and marking it running)
-                job.fail(503, "the server is shutting down")
-                self._failed.append(job)
-            return
-        counts = usage(stats.prompt_tokens, stats.generated_tokens, stats.cached_tokens)
-        job.events.put(Event("done", finish_reason=reason, counts=counts))
-
     def _close(self) -> None:
         self.log("shutting down")
+        for job in list(self._active.values()):   # joined the batch after begin_shutdown looked
+            if job not in self._failed:
+                job.fail(503, "the server is shutting down")
+                self._failed.append(job)
         if self.httpd is not None:
             self.httpd.shutdown()
         self._fail_queued()
@@ -230,6 +317,31 @@ class Server:
         print(f"tpllama.serve: {message}", file=sys.stderr, flush=True)
 
 
+def batch_step(batch: Batch, command: Command) -> Tuple[List[int], list, dict]:
+    """Collective, on every rank alike: the command's requests join the batch, its cancelled
+    sequences end, one step runs. (ids of the new sequences, the step's updates, the records of
+    the sequences that ended, by id)."""
+    ids = [batch.add(Request(c.prompt_ids, c.max_new_tokens, c.sampling, tuple(c.stop))) for c in command.calls]
+    updates = [u for u in (batch.cancel(i) for i in command.cancel) if u is not None]
+    updates += batch.step()
+    records = {u.seq_id: batch.take(u.seq_id) for u in updates if u.finish_reason is not None}
+    return ids, updates, records
+
+
+def follow_batch(model, outcomes: Outcomes) -> None:
+    """What every rank but 0 does: rank 0's steps, until it says stop. A step that fails on
+    every rank (rank 0 fails its requests) is survived; follow.Outcomes ends a job out of step."""
+    batch = Batch(model)
+    while True:
+        command = exchange(model.par)
+        if command.kind == STOP:
+            return
+        try:
+            batch_step(batch, command)
+        except Exception as e:   # judged with the other ranks
+            outcomes.agree(e)
+
+
 class ApiHttpServer(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -248,6 +360,7 @@ class ApiHandler(BaseHTTPRequestHandler):
 
     ROUTES = {
         "/health": ("GET", "_health"),
+        "/metrics": ("GET", "_metrics"),
         "/v1/models": ("GET", "_models"),
         "/v1/chat/completions": ("POST", "_chat"),
         "/v1/completions": ("POST", "_completions"),
@@ -281,7 +394,7 @@ class ApiHandler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         try:
             path = unquote(urlsplit(self.path).path).rstrip("/") or "/"
-            if path != "/health":   # before routing: without the key, not even which paths exist is told
+            if path not in ("/health", "/metrics"):   # before routing: without the key, not even which paths exist is told
                 self._check_api_key()
             self._route(method, path)()
         except ApiError as e:
@@ -319,7 +432,17 @@ class ApiHandler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------ endpoints
 
     def _health(self) -> None:
-        self._send_json(200, {"status": "ok", "queued": self.app.queued()})
+        app = self.app
+        self._send_json(200, {"status": "ok", "queued": app.queued(), "running": app.running(),
+                              "slots": app.model.slots})
+
+    def _metrics(self) -> None:
+        data = self.app.metrics.text(self.app.queued(), self.app.running()).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self._send_raw(data)
 
     def _models(self) -> None:
         self._send_json(200, {"object": "list", "data": [model_object(self.app.reader.model_name, self.app.created)]})
@@ -487,8 +610,9 @@ def build_parser():
     p = cli.RankAwareParser(
         prog="python -m tpllama.serve",
         description="Serve a Llama-family model over an OpenAI-compatible HTTP API (GET /v1/models, "
-                    "POST /v1/chat/completions, POST /v1/completions, GET /health), tensor-parallel over the "
-                    "ranks of an MPI job. Rank 0 listens; requests are answered one at a time, in order. "
+                    "POST /v1/chat/completions, POST /v1/completions, GET /health, GET /metrics), tensor-parallel "
+                    "over the ranks of an MPI job. Rank 0 listens; up to --parallel requests are answered at once "
+                    "(continuous batching), the others wait in order. "
                     "Sampling flags give the defaults of requests that leave those fields out.",
         epilog="examples:\n"
                "  python -m tpllama.serve\n"
@@ -506,6 +630,9 @@ def build_parser():
                         "none: open)")
     g.add_argument("-a", "--alias", action="append", default=[],
                    help=f"another name requests may give as 'model' (the model file's name and '{ALIAS}' always work)")
+    g.add_argument("--parallel", "-np", type=int, default=None, metavar="N",
+                   help="requests answered at once, each with a KV cache slot of the full context (default: as "
+                        "many as the memory plan allows, at most 8)")
     g.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY,
                    help=f"largest request body in bytes (default {DEFAULT_MAX_BODY})")
     cli.add_model_args(p)
@@ -522,6 +649,9 @@ def check_args(args) -> None:
         raise cli.TpllamaError(f"-n {args.n_predict}: expected a positive number of tokens, or -1", collective=True)
     if not 0 <= args.port <= 65535:
         raise cli.TpllamaError(f"--port {args.port}: expected 0..65535", collective=True)
+    if args.parallel is not None and args.parallel < 1:
+        raise cli.TpllamaError(f"--parallel {args.parallel}: expected a number of requests >= 1, or leave it out "
+                               "for as many as fit in memory", collective=True)
     if args.max_body < 1:
         raise cli.TpllamaError(f"--max-body {args.max_body}: expected a positive number of bytes", collective=True)
     cli.sampling_params(args)   # a value it refuses ends the job, named by its flag
@@ -535,7 +665,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
     import tpllama
-    model = tpllama.load(args.model, **cli.load_options(args))
+    model = tpllama.load(args.model, parallel=args.parallel, **cli.load_options(args))
     par = model.par
     server = None
     if par.is_root:
@@ -551,7 +681,7 @@ def main(argv=None) -> int:
         server.run()
     else:
         notice.install_follower_signals()
-        follow(model, outcomes)
+        follow_batch(model, outcomes)
     return 0
 
 
