@@ -52,8 +52,8 @@ def run_point(model: str, ranks: int, threads: int, args, cluster=None, overlap:
     cmd = launch + [sys.executable, "-m", "tpllama.bench.point", "-m", model, "-t", str(threads),
                     "--pp", str(args.pp), "--tg", str(args.tg), "--reps", str(args.reps),
                     "--weight-type", args.weight_type, "--sync-type", args.sync_type]
-    if overlap in ("on", "off"):
-        cmd.append("--overlap" if overlap == "on" else "--no-overlap")
+    if overlap == "on":
+        cmd.append("--overlap")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -164,8 +164,8 @@ def main(argv=None) -> int:
     p.add_argument("--netem", action="store_true", help="each rank on its own namespace host behind a shaped link")
     p.add_argument("--rate", default="1gbit", help="link rate with --netem (tc tbf), default 1gbit")
     p.add_argument("--latency-ms", type=float, default=0.2, help="modelled one-way link latency with --netem")
-    p.add_argument("--overlap", choices=("auto", "on", "off", "both"), default="auto",
-                   help="prefill all-reduces overlapping compute (tpllama's --overlap; auto: over a network); both: "
+    p.add_argument("--overlap", choices=("off", "on", "both"), default="off",
+                   help="prefill all-reduces overlapping compute (tpllama's --overlap; default off); both: "
                         "each multi-rank point without, then with, and a table of the ratios")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per point")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="directory for JSON, markdown, PNG")

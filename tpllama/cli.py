@@ -95,10 +95,10 @@ def add_model_args(p: argparse.ArgumentParser):
             "run from the memory-mapped shard files: the OS pages weights in as the layers run, so a model larger "
             "than memory runs at the disk's speed (default: only when the weights do not fit, saying so)",
             "never run from mapped shard files: refuse a model whose weights do not fit")
-    _on_off(p_, "overlap",
-            "run each prompt chunk as two micro-batches so that one's all-reduces travel while the other computes "
-            "(the same results; default: when the ranks span hosts, i.e. over a network)",
-            "wait for each all-reduce of a prompt chunk before computing on")
+    p_.add_argument("--overlap", action="store_true",
+                    help="run each prompt chunk as two micro-batches so that one's all-reduces travel while the "
+                         "other computes (the same results; off by default: it hides waiting on a network link but "
+                         "needs spare CPU for it, see docs/performance.md)")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="do not print the memory plan and loading progress (stderr)")
     p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)   # the default now; kept for old scripts

@@ -55,7 +55,7 @@ class LoadOptions:
     shard_cache: Union[bool, str] = True   # True: $TPLLAMA_SHARD_CACHE or ~/.cache/tpllama/shards; a folder; False: off
     mmap: Optional[bool] = None       # run from the memory-mapped shard files; None: only when the weights do not fit
     weights_from_root: Optional[bool] = None   # ranks without the model file get their weights from rank 0; None: when needed
-    overlap: Optional[bool] = None    # prefill in micro-batches whose all-reduces travel while the next computes; None: when the ranks span hosts
+    overlap: bool = False             # prefill in micro-batches whose all-reduces travel while the next computes
     verbose: bool = False             # progress and the memory plan on rank 0's stderr (logger "tpllama")
 
     def check(self, world_size: int) -> None:
@@ -73,7 +73,8 @@ class LoadOptions:
             shard_folder(self.shard_cache)
             checks.optional_flag("weights_from_root", self.weights_from_root, "when a rank cannot open the model")
             checks.optional_flag("mmap", self.mmap, "when the weights do not fit")
-            checks.optional_flag("overlap", self.overlap, "when the ranks span hosts")
+            if self.overlap not in (True, False):
+                raise checks.ParameterError("overlap", self.overlap, "expected True or False")
             if self.mmap and shard_folder(self.shard_cache) is None:
                 raise checks.ParameterError("mmap", self.mmap, "runs from the shard files: it needs the shard cache "
                                             "(shard_cache True or a folder)")
@@ -220,7 +221,6 @@ class Model:
         model's context capped to what fits, saying so."""
         opts, par, c = self.options, self.par, self.config
         hosts, available = self._host_facts()
-        self.hosts = hosts
         types = self.types
         self.mapped = mapped = self._choose_mapped(hosts, available)
         slots = opts.parallel or 1
@@ -270,17 +270,18 @@ class Model:
 
     def _choose_micro_batches(self) -> int:
         """How many micro-batches a prefill chunk runs as, so that one's all-reduces travel while
-        the next computes: PREFILL_MICRO_BATCHES when asked (overlap=True) or, by default, when the
-        ranks span hosts (a network link, not shared memory); 1 otherwise, or where MPI cannot
-        (Parallel.can_overlap: f64/f32 payloads, MPI_THREAD_MULTIPLE)."""
-        wanted = self.options.overlap if self.options.overlap is not None else len(set(self.hosts)) > 1
-        if wanted and self.par.size > 1 and not self.par.can_overlap:
-            if self.options.overlap:
-                _log(self.par, f"tpllama: overlap asked, but the {self.par.sync_type} payload or this MPI's thread "
-                               "level (MPI_THREAD_MULTIPLE needed) does not allow it: prefill waits for each all-reduce",
-                     logging.WARNING)
+        the next computes: PREFILL_MICRO_BATCHES when asked (overlap=True) and MPI can
+        (Parallel.can_overlap: f64/f32 payloads, MPI_THREAD_MULTIPLE), else 1. Off by default:
+        on the one machine it was measured on, the hidden waiting came back as slower compute
+        (docs/performance.md)."""
+        if not self.options.overlap or self.par.size == 1:
             return 1
-        return PREFILL_MICRO_BATCHES if wanted and self.par.size > 1 else 1
+        if not self.par.can_overlap:
+            _log(self.par, f"tpllama: overlap asked, but the {self.par.sync_type} payload or this MPI's thread level "
+                           "(MPI_THREAD_MULTIPLE needed) does not allow it: prefill waits for each all-reduce",
+                 logging.WARNING)
+            return 1
+        return PREFILL_MICRO_BATCHES
 
     def _choose_types(self, weight_type: str):
         self.reader.check_tensors()      # a vocab-only GGUF fails here, naming its first missing tensor
