@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from benchmarks._common import bench_model, machine_info  # noqa: E402
+sys.path.append(str(REPO))      # `benchmarks`, after any installed tpllama: _common picks which one runs
+from benchmarks._common import bench_model, child_env, machine_header, machine_info  # noqa: E402
 
 
 def mpirun_binary() -> str:
@@ -41,7 +41,7 @@ def mpirun_binary() -> str:
 def run_point(model: str, ranks: int, threads: int, args, cluster=None) -> dict:
     """One mpirun of tpllama.bench.point; its RESULT as a dict (or an 'error')."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env = child_env(env)
     launch = [mpirun_binary(), "-n", str(ranks)]
     if cluster is not None:
         launch += cluster.mpirun_args()
@@ -155,7 +155,8 @@ def main(argv=None) -> int:
     from tpllama.formats import open_model
     n_layers = open_model(model).config.n_layers
     rows = []
-    machine = machine_info()
+    machine = machine_info(threads)
+    print(machine_header(machine), flush=True)
     print(f"model {model}, {args.weight_type} weights, {args.sync_type} sync, pp{args.pp}/tg{args.tg}, "
           f"{args.reps} reps, {cores} cores ({machine['cpu']}, {machine['simd']})", flush=True)
     for k in ranks:
