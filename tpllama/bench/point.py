@@ -53,7 +53,8 @@ def run_point(model, pp: int, tg: int, reps: int, seed: int = 0) -> dict:
         "recv_kb_per_token": [med("recv_bytes_per_token", r) / 1024 for r in range(len(per_rank))],
         "peak_rss_mib": [b / 2**20 for b in rss],
         "weight_type": model.options.weight_type, "sync_type": model.par.sync_type,
-        "model": model.config.name,
+        "model": model.config.name, "rank_speeds_GBps": model.rank_speeds, "split_weights": list(model.plan.weights),
+        "ffn_units": [len(s.ffn) for s in model.plan.ranks],
     }
 
 
