@@ -127,3 +127,17 @@ def test_benchmarks_say_how_to_get_the_kernels_when_there_are_none(tmp_path):
                          text=True, env=env, cwd=str(tmp_path), timeout=60)
     assert run.returncode != 0 and "Traceback" not in run.stderr
     assert run.stderr.startswith("error: cannot import tpllama") and "pip install ." in run.stderr
+
+
+def test_sweep_long_context_reports_decode_positions_and_attention_share(tmp_path, stories_gguf):
+    proc = sweep(tmp_path, stories_gguf, "--ctx", "300", "--prompt-len", "160")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    assert [(r["ranks"], r["threads"]) for r in rows] == [(1, 1), (2, 1)]
+    for r in rows:
+        positions = [d["position"] for d in r["decode"]]
+        assert positions == [100, 160, 300], positions     # decode starts after that many cached positions
+        shares = [r["pp_attention_share"]] + [d["attention_share"] for d in r["decode"]]
+        assert all(0 < s < 1 for s in shares) and r["pp_tokens_per_s"] > 0
+    table = next(tmp_path.glob("*.md")).read_text()
+    assert "decode at 300 tok/s (attention %)" in table
