@@ -97,14 +97,16 @@ def test_auto_rank_weights_follow_the_measured_speeds():
 
 
 def test_the_probe_matrix_is_finite_and_the_probe_is_bounded():
-    """The probe's random blocks have finite scales (a NaN would time a different path), and a
-    probe of a tiny footprint returns a speed after about its time."""
+    """The probe's random blocks have finite scales (a NaN would time a different path), its
+    copies fill the footprint, and a probe of a tiny footprint returns a speed after about its time."""
     import time
     import numpy as np
-    from tpllama.speedprobe import matvec_speed, probe_matrix
+    from tpllama.speedprobe import matvec_speed, probe_matrices
     for wtype in ("q40", "q41", "q4k", "q6k", "q80", "f32"):
-        m = probe_matrix(wtype, 32, 256, threads=1)
-        assert m.wtype == wtype and np.isfinite(m.dequantized()).all()
+        mats = probe_matrices(wtype, 32, 256, threads=1, footprint=2**20)
+        assert all(m.wtype == wtype for m in mats) and np.isfinite(mats[-1].dequantized()).all()
+        assert np.array_equal(mats[0].dequantized(), mats[-1].dequantized())
+        assert wtype == "f32" or sum(m.nbytes for m in mats) > 2**20 - mats[0].nbytes
     t0 = time.perf_counter()
     assert matvec_speed(SMOLLM2, "q40", 1, seconds=0.02, footprint=2**20) > 0
     assert time.perf_counter() - t0 < 2

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 
+from . import _kernels as K
 from .config import ModelConfig
-from .matrix import Activation, Matrix, _ARENA, runtime_type
+from .matrix import QK, Activation, Matrix, _ARENA, runtime_type
 from .wtypes import weight_type
 
 PROBE_SECONDS = 0.25          # time spent in matvecs (plus one warm-up pass)
@@ -32,26 +33,30 @@ def probe_type(types) -> str:
     return Counter(types.runtime(name) for name in types.kinds).most_common(1)[0][0]
 
 
-def probe_matrix(wtype: str, rows: int, cols: int, threads: int, seed: int = 0) -> Matrix:
-    """A (rows, cols) matrix of random weights in runtime type `wtype`, its scales finite."""
+def probe_matrices(wtype: str, rows: int, cols: int, threads: int, footprint: int, seed: int = 0) -> List[Matrix]:
+    """Copies of one (rows, cols) matrix of random weights in runtime type `wtype` (scales finite),
+    about `footprint` bytes in all (at least one copy, at most 256), in one scratch mapping that
+    goes away with them (the weights' arena keeps its chunks)."""
     rng = np.random.default_rng(seed)
     wtype = runtime_type(wtype, cols)
     if wtype == "f32":
-        return Matrix("f32", rows, cols, rng.standard_normal((rows, cols), dtype=np.float32), threads)
+        return [Matrix("f32", rows, cols, rng.standard_normal((rows, cols), dtype=np.float32), threads)]
     t = weight_type(wtype)
     blocks = rng.integers(0, 256, size=(rows, cols // t.block, t.block_bytes), dtype=np.uint8)
     scale = np.array([0.01], dtype=np.float16).view(np.uint8)
     for at in t.fp16_offsets:
         blocks[:, :, at:at + 2] = scale
-    return Matrix(wtype, rows, cols, blocks.reshape(rows, -1), threads)
-
-
-def _copy(m: Matrix) -> Matrix:
-    if m.wtype == "f32":
-        return Matrix("f32", m.rows, m.cols, m.data.copy(), m.threads)
-    data = _ARENA.empty(m.data.nbytes)
-    data[:] = m.data
-    return Matrix(m.wtype, m.rows, m.cols, data, m.threads, packed=True)
+    nbytes = K.packed_bytes(wtype, rows, cols // QK)
+    stride = -(-nbytes // 64) * 64
+    copies = max(1, min(256, footprint // stride))
+    buffer = _ARENA.scratch(copies * stride)
+    first = K.pack_ggml(wtype, blocks.reshape(rows, -1), 0, cols, buffer[:nbytes])
+    mats = []
+    for i in range(copies):
+        data = buffer[i * stride:i * stride + nbytes]
+        data[:] = first
+        mats.append(Matrix(wtype, rows, cols, data, threads, packed=True))
+    return mats
 
 
 def matvec_speed(config: ModelConfig, wtype: str, threads: int, seconds: float = PROBE_SECONDS,
@@ -59,8 +64,7 @@ def matvec_speed(config: ModelConfig, wtype: str, threads: int, seconds: float =
     """GB/s of `wtype` weights this process streams through one-token matvecs of the model's
     FFN shape with `threads` threads: one warm-up pass over the copies, then passes for
     about `seconds` (at least one)."""
-    first = probe_matrix(wtype, min(config.hidden_dim, PROBE_ROWS), config.dim, threads)
-    mats = [first] + [_copy(first) for _ in range(max(0, min(256, footprint // first.nbytes) - 1))]
+    mats = probe_matrices(wtype, min(config.hidden_dim, PROBE_ROWS), config.dim, threads, footprint)
     a = Activation(np.random.default_rng(1).standard_normal((1, config.dim), dtype=np.float32))
     for m in mats:
         m(a)
