@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -125,7 +125,8 @@ class Model:
         weights = _rank_weights(opts.rank_weights, par.size)
         self.rank_speeds: Optional[List[float]] = None    # measured GB/s of each rank (--rank-weights auto)
         if weights == AUTO_RANK_WEIGHTS:
-            weights = self._measure_rank_speeds()
+            self.rank_speeds = self._measure_rank_speeds()
+            weights = weights_from_speeds(self.rank_speeds) if self.rank_speeds else None
         self.plan = par.together(lambda: make_plan(c, par.size, weights))
         self.shard = self.plan[par.rank]
         _log(par, f"tpllama: {os.path.basename(path)} ({reader.format_name}, {c.n_layers} layers, dim {c.dim}, "
@@ -254,13 +255,12 @@ class Model:
              logging.WARNING)
         return True
 
-    def _measure_rank_speeds(self) -> Tuple[float, ...]:
-        """Collective: every rank times its matvecs at once (speedprobe); the split's weights."""
+    def _measure_rank_speeds(self) -> Optional[List[float]]:
+        """Collective: every rank's matvec GB/s, measured by all at once (speedprobe); None on one rank."""
         if self.par.size == 1:
-            return (1.0,)
+            return None
         wtype = probe_type(self.types)
-        self.rank_speeds = self.par.everyones(lambda: matvec_speed(self.config, wtype, self.threads))
-        return weights_from_speeds(self.rank_speeds)
+        return self.par.everyones(lambda: matvec_speed(self.config, wtype, self.threads))
 
     def _choose_types(self, weight_type: str):
         self.reader.check_tensors()      # a vocab-only GGUF fails here, naming its first missing tensor
