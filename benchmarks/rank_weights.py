@@ -29,7 +29,10 @@ from benchmarks._common import (Quiet, bench_model, child_env, machine_header, m
 from benchmarks.sweep import mpirun_binary  # noqa: E402
 
 CPU_CGROUPS = Path("/sys/fs/cgroup/cpu")
-PERIOD_US = 20000
+# The quota comes in the shortest slices the kernel takes (1 ms per period of 1 ms / fraction):
+# a slow CPU is slow all the time, while a long period lets the rank run at full speed and then
+# stop, and a decode step's 2 x layers all-reduces would mostly wait out the stops.
+QUOTA_US = 1000
 
 
 @contextmanager
@@ -40,8 +43,8 @@ def throttled_group(fraction: float):
     group = CPU_CGROUPS / f"tpllama-bench-{os.getpid()}"
     group.mkdir()
     try:
-        (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-        (group / "cpu.cfs_quota_us").write_text(str(int(PERIOD_US * fraction)))
+        (group / "cpu.cfs_period_us").write_text(str(round(QUOTA_US / fraction)))
+        (group / "cpu.cfs_quota_us").write_text(str(QUOTA_US))
         yield group
     finally:
         for _ in range(50):
