@@ -4,7 +4,7 @@ type (q40, q41, q50, q80, q4k, q5k, q6k) on TinyLlama-1.1B's FFN shapes, its dec
 bandwidth next to q40's.
 
     python benchmarks/kernels.py [--reps 5] [--threads 1,2] [--level avx2]
-                                              [--types q40,q4k,q6k] [--type-shapes 5632x2048]
+                                 [--types q40,q4k,q6k] [--type-shapes 5632x2048]
 
 Decode streams weights that are not in any cache: each repetition runs the matvec over
 enough copies of the matrix (>= 512 MiB, 256 MiB per type in the per-type table) that every
