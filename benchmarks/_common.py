@@ -1,4 +1,9 @@
-"""Shared helpers of the benchmark scripts: quiet-machine waits, medians, results files.
+"""Shared helpers of the benchmark scripts: which tpllama they run, quiet-machine waits, medians
+with spread, the machine header (CPU, SIMD level, streaming bandwidth measured now), results files.
+
+Importing this module picks the tpllama the benchmarks measure: the checkout's own when its C
+kernels are built in place (`python setup.py build_ext --inplace`), else the installed one (after
+`pip install .` the checkout's tpllama/ has no kernels and must not shadow the installed package).
 
 The development machines are shared: other people's test runs take cores at random
 moments, and a 2-thread measurement that overlaps one is meaningless. So every timed
@@ -7,6 +12,7 @@ moment, records how busy it was, and the scripts report medians over repetitions
 """
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import os
 import platform
@@ -18,6 +24,44 @@ from pathlib import Path
 from typing import Optional
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = RESULTS.parents[1]
+
+
+def checkout_is_built(root: Path = REPO) -> bool:
+    """True if root/tpllama holds a C kernels module built for this Python."""
+    return any((root / "tpllama" / f"_kernels{suffix}").exists()
+               for suffix in importlib.machinery.EXTENSION_SUFFIXES)
+
+
+def choose_tpllama() -> None:
+    """Put the checkout first on sys.path if its kernels are built; else leave the installed tpllama
+    to be found, and stop with one clear line if there is none."""
+    root = str(REPO)
+    if "tpllama" not in sys.modules:
+        while root in sys.path:
+            sys.path.remove(root)
+        if checkout_is_built():
+            sys.path.insert(0, root)
+    try:
+        import tpllama._kernels  # noqa: F401
+    except ImportError as e:
+        sys.exit(f"error: cannot import tpllama with its C kernels ({e}): install it (`pip install .`) "
+                 f"or build the checkout's kernels (`python setup.py build_ext --inplace` in {REPO})")
+    if root not in sys.path:
+        sys.path.append(root)          # `benchmarks` itself, for `benchmarks.hosts` and friends
+
+
+choose_tpllama()
+
+
+def child_env(env: Optional[dict] = None) -> dict:
+    """Environment for subprocesses (mpirun ranks) that must import the same tpllama as this one."""
+    import tpllama
+    env = dict(os.environ if env is None else env)
+    root = str(Path(tpllama.__file__).resolve().parents[1])
+    if root == str(REPO):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    return env
 
 
 def _busy_jiffies():
@@ -72,25 +116,77 @@ def median(values):
     return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
 
 
-def machine_info() -> dict:
-    from tpllama import _kernels as K
-    cpu = platform.processor()
+def spread(values) -> str:
+    """'median (min-max)' of repetitions, the way the benchmarks print a figure."""
+    if not values:
+        return "-"
+    return f"{median(values):.3g} ({min(values):.3g}-{max(values):.3g})"
+
+
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                if line.split(":")[0].strip() in ("model name", "Model"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def last_level_cache_bytes() -> int:
+    """Size of the largest CPU cache Linux reports (0 if unknown)."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG") or 0) * scale)
+    return max(sizes, default=0)
+
+
+def stream_bandwidth(threads, reps: int = 3) -> dict:
+    """Streaming read GB/s at each thread count, measured now: a C sum over a buffer 4x the last-level
+    cache (at least 256 MiB), so no cache holds it. {threads: [GB/s of each repetition]}."""
+    from tpllama import _kernels as K
+    from tpllama.matrix import _ARENA
+    import numpy as np
+    size = max(256 * 2**20, 4 * last_level_cache_bytes())
+    x = _ARENA.empty(size).view(np.float32)
+    x[:] = 1.0
+    samples = {}
+    for th in threads:
+        K.stream_sum(x, th)                       # first touch and thread start-up
+        for _ in range(reps):
+            t = time.perf_counter()
+            K.stream_sum(x, th)
+            samples.setdefault(th, []).append(x.nbytes / (time.perf_counter() - t) / 1e9)
+    return samples
+
+
+def machine_info(bandwidth_threads=(1,)) -> dict:
+    """The machine and software a run measured, with the streaming bandwidth at `bandwidth_threads`
+    measured now (none: the caller measures it itself)."""
+    import tpllama
+    from tpllama import _kernels as K
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).resolve().parent).stdout.strip()
     except OSError:
         commit = ""
-    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "python": sys.version.split()[0],
+    bandwidth = stream_bandwidth(bandwidth_threads) if bandwidth_threads else {}
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "machine": platform.machine(), "python": sys.version.split()[0],
             "simd": K.simd_level(), "simd_levels": K.supported_simd_levels(), "openmp": K.has_openmp(),
-            "commit": commit, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "tpllama": str(Path(tpllama.__file__).resolve().parent), "commit": commit,
+            "bandwidth_GBps": {th: median(v) for th, v in bandwidth.items()},
+            "bandwidth_samples": {th: v for th, v in bandwidth.items()},
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def machine_header(info: dict) -> str:
+    """One '# ...' line naming the CPU, SIMD level and the bandwidth measured in this run."""
+    bw = ", ".join(f"{spread(v)} GB/s at {th} thread(s)" for th, v in info["bandwidth_samples"].items())
+    return (f"# {info['cpu']}, {info['cores']} cores, SIMD {info['simd']}, OpenMP {info['openmp']}; "
+            f"streaming read {bw or 'measured below'}; tpllama from {info['tpllama']}")
 
 
 def write_results(name: str, data: dict, path: Optional[str] = None) -> Path:

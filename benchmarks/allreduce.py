@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.append(str(REPO))      # `benchmarks`, after any installed tpllama: _common picks which one runs
+from benchmarks._common import machine_header, machine_info  # noqa: E402
 SIZES = [2**k for k in range(10, 23)]       # payload bytes: 1 KiB .. 4 MiB
 
 WORKER = r"""
@@ -56,7 +58,7 @@ def fit(points):
 
 def run(k, args, cluster=None):
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    from sweep import mpirun_binary
+    from benchmarks.sweep import mpirun_binary
     cmd = [mpirun_binary(), "-n", str(k)]
     cmd += cluster.mpirun_args() if cluster else ["--oversubscribe", "--bind-to", "none", "--mca", "mpi_yield_when_idle", "1"]
     cmd += [sys.executable, "-c", WORKER, json.dumps(SIZES), str(args.reps)]
@@ -75,10 +77,11 @@ def main(argv=None):
     p.add_argument("--rate", default="1gbit")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = p.parse_args(argv)
+    info = machine_info()
+    print(machine_header(info), flush=True)
     results = {}
     for k in (int(x) for x in args.ranks.split(",")):
         if args.netem:
-            sys.path.insert(0, str(REPO))
             from benchmarks.hosts import namespace_hosts
             with namespace_hosts(k, rate=args.rate) as cluster:
                 times = run(k, args, cluster)
@@ -91,6 +94,7 @@ def main(argv=None):
         print(f"{'payload':>10} {'ms':>9}")
         for n, t in sorted(times.items()):
             print(f"{n / 1024:>8.0f}Ki {t * 1000:>9.3f}")
+    results["machine"] = info
     Path(args.out).mkdir(parents=True, exist_ok=True)
     name = f"allreduce-{'netem-' + args.rate if args.netem else 'local'}.json"
     (Path(args.out) / name).write_text(json.dumps(results, indent=1))
@@ -98,5 +102,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main()

@@ -28,7 +28,9 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.append(str(REPO))      # `benchmarks`, after any installed tpllama: _common picks which one runs
+import benchmarks._common  # noqa: E402,F401  (chooses the tpllama)
 from tpllama.bench.make_model import SHAPES as MODEL_SHAPES  # noqa: E402
 
 # ---------------------------------------------------------------- assumptions (stated, not measured here)
@@ -104,7 +106,7 @@ def main(argv=None):
     measured = ""
     if args.allreduce:
         fits = json.load(open(args.allreduce))
-        two = fits.get("2") or next(iter(fits.values()))
+        two = fits.get("2") or next(v for k, v in fits.items() if k.isdigit())
         measured = (f"; measured here over a shaped 1 Gbit/s link: {two['latency_ms']:.3f} ms + bytes / "
                     f"{two['bandwidth_MBps']:.0f} MB/s per all-reduce of 2 ranks")
     pi5, pi4 = PI5_BANDWIDTH_GBS * eff, PI4_RATE_GBS

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from benchmarks._common import Quiet, bench_model, machine_info, median, write_results  # noqa: E402
+sys.path.append(str(REPO))      # `benchmarks`, after any installed tpllama: _common picks which one runs
+from benchmarks._common import Quiet, bench_model, machine_header, machine_info, median, spread, write_results  # noqa: E402
 from tpllama.bench.make_model import TYPES as FILE_TYPES  # noqa: E402
 
 
@@ -113,12 +113,14 @@ def main(argv=None):
     quiet = Quiet(enabled=not args.no_quiet_wait)
     ctx = args.pp + args.tg + 16
     rng = np.random.default_rng(0)
-    results = {"machine": machine_info(), "model": path, "file_tensors": file_tensor_types(path),
+    threads_list = [int(t) for t in args.threads.split(",")]
+    results = {"machine": machine_info(threads_list), "model": path, "file_tensors": file_tensor_types(path),
                "command": " ".join(sys.argv), "points": []}
+    print(machine_header(results["machine"]))
     print(f"{path}: pp{args.pp} / tg{args.tg}, {args.reps} alternating repetitions")
     print(f"file tensors: {', '.join(f'{n} {t}' for t, n in results['file_tensors'].items())}")
     print(f"{'threads':>7} {'engine':>10} {'pp tok/s':>9} {'tg tok/s':>9}")
-    for threads in (int(t) for t in args.threads.split(",")):
+    for threads in threads_list:
         runners = [TpllamaRunner(path, threads, ctx), LlamaCppRunner(path, threads, ctx, args.pp)]
         if "tpllama_weights" not in results:
             results["tpllama_weights"] = runners[0].model.types.summary()
@@ -136,7 +138,8 @@ def main(argv=None):
                 measured[r.name]["pp"].append(pp)
                 measured[r.name]["tg"].append(tg)
         for name, m in measured.items():
-            print(f"{threads:>7} {name:>10} {median(m['pp']):>9.1f} {median(m['tg']):>9.2f}")
+            print(f"{threads:>7} {name:>10} {median(m['pp']):>9.1f} {median(m['tg']):>9.2f}   "
+                  f"(pp {spread(m['pp'])}, tg {spread(m['tg'])})")
         ours, theirs = measured["tpllama"], measured["llama.cpp"]
         pp_ratio = median(ours["pp"]) / median(theirs["pp"])
         tg_ratio = median(ours["tg"]) / median(theirs["tg"])

@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _common import machine_info, median, write_results  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+sys.path.append(str(REPO))      # `benchmarks`, after any installed tpllama: _common picks which one runs
+from benchmarks._common import machine_header, machine_info, median, spread, write_results  # noqa: E402
 
 
 def drop_page_cache(path: str):
@@ -49,6 +49,8 @@ def main() -> int:
     from tpllama.fingerprint import _samples, fingerprint
     from tpllama.formats import open_model
     path = args.model or fetch(quiet=True)
+    info = machine_info()
+    print(machine_header(info), flush=True)
     cold = []
     for _ in range(args.reps):   # a fresh map each time: pages a process has mapped are not dropped
         fresh = open_model(path)
@@ -61,10 +63,11 @@ def main() -> int:
     full = timed(lambda: sha256_of(path))
     result = {"model": os.path.basename(path), "file_bytes": os.path.getsize(path), "tensors": len(reader.tensors),
               "sampled_bytes": sampled, "fingerprint_warm_ms": 1000 * median(warm),
-              "fingerprint_cold_ms": 1000 * median(cold), "full_sha256_ms": 1000 * full, "machine": machine_info()}
+              "fingerprint_cold_ms": 1000 * median(cold), "full_sha256_ms": 1000 * full, "machine": info}
     print(f"{result['model']}: {result['tensors']} tensors, {sampled / 1024:.0f} KiB sampled of "
           f"{result['file_bytes'] / 2**20:.0f} MiB; fingerprint {result['fingerprint_warm_ms']:.1f} ms warm, "
           f"{result['fingerprint_cold_ms']:.1f} ms cold; a full sha256 {result['full_sha256_ms']:.0f} ms")
+    print(f"(median (min-max) ms: warm {spread([1000 * t for t in warm])}, cold {spread([1000 * t for t in cold])})")
     print(f"results: {write_results('fingerprint', result, args.out)}")
     return 0
 

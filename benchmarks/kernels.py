@@ -3,8 +3,8 @@ numpy's float32 matvec, and 64-token prefill GFLOP/s, at 1 and 2 threads; then e
 type (q40, q41, q50, q80, q4k, q5k, q6k) on TinyLlama-1.1B's FFN shapes, its decode read
 bandwidth next to q40's.
 
-    PYTHONPATH=. python benchmarks/kernels.py [--reps 5] [--threads 1,2] [--level avx2]
-                                              [--types q40,q4k,q6k] [--type-shapes 5632x2048]
+    python benchmarks/kernels.py [--reps 5] [--threads 1,2] [--level avx2]
+                                 [--types q40,q4k,q6k] [--type-shapes 5632x2048]
 
 Decode streams weights that are not in any cache: each repetition runs the matvec over
 enough copies of the matrix (>= 512 MiB, 256 MiB per type in the per-type table) that every
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import Quiet, machine_info, median, write_results  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+sys.path.append(str(REPO))      # `benchmarks`, after any installed tpllama: _common picks which one runs
+from benchmarks._common import Quiet, machine_header, machine_info, median, write_results  # noqa: E402
 from tpllama import _kernels as K  # noqa: E402
 from tpllama.matrix import _ARENA  # noqa: E402
 
@@ -165,9 +166,8 @@ def main(argv=None) -> int:
         if t not in K.PACKED_TYPES:
             p.error(f"--types: unknown type {t!r} (known: {', '.join(K.PACKED_TYPES)})")
     quiet = Quiet(enabled=not a.no_quiet)
-    info = machine_info()
-    print(f"# {info['cpu']}, {info['cores']} cores, SIMD {K.simd_level()}, OpenMP {K.has_openmp()}; "
-          f"medians of {a.reps} repetitions", flush=True)
+    info = machine_info(bandwidth_threads=())      # measured below, over 1 GiB with quiet waits
+    print(machine_header(info) + f"; medians of {a.reps} repetitions", flush=True)
 
     # ---- memory read bandwidth: streaming sum over 1 GiB
     x = _ARENA.empty(2**30).view(np.float32)

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from benchmarks._common import Quiet, add_model_arguments, bench_model, machine_info, median, write_results  # noqa: E402
+sys.path.append(str(REPO))      # `benchmarks`, after any installed tpllama: _common picks which one runs
+from benchmarks._common import Quiet, add_model_arguments, bench_model, machine_header, machine_info, median, write_results  # noqa: E402
 
 
 def drop_cached_pages(model) -> None:
@@ -66,6 +66,8 @@ def main(argv=None):
     import tpllama
     from tpllama.plan import weight_bytes
     model_path = bench_model(args.model, args.shape, args.type)
+    info = machine_info((args.threads or 1,))
+    print(machine_header(info), flush=True)
     model = tpllama.load(model_path, mmap=True, ctx_size=256, threads=args.threads)
     per_token = weight_bytes(model.config, model.shard, model.types)
     quiet = Quiet()
@@ -88,7 +90,7 @@ def main(argv=None):
     out = write_results("mapped_speed", {"model": model_path, "bytes_per_token": per_token, "disk_Bps_probes": speeds, "disk_Bps": disk,
                                          "cold_s_per_token": cold, "warm_s_per_token": warm,
                                          "bound_tokens_per_s": bound, "threads": model.threads,
-                                         "machine": machine_info(), "busy_repetitions": quiet.noisy}, args.out)
+                                         "machine": info, "busy_repetitions": quiet.noisy}, args.out)
     print(f"wrote {out}")
 
 

@@ -1,13 +1,15 @@
 """End-to-end speed of tpllama on a random-weight model of a real shape (one rank).
 
-    PYTHONPATH=. python benchmarks/model_speed.py [--shape tinyllama-1.1b] [--threads 1,2] [--reps 5]
+    python benchmarks/model_speed.py [--shape tinyllama-1.1b] [--threads 1,2] [--reps 5]
 
 Writes the model with tpllama.bench.make_model on first use (cached), loads it with
 tpllama.load(path, tokenizer="none", threads=T, ctx_size=256), and times the model's own
 steps (Model.prefill, Model.decode_step): 64-token prompt processing, then decode steps (one token each, logits of
-the rank's vocabulary computed as in generation). Prints tokens/s next to the reference bars
-and the targets, and where a decode step's time goes: inside the C kernels, or outside them
-(Python, numpy, the embedding row read). Writes JSON to benchmarks/results/.
+the rank's vocabulary computed as in generation). Prints tokens/s (median and range), the
+weight bytes read per token and the GB/s that makes next to the streaming read bandwidth
+measured in the same run, and where a decode step's time goes: inside the C kernels, or outside
+them (Python, numpy, the embedding row read). Writes JSON to benchmarks/results/. Other
+engines' figures come from benchmarks/compare_llamacpp.py, run on the same machine.
 """
 from __future__ import annotations
 
@@ -19,20 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import Quiet, machine_info, median, write_results  # noqa: E402
-
-# tokens/s on these 2-core machines (TinyLlama shape, random Q4_0): the best C++ engine with its
-# repacked AVX-512 weights, the same engine on plain Q4_0 blocks, and distributed-llama.
-BARS = {
-    "tinyllama-1.1b": {
-        "cpp": {"decode": {1: 30, 2: 49}, "pp64": {1: 59, 2: 111}},
-        "cpp-plain-q4_0": {"decode": {1: 16, 2: 29}},
-        "distributed-llama": {"decode": {1: 11, 2: 21}},
-        "target": {"decode": {1: 27, 2: 44}, "pp64": {1: 44, 2: 83}},
-    },
-    "llama2-7b": {"cpp": {"decode": {1: 4.7}}},
-}
+REPO = Path(__file__).resolve().parents[1]
+sys.path.append(str(REPO))      # `benchmarks`, after any installed tpllama: _common picks which one runs
+from benchmarks._common import Quiet, machine_header, machine_info, median, spread, write_results  # noqa: E402
 
 KERNEL_FUNCTIONS = ("matmul_packed", "matmul_packed_many", "quantize_q80", "rmsnorm", "rope", "silu_mul", "attention")
 
@@ -135,10 +126,12 @@ def main(argv=None) -> int:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         ensure_model(path, a.shape)
     quiet = Quiet(enabled=not a.no_quiet)
-    info = machine_info()
     threads = [int(t) for t in a.threads.split(",")]
-    print(f"# {info['cpu']}, {info['cores']} cores, SIMD {K.simd_level()}; {os.path.basename(path)}; "
-          f"medians of {a.reps} repetitions ({a.prompt}-token prompt, {a.steps} decode steps each)", flush=True)
+    info = machine_info(threads)
+    print(machine_header(info), flush=True)
+    print(f"# {os.path.basename(path)}; medians (min-max) of {a.reps} repetitions "
+          f"({a.prompt}-token prompt, {a.steps} decode steps each)", flush=True)
+    from tpllama.plan import weight_bytes
     results = {}
     for th in threads:
         t0 = time.time()
@@ -149,32 +142,25 @@ def main(argv=None) -> int:
         measure(model, prompt, 4, 1, Quiet(enabled=False))        # warm up
         pp, dec, pp_all, dec_all = measure(model, prompt, a.steps, a.reps, quiet)
         prof = profile_decode(model, prompt, a.steps, quiet)
+        per_token = weight_bytes(model.config, model.shard, model.types)
+        bandwidth = info["bandwidth_GBps"][th]
         results[th] = {"load_s": load_s, "pp_tok_s": pp, "decode_tok_s": dec, "pp_samples": pp_all,
                        "decode_samples": dec_all, "decode_profile": prof,
-                       "weights_MB": model.rank_model.w.nbytes / 1e6}
-        print(f"threads {th}: prompt {pp:6.1f} tok/s   decode {dec:6.2f} tok/s   "
-              f"(loaded in {load_s:.1f} s, {results[th]['weights_MB']:.0f} MB of weights)", flush=True)
+                       "weights_MB": model.rank_model.w.nbytes / 1e6, "weight_bytes_per_token": per_token,
+                       "decode_weights_GBps": per_token * dec / 1e9, "bandwidth_GBps": bandwidth,
+                       "decode_fraction_of_bandwidth": per_token * dec / 1e9 / bandwidth}
+        r = results[th]
+        print(f"threads {th}: prompt {spread(pp_all)} tok/s   decode {spread(dec_all)} tok/s   "
+              f"(loaded in {load_s:.1f} s)", flush=True)
+        print(f"  decode reads {per_token / 1e6:.0f} MB of weights per token: {r['decode_weights_GBps']:.1f} GB/s, "
+              f"{100 * r['decode_fraction_of_bandwidth']:.0f}% of the {bandwidth:.1f} GB/s streaming read "
+              f"measured at {th} thread(s)", flush=True)
         model.close()
         del model
-
-    bars = BARS.get(a.shape, {})
-    print()
-    print(f"{'':10} {'threads':>7} | {'tpllama':>8} {'target':>7} {'C++':>6} {'C++ plain':>9} {'dllama':>6}")
-    for kind, key in (("decode", "decode_tok_s"), ("pp64", "pp_tok_s")):
-        for th in threads:
-            def bar(name):
-                v = bars.get(name, {}).get(kind, {}).get(th)
-                return f"{v:g}" if v is not None else "-"
-            ok = ""
-            target = bars.get("target", {}).get(kind, {}).get(th)
-            if target is not None:
-                ok = "  ok" if results[th][key] >= target else "  BELOW TARGET"
-            print(f"{kind:10} {th:>7} | {results[th][key]:8.1f} {bar('target'):>7} {bar('cpp'):>6} "
-                  f"{bar('cpp-plain-q4_0'):>9} {bar('distributed-llama'):>6}{ok}")
     for th in threads:
         ratio = results[th]["pp_tok_s"] / results[th]["decode_tok_s"]
         results[th]["pp_over_decode"] = ratio
-        print(f"pp64 / decode at {th} thread(s): {ratio:.1f}x" + ("  (target >= 2x)" if th == 2 else ""))
+        print(f"pp{a.prompt} / decode at {th} thread(s): {ratio:.1f}x")
     print()
     print("decode step, inside the C kernels vs outside them (Python, numpy, embedding read):")
     for th in threads:
@@ -187,7 +173,7 @@ def main(argv=None) -> int:
         print(f"# note: {quiet.noisy} repetitions started while other processes kept the machine busy")
     out = write_results(f"model-{a.shape}", {"machine": info, "model": path, "shape": a.shape, "reps": a.reps,
                                              "prompt_tokens": a.prompt, "decode_steps": a.steps, "ctx": a.ctx,
-                                             "results": {str(k): v for k, v in results.items()}, "bars": bars,
+                                             "results": {str(k): v for k, v in results.items()},
                                              "noisy_reps": quiet.noisy}, a.json)
     print(f"# wrote {out}")
     return 0

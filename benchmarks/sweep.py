@@ -4,11 +4,16 @@
     python benchmarks/sweep.py --model model.gguf --ranks 1,2,4 --threads 1,2
     python benchmarks/sweep.py --shape tinyllama-1.1b --ranks 1,2 --threads 1 --oversubscribe
     python benchmarks/sweep.py --shape tinyllama-1.1b --ranks 2,4 --netem     # hosts on a shaped 1 Gbit/s link
+    python benchmarks/sweep.py --shape tinyllama-1.1b --ranks 1,2 --threads 1 --prompt-len 2048 --ctx 4000 --tg 16
 
 For each point it launches `mpirun -n R python -m tpllama.bench.point` and prints one row:
 prompt tokens/s (pp64), decode tokens/s (tg64, median and spread of the repetitions), ms per
 token split into compute and sync, kB sent/received per token per rank, peak RSS per rank and
 in total. It writes JSON, a markdown table and (with matplotlib) a PNG plot to --out.
+
+--ctx M measures long prompts and long contexts instead: per point, the prefill of --prompt-len
+tokens and decode tokens/s near positions 100, --prompt-len and M, each with the share of the
+step time spent in the attention kernel (rank 0), and decode at M over decode at 100.
 
 --netem puts every rank on its own "host" (a network namespace) whose link is shaped with
 tc to --rate (1 Gbit/s); this kernel has no netem qdisc, so link latency (--latency-ms, 0.2 ms)
@@ -29,8 +34,8 @@ from pathlib import Path
 from typing import List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from benchmarks._common import bench_model, machine_info  # noqa: E402
+sys.path.append(str(REPO))      # `benchmarks`, after any installed tpllama: _common picks which one runs
+from benchmarks._common import bench_model, child_env, machine_header, machine_info  # noqa: E402
 
 
 def mpirun_binary() -> str:
@@ -41,7 +46,7 @@ def mpirun_binary() -> str:
 def run_point(model: str, ranks: int, threads: int, args, cluster=None, overlap: Optional[str] = None) -> dict:
     """One mpirun of tpllama.bench.point; its RESULT as a dict (or an 'error')."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env = child_env(env)
     launch = [mpirun_binary(), "-n", str(ranks)]
     if cluster is not None:
         launch += cluster.mpirun_args()
@@ -54,6 +59,8 @@ def run_point(model: str, ranks: int, threads: int, args, cluster=None, overlap:
                     "--weight-type", args.weight_type, "--sync-type", args.sync_type]
     if overlap == "on":
         cmd.append("--overlap")
+    if args.ctx:
+        cmd += ["--long-ctx", str(args.ctx)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -95,6 +102,26 @@ def summarize(r: dict, latency_ms: float, collectives_per_token: int) -> dict:
         "modelled_latency_ms": latency,
         "total_rss_mib": sum(r["peak_rss_mib"]),
     }
+
+
+def long_context_table(rows: List[dict]) -> str:
+    """--ctx rows: prefill, decode near 100 / the prompt's end / M, attention's share of each."""
+    if not rows:
+        return ""
+    head = ["ranks", "threads/rank", "prefill tok/s (attention %)"]
+    first = next((r for r in rows if "error" not in r), None)
+    positions = [d["position"] for d in first["decode"]] if first else []
+    head += [f"decode at {p} tok/s (attention %)" for p in positions] + ["decode at the last / the first"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['ranks']} | {r['threads']} | failed: {r['error']}" + " |" * (len(head) - 2))
+            continue
+        cells = [r["ranks"], r["threads"], f"{r['pp_tokens_per_s']:.1f} ({100 * r['pp_attention_share']:.0f}%)"]
+        cells += [f"{d['tokens_per_s']:.2f} ({100 * d['attention_share']:.0f}%)" for d in r["decode"]]
+        cells.append(f"{r['decode'][-1]['tokens_per_s'] / r['decode'][0]['tokens_per_s']:.2f}x")
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
 
 
 def markdown_table(rows: List[dict], with_latency: bool, pp: int = 64, tg: int = 64) -> str:
@@ -156,7 +183,9 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", default="1,2,4")
     p.add_argument("--threads", default="1,2", help="threads per rank")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--pp", type=int, default=64)
+    p.add_argument("--pp", "--prompt-len", dest="pp", type=int, default=64, help="prompt tokens (default 64)")
+    p.add_argument("--ctx", type=int, default=None, metavar="M",
+                   help="long contexts: prefill of --prompt-len tokens, decode near 100, --prompt-len and M")
     p.add_argument("--tg", type=int, default=64)
     p.add_argument("--weight-type", default="auto", help="as tpllama.generate's (default auto: the file's own types)")
     p.add_argument("--sync-type", default="f64")
@@ -178,7 +207,8 @@ def main(argv=None) -> int:
     from tpllama.formats import open_model
     n_layers = open_model(model).config.n_layers
     rows = []
-    machine = machine_info()
+    machine = machine_info(threads)
+    print(machine_header(machine), flush=True)
     print(f"model {model}, {args.weight_type} weights, {args.sync_type} sync, pp{args.pp}/tg{args.tg}, "
           f"{args.reps} reps, {cores} cores ({machine['cpu']}, {machine['simd']})", flush=True)
     for k in ranks:
@@ -197,6 +227,10 @@ def main(argv=None) -> int:
             else:
                 points = [(o, run_point(model, k, t, args, None, o)) for o in overlap_modes(args.overlap, k)]
             for o, r in points:
+                if args.ctx:
+                    rows.append(r)
+                    print(long_context_table([r]).splitlines()[-1], flush=True)
+                    continue
                 row = dict(summarize(r, args.latency_ms if args.netem else 0.0, 2 * n_layers), overlap=o)
                 rows.append(row)
                 print(markdown_table([row], args.netem, args.pp, args.tg).splitlines()[-1] + f" overlap {o}", flush=True)
@@ -205,7 +239,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = f"sweep-{Path(model).stem}-{stamp}"
-    table = markdown_table(rows, args.netem, args.pp, args.tg)
+    table = long_context_table(rows) if args.ctx else markdown_table(rows, args.netem, args.pp, args.tg)
     meta = {"date": stamp, "command": " ".join(sys.argv), **machine, "model": model,
             "netem": args.netem, "rate": args.rate if args.netem else None,
             "latency_ms": args.latency_ms if args.netem else None}
@@ -214,7 +248,7 @@ def main(argv=None) -> int:
     print("\n" + table)
     if args.overlap == "both":
         print("\n" + overlap_table(rows, args.pp, args.tg))
-    note = plot(rows, out / f"{name}.png")
+    note = "long contexts: no plot" if args.ctx else plot(rows, out / f"{name}.png")
     print(note or f"wrote {out / name}.json, .md, .png")
     return 0 if all("error" not in r for r in rows) else 1
 

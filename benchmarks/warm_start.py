@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from benchmarks._common import Quiet, add_model_arguments, bench_model, machine_info, median, write_results  # noqa: E402
+sys.path.append(str(REPO))      # `benchmarks`, after any installed tpllama: _common picks which one runs
+from benchmarks._common import Quiet, child_env, machine_header, add_model_arguments, bench_model, machine_info, median, write_results  # noqa: E402
 
 
 def worker(model_path: str, folder: str) -> None:
@@ -46,7 +46,7 @@ def worker(model_path: str, folder: str) -> None:
 
 
 def one_start(ranks: int, model_path: str, folder: str) -> dict:
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONPATH=str(REPO))
+    env = child_env(dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1"))
     cmd = ["mpirun", "-n", str(ranks), "--oversubscribe", "--bind-to", "none", "--mca", "mpi_yield_when_idle", "1",
            sys.executable, __file__, "--worker", model_path, folder]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
@@ -67,6 +67,8 @@ def main(argv=None):
     if args.worker:
         return worker(*args.worker)
     model_path = bench_model(args.model, args.shape, args.type)
+    info = machine_info()
+    print(machine_header(info), flush=True)
     quiet = Quiet()
     runs = []
     for rep in range(args.reps):
@@ -95,7 +97,7 @@ def main(argv=None):
     print(f"warm start is {ratio:.1f}x faster from tpllama.load to the first token (goal: >= 5x), "
           f"{ratio_process:.1f}x counting Python's imports and MPI's start")
     out = write_results("warm_start", {"model": model_path, "ranks": args.ranks, "runs": runs, "median": table,
-                                       "speedup_first_token": ratio, "speedup_from_process_start": ratio_process, "machine": machine_info(),
+                                       "speedup_first_token": ratio, "speedup_from_process_start": ratio_process, "machine": info,
                                        "busy_repetitions": quiet.noisy}, args.out)
     print(f"wrote {out}")
 

@@ -1,5 +1,6 @@
 """Smoke tests of the benchmark tools, so they cannot silently rot (they time nothing)."""
 import json
+import os
 import subprocess
 import sys
 
@@ -72,3 +73,71 @@ def test_the_benchmark_runners_step_the_model_through_its_cache(stories_gguf):
     pp, dec, _, _ = measure(runner.model, [1, 403, 407, 261], 3, 1, Quiet(enabled=False))
     assert pp > 0 and dec > 0
     assert profile_decode(runner.model, [1, 403], 2, Quiet(enabled=False))["step_ms"] > 0
+
+
+def _plain_install(tmp_path):
+    """(site folder holding the installed tpllama, checkout whose tpllama/ has no built kernels),
+    as after `pip install .` from a fresh clone: the build writes the kernels into the install only."""
+    import shutil
+    site, checkout = tmp_path / "site", tmp_path / "checkout"
+    shutil.copytree(REPO / "tpllama", site / "tpllama", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "tpllama", checkout / "tpllama",
+                    ignore=shutil.ignore_patterns("__pycache__", "_kernels*.so", "_kernels*.pyd"))
+    shutil.copytree(REPO / "benchmarks", checkout / "benchmarks", ignore=shutil.ignore_patterns("__pycache__", "results"))
+    return site, checkout
+
+
+def test_benchmarks_run_after_a_plain_install_from_any_folder(tmp_path, stories_gguf):
+    """The scripts put the checkout first on the import path, so after `pip install .` they imported
+    the checkout's tpllama without its C kernels: ModuleNotFoundError: tpllama._kernels."""
+    site, checkout = _plain_install(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = dict(mpi_env(), PYTHONPATH=str(site), OMP_NUM_THREADS="1")
+    scripts = sorted(p for p in (checkout / "benchmarks").glob("*.py") if p.name not in ("_common.py", "hosts.py"))
+    assert len(scripts) >= 9
+    helps = {p.name: subprocess.Popen([sys.executable, str(p), "--help"], stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, env=env, cwd=str(elsewhere))
+             for p in scripts}
+    for name, proc in helps.items():
+        out = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 0 and "usage:" in out, f"{name} --help:\n{out}"
+    run = subprocess.run([sys.executable, str(checkout / "benchmarks" / "model_speed.py"), "--model", str(stories_gguf),
+                          "--threads", "1", "--reps", "1", "--steps", "2", "--prompt", "4", "--ctx", "32",
+                          "--no-quiet", "--json", str(tmp_path / "speed.json")],
+                         capture_output=True, text=True, env=env, cwd=str(elsewhere), timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    header = run.stdout.splitlines()[0]
+    assert "SIMD" in header and "GB/s at 1 thread(s)" in header and f"tpllama from {site / 'tpllama'}" in header
+    result = json.loads((tmp_path / "speed.json").read_text())
+    assert result["machine"]["bandwidth_GBps"]["1"] > 0 and result["machine"]["cpu"]
+    assert 0 < result["results"]["1"]["decode_fraction_of_bandwidth"]
+
+
+def test_benchmarks_say_how_to_get_the_kernels_when_there_are_none(tmp_path):
+    """Installed without kernels and none built in the checkout: one line naming both ways, no traceback."""
+    import shutil
+    _, checkout = _plain_install(tmp_path)
+    broken = tmp_path / "broken-site"
+    shutil.copytree(checkout / "tpllama", broken / "tpllama")
+    # -S: no .pth files, so no development install elsewhere can lend its kernels; numpy from site-packages
+    import sysconfig
+    env = dict(mpi_env(), PYTHONPATH=os.pathsep.join([str(broken), sysconfig.get_paths()["purelib"]]))
+    run = subprocess.run([sys.executable, "-S", str(checkout / "benchmarks" / "kernels.py"), "--help"], capture_output=True,
+                         text=True, env=env, cwd=str(tmp_path), timeout=60)
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert run.stderr.startswith("error: cannot import tpllama") and "pip install ." in run.stderr
+
+
+def test_sweep_long_context_reports_decode_positions_and_attention_share(tmp_path, stories_gguf):
+    proc = sweep(tmp_path, stories_gguf, "--ctx", "300", "--prompt-len", "160")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    assert [(r["ranks"], r["threads"]) for r in rows] == [(1, 1), (2, 1)]
+    for r in rows:
+        positions = [d["position"] for d in r["decode"]]
+        assert positions == [100, 160, 300], positions     # decode starts after that many cached positions
+        shares = [r["pp_attention_share"]] + [d["attention_share"] for d in r["decode"]]
+        assert all(0 < s < 1 for s in shares) and r["pp_tokens_per_s"] > 0
+    table = next(tmp_path.glob("*.md")).read_text()
+    assert "decode at 300 tok/s (attention %)" in table

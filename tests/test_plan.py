@@ -78,6 +78,40 @@ def test_rank_weights_shift_work_to_faster_ranks():
     assert 1.9 < w[0] / w[1] < 2.1
 
 
+def test_auto_rank_weights_follow_the_measured_speeds():
+    """--rank-weights auto: speeds 6.0 and 1.5 GB/s (4:1) become weights 1 and 1/4 on a 1/16 grid
+    (a 1% change of a speed keeps the split), and each rank then holds its share of the layers,
+    up to a head's and an FFN block's granularity, with the kv heads its query heads read."""
+    from tpllama.speedprobe import weights_from_speeds
+    weights = weights_from_speeds([6.0, 1.5])
+    assert weights == (1.0, 0.25) and weights_from_speeds([6.0, 1.52]) == weights
+    assert weights_from_speeds([5.0, 0.01]) == (1.0, 1 / 16)          # a crawling rank still gets work
+    plan = make_plan(LLAMA3_8B, 2, weights)
+    assert [len(s.heads) for s in plan.ranks] == [25, 7]               # one head each, 30 more split 4:1
+    for s in plan.ranks:
+        assert set(s.kv_heads) == {h // LLAMA3_8B.kv_group for h in s.heads}
+    assert [len(s.vocab) for s in plan.ranks] == [102605, 25651]      # 128256 x 4/5, rounded
+    held = [weight_bytes(LLAMA3_8B, s, "q40") for s in plan.ranks]
+    share = held[0] / sum(held)
+    assert abs(share - 0.8) < 0.01, share
+
+
+def test_the_probe_matrix_is_finite_and_the_probe_is_bounded():
+    """The probe's random blocks have finite scales (a NaN would time a different path), its
+    copies fill the footprint, and a probe of a tiny footprint returns a speed after about its time."""
+    import time
+    import numpy as np
+    from tpllama.speedprobe import matvec_speed, probe_matrices
+    for wtype in ("q40", "q41", "q4k", "q6k", "q80", "f32"):
+        mats = probe_matrices(wtype, 32, 256, threads=1, footprint=2**20)
+        assert all(m.wtype == wtype for m in mats) and np.isfinite(mats[-1].dequantized()).all()
+        assert np.array_equal(mats[0].dequantized(), mats[-1].dequantized())
+        assert wtype == "f32" or sum(m.nbytes for m in mats) > 2**20 - mats[0].nbytes
+    t0 = time.perf_counter()
+    assert matvec_speed(SMOLLM2, "q40", 1, seconds=0.02, footprint=2**20) > 0
+    assert time.perf_counter() - t0 < 2
+
+
 def test_split_proportional_is_largest_remainder():
     assert [len(r) for r in split_proportional(10, [1, 1, 1])] == [4, 3, 3]
     assert [len(r) for r in split_proportional(7, [3, 1], minimum=1)] == [5, 2]

@@ -76,7 +76,8 @@ def add_model_args(p: argparse.ArgumentParser):
                    help="kernel threads per rank, at least 1 (default: this host's cores divided by its ranks)")
     p_ = p.add_argument_group("cluster")
     p_.add_argument("--rank-weights", default=None,
-                    help="relative speed of each rank, e.g. 2,1,1: faster ranks get more heads, FFN blocks and vocab")
+                    help="relative speed of each rank, e.g. 2,1,1: faster ranks get more heads, FFN blocks and vocab; "
+                         "auto: each rank times its own matvecs at start (about 0.3 s) and the split follows")
     p_.add_argument("--sync-type", choices=SYNC_TYPES, default="f64",
                     help="payload of the two all-reduces per layer: f64 (default) gives the same text at any rank "
                          "count; f32, bf16, q80 send 2x, 4x, 7.5x less but results then vary slightly with the rank count")

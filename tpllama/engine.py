@@ -27,8 +27,9 @@ from .generation import Generation  # noqa: F401  (tpllama.Generation, engine.Ge
 from .loader import load_rank_weights
 from .model import RankModel, row_groups
 from .parallel import Finished, Parallel, world_size
-from .plan import (PREFILL_CHUNK, format_memory_table, host_shortfalls, make_plan, max_context,
+from .plan import (PREFILL_CHUNK, format_memory_table, format_split, host_shortfalls, make_plan, max_context,
                    parse_rank_weights, rank_memory, weight_bytes)
+from .speedprobe import matvec_speed, probe_type, weights_from_speeds
 from .sampler import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from . import remote
 from .startplan import choose_mapped
@@ -49,7 +50,7 @@ class LoadOptions:
     ctx_size: Optional[int] = None    # KV cache positions; None: the model's context, capped to fit memory
     parallel: Optional[int] = 1       # sequences the KV cache holds at once (generate_batch); None: as many as fit, at most 8
     threads: Optional[int] = None     # kernel threads per rank; None: this host's cores / its ranks
-    rank_weights: Optional[Union[str, Sequence[float]]] = None   # e.g. "2,1,1": shares of the work
+    rank_weights: Optional[Union[str, Sequence[float]]] = None   # e.g. "2,1,1": shares of the work; "auto": measured
     sync_type: str = "f64"            # payload of the per-layer all-reduces: f64 (same text at any rank count) | f32 | bf16 | q80
     tokenizer: Optional[str] = None   # tokenizer file when the model has none; "none": load no tokenizer
     shard_cache: Union[bool, str] = True   # True: $TPLLAMA_SHARD_CACHE or ~/.cache/tpllama/shards; a folder; False: off
@@ -132,17 +133,25 @@ class Model:
             from .tokenizer import load_tokenizer
             self.tokenizer = par.together(lambda: _check_special_ids(load_tokenizer(reader, opts.tokenizer),
                                                                      c.vocab_size))
-        self.plan = par.together(lambda: make_plan(c, par.size, _rank_weights(opts.rank_weights, par.size)))
-        self.shard = self.plan[par.rank]
         self.types = par.together(lambda: self._choose_types(opts.weight_type))
+        self.threads = self._choose_threads()
+        weights = _rank_weights(opts.rank_weights, par.size)
+        self.rank_speeds: Optional[List[float]] = None    # measured GB/s of each rank (--rank-weights auto)
+        if weights == AUTO_RANK_WEIGHTS:
+            self.rank_speeds = self._measure_rank_speeds()
+            weights = weights_from_speeds(self.rank_speeds) if self.rank_speeds else None
+        self.plan = par.together(lambda: make_plan(c, par.size, weights))
+        self.shard = self.plan[par.rank]
         _log(par, f"tpllama: {os.path.basename(path)} ({reader.format_name}, {c.n_layers} layers, dim {c.dim}, "
                                 f"{c.n_heads}/{c.n_kv_heads} heads, vocab {c.vocab_size}) on {par.size} rank(s), "
                                 f"{opts.weight_type} weights")
+        if self.rank_speeds or len(set(self.plan.weights)) > 1:
+            _log(par, "tpllama: split over the ranks" + (" (--rank-weights auto: the matvec GB/s each rank "
+                      "measured)" if self.rank_speeds else "") + ":\n" + format_split(self.plan, self.rank_speeds))
         if self.types.lowered():
             _log(par, "tpllama: " + self.types.lowered(), logging.WARNING)
         self.ctx = par.together(self._choose_context)
         self.micro_batches = self._choose_micro_batches()
-        self.threads = self._choose_threads()
         progress = None
         if opts.verbose and sys.stderr.isatty():   # redraw one line on a terminal; logs get one line at the end
             progress = lambda i, n: _progress(par, i, n)
@@ -282,6 +291,13 @@ class Model:
                  logging.WARNING)
             return 1
         return PREFILL_MICRO_BATCHES
+
+    def _measure_rank_speeds(self) -> Optional[List[float]]:
+        """Collective: every rank's matvec GB/s, measured by all at once (speedprobe); None on one rank."""
+        if self.par.size == 1:
+            return None
+        wtype = probe_type(self.types)
+        return self.par.everyones(lambda: matvec_speed(self.config, wtype, self.threads))
 
     def _choose_types(self, weight_type: str):
         self.reader.check_tensors()      # a vocab-only GGUF fails here, naming its first missing tensor
@@ -547,7 +563,13 @@ def _check_special_ids(tokenizer, vocab_size: int):
     return tokenizer
 
 
+AUTO_RANK_WEIGHTS = "auto"
+
+
 def _rank_weights(value, world_size: int):
+    """The split's weights as given (numbers, text, None: even), or AUTO_RANK_WEIGHTS."""
+    if isinstance(value, str) and value.strip() == AUTO_RANK_WEIGHTS:
+        return AUTO_RANK_WEIGHTS
     if value is None or isinstance(value, str):
         return parse_rank_weights(value, world_size)
     weights = list(value)

@@ -58,6 +58,12 @@ class _WeightArena:
         off = (-buf.ctypes.data) % self.HUGE
         return buf[off:off + size]
 
+    def scratch(self, nbytes: int) -> np.ndarray:
+        """A flat uint8 array of nbytes in a mapping of its own (huge pages asked), unmapped when
+        the array and its views are gone: for memory that must not outlive its use (empty() may
+        place small arrays in a chunk that stays mapped)."""
+        return self._map(-(-max(nbytes, 1) // self.HUGE) * self.HUGE)[:nbytes]
+
     def empty(self, nbytes: int) -> np.ndarray:
         """A flat uint8 array of nbytes, 64-byte aligned, uninitialised (zeros)."""
         if not hasattr(mmap, "MAP_ANONYMOUS") or nbytes < 64 * 1024:

@@ -8,8 +8,8 @@ Megatron-style tensor parallelism with one all-reduce after attention and one af
   w2         RowwiseParallel: columns of this rank's FFN units (partial sums)
   output     vocab-parallel: rows of this rank's vocab slice (tied embeddings too)
 
-Splits are contiguous and follow per-rank weights (--rank-weights), so a faster node gets
-more heads and FFN blocks, and any rank count from 1 to n_heads works, also counts that
+Splits are contiguous and follow per-rank weights (--rank-weights, given or measured at start
+by tpllama.speedprobe), so a faster node gets more heads and FFN blocks, and any rank count from 1 to n_heads works, also counts that
 divide nothing evenly. Heads are split first; FFN blocks then even out each rank's whole
 layer (attention + FFN) to its share, so a rank that got an extra head gets fewer FFN
 blocks. When ranks outnumber kv heads, a kv head is held by every rank whose query heads
@@ -92,9 +92,13 @@ def split_proportional(total: int, weights: Sequence[float], minimum: int = 0) -
 
 
 def parse_rank_weights(text: Optional[str], world_size: int) -> Tuple[float, ...]:
-    """'2,1,1' -> (2.0, 1.0, 1.0); None or '' -> equal weights."""
+    """'2,1,1' -> (2.0, 1.0, 1.0); None or '' -> equal weights. ('auto' is measured by the
+    running ranks: tpllama.speedprobe.)"""
     if not text:
         return tuple([1.0] * world_size)
+    if text.strip() == "auto":
+        raise TpllamaError("--rank-weights auto is measured by the ranks when they start; here give the "
+                           "relative speeds as numbers, e.g. 2,1")
     try:
         weights = tuple(float(v) for v in text.split(","))
     except ValueError:
@@ -137,6 +141,23 @@ def _balanced_ffn(config: ModelConfig, weights, heads, kv_heads) -> List[range]:
     share = [w / sum(weights) for w in weights]
     targets = [(s * layer_total - a) / ffn_per_unit for s, a in zip(share, attention)]
     return [range(r.start * unit, r.stop * unit) for r in split_to_targets(config.hidden_dim // unit, targets)]
+
+
+def format_split(plan: ShardPlan, speeds: Optional[Sequence[float]] = None) -> str:
+    """The table of who holds what (of a mixture-of-experts model, each expert's FFN units), with
+    each rank's float32 vector bytes per layer; with `speeds` (--rank-weights auto), each rank's
+    measured matvec GB/s beside the weight the split followed."""
+    c = plan.config
+    speed_head = f" {'GB/s':>6}" if speeds else ""
+    lines = [f"{'rank':>4}{speed_head} {'weight':>6} {'heads':>9} {'kv heads':>9} "
+             f"{'expert units' if c.moe else 'FFN units':>11} {'vocab rows':>13} {'vectors/layer':>14}"]
+    for i, (s, w) in enumerate(zip(plan.ranks, plan.weights)):
+        speed = f" {speeds[i]:>6.2f}" if speeds else ""
+        lines.append(f"{s.rank:>4}{speed} {w:>6g} {s.heads.start:>4}-{s.heads.stop - 1:<4} "
+                     f"{s.kv_heads.start:>4}-{s.kv_heads.stop - 1:<4} "
+                     f"{s.ffn.start:>5}-{s.ffn.stop - 1:<5} {s.vocab.start:>6}-{s.vocab.stop - 1:<6} "
+                     f"{layer_vector_bytes(c, s):>12} B")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- memory per rank
@@ -393,12 +414,7 @@ def main(argv=None) -> int:
           f"{c.n_heads} heads / {c.n_kv_heads} kv heads of {c.head_dim}, vocab {c.vocab_size}, context {c.max_seq_len}")
     if c.moe:
         print(_expert_split_line(c))
-    print(f"{'rank':>4} {'weight':>6} {'heads':>9} {'kv heads':>9} {'expert units' if c.moe else 'FFN units':>11} "
-          f"{'vocab rows':>13} {'vectors/layer':>14}")
-    for s, w in zip(plan.ranks, plan.weights):
-        print(f"{s.rank:>4} {w:>6g} {s.heads.start:>4}-{s.heads.stop - 1:<4} {s.kv_heads.start:>4}-{s.kv_heads.stop - 1:<4} "
-              f"{s.ffn.start:>5}-{s.ffn.stop - 1:<5} {s.vocab.start:>6}-{s.vocab.stop - 1:<6} "
-              f"{layer_vector_bytes(c, s):>12} B")
+    print(format_split(plan))
     mem = rank_memory(plan, types, ctx, hosts, sizes, mapped, slots=args.parallel)
     if types.lowered():
         print(types.lowered())

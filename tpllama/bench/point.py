@@ -6,11 +6,17 @@
 Rank 0 prints one line `RESULT {json}`: tokens/s of each repetition, the per-token time split
 into compute and sync, bytes sent and received per token by each rank, and each rank's peak RSS.
 The sweep (benchmarks/sweep.py) runs this for every rank and thread count.
+
+With --long-ctx M it measures long prompts and long contexts instead (run_long_context): the
+prefill of --pp tokens, and --tg decode steps at positions near 100, near --pp and near M, each
+with the share of the time spent in the attention kernel.
 """
 from __future__ import annotations
 
 import json
 import statistics
+import time
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -53,8 +59,72 @@ def run_point(model, pp: int, tg: int, reps: int, seed: int = 0) -> dict:
         "recv_kb_per_token": [med("recv_bytes_per_token", r) / 1024 for r in range(len(per_rank))],
         "peak_rss_mib": [b / 2**20 for b in rss],
         "weight_type": model.options.weight_type, "sync_type": model.par.sync_type,
-        "model": model.config.name,
+        "model": model.config.name, "rank_speeds_GBps": model.rank_speeds, "split_weights": list(model.plan.weights),
+        "ffn_units": [len(s.ffn) for s in model.plan.ranks],
     }
+
+
+@contextmanager
+def attention_seconds():
+    """Adds up the time this rank spends in the attention kernel while the block runs: a list
+    whose one element is the running total."""
+    from .. import _kernels as K
+    inner, total = K.attention, [0.0]
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            total[0] += time.perf_counter() - t
+    K.attention = timed
+    try:
+        yield total
+    finally:
+        K.attention = inner
+
+
+def _timed(fn) -> dict:
+    """Seconds of fn() and the attention kernel's seconds inside it."""
+    with attention_seconds() as attention:
+        t = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - t
+    return {"seconds": seconds, "attention_seconds": attention[0]}
+
+
+def _decode_at(model, tg: int, rng) -> dict:
+    """tg decode steps after the cached positions (the first at `position`): median step,
+    attention's share of all steps."""
+    vocab, start = model.config.vocab_size, len(model.history)
+    steps = []
+    for _ in range(tg):
+        token = int(rng.integers(3, vocab))
+        steps.append(_timed(lambda: model.decode_step(token)))
+    total = sum(s["seconds"] for s in steps)
+    return {"position": start, "tokens_per_s": 1 / statistics.median(s["seconds"] for s in steps),
+            "attention_share": sum(s["attention_seconds"] for s in steps) / total}
+
+
+def run_long_context(model, pp: int, ctx_pos: int, tg: int, short_pos: int = 100, seed: int = 0) -> dict:
+    """Collective: decode near position short_pos; the prefill of pp tokens and decode near pp;
+    prefill on to ctx_pos and decode there. Rank 0's times, attention's share of each."""
+    rng = np.random.default_rng(seed)
+    vocab = model.config.vocab_size
+    prompt = lambda n: [int(t) for t in rng.integers(3, vocab, size=n)]
+    model.reset()
+    model.prefill(prompt(short_pos))
+    near_short = _decode_at(model, tg, rng)
+    model.reset()
+    tokens = prompt(pp)
+    prefill = _timed(lambda: model.prefill(tokens))
+    near_pp = _decode_at(model, tg, rng)
+    model.prefill(prompt(max(0, ctx_pos - len(model.history))))
+    near_ctx = _decode_at(model, tg, rng)
+    out = {"ranks": model.par.size, "threads": model.threads, "pp": pp, "tg": tg,
+           "pp_tokens_per_s": pp / prefill["seconds"], "pp_attention_share": prefill["attention_seconds"] / prefill["seconds"],
+           "decode": [near_short, near_pp, near_ctx], "model": model.config.name}
+    return out if model.par.is_root else {}
 
 
 def main(argv=None) -> int:
@@ -63,14 +133,20 @@ def main(argv=None) -> int:
     p.add_argument("--pp", type=int, default=64, help="prompt tokens (default 64)")
     p.add_argument("--tg", type=int, default=64, help="generated tokens (default 64)")
     p.add_argument("--reps", type=int, default=3, help="measured repetitions after one warm-up (default 3)")
+    p.add_argument("--long-ctx", type=int, default=None, metavar="M",
+                   help="measure long contexts instead: prefill of --pp tokens, decode near 100, --pp and M")
     cli.add_model_args(p)
     args = p.parse_args(argv)
     import tpllama
     opts = cli.load_options(args)
     opts["verbose"] = False
-    opts["ctx_size"] = opts["ctx_size"] or args.pp + args.tg + 8
+    longest = max(args.pp, args.long_ctx or 0, 100 if args.long_ctx else 0)
+    opts["ctx_size"] = opts["ctx_size"] or longest + 2 * args.tg + 8
     model = tpllama.load(args.model, **opts)
-    result = run_point(model, args.pp, args.tg, args.reps)
+    if args.long_ctx:
+        result = run_long_context(model, args.pp, args.long_ctx, args.tg)
+    else:
+        result = run_point(model, args.pp, args.tg, args.reps)
     if model.par.is_root:
         print("RESULT " + json.dumps(result), flush=True)
     return 0
