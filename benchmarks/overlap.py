@@ -19,9 +19,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.append(str(REPO))
-from benchmarks._common import add_model_arguments, bench_model, machine_info, median, write_results  # noqa: E402
+sys.path.append(str(REPO))      # `benchmarks`, after any installed tpllama: _common picks which one runs
+from benchmarks._common import add_model_arguments, bench_model, child_env, machine_header, machine_info, median, write_results  # noqa: E402
 
 
 def worker(model_path: str, lengths, reps: int) -> None:
@@ -63,7 +62,9 @@ def main(argv=None):
     if reason:
         raise SystemExit(f"error: cannot make namespace hosts here: {reason}")
     model_path = bench_model(args.model, args.shape, args.type)
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
+    machine = machine_info()
+    print(machine_header(machine), flush=True)
+    env = child_env(dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1"))
     with namespace_hosts(args.ranks, rate=args.rate) as cluster:
         cmd = ["mpirun", "-n", str(args.ranks)] + cluster.mpirun_args() + [
             sys.executable, __file__, "--worker", model_path, args.prompts, str(args.reps)]
@@ -71,7 +72,6 @@ def main(argv=None):
     result = next((json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
     if result is None:
         raise SystemExit(f"error: the run printed no result (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
-    machine = machine_info()
     print(f"{os.path.basename(model_path)}, {args.ranks} ranks on namespace hosts at {args.rate}, 1 thread each, "
           f"median of {args.reps} ({machine['cpu']}, {machine['simd']})")
     print(f"{'prompt':>6} {'overlap':>7} {'prefill ms':>11} {'tok/s':>7} {'waiting ms':>11} {'compute ms':>11}")

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from benchmarks._common import Quiet, add_model_arguments, bench_model, machine_info, median, write_results  # noqa: E402
+sys.path.append(str(REPO))      # `benchmarks`, after any installed tpllama: _common picks which one runs
+from benchmarks._common import Quiet, add_model_arguments, bench_model, child_env, machine_header, machine_info, median, write_results  # noqa: E402
 
 PROMPTS = ["Once upon a time", "The weather today", "In a small village", "The history of the city",
            "My favourite recipe", "A letter to a friend", "The rules of the game", "On the first day of school"]
@@ -46,7 +46,7 @@ def free_port() -> int:
 
 
 def start_server(model: str, ranks: int, port: int, parallel: int, threads: int, ctx: int) -> subprocess.Popen:
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONPATH=str(REPO))
+    env = child_env(dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1"))
     cmd = ["mpirun", "-n", str(ranks), "--oversubscribe", "--bind-to", "none", "--mca", "mpi_yield_when_idle", "1",
            sys.executable, "-m", "tpllama.serve", "-m", model, "--host", "127.0.0.1", "--port", str(port),
            "--parallel", str(parallel), "-t", str(threads), "-c", str(ctx), "-q"]
@@ -134,6 +134,8 @@ def main(argv=None):
     p.add_argument("--output", default=None, help="JSON file (default: benchmarks/results/serve_load-<time>.json)")
     args = p.parse_args(argv)
     model = bench_model(args.model, args.shape, args.type)
+    machine = machine_info()
+    print(machine_header(machine), flush=True)
     clients = [int(c) for c in args.clients.split(",")]
     quiet = Quiet(limit=30.0)
     rows = []
@@ -159,7 +161,7 @@ def main(argv=None):
                 server.wait(30)
             except subprocess.TimeoutExpired:
                 server.kill()
-    out = write_results("serve_load", {"machine": machine_info(), "model": model, "tokens": args.tokens,
+    out = write_results("serve_load", {"machine": machine, "model": model, "tokens": args.tokens,
                                        "requests_per_client": args.requests, "noisy_rounds": quiet.noisy,
                                        "rows": rows}, args.output)
     print(f"wrote {out}")

@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from benchmarks._common import bench_model, machine_info, write_results  # noqa: E402
+sys.path.append(str(REPO))      # `benchmarks`, after any installed tpllama: _common picks which one runs
+from benchmarks._common import bench_model, child_env, machine_header, machine_info, write_results  # noqa: E402
 
 PROMPTS = ["Once upon a time", "The three most important inventions of the last century are",
            "def fibonacci(n):", "Question: Why is the sky blue?\nAnswer:"]
@@ -56,7 +56,7 @@ def worker(model_path: str, sync_type: str, n: int) -> None:
 
 
 def run(model_path: str, ranks: int, sync_type: str, n: int) -> dict:
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
+    env = child_env(dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1"))
     cmd = ["mpirun", "-n", str(ranks), "--oversubscribe", "--bind-to", "none", "--mca", "mpi_yield_when_idle", "1",
            sys.executable, __file__, "--worker", model_path, sync_type, str(n)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
@@ -90,6 +90,8 @@ def main(argv=None):
     if args.worker:
         return worker(args.worker[0], args.worker[1], int(args.worker[2]))
     ranks = [int(r) for r in args.ranks.split(",")]
+    machine = machine_info()
+    print(machine_header(machine), flush=True)
     rows = []
     print(f"{'model':10} {'ranks':>5} {'sync':>5} {'prompts changed':>16} {'first different token':>24} "
           f"{'max |dlogit|/std':>17}")
@@ -103,7 +105,7 @@ def main(argv=None):
                 first = ",".join("-" if d is None else str(d) for d in row["first_different_token"])
                 print(f"{name:10} {r:>5} {sync:>5} {row['prompts_changed']:>9} of {len(PROMPTS):<4} {first:>24} "
                       f"{row['max_logit_diff_over_std']:>17.2e}", flush=True)
-    out = write_results("sync_payload", {"prompts": PROMPTS, "tokens": args.n, "rows": rows, "machine": machine_info()},
+    out = write_results("sync_payload", {"prompts": PROMPTS, "tokens": args.n, "rows": rows, "machine": machine},
                         args.out)
     print(f"wrote {out}")
 
