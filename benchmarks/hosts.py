@@ -1,5 +1,6 @@
 """Several MPI "hosts" on one machine: network namespaces joined by a bridge, for tests and
-benchmarks that need real TCP between hosts and a real hostfile.
+benchmarks that need real TCP between hosts and a real hostfile; and cgroups that make a
+process a small or slow node (cgroup_v1).
 
 Each host is a namespace with its own address, loopback and hostname (so Open MPI sees
 separate nodes); mpirun in the root namespace reaches them through a launch agent that
@@ -14,9 +15,11 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, List, Optional
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
 
 SUBNET = "10.231.0"
 BRIDGE = "tplbr0"
@@ -41,6 +44,40 @@ class Cluster:
         return ["--hostfile", self.hostfile, "--prtemca", "plm_ssh_agent", self.agent,
                 "--mca", "btl_tcp_if_include", subnet, "--mca", "oob_tcp_if_include", subnet,
                 "--mca", "btl", "self,tcp", "--mca", "mpi_yield_when_idle", "1", "--bind-to", "none"]
+
+
+class CgroupUnavailable(Exception):
+    """Why a cgroup cannot be made here (not root, no such v1 controller, no permission)."""
+
+
+@contextmanager
+def cgroup_v1(controller: str, settings: Dict[str, str], name: str = "tpllama") -> Iterator[Path]:
+    """A cgroup v1 group of `controller` (memory, cpu) with its files set (e.g.
+    {"memory.limit_in_bytes": "190000000"}), removed at the end; CgroupUnavailable (with why)
+    where one cannot be made. Processes join it by writing their pid to its `tasks` file."""
+    base = Path("/sys/fs/cgroup") / controller
+    if os.geteuid() != 0 or not base.is_dir():
+        raise CgroupUnavailable(f"needs root and the cgroup v1 {controller} controller ({base})")
+    group = base / f"{name}-{os.getpid()}"
+    try:
+        group.mkdir()
+        for key, value in settings.items():
+            (group / key).write_text(str(value))
+    except OSError as e:
+        try:
+            group.rmdir()
+        except OSError:
+            pass
+        raise CgroupUnavailable(f"cannot make a {controller} cgroup here: {e}") from None
+    try:
+        yield group
+    finally:
+        for _ in range(50):          # its processes may take a moment to leave
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
 
 
 def unavailable_reason() -> Optional[str]:

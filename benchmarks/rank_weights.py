@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,9 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO))      # `benchmarks`, after any installed tpllama: _common picks which one runs
 from benchmarks._common import (Quiet, bench_model, child_env, machine_header, machine_info, median, spread,  # noqa: E402
                                 write_results)
+from benchmarks.hosts import CgroupUnavailable, cgroup_v1  # noqa: E402
 from benchmarks.sweep import mpirun_binary  # noqa: E402
 
-CPU_CGROUPS = Path("/sys/fs/cgroup/cpu")
 # The quota comes in the shortest slices the kernel takes (1 ms per period of 1 ms / fraction):
 # a slow CPU is slow all the time, while a long period lets the rank run at full speed and then
 # stop, and a decode step's 2 x layers all-reduces would mostly wait out the stops.
@@ -38,21 +37,12 @@ QUOTA_US = 1000
 @contextmanager
 def throttled_group(fraction: float):
     """A cgroup v1 cpu group capped at `fraction` of a core, removed at the end."""
-    if os.geteuid() != 0 or not CPU_CGROUPS.is_dir():
-        raise SystemExit("error: --throttle needs root and the cgroup v1 cpu controller (/sys/fs/cgroup/cpu)")
-    group = CPU_CGROUPS / f"tpllama-bench-{os.getpid()}"
-    group.mkdir()
     try:
-        (group / "cpu.cfs_period_us").write_text(str(round(QUOTA_US / fraction)))
-        (group / "cpu.cfs_quota_us").write_text(str(QUOTA_US))
-        yield group
-    finally:
-        for _ in range(50):
-            try:
-                group.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
+        with cgroup_v1("cpu", {"cpu.cfs_period_us": round(QUOTA_US / fraction), "cpu.cfs_quota_us": QUOTA_US},
+                       name="tpllama-bench") as group:
+            yield group
+    except CgroupUnavailable as e:
+        raise SystemExit(f"error: --throttle: {e}") from None
 
 
 def run_split(model: str, rank_weights: str, group: Path, args) -> dict:

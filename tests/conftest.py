@@ -1,4 +1,5 @@
 """Shared test helpers: where the shared real models are, and tiny models the tests write."""
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,17 @@ def shared_model(*parts) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (../shared/models is only beside the CI and developer checkouts)")
     return path
+
+
+@contextlib.contextmanager
+def cgroup_or_skip(controller: str, settings: dict):
+    """benchmarks.hosts.cgroup_v1, or skip the test saying why one cannot be made here."""
+    from benchmarks.hosts import CgroupUnavailable, cgroup_v1
+    try:
+        with cgroup_v1(controller, settings, name="tpllama-test") as group:
+            yield group
+    except CgroupUnavailable as e:
+        pytest.skip(str(e))
 
 
 def default_model_or_skip() -> str:

@@ -3,18 +3,17 @@ all-reduces per layer, sub-communicators, and a whole job that fails fast and lo
 
 More ranks than cores (4 on 2) is fine for correctness; these tests time nothing.
 """
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import cgroup_or_skip
 from mpi_util import SCRIPTS, mpi_env, mpirun, mpirun_cmd, run_script, REPO
 from tiny_models import rule_prompt
 
@@ -101,37 +100,13 @@ def test_rank_weights_change_the_split_not_the_text(stories_bin, smollm2):
     assert three["tokens"] == ref["tokens"]
 
 
-@contextlib.contextmanager
-def cpu_cgroup(fraction: float):
-    """A cgroup v1 cpu group capped at `fraction` of one core (root only), removed at the end."""
-    base = Path("/sys/fs/cgroup/cpu")
-    if os.geteuid() != 0 or not base.is_dir():
-        pytest.skip("needs root and the cgroup v1 cpu controller (/sys/fs/cgroup/cpu) to throttle a rank")
-    group = base / f"tpllama-test-cpu-{os.getpid()}"
-    try:
-        group.mkdir()
-        (group / "cpu.cfs_period_us").write_text("20000")
-        (group / "cpu.cfs_quota_us").write_text(str(int(20000 * fraction)))
-    except OSError as e:
-        pytest.skip(f"cannot make a cpu cgroup here: {e}")
-    try:
-        yield group
-    finally:
-        for _ in range(50):
-            try:
-                group.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
-
-
 def test_auto_rank_weights_give_a_throttled_rank_less_work_and_the_same_text(stories_bin):
     """Rank 1 runs in a cgroup capped at an eighth of a core: --rank-weights auto measures it
     slower and gives rank 0 more heads, FFN units and vocab rows; the text is the even split's."""
     prompt = "Once upon a time"
     even = run_script(2, "greedy.py", stories_bin, "f32", 12, prompt)
     args = [str(SCRIPTS / "greedy.py"), str(stories_bin), "f32", "12", prompt, "--rank-weights", "auto"]
-    with cpu_cgroup(0.125) as group:
+    with cgroup_or_skip("cpu", {"cpu.cfs_period_us": 20000, "cpu.cfs_quota_us": 2500}) as group:   # 1/8 core
         cmd = mpirun_cmd(1, args) + [":", "-n", "1", sys.executable, *args, "--cpu-cgroup", str(group)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(REPO),
                               env=mpi_env())

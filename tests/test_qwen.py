@@ -57,6 +57,17 @@ def load_f32(path, **kw):
                         shard_cache=kw.pop("shard_cache", False), **kw)
 
 
+def load_with_config_changes(directory, tmp_path, changes):
+    """load_f32 of a copy of an HF directory whose config.json has `changes`."""
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(directory, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg.update(changes)
+    (bad / "config.json").write_text(json.dumps(cfg))
+    return load_f32(bad)
+
+
 def run_calls(model, calls) -> np.ndarray:
     return np.concatenate([model.forward(ids, start) for ids, start, _ in calls])
 
@@ -154,13 +165,7 @@ def test_shard_file_keeps_biases_and_norms(qwen, tmp_path):
     ({"use_sliding_window": True, "sliding_window": 16}, r"sliding-window attention \(use_sliding_window\)"),
 ])
 def test_qwen3_options_not_supported_are_refused(qwen, tmp_path, changes, message):
-    import shutil
     from tpllama.errors import ModelFormatError
     _, directory, _, _, _, _ = qwen("qwen3")
-    bad = tmp_path / "bad"
-    shutil.copytree(directory, bad)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg.update(changes)
-    (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelFormatError, match=message):
-        load_f32(bad)
+        load_with_config_changes(directory, tmp_path, changes)

@@ -8,7 +8,6 @@ steps must match HF's within 1e-4 x the logit scale at 1 rank, and at 2 and 3 ra
 4 units of 32 split 1, 2, 1; 4 heads split 2, 1, 1); greedy tokens are HF's at every rank count.
 """
 import json
-import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 
 from gguf_writer import T, hf_model_to_gguf
 from mpi_util import run_script
-from test_qwen import TOLERANCE, _hf_config, assert_matches, load_f32, reference, run_calls
+from test_qwen import TOLERANCE, _hf_config, assert_matches, load_f32, load_with_config_changes, reference, run_calls
 from tiny_models import QWEN_MOE_SPEC, reference_logits, rule_prompt, write_hf_model
 
 PROMPT_TOKENS = 12
@@ -151,14 +150,8 @@ def test_plan_shows_the_expert_split(moe, capsys):
 ])
 def test_moe_options_not_supported_are_refused(moe, tmp_path, changes, message):
     from tpllama.errors import ModelFormatError
-    directory = moe[0]
-    bad = tmp_path / "bad"
-    shutil.copytree(directory, bad)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg.update(changes)
-    (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelFormatError, match=message):
-        load_f32(bad)
+        load_with_config_changes(moe[0], tmp_path, changes)
 
 
 def test_whole_expert_split_benchmark_counts_the_busiest_rank():

@@ -1,7 +1,6 @@
 """Per-rank shard files: a rank writes its converted weights once and reads them back at the
 next start; a stale or damaged file is rebuilt, never used; a folder that cannot be written
 costs only time."""
-import contextlib
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 
 import tpllama
+from conftest import cgroup_or_skip
 from mpi_util import run_script
 from test_generate import STORIES_TEXT
 
@@ -129,36 +129,13 @@ def mapped_model(tmp_path_factory):
     return path
 
 
-@contextlib.contextmanager
-def memory_cgroup(limit: int):
-    """A cgroup v1 memory group of `limit` bytes (root only), removed at the end."""
-    base = Path("/sys/fs/cgroup/memory")
-    if os.geteuid() != 0 or not base.is_dir():
-        pytest.skip("needs root and the cgroup v1 memory controller (/sys/fs/cgroup/memory) to cap memory")
-    group = base / f"tpllama-test-{os.getpid()}"
-    try:
-        group.mkdir()
-        (group / "memory.limit_in_bytes").write_text(str(limit))
-    except OSError as e:
-        pytest.skip(f"cannot make a memory cgroup here: {e}")
-    try:
-        yield group
-    finally:
-        for _ in range(50):
-            try:
-                group.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
-
-
 def test_weights_twice_the_memory_limit_give_the_unconstrained_text(mapped_model, tmp_path):
     reference = tpllama.load(str(mapped_model), weight_type="f32", threads=2, ctx_size=64, shard_cache=False)
     want = reference.generate([1, 300, 400, 500], 4, temperature=0.0).tokens
     del reference
     folder = tmp_path / "shards"
     limit = 180 * 2**20
-    with memory_cgroup(limit) as group:
+    with cgroup_or_skip("memory", {"memory.limit_in_bytes": limit}) as group:
         cmd = ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$0" "$@"', sys.executable,
                str(Path(__file__).parent / "mapped_worker.py"), str(mapped_model), str(folder)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
