@@ -39,10 +39,26 @@ def mpirun_cmd(n: int, args: Sequence[str], mca: Sequence[str] = ()) -> List[str
             "--mca", "mpi_yield_when_idle", "1", *mca, sys.executable, *args]
 
 
+# Open MPI's launcher sometimes fails to start before any rank runs, when mpiruns follow each
+# other closely on a busy machine (seen a few times per thousand launches here, in different
+# tests): that is not tpllama's doing, so such a launch is retried.
+LAUNCHER_FAILURES = ("The PMIx server's listener thread failed to start",)
+
+
+def run_mpirun(cmd: Sequence[str], attempts: int = 3, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, capture_output=True, text=True, **kwargs) of an mpirun command line,
+    launched again when Open MPI's launcher itself failed to start (LAUNCHER_FAILURES)."""
+    for attempt in range(attempts):
+        proc = subprocess.run(list(cmd), capture_output=True, text=True, **kwargs)
+        if proc.returncode == 0 or not any(f in proc.stderr for f in LAUNCHER_FAILURES):
+            return proc
+        print(f"mpi_util: the launcher failed to start (attempt {attempt + 1}); launching again", file=sys.stderr)
+    return proc
+
+
 def mpirun(n: int, args: Sequence[str], timeout: float = 240, env: Optional[dict] = None, check: bool = True,
            mca: Sequence[str] = ()) -> subprocess.CompletedProcess:
-    proc = subprocess.run(mpirun_cmd(n, args, mca), capture_output=True, text=True, timeout=timeout,
-                          env=mpi_env(env), cwd=str(REPO))
+    proc = run_mpirun(mpirun_cmd(n, args, mca), timeout=timeout, env=mpi_env(env), cwd=str(REPO))
     if check and proc.returncode != 0:
         raise AssertionError(f"mpirun -n {n} {' '.join(args)} exited {proc.returncode}\n"
                              f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import cgroup_or_skip
-from mpi_util import SCRIPTS, mpi_env, mpirun, mpirun_cmd, run_script, REPO
+from mpi_util import SCRIPTS, mpi_env, mpirun, mpirun_cmd, run_mpirun, run_script, REPO
 from tiny_models import rule_prompt
 
 pytestmark = pytest.mark.mpi
@@ -206,7 +206,7 @@ def test_bad_path_on_one_rank_stops_every_rank_with_one_message(stories_bin, tmp
     cmd = mpirun_cmd(1, base + ["-m", str(stories_bin)])
     cmd += [":", "-n", "1", cmd[cmd.index("--mca") + 3]] + base + ["-m", str(missing)]   # MPMD: rank 1's own args
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=mpi_env(), cwd=str(REPO))
+    proc = run_mpirun(cmd, timeout=60, env=mpi_env(), cwd=str(REPO))
     assert proc.returncode != 0
     assert time.time() - t0 < 30
     assert proc.stderr.count("not-here.bin") == 1, proc.stderr
@@ -262,8 +262,8 @@ def _only_tpllama_lines(stderr: str):
     (["-m", "/nonexistent/model.gguf"], "error: /nonexistent/model.gguf: no such file or directory"),
 ])
 def test_user_errors_under_mpirun_are_one_quiet_line(stories_bin, args, line):
-    proc = subprocess.run(mpirun_cmd(2, ["-m", "tpllama.generate", "-m", str(stories_bin), "-q", "-p", "hi", *args]),
-                          capture_output=True, text=True, timeout=60, env=mpi_env(), cwd=str(REPO))
+    proc = run_mpirun(mpirun_cmd(2, ["-m", "tpllama.generate", "-m", str(stories_bin), "-q", "-p", "hi", *args]),
+                      timeout=60, env=mpi_env(), cwd=str(REPO))
     assert proc.returncode == 1
     _only_tpllama_lines(proc.stderr)
     lines = proc.stderr.strip().splitlines()
@@ -271,8 +271,8 @@ def test_user_errors_under_mpirun_are_one_quiet_line(stories_bin, args, line):
 
 
 def test_a_usage_error_under_mpirun_is_quiet(stories_bin):
-    proc = subprocess.run(mpirun_cmd(2, ["-m", "tpllama.generate", "--no-such-flag"]), capture_output=True, text=True,
-                          timeout=60, env=mpi_env(), cwd=str(REPO))
+    proc = run_mpirun(mpirun_cmd(2, ["-m", "tpllama.generate", "--no-such-flag"]),
+                      timeout=60, env=mpi_env(), cwd=str(REPO))
     assert proc.returncode != 0
     _only_tpllama_lines(proc.stderr)
     assert proc.stderr.strip().splitlines()[-1].endswith("error: unrecognized arguments: --no-such-flag")
@@ -283,7 +283,7 @@ def test_bad_path_on_one_rank_is_one_quiet_line(stories_bin, tmp_path):
     base = ["-m", "tpllama.generate", "-p", "hi", "-n", "4", "-q"]
     cmd = mpirun_cmd(1, base + ["-m", str(stories_bin)])
     cmd += [":", "-n", "1", cmd[cmd.index("--mca") + 3]] + base + ["-m", str(missing)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=mpi_env(), cwd=str(REPO))
+    proc = run_mpirun(cmd, timeout=60, env=mpi_env(), cwd=str(REPO))
     assert proc.returncode == 1
     _only_tpllama_lines(proc.stderr)
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
