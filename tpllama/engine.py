@@ -26,14 +26,14 @@ from .formats import open_model
 from .generation import Generation  # noqa: F401  (tpllama.Generation, engine.Generation)
 from .loader import load_rank_weights
 from .model import RankModel, row_groups
-from .parallel import Finished, Parallel, world_size
+from .parallel import Parallel, world_size
 from .plan import (PREFILL_CHUNK, format_memory_table, format_split, host_shortfalls, make_plan, max_context,
                    parse_rank_weights, rank_memory, weight_bytes)
 from .speedprobe import matvec_speed, probe_type, weights_from_speeds
 from .sampler import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from . import remote
 from .startplan import choose_mapped
-from .shardcache import cached_rank_weights, read_bandwidth, shard_folder, shard_key, shard_path
+from .shardcache import cached_rank_weights, has_sound_shard, read_bandwidth, shard_folder, shard_key, shard_path
 from .stats import RunStats, resident_anon_bytes
 from .steps import LocalFailure, StepClock, non_finite_logits
 from .weights import RankWeights
@@ -204,7 +204,7 @@ class Model:
         folder = shard_folder(self.options.shard_cache)
         key = shard_key(self.shard_identity, par.size, self.shard, self.types)
         path = shard_path(folder, self.reader.path, par.size, par.rank, key)
-        missing = par.rank in self.remote_ranks and not remote.has_sound_shard(path, key)
+        missing = par.rank in self.remote_ranks and not has_sound_shard(path, key)
         needing = [r for r, m in enumerate(par.allgather_object(missing)) if m]
         error = None
         for r in needing:
@@ -411,7 +411,6 @@ class Model:
         """This rank's logits of the chunk's last `wanted` positions (T, V_r); zeros once failed."""
         par = self.par
         parts = self.micro_batches if len(chunk) >= MIN_ROWS_TO_SPLIT else 1
-        reduce = par.start_allreduce_sum if parts > 1 else (lambda partial: Finished(par.allreduce_sum(partial)))
         reduces_before = par.counters.calls.get("allreduce", 0)
         if failure.error is None:
             try:
@@ -428,7 +427,7 @@ class Model:
         done = par.counters.calls.get("allreduce", 0) - reduces_before
         zeros = np.zeros((len(chunk), self.config.dim), dtype=np.float64)
         for k in range(done, 2 * self.config.n_layers * len(groups)):
-            reduce(zeros[groups[k % len(groups)]]).wait()
+            par.start_allreduce_sum(zeros[groups[k % len(groups)]], overlap=parts > 1).wait()
         return np.zeros((wanted, self._vocab_counts[par.rank]), dtype=np.float32)
 
     def forward(self, token_ids: Sequence[int], start_pos: int) -> np.ndarray:

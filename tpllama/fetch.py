@@ -46,6 +46,12 @@ def cache_dir() -> str:
     return os.path.expanduser(os.environ.get("TPLLAMA_CACHE") or os.path.join("~", ".cache", "tpllama"))
 
 
+def shard_cache_dir() -> str:
+    """The default folder of the per-rank shard files: $TPLLAMA_SHARD_CACHE, else
+    ~/.cache/tpllama/shards (or $TPLLAMA_CACHE/shards)."""
+    return os.path.expanduser(os.environ.get("TPLLAMA_SHARD_CACHE") or os.path.join(cache_dir(), "shards"))
+
+
 def cached_path(model: RegistryModel = DEFAULT_MODEL) -> str:
     return os.path.join(cache_dir(), os.path.basename(model.member))
 

@@ -362,6 +362,7 @@ def _host_sizes(text: Optional[str], ranks: int) -> List[int]:
 def main(argv=None) -> int:
     import argparse
     from .formats import open_model
+    from .fetch import shard_cache_dir
     from .startplan import choose_mapped, mapped_speed_lines, rank_starts, startplan_table
     from .parallel import SYNC_TYPES
     p = argparse.ArgumentParser(
@@ -403,7 +404,7 @@ def main(argv=None) -> int:
     plan = make_plan(c, args.ranks, weights)
     hosts = [f"host{r}" for r in range(args.ranks)]
     types = choose_types(reader, args.weight_type)
-    folder = None if args.no_shard_cache else os.path.expanduser(args.shard_cache) if args.shard_cache else default_folder()
+    folder = None if args.no_shard_cache else os.path.expanduser(args.shard_cache) if args.shard_cache else shard_cache_dir()
     mapped, why_mapped = choose_mapped(plan, types, args.ctx_size or min(256, c.max_seq_len), hosts, sizes,
                                        args.mmap, folder is not None)
     ctx = args.ctx_size or min(c.max_seq_len, max_context(plan, types, hosts, sizes, mapped=mapped, slots=args.parallel))
@@ -432,12 +433,6 @@ def main(argv=None) -> int:
         print(f"does not fit: rank {ranks[0]} needs {missing / 2**20:,.0f} MiB more than {host} has; "
               "lower -c, add ranks, or change --rank-weights" + ("" if mapped or folder is None else ", or --mmap"))
     return 1 if short else 0
-
-
-def default_folder() -> str:
-    """The runtime's default shard folder (shardcache.default_dir, without importing the kernels)."""
-    from .fetch import cache_dir
-    return os.path.expanduser(os.environ.get("TPLLAMA_SHARD_CACHE") or os.path.join(cache_dir(), "shards"))
 
 
 def _remote_ranks(text: str, ranks: int) -> List[int]:

@@ -16,7 +16,6 @@ every rank then raises the error at the agreement that ends the transfer.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -24,7 +23,7 @@ import numpy as np
 
 from .errors import TpllamaError
 from .fingerprint import model_identity
-from .shardcache import ShardWriter, _arrays, _entry, read_header
+from .shardcache import ShardWriter, _arrays, _entry
 from .tensors import EMBEDDING
 
 CHUNK = 16 * 2**20        # bytes per message
@@ -82,14 +81,6 @@ class RemoteModel:
 
     def close(self) -> None:
         pass
-
-
-def has_sound_shard(path: str, key: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return read_header(f, key, os.path.getsize(path)) is not None
-    except OSError:
-        return False
 
 
 # ------------------------------------------------------------ rank 0

@@ -59,8 +59,8 @@ EXPERT_FIELDS = ("w1", "w3", "w2")    # of each expert of a mixture-of-experts l
 
 def default_dir() -> str:
     """$TPLLAMA_SHARD_CACHE, else ~/.cache/tpllama/shards (or $TPLLAMA_CACHE/shards)."""
-    from .fetch import cache_dir
-    return os.path.expanduser(os.environ.get("TPLLAMA_SHARD_CACHE") or os.path.join(cache_dir(), "shards"))
+    from .fetch import shard_cache_dir
+    return shard_cache_dir()
 
 
 def shard_folder(shard_cache) -> Optional[str]:
@@ -300,6 +300,15 @@ def read_header(f, key: str, file_size: int) -> Optional[dict]:
     if not isinstance(meta, dict) or meta.get("key") != key or DATA_START_ALIGN + meta.get("data_bytes", -1) != at:
         return None
     return meta
+
+
+def has_sound_shard(path: str, key: str) -> bool:
+    """A sound shard file of this key is at path (read_header), without reading its data."""
+    try:
+        with open(path, "rb") as f:
+            return read_header(f, key, os.path.getsize(path)) is not None
+    except OSError:
+        return False
 
 
 @dataclass

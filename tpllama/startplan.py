@@ -8,7 +8,6 @@ each host looks in its own folder when the job starts.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -51,21 +50,23 @@ def shard_file_bytes(plan: ShardPlan, rank: int, types, reader, remote: bool) ->
     return nbytes
 
 
-def _found_here(reader, plan: ShardPlan, rank: int, types, folder: str) -> Optional[bool]:
-    """A sound shard file of this rank's key is in the folder (None: the kernels, which name the
-    packed layout, are not built, so the key is unknown)."""
-    try:
-        from .fingerprint import fingerprint, model_identity
-        from .shardcache import read_header, shard_key, shard_path
-        key = shard_key((*fingerprint(reader), model_identity(reader)), plan.world_size, plan[rank], types)
-    except ImportError:
+def _model_identity(reader) -> Optional[tuple]:
+    """What a shard file's key holds of the model (engine's shard_identity); None where the
+    kernels, whose build the key also names, are not built."""
+    import importlib.util
+    if importlib.util.find_spec(f"{__package__}._kernels") is None:
         return None
-    path = shard_path(folder, reader.path, plan.world_size, rank, key)
-    try:
-        with open(path, "rb") as f:
-            return read_header(f, key, os.path.getsize(path)) is not None
-    except OSError:
-        return False
+    from .fingerprint import fingerprint, model_identity
+    return (*fingerprint(reader), model_identity(reader))
+
+
+def _found_here(reader, plan: ShardPlan, rank: int, types, folder: str, identity: Optional[tuple]) -> Optional[bool]:
+    """A sound shard file of this rank's key is in the folder (None: the key is unknown)."""
+    if identity is None:
+        return None
+    from .shardcache import has_sound_shard, shard_key, shard_path
+    key = shard_key(identity, plan.world_size, plan[rank], types)
+    return has_sound_shard(shard_path(folder, reader.path, plan.world_size, rank, key), key)
 
 
 def rank_starts(reader, plan: ShardPlan, types, ctx: int, hosts: Sequence[str], available: Sequence[int],
@@ -73,10 +74,11 @@ def rank_starts(reader, plan: ShardPlan, types, ctx: int, hosts: Sequence[str], 
     """Each rank's start: what it does, its shard file's size and the resident memory in each mode."""
     in_memory = rank_memory(plan, types, ctx, hosts, available)
     as_mapped = rank_memory(plan, types, ctx, hosts, available, mapped=True)
+    identity = _model_identity(reader) if folder else None     # read once, not per rank
     out = []
     for s in plan.ranks:
         remote = s.rank in remote_ranks
-        found = _found_here(reader, plan, s.rank, types, folder) if folder else None
+        found = _found_here(reader, plan, s.rank, types, folder, identity) if folder else None
         verb = "map" if mapped else "read"
         if folder is None:
             action = "convert its slice from the model file (no shard cache)"
