@@ -130,6 +130,7 @@ INLINE TGT_DOT void q40_tile_dot(const uint8_t *w, int64_t nb, const tpk_xq *x, 
     const uint8x16_t m4 = vdupq_n_u8(0x0F);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gb = w + b * TPK_Q40_GROUP_BYTES;
+        tpk_prefetch_ahead(gb, TPK_Q40_GROUP_BYTES);
         int32x4_t acc[2][4];
         int8x16_t xlo[2], xhi[2];
         for (int t = 0; t < TT; t++) {
@@ -164,6 +165,7 @@ INLINE TGT_DOT void q80_tile_dot(const uint8_t *w, int64_t nb, const tpk_xq *x, 
     const uint8x16_t sign = vdupq_n_u8(0x80);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gb = w + b * TPK_Q80_GROUP_BYTES;
+        tpk_prefetch_ahead(gb, TPK_Q80_GROUP_BYTES);
         int32x4_t acc[2][4];
         int8x16_t xlo[2], xhi[2];
         for (int t = 0; t < TT; t++) {
@@ -212,6 +214,7 @@ INLINE void q40_tile_neon(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y
     const uint8x16_t m4 = vdupq_n_u8(0x0F);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gb = w + b * TPK_Q40_GROUP_BYTES;
+        tpk_prefetch_ahead(gb, TPK_Q40_GROUP_BYTES);
         int16x8_t a16[2][4][2];
         for (int t = 0; t < TT; t++)
             for (int q = 0; q < 4; q++) a16[t][q][0] = a16[t][q][1] = vdupq_n_s16(0);
@@ -254,6 +257,7 @@ INLINE void q80_tile_neon(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y
     const uint8x16_t sign = vdupq_n_u8(0x80);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gb = w + b * TPK_Q80_GROUP_BYTES;
+        tpk_prefetch_ahead(gb, TPK_Q80_GROUP_BYTES);
         int32x4_t a32[2][4][2];
         for (int t = 0; t < TT; t++)
             for (int q = 0; q < 4; q++) a32[t][q][0] = a32[t][q][1] = vdupq_n_s32(0);
@@ -464,6 +468,7 @@ INLINE void kspan_end(rowacc *out, const rowacc *s, const rowacc *m, const uint8
             }                                                                                   \
             for (int j_ = 0; j_ < n_; j_++, b++, p_ += KQ_GB(T)) {                              \
                 const uint8_t *gb = p_;                                                         \
+                tpk_prefetch_ahead(gb, KQ_GB(T));                                               \
                 int32x4_t A[2][4], B[2][4];                                                     \
                 SUMS(gb, x, nb, b, A, B, TT, T);                                                \
                 for (int t = 0; t < TT; t++) {                                                  \

@@ -152,6 +152,7 @@ INLINE TGT_VNNI void q40_tile_vnni(const uint8_t *w, int64_t nb, const tpk_xq *x
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gb = w + b * TPK_Q40_GROUP_BYTES;
+        tpk_prefetch_ahead(gb, TPK_Q40_GROUP_BYTES);
         __m512i acc[8];
         for (int t = 0; t < TT; t++) acc[t] = _mm512_set1_epi32(x[t * nb + b].s8);
         for (int k = 0; k < 4; k++) {
@@ -176,6 +177,7 @@ INLINE TGT_VNNI void q80_tile_vnni(const uint8_t *w, int64_t nb, const tpk_xq *x
     for (int t = 0; t < TT; t++) acc512_zero(&out[t], F64);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gb = w + b * TPK_Q80_GROUP_BYTES;
+        tpk_prefetch_ahead(gb, TPK_Q80_GROUP_BYTES);
         __m512i acc[8];
         for (int t = 0; t < TT; t++) acc[t] = _mm512_set1_epi32(x[t * nb + b].s128);
         for (int k = 0; k < 8; k++) {
@@ -208,6 +210,7 @@ INLINE TGT_512 void q40_tile_512(const uint8_t *w, int64_t nb, const tpk_xq *x, 
     const __m512i ones = _mm512_set1_epi16(1);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gb = w + b * TPK_Q40_GROUP_BYTES;
+        tpk_prefetch_ahead(gb, TPK_Q40_GROUP_BYTES);
         __m512i acc16[8];
         for (int t = 0; t < TT; t++) acc16[t] = _mm512_setzero_si512();
         for (int k = 0; k < 4; k++) {
@@ -238,6 +241,7 @@ INLINE TGT_512 void q80_tile_512(const uint8_t *w, int64_t nb, const tpk_xq *x, 
     const __m512i sixteens = _mm512_set1_epi16(16);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gb = w + b * TPK_Q80_GROUP_BYTES;
+        tpk_prefetch_ahead(gb, TPK_Q80_GROUP_BYTES);
         __m512i lo16[4], hi16[4];
         for (int t = 0; t < TT; t++) lo16[t] = hi16[t] = _mm512_setzero_si512();
         for (int k = 0; k < 8; k++) {
@@ -278,6 +282,7 @@ INLINE TGT_AVX2 void q40_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x
     const __m256i ones = _mm256_set1_epi16(1);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gb = w + b * TPK_Q40_GROUP_BYTES;
+        tpk_prefetch_ahead(gb, TPK_Q40_GROUP_BYTES);
         __m256i acc16[2][2];
         for (int h = 0; h < 2; h++)
             for (int t = 0; t < TT; t++) acc16[h][t] = _mm256_setzero_si256();
@@ -317,6 +322,7 @@ INLINE TGT_AVX2 void q80_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x
     const __m256i sixteens = _mm256_set1_epi16(16);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gb = w + b * TPK_Q80_GROUP_BYTES;
+        tpk_prefetch_ahead(gb, TPK_Q80_GROUP_BYTES);
         for (int h = 0; h < 2; h++) {
             __m256i lo16[2], hi16[2];
             for (int t = 0; t < TT; t++) lo16[t] = hi16[t] = _mm256_setzero_si256();
@@ -511,6 +517,7 @@ INLINE TGT_VNNI void kq_tile_vnni(const uint8_t *w, int64_t nb, const tpk_xq *x,
     for (int t = 0; t < TT; t++) acc512_zero(&out[t], F64);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gb = w + b * KQ_GB(T);
+        tpk_prefetch_ahead(gb, KQ_GB(T));
         __m512i A[4], B[4], p0, p1;
         kq512_planes(gb, &p0, &p1, T);
         for (int t = 0; t < TT; t++) A[t] = B[t] = _mm512_setzero_si512();
@@ -536,6 +543,7 @@ INLINE TGT_512 void kq_tile_512(const uint8_t *w, int64_t nb, const tpk_xq *x, v
     const __m512i ones = _mm512_set1_epi16(1);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gb = w + b * KQ_GB(T);
+        tpk_prefetch_ahead(gb, KQ_GB(T));
         __m512i A[4], B[4], A16[4], B16[4], p0, p1;
         kq512_planes(gb, &p0, &p1, T);
         for (int t = 0; t < TT; t++) A[t] = B[t] = A16[t] = B16[t] = _mm512_setzero_si512();
@@ -568,6 +576,7 @@ INLINE TGT_AVX2 void kq_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x,
     const __m256i ones = _mm256_set1_epi16(1);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gb = w + b * KQ_GB(T);
+        tpk_prefetch_ahead(gb, KQ_GB(T));
         for (int h = 0; h < 2; h++) {
             __m256i A[2], B[2], A16[2], B16[2];
             __m256i p0 = _mm256_setzero_si256(), p1 = p0;
@@ -767,6 +776,7 @@ INLINE TGT_AVX2 void kspan_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq 
                 acc256_zero(&m[h][t], F64);
             }
         for (int j = 0; j < n; j++, b++, p += KQ_GB(T)) {
+            tpk_prefetch_ahead(p, KQ_GB(T));
             for (int h = 0; h < 2; h++) {
                 __m256i isum[2];
                 kspan256_sums(p, h, x, nb, b, isum, TT, T);
@@ -867,6 +877,7 @@ INLINE TGT_VNNI void kspan_vnni_sums(const uint8_t *gb, const tpk_xq *x, int64_t
                 acc512_zero(&m[t], F64);                                                                 \
             }                                                                                            \
             for (int j = 0; j < n; j++, b++, p += KQ_GB(T)) {                                            \
+                tpk_prefetch_ahead(p, KQ_GB(T));                                                         \
                 __m512i isum[4];                                                                         \
                 sums(p, x, nb, b, isum, TT, T);                                                          \
                 const __m512i mn = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + KQ_OFF_MN))); \
