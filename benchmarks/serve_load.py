@@ -122,6 +122,27 @@ def round_of(port: int, clients: int, requests: int, tokens: int) -> dict:
             "client_tok_s_median": median(per_client), "client_tok_s_p90": p90(per_client)}
 
 
+def throughput_plot(rows, width: int = 48) -> str:
+    """A text bar chart of aggregate tokens/s against concurrent clients, one block per rank count,
+    each bar beside what perfect batching would give (clients x the 1-client rate, '|')."""
+    top = max(max(r["aggregate_tok_s"] for r in rows),
+              max(r["clients"] * next(b["aggregate_tok_s"] for b in rows if b["ranks"] == r["ranks"]) for r in rows))
+    scale = width / top if top > 0 else 0.0
+    lines = [f"aggregate tokens/s ('#': measured, '|': clients x the 1-client rate; full width = {top:.1f} tok/s)"]
+    for ranks in sorted({r["ranks"] for r in rows}):
+        mine = [r for r in rows if r["ranks"] == ranks]
+        base = mine[0]["aggregate_tok_s"]
+        lines.append(f"{ranks} rank(s):")
+        for r in mine:
+            bar = "#" * round(r["aggregate_tok_s"] * scale)
+            ideal = round(r["clients"] * base * scale)
+            cells = bar.ljust(max(ideal, len(bar)))
+            if ideal > len(bar):
+                cells = cells[:ideal - 1] + "|"
+            lines.append(f"  {r['clients']:>2} clients {cells} {r['aggregate_tok_s']:.1f} ({r['aggregate_tok_s'] / base:.2f}x)")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_arguments(p, default_type="q40")
@@ -132,7 +153,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="threads per rank (default: cores / ranks)")
     p.add_argument("--ctx", type=int, default=512, help="context per slot (default 512)")
     p.add_argument("--output", default=None, help="JSON file (default: benchmarks/results/serve_load-<time>.json)")
+    p.add_argument("--plot", metavar="JSON", help="only print the chart of an earlier run's JSON file")
     args = p.parse_args(argv)
+    if args.plot:
+        print(throughput_plot(json.loads(Path(args.plot).read_text())["rows"]))
+        return
     model = bench_model(args.model, args.shape, args.type)
     machine = machine_info()
     print(machine_header(machine), flush=True)
@@ -164,6 +189,7 @@ def main(argv=None):
     out = write_results("serve_load", {"machine": machine, "model": model, "tokens": args.tokens,
                                        "requests_per_client": args.requests, "noisy_rounds": quiet.noisy,
                                        "rows": rows}, args.output)
+    print(throughput_plot(rows))
     print(f"wrote {out}")
 
 
