@@ -43,7 +43,7 @@ int tpk_x86_supports(int level) {
 #define TPK_CHAIN(v) __asm__("" : "+x"(v))
 /* A pointer GCC cannot see through: loads made through it are not merged with earlier
  * loads of the same bytes (which would keep those values live, and spilled, in between). */
-#define TPK_OPAQUE(p) __asm__("" : "+r"(p))
+#define TPK_OPAQUE(p) __asm__ volatile("" : "+r"(p))
 
 INLINE int32_t ld32(const void *p) {
     int32_t v;
@@ -333,6 +333,8 @@ INLINE TGT_AVX2 void q80_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x
         const uint8_t *gb = w + b * TPK_Q80_GROUP_BYTES;
         tpk_prefetch_ahead(gb, TPK_Q80_GROUP_BYTES);
         for (int h = 0; h < 2; h++) {
+            const tpk_xq *xh = x;
+            TPK_OPAQUE(xh);
             __m256i lo16[2], hi16[2];
             for (int t = 0; t < TT; t++) lo16[t] = hi16[t] = _mm256_setzero_si256();
             for (int k = 0; k < 8; k++) {
@@ -340,9 +342,11 @@ INLINE TGT_AVX2 void q80_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x
                 const __m256i lo = _mm256_and_si256(v, m4);
                 const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
                 for (int t = 0; t < TT; t++) {
-                    const __m256i xk = _mm256_set1_epi32(ld32(x[t * nb + b].qs + 4 * k));
+                    const __m256i xk = _mm256_set1_epi32(ld32(xh[t * nb + b].qs + 4 * k));
                     lo16[t] = _mm256_add_epi16(lo16[t], _mm256_maddubs_epi16(lo, xk));
                     hi16[t] = _mm256_add_epi16(hi16[t], _mm256_maddubs_epi16(hi, xk));
+                    TPK_CHAIN(lo16[t]);
+                    TPK_CHAIN(hi16[t]);
                 }
             }
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb + 16 * h)));
@@ -587,6 +591,8 @@ INLINE TGT_AVX2 void kq_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x,
         const uint8_t *gb = w + b * KQ_GB(T);
         tpk_prefetch_ahead(gb, KQ_GB(T));
         for (int h = 0; h < 2; h++) {
+            const tpk_xq *xh = x;
+            TPK_OPAQUE(xh);
             __m256i A[2], B[2], A16[2], B16[2];
             __m256i p0 = _mm256_setzero_si256(), p1 = p0;
             if (KQ_PLANES(T) >= 1) p0 = _mm256_loadu_si256((const __m256i *)(gb + KQ_OFF_QH(T) + 32 * h));
@@ -596,11 +602,14 @@ INLINE TGT_AVX2 void kq_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x,
                 __m256i lo, hi;
                 kq256_chunk(gb, k, h, p0, p1, &lo, &hi, T);
                 for (int t = 0; t < TT; t++) {
-                    const int8_t *xq = x[t * nb + b].qs;
+                    const int8_t *xq = xh[t * nb + b].qs;
                     const __m256i ph = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(ld32(xq + 16 + 4 * k)));
                     A16[t] = _mm256_add_epi16(A16[t], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(ld32(xq + 4 * k))));
+                    TPK_CHAIN(A16[t]);
                     if (KQ_MERGE16(T)) A16[t] = _mm256_add_epi16(A16[t], ph);
                     else B16[t] = _mm256_add_epi16(B16[t], ph);
+                    TPK_CHAIN(A16[t]);
+                    if (!KQ_MERGE16(T)) TPK_CHAIN(B16[t]);
                     if ((k + 1) % KQ_ACC16_CHUNKS(T) == 0) {
                         A[t] = _mm256_add_epi32(A[t], _mm256_madd_epi16(A16[t], ones));
                         if (!KQ_MERGE16(T)) B[t] = _mm256_add_epi32(B[t], _mm256_madd_epi16(B16[t], ones));
@@ -733,6 +742,7 @@ INLINE TGT_512 __m512i q6k_offset512(__m512i sc0, __m512i sc1, const tpk_xq *xb)
 /* One group block, 8 rows (half), TT tokens: isum[t] with the scales applied. */
 INLINE TGT_AVX2 void kspan256_sums(const uint8_t *gb, const int half, const tpk_xq *x, int64_t nb, int64_t b,
                                    __m256i *isum, const int TT, const int T) {
+    TPK_OPAQUE(x);   /* the other half's loads of the same activations are not merged with these */
     __m256i sc0, sc1;
     if (T == TPK_T_Q6K) {
         sc0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(gb + KQ_OFF_SC6 + 8 * half)));
@@ -753,8 +763,11 @@ INLINE TGT_AVX2 void kspan256_sums(const uint8_t *gb, const int half, const tpk_
             const int8_t *xq = x[t * nb + b].qs;
             const __m256i ph = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(ld32(xq + 16 + 4 * k)));
             A16[t] = _mm256_add_epi16(A16[t], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(ld32(xq + 4 * k))));
+            TPK_CHAIN(A16[t]);
             if (KQ_MERGE16(T)) A16[t] = _mm256_add_epi16(A16[t], ph);
             else B16[t] = _mm256_add_epi16(B16[t], ph);
+            TPK_CHAIN(A16[t]);
+            if (!KQ_MERGE16(T)) TPK_CHAIN(B16[t]);
             if ((k + 1) % KQ_ACC16_CHUNKS(T) == 0) {
                 A[t] = _mm256_add_epi32(A[t], _mm256_madd_epi16(A16[t], wA));
                 if (!KQ_MERGE16(T)) B[t] = _mm256_add_epi32(B[t], _mm256_madd_epi16(B16[t], wB));
