@@ -323,7 +323,7 @@ INLINE TGT_AVX2 void q40_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x
 
 INLINE TGT_AVX2 void q80_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
                                    int nrows, const int TT, const int F64) {
-    acc256 out[2][2];
+    acc256 out[2][4];
     for (int h = 0; h < 2; h++)
         for (int t = 0; t < TT; t++) acc256_zero(&out[h][t], F64);
     const __m256i m4 = _mm256_set1_epi8(0x0F);
@@ -335,7 +335,7 @@ INLINE TGT_AVX2 void q80_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x
         for (int h = 0; h < 2; h++) {
             const tpk_xq *xh = x;
             TPK_OPAQUE(xh);
-            __m256i lo16[2], hi16[2];
+            __m256i lo16[4], hi16[4];
             for (int t = 0; t < TT; t++) lo16[t] = hi16[t] = _mm256_setzero_si256();
             for (int k = 0; k < 8; k++) {
                 const __m256i v = _mm256_loadu_si256((const __m256i *)(gb + 32 + 64 * k + 32 * h));
@@ -364,7 +364,7 @@ INLINE TGT_AVX2 void q80_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x
 }
 
 GROUP_FN(q40_group_avx2, q40_tile_avx2, TGT_AVX2, 4, 0)
-GROUP_FN(q80_group_avx2, q80_tile_avx2, TGT_AVX2, 2, 0)
+GROUP_FN(q80_group_avx2, q80_tile_avx2, TGT_AVX2, 4, 0)
 GROUP_FN(q40_group_avx2_f64, q40_tile_avx2, TGT_AVX2, 2, 1)
 GROUP_FN(q80_group_avx2_f64, q80_tile_avx2, TGT_AVX2, 2, 1)
 
@@ -583,7 +583,7 @@ INLINE TGT_512 void kq_tile_512(const uint8_t *w, int64_t nb, const tpk_xq *x, v
 
 INLINE TGT_AVX2 void kq_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
                                   int nrows, const int TT, const int F64, const int T) {
-    acc256 out[2][2];
+    acc256 out[2][4];
     for (int h = 0; h < 2; h++)
         for (int t = 0; t < TT; t++) acc256_zero(&out[h][t], F64);
     const __m256i ones = _mm256_set1_epi16(1);
@@ -593,7 +593,7 @@ INLINE TGT_AVX2 void kq_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x,
         for (int h = 0; h < 2; h++) {
             const tpk_xq *xh = x;
             TPK_OPAQUE(xh);
-            __m256i A[2], B[2], A16[2], B16[2];
+            __m256i A[4], B[4], A16[4], B16[4];
             __m256i p0 = _mm256_setzero_si256(), p1 = p0;
             if (KQ_PLANES(T) >= 1) p0 = _mm256_loadu_si256((const __m256i *)(gb + KQ_OFF_QH(T) + 32 * h));
             if (KQ_PLANES(T) == 2) p1 = _mm256_loadu_si256((const __m256i *)(gb + KQ_OFF_QH(T) + 64 + 32 * h));
@@ -751,7 +751,7 @@ INLINE TGT_AVX2 void kspan256_sums(const uint8_t *gb, const int half, const tpk_
         sc0 = sc1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(gb + KQ_OFF_SC + 8 * half)));
     }
     const __m256i wA = pair16_256(sc0), wB = T == TPK_T_Q6K ? pair16_256(sc1) : wA;
-    __m256i A[2], B[2], A16[2], B16[2];
+    __m256i A[4], B[4], A16[4], B16[4];
     __m256i p0 = _mm256_setzero_si256(), p1 = p0;
     if (KQ_PLANES(T) >= 1) p0 = _mm256_loadu_si256((const __m256i *)(gb + KQ_OFF_QH(T) + 32 * half));
     if (KQ_PLANES(T) == 2) p1 = _mm256_loadu_si256((const __m256i *)(gb + KQ_OFF_QH(T) + 64 + 32 * half));
@@ -783,7 +783,7 @@ INLINE TGT_AVX2 void kspan256_sums(const uint8_t *gb, const int half, const tpk_
 
 INLINE TGT_AVX2 void kspan_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
                                      int nrows, const int TT, const int F64, const int T) {
-    acc256 out[2][2], s[2][2], m[2][2];
+    acc256 out[2][4], s[2][4], m[2][4];
     for (int h = 0; h < 2; h++)
         for (int t = 0; t < TT; t++) acc256_zero(&out[h][t], F64);
     const int phase = w[0];
@@ -800,7 +800,7 @@ INLINE TGT_AVX2 void kspan_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq 
         for (int j = 0; j < n; j++, b++, p += KQ_GB(T)) {
             tpk_prefetch_ahead(p, KQ_GB(T));
             for (int h = 0; h < 2; h++) {
-                __m256i isum[2];
+                __m256i isum[4];
                 kspan256_sums(p, h, x, nb, b, isum, TT, T);
                 const __m256i mn = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + KQ_OFF_MN + 8 * h)));
                 for (int t = 0; t < TT; t++) {
@@ -925,13 +925,13 @@ KSPAN512_TILE(kspan_tile_vnni, TGT_VNNI, kspan_vnni_sums)
         if (ntok - t >= 1) tile(w, nb, x + t * nb, y, t * ldy, ldy, nrows, 1, F64, T);                 \
     }
 
-/* t: the type's name; tiles: kq (q41, q50) or kspan (the K-quants) */
-#define KQ_TYPE_FNS(t, T, tiles)                                           \
+/* t: the type's name; tiles: kq (q41, q50) or kspan (the K-quants); tt2: AVX2's token tile */
+#define KQ_TYPE_FNS(t, T, tiles, tt2)                                      \
     KQ_GROUP_FN(t##_group_vnni, tiles##_tile_vnni, TGT_VNNI, 4, 0, T)      \
     KQ_GROUP_FN(t##_group_vnni_f64, tiles##_tile_vnni, TGT_VNNI, 4, 1, T)  \
     KQ_GROUP_FN(t##_group_512, tiles##_tile_512, TGT_512, 4, 0, T)         \
     KQ_GROUP_FN(t##_group_512_f64, tiles##_tile_512, TGT_512, 4, 1, T)     \
-    KQ_GROUP_FN(t##_group_avx2, tiles##_tile_avx2, TGT_AVX2, 2, 0, T)      \
+    KQ_GROUP_FN(t##_group_avx2, tiles##_tile_avx2, TGT_AVX2, tt2, 0, T)      \
     KQ_GROUP_FN(t##_group_avx2_f64, tiles##_tile_avx2, TGT_AVX2, 2, 1, T)  \
     static tpk_group_fn t##_pick(int level, int f64) {                     \
         switch (level) {                                                   \
@@ -942,11 +942,13 @@ KSPAN512_TILE(kspan_tile_vnni, TGT_VNNI, kspan_vnni_sums)
         }                                                                  \
     }
 
-KQ_TYPE_FNS(q41, TPK_T_Q41, kq)
-KQ_TYPE_FNS(q50, TPK_T_Q50, kq)
-KQ_TYPE_FNS(q4k, TPK_T_Q4K, kspan)
-KQ_TYPE_FNS(q5k, TPK_T_Q5K, kspan)
-KQ_TYPE_FNS(q6k, TPK_T_Q6K, kspan)
+/* AVX2 takes 4 tokens at a time where that measured faster (benchmarks/kernels.py, prefill on
+ * a Zen 3); q6k's tile has too many live values for 4 (it spills, 20% slower) and takes 2. */
+KQ_TYPE_FNS(q41, TPK_T_Q41, kq, 4)
+KQ_TYPE_FNS(q50, TPK_T_Q50, kq, 4)
+KQ_TYPE_FNS(q4k, TPK_T_Q4K, kspan, 4)
+KQ_TYPE_FNS(q5k, TPK_T_Q5K, kspan, 4)
+KQ_TYPE_FNS(q6k, TPK_T_Q6K, kspan, 2)
 
 tpk_group_fn tpk_x86_kq(int type, int level, int f64) {
     switch (type) {
