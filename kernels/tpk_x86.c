@@ -365,8 +365,8 @@ INLINE TGT_AVX2 void q80_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x
 
 GROUP_FN(q40_group_avx2, q40_tile_avx2, TGT_AVX2, 4, 0)
 GROUP_FN(q80_group_avx2, q80_tile_avx2, TGT_AVX2, 4, 0)
-GROUP_FN(q40_group_avx2_f64, q40_tile_avx2, TGT_AVX2, 2, 1)
-GROUP_FN(q80_group_avx2_f64, q80_tile_avx2, TGT_AVX2, 2, 1)
+GROUP_FN(q40_group_avx2_f64, q40_tile_avx2, TGT_AVX2, 4, 1)
+GROUP_FN(q80_group_avx2_f64, q80_tile_avx2, TGT_AVX2, 4, 1)
 
 /* ================================================================ q41, q50, q4k, q5k, q6k
  * One tile per level for every type, T a compile-time TPK_T_* constant (tpk.h has the
@@ -932,7 +932,7 @@ KSPAN512_TILE(kspan_tile_vnni, TGT_VNNI, kspan_vnni_sums)
     KQ_GROUP_FN(t##_group_512, tiles##_tile_512, TGT_512, 4, 0, T)         \
     KQ_GROUP_FN(t##_group_512_f64, tiles##_tile_512, TGT_512, 4, 1, T)     \
     KQ_GROUP_FN(t##_group_avx2, tiles##_tile_avx2, TGT_AVX2, tt2, 0, T)      \
-    KQ_GROUP_FN(t##_group_avx2_f64, tiles##_tile_avx2, TGT_AVX2, 2, 1, T)  \
+    KQ_GROUP_FN(t##_group_avx2_f64, tiles##_tile_avx2, TGT_AVX2, tt2, 1, T)  \
     static tpk_group_fn t##_pick(int level, int f64) {                     \
         switch (level) {                                                   \
         case TPK_AVX512_VNNI: return f64 ? t##_group_vnni_f64 : t##_group_vnni; \
