@@ -279,7 +279,9 @@ GROUP_FN(q80_group_512_f64, q80_tile_512, TGT_512, 4, 1)
 
 /* ================================================================ AVX2
  * The same arithmetic as AVX-512 F/BW on 256-bit registers: a row group is two halves
- * of 8 rows (bytes 32h..32h+31 of each 64-byte slice). */
+ * of 8 rows (bytes 32h..32h+31 of each 64-byte slice), taken one after the other per block
+ * so that a tile of 4 tokens fits in the 16 registers (int16 sums, nibbles, mask, one
+ * broadcast); TPK_CHAIN and TPK_OPAQUE keep GCC from undoing that (docs/kernels.md). */
 
 INLINE TGT_AVX2 void q40_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
                                    int nrows, const int TT, const int F64) {
