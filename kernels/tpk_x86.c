@@ -39,7 +39,8 @@ int tpk_x86_supports(int level) {
 
 /* An opaque step for an int16 accumulator: integer adds are associative, and without this
  * GCC regroups a block's chain of adds into a tree, keeping every product live at once
- * (AVX2: 16 registers, so they spill to the stack and the tile runs ~2x slower). */
+ * (AVX2: 16 registers, so they spill to the stack: 16 tokens of a 5632x2048 q40 matrix took
+ * 3.1 ms with the tree, 2.4 with the chain, on a Zen 3). */
 #define TPK_CHAIN(v) __asm__("" : "+x"(v))
 /* A pointer GCC cannot see through: loads made through it are not merged with earlier
  * loads of the same bytes (which would keep those values live, and spilled, in between). */
