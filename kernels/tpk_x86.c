@@ -37,6 +37,15 @@ int tpk_x86_supports(int level) {
     }
 }
 
+/* An opaque step for an int16 accumulator: integer adds are associative, and without this
+ * GCC regroups a block's chain of adds into a tree, keeping every product live at once
+ * (AVX2: 16 registers, so they spill to the stack: 16 tokens of a 5632x2048 q40 matrix took
+ * 3.1 ms with the tree, 2.4 with the chain, on a Zen 3). */
+#define TPK_CHAIN(v) __asm__("" : "+x"(v))
+/* A pointer GCC cannot see through: loads made through it are not merged with earlier
+ * loads of the same bytes (which would keep those values live, and spilled, in between). */
+#define TPK_OPAQUE(p) __asm__ volatile("" : "+r"(p))
+
 INLINE int32_t ld32(const void *p) {
     int32_t v;
     memcpy(&v, p, 4);
@@ -271,11 +280,13 @@ GROUP_FN(q80_group_512_f64, q80_tile_512, TGT_512, 4, 1)
 
 /* ================================================================ AVX2
  * The same arithmetic as AVX-512 F/BW on 256-bit registers: a row group is two halves
- * of 8 rows (bytes 32h..32h+31 of each 64-byte slice). */
+ * of 8 rows (bytes 32h..32h+31 of each 64-byte slice), taken one after the other per block
+ * so that a tile of 4 tokens fits in the 16 registers (int16 sums, nibbles, mask, one
+ * broadcast); TPK_CHAIN and TPK_OPAQUE keep GCC from undoing that (docs/kernels.md). */
 
 INLINE TGT_AVX2 void q40_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
                                    int nrows, const int TT, const int F64) {
-    acc256 out[2][2];
+    acc256 out[2][4];
     for (int h = 0; h < 2; h++)
         for (int t = 0; t < TT; t++) acc256_zero(&out[h][t], F64);
     const __m256i m4 = _mm256_set1_epi8(0x0F);
@@ -283,26 +294,27 @@ INLINE TGT_AVX2 void q40_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gb = w + b * TPK_Q40_GROUP_BYTES;
         tpk_prefetch_ahead(gb, TPK_Q40_GROUP_BYTES);
-        __m256i acc16[2][2];
-        for (int h = 0; h < 2; h++)
-            for (int t = 0; t < TT; t++) acc16[h][t] = _mm256_setzero_si256();
-        for (int k = 0; k < 4; k++) {
-            for (int h = 0; h < 2; h++) {
+        for (int h = 0; h < 2; h++) {
+            const tpk_xq *xh = x + b;
+            TPK_OPAQUE(xh);
+            __m256i acc16[4];
+            for (int k = 0; k < 4; k++) {
                 const __m256i v = _mm256_loadu_si256((const __m256i *)(gb + 32 + 64 * k + 32 * h));
                 const __m256i lo = _mm256_and_si256(v, m4);
                 const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
                 for (int t = 0; t < TT; t++) {
-                    const int8_t *xq = x[t * nb + b].qs;
-                    acc16[h][t] = _mm256_add_epi16(acc16[h][t], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(ld32(xq + 4 * k))));
-                    acc16[h][t] = _mm256_add_epi16(acc16[h][t], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(ld32(xq + 16 + 4 * k))));
+                    const int8_t *xq = xh[t * nb].qs;
+                    const __m256i pl = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(ld32(xq + 4 * k)));
+                    acc16[t] = k ? _mm256_add_epi16(acc16[t], pl) : pl;
+                    TPK_CHAIN(acc16[t]);
+                    acc16[t] = _mm256_add_epi16(acc16[t], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(ld32(xq + 16 + 4 * k))));
+                    TPK_CHAIN(acc16[t]);
                 }
             }
-        }
-        for (int h = 0; h < 2; h++) {
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb + 16 * h)));
             for (int t = 0; t < TT; t++) {
-                const __m256i isum = _mm256_add_epi32(_mm256_madd_epi16(acc16[h][t], ones), _mm256_set1_epi32(x[t * nb + b].s8));
-                acc256_add(&out[h][t], isum, dw, x[t * nb + b].d, F64);
+                const __m256i isum = _mm256_add_epi32(_mm256_madd_epi16(acc16[t], ones), _mm256_set1_epi32(xh[t * nb].s8));
+                acc256_add(&out[h][t], isum, dw, xh[t * nb].d, F64);
             }
         }
     }
@@ -314,7 +326,7 @@ INLINE TGT_AVX2 void q40_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x
 
 INLINE TGT_AVX2 void q80_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
                                    int nrows, const int TT, const int F64) {
-    acc256 out[2][2];
+    acc256 out[2][4];
     for (int h = 0; h < 2; h++)
         for (int t = 0; t < TT; t++) acc256_zero(&out[h][t], F64);
     const __m256i m4 = _mm256_set1_epi8(0x0F);
@@ -324,16 +336,20 @@ INLINE TGT_AVX2 void q80_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x
         const uint8_t *gb = w + b * TPK_Q80_GROUP_BYTES;
         tpk_prefetch_ahead(gb, TPK_Q80_GROUP_BYTES);
         for (int h = 0; h < 2; h++) {
-            __m256i lo16[2], hi16[2];
+            const tpk_xq *xh = x;
+            TPK_OPAQUE(xh);
+            __m256i lo16[4], hi16[4];
             for (int t = 0; t < TT; t++) lo16[t] = hi16[t] = _mm256_setzero_si256();
             for (int k = 0; k < 8; k++) {
                 const __m256i v = _mm256_loadu_si256((const __m256i *)(gb + 32 + 64 * k + 32 * h));
                 const __m256i lo = _mm256_and_si256(v, m4);
                 const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
                 for (int t = 0; t < TT; t++) {
-                    const __m256i xk = _mm256_set1_epi32(ld32(x[t * nb + b].qs + 4 * k));
+                    const __m256i xk = _mm256_set1_epi32(ld32(xh[t * nb + b].qs + 4 * k));
                     lo16[t] = _mm256_add_epi16(lo16[t], _mm256_maddubs_epi16(lo, xk));
                     hi16[t] = _mm256_add_epi16(hi16[t], _mm256_maddubs_epi16(hi, xk));
+                    TPK_CHAIN(lo16[t]);
+                    TPK_CHAIN(hi16[t]);
                 }
             }
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb + 16 * h)));
@@ -350,10 +366,10 @@ INLINE TGT_AVX2 void q80_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x
     }
 }
 
-GROUP_FN(q40_group_avx2, q40_tile_avx2, TGT_AVX2, 2, 0)
-GROUP_FN(q80_group_avx2, q80_tile_avx2, TGT_AVX2, 2, 0)
-GROUP_FN(q40_group_avx2_f64, q40_tile_avx2, TGT_AVX2, 2, 1)
-GROUP_FN(q80_group_avx2_f64, q80_tile_avx2, TGT_AVX2, 2, 1)
+GROUP_FN(q40_group_avx2, q40_tile_avx2, TGT_AVX2, 4, 0)
+GROUP_FN(q80_group_avx2, q80_tile_avx2, TGT_AVX2, 4, 0)
+GROUP_FN(q40_group_avx2_f64, q40_tile_avx2, TGT_AVX2, 4, 1)
+GROUP_FN(q80_group_avx2_f64, q80_tile_avx2, TGT_AVX2, 4, 1)
 
 /* ================================================================ q41, q50, q4k, q5k, q6k
  * One tile per level for every type, T a compile-time TPK_T_* constant (tpk.h has the
@@ -570,7 +586,7 @@ INLINE TGT_512 void kq_tile_512(const uint8_t *w, int64_t nb, const tpk_xq *x, v
 
 INLINE TGT_AVX2 void kq_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
                                   int nrows, const int TT, const int F64, const int T) {
-    acc256 out[2][2];
+    acc256 out[2][4];
     for (int h = 0; h < 2; h++)
         for (int t = 0; t < TT; t++) acc256_zero(&out[h][t], F64);
     const __m256i ones = _mm256_set1_epi16(1);
@@ -578,7 +594,9 @@ INLINE TGT_AVX2 void kq_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x,
         const uint8_t *gb = w + b * KQ_GB(T);
         tpk_prefetch_ahead(gb, KQ_GB(T));
         for (int h = 0; h < 2; h++) {
-            __m256i A[2], B[2], A16[2], B16[2];
+            const tpk_xq *xh = x;
+            TPK_OPAQUE(xh);
+            __m256i A[4], B[4], A16[4], B16[4];
             __m256i p0 = _mm256_setzero_si256(), p1 = p0;
             if (KQ_PLANES(T) >= 1) p0 = _mm256_loadu_si256((const __m256i *)(gb + KQ_OFF_QH(T) + 32 * h));
             if (KQ_PLANES(T) == 2) p1 = _mm256_loadu_si256((const __m256i *)(gb + KQ_OFF_QH(T) + 64 + 32 * h));
@@ -587,11 +605,14 @@ INLINE TGT_AVX2 void kq_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x,
                 __m256i lo, hi;
                 kq256_chunk(gb, k, h, p0, p1, &lo, &hi, T);
                 for (int t = 0; t < TT; t++) {
-                    const int8_t *xq = x[t * nb + b].qs;
+                    const int8_t *xq = xh[t * nb + b].qs;
                     const __m256i ph = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(ld32(xq + 16 + 4 * k)));
                     A16[t] = _mm256_add_epi16(A16[t], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(ld32(xq + 4 * k))));
+                    TPK_CHAIN(A16[t]);
                     if (KQ_MERGE16(T)) A16[t] = _mm256_add_epi16(A16[t], ph);
                     else B16[t] = _mm256_add_epi16(B16[t], ph);
+                    TPK_CHAIN(A16[t]);
+                    if (!KQ_MERGE16(T)) TPK_CHAIN(B16[t]);
                     if ((k + 1) % KQ_ACC16_CHUNKS(T) == 0) {
                         A[t] = _mm256_add_epi32(A[t], _mm256_madd_epi16(A16[t], ones));
                         if (!KQ_MERGE16(T)) B[t] = _mm256_add_epi32(B[t], _mm256_madd_epi16(B16[t], ones));
@@ -724,6 +745,7 @@ INLINE TGT_512 __m512i q6k_offset512(__m512i sc0, __m512i sc1, const tpk_xq *xb)
 /* One group block, 8 rows (half), TT tokens: isum[t] with the scales applied. */
 INLINE TGT_AVX2 void kspan256_sums(const uint8_t *gb, const int half, const tpk_xq *x, int64_t nb, int64_t b,
                                    __m256i *isum, const int TT, const int T) {
+    TPK_OPAQUE(x);   /* the other half's loads of the same activations are not merged with these */
     __m256i sc0, sc1;
     if (T == TPK_T_Q6K) {
         sc0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(gb + KQ_OFF_SC6 + 8 * half)));
@@ -732,7 +754,7 @@ INLINE TGT_AVX2 void kspan256_sums(const uint8_t *gb, const int half, const tpk_
         sc0 = sc1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(gb + KQ_OFF_SC + 8 * half)));
     }
     const __m256i wA = pair16_256(sc0), wB = T == TPK_T_Q6K ? pair16_256(sc1) : wA;
-    __m256i A[2], B[2], A16[2], B16[2];
+    __m256i A[4], B[4], A16[4], B16[4];
     __m256i p0 = _mm256_setzero_si256(), p1 = p0;
     if (KQ_PLANES(T) >= 1) p0 = _mm256_loadu_si256((const __m256i *)(gb + KQ_OFF_QH(T) + 32 * half));
     if (KQ_PLANES(T) == 2) p1 = _mm256_loadu_si256((const __m256i *)(gb + KQ_OFF_QH(T) + 64 + 32 * half));
@@ -744,8 +766,11 @@ INLINE TGT_AVX2 void kspan256_sums(const uint8_t *gb, const int half, const tpk_
             const int8_t *xq = x[t * nb + b].qs;
             const __m256i ph = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(ld32(xq + 16 + 4 * k)));
             A16[t] = _mm256_add_epi16(A16[t], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(ld32(xq + 4 * k))));
+            TPK_CHAIN(A16[t]);
             if (KQ_MERGE16(T)) A16[t] = _mm256_add_epi16(A16[t], ph);
             else B16[t] = _mm256_add_epi16(B16[t], ph);
+            TPK_CHAIN(A16[t]);
+            if (!KQ_MERGE16(T)) TPK_CHAIN(B16[t]);
             if ((k + 1) % KQ_ACC16_CHUNKS(T) == 0) {
                 A[t] = _mm256_add_epi32(A[t], _mm256_madd_epi16(A16[t], wA));
                 if (!KQ_MERGE16(T)) B[t] = _mm256_add_epi32(B[t], _mm256_madd_epi16(B16[t], wB));
@@ -761,7 +786,7 @@ INLINE TGT_AVX2 void kspan256_sums(const uint8_t *gb, const int half, const tpk_
 
 INLINE TGT_AVX2 void kspan_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
                                      int nrows, const int TT, const int F64, const int T) {
-    acc256 out[2][2], s[2][2], m[2][2];
+    acc256 out[2][4], s[2][4], m[2][4];
     for (int h = 0; h < 2; h++)
         for (int t = 0; t < TT; t++) acc256_zero(&out[h][t], F64);
     const int phase = w[0];
@@ -778,7 +803,7 @@ INLINE TGT_AVX2 void kspan_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq 
         for (int j = 0; j < n; j++, b++, p += KQ_GB(T)) {
             tpk_prefetch_ahead(p, KQ_GB(T));
             for (int h = 0; h < 2; h++) {
-                __m256i isum[2];
+                __m256i isum[4];
                 kspan256_sums(p, h, x, nb, b, isum, TT, T);
                 const __m256i mn = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + KQ_OFF_MN + 8 * h)));
                 for (int t = 0; t < TT; t++) {
@@ -903,14 +928,14 @@ KSPAN512_TILE(kspan_tile_vnni, TGT_VNNI, kspan_vnni_sums)
         if (ntok - t >= 1) tile(w, nb, x + t * nb, y, t * ldy, ldy, nrows, 1, F64, T);                 \
     }
 
-/* t: the type's name; tiles: kq (q41, q50) or kspan (the K-quants) */
-#define KQ_TYPE_FNS(t, T, tiles)                                           \
+/* t: the type's name; tiles: kq (q41, q50) or kspan (the K-quants); tt2: AVX2's token tile */
+#define KQ_TYPE_FNS(t, T, tiles, tt2)                                      \
     KQ_GROUP_FN(t##_group_vnni, tiles##_tile_vnni, TGT_VNNI, 4, 0, T)      \
     KQ_GROUP_FN(t##_group_vnni_f64, tiles##_tile_vnni, TGT_VNNI, 4, 1, T)  \
     KQ_GROUP_FN(t##_group_512, tiles##_tile_512, TGT_512, 4, 0, T)         \
     KQ_GROUP_FN(t##_group_512_f64, tiles##_tile_512, TGT_512, 4, 1, T)     \
-    KQ_GROUP_FN(t##_group_avx2, tiles##_tile_avx2, TGT_AVX2, 2, 0, T)      \
-    KQ_GROUP_FN(t##_group_avx2_f64, tiles##_tile_avx2, TGT_AVX2, 2, 1, T)  \
+    KQ_GROUP_FN(t##_group_avx2, tiles##_tile_avx2, TGT_AVX2, tt2, 0, T)      \
+    KQ_GROUP_FN(t##_group_avx2_f64, tiles##_tile_avx2, TGT_AVX2, tt2, 1, T)  \
     static tpk_group_fn t##_pick(int level, int f64) {                     \
         switch (level) {                                                   \
         case TPK_AVX512_VNNI: return f64 ? t##_group_vnni_f64 : t##_group_vnni; \
@@ -920,11 +945,13 @@ KSPAN512_TILE(kspan_tile_vnni, TGT_VNNI, kspan_vnni_sums)
         }                                                                  \
     }
 
-KQ_TYPE_FNS(q41, TPK_T_Q41, kq)
-KQ_TYPE_FNS(q50, TPK_T_Q50, kq)
-KQ_TYPE_FNS(q4k, TPK_T_Q4K, kspan)
-KQ_TYPE_FNS(q5k, TPK_T_Q5K, kspan)
-KQ_TYPE_FNS(q6k, TPK_T_Q6K, kspan)
+/* AVX2 takes 4 tokens at a time where that measured faster (benchmarks/kernels.py, prefill on
+ * a Zen 3); q6k's tile has too many live values for 4 (it spills, 20% slower) and takes 2. */
+KQ_TYPE_FNS(q41, TPK_T_Q41, kq, 4)
+KQ_TYPE_FNS(q50, TPK_T_Q50, kq, 4)
+KQ_TYPE_FNS(q4k, TPK_T_Q4K, kspan, 4)
+KQ_TYPE_FNS(q5k, TPK_T_Q5K, kspan, 4)
+KQ_TYPE_FNS(q6k, TPK_T_Q6K, kspan, 2)
 
 tpk_group_fn tpk_x86_kq(int type, int level, int f64) {
     switch (type) {
