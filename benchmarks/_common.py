@@ -87,6 +87,30 @@ def others_load(window: float = 0.25) -> float:
     return max(0.0, (b1 - b0) - (o1 - o0)) / os.sysconf("SC_CLK_TCK") / window
 
 
+def _own_and_children_jiffies():
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)     # the finished mpiruns and their ranks
+    return (own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime) * os.sysconf("SC_CLK_TCK")
+
+
+class OthersCpu:
+    """Context manager: `cores`, the CPU cores that processes other than this one and the children
+    it waited for (an mpirun and its ranks) kept busy, on average, while the block ran (Linux;
+    else 0). On a machine shared with other work, the input that says how much of it a run got."""
+
+    def __enter__(self):
+        self.cores = 0.0
+        self._start = (_busy_jiffies(), _own_and_children_jiffies(), time.time()) if os.path.exists("/proc/stat") else None
+        return self
+
+    def __exit__(self, *exc):
+        if self._start:
+            b0, o0, t0 = self._start
+            busy, ours = _busy_jiffies() - b0, _own_and_children_jiffies() - o0
+            self.cores = max(0.0, busy - ours) / os.sysconf("SC_CLK_TCK") / max(time.time() - t0, 1e-3)
+        return False
+
+
 class Quiet:
     """wait(): block until other processes use less than `threshold` cores (at most `limit` s)."""
 

@@ -34,8 +34,12 @@ measured with the error:
            attention then the slowest rank's FFN (and, once, the output rows): rank i's part of
            a sublayer is its share of that sublayer's weights (the plan, tpllama.plan.make_plan)
            over its rate (the 1-rank run's weights / time at its kernel level), every part of a
-           step's work taken as proportional to the weights it reads; ranks beyond the cores
-           (4 ranks x 1 thread on 2 cores) take the cores in turn: compute x ranks x threads / cores;
+           step's work taken as proportional to the weights it reads;
+  cores    the scheduler shares the cores evenly among the processes that want to run: each of
+           K ranks gets min(1, cores / (K + other work's cores)) of a core, the 1-rank run got
+           min(1, cores / (1 + its other work)); the other work is what sweep.py and
+           rank_weights.py measured during each run (OthersCpu: busy cores minus the run's own
+           CPU time), so 4 ranks on 2 cores, or 2 ranks beside another job, compute slower;
   sync     2 x layers all-reduces of dim (decode) or prompt x dim (prefill) float64 values at
            the measured time for that payload, plus a token broadcast and a candidate gather
            (each the smallest payload's time); for decode, the time measured as decode meets
@@ -159,14 +163,14 @@ def sublayer_elements(config, shard):
     return attention, 3 * len(shard.ffn) * d, len(shard.vocab) * d
 
 
-def step_compute_ms(plan, rates, oversubscribed: float, with_output: bool = True) -> float:
+def step_compute_ms(plan, rates, with_output: bool = True) -> float:
     """Per layer the slowest rank's attention, then the slowest rank's FFN, then the slowest
     rank's output rows; rates in weight elements per ms of each rank."""
     parts = [sublayer_elements(plan.config, s) for s in plan.ranks]
     attention = max(a / r for (a, _, _), r in zip(parts, rates))
     ffn = max(f / r for (_, f, _), r in zip(parts, rates))
     output = max(o / r for (_, _, o), r in zip(parts, rates)) if with_output else 0.0
-    return oversubscribed * (plan.config.n_layers * (attention + ffn) + output)
+    return plan.config.n_layers * (attention + ffn) + output
 
 
 def whole_elements(config, with_output: bool = True) -> float:
@@ -175,22 +179,32 @@ def whole_elements(config, with_output: bool = True) -> float:
     return config.n_layers * (a + f) + (o if with_output else 0)
 
 
-def predict_here(config, alone: dict, levels, weights, times, decode_times, cores: int, pp: int) -> dict:
+def core_share(processes: int, others: float, cores: int) -> float:
+    """The share of a core each of `processes` busy processes gets while other work keeps
+    `others` cores busy: the scheduler shares the cores evenly among what wants to run."""
+    return min(1.0, cores / (processes + others))
+
+
+def predict_here(config, alone: dict, levels, weights, times, decode_times, cores: int, pp: int,
+                 others: float = 0.0) -> dict:
     """Predicted decode ms/token and prefill tokens/s of len(levels) ranks of 1 thread, rank i
     at kernel level levels[i], split by `weights` (None: even), over links of `times` (and
-    `decode_times` for decode's all-reduces)."""
+    `decode_times` for decode's all-reduces), while other work keeps `others` cores busy."""
     from tpllama.plan import make_plan
     k = len(levels)
     plan = make_plan(config, k, weights)
-    over = max(1.0, k / cores)
-    decode_rates = [whole_elements(config) / alone[(lv, pp)]["decode_ms"] for lv in levels]
-    prefill_rates = [whole_elements(config, False) / (1e3 * pp / alone[(lv, pp)]["pp_median"]) for lv in levels]
+    # the 1-rank runs had core_share(1, their others) of a core, each of these ranks gets core_share(k, others)
+    over = [core_share(1, alone[(lv, pp)].get("others_cores", 0.0), cores) / core_share(k, others, cores)
+            for lv in levels]
+    decode_rates = [whole_elements(config) / alone[(lv, pp)]["decode_ms"] / o for lv, o in zip(levels, over)]
+    prefill_rates = [whole_elements(config, False) / (1e3 * pp / alone[(lv, pp)]["pp_median"]) / o
+                     for lv, o in zip(levels, over)]
     small = 2 * times[k][0][1] if k > 1 else 0.0
     per_layer = 2 * config.n_layers
     decode_sync = per_layer * allreduce_at(decode_times[k], config.dim * 8) + small if k > 1 else 0.0
     prefill_sync = per_layer * allreduce_at(times[k], pp * config.dim * 8) + small if k > 1 else 0.0
-    decode = step_compute_ms(plan, decode_rates, over) + decode_sync
-    prefill = step_compute_ms(plan, prefill_rates, over, with_output=False) + prefill_sync
+    decode = step_compute_ms(plan, decode_rates) + decode_sync
+    prefill = step_compute_ms(plan, prefill_rates, with_output=False) + prefill_sync
     return {"decode_ms": decode, "decode_sync_ms": decode_sync, "pp_tokens_per_s": 1e3 * pp / prefill,
             "prefill_sync_ms": prefill_sync, "weights": list(plan.weights)}
 
@@ -230,9 +244,11 @@ def here(args) -> int:
         for r in json.load(open(args.measured))["rows"]:
             if "error" in r or r["ranks"] < 2:
                 continue
-            pred = predict_here(config, alone, [best] * r["ranks"], None, times, decode_times, cores, r["pp"])
+            others = r.get("others_cores", 0.0) if args.others else 0.0
+            pred = predict_here(config, alone, [best] * r["ranks"], None, times, decode_times, cores, r["pp"], others)
             on = f" on {cores} cores" if r["ranks"] > cores else ""
-            lines.append(compare_row(f"{r['ranks']} ranks x 1 thread{on}, pp{r['pp']}/tg{r['tg']}", pred,
+            lines.append(compare_row(f"{r['ranks']} ranks x 1 thread{on}, pp{r['pp']}/tg{r['tg']}"
+                                     + (f", other work {others:.1f} cores" if args.others else ""), pred,
                                      r["decode_ms"], r["pp_median"]))
     if args.measured_slow:
         data = json.load(open(args.measured_slow))
@@ -240,12 +256,14 @@ def here(args) -> int:
         levels = [best, slow]
         speeds = [whole_elements(config) / alone[(lv, pp)]["decode_ms"] for lv in levels]
         for split, weights in (("even", None), ("auto", weights_from_speeds(speeds))):
-            pred = predict_here(config, alone, levels, weights, times, decode_times, cores, pp)
+            others = median([r.get("others_cores", 0.0) for r in data["runs"][split]]) if args.others else 0.0
+            pred = predict_here(config, alone, levels, weights, times, decode_times, cores, pp, others)
             tg = median([x for r in data["runs"][split] for x in r["tg_tokens_per_s"]])
             pps = median([x for r in data["runs"][split] for x in r["pp_tokens_per_s"]])
             chosen = sorted({tuple(r["split_weights"]) for r in data["runs"][split]})
             lines.append(compare_row(f"2 ranks, rank 1 {slow}, {split} split (model {pred['weights'][1]:g}, "
-                                     f"run {', '.join(f'{w[1]:g}' for w in chosen)}), pp{pp}/tg{data['runs'][split][0]['tg']}",
+                                     f"run {', '.join(f'{w[1]:g}' for w in chosen)}), pp{pp}/tg{data['runs'][split][0]['tg']}"
+                                     + (f", other work {others:.1f} cores" if args.others else ""),
                                      pred, 1e3 / tg, pps))
     print("\n".join(lines))
     return 0
@@ -263,6 +281,8 @@ def main(argv=None):
     p.add_argument("--model", default=None, help="--here: the model the runs used (default: the --shape model)")
     p.add_argument("--shape", default="tinyllama-1.1b", help="--here: the random-weight shape the runs used")
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="--here: cores the hosts share")
+    p.add_argument("--no-others", dest="others", action="store_false",
+                   help="--here: ignore the other work measured during each run (as on an idle machine)")
     args = p.parse_args(argv)
     if args.here:
         if not args.one_rank or not args.allreduce:

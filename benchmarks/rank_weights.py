@@ -33,7 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO))      # `benchmarks`, after any installed tpllama: _common picks which one runs
-from benchmarks._common import (Quiet, bench_model, child_env, machine_header, machine_info, median, spread,  # noqa: E402
+from benchmarks._common import (OthersCpu, Quiet, bench_model, child_env, machine_header, machine_info, median, spread,  # noqa: E402
                                 write_results)
 from benchmarks.hosts import CgroupUnavailable, cgroup_v1  # noqa: E402
 from benchmarks.sweep import mpirun_binary  # noqa: E402
@@ -83,10 +83,11 @@ def run_split(model: str, rank_weights: str, group, cluster, args) -> dict:
     cmd = launch + ["-n", "1", sys.executable, *point, ":", "-n", "1", *slow_rank_command(point, group, args.simd)]
     env = child_env(dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1"))
     env.pop("TPLLAMA_SIMD", None)          # rank 0 runs the best level
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    with OthersCpu() as others:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return dict(json.loads(line[len("RESULT "):]), others_cores=others.cores)
     raise SystemExit(f"error: the {rank_weights} run printed no result (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
 
 
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
                 print(f"round {rnd + 1} {split:4}: decode {spread(r['tg_tokens_per_s'])} tok/s, prompt "
                       f"{spread(r['pp_tokens_per_s'])} tok/s; FFN units {r['ffn_units']}, kernels {r['simd_levels']}"
                       + (f"; measured {', '.join(f'{s:.2f}' for s in speeds)} GB/s" if speeds else "")
-                      + f"; load average {r['load_average']:.1f}", flush=True)
+                      + f"; load average {r['load_average']:.1f}, other work {r['others_cores']:.1f} cores", flush=True)
     tg = {k: [x for r in v for x in r["tg_tokens_per_s"]] for k, v in runs.items()}
     pp = {k: [x for r in v for x in r["pp_tokens_per_s"]] for k, v in runs.items()}
     ratio_tg, ratio_pp = median(tg["auto"]) / median(tg["even"]), median(pp["auto"]) / median(pp["even"])
