@@ -84,7 +84,7 @@ def run_split(model: str, rank_weights: str, group, cluster, args) -> dict:
     env = child_env(dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1"))
     env.pop("TPLLAMA_SIMD", None)          # rank 0 runs the best level
     with OthersCpu() as others:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=others.env(env), timeout=args.timeout)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return dict(json.loads(line[len("RESULT "):]), others_cores=others.cores)

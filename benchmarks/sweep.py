@@ -62,7 +62,7 @@ def run_point(model: str, ranks: int, threads: int, args, cluster=None, overlap:
     if args.ctx:
         cmd += ["--long-ctx", str(args.ctx)]
     with OthersCpu() as others:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=others.env(env), timeout=args.timeout)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return dict(json.loads(line[len("RESULT "):]), others_cores=others.cores, load_average=os.getloadavg()[0])
