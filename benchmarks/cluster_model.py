@@ -34,7 +34,9 @@ measured with the error:
            attention then the slowest rank's FFN (and, once, the output rows): rank i's part of
            a sublayer is its share of that sublayer's weights (the plan, tpllama.plan.make_plan)
            over its rate (the 1-rank run's weights / time at its kernel level), every part of a
-           step's work taken as proportional to the weights it reads;
+           step's work taken as proportional to the weights it reads; with --rank-weights auto,
+           the split is the one its probe chose in the measured run (like the kernel levels,
+           an input of the run, not a result);
   cores    the scheduler shares the cores evenly among the processes that want to run: each of
            K ranks gets min(1, cores / (K + other work's cores)) of a core, the 1-rank run got
            min(1, cores / (1 + its other work)); the other work is what sweep.py and
@@ -54,6 +56,7 @@ import json
 import math
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,7 +224,6 @@ def compare_row(label, pred, decode_ms, pp_tps) -> str:
 def here(args) -> int:
     """--here: predictions of the namespace-host runs beside their measured figures."""
     from tpllama.formats import open_model
-    from tpllama.speedprobe import weights_from_speeds
     from benchmarks._common import bench_model, median
     config = open_model(bench_model(args.model, args.shape)).config
     alone = one_rank_points(args.one_rank)
@@ -254,15 +256,15 @@ def here(args) -> int:
         data = json.load(open(args.measured_slow))
         slow, pp = data["simd"], data["runs"]["even"][0]["pp"]
         levels = [best, slow]
-        speeds = [whole_elements(config) / alone[(lv, pp)]["decode_ms"] for lv in levels]
-        for split, weights in (("even", None), ("auto", weights_from_speeds(speeds))):
+        # auto's split is what its probe chose in the run (an input of the run, like its kernel levels)
+        probed = Counter(tuple(r["split_weights"]) for r in data["runs"]["auto"]).most_common(1)[0][0]
+        for split, weights in (("even", None), ("auto", probed)):
             others = median([r.get("others_cores", 0.0) for r in data["runs"][split]]) if args.others else 0.0
             pred = predict_here(config, alone, levels, weights, times, decode_times, cores, pp, others)
             tg = median([x for r in data["runs"][split] for x in r["tg_tokens_per_s"]])
             pps = median([x for r in data["runs"][split] for x in r["pp_tokens_per_s"]])
-            chosen = sorted({tuple(r["split_weights"]) for r in data["runs"][split]})
-            lines.append(compare_row(f"2 ranks, rank 1 {slow}, {split} split (model {pred['weights'][1]:g}, "
-                                     f"run {', '.join(f'{w[1]:g}' for w in chosen)}), pp{pp}/tg{data['runs'][split][0]['tg']}"
+            lines.append(compare_row(f"2 ranks, rank 1 {slow}, {split} split (rank 1 weight {pred['weights'][1]:g}), "
+                                     f"pp{pp}/tg{data['runs'][split][0]['tg']}"
                                      + (f", other work {others:.1f} cores" if args.others else ""),
                                      pred, 1e3 / tg, pps))
     print("\n".join(lines))
