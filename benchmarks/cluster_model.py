@@ -78,13 +78,18 @@ DLLAMA = {  # distributed-llama's published figures, Llama 2 7B q40
 DLLAMA_TRAFFIC_MB_4 = 2.75
 
 
+def shape_config(shape):
+    """The ModelConfig of a named random-weight shape (tpllama.bench.make_model), no file needed."""
+    from tpllama.config import ModelConfig
+    return ModelConfig(dim=shape.dim, hidden_dim=shape.ffn, n_layers=shape.layers, n_heads=shape.heads,
+                       n_kv_heads=shape.kv_heads, vocab_size=shape.vocab, max_seq_len=shape.ctx)
+
+
 def weight_bytes(shape) -> float:
     """q40 bytes of a shape's matrices (the embedding stays in the file), as tpllama's plan counts them."""
-    from tpllama.config import ModelConfig
     from tpllama.plan import make_plan
     from tpllama.plan import weight_bytes as plan_bytes
-    config = ModelConfig(dim=shape.dim, hidden_dim=shape.ffn, n_layers=shape.layers, n_heads=shape.heads,
-                         n_kv_heads=shape.kv_heads, vocab_size=shape.vocab, max_seq_len=shape.ctx)
+    config = shape_config(shape)
     return plan_bytes(config, make_plan(config, 1)[0], "q40")
 
 
@@ -223,15 +228,18 @@ def compare_row(label, pred, decode_ms, pp_tps) -> str:
 
 def here(args) -> int:
     """--here: predictions of the namespace-host runs beside their measured figures."""
-    from tpllama.formats import open_model
-    from benchmarks._common import bench_model, median
-    config = open_model(bench_model(args.model, args.shape)).config
+    from benchmarks._common import median
+    if args.model:
+        from tpllama.formats import open_model
+        config = open_model(args.model).config
+    else:
+        config = shape_config(MODEL_SHAPES[args.shape])
     alone = one_rank_points(args.one_rank)
     times = allreduce_times(args.allreduce)
     decode_times = allreduce_times(args.allreduce, "seconds_between")
     cores = args.cores
     best = min(alone, key=lambda key: alone[key]["decode_ms"])[0]      # the fast node's kernel level
-    print(f"{config.name or args.shape}: 1-rank inputs " + "; ".join(
+    print(f"{args.model or args.shape}: 1-rank inputs " + "; ".join(
         f"{lv} pp{pp}: decode {r['decode_ms']:.1f} ms/token, prefill {r['pp_median']:.1f} tok/s"
         for (lv, pp), r in sorted(alone.items())) + f"; {cores} cores")
     for k, pts in sorted(times.items()):
