@@ -35,8 +35,9 @@ measured with the error:
            a sublayer is its share of that sublayer's weights (the plan, tpllama.plan.make_plan)
            over its rate (the 1-rank run's weights / time at its kernel level), every part of a
            step's work taken as proportional to the weights it reads; with --rank-weights auto,
-           the split is the one its probe chose in the measured run (like the kernel levels,
-           an input of the run, not a result);
+           the split is the one its probe chose in each measured run (like the kernel levels,
+           an input of the run, not a result; runs that chose different splits are compared
+           apart);
   cores    the scheduler shares the cores evenly among the processes that want to run: each of
            K ranks gets min(1, cores / (K + other work's cores)) of a core, the 1-rank run got
            min(1, cores / (1 + its other work)); the other work is what sweep.py and
@@ -56,7 +57,6 @@ import json
 import math
 import os
 import sys
-from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -264,15 +264,18 @@ def here(args) -> int:
         data = json.load(open(args.measured_slow))
         slow, pp = data["simd"], data["runs"]["even"][0]["pp"]
         levels = [best, slow]
-        # auto's split is what its probe chose in the run (an input of the run, like its kernel levels)
-        probed = Counter(tuple(r["split_weights"]) for r in data["runs"]["auto"]).most_common(1)[0][0]
-        for split, weights in (("even", None), ("auto", probed)):
-            others = median([r.get("others_cores", 0.0) for r in data["runs"][split]]) if args.others else 0.0
+        # auto's split is what its probe chose in each run (an input of the run, like its kernel
+        # levels): the runs are grouped by split, each group predicted with its own
+        groups = [("even", (1.0, 1.0), data["runs"]["even"])]
+        for weights in sorted({tuple(r["split_weights"]) for r in data["runs"]["auto"]}, reverse=True):
+            groups.append(("auto", weights, [r for r in data["runs"]["auto"] if tuple(r["split_weights"]) == weights]))
+        for split, weights, runs in groups:
+            others = median([r.get("others_cores", 0.0) for r in runs]) if args.others else 0.0
             pred = predict_here(config, alone, levels, weights, times, decode_times, cores, pp, others)
-            tg = median([x for r in data["runs"][split] for x in r["tg_tokens_per_s"]])
-            pps = median([x for r in data["runs"][split] for x in r["pp_tokens_per_s"]])
-            lines.append(compare_row(f"2 ranks, rank 1 {slow}, {split} split (rank 1 weight {pred['weights'][1]:g}), "
-                                     f"pp{pp}/tg{data['runs'][split][0]['tg']}"
+            tg = median([x for r in runs for x in r["tg_tokens_per_s"]])
+            pps = median([x for r in runs for x in r["pp_tokens_per_s"]])
+            lines.append(compare_row(f"2 ranks, rank 1 {slow}, {split} split (rank 1 weight {weights[1]:g}, "
+                                     f"{len(runs)} run(s)), pp{pp}/tg{runs[0]['tg']}"
                                      + (f", other work {others:.1f} cores" if args.others else ""),
                                      pred, 1e3 / tg, pps))
     print("\n".join(lines))
