@@ -24,7 +24,7 @@ rank_weights.py --netem) from this machine's measured inputs, and prints predict
 measured with the error:
 
     python benchmarks/cluster_model.py --here --one-rank R/one/*.json R/one16/*.json R/one16scalar/*.json \
-        --allreduce R/allreduce-netem-1gbit.json --measured R/netem/sweep-*.json --measured-slow R/rank_weights-*.json
+        --allreduce R/allreduce-netem-1gbit.json --measured R/netem/sweep-*.json --measured-slow R/rank_weights-X.json
 
   inputs   a 1-rank sweep point (1 thread) per kernel level and prompt length: its decode ms per
            token and prefill ms are the single-node compute; allreduce.py --netem's all-reduce
