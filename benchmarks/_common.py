@@ -87,6 +87,70 @@ def others_load(window: float = 0.25) -> float:
     return max(0.0, (b1 - b0) - (o1 - o0)) / os.sysconf("SC_CLK_TCK") / window
 
 
+def _process_jiffies(marker: str) -> dict:
+    """pid -> CPU jiffies (user + system) of the running processes whose environment holds `marker`."""
+    found = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if marker.encode() not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            found[int(pid)] = int(fields[11]) + int(fields[12])      # utime, stime
+        except OSError:
+            continue
+    return found
+
+
+class OthersCpu:
+    """Context manager: `cores`, the CPU cores that other work kept busy, on average, while the
+    block ran: busy cores minus this process's CPU time and that of the processes started with
+    `env` (the run's mpirun, daemons and ranks, sampled every `every` s: ranks on namespace hosts
+    are not this process's children). On a machine shared with other work, the input that says
+    how much of it a run got (Linux; else 0). Usage:
+
+        with OthersCpu() as others:
+            subprocess.run(cmd, env=others.env(env))
+    """
+
+    def __init__(self, every: float = 0.25):
+        self.marker = f"TPLLAMA_BENCH_RUN={os.getpid()}-{time.time_ns()}"
+        self.every, self.cores = every, 0.0
+        self._seen, self._stop = {}, None
+
+    def env(self, env: dict) -> dict:
+        """`env` with the marker of this run's processes."""
+        key, value = self.marker.split("=", 1)
+        return dict(env, **{key: value})
+
+    def _sample(self):
+        while not self._stop.wait(self.every):
+            for pid, jiffies in _process_jiffies(self.marker).items():
+                self._seen[pid] = max(jiffies, self._seen.get(pid, 0))
+
+    def __enter__(self):
+        import threading
+        if os.path.exists("/proc/stat"):
+            self._start = (_busy_jiffies(), _own_jiffies(), time.time())
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join()
+            b0, o0, t0 = self._start
+            ranks = sum(self._seen.values())
+            busy = _busy_jiffies() - b0 - (_own_jiffies() - o0) - ranks
+            self.cores = max(0.0, busy) / os.sysconf("SC_CLK_TCK") / max(time.time() - t0, 1e-3)
+        return False
+
+
 class Quiet:
     """wait(): block until other processes use less than `threshold` cores (at most `limit` s)."""
 

@@ -8,6 +8,12 @@ docs/performance.md (ms per token = weights / bandwidth + collectives x this cos
 Prints, per rank count, the median time of an all-reduce of float64/float32 payloads from
 1 KiB to 4 MiB, and the fitted latency (ms) and bandwidth (MB/s) of t = a + bytes / b;
 writes JSON to --out.
+
+Then, as decode meets them (--between-ms C, default 1; 0: skip): all-reduces without a barrier,
+each after a fixed amount of numpy work per rank that takes C ms on an idle core; the time a
+rank spends in the all-reduce, averaged over the repetitions, of the rank that waits least
+(the sweep's "sync ms" is measured the same way). On hosts that share cores with each other or
+with other work this is the sync a decode step sees: a rank that was descheduled arrives late.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import json, sys, time
 import numpy as np
 from mpi4py import MPI
 comm = MPI.COMM_WORLD
-sizes, reps = json.loads(sys.argv[1]), int(sys.argv[2])
+sizes, reps, between_ms = json.loads(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 out = {}
 for nbytes in sizes:
     buf = np.ones(nbytes // 8, dtype=np.float64)
@@ -42,8 +48,26 @@ for nbytes in sizes:
         times.append(time.perf_counter() - t0)
     worst = comm.reduce(sorted(times)[len(times) // 2], op=MPI.MAX, root=0)
     out[nbytes] = worst
+between = {}
+if between_ms > 0:
+    a, x = np.ones((256, 256), dtype=np.float32), np.ones(256, dtype=np.float32)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 0.2:       # how many products take between_ms on this core
+        a @ x
+        n += 1
+    n = comm.bcast(max(1, round(n * between_ms / 200)), root=0)
+    for nbytes in sizes:
+        buf = np.ones(nbytes // 8, dtype=np.float64)
+        waits = []
+        for _ in range(3 + reps):
+            for _ in range(n):
+                a @ x
+            t0 = time.perf_counter()
+            comm.Allreduce(MPI.IN_PLACE, buf)
+            waits.append(time.perf_counter() - t0)
+        between[nbytes] = comm.reduce(sum(waits[3:]) / reps, op=MPI.MIN, root=0)
 if comm.rank == 0:
-    print("RESULT " + json.dumps(out))
+    print("RESULT " + json.dumps({"barrier": out, "between": between}))
 """
 
 
@@ -61,11 +85,12 @@ def run(k, args, cluster=None):
     from benchmarks.sweep import mpirun_binary
     cmd = [mpirun_binary(), "-n", str(k)]
     cmd += cluster.mpirun_args() if cluster else ["--oversubscribe", "--bind-to", "none", "--mca", "mpi_yield_when_idle", "1"]
-    cmd += [sys.executable, "-c", WORKER, json.dumps(SIZES), str(args.reps)]
+    cmd += [sys.executable, "-c", WORKER, json.dumps(SIZES), str(args.reps), str(args.between_ms)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return {int(n): t for n, t in json.loads(line[7:]).items()}
+            out = json.loads(line[7:])
+            return ({int(n): t for n, t in out["barrier"].items()}, {int(n): t for n, t in out["between"].items()})
     raise SystemExit(f"{k} ranks failed: {proc.stderr[-2000:]}")
 
 
@@ -75,6 +100,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--netem", action="store_true", help="each rank on its own namespace host behind a shaped link")
     p.add_argument("--rate", default="1gbit")
+    p.add_argument("--between-ms", type=float, default=1.0,
+                   help="also time all-reduces after this much work per rank, without a barrier (0: skip)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = p.parse_args(argv)
     info = machine_info()
@@ -84,16 +111,18 @@ def main(argv=None):
         if args.netem:
             from benchmarks.hosts import namespace_hosts
             with namespace_hosts(k, rate=args.rate) as cluster:
-                times = run(k, args, cluster)
+                times, between = run(k, args, cluster)
         else:
-            times = run(k, args)
+            times, between = run(k, args)
         latency, bandwidth = fit(sorted(times.items()))
-        results[k] = {"seconds": times, "latency_ms": latency, "bandwidth_MBps": bandwidth}
+        results[k] = {"seconds": times, "latency_ms": latency, "bandwidth_MBps": bandwidth,
+                      "between_ms": args.between_ms, "seconds_between": between,
+                      "load_average": os.getloadavg()[0]}
         print(f"\n{k} ranks{' on ' + args.rate + ' links' if args.netem else ' on this machine'}: "
-              f"fit t = {latency:.3f} ms + bytes / {bandwidth:.0f} MB/s")
-        print(f"{'payload':>10} {'ms':>9}")
+              f"fit t = {latency:.3f} ms + bytes / {bandwidth:.0f} MB/s; load average {os.getloadavg()[0]:.1f}")
+        print(f"{'payload':>10} {'ms':>9}" + (f" {'ms after ' + str(args.between_ms) + ' ms of work':>24}" if between else ""))
         for n, t in sorted(times.items()):
-            print(f"{n / 1024:>8.0f}Ki {t * 1000:>9.3f}")
+            print(f"{n / 1024:>8.0f}Ki {t * 1000:>9.3f}" + (f" {between[n] * 1000:>24.3f}" if between else ""))
     results["machine"] = info
     Path(args.out).mkdir(parents=True, exist_ok=True)
     name = f"allreduce-{'netem-' + args.rate if args.netem else 'local'}.json"

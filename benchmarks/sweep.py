@@ -35,7 +35,7 @@ from typing import List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO))      # `benchmarks`, after any installed tpllama: _common picks which one runs
-from benchmarks._common import bench_model, child_env, machine_header, machine_info  # noqa: E402
+from benchmarks._common import OthersCpu, bench_model, child_env, machine_header, machine_info  # noqa: E402
 
 
 def mpirun_binary() -> str:
@@ -61,10 +61,11 @@ def run_point(model: str, ranks: int, threads: int, args, cluster=None, overlap:
         cmd.append("--overlap")
     if args.ctx:
         cmd += ["--long-ctx", str(args.ctx)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    with OthersCpu() as others:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=others.env(env), timeout=args.timeout)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return dict(json.loads(line[len("RESULT "):]), others_cores=others.cores, load_average=os.getloadavg()[0])
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     return {"ranks": ranks, "threads": threads, "error": f"exit {proc.returncode}: {tail}"}
 
@@ -233,7 +234,9 @@ def main(argv=None) -> int:
                     continue
                 row = dict(summarize(r, args.latency_ms if args.netem else 0.0, 2 * n_layers), overlap=o)
                 rows.append(row)
-                print(markdown_table([row], args.netem, args.pp, args.tg).splitlines()[-1] + f" overlap {o}", flush=True)
+                print(markdown_table([row], args.netem, args.pp, args.tg).splitlines()[-1] + f" overlap {o}"
+                      + (f"; other work kept {r['others_cores']:.1f} cores busy, load average {r['load_average']:.1f}"
+                         if "others_cores" in r else ""), flush=True)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -141,3 +141,31 @@ def test_sweep_long_context_reports_decode_positions_and_attention_share(tmp_pat
         assert all(0 < s < 1 for s in shares) and r["pp_tokens_per_s"] > 0
     table = next(tmp_path.glob("*.md")).read_text()
     assert "decode at 300 tok/s (attention %)" in table
+
+
+def test_cluster_model_predicts_namespace_runs_from_measured_inputs(tmp_path):
+    """cluster_model.py --here on made-up inputs, checked against the arithmetic by hand: TinyLlama
+    shape, even split over 2 ranks (each exactly half of every sublayer's weights), 1 rank alone
+    80 ms/token and 40 tok/s over 64 prompt tokens on an idle machine; all-reduces 0.1 ms at 1 KiB
+    after a barrier, 1 ms at 16 KiB after work, 10 ms at 1 MiB; other work keeps 1 core busy
+    during the 2-rank run, so each rank gets 2/3 of a core (x1.5)."""
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"rows": [{"ranks": 1, "threads": 1, "pp": 64, "tg": 64, "simd_levels": ["avx2"],
+                                         "decode_ms": 80.0, "pp_median": 40.0, "others_cores": 0.0}]}))
+    allreduce = tmp_path / "allreduce.json"
+    times = {"1024": 1e-4, "16384": 5e-4, "1048576": 0.01}
+    allreduce.write_text(json.dumps({"2": {"seconds": times, "seconds_between": dict(times, **{"16384": 1e-3})}}))
+    measured = tmp_path / "netem.json"
+    measured.write_text(json.dumps({"rows": [{"ranks": 2, "threads": 1, "pp": 64, "tg": 64, "decode_ms": 100.0,
+                                              "pp_median": 40.0, "others_cores": 1.0}]}))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cluster_model.py"), "--here", "--cores", "2",
+                           "--shape", "tinyllama-1.1b", "--one-rank", str(one), "--allreduce", str(allreduce),
+                           "--measured", str(measured)], capture_output=True, text=True, timeout=120, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr
+    row = next(l for l in proc.stdout.splitlines() if l.startswith("| 2 ranks"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    decode = 80 / 2 * 1.5 + 44 * 1.0 + 2 * 0.1              # compute, 2 x 22 all-reduces, broadcast + gather
+    prefill_ms = 64 / 40 * 1e3 / 2 * 1.5 + 44 * 10.0 + 2 * 0.1
+    assert float(cells[1]) == pytest.approx(decode, abs=0.06) and cells[2] == "100.0"
+    assert cells[3] == f"{100 * (decode - 100) / 100:+.0f}%"
+    assert float(cells[4]) == pytest.approx(64e3 / prefill_ms, abs=0.06) and cells[5] == "40.0"

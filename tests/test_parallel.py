@@ -123,6 +123,30 @@ def test_auto_rank_weights_give_a_throttled_rank_less_work_and_the_same_text(sto
     assert auto["tokens"] == even["tokens"], (auto["text"], even["text"])
 
 
+def test_auto_rank_weights_give_a_scalar_rank_less_work_and_the_same_text(stories_bin):
+    """Rank 1 runs the scalar kernels (TPLLAMA_SIMD=scalar: a slower node that is slow all the
+    time, like a CM4 beside a Pi 5): --rank-weights auto's probe sees it slower and gives it fewer
+    FFN units; the q40 text is the even split's."""
+    from tpllama import _kernels as K
+    if K.best_simd_level() == "scalar":
+        pytest.skip("this CPU or build has no SIMD kernels: a scalar rank is not slower here")
+    prompt = "Once upon a time"
+    args = [str(SCRIPTS / "greedy.py"), str(stories_bin), "q40", "16", prompt]
+    even = run_script(2, "greedy.py", *args[1:])
+    auto_args = args + ["--rank-weights", "auto"]
+    cmd = mpirun_cmd(1, auto_args) + [":", "-n", "1", "-x", "TPLLAMA_SIMD=scalar", sys.executable, *auto_args]
+    proc = run_mpirun(cmd, timeout=300, cwd=str(REPO), env=mpi_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    auto = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+    assert auto["simd_levels"] == [K.best_simd_level(), "scalar"] and even["simd_levels"][1] == K.best_simd_level()
+    fast, slow = auto["speeds"]
+    assert fast > 1.5 * slow, auto["speeds"]      # about 3x for this model's small q40 matrices (AVX2)
+    mine, theirs = auto["split"]
+    assert mine["ffn"] > theirs["ffn"] and mine["heads"] >= theirs["heads"], auto["split"]
+    assert auto["tokens"] == even["tokens"], (auto["text"], even["text"])
+    assert len(even["tokens"]) == 16
+
+
 # ---------------------------------------------------------------- each rank holds only its shard
 
 def test_each_rank_holds_only_its_share(smollm2):

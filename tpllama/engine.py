@@ -29,6 +29,7 @@ from .model import RankModel, row_groups
 from .parallel import Parallel, world_size
 from .plan import (PREFILL_CHUNK, format_memory_table, format_split, host_shortfalls, make_plan, max_context,
                    parse_rank_weights, rank_memory, weight_bytes)
+from .simd import SIMD_ENV, choose_simd_level
 from .speedprobe import matvec_speed, probe_type, weights_from_speeds
 from .sampler import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from . import remote
@@ -124,6 +125,7 @@ class Model:
             show_log_on_stderr()
         opts.check(world_size(comm))     # every rank checks the same options: all fail alike, before any file is read
         self.par = par = Parallel(comm, opts.sync_type)
+        self.simd_levels = par.everyones(_kernel_level)     # each rank's kernels ($TPLLAMA_SIMD may lower one)
         self.reader = reader = self._open_model(path)
         self.fingerprint = check_same_model(par, reader, path)   # a stale copy on one node would hang or garble the job
         self.shard_identity = (*self.fingerprint, model_identity(reader))   # shard files of an edited file: not used
@@ -145,6 +147,9 @@ class Model:
         _log(par, f"tpllama: {os.path.basename(path)} ({reader.format_name}, {c.n_layers} layers, dim {c.dim}, "
                                 f"{c.n_heads}/{c.n_kv_heads} heads, vocab {c.vocab_size}) on {par.size} rank(s), "
                                 f"{opts.weight_type} weights")
+        if any(forced for _, forced in self.simd_levels):
+            _log(par, f"tpllama: kernels per rank (${SIMD_ENV}): " + ", ".join(
+                f"{r} {level}" for r, (level, _) in enumerate(self.simd_levels)))
         if self.rank_speeds or len(set(self.plan.weights)) > 1:
             _log(par, "tpllama: split over the ranks" + (" (--rank-weights auto: the matvec GB/s each rank "
                       "measured)" if self.rank_speeds else "") + ":\n" + format_split(self.plan, self.rank_speeds))
@@ -560,6 +565,13 @@ def _check_special_ids(tokenizer, vocab_size: int):
                                f"(0..{min(vocab_size, tokenizer.vocab_size) - 1}); correct it in the model's "
                                "config.json / tokenizer_config.json")
     return tokenizer
+
+
+def _kernel_level():
+    """This rank's SIMD level after $TPLLAMA_SIMD, and whether that variable chose it."""
+    from . import _kernels as K
+    forced = choose_simd_level() is not None
+    return K.simd_level(), forced
 
 
 AUTO_RANK_WEIGHTS = "auto"

@@ -30,5 +30,6 @@ if MPI.COMM_WORLD.rank == 0:
     print("RESULT " + json.dumps({"text": g.text, "tokens": g.tokens, "prompt_tokens": g.prompt_tokens,
                                   "ranks": MPI.COMM_WORLD.size,
                                   "weight_bytes": model.rank_model.w.nbytes, "speeds": model.rank_speeds,
+                                  "simd_levels": [level for level, _ in model.simd_levels],
                                   "split": [{"heads": len(s.heads), "ffn": len(s.ffn), "vocab": len(s.vocab)}
                                             for s in model.plan.ranks]}))

@@ -4,7 +4,8 @@
     mpirun -n 2 python -m tpllama.bench.point -m model.gguf -t 1 --pp 64 --tg 64 --reps 3
 
 Rank 0 prints one line `RESULT {json}`: tokens/s of each repetition, the per-token time split
-into compute and sync, bytes sent and received per token by each rank, and each rank's peak RSS.
+into compute and sync, bytes sent and received per token by each rank, each rank's peak RSS and SIMD
+level ($TPLLAMA_SIMD), and the greedy tokens of each run.
 The sweep (benchmarks/sweep.py) runs this for every rank and thread count.
 
 With --long-ctx M it measures long prompts and long contexts instead (run_long_context): the
@@ -36,6 +37,7 @@ def run_point(model, pp: int, tg: int, reps: int, seed: int = 0) -> dict:
             "decode_ms": s.mean("decode", "total_ms"), "decode_compute_ms": s.mean("decode", "compute_ms"),
             "decode_sync_ms": s.mean("decode", "sync_ms"),
             "sent_bytes_per_token": s.mean("decode", "sent_bytes"), "recv_bytes_per_token": s.mean("decode", "recv_bytes"),
+            "tokens": list(g.tokens),
         })
     runs = runs[1:]
     per_rank = model.par.gather_object(runs)
@@ -61,6 +63,8 @@ def run_point(model, pp: int, tg: int, reps: int, seed: int = 0) -> dict:
         "weight_type": model.options.weight_type, "sync_type": model.par.sync_type,
         "model": model.config.name, "rank_speeds_GBps": model.rank_speeds, "split_weights": list(model.plan.weights),
         "ffn_units": [len(s.ffn) for s in model.plan.ranks],
+        "simd_levels": [level for level, _ in model.simd_levels],
+        "tokens": [r["tokens"] for r in runs],     # greedy tokens of each run (the seed fixes the prompts)
     }
 
 
