@@ -186,7 +186,7 @@ TPK_CLONES void tpk_silu_mul(const float *g, const float *u, float *out, int64_t
  * at decode the threads share the keys of a long context even when there are few kv heads.
  * Inside a chunk the keys go by tiles of KEY_TILE (a tile of K or V stays in L1 while every
  * head of the group uses it). Per head the arithmetic is the same whatever the grouping. */
-enum { KEY_CHUNK = 256, KEY_TILE = 32, MAX_BLOCK_ROWS = 16 };
+enum { KEY_CHUNK = 256, KEY_TILE = 32, MAX_BLOCK_ROWS = 16, PARTIALS_FLOATS = 1 << 20 };
 
 #if defined(__clang__)
 #define SHUF8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shufflevector(a, b, i0, i1, i2, i3, i4, i5, i6, i7)
@@ -353,6 +353,17 @@ TPK_CLONES static void fold_chunks(const float *m, const float *l, const float *
 /* the first key position p sees: every earlier one, or the last `window` with a sliding window */
 static int64_t first_key(int64_t p, int64_t window) { return window > 0 && p + 1 > window ? p + 1 - window : 0; }
 
+/* the most chunks that a block of `rows` positions (of start..start+T-1) spans */
+static int64_t block_chunks(int64_t T, int64_t rows, int64_t start, int64_t window) {
+    int64_t chunks = 0;
+    for (int64_t t0 = 0; t0 < T; t0 += rows) {
+        const int64_t t1 = t0 + rows < T ? t0 + rows : T;
+        const int64_t nc = (start + t1 - 1) / KEY_CHUNK - first_key(start + t0, window) / KEY_CHUNK + 1;
+        chunks = nc > chunks ? nc : chunks;
+    }
+    return chunks;
+}
+
 /* the runs of consecutive query heads reading the same kv head: run r is heads
  * run_start[r]..run_start[r+1]-1 (run_start has runs + 1 entries) */
 static int64_t head_runs(const int32_t *kv_of_head, int64_t n_heads, int64_t *run_start) {
@@ -377,13 +388,13 @@ void tpk_attention(const float *q, const float *k, const float *v, int64_t T, in
     int64_t widest = 0;
     for (int64_t r = 0; r < runs; r++)
         if (run_start[r + 1] - run_start[r] > widest) widest = run_start[r + 1] - run_start[r];
-    /* positions go by blocks of rows; the partials of one block: (row, chunk, head) */
-    const int64_t rows = T < MAX_BLOCK_ROWS ? T : MAX_BLOCK_ROWS;
-    int64_t chunks = 0;   /* the most chunks a block spans */
-    for (int64_t t0 = 0; t0 < T; t0 += rows) {
-        const int64_t t1 = t0 + rows < T ? t0 + rows : T;
-        const int64_t nc = (start + t1 - 1) / KEY_CHUNK - first_key(start + t0, window) / KEY_CHUNK + 1;
-        chunks = nc > chunks ? nc : chunks;
+    /* positions go by blocks of rows; the partials of one block: (row, chunk, head). Fewer rows
+     * a block when its partials would pass PARTIALS_FLOATS (very long contexts). */
+    int64_t rows = T < MAX_BLOCK_ROWS ? T : MAX_BLOCK_ROWS;
+    int64_t chunks = block_chunks(T, rows, start, window);
+    while (rows > 1 && rows * n_heads * chunks * (hd + 2) > PARTIALS_FLOATS) {
+        rows /= 2;
+        chunks = block_chunks(T, rows, start, window);
     }
     const size_t slots = (size_t)(rows * n_heads * chunks);
     float *part_m = (float *)malloc(sizeof(float) * slots);

@@ -164,3 +164,18 @@ def test_a_position_gives_the_same_bits_in_a_prefill_chunk_as_in_a_decode_step(w
     split = np.concatenate([K.attention(q[a:b], k[a:b], v[a:b], kc, vc, start + a, kv_of_head, scale, 1, window)
                             for a, b in ((0, 3), (3, 29), (29, 40))])   # other prefill chunkings
     assert np.array_equal(split, chunk)
+
+
+def test_a_very_long_context_in_smaller_blocks_gives_the_same_bits():
+    """At 33,000 cached positions the partial results of 16 rows would pass the kernel's bound
+    (2^20 floats), so a prefill chunk goes by blocks of 8 rows: still the bits of each position
+    alone, and the float64 result."""
+    T, start, n_heads, n_kv, hd = 20, 33000, 8, 1, 64
+    q, k, v, kc, vc, kv_of_head = random_attention_case(5, T, start, n_heads, n_kv, hd)
+    scale = np.float32(1 / np.sqrt(hd))
+    chunk = K.attention(q, k, v, kc, vc, start, kv_of_head, scale, 2)
+    for t in (0, 7, 8, 19):
+        one = K.attention(q[t:t + 1], k[t:t + 1], v[t:t + 1], kc, vc, start + t, kv_of_head, scale, 1)
+        assert np.array_equal(one[0], chunk[t]), t
+    want = attention_float64(q[:2], kc, vc, start, kv_of_head, scale)
+    assert np.allclose(chunk[:2], want, rtol=1e-5, atol=2e-6)
