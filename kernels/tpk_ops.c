@@ -178,46 +178,200 @@ TPK_CLONES void tpk_silu_mul(const float *g, const float *u, float *out, int64_t
 
 /* ---------------------------------------------------------------- attention over the KV cache */
 
-/* The heads h0..h0+nh-1 that share one kv head, at one position (keys 0..n-1): scores,
- * softmax and the weighted sum of values. Each key and value row is read once for all the
- * heads of the group. Per head the arithmetic is the same whatever the grouping. */
-TPK_CLONES static void attend_group(const float *q, int64_t nh, const float *K, const float *V, int64_t n,
-                                    int64_t hd, float scale, float *scores, float *acc, float *out) {
-    for (int64_t j = 0; j < n; j++) {
-        const float *kj = K + j * hd;
-        for (int64_t h = 0; h < nh; h++) scores[h * n + j] = dot8(q + h * hd, kj, hd) * scale;
+/* Flash-decoding layout: the keys of a position are cut at fixed chunk boundaries (absolute
+ * key index multiples of KEY_CHUNK, whatever T, the thread count or the window). Each chunk
+ * gives a partial result per head (its score maximum m, sum of exp l and unnormalised
+ * weighted values), computed by whichever thread; the partials are then folded in chunk
+ * order. So one position's result does not depend on T, on the threads or on the batch, and
+ * at decode the threads share the keys of a long context even when there are few kv heads.
+ * Inside a chunk the keys go by tiles of KEY_TILE (a tile of K or V stays in L1 while every
+ * head of the group uses it). Per head the arithmetic is the same whatever the grouping. */
+enum { KEY_CHUNK = 256, KEY_TILE = 32, MAX_BLOCK_ROWS = 16, PARTIALS_FLOATS = 1 << 20 };
+
+#if defined(__clang__)
+#define SHUF8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shufflevector(a, b, i0, i1, i2, i3, i4, i5, i6, i7)
+#else
+#define SHUF8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shuffle(a, b, (v8i){i0, i1, i2, i3, i4, i5, i6, i7})
+#endif
+
+/* lane k of the result: the sum of a_k's 8 lanes, as ((0+1)+(2+3))+((4+5)+(6+7)) */
+INLINE v8f sum_each8(v8f a0, v8f a1, v8f a2, v8f a3, v8f a4, v8f a5, v8f a6, v8f a7) {
+    const v8f t01 = SHUF8(a0, a1, 0, 8, 2, 10, 4, 12, 6, 14) + SHUF8(a0, a1, 1, 9, 3, 11, 5, 13, 7, 15);
+    const v8f t23 = SHUF8(a2, a3, 0, 8, 2, 10, 4, 12, 6, 14) + SHUF8(a2, a3, 1, 9, 3, 11, 5, 13, 7, 15);
+    const v8f t45 = SHUF8(a4, a5, 0, 8, 2, 10, 4, 12, 6, 14) + SHUF8(a4, a5, 1, 9, 3, 11, 5, 13, 7, 15);
+    const v8f t67 = SHUF8(a6, a7, 0, 8, 2, 10, 4, 12, 6, 14) + SHUF8(a6, a7, 1, 9, 3, 11, 5, 13, 7, 15);
+    const v8f u03 = SHUF8(t01, t23, 0, 1, 8, 9, 4, 5, 12, 13) + SHUF8(t01, t23, 2, 3, 10, 11, 6, 7, 14, 15);
+    const v8f u47 = SHUF8(t45, t67, 0, 1, 8, 9, 4, 5, 12, 13) + SHUF8(t45, t67, 2, 3, 10, 11, 6, 7, 14, 15);
+    return SHUF8(u03, u47, 0, 1, 2, 3, 8, 9, 10, 11) + SHUF8(u03, u47, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+/* the first n < 8 floats at p, the other lanes 0 */
+INLINE v8f load_part8(const float *p, int64_t n) {
+    v8f v = splat8(0.0f);
+    memcpy(&v, p, sizeof(float) * (size_t)n);
+    return v;
+}
+
+/* s[k] = (q . K[k]) * scale for nk <= 8 keys; the dot products run in 8 lanes (dims d % 8,
+ * the hd % 8 tail in lanes 0..) and are summed by sum_each8, so a key's score does not
+ * depend on its place in the block. Missing keys reread the last row and are not stored. */
+INLINE void score_block(const float *q, const float *K, int64_t nk, int64_t hd, float scale, float *s) {
+    const float *r[8];
+    for (int64_t k = 0; k < 8; k++) r[k] = K + (k < nk ? k : nk - 1) * hd;
+    v8f a0 = splat8(0.0f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    int64_t d = 0;
+    for (; d + 8 <= hd; d += 8) {
+        const v8f x = load8(q + d);
+        a0 = a0 + x * load8(r[0] + d);
+        a1 = a1 + x * load8(r[1] + d);
+        a2 = a2 + x * load8(r[2] + d);
+        a3 = a3 + x * load8(r[3] + d);
+        a4 = a4 + x * load8(r[4] + d);
+        a5 = a5 + x * load8(r[5] + d);
+        a6 = a6 + x * load8(r[6] + d);
+        a7 = a7 + x * load8(r[7] + d);
     }
-    for (int64_t h = 0; h < nh; h++) {
-        float *s = scores + h * n;
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < n; j++) mx = s[j] > mx ? s[j] : mx;
-        v8f sum8 = splat8(0.0f);
+    if (d < hd) {   /* the hd % 8 tail, zero-padded (adds +0 in the other lanes) */
+        const v8f x = load_part8(q + d, hd - d);
+        a0 = a0 + x * load_part8(r[0] + d, hd - d);
+        a1 = a1 + x * load_part8(r[1] + d, hd - d);
+        a2 = a2 + x * load_part8(r[2] + d, hd - d);
+        a3 = a3 + x * load_part8(r[3] + d, hd - d);
+        a4 = a4 + x * load_part8(r[4] + d, hd - d);
+        a5 = a5 + x * load_part8(r[5] + d, hd - d);
+        a6 = a6 + x * load_part8(r[6] + d, hd - d);
+        a7 = a7 + x * load_part8(r[7] + d, hd - d);
+    }
+    const v8f sc = scale * sum_each8(a0, a1, a2, a3, a4, a5, a6, a7);
+    if (nk == 8) store8(s, sc);
+    else
+        for (int64_t k = 0; k < nk; k++) s[k] = sc[k];
+}
+
+/* acc[d] += sum over k < nk of p[k] * V[k][d] for d < hd, key by key in order (64 dims in
+ * registers); the rows of V are `stride` floats apart */
+INLINE void add_weighted_values(const float *p, const float *V, int64_t nk, int64_t hd, int64_t stride, float *acc) {
+    int64_t d = 0;
+    for (; d + 64 <= hd; d += 64) {
+        v8f c0 = load8(acc + d), c1 = load8(acc + d + 8), c2 = load8(acc + d + 16), c3 = load8(acc + d + 24);
+        v8f c4 = load8(acc + d + 32), c5 = load8(acc + d + 40), c6 = load8(acc + d + 48), c7 = load8(acc + d + 56);
+        for (int64_t k = 0; k < nk; k++) {
+            const float w = p[k];   /* scalar * vector: a broadcast (splat8 here became 8 inserts) */
+            const float *v = V + k * stride + d;
+            c0 = c0 + w * load8(v);
+            c1 = c1 + w * load8(v + 8);
+            c2 = c2 + w * load8(v + 16);
+            c3 = c3 + w * load8(v + 24);
+            c4 = c4 + w * load8(v + 32);
+            c5 = c5 + w * load8(v + 40);
+            c6 = c6 + w * load8(v + 48);
+            c7 = c7 + w * load8(v + 56);
+        }
+        store8(acc + d, c0), store8(acc + d + 8, c1), store8(acc + d + 16, c2), store8(acc + d + 24, c3);
+        store8(acc + d + 32, c4), store8(acc + d + 40, c5), store8(acc + d + 48, c6), store8(acc + d + 56, c7);
+    }
+    for (; d + 8 <= hd; d += 8) {
+        v8f c = load8(acc + d);
+        for (int64_t k = 0; k < nk; k++) c = c + p[k] * load8(V + k * stride + d);
+        store8(acc + d, c);
+    }
+    for (; d < hd; d++) {
+        float c = acc[d];
+        for (int64_t k = 0; k < nk; k++) c = c + p[k] * V[k * stride + d];
+        acc[d] = c;
+    }
+}
+
+/* One chunk's partial for the heads h0..h0+nh-1 sharing one kv head, at one position: keys
+ * K[0..n), n <= KEY_CHUNK. Per head: m = the largest score, l = sum of exp(score - m) (8
+ * lanes by key, then hsum8), acc = sum of exp(score - m) * value. scores: nh * KEY_CHUNK. */
+INLINE void attend_chunk_hd(const float *q, int64_t nh, const float *K, const float *V, int64_t n, int64_t hd,
+                            float scale, float *scores, float *m, float *l, float *acc) {
+    for (int64_t j0 = 0; j0 < n; j0 += KEY_TILE) {          /* scores, a tile of keys for every head */
+        const int64_t j1 = j0 + KEY_TILE < n ? j0 + KEY_TILE : n;
+        for (int64_t h = 0; h < nh; h++)
+            for (int64_t j = j0; j < j1; j += 8)
+                score_block(q + h * hd, K + j * hd, j1 - j < 8 ? j1 - j : 8, hd, scale, scores + h * KEY_CHUNK + j);
+    }
+    for (int64_t h = 0; h < nh; h++) {                      /* exp(score - max), their sum */
+        float *s = scores + h * KEY_CHUNK;
+        v8f mx8 = splat8(-INFINITY);
         int64_t j = 0;
-        const v8f m = splat8(mx);
-        for (; j + 8 <= n; j += 8) {
-            const v8f e = exp8(load8(s + j) - m);
+        for (; j + 8 <= n; j += 8) mx8 = vmax8(mx8, load8(s + j));
+        float mx = hmax8(mx8);
+        for (; j < n; j++) mx = s[j] > mx ? s[j] : mx;
+        v8f sum8 = splat8(0.0f);
+        const v8f mv = splat8(mx);
+        for (j = 0; j + 8 <= n; j += 8) {
+            const v8f e = exp8(load8(s + j) - mv);
             store8(s + j, e);
             sum8 = sum8 + e;
         }
-        for (int l = 0; j < n; j++, l++) {
+        for (int k = 0; j < n; j++, k++) {
             s[j] = expf8(s[j] - mx);
-            sum8[l] = sum8[l] + s[j];
+            sum8[k] = sum8[k] + s[j];
         }
-        const float inv = 1.0f / hsum8(sum8);
-        for (j = 0; j < n; j++) s[j] = s[j] * inv;     /* probabilities */
+        m[h] = mx;
+        l[h] = hsum8(sum8);
     }
-    const int64_t hd8 = hd / 8 * 8;
     memset(acc, 0, sizeof(float) * (size_t)(nh * hd));
-    for (int64_t j = 0; j < n; j++) {
-        const float *vj = V + j * hd;
-        for (int64_t h = 0; h < nh; h++) {
-            const v8f p = splat8(scores[h * n + j]);
-            float *a = acc + h * hd;
-            for (int64_t d = 0; d < hd8; d += 8) store8(a + d, load8(a + d) + p * load8(vj + d));
-            for (int64_t d = hd8; d < hd; d++) a[d] = a[d] + p[0] * vj[d];
-        }
+    for (int64_t j0 = 0; j0 < n; j0 += KEY_TILE) {          /* weighted values, a tile for every head */
+        const int64_t nk = j0 + KEY_TILE < n ? KEY_TILE : n - j0;
+        for (int64_t h = 0; h < nh; h++)
+            add_weighted_values(scores + h * KEY_CHUNK + j0, V + j0 * hd, nk, hd, hd, acc + h * hd);
     }
-    memcpy(out, acc, sizeof(float) * (size_t)(nh * hd));
+}
+
+/* attend_chunk_hd, built for the common head sizes as constants (unrolled loops, ~6% faster) */
+TPK_CLONES static void attend_chunk(const float *q, int64_t nh, const float *K, const float *V, int64_t n,
+                                    int64_t hd, float scale, float *scores, float *m, float *l, float *acc) {
+    if (hd == 64) attend_chunk_hd(q, nh, K, V, n, 64, scale, scores, m, l, acc);
+    else if (hd == 128) attend_chunk_hd(q, nh, K, V, n, 128, scale, scores, m, l, acc);
+    else attend_chunk_hd(q, nh, K, V, n, hd, scale, scores, m, l, acc);
+}
+
+/* out = the chunks' partials c = 0..nc-1 of one head (`stride` slots apart) folded in order:
+ * sum_c exp(m_c - M) acc_c / sum_c exp(m_c - M) l_c, M the largest m_c */
+TPK_CLONES static void fold_chunks(const float *m, const float *l, const float *acc, int64_t nc, int64_t stride,
+                                   int64_t hd, float *out) {
+    float mx = -INFINITY;
+    for (int64_t c = 0; c < nc; c++) mx = m[c * stride] > mx ? m[c * stride] : mx;
+    memset(out, 0, sizeof(float) * (size_t)hd);
+    float total = 0.0f;
+    const int64_t hd8 = hd / 8 * 8;
+    for (int64_t c = 0; c < nc; c++) {
+        const float w = expf8(m[c * stride] - mx);
+        const float *a = acc + c * stride * hd;
+        total = total + w * l[c * stride];
+        for (int64_t d = 0; d < hd8; d += 8) store8(out + d, load8(out + d) + w * load8(a + d));
+        for (int64_t d = hd8; d < hd; d++) out[d] = out[d] + w * a[d];
+    }
+    const float inv = 1.0f / total;
+    for (int64_t d = 0; d < hd; d++) out[d] = out[d] * inv;
+}
+
+/* the first key position p sees: every earlier one, or the last `window` with a sliding window */
+static int64_t first_key(int64_t p, int64_t window) { return window > 0 && p + 1 > window ? p + 1 - window : 0; }
+
+/* the most chunks that a block of `rows` positions (of start..start+T-1) spans */
+static int64_t block_chunks(int64_t T, int64_t rows, int64_t start, int64_t window) {
+    int64_t chunks = 0;
+    for (int64_t t0 = 0; t0 < T; t0 += rows) {
+        const int64_t t1 = t0 + rows < T ? t0 + rows : T;
+        const int64_t nc = (start + t1 - 1) / KEY_CHUNK - first_key(start + t0, window) / KEY_CHUNK + 1;
+        chunks = nc > chunks ? nc : chunks;
+    }
+    return chunks;
+}
+
+/* the runs of consecutive query heads reading the same kv head: run r is heads
+ * run_start[r]..run_start[r+1]-1 (run_start has runs + 1 entries) */
+static int64_t head_runs(const int32_t *kv_of_head, int64_t n_heads, int64_t *run_start) {
+    int64_t runs = 0;
+    for (int64_t h = 0; h < n_heads; h++)
+        if (h == 0 || kv_of_head[h] != kv_of_head[h - 1]) run_start[runs++] = h;
+    run_start[runs] = n_heads;
+    return runs;
 }
 
 void tpk_attention(const float *q, const float *k, const float *v, int64_t T, int64_t n_heads, int64_t n_kv,
@@ -229,41 +383,68 @@ void tpk_attention(const float *q, const float *k, const float *v, int64_t T, in
             memcpy(kcache + (h * ctx + start + t) * hd, k + (t * n_kv + h) * hd, hd * sizeof(float));
             memcpy(vcache + (h * ctx + start + t) * hd, v + (t * n_kv + h) * hd, hd * sizeof(float));
         }
-    /* work units: (position, run of consecutive query heads reading the same kv head) */
-    int64_t runs = 0;
-    for (int64_t h = 0; h < n_heads; h++)
-        if (h == 0 || kv_of_head[h] != kv_of_head[h - 1]) runs++;
-    int64_t *run_start = (int64_t *)malloc(sizeof(int64_t) * (size_t)(runs + 1));
-    runs = 0;
-    for (int64_t h = 0; h < n_heads; h++)
-        if (h == 0 || kv_of_head[h] != kv_of_head[h - 1]) run_start[runs++] = h;
-    run_start[runs] = n_heads;
+    int64_t *run_start = (int64_t *)malloc(sizeof(int64_t) * (size_t)(n_heads + 1));
+    const int64_t runs = head_runs(kv_of_head, n_heads, run_start);
     int64_t widest = 0;
     for (int64_t r = 0; r < runs; r++)
         if (run_start[r + 1] - run_start[r] > widest) widest = run_start[r + 1] - run_start[r];
-    const int64_t units = T * runs;
+    /* positions go by blocks of rows; the partials of one block: (row, chunk, head). Fewer rows
+     * a block when its partials would pass PARTIALS_FLOATS (very long contexts). */
+    int64_t rows = T < MAX_BLOCK_ROWS ? T : MAX_BLOCK_ROWS;
+    int64_t chunks = block_chunks(T, rows, start, window);
+    while (rows > 1 && rows * n_heads * chunks * (hd + 2) > PARTIALS_FLOATS) {
+        rows /= 2;
+        chunks = block_chunks(T, rows, start, window);
+    }
+    const size_t slots = (size_t)(rows * n_heads * chunks);
+    float *part_m = (float *)malloc(sizeof(float) * slots);
+    float *part_l = (float *)malloc(sizeof(float) * slots);
+    float *part_acc = (float *)malloc(sizeof(float) * slots * (size_t)hd);
     const int nt = threads_for(nthreads, (double)n_heads * T * (start + T) * hd, 32768.0);
     (void)nt;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt) if (nt > 1)
 #endif
     {
-        float *scores = (float *)malloc(sizeof(float) * (size_t)(widest * (start + T) + 8));
-        float *acc = (float *)malloc(sizeof(float) * (size_t)(widest * hd + 8));
+        float *scores = (float *)malloc(sizeof(float) * (size_t)(widest * KEY_CHUNK));
+        for (int64_t t0 = 0; t0 < T; t0 += rows) {
+            const int64_t t1 = t0 + rows < T ? t0 + rows : T;
+            const int64_t c0 = first_key(start + t0, window) / KEY_CHUNK;
+            const int64_t nc = (start + t1 - 1) / KEY_CHUNK - c0 + 1;   /* <= chunks */
+            /* tasks: (run, chunk), each over the block's rows; any thread, any order */
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+            for (int64_t u = 0; u < runs * nc; u++) {
+                const int64_t r = u / nc, c = c0 + u % nc;
+                const int64_t h0 = run_start[r], nh = run_start[r + 1] - h0, kv = kv_of_head[h0];
+                for (int64_t t = t0; t < t1; t++) {
+                    const int64_t p = start + t, lo = first_key(p, window);
+                    const int64_t b = c * KEY_CHUNK > lo ? c * KEY_CHUNK : lo;
+                    const int64_t e = (c + 1) * KEY_CHUNK < p + 1 ? (c + 1) * KEY_CHUNK : p + 1;
+                    if (b >= e) continue;   /* this chunk is outside the position's keys */
+                    const size_t slot = (size_t)(((t - t0) * chunks + c - c0) * n_heads + h0);
+                    attend_chunk(q + (t * n_heads + h0) * hd, nh, kcache + (kv * ctx + b) * hd,
+                                 vcache + (kv * ctx + b) * hd, e - b, hd, scale, scores, part_m + slot,
+                                 part_l + slot, part_acc + slot * (size_t)hd);
+                }
+            }
+            /* each (row, head): its chunks folded in order */
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-        for (int64_t u = 0; u < units; u++) {
-            const int64_t t = u / runs, r = u % runs;
-            const int64_t h0 = run_start[r], nh = run_start[r + 1] - h0, kv = kv_of_head[h0];
-            /* keys first..start+t: every earlier position, or the last `window` with a sliding window */
-            const int64_t first = window > 0 && start + t + 1 > window ? start + t + 1 - window : 0;
-            attend_group(q + (t * n_heads + h0) * hd, nh, kcache + (kv * ctx + first) * hd,
-                         vcache + (kv * ctx + first) * hd, start + t + 1 - first, hd, scale, scores, acc,
-                         out + (t * n_heads + h0) * hd);
+            for (int64_t u = 0; u < (t1 - t0) * n_heads; u++) {
+                const int64_t t = t0 + u / n_heads, h = u % n_heads, p = start + t;
+                const int64_t first = first_key(p, window) / KEY_CHUNK - c0, last = p / KEY_CHUNK - c0;
+                const size_t slot = (size_t)(((t - t0) * chunks + first) * n_heads + h);
+                fold_chunks(part_m + slot, part_l + slot, part_acc + slot * (size_t)hd, last - first + 1, n_heads,
+                            hd, out + (t * n_heads + h) * hd);
+            }
         }
         free(scores);
-        free(acc);
     }
+    free(part_m);
+    free(part_l);
+    free(part_acc);
     free(run_start);
 }

@@ -139,12 +139,14 @@ def test_chat_on_one_rank_through_a_pipe(smollm2, model):
 
 def test_a_full_context_drops_old_turns_instead_of_failing(smollm2):
     # no -m: the default model (the smollm2 fixture has made sure it is in the cache)
-    questions = ["Hi!", "Tell me about Paris.", "And London?", "And Rome?", "And Berlin?", "word " * 200]
+    # enough short turns that the context fills whatever the answers' exact lengths, then one too long
+    questions = ["Hi!", "Tell me about Paris.", "And London?", "And Rome?", "And Berlin?", "And Madrid?",
+                 "And Vienna?", "word " * 200]
     with Running(command(1, "tpllama.chat", ["-c", "160", "-n", "16", "--temp", "0", "--stats", *ONE_THREAD])) as chat:
         chat.send("".join(q + "\n" for q in questions))
         chat.close_stdin()
         assert chat.wait(180) == 0, chat.report()
-    assert len(answers(chat.stdout)) == 5, chat.report()
+    assert len(answers(chat.stdout)) == 7, chat.report()
     assert re.search(r"\[context full: dropped the \d+ oldest turn\(s\); \d+ left\]", chat.stderr), chat.report()
     assert re.search(r"\[error: the message needs \d+ tokens .* context holds 160", chat.stderr), chat.report()
     assert all(int(m.group(1)) + 16 <= 160 for m in STATS.finditer(chat.stderr))

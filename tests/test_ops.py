@@ -117,3 +117,65 @@ def test_attention_checks_bounds():
         K.attention(q, q, q, kc, kc.copy(), 3, np.zeros(1, np.int32), np.float32(1.0))
     with pytest.raises(ValueError):
         K.attention(q, q, q, kc, kc.copy(), 0, np.ones(1, np.int32), np.float32(1.0))
+
+
+def random_attention_case(seed, T, start, n_heads, n_kv, hd):
+    """Caches with random keys/values at 0..start-1, and the new rows q, k, v."""
+    r = rng(seed)
+    ctx = start + T
+    kc = np.zeros((n_kv, ctx, hd), np.float32)
+    vc = np.zeros((n_kv, ctx, hd), np.float32)
+    kc[:, :start] = r.standard_normal((n_kv, start, hd)) * 2   # peaked softmax: chunk maxima differ
+    vc[:, :start] = r.standard_normal((n_kv, start, hd))
+    q, k, v = (r.standard_normal((T, n * hd)).astype(np.float32) for n in (n_heads, n_kv, n_kv))
+    kv_of_head = (np.arange(n_heads) // (n_heads // n_kv)).astype(np.int32)
+    return q, k, v, kc, vc, kv_of_head
+
+
+# Keys are cut into chunks of 256 (one partial softmax each, folded in order) and tiles of 32:
+# contexts of several chunks, ends inside a tile and a block of 8 keys, GQA groups of 1, 2 and 8,
+# head sizes 64, 128 and ones with a tail (hd % 8).
+@pytest.mark.parametrize("start,n_heads,n_kv,hd", [(700, 8, 8, 64), (1000, 16, 2, 64), (300, 8, 1, 128),
+                                                   (530, 6, 3, 20), (257, 4, 2, 36), (255, 2, 1, 8)])
+def test_attention_over_long_contexts_matches_float64_at_any_thread_count(start, n_heads, n_kv, hd):
+    q, k, v, kc, vc, kv_of_head = random_attention_case(start + hd, 1, start, n_heads, n_kv, hd)
+    scale = np.float32(1 / np.sqrt(hd))
+    outs = [K.attention(q, k, v, kc, vc, start, kv_of_head, scale, threads) for threads in (1, 2, 3)]
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+    want = attention_float64(q, kc, vc, start, kv_of_head, scale)
+    assert np.allclose(outs[0], want, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("window", [0, 45, 300])
+def test_a_position_gives_the_same_bits_in_a_prefill_chunk_as_in_a_decode_step(window):
+    """40 positions from 250 (across the chunk boundary at 256, more rows than one block of 16)
+    in one call, against each position alone on the same cache: equal bits, at 1 and 2 threads.
+    A window of 45 starts inside a tile, one of 300 inside the first chunk."""
+    T, start, n_heads, n_kv, hd = 40, 250, 8, 2, 64
+    q, k, v, kc, vc, kv_of_head = random_attention_case(window, T, start, n_heads, n_kv, hd)
+    scale = np.float32(1 / np.sqrt(hd))
+    chunk = K.attention(q, k, v, kc, vc, start, kv_of_head, scale, 2, window)   # fills the cache
+    assert np.allclose(chunk, attention_float64(q, kc, vc, start, kv_of_head, scale, window), rtol=1e-5, atol=2e-6)
+    for t in range(T):
+        for threads in (1, 2):
+            one = K.attention(q[t:t + 1], k[t:t + 1], v[t:t + 1], kc, vc, start + t, kv_of_head, scale, threads,
+                              window)
+            assert np.array_equal(one[0], chunk[t]), (t, threads)
+    split = np.concatenate([K.attention(q[a:b], k[a:b], v[a:b], kc, vc, start + a, kv_of_head, scale, 1, window)
+                            for a, b in ((0, 3), (3, 29), (29, 40))])   # other prefill chunkings
+    assert np.array_equal(split, chunk)
+
+
+def test_a_very_long_context_in_smaller_blocks_gives_the_same_bits():
+    """At 33,000 cached positions the partial results of 16 rows would pass the kernel's bound
+    (2^20 floats), so a prefill chunk goes by blocks of 8 rows: still the bits of each position
+    alone, and the float64 result."""
+    T, start, n_heads, n_kv, hd = 20, 33000, 8, 1, 64
+    q, k, v, kc, vc, kv_of_head = random_attention_case(5, T, start, n_heads, n_kv, hd)
+    scale = np.float32(1 / np.sqrt(hd))
+    chunk = K.attention(q, k, v, kc, vc, start, kv_of_head, scale, 2)
+    for t in (0, 7, 8, 19):
+        one = K.attention(q[t:t + 1], k[t:t + 1], v[t:t + 1], kc, vc, start + t, kv_of_head, scale, 1)
+        assert np.array_equal(one[0], chunk[t]), t
+    want = attention_float64(q[:2], kc, vc, start, kv_of_head, scale)
+    assert np.allclose(chunk[:2], want, rtol=1e-5, atol=2e-6)

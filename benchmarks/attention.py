@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Attention kernel benchmark: the attention of one decode step over a long KV cache, and of a
+long prompt's prefill, on the TinyLlama-1.1B shape (22 layers, 32 query / 4 kv heads, head
+size 64) as one rank holds it at 1 and 2 ranks (32/4 and 16/2 heads).
+
+    python benchmarks/attention.py [--positions 100,2048,4000] [--prompt-len 2048] [--threads 1,2] [--reps 5]
+
+Decode: one token's attention calls, one per layer, each over its own layer's float32 cache
+(as in the model, the 22 caches together are far larger than any CPU cache, so they come from
+memory); ms per token and the cache bytes read per second. Prefill: the prompt in chunks of
+the runtime's PREFILL_CHUNK rows, one layer, times 22; prompt tokens per second of attention
+alone. Each figure is the median (min-max) of --reps repetitions, each started on a quiet
+machine when one comes within 5 s (benchmarks/_common.Quiet). Prints a table; writes JSON to
+benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.append(str(REPO))      # `benchmarks`, after any installed tpllama: _common picks which one runs
+from benchmarks._common import Quiet, machine_header, machine_info, median, spread, write_results  # noqa: E402
+from tpllama import _kernels as K  # noqa: E402
+from tpllama.plan import PREFILL_CHUNK  # noqa: E402
+
+LAYERS, HEAD_DIM = 22, 64
+RANK_SHAPES = {1: (32, 4), 2: (16, 2)}     # ranks -> (query heads, kv heads) on one rank
+
+
+def caches(layers: int, n_kv: int, ctx: int, seed: int):
+    """`layers` pairs of random (n_kv, ctx, HEAD_DIM) float32 key and value caches."""
+    rng = np.random.default_rng(seed)
+    return [tuple(rng.standard_normal((n_kv, ctx, HEAD_DIM), dtype=np.float32) for _ in range(2))
+            for _ in range(layers)]
+
+
+def rows(T: int, n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((T, n * HEAD_DIM), dtype=np.float32)
+
+
+def decode_seconds(layer_caches, position: int, heads: int, n_kv: int, threads: int) -> float:
+    """One decode step's attention at `position`: a call per layer, each on its own cache."""
+    q, kv = rows(1, heads, 1), rows(1, n_kv, 2)
+    kv_of_head = (np.arange(heads) // (heads // n_kv)).astype(np.int32)
+    scale = np.float32(HEAD_DIM ** -0.5)
+    t = time.perf_counter()
+    for kc, vc in layer_caches:
+        K.attention(q, kv, kv, kc, vc, position, kv_of_head, scale, threads)
+    return time.perf_counter() - t
+
+
+def prefill_seconds(kc, vc, prompt: int, heads: int, n_kv: int, threads: int) -> float:
+    """One layer's attention over a prompt of `prompt` tokens in chunks of PREFILL_CHUNK, x LAYERS."""
+    kv_of_head = (np.arange(heads) // (heads // n_kv)).astype(np.int32)
+    scale = np.float32(HEAD_DIM ** -0.5)
+    total = 0.0
+    for start in range(0, prompt, PREFILL_CHUNK):
+        T = min(PREFILL_CHUNK, prompt - start)
+        q, kv = rows(T, heads, start), rows(T, n_kv, start + 1)
+        t = time.perf_counter()
+        K.attention(q, kv, kv, kc, vc, start, kv_of_head, scale, threads)
+        total += time.perf_counter() - t
+    return total * LAYERS
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--positions", default="100,2048,4000", help="cached positions of the decode steps")
+    p.add_argument("--prompt-len", type=int, default=2048, help="prefill prompt tokens (0: no prefill)")
+    p.add_argument("--ranks", default="1,2", help="rank counts whose per-rank head shapes to run (1, 2)")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--no-quiet", action="store_true", help="do not wait for the rest of the machine to be idle")
+    p.add_argument("--json", help="results file (default benchmarks/results/attention-<time>.json)")
+    a = p.parse_args(argv)
+    try:
+        positions = [int(v) for v in a.positions.split(",")]
+        threads = [int(v) for v in a.threads.split(",")]
+        ranks = [int(v) for v in a.ranks.split(",")]
+    except ValueError:
+        p.error("--positions, --threads and --ranks take comma-separated integers, e.g. 100,4000")
+    if any(r not in RANK_SHAPES for r in ranks):
+        p.error(f"--ranks: one of {', '.join(map(str, RANK_SHAPES))}")
+    if any(v < 0 for v in positions) or a.prompt_len < 0 or any(t < 1 for t in threads) or a.reps < 1:
+        p.error("--positions and --prompt-len must be >= 0, --threads and --reps >= 1")
+    quiet = Quiet(limit=5.0, enabled=not a.no_quiet)   # at most 5 s of waiting per repetition
+    info = machine_info(bandwidth_threads=(1,))
+    print(machine_header(info) + f"; medians (min-max) of {a.reps} repetitions", flush=True)
+    results = []
+    for r in ranks:
+        heads, n_kv = RANK_SHAPES[r]
+        for pos in positions:
+            layer_caches = caches(LAYERS, n_kv, pos + 1, pos)
+            nbytes = 2 * LAYERS * n_kv * (pos + 1) * HEAD_DIM * 4
+            for th in threads:
+                decode_seconds(layer_caches, pos, heads, n_kv, th)          # warm-up
+                samples = []
+                for _ in range(a.reps):
+                    quiet.wait()
+                    samples.append(decode_seconds(layer_caches, pos, heads, n_kv, th))
+                ms = [1e3 * s for s in samples]
+                results.append({"ranks": r, "threads": th, "what": f"decode at {pos}", "ms": ms,
+                                "GBps": nbytes / median(samples) / 1e9})
+                print(f"{r} rank(s), {th} thread(s): decode at {pos}: {spread(ms)} ms/token "
+                      f"(KV cache read at {nbytes / median(samples) / 1e9:.1f} GB/s)", flush=True)
+            del layer_caches
+        if a.prompt_len:
+            (kc, vc), = caches(1, n_kv, a.prompt_len, 7)
+            for th in threads:
+                samples = []
+                for _ in range(a.reps):
+                    quiet.wait()
+                    samples.append(prefill_seconds(kc, vc, a.prompt_len, heads, n_kv, th))
+                tps = [a.prompt_len / s for s in samples]
+                results.append({"ranks": r, "threads": th, "what": f"prefill {a.prompt_len}", "tokens_per_s": tps})
+                print(f"{r} rank(s), {th} thread(s): prefill of {a.prompt_len} (attention alone, {LAYERS} layers): "
+                      f"{spread(tps)} tok/s", flush=True)
+    if quiet.noisy:
+        print(f"({quiet.noisy} repetitions started on a busy machine)")
+    out = write_results("attention", {"meta": info, "results": results}, a.json)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
