@@ -78,18 +78,11 @@ DLLAMA = {  # distributed-llama's published figures, Llama 2 7B q40
 DLLAMA_TRAFFIC_MB_4 = 2.75
 
 
-def shape_config(shape):
-    """The ModelConfig of a named random-weight shape (tpllama.bench.make_model), no file needed."""
-    from tpllama.config import ModelConfig
-    return ModelConfig(dim=shape.dim, hidden_dim=shape.ffn, n_layers=shape.layers, n_heads=shape.heads,
-                       n_kv_heads=shape.kv_heads, vocab_size=shape.vocab, max_seq_len=shape.ctx)
-
-
 def weight_bytes(shape) -> float:
     """q40 bytes of a shape's matrices (the embedding stays in the file), as tpllama's plan counts them."""
     from tpllama.plan import make_plan
     from tpllama.plan import weight_bytes as plan_bytes
-    config = shape_config(shape)
+    config = shape.config()
     return plan_bytes(config, make_plan(config, 1)[0], "q40")
 
 
@@ -233,7 +226,7 @@ def here(args) -> int:
         from tpllama.formats import open_model
         config = open_model(args.model).config
     else:
-        config = shape_config(MODEL_SHAPES[args.shape])
+        config = MODEL_SHAPES[args.shape].config()
     alone = one_rank_points(args.one_rank)
     times = allreduce_times(args.allreduce)
     decode_times = allreduce_times(args.allreduce, "seconds_between")
