@@ -1,6 +1,7 @@
 """Per-rank shard files: a rank writes its converted weights once and reads them back at the
 next start; a stale or damaged file is rebuilt, never used; a folder that cannot be written
 costs only time."""
+import gc
 import json
 import os
 import subprocess
@@ -32,6 +33,25 @@ def test_second_start_reads_the_shard_file_and_gives_the_known_text(stories_gguf
     assert warm.shard_file.hit, warm.shard_file.note
     # the known greedy text of ../shared/models/README.md, from the weights read back
     assert warm.generate("Once upon a time", 60, temperature=0.0).text == STORIES_TEXT[len("Once upon a time"):]
+    assert np.array_equal(warm.forward([1, 403, 407], 0), cold.forward([1, 403, 407], 0))
+
+
+def _mapped_files():
+    with open("/proc/self/maps") as f:
+        return {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_a_warm_start_maps_its_shard_file_instead_of_copying_it(stories_gguf, tmp_path):
+    cold = _load(stories_gguf, tmp_path)
+    weights = cold.load_report["weight_bytes"]
+    read = _load(stories_gguf, tmp_path, mmap=False)                # --no-mmap: read into memory, as before
+    assert read.shard_file.hit and read.shard_file.path not in _mapped_files()
+    assert np.array_equal(read.forward([1, 403, 407], 0), cold.forward([1, 403, 407], 0))
+    gc.collect()       # no earlier test's model freed during the load below, which would hide a copy
+    warm = _load(stories_gguf, tmp_path)
+    assert warm.shard_file.hit and warm.shard_file.path in _mapped_files(), warm.shard_file.note
+    assert warm.load_report["resident_growth"] < weights / 4      # no copy of the weights in anonymous memory
     assert np.array_equal(warm.forward([1, 403, 407], 0), cold.forward([1, 403, 407], 0))
 
 

@@ -55,7 +55,8 @@ class LoadOptions:
     sync_type: str = "f64"            # payload of the per-layer all-reduces: f64 (same text at any rank count) | f32 | bf16 | q80
     tokenizer: Optional[str] = None   # tokenizer file when the model has none; "none": load no tokenizer
     shard_cache: Union[bool, str] = True   # True: $TPLLAMA_SHARD_CACHE or ~/.cache/tpllama/shards; a folder; False: off
-    mmap: Optional[bool] = None       # run from the memory-mapped shard files; None: only when the weights do not fit
+    mmap: Optional[bool] = None       # True: run layer by layer from mapped shard files; False: read found ones into
+    #                                   memory; None: map a found shard file whole, layer by layer only when the weights do not fit
     weights_from_root: Optional[bool] = None   # ranks without the model file get their weights from rank 0; None: when needed
     overlap: bool = False             # prefill in micro-batches whose all-reduces travel while the next computes
     verbose: bool = False             # progress and the memory plan on rank 0's stderr (logger "tpllama")
@@ -315,7 +316,8 @@ class Model:
         if folder is None:
             return load_rank_weights(self.reader, self.shard, self.types, self.threads, progress)
         cached = cached_rank_weights(self.reader, self.shard, self.types, self.threads, folder, self.shard_identity,
-                                     self.par.size, progress, mapped=self.mapped)
+                                     self.par.size, progress, mapped=self.mapped,
+                                     map_found=self.options.mmap is not False)
         _log(self.par, f"tpllama: rank 0 {cached.note}")
         self.shard_file = cached
         if self.mapped and self.par.is_root:

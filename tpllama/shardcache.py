@@ -3,8 +3,8 @@
 Converting a rank's slice of the model into the runtime layout (reading the file's blocks,
 repacking or quantizing them) costs seconds on a laptop and minutes on a Raspberry Pi, at every
 start. After a rank has converted its slice it writes the result, in the runtime's packed
-layout, to one file under the shard cache folder; the next start with the same key reads that
-file straight into the weight arena instead of converting.
+layout, to one file under the shard cache folder; the next start with the same key maps (or
+reads) that file instead of converting.
 
 The key names everything the bytes depend on: the model's fingerprint (config, tensor table,
 sampled weights) and its file's size and modification time (fingerprint.model_identity), the
@@ -21,9 +21,11 @@ b"TPLSHARD" again. The header comes last so a rank can write its slice a layer a
 never hold more than one layer (mapped mode, models larger than memory). The token embedding is
 not in it: a step reads those rows from the model file, as without the cache.
 
-Mapped mode (`mapped=True`) runs straight from the file's memory map instead of reading it
-into memory: the OS pages weights in as the layers run, and while layer i computes, layer i+1
-is advised WILLNEED so its pages are on their way (MappedLayers).
+A shard file found at start is memory-mapped, not read: its pages are the page cache's (still
+there from the last start, or read ahead at once), so the start copies nothing. Mapped mode
+(`mapped=True`, a model larger than memory) runs from the map layer by layer: the OS pages
+weights in as the layers run, and while layer i computes, layer i+1 is advised WILLNEED so its
+pages are on their way (MappedLayers).
 """
 from __future__ import annotations
 
@@ -358,9 +360,12 @@ class MappedLayers(list):
             yield self[i]
 
 
-def load(path: str, key: str, template: RankWeights, mapped: bool = False) -> Optional[RankWeights]:
-    """The weights of a sound shard file of this key, read into memory or memory-mapped (config,
-    shard, embedding and threads from the template); None when the file is absent, stale or damaged."""
+def load(path: str, key: str, template: RankWeights, how: str = "read") -> Optional[RankWeights]:
+    """The weights of a sound shard file of this key (config, shard, embedding and threads from
+    the template); None when the file is absent, stale or damaged. how: "read" into memory;
+    "resident": memory-mapped, all of it asked for at once and kept by the page cache (no copy,
+    so a warm start skips the read); "mapped": memory-mapped, each layer asked for just before it
+    runs (a model larger than memory)."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -368,14 +373,19 @@ def load(path: str, key: str, template: RankWeights, mapped: bool = False) -> Op
             if meta is None:
                 return None
             entries = meta["entries"]
-            if not mapped:
+            if how == "read":
                 values = {e["name"]: _read_entry(f, e, template.threads) for e in entries}
                 return _assemble(values, template, path)
             mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        # 2 MiB pages where the page cache has them (or reads them so): fewer TLB misses in decode
+        advise(mapping, "MADV_HUGEPAGE", 0, len(mapping))
         buf = np.frombuffer(mapping, dtype=np.uint8)
         values = {e["name"]: _array(e, buf[DATA_START_ALIGN + e["offset"]:DATA_START_ALIGN + e["offset"] + e["nbytes"]],
                                     template.threads) for e in entries}
         weights = _assemble(values, template, path)
+        if how == "resident":
+            advise(mapping, "MADV_WILLNEED", 0, len(mapping))   # after a reboot: read it all ahead
+            return weights
         weights.layers = MappedLayers(weights.layers, mapping, _layer_spans(entries, len(weights.layers)))
         weights.layers.prefetch(0)
         return weights
@@ -428,11 +438,12 @@ class Cached:
 
 
 def cached_rank_weights(reader, shard: RankSlice, types, threads: int, folder: str, fingerprint, world_size: int,
-                        progress=None, mapped: bool = False) -> Cached:
-    """This rank's weights from its shard file when a sound one exists; else converted from the
-    model file and written to the shard file for the next start. Mapped: the weights stay in the
-    file (memory-mapped); a missing file is written a layer at a time, never holding more than
-    one layer. A shard file that cannot be written costs the next start its time (not mapped: the
+                        progress=None, mapped: bool = False, map_found: bool = True) -> Cached:
+    """This rank's weights from its shard file when a sound one exists (mapped whole and kept by
+    the page cache when map_found, else read into memory); else converted from the model file and
+    written to the shard file for the next start. Mapped: the weights stay in the file
+    (memory-mapped, each layer asked for as it runs); a missing file is written a layer at a
+    time, never holding more than one layer. A shard file that cannot be written costs the next start its time (not mapped: the
     note says why) or fails the load (mapped: there is no other place for the weights)."""
     from .loader import embedding_table, load_rank_weights, rank_weight_parts
     from .errors import TpllamaError
@@ -442,11 +453,11 @@ def cached_rank_weights(reader, shard: RankSlice, types, threads: int, folder: s
     template = RankWeights(config=reader.config, shard=shard, embedding=None if remote else embedding_table(reader),
                            layers=[], output_norm=None, output=None, threads=threads)
     existed = os.path.exists(path)
-    weights = load(path, key, template, mapped) if existed else None
+    how = "mapped" if mapped else "resident" if map_found else "read"
+    weights = load(path, key, template, how) if existed else None
     if weights is not None:
         _touch(path)
-        how = "mapped" if mapped else "read"
-        return Cached(weights, path, True, f"{how} the converted weights from {path}")
+        return Cached(weights, path, True, f"{'read' if how == 'read' else 'mapped'} the converted weights from {path}")
     if remote:
         raise TpllamaError(f"{path}: this rank has neither the model file nor a sound shard file of it "
                            "(the weights rank 0 sent did not arrive whole)")
@@ -458,7 +469,7 @@ def cached_rank_weights(reader, shard: RankSlice, types, threads: int, folder: s
         except OSError as e:
             raise TpllamaError(f"{path}: cannot write the shard file that mapped mode runs from ({e.strerror or e}); "
                                "free space there, or choose another folder with --shard-cache") from None
-        weights = load(path, key, template, mapped=True)
+        weights = load(path, key, template, "mapped")
         if weights is None:
             raise TpllamaError(f"{path}: the shard file just written does not read back; check the disk")
         return Cached(weights, path, False, f"{what} shard file {path} and mapped it")
