@@ -55,9 +55,11 @@ choose_tpllama()
 
 
 def child_env(env: Optional[dict] = None) -> dict:
-    """Environment for subprocesses (mpirun ranks) that must import the same tpllama as this one."""
+    """Environment for subprocesses (mpirun ranks) that must import the same tpllama as this one,
+    with the MPI transports tpllama's command line picks (no libfabric probe: tpllama.cli)."""
     import tpllama
     env = dict(os.environ if env is None else env)
+    env.setdefault("OMPI_MCA_btl", "^ofi")
     root = str(Path(tpllama.__file__).resolve().parents[1])
     if root == str(REPO):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))

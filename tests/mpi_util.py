@@ -27,6 +27,7 @@ def mpi_env(extra: Optional[dict] = None) -> dict:
     env = dict(os.environ)
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    env.setdefault("OMPI_MCA_btl", "^ofi")     # as tpllama.cli does: ~1 s less MPI_Init per launch
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(SCRIPTS)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})

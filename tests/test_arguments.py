@@ -300,3 +300,15 @@ def test_the_usage_docs_give_the_sampling_defaults_of_sampling_params():
                   f"({d.min_p}; 0 = off)", "(-1 or none: random)"):
         assert shown in row, shown
     assert f"({DEFAULT_MAX_NEW_TOKENS})" in next(line for line in lines if line.startswith("| `-n`"))
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "^ofi"), ("self,tcp", "self,tcp")])
+def test_the_command_line_skips_open_mpis_libfabric_probe_unless_told_otherwise(preset, expected):
+    """Open MPI's btl ofi spent about a second of every start in MPI_Init probing for HPC fabrics;
+    the entry points leave it out before MPI starts, and a user's own OMPI_MCA_btl wins."""
+    env = {k: v for k, v in os.environ.items() if k != "OMPI_MCA_btl"}
+    if preset:
+        env["OMPI_MCA_btl"] = preset
+    out = subprocess.run([sys.executable, "-c", "import os, tpllama.generate; print(os.environ['OMPI_MCA_btl'])"],
+                         capture_output=True, text=True, timeout=60, env=dict(env, PYTHONPATH=str(REPO)), cwd=str(REPO))
+    assert out.returncode == 0 and out.stdout.strip() == expected, out.stderr

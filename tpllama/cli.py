@@ -22,6 +22,12 @@ from typing import Callable
 for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
+# Open MPI's libfabric transport (btl ofi) probes for HPC fabrics in MPI_Init: about a second of
+# every start on the machines measured, for nothing that Ethernet or one host uses (the tcp and
+# sm transports carry those). Set before mpi4py starts MPI; `mpirun --mca btl ...` or an
+# OMPI_MCA_btl of your own wins.
+os.environ.setdefault("OMPI_MCA_btl", "^ofi")
+
 from . import checks  # noqa: E402
 from .console import LAUNCHERS  # noqa: E402  (mpirun's process names: a rank beside mpirun is its child)
 from .errors import TpllamaError  # noqa: E402
@@ -93,9 +99,10 @@ def add_model_args(p: argparse.ArgumentParser):
             "can, saying so)",
             "every rank must open the model file itself")
     _on_off(p_, "mmap",
-            "run from the memory-mapped shard files: the OS pages weights in as the layers run, so a model larger "
-            "than memory runs at the disk's speed (default: only when the weights do not fit, saying so)",
-            "never run from mapped shard files: refuse a model whose weights do not fit")
+            "run layer by layer from the memory-mapped shard files: the OS pages weights in as the layers run, so a "
+            "model larger than memory runs at the disk's speed (default: only when the weights do not fit, saying "
+            "so; a shard file found from an earlier start is mapped whole either way, so starting copies nothing)",
+            "read found shard files into memory instead of mapping them, and refuse a model whose weights do not fit")
     p_.add_argument("--overlap", action="store_true",
                     help="run each prompt chunk as two micro-batches so that one's all-reduces travel while the "
                          "other computes (the same results; off by default: it hides waiting on a network link but "
