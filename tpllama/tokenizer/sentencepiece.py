@@ -226,13 +226,18 @@ def _pb_bytes(field: int, data: bytes) -> bytes:
 def spm_model_proto(tokens: Sequence[str], scores: Sequence[float], types: Sequence[int], *, bos, eos,
                     add_dummy_prefix: bool, remove_extra_whitespaces: bool) -> bytes:
     """sentencepiece_model.proto ModelProto: pieces (1), trainer_spec (2), normalizer_spec (3)."""
-    out = bytearray()
     packed_scores = struct.pack(f"<{len(tokens)}f", *scores)     # one call: a vocabulary has ~32k pieces
+    parts = []
+    one, varint = _ONE_BYTE, _pb_varint     # names looked up once: this loop runs for every piece
     for i, (piece, ttype) in enumerate(zip(tokens, types)):
         text = piece.encode("utf-8")
+        n = len(text)
         # SentencePiece { piece (1, bytes), score (2, fixed32), type (3, varint) }
-        body = b"\x0a" + _pb_varint(len(text)) + text + b"\x15" + packed_scores[4 * i:4 * i + 4] + b"\x18" + _pb_varint(ttype)
-        out += b"\x0a" + _pb_varint(len(body)) + body
+        body = b"".join((b"\x0a", one[n] if n < 128 else varint(n), text, b"\x15", packed_scores[4 * i:4 * i + 4],
+                         b"\x18", one[ttype] if 0 <= ttype < 128 else varint(ttype)))
+        n = len(body)
+        parts += (b"\x0a", one[n] if n < 128 else varint(n), body)
+    out = bytearray(b"".join(parts))
     unk = next((i for i, t in enumerate(types) if t == UNKNOWN), 0)
     trainer = (_pb_int(3, 2)                      # model_type = BPE
                + _pb_int(4, len(tokens))          # vocab_size
