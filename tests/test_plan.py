@@ -274,14 +274,14 @@ def test_plan_command_says_what_each_rank_does_at_start(smollm2, tmp_path):
     from gguf import GGUFReader
     written = tpllama.load(smollm2, shard_cache=str(tmp_path), ctx_size=512, threads=1).shard_file.path
     warm = _start_rows(run_plan_cli("-m", smollm2, "--shard-cache", str(tmp_path), "-c", "512").stdout)[0]
-    assert warm[3] == "read its shard file (found here)"
+    assert warm[3] == "map its shard file (found here)"      # mapped whole: the start copies nothing
     assert abs(float(warm[0]) - os.path.getsize(written) / 2**20) <= 1.0, (warm, os.path.getsize(written))
     assert warm[2] < warm[1]                                  # mapped holds two layers, not all of them
 
     two = run_plan_cli("-m", smollm2, "-n", "2", "-c", "512", "--shard-cache", str(tmp_path), "--remote-ranks", "1")
     rows = _start_rows(two.stdout)
     assert rows[0][3] == "convert its slice, write its shard file"
-    assert rows[1][3] == "receive its slice from rank 0 into its shard file, then read it"
+    assert rows[1][3] == "receive its slice from rank 0 into its shard file, then map it"
     embedding = next(t for t in GGUFReader(smollm2).tensors if t.name == "token_embd.weight").n_bytes
     assert abs(float(rows[1][0]) - float(rows[0][0]) - embedding / 2**20) <= 2.0   # it also keeps the embedding
 

@@ -390,7 +390,7 @@ def main(argv=None) -> int:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--mmap", dest="mmap", action="store_const", const=True, default=None,
                       help="plan the weights mapped from the shard files (default: only when they do not fit in memory)")
-    mode.add_argument("--no-mmap", dest="mmap", action="store_const", const=False, help="plan the weights in memory")
+    mode.add_argument("--no-mmap", dest="mmap", action="store_const", const=False, help="plan the weights in memory (shard files read, not mapped)")
     p.add_argument("--remote-ranks", default="", metavar="R,R",
                    help="ranks whose hosts lack the model file (they receive their slices from rank 0), e.g. 1,2,3")
     args = p.parse_args(argv)
@@ -424,7 +424,8 @@ def main(argv=None) -> int:
               "they run mapped from the shard files (as --mmap)")
     print(format_memory_table(mem, ctx, types, mapped, slots=args.parallel))
     print(startplan_table(rank_starts(reader, plan, types, ctx, hosts, sizes, folder, mapped,
-                                      _remote_ranks(args.remote_ranks, args.ranks)), folder, mapped))
+                                      _remote_ranks(args.remote_ranks, args.ranks), map_found=args.mmap is not False),
+                          folder, mapped))
     if mapped:
         print(mapped_speed_lines(plan, types))
     print(_traffic_line(c, args.sync_type, args.ranks))

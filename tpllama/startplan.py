@@ -70,8 +70,10 @@ def _found_here(reader, plan: ShardPlan, rank: int, types, folder: str, identity
 
 
 def rank_starts(reader, plan: ShardPlan, types, ctx: int, hosts: Sequence[str], available: Sequence[int],
-                folder: Optional[str], mapped: bool, remote_ranks: Sequence[int] = ()) -> List[RankStart]:
-    """Each rank's start: what it does, its shard file's size and the resident memory in each mode."""
+                folder: Optional[str], mapped: bool, remote_ranks: Sequence[int] = (),
+                map_found: bool = True) -> List[RankStart]:
+    """Each rank's start: what it does, its shard file's size and the resident memory in each mode.
+    map_found: a shard file that is there at start is mapped whole (the default), not read."""
     in_memory = rank_memory(plan, types, ctx, hosts, available)
     as_mapped = rank_memory(plan, types, ctx, hosts, available, mapped=True)
     identity = _model_identity(reader) if folder else None     # read once, not per rank
@@ -79,7 +81,7 @@ def rank_starts(reader, plan: ShardPlan, types, ctx: int, hosts: Sequence[str], 
     for s in plan.ranks:
         remote = s.rank in remote_ranks
         found = _found_here(reader, plan, s.rank, types, folder, identity) if folder else None
-        verb = "map" if mapped else "read"
+        verb = "map" if mapped or map_found else "read"
         if folder is None:
             action = "convert its slice from the model file (no shard cache)"
         elif found:
