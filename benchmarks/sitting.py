@@ -30,6 +30,7 @@ STEPS = [
     ("model_speed", ["model_speed.py", "--threads", "1,2", "--reps", "3"], 900),
     ("llamacpp_q40", ["compare_llamacpp.py", "--shape", "tinyllama-1.1b", "--threads", "1,2"], 1200),
     ("llamacpp_q4km", ["compare_llamacpp.py", "--shape", "tinyllama-1.1b", "--type", "q4km", "--threads", "1,2"], 1200),
+    ("llamacpp_smollm2", ["compare_llamacpp.py", "--model", "DEFAULT_MODEL", "--threads", "1,2"], 900),
     ("long_context", ["sweep.py", "--shape", "tinyllama-1.1b", "--ranks", "1,2", "--threads", "1", "--prompt-len", "2048",
                       "--ctx", "4000", "--tg", "16"], 1800),
     ("attention", ["attention.py", "--positions", "100,4000", "--prompt-len", "0", "--ranks", "1,2", "--threads", "1"], 600),
@@ -40,7 +41,14 @@ STEPS = [
 ]
 
 
+def resolved(args):
+    """DEFAULT_MODEL -> the README's model where tpllama caches it"""
+    from tpllama.fetch import cached_path
+    return [cached_path() if a == "DEFAULT_MODEL" else a for a in args]
+
+
 def run_step(name: str, args, limit: int, out: Path) -> dict:
+    args = resolved(args)
     cmd = [sys.executable, str(REPO / "benchmarks" / args[0]), *args[1:]]
     record = {"name": name, "command": " ".join(["python", "benchmarks/" + args[0], *args[1:]]),
               "load_average_before": os.getloadavg()[0], "start": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
@@ -69,7 +77,7 @@ def main(argv=None):
     steps = [s for s in STEPS if not names or s[0] in names]
     if args.list:
         for name, a, limit in steps:
-            print(f"{name:16} python benchmarks/{' '.join(a)}   (limit {limit} s)")
+            print(f"{name:16} python benchmarks/{' '.join(resolved(a))}   (limit {limit} s)")
         return 0
     out = Path(args.out or REPO / "benchmarks" / "results" / time.strftime("sitting-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
