@@ -254,7 +254,7 @@ INLINE void score_block(const float *q, const float *K, int64_t nk, int64_t hd, 
  * about the rate the chunk computes. */
 typedef struct {
     const char *p;
-    int64_t left;     /* lines */
+    int64_t done, lines;
     int64_t rate;     /* lines per step, in 1/256 */
     int64_t credit;   /* in 1/256 lines */
 } prefetch_run;
@@ -262,13 +262,13 @@ typedef struct {
 /* the lines of floats at p (none when p is NULL), spread evenly over `steps` calls of prefetch_step */
 INLINE prefetch_run prefetch_of(const float *p, int64_t floats, int64_t steps) {
     const int64_t lines = p ? (floats + 15) / 16 : 0;
-    return (prefetch_run){(const char *)p, lines, (lines * 256 + steps - 1) / (steps > 0 ? steps : 1), 0};
+    return (prefetch_run){(const char *)p, 0, lines, (lines * 256 + steps - 1) / (steps > 0 ? steps : 1), 0};
 }
 
 INLINE void prefetch_step(prefetch_run *r) {
-    if (r->left <= 0) return;
-    for (r->credit += r->rate; r->credit >= 256 && r->left > 0; r->credit -= 256, r->left--, r->p += 64)
-        __builtin_prefetch(r->p, 0, 3);
+    if (r->done >= r->lines) return;
+    for (r->credit += r->rate; r->credit >= 256 && r->done < r->lines; r->credit -= 256, r->done++)
+        __builtin_prefetch(r->p + r->done * 64, 0, 3);
 }
 
 /* acc[d] += sum over k < nk of p[k] * V[k][d] for d < hd, key by key in order (64 dims in
