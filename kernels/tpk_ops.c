@@ -97,7 +97,7 @@ INLINE v8f exp8(v8f x) {
     return y * (v8f)pow2n;
 }
 
-static float expf8(float x) {   /* one lane of exp8, for tails */
+INLINE float expf8(float x) {   /* one lane of exp8, for tails (inline: each clone has its own) */
     v8f v = splat8(x);
     return exp8(v)[0];
 }
@@ -248,14 +248,39 @@ INLINE void score_block(const float *q, const float *K, int64_t nk, int64_t hd, 
         for (int64_t k = 0; k < nk; k++) s[k] = sc[k];
 }
 
+/* Cache lines to prefetch a few at a time, spread evenly over a loop's steps. Software
+ * prefetches issued faster than memory answers them are dropped (measured on Zen 3: of a
+ * burst of 128 KiB, only the first few KiB arrive), so a chunk's next data is asked for at
+ * about the rate the chunk computes. */
+typedef struct {
+    const char *p;
+    int64_t done, lines;
+    int64_t rate;     /* lines per step, in 1/256 */
+    int64_t credit;   /* in 1/256 lines */
+} prefetch_run;
+
+/* the lines of floats at p (none when p is NULL), spread evenly over `steps` calls of prefetch_step */
+INLINE prefetch_run prefetch_of(const float *p, int64_t floats, int64_t steps) {
+    const int64_t lines = p ? (floats + 15) / 16 : 0;
+    return (prefetch_run){(const char *)p, 0, lines, (lines * 256 + steps - 1) / (steps > 0 ? steps : 1), 0};
+}
+
+INLINE void prefetch_step(prefetch_run *r) {
+    if (r->done >= r->lines) return;
+    for (r->credit += r->rate; r->credit >= 256 && r->done < r->lines; r->credit -= 256, r->done++)
+        __builtin_prefetch(r->p + r->done * 64, 0, 3);
+}
+
 /* acc[d] += sum over k < nk of p[k] * V[k][d] for d < hd, key by key in order (64 dims in
  * registers); the rows of V are `stride` floats apart */
-INLINE void add_weighted_values(const float *p, const float *V, int64_t nk, int64_t hd, int64_t stride, float *acc) {
+INLINE void add_weighted_values(const float *p, const float *V, int64_t nk, int64_t hd, int64_t stride, float *acc,
+                                prefetch_run *pf) {
     int64_t d = 0;
     for (; d + 64 <= hd; d += 64) {
         v8f c0 = load8(acc + d), c1 = load8(acc + d + 8), c2 = load8(acc + d + 16), c3 = load8(acc + d + 24);
         v8f c4 = load8(acc + d + 32), c5 = load8(acc + d + 40), c6 = load8(acc + d + 48), c7 = load8(acc + d + 56);
         for (int64_t k = 0; k < nk; k++) {
+            prefetch_step(pf);
             const float w = p[k];   /* scalar * vector: a broadcast (splat8 here became 8 inserts) */
             const float *v = V + k * stride + d;
             c0 = c0 + w * load8(v);
@@ -282,16 +307,44 @@ INLINE void add_weighted_values(const float *p, const float *V, int64_t nk, int6
     }
 }
 
+/* exp(s[j] - mx) in place for the keys j < n of one head, and their sum as 8 lanes by key
+ * (a last partial block in lanes 0..), folded by hsum8 */
+INLINE float exp_and_sum(float *s, int64_t n, float mx) {
+    v8f sum8 = splat8(0.0f);
+    const v8f mv = splat8(mx);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const v8f e = exp8(load8(s + j) - mv);
+        store8(s + j, e);
+        sum8 = sum8 + e;
+    }
+    if (j < n) {   /* the same exp8 lane by lane; the unused lanes add +0 (the sums are never -0) */
+        const int64_t nt = n - j;
+        v8f e = exp8(load_part8(s + j, nt) - mv);
+        for (int64_t k = nt; k < 8; k++) e[k] = 0.0f;
+        memcpy(s + j, &e, sizeof(float) * (size_t)nt);
+        sum8 = sum8 + e;
+    }
+    return hsum8(sum8);
+}
+
 /* One chunk's partial for the heads h0..h0+nh-1 sharing one kv head, at one position: keys
  * K[0..n), n <= KEY_CHUNK. Per head: m = the largest score, l = sum of exp(score - m) (8
- * lanes by key, then hsum8), acc = sum of exp(score - m) * value. scores: nh * KEY_CHUNK. */
+ * lanes by key, then hsum8), acc = sum of exp(score - m) * value. scores: nh * KEY_CHUNK.
+ * Memory is read while this computes (from memory the chunk otherwise waits about as long
+ * as it computes): the scores prefetch this chunk's values (when prefetch_v), the weighted
+ * values the next chunk's keys next_k (next_n keys; NULL: none). */
 INLINE void attend_chunk_hd(const float *q, int64_t nh, const float *K, const float *V, int64_t n, int64_t hd,
-                            float scale, float *scores, float *m, float *l, float *acc) {
+                            float scale, float *scores, float *m, float *l, float *acc, int prefetch_v,
+                            const float *next_k, int64_t next_n) {
+    prefetch_run pf = prefetch_of(prefetch_v ? V : NULL, n * hd, nh * ((n + 7) / 8));
     for (int64_t j0 = 0; j0 < n; j0 += KEY_TILE) {          /* scores, a tile of keys for every head */
         const int64_t j1 = j0 + KEY_TILE < n ? j0 + KEY_TILE : n;
         for (int64_t h = 0; h < nh; h++)
-            for (int64_t j = j0; j < j1; j += 8)
+            for (int64_t j = j0; j < j1; j += 8) {
+                prefetch_step(&pf);
                 score_block(q + h * hd, K + j * hd, j1 - j < 8 ? j1 - j : 8, hd, scale, scores + h * KEY_CHUNK + j);
+            }
     }
     for (int64_t h = 0; h < nh; h++) {                      /* exp(score - max), their sum */
         float *s = scores + h * KEY_CHUNK;
@@ -300,34 +353,25 @@ INLINE void attend_chunk_hd(const float *q, int64_t nh, const float *K, const fl
         for (; j + 8 <= n; j += 8) mx8 = vmax8(mx8, load8(s + j));
         float mx = hmax8(mx8);
         for (; j < n; j++) mx = s[j] > mx ? s[j] : mx;
-        v8f sum8 = splat8(0.0f);
-        const v8f mv = splat8(mx);
-        for (j = 0; j + 8 <= n; j += 8) {
-            const v8f e = exp8(load8(s + j) - mv);
-            store8(s + j, e);
-            sum8 = sum8 + e;
-        }
-        for (int k = 0; j < n; j++, k++) {
-            s[j] = expf8(s[j] - mx);
-            sum8[k] = sum8[k] + s[j];
-        }
         m[h] = mx;
-        l[h] = hsum8(sum8);
+        l[h] = exp_and_sum(s, n, mx);
     }
     memset(acc, 0, sizeof(float) * (size_t)(nh * hd));
+    pf = prefetch_of(next_k, next_n * hd, nh * n * (hd / 64));   /* a step a key per 64 dims */
     for (int64_t j0 = 0; j0 < n; j0 += KEY_TILE) {          /* weighted values, a tile for every head */
         const int64_t nk = j0 + KEY_TILE < n ? KEY_TILE : n - j0;
         for (int64_t h = 0; h < nh; h++)
-            add_weighted_values(scores + h * KEY_CHUNK + j0, V + j0 * hd, nk, hd, hd, acc + h * hd);
+            add_weighted_values(scores + h * KEY_CHUNK + j0, V + j0 * hd, nk, hd, hd, acc + h * hd, &pf);
     }
 }
 
 /* attend_chunk_hd, built for the common head sizes as constants (unrolled loops, ~6% faster) */
 TPK_CLONES static void attend_chunk(const float *q, int64_t nh, const float *K, const float *V, int64_t n,
-                                    int64_t hd, float scale, float *scores, float *m, float *l, float *acc) {
-    if (hd == 64) attend_chunk_hd(q, nh, K, V, n, 64, scale, scores, m, l, acc);
-    else if (hd == 128) attend_chunk_hd(q, nh, K, V, n, 128, scale, scores, m, l, acc);
-    else attend_chunk_hd(q, nh, K, V, n, hd, scale, scores, m, l, acc);
+                                    int64_t hd, float scale, float *scores, float *m, float *l, float *acc,
+                                    int prefetch_v, const float *next_k, int64_t next_n) {
+    if (hd == 64) attend_chunk_hd(q, nh, K, V, n, 64, scale, scores, m, l, acc, prefetch_v, next_k, next_n);
+    else if (hd == 128) attend_chunk_hd(q, nh, K, V, n, 128, scale, scores, m, l, acc, prefetch_v, next_k, next_n);
+    else attend_chunk_hd(q, nh, K, V, n, hd, scale, scores, m, l, acc, prefetch_v, next_k, next_n);
 }
 
 /* out = the chunks' partials c = 0..nc-1 of one head (`stride` slots apart) folded in order:
@@ -407,6 +451,11 @@ void tpk_attention(const float *q, const float *k, const float *v, int64_t T, in
 #endif
     {
         float *scores = (float *)malloc(sizeof(float) * (size_t)(widest * KEY_CHUNK));
+#ifdef _OPENMP
+        const int64_t team = omp_get_num_threads();
+#else
+        const int64_t team = 1;
+#endif
         for (int64_t t0 = 0; t0 < T; t0 += rows) {
             const int64_t t1 = t0 + rows < T ? t0 + rows : T;
             const int64_t c0 = first_key(start + t0, window) / KEY_CHUNK;
@@ -424,9 +473,19 @@ void tpk_attention(const float *q, const float *k, const float *v, int64_t T, in
                     const int64_t e = (c + 1) * KEY_CHUNK < p + 1 ? (c + 1) * KEY_CHUNK : p + 1;
                     if (b >= e) continue;   /* this chunk is outside the position's keys */
                     const size_t slot = (size_t)(((t - t0) * chunks + c - c0) * n_heads + h0);
+                    /* the next rows read the same chunk; after the last, prefetch the chunk of the
+                     * task this thread probably takes next (tasks go round the threads in order) */
+                    const float *next_k = NULL;
+                    int64_t next_n = 0;
+                    if (t == t1 - 1 && u + team < runs * nc) {
+                        const int64_t un = u + team, rn = un / nc, cn = c0 + un % nc, pn = start + t0;
+                        const int64_t ln = first_key(pn, window), bn = cn * KEY_CHUNK > ln ? cn * KEY_CHUNK : ln;
+                        const int64_t en = (cn + 1) * KEY_CHUNK < pn + 1 ? (cn + 1) * KEY_CHUNK : pn + 1;
+                        if (bn < en) next_k = kcache + (kv_of_head[run_start[rn]] * ctx + bn) * hd, next_n = en - bn;
+                    }
                     attend_chunk(q + (t * n_heads + h0) * hd, nh, kcache + (kv * ctx + b) * hd,
                                  vcache + (kv * ctx + b) * hd, e - b, hd, scale, scores, part_m + slot,
-                                 part_l + slot, part_acc + slot * (size_t)hd);
+                                 part_l + slot, part_acc + slot * (size_t)hd, t == t0, next_k, next_n);
                 }
             }
             /* each (row, head): its chunks folded in order */
