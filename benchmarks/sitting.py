@@ -8,7 +8,7 @@ this script per CPU. It runs every step below as its own process (each with a ti
 keeps each step's full output in DIR/<name>.txt and its JSON results where the step writes them
 (benchmarks/results/), and writes DIR/sitting.json: the machine header, each step's command,
 start and end time, exit status and the load average before it. A failed step is reported and
-the sitting goes on.
+the sitting goes on. docs/sittings/ keeps the outputs of the sitting behind docs/performance.md.
 """
 from __future__ import annotations
 
