@@ -169,3 +169,22 @@ def test_cluster_model_predicts_namespace_runs_from_measured_inputs(tmp_path):
     assert float(cells[1]) == pytest.approx(decode, abs=0.06) and cells[2] == "100.0"
     assert cells[3] == f"{100 * (decode - 100) / 100:+.0f}%"
     assert float(cells[4]) == pytest.approx(64e3 / prefill_ms, abs=0.06) and cells[5] == "40.0"
+
+
+def test_batch_ceiling_times_steps_of_several_sequences(tmp_path, stories_gguf):
+    out = tmp_path / "ceiling.json"
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "batch_ceiling.py"), "--model", str(stories_gguf),
+                          "--threads", "1", "--batch", "1,2", "--reps", "1", "--no-quiet", "--out", str(out)],
+                         capture_output=True, text=True, env=dict(mpi_env(), OMP_NUM_THREADS="1"), timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = json.loads(out.read_text())["results"]["1"]
+    assert [r["batch"] for r in rows] == [1, 2] and all(r["median_s"] > 0 for r in rows)
+    assert rows[0]["ceiling"] == 1.0 and rows[1]["ceiling"] > 0
+
+
+def test_sitting_lists_its_steps_and_refuses_an_unknown_one():
+    script = str(REPO / "benchmarks" / "sitting.py")
+    listed = subprocess.run([sys.executable, script, "--list"], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and "model_speed" in listed.stdout and "benchmarks/warm_start.py" in listed.stdout
+    bad = subprocess.run([sys.executable, script, "--only", "nosuchstep"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "no step named nosuchstep" in bad.stderr
