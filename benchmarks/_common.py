@@ -58,8 +58,9 @@ def child_env(env: Optional[dict] = None) -> dict:
     """Environment for subprocesses (mpirun ranks) that must import the same tpllama as this one,
     with the MPI transports tpllama's command line picks (no libfabric probe: tpllama.cli)."""
     import tpllama
+    from tpllama.cli import skip_libfabric_probe
     env = dict(os.environ if env is None else env)
-    env.setdefault("OMPI_MCA_btl", "^ofi")
+    skip_libfabric_probe(env)
     root = str(Path(tpllama.__file__).resolve().parents[1])
     if root == str(REPO):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))

@@ -22,11 +22,16 @@ from typing import Callable
 for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-# Open MPI's libfabric transport (btl ofi) probes for HPC fabrics in MPI_Init: about a second of
-# every start on the machines measured, for nothing that Ethernet or one host uses (the tcp and
-# sm transports carry those). Set before mpi4py starts MPI; `mpirun --mca btl ...` or an
-# OMPI_MCA_btl of your own wins.
-os.environ.setdefault("OMPI_MCA_btl", "^ofi")
+
+def skip_libfabric_probe(env) -> None:
+    """Leave Open MPI's libfabric transport (btl ofi) out of the processes that get `env`: it probes
+    for HPC fabrics in MPI_Init, about a second of every start on the machines measured, for
+    nothing that Ethernet or one host uses (the tcp and sm transports carry those). A setting of
+    the user's own (OMPI_MCA_btl, or `mpirun --mca btl ...`) wins."""
+    env.setdefault("OMPI_MCA_btl", "^ofi")
+
+
+skip_libfabric_probe(os.environ)     # before mpi4py starts MPI in this process
 
 from . import checks  # noqa: E402
 from .console import LAUNCHERS  # noqa: E402  (mpirun's process names: a rank beside mpirun is its child)
