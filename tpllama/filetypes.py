@@ -5,6 +5,8 @@ A row of a block type is a run of whole blocks (block_size values in block_bytes
 `dequantize` turns uint8 (rows, nblocks * block_bytes) into float32 (rows, nblocks * block_size).
 GGML's block types dequantize with gguf-py's reference code, except Q4_0 and Q8_0, which the
 runtime's C kernels dequantize (imported on first use, so this imports without the build).
+gguf-py itself is imported on first use too: it costs a start about 70 ms (it imports yaml), and a
+warm start that maps its shard files never dequantizes.
 """
 from __future__ import annotations
 
@@ -12,7 +14,26 @@ from dataclasses import dataclass
 from typing import Callable, Dict
 
 import numpy as np
-from gguf import GGMLQuantizationType, quants
+
+
+# GGUF's type numbers (ggml_type) and block geometry of the block types tpllama reads, facts of the
+# GGUF spec (tests/test_filetypes.py checks them against gguf-py's GGMLQuantizationType and
+# GGML_QUANT_SIZES): name -> (type number, values per block, bytes per block).
+GGML_TYPES: Dict[str, tuple] = {
+    "F32": (0, 1, 4), "F16": (1, 1, 2), "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q5_0": (6, 32, 22),
+    "Q5_1": (7, 32, 24), "Q8_0": (8, 32, 34), "Q2_K": (10, 256, 84), "Q3_K": (11, 256, 110),
+    "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176), "Q6_K": (14, 256, 210), "BF16": (30, 1, 2),
+}
+GGML_TYPE_NAMES: Dict[int, str] = {number: name for name, (number, _, _) in GGML_TYPES.items()}
+
+
+def ggml_type_name(number: int) -> str:
+    """The name of a GGUF tensor type number; ValueError for a number that is no GGML type."""
+    name = GGML_TYPE_NAMES.get(number)
+    if name is None:                        # a type tpllama does not read: gguf-py knows its name
+        from gguf import GGMLQuantizationType
+        name = GGMLQuantizationType(number).name
+    return name
 
 
 def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
@@ -20,8 +41,11 @@ def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
-def _gguf_dequant(qtype: GGMLQuantizationType) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda raw: quants.dequantize(raw, qtype).astype(np.float32, copy=False)
+def _gguf_dequant(name: str) -> Callable[[np.ndarray], np.ndarray]:
+    def dequantize(raw: np.ndarray) -> np.ndarray:
+        from gguf import GGMLQuantizationType, quants
+        return quants.dequantize(raw, GGMLQuantizationType[name]).astype(np.float32, copy=False)
+    return dequantize
 
 
 @dataclass(frozen=True)
@@ -43,13 +67,13 @@ DTYPES: Dict[str, DType] = {
     "BF16": DType("BF16", 1, 2, _bf16_to_f32),
 }
 for _q in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
-    _t = GGMLQuantizationType[_q]
-    _bs, _bb = quants.GGML_QUANT_SIZES[_t]
-    DTYPES[_q] = DType(_q, _bs, _bb, _gguf_dequant(_t))
+    _, _bs, _bb = GGML_TYPES[_q]
+    DTYPES[_q] = DType(_q, _bs, _bb, _gguf_dequant(_q))
 
 
 # The runtime's own block types dequantize in C: the embedding rows each token reads
-# (gathered from the mapped file) and the conversion of Q4_0/Q8_0 slices.
+# (gathered from the mapped file) and the conversion of slices. Their values equal gguf-py's
+# (tests/test_kernels.py, tests/test_native_types.py).
 def _kernel_dequant(fn_name: str) -> Callable[[np.ndarray], np.ndarray]:
     def dequantize(raw: np.ndarray) -> np.ndarray:
         from . import _kernels
@@ -59,3 +83,20 @@ def _kernel_dequant(fn_name: str) -> Callable[[np.ndarray], np.ndarray]:
 
 DTYPES["Q4_0"] = DType("Q4_0", 32, 18, _kernel_dequant("dequantize_q40"))
 DTYPES["Q8_0"] = DType("Q8_0", 32, 34, _kernel_dequant("dequantize_q80"))
+
+
+def _packed_dequant(ggml: str, wtype: str) -> Callable[[np.ndarray], np.ndarray]:
+    """Rows of a block type the kernels run packed: packed, then read back as float32."""
+    _, block_size, block_bytes = GGML_TYPES[ggml]
+
+    def dequantize(raw: np.ndarray) -> np.ndarray:
+        from . import _kernels
+        raw = np.ascontiguousarray(raw).reshape(raw.shape[0] if raw.ndim == 2 else 1, -1)
+        values = raw.shape[1] // block_bytes * block_size
+        packed = _kernels.pack_ggml(wtype, raw, 0, values)
+        return _kernels.dequantize_packed(wtype, packed, raw.shape[0], values // 32)
+    return dequantize
+
+
+for _q, _w in (("Q4_1", "q41"), ("Q5_0", "q50"), ("Q4_K", "q4k"), ("Q5_K", "q5k"), ("Q6_K", "q6k")):
+    DTYPES[_q] = DType(_q, GGML_TYPES[_q][1], GGML_TYPES[_q][2], _packed_dequant(_q, _w))

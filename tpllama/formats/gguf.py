@@ -10,10 +10,10 @@ import os
 import struct
 
 import numpy as np
-from gguf import GGMLQuantizationType
 
 from ..config import ARCHITECTURES, ModelConfig
 from ..errors import ModelFormatError
+from ..filetypes import ggml_type_name
 from ..tensors import EMBEDDING, OUTPUT, ROPE_FREQS
 from .base import ModelReader, make_tensor
 from .tokenizer_source import TokenizerSource
@@ -120,7 +120,32 @@ class GGUFHeader:
         return values.astype(bool) if itype == _BOOL else values
 
     def _strings(self, n: int, key: str) -> list:
-        """n strings (a vocabulary: 100k+ of them, so the loop is kept lean)."""
+        """n strings (a vocabulary: 100k+ of them, so the loop is kept lean: the checks that
+        name the bad item run only once the lean loop has failed)."""
+        mv, size, start = self.mv, self.size, self.pos
+        length_of = struct.Struct("<Q").unpack_from
+        out = []
+        append = out.append
+        pos = start
+        try:
+            for _ in range(n):
+                (length,) = length_of(mv, pos)
+                pos += 8
+                end = pos + length
+                if end > size:
+                    break
+                append(str(mv[pos:end], "utf-8"))
+                pos = end
+            else:
+                self.pos = pos
+                return out
+        except (struct.error, UnicodeDecodeError):
+            pass
+        self.pos = start
+        return self._strings_checked(n, key)
+
+    def _strings_checked(self, n: int, key: str) -> list:
+        """`_strings`, one check at a time: raises the error that names the first bad item."""
         mv, size, pos, out = self.mv, self.size, self.pos, []
         length_of = struct.Struct("<Q").unpack_from
         for i in range(n):
@@ -147,7 +172,7 @@ class GGUFHeader:
                                    f"which do not fit in the file ({self.size} bytes)")
         type_number = self._int("I")
         try:
-            type_name = GGMLQuantizationType(type_number).name
+            type_name = ggml_type_name(type_number)
         except ValueError:
             raise ModelFormatError(f"{self.path}: GGUF tensor {name!r} has type number {type_number}, "
                                    "which is not a GGML type") from None
