@@ -547,3 +547,26 @@ def test_a_gguf_without_a_vocabulary_names_the_files_looked_for(tmp_path):
     (tmp_path / "tokenizer.bin").write_bytes(b"")      # the first of the files found is read
     with pytest.raises(ModelFormatError, match=r"tokenizer\.bin: too short for a llama2\.c tokenizer\.bin"):
         load_tokenizer(open_model(str(tmp_path / "model.gguf")))
+
+
+def test_spm_model_proto_is_read_back_by_sentencepiece_with_long_and_multibyte_pieces():
+    """The ModelProto a GGUF 'llama' vocabulary is rebuilt as, laid out by numpy, parsed by
+    sentencepiece itself: every piece, score and type as given, including pieces whose lengths
+    need 2-byte varints and pieces of 2-, 3- and 4-byte UTF-8 characters."""
+    import sentencepiece as spm
+    from tpllama.tokenizer.sentencepiece import spm_model_proto
+    from tpllama.tokenizer.specials import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [UNKNOWN, CONTROL, CONTROL] + [BYTE] * 256
+    extra = ["\u2581the", "x" * 118, "y" * 119, "z" * 130, "é" * 70, "語" * 50, "🙂" * 40, "<|user|>", "a"]
+    tokens += extra
+    types += [NORMAL] * (len(extra) - 2) + [USER_DEFINED, NORMAL]
+    scores = [0.0] * 259 + [-float(i) - 0.25 for i in range(len(extra))]
+    proto = spm_model_proto(tokens, scores, types, bos=1, eos=2, add_dummy_prefix=True, remove_extra_whitespaces=False)
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    assert sp.get_piece_size() == len(tokens)
+    assert [sp.id_to_piece(i) for i in range(len(tokens))] == tokens
+    assert [sp.get_score(i) for i in range(len(tokens))] == scores
+    assert [sp.is_byte(i) for i in range(len(tokens))] == [t == BYTE for t in types]
+    assert [sp.is_control(i) for i in range(len(tokens))] == [t == CONTROL for t in types]
+    assert (sp.bos_id(), sp.eos_id(), sp.unk_id()) == (1, 2, 0)

@@ -74,7 +74,7 @@ def tokenizer_from_gguf(meta: dict, path: str) -> Tokenizer:
     if not tokens:
         raise ModelFormatError(f"{path}: GGUF tokenizer has no tokenizer.ggml.tokens list")
     types = _gguf_numbers(meta, "tokenizer.ggml.token_type", path, len(tokens))
-    types = [NORMAL] * len(tokens) if types is None else [int(t) for t in types]
+    types = [NORMAL] * len(tokens) if types is None else types.astype(np.int64).tolist()
     if model == "llama":
         return _gguf_spm(meta, path, tokens, types)
     if model == "gpt2":
@@ -86,7 +86,7 @@ def tokenizer_from_gguf(meta: dict, path: str) -> Tokenizer:
 def _gguf_spm(meta: dict, path: str, tokens: Sequence[str], types: List[int]) -> SentencePieceTokenizer:
     import sentencepiece as spm
     scores = _gguf_numbers(meta, "tokenizer.ggml.scores", path, len(tokens))
-    scores = [0.0] * len(tokens) if scores is None else [float(s) for s in scores]
+    scores = [0.0] * len(tokens) if scores is None else scores.astype(np.float64).tolist()
     types = [NORMAL if t not in (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE) else t for t in types]
     bos, eos, stop = _gguf_special_ids(meta, tokens, types, 1, 2)
     add_prefix = _gguf_flag(meta, "tokenizer.ggml.add_space_prefix", True, path)

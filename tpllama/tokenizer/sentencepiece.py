@@ -10,6 +10,8 @@ import os
 import struct
 from typing import Dict, Iterable, List, Optional, Sequence
 
+import numpy as np
+
 from ..errors import ModelFormatError
 from .base import Tokenizer
 from .sidecar import SideFiles
@@ -223,21 +225,66 @@ def _pb_bytes(field: int, data: bytes) -> bytes:
     return _pb_varint(field << 3 | 2) + _pb_varint(len(data)) + data
 
 
+def _varints(x: np.ndarray):
+    """Protobuf varints of non-negative ints x (each < 2**28): their lengths (N,) and bytes (N, 4)."""
+    if x.size and (x.min() < 0 or x.max() >= 1 << 28):
+        raise ValueError("a SentencePiece field is negative or 256 MiB or more")
+    length = 1 + (x >= 1 << 7) + (x >= 1 << 14) + (x >= 1 << 21)
+    digits = (x[:, None] >> np.array([0, 7, 14, 21])) & 0x7F
+    more = np.arange(4) < length[:, None] - 1           # every byte but a varint's last has the top bit
+    return length, (digits | more << 7).astype(np.uint8)
+
+
+def _put_varints(out: np.ndarray, at: np.ndarray, varints) -> None:
+    length, data = varints
+    for k in range(data.shape[1]):
+        some = length > k
+        out[at[some] + k] = data[some, k]
+
+
+def _utf8_lengths(text: str, chars: np.ndarray) -> np.ndarray:
+    """The UTF-8 byte lengths of the consecutive pieces of `text` that are chars[i] characters long."""
+    code_points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    width = 1 + (code_points >= 0x80) + (code_points >= 0x800) + (code_points >= 0x10000).astype(np.int64)
+    first = np.cumsum(chars) - chars
+    sums = np.add.reduceat(np.append(width, 0), first) if chars.size else chars
+    return np.where(chars > 0, sums, 0)
+
+
+def _pieces_field(tokens: Sequence[str], scores: Sequence[float], types: Sequence[int]) -> bytes:
+    """The repeated SentencePiece pieces of ModelProto (field 1), each { piece (1, bytes), score
+    (2, fixed32), type (3, varint) }, laid out with numpy: a vocabulary has 32k-256k of them."""
+    text = "".join(tokens)
+    joined = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    n = _utf8_lengths(text, np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens)))
+    ttype = np.asarray(types, dtype=np.int64).reshape(-1)
+    if ttype.size and (ttype.min() < 0 or ttype.max() > 127):
+        raise ValueError("SentencePiece piece types are 1..6")
+    n_varints = _varints(n)
+    body = 1 + n_varints[0] + n + 1 + 4 + 1 + 1
+    body_varints = _varints(body)
+    record = 1 + body_varints[0] + body
+    start = np.cumsum(record) - record
+    out = np.empty(int(record.sum()), dtype=np.uint8)
+    out[start] = 0x0A                                    # field 1 (pieces), length-delimited
+    _put_varints(out, start + 1, body_varints)
+    at = start + 1 + body_varints[0]
+    out[at] = 0x0A                                       # piece: field 1, length-delimited
+    _put_varints(out, at + 1, n_varints)
+    at = at + 1 + n_varints[0]
+    out[np.repeat(at - (np.cumsum(n) - n), n) + np.arange(joined.size)] = joined
+    at = at + n
+    out[at] = 0x15                                       # score: field 2, fixed32
+    out[at[:, None] + 1 + np.arange(4)] = np.asarray(scores, dtype="<f4").view(np.uint8).reshape(-1, 4)
+    out[at + 5] = 0x18                                   # type: field 3, varint
+    out[at + 6] = ttype
+    return out.tobytes()
+
+
 def spm_model_proto(tokens: Sequence[str], scores: Sequence[float], types: Sequence[int], *, bos, eos,
                     add_dummy_prefix: bool, remove_extra_whitespaces: bool) -> bytes:
     """sentencepiece_model.proto ModelProto: pieces (1), trainer_spec (2), normalizer_spec (3)."""
-    packed_scores = struct.pack(f"<{len(tokens)}f", *scores)     # one call: a vocabulary has ~32k pieces
-    parts = []
-    one, varint = _ONE_BYTE, _pb_varint     # names looked up once: this loop runs for every piece
-    for i, (piece, ttype) in enumerate(zip(tokens, types)):
-        text = piece.encode("utf-8")
-        n = len(text)
-        # SentencePiece { piece (1, bytes), score (2, fixed32), type (3, varint) }
-        body = b"".join((b"\x0a", one[n] if n < 128 else varint(n), text, b"\x15", packed_scores[4 * i:4 * i + 4],
-                         b"\x18", one[ttype] if 0 <= ttype < 128 else varint(ttype)))
-        n = len(body)
-        parts += (b"\x0a", one[n] if n < 128 else varint(n), body)
-    out = bytearray(b"".join(parts))
+    out = bytearray(_pieces_field(tokens, scores, types))
     unk = next((i for i, t in enumerate(types) if t == UNKNOWN), 0)
     trainer = (_pb_int(3, 2)                      # model_type = BPE
                + _pb_int(4, len(tokens))          # vocab_size
