@@ -222,3 +222,27 @@ def test_mistral_chat_template_from_the_file_renders_like_transformers(tmp_path)
     from tpllama.tokenizer import ChatTemplateError
     with pytest.raises(ChatTemplateError, match="roles must alternate"):
         ours.render_chat([{"role": "assistant", "content": "first"}])
+
+
+def _gpt2_bytes_to_unicode():
+    """GPT-2's encoder.py bytes_to_unicode, as published (the reference for byte-level vocabularies)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(2 ** 8):
+        if b not in bs:
+            bs.append(b)
+            cs.append(2 ** 8 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def test_byte_level_pieces_of_a_whole_vocabulary_are_gpt2s_bytes():
+    from tpllama.tokenizer.bpe import bytelevel_pieces
+    char_to_byte = {c: b for b, c in _gpt2_bytes_to_unicode().items()}
+    every_byte = [_gpt2_bytes_to_unicode()[b] for b in range(256)]
+    tokens = every_byte + ["Ġthe", "ĠĠ", "", "âĢĶ", "Ċ", "ĉ", "<|im_start|>", "".join(every_byte)]
+    want = [bytes(char_to_byte[c] for c in t) for t in tokens]
+    assert bytelevel_pieces(tokens) == want
+    # a character outside the byte map (a raw special token's text) stays UTF-8, the others still map
+    assert bytelevel_pieces(tokens + ["<｜end｜>"]) == want + ["<｜end｜>".encode("utf-8")]

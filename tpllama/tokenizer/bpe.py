@@ -4,10 +4,13 @@ tiktoken-format tokenizer.model, and the pipeline that GGUF `gpt2` vocabularies 
 from __future__ import annotations
 
 import base64
+import itertools
 import os
 import re
 import threading
 from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
 
 from ..errors import ModelFormatError
 from .base import Tokenizer
@@ -56,8 +59,33 @@ def bytelevel_to_bytes(token: str) -> bytes:
                         for c in token)
 
 
+def _bytelevel_byte_of() -> np.ndarray:
+    """The byte of each code point below 256 + 68 (the map's top), as str.translate over
+    _CHAR_TO_BYTE followed by a latin-1 encode gives it: mapped characters become their byte,
+    the others below 256 stay themselves."""
+    table = np.arange(256 + 68, dtype=np.int64)
+    for code, char in _CHAR_TO_BYTE.items():
+        table[code] = ord(char)
+    return table.astype(np.uint8)
+
+
+def bytelevel_pieces(tokens: Sequence[str]) -> List[bytes]:
+    """bytelevel_to_bytes of every token, the whole vocabulary at once: each character is one
+    byte, so the vocabulary's code points go through a table and are cut at the tokens' lengths;
+    token by token where some character is outside the byte map."""
+    code_points = np.frombuffer("".join(tokens).encode("utf-32-le"), dtype=np.uint32)
+    if code_points.size and code_points.max() >= len(_BYTE_OF):
+        return [bytelevel_to_bytes(t) for t in tokens]
+    raw = _BYTE_OF[code_points].tobytes()
+    ends = list(itertools.accumulate(map(len, tokens)))
+    return [raw[start:end] for start, end in zip([0] + ends, ends)]
+
+
 def bytes_to_bytelevel(b: bytes) -> str:
     return b.decode("latin-1").translate(_BYTE_TO_CHAR)
+
+
+_BYTE_OF = _bytelevel_byte_of()
 
 
 # llama.cpp's pre-tokenizer regexes (llama-vocab.cpp) by `tokenizer.ggml.pre`; each regex splits the
@@ -121,15 +149,13 @@ def add_special_tokens(tok, tokens: Sequence[str], types: Sequence[int]):
 
 def bytelevel_tokenizer(tok, tokens: Sequence[str], types: Sequence[int], **kw) -> HFTokenizer:
     """An HFTokenizer over a byte-level vocabulary whose control/user-defined tokens are raw text."""
-    pieces, hidden, specials = [], [], {}
-    for i, (t, ttype) in enumerate(zip(tokens, types)):
+    pieces, hidden, specials = bytelevel_pieces(tokens), [], {}
+    for i, ttype in enumerate(types):
         if ttype in (CONTROL, UNKNOWN, USER_DEFINED):
-            pieces.append(t.encode("utf-8"))
-            specials.setdefault(t, i)
+            pieces[i] = tokens[i].encode("utf-8")
+            specials.setdefault(tokens[i], i)
             if ttype != USER_DEFINED:
                 hidden.append(i)
-        else:
-            pieces.append(bytelevel_to_bytes(t))
     return HFTokenizer(tok, pieces=pieces, hidden=hidden, specials=specials, **kw)
 
 

@@ -18,7 +18,7 @@ from .specials import BYTE, CONTROL, END_OF_TURN_TOKENS, NORMAL, UNKNOWN, UNUSED
 def _gguf_strings(meta: dict, key: str, path: str) -> Optional[List[str]]:
     """A GGUF key that must hold an array of strings (None when absent)."""
     value = meta.get(key)
-    if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+    if value is not None and not (isinstance(value, list) and set(map(type, value)) <= {str}):
         raise ModelFormatError(f"{path}: GGUF key {key!r} is not an array of strings")
     return value
 
@@ -60,7 +60,7 @@ def _gguf_special_ids(meta: dict, tokens: Sequence[str], types: Sequence[int], b
         return int(v) if whole and 0 <= int(v) < len(tokens) else None
     bos, eos = get("bos_token_id", bos_default), get("eos_token_id", eos_default)
     stop = {eos, get("eot_token_id"), get("eom_token_id")}
-    stop |= {i for i, t in enumerate(tokens) if t in END_OF_TURN_TOKENS and types[i] in (CONTROL, USER_DEFINED)}
+    stop |= {i for i, t in enumerate(types) if (t == CONTROL or t == USER_DEFINED) and tokens[i] in END_OF_TURN_TOKENS}
     return bos, eos, stop - {None}
 
 
@@ -112,14 +112,9 @@ def _gguf_bpe(meta: dict, path: str, tokens: Sequence[str], types: List[int]) ->
     merges = _gguf_strings(meta, "tokenizer.ggml.merges", path)
     if merges is None:
         raise ModelFormatError(f"{path}: GGUF 'gpt2' tokenizer has no tokenizer.ggml.merges")
-    vocab: Dict[str, int] = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)
-    pairs = []
-    for m in merges:
-        k = m.find(" ", 1)                        # like llama.cpp: a pair may start with a space
-        if k > 0:
-            pairs.append((m[:k], m[k + 1:]))
+    vocab = dict(zip(reversed(tokens), range(len(tokens) - 1, -1, -1)))   # a repeated token: its first id
+    # like llama.cpp: a pair may start with a space
+    pairs = [(m[:k], m[k + 1:]) for m in merges if (k := m.find(" ", 1)) > 0]
     tok = bytelevel_pipeline(vocab, pairs, regexes, ignore_merges, path, nfc=pre in NFC_PRE)
     add_special_tokens(tok, tokens, types)
     bos, eos, stop = _gguf_special_ids(meta, tokens, types, None, None)
