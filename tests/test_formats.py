@@ -177,6 +177,34 @@ def test_spec_parser_agrees_with_gguf_reader(hf_ref, tmp_path):
         assert np.array_equal(gguf_tensor_bytes(path, t.name).reshape(-1), np.asarray(t.data).view(np.uint8).reshape(-1))
 
 
+def test_string_arrays_read_as_gguf_reader_reads_them(tmp_path):
+    """The metadata reader decodes a vocabulary's strings all at once (tpllama/formats/gguf.py):
+    empty strings, multibyte characters, a NUL inside a string and strings of 128+ bytes must
+    come back exactly as gguf-py's own reader gives them."""
+    from tpllama.formats.gguf import read_gguf_metadata
+    arrays = {
+        "test.plain": ["a", "", "\u2581the", "é語🙂", "x" * 300, "", "<0x0A>"],
+        "test.with_nul": ["a", "b\x00c", "", "\x00"],
+        "test.one": ["only"],
+        "test.empty_strings": ["", "", ""],
+    }
+    path = tmp_path / "strings.gguf"
+    w = GGUFWriter(str(path), "llama")
+    for key, values in arrays.items():
+        w.add_array(key, values)
+    w.add_tensor("t", np.zeros(32, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    theirs = GGUFReader(str(path))
+    ours = read_gguf_metadata(str(path))
+    for key, values in arrays.items():
+        field = theirs.fields[key]
+        assert [bytes(field.parts[i]).decode("utf-8") for i in field.data] == values
+        assert ours[key] == values, key
+
+
 @pytest.mark.parametrize("qtype,runtime,asked", [("Q4_0", "q40", "q40"), ("Q8_0", "q80", "q80"),
                                                   ("Q4_0", "q40", "auto"), ("Q8_0", "q80", "auto")])
 def test_blocks_pass_through_bit_for_bit(hf_ref, qtype, runtime, asked, tmp_path):

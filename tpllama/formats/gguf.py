@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+from typing import Optional
 
 import numpy as np
 
@@ -120,29 +121,47 @@ class GGUFHeader:
         return values.astype(bool) if itype == _BOOL else values
 
     def _strings(self, n: int, key: str) -> list:
-        """n strings (a vocabulary: 100k+ of them, so the loop is kept lean: the checks that
-        name the bad item run only once the lean loop has failed)."""
-        mv, size, start = self.mv, self.size, self.pos
-        length_of = struct.Struct("<Q").unpack_from
-        out = []
-        append = out.append
-        pos = start
-        try:
-            for _ in range(n):
-                (length,) = length_of(mv, pos)
-                pos += 8
-                end = pos + length
-                if end > size:
-                    break
-                append(str(mv[pos:end], "utf-8"))
-                pos = end
-            else:
-                self.pos = pos
-                return out
-        except (struct.error, UnicodeDecodeError):
-            pass
+        """n strings (a vocabulary: 100k-400k of them with its merges). The lengths are walked in
+        a lean loop; then every length field becomes a NUL and all the bytes are decoded at once
+        and split there. Where that cannot be right (a length beyond the file, a string holding a
+        NUL, invalid UTF-8), `_strings_checked` reads them one by one and names the bad item."""
+        start = self.pos
+        heads = self._string_heads(n)
+        if heads is None:
+            return self._strings_checked(n, key)
+        if not n:
+            return []
+        region = np.frombuffer(self.mv[start:self.pos], dtype=np.uint8).copy()
+        heads = np.asarray(heads, dtype=np.int64) - start
+        keep = np.ones(region.size, dtype=bool)
+        for k in range(7):                       # a length field's first 7 bytes go, its 8th is the NUL
+            keep[heads + k] = False
+        region[heads + 7] = 0
+        joined = region[keep]
+        if np.count_nonzero(joined == 0) == n:
+            try:
+                return joined[1:].tobytes().decode("utf-8").split("\x00")
+            except UnicodeDecodeError:
+                pass
         self.pos = start
         return self._strings_checked(n, key)
+
+    def _string_heads(self, n: int) -> Optional[list]:
+        """The offsets of n consecutive strings' length fields, moving past them; None (and not
+        moved) when a length runs beyond the file."""
+        mv, pos = self.mv, self.pos
+        length_of = struct.Struct("<Q").unpack_from
+        heads = [0] * n
+        try:
+            for i in range(n):
+                heads[i] = pos
+                pos += 8 + length_of(mv, pos)[0]
+        except (struct.error, OverflowError):    # a length field, or a length, past the end of the file
+            return None
+        if pos > self.size:
+            return None
+        self.pos = pos
+        return heads
 
     def _strings_checked(self, n: int, key: str) -> list:
         """`_strings`, one check at a time: raises the error that names the first bad item."""
