@@ -50,21 +50,22 @@ class SentencePieceTokenizer(_SpmLike):
                  bos_id: Optional[int], eos_ids: Iterable[int], eos_id: Optional[int], add_bos: bool,
                  chat_template: Optional[str], add_dummy_prefix: bool):
         self._sp = processor
-        raw, hidden, specials, parse_only, byte_ids = [], [], {}, {}, []
-        for i, (piece, ttype) in enumerate(zip(pieces, types)):
+        raw, hidden, specials, parse_only, byte_ids = _text_pieces(pieces), [], {}, {}, []
+        for i, ttype in enumerate(types):
+            if ttype == NORMAL:
+                continue
+            piece = pieces[i]
             if ttype == BYTE and BYTE_PIECE.fullmatch(piece):
-                raw.append(bytes([int(piece[3:5], 16)]))
+                raw[i] = bytes([int(piece[3:5], 16)])
                 byte_ids.append(i)
             elif ttype in (CONTROL, UNKNOWN):
-                raw.append(piece.encode("utf-8"))
+                raw[i] = piece.encode("utf-8")
                 hidden.append(i)
                 if piece:
                     specials.setdefault(piece, i)
                     parse_only.setdefault(piece, i)
-            else:
-                raw.append(piece.replace("\u2581", " ").encode("utf-8"))
-                if ttype == USER_DEFINED and piece:
-                    specials.setdefault(piece, i)
+            elif ttype == USER_DEFINED and piece:
+                specials.setdefault(piece, i)
         super().__init__(source=source, pieces=raw, hidden=hidden, specials=specials, bos_id=bos_id,
                          eos_ids=eos_ids, eos_id=eos_id, add_bos=add_bos, chat_template=chat_template,
                          strip_leading_space=add_dummy_prefix, byte_ids=byte_ids, parse_only=parse_only)
@@ -73,6 +74,15 @@ class SentencePieceTokenizer(_SpmLike):
         # the processor adds the dummy prefix itself; every fragment starts the text or follows a
         # special token, which is where llama.cpp adds the prefix space too
         return self._sp.encode(text)
+
+
+def _text_pieces(pieces: Sequence[str]) -> List[bytes]:
+    """The UTF-8 text of every piece, its U+2581 as spaces: one replace and one encode of the
+    whole vocabulary, cut at each piece's byte length (a vocabulary has 32k-256k pieces)."""
+    text = "".join(pieces).replace("\u2581", " ")        # one character for one: lengths stay
+    raw = text.encode("utf-8")
+    ends = np.cumsum(_utf8_lengths(text, np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces)))).tolist()
+    return [raw[start:end] for start, end in zip([0] + ends, ends)]
 
 
 class Llama2cTokenizer(_SpmLike):
