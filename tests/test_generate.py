@@ -1,5 +1,4 @@
 """One rank: real models give their known text; the library API and the CLI behave as documented."""
-import collections
 import os
 import subprocess
 import sys
@@ -72,9 +71,8 @@ def test_non_blockable_ffn_stays_float(stories_bin):
 
 
 def test_context_capped_to_memory_with_a_message(smollm2, monkeypatch, capsys, caplog):
-    import psutil
-    fake = collections.namedtuple("vm", "available")(400 * 2**20)
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: fake)
+    import tpllama.memory
+    monkeypatch.setattr(tpllama.memory, "available_bytes", lambda: 400 * 2**20)
     with caplog.at_level("INFO", logger="tpllama"):
         model = tpllama.load(smollm2, tokenizer="none", threads=1)
     assert 256 <= model.ctx < 8192 and model.ctx % 256 == 0

@@ -181,7 +181,7 @@ def test_weights_that_do_not_fit_run_mapped_by_themselves(stories_gguf, tmp_path
     """The memory plan finds the weights too big for the free memory but not mapped: the load
     switches to mapped shard files, says so, and gives the known text."""
     import logging
-    import psutil
+    import tpllama.memory
     from tpllama.formats import open_model
     from tpllama.plan import make_plan, rank_memory
     from tpllama.typeplan import choose_types
@@ -190,8 +190,7 @@ def test_weights_that_do_not_fit_run_mapped_by_themselves(stories_gguf, tmp_path
     full = rank_memory(plan, types, 64, ["h"], [0])[0].total
     mapped = rank_memory(plan, types, 64, ["h"], [0], mapped=True)[0].total
     assert mapped < full
-    real = psutil.virtual_memory
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: real()._replace(available=(full + mapped) // 2))
+    monkeypatch.setattr(tpllama.memory, "available_bytes", lambda: (full + mapped) // 2)
     with caplog.at_level(logging.WARNING, logger="tpllama"):
         model = _load(stories_gguf, tmp_path, ctx_size=64)
     assert model.mapped and "do not fit in memory" in caplog.text

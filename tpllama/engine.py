@@ -19,7 +19,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
-from . import checks, generation
+from . import checks, generation, memory
 from .errors import TpllamaError
 from .fingerprint import check_same_model, model_identity
 from .formats import open_model
@@ -226,8 +226,7 @@ class Model:
 
     def _host_facts(self):
         def facts():
-            import psutil
-            return self.par.hostname(), int(psutil.virtual_memory().available)
+            return self.par.hostname(), memory.available_bytes()
         everyone = self.par.everyones(facts)   # an agreement: a rank that fails here still takes part
         return [h for h, _ in everyone], [a for _, a in everyone]
 

@@ -347,8 +347,8 @@ def _positive(flag: str, value: Optional[int], what: str) -> None:
 def _host_sizes(text: Optional[str], ranks: int) -> List[int]:
     """--host-memory: one size for every host, or one per rank; positive sizes only."""
     if not text:
-        import psutil
-        return [int(psutil.virtual_memory().available)] * ranks
+        from . import memory
+        return [memory.available_bytes()] * ranks
     sizes = [parse_size(s) for s in text.split(",")]
     if any(not size > 0 for size in sizes):
         raise TpllamaError(f"--host-memory {text}: expected positive sizes, e.g. 8G or 8G,4G")

@@ -54,11 +54,12 @@ cases["load"] = outcome(load)
 tpllama.engine.make_plan = real_make_plan
 
 # loading: rank 1 cannot read its host's free memory, inside a section that gathers it
-import psutil  # noqa: E402
-real_memory = psutil.virtual_memory
-on_rank(1, lambda: setattr(psutil, "virtual_memory", failing_after(1, OSError("injected in host facts"), real_memory)))
+import tpllama.memory  # noqa: E402
+real_memory = tpllama.memory.available_bytes
+on_rank(1, lambda: setattr(tpllama.memory, "available_bytes", failing_after(1, OSError("injected in host facts"),
+                                                                            real_memory)))
 cases["host_facts"] = outcome(load)
-psutil.virtual_memory = real_memory
+tpllama.memory.available_bytes = real_memory
 
 model = load()
 
