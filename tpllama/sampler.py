@@ -141,7 +141,15 @@ class Sampler:
     def __init__(self, params: SamplingParams):
         self.params = params
         self.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
-        self.rng = np.random.default_rng(self.seed)
+        self._rng = None
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """The random stream of this seed, made on the first draw (greedy decoding never draws,
+        and importing numpy.random costs a start about 13 ms)."""
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.seed)
+        return self._rng
 
     def pick(self, values: np.ndarray, ids: np.ndarray, extras: np.ndarray) -> Optional[int]:
         """Token from the ranks' merged candidates (extras: one row per rank), or None if they
