@@ -219,3 +219,27 @@ def test_an_edited_model_file_is_converted_again(stories_gguf, tmp_path):
     fresh = tpllama.load(str(model), weight_type="f32", threads=1, shard_cache=False)
     ids = [1, 403, 407, 261, 300]
     assert np.array_equal(edited.forward(ids, 0), fresh.forward(ids, 0))
+
+
+def test_a_warm_start_reads_its_tokenizer_back_instead_of_building_it(stories_gguf, tmp_path, monkeypatch):
+    """The GGUF vocabulary's tokenizer is kept beside the shard files: the next start reads it
+    (the builder is not called) and gives the known text; an edited model file builds it again."""
+    import shutil
+    import tpllama.tokenizer.load as tokenizer_load
+    model = tmp_path / "stories260K.gguf"
+    shutil.copy(stories_gguf, model)
+    cache = tmp_path / "cache"
+    cold = _load(model, cache)
+    assert cold.tokenizer_snapshot == "written"
+    built = []
+    real = tokenizer_load.tokenizer_from_gguf
+    monkeypatch.setattr(tokenizer_load, "tokenizer_from_gguf", lambda *a: built.append(a) or real(*a))
+    warm = _load(model, cache)
+    assert warm.tokenizer_snapshot == "read" and not built
+    assert warm.generate("Once upon a time", 60, temperature=0.0).text == STORIES_TEXT[len("Once upon a time"):]
+    assert warm.tokenizer.encode("Once upon a time") == cold.tokenizer.encode("Once upon a time")
+    os.utime(model, ns=(os.stat(model).st_atime_ns, os.stat(model).st_mtime_ns + 10**9))   # an edited file
+    edited = _load(model, cache)
+    assert edited.tokenizer_snapshot == "written" and len(built) == 1
+    snapshots = [f for f in os.listdir(cache) if f.endswith(".tptok")]
+    assert len(snapshots) == 2          # the edited file's and the one before it (retire_replaced keeps two)

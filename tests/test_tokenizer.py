@@ -570,3 +570,39 @@ def test_spm_model_proto_is_read_back_by_sentencepiece_with_long_and_multibyte_p
     assert [sp.is_byte(i) for i in range(len(tokens))] == [t == BYTE for t in types]
     assert [sp.is_control(i) for i in range(len(tokens))] == [t == CONTROL for t in types]
     assert (sp.bos_id(), sp.eos_id(), sp.unk_id()) == (1, 2, 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# snapshots: a GGUF vocabulary's tokenizer kept and read back (tokenizer/snapshot.py)
+# ------------------------------------------------------------------------------------------------
+
+def test_a_snapshot_read_back_gives_llama_cpps_ids_and_texts(spm_gguf, tmp_path):
+    from tpllama.tokenizer import snapshot
+    path = str(tmp_path / "vocab.tptok")
+    assert snapshot.save(spm_gguf, path, "key-1")
+    tok = snapshot.load(path, "key-1")
+    assert tok is not None and tok is not spm_gguf
+    for s, ids in vocab_vectors("ggml-vocab-llama-spm.gguf"):
+        assert tok.encode(s, add_bos=False) == ids
+        assert tok.decode(ids) == s
+    assert (tok.bos_id, tok.add_bos, tok.eos_ids, tok.chat_template) == (spm_gguf.bos_id, spm_gguf.add_bos,
+                                                                         spm_gguf.eos_ids, spm_gguf.chat_template)
+    assert tok.specials == spm_gguf.specials
+    assert [tok.token_bytes(i) for i in range(tok.vocab_size)] == [spm_gguf.token_bytes(i) for i in range(spm_gguf.vocab_size)]
+
+
+def test_a_stale_or_damaged_snapshot_is_never_used(spm_gguf, bpe_gguf, tmp_path):
+    from tpllama.tokenizer import snapshot
+    path = tmp_path / "vocab.tptok"
+    assert snapshot.save(spm_gguf, str(path), "key-1")
+    assert snapshot.load(str(path), "key-2") is None                 # another model file or tpllama
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])                       # cut short
+    assert snapshot.load(str(path), "key-1") is None
+    flipped = bytearray(whole)
+    flipped[len(whole) // 3] ^= 0x40                                 # one flipped bit inside the pieces
+    path.write_bytes(bytes(flipped))
+    assert snapshot.load(str(path), "key-1") is None
+    assert snapshot.load(str(tmp_path / "absent.tptok"), "key-1") is None
+    assert not snapshot.save(bpe_gguf, str(tmp_path / "bpe.tptok"), "key-1")    # BPE builds faster than it loads
+    assert not (tmp_path / "bpe.tptok").exists()

@@ -34,7 +34,8 @@ from .speedprobe import matvec_speed, probe_type, weights_from_speeds
 from .sampler import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from . import remote
 from .startplan import choose_mapped
-from .shardcache import cached_rank_weights, has_sound_shard, read_bandwidth, shard_folder, shard_key, shard_path
+from .shardcache import (cached_rank_weights, has_sound_shard, read_bandwidth, retire_replaced, shard_folder,
+                         shard_key, shard_path)
 from .stats import RunStats, resident_anon_bytes
 from .steps import LocalFailure, StepClock, non_finite_logits
 from .weights import RankWeights
@@ -132,10 +133,9 @@ class Model:
         self.shard_identity = (*self.fingerprint, model_identity(reader))   # shard files of an edited file: not used
         self.config = c = reader.config
         self.tokenizer = None
+        self.tokenizer_snapshot: Optional[str] = None    # "read", "written" or None (tokenizer/snapshot.py)
         if opts.tokenizer != "none":   # "none": logits only (forward), no text in or out; before the weights, to fail fast
-            from .tokenizer import load_tokenizer
-            self.tokenizer = par.together(lambda: _check_special_ids(load_tokenizer(reader, opts.tokenizer),
-                                                                     c.vocab_size))
+            self.tokenizer = par.together(lambda: _check_special_ids(self._load_tokenizer(reader), c.vocab_size))
         self.types = par.together(lambda: self._choose_types(opts.weight_type))
         self.threads = self._choose_threads()
         weights = _rank_weights(opts.rank_weights, par.size)
@@ -202,6 +202,25 @@ class Model:
         _log(par, f"tpllama: rank(s) {', '.join(map(str, self.remote_ranks))} cannot open {path}: rank 0 sends them "
                   "their converted weights where their shard files lack them (--weights-from-root)")
         return reader if here else remote.RemoteModel(description)
+
+    def _load_tokenizer(self, reader):
+        """The model's tokenizer; one built from the GGUF's own vocabulary is kept in the shard
+        cache folder and read back at the next start (tokenizer/snapshot.py)."""
+        from .tokenizer import load_tokenizer, snapshot
+        folder = shard_folder(self.options.shard_cache)
+        if folder is None or self.options.tokenizer is not None or reader.tokenizer_source().gguf_vocabulary is None:
+            return load_tokenizer(reader, self.options.tokenizer)
+        key = snapshot.snapshot_key(self.shard_identity)
+        path = snapshot.snapshot_path(folder, reader.path, key)
+        tok = snapshot.load(path, key)
+        if tok is not None:
+            self.tokenizer_snapshot = "read"
+            return tok
+        tok = load_tokenizer(reader, None)
+        if snapshot.can_keep(tok) and snapshot.save(tok, path, key):
+            self.tokenizer_snapshot = "written"
+            retire_replaced(path, suffix=snapshot.SUFFIX)
+        return tok
 
     def _send_missing_shards(self) -> None:
         """Collective: every rank without the model file and without a sound shard file of its

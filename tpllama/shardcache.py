@@ -104,14 +104,14 @@ def shard_path(folder: str, model_path: str, world_size: int, rank: int, key: st
     return os.path.join(folder, f"{name}.{world_size}r{rank}.{key[:16]}{SUFFIX}")
 
 
-def retire_replaced(path: str, keep: int = 2, tmp_age_s: float = 86400.0) -> List[str]:
+def retire_replaced(path: str, keep: int = 2, tmp_age_s: float = 86400.0, suffix: str = SUFFIX) -> List[str]:
     """Bound the folder: of the shard files with `path`'s model file name, rank count and rank
     (other keys: another plan or weight type, an edited model, a rebuilt tpllama), keep the `keep`
     most recently used (a hit touches its file) and remove the rest, which would otherwise pile
     up a model's size at every change; remove temporary files a killed writer left over a day
-    ago. Returns the paths removed."""
+    ago. Returns the paths removed. (Tokenizer snapshots, suffix .tptok, are retired alike.)"""
     folder, name = os.path.split(path)
-    stem = name[:-len(SUFFIX)].rsplit(".", 1)[0] + "."        # "<model file>.<world>r<rank>."
+    stem = name[:-len(suffix)].rsplit(".", 1)[0] + "."        # "<model file>.<world>r<rank>."
     try:
         names = os.listdir(folder)
     except OSError:
@@ -120,9 +120,9 @@ def retire_replaced(path: str, keep: int = 2, tmp_age_s: float = 86400.0) -> Lis
     for other in names:
         full = os.path.join(folder, other)
         try:
-            if other.startswith(stem) and other.endswith(SUFFIX) and len(other) == len(name):   # same pattern
+            if other.startswith(stem) and other.endswith(suffix) and len(other) == len(name):   # same pattern
                 siblings.append((os.path.getmtime(full), full))
-            elif other.startswith(".tmp-") and other.endswith(SUFFIX) and now - os.path.getmtime(full) > tmp_age_s:
+            elif other.startswith(".tmp-") and other.endswith(suffix) and now - os.path.getmtime(full) > tmp_age_s:
                 stale_tmp.append(full)
         except OSError:
             pass

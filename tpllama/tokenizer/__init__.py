@@ -11,7 +11,8 @@ Three implementations behind one `Tokenizer` interface (base.py, with `StreamDec
 (`ModelReader.tokenizer_source()`). Chat templates render in a sandbox (templates.py); chat.py
 keeps message text apart from the template's special tokens. specials.py and sidecar.py hold
 what the others share: token types and special-token splitting, and the JSON files beside an HF
-tokenizer.
+tokenizer. snapshot.py keeps a GGUF SentencePiece vocabulary's built tokenizer beside the shard
+files, for the next start to read back.
 """
 from .base import MAX_TOKENIZER_FILE_BYTES, TOKENIZER_FLAG_HINT, StreamDecoder, Tokenizer
 from .bpe import HFTokenizer

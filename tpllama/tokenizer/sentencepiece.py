@@ -49,7 +49,6 @@ class SentencePieceTokenizer(_SpmLike):
     def __init__(self, processor, *, pieces: List[str], types: Sequence[int], source: str,
                  bos_id: Optional[int], eos_ids: Iterable[int], eos_id: Optional[int], add_bos: bool,
                  chat_template: Optional[str], add_dummy_prefix: bool):
-        self._sp = processor
         raw, hidden, specials, parse_only, byte_ids = _text_pieces(pieces), [], {}, {}, []
         for i, ttype in enumerate(types):
             if ttype == NORMAL:
@@ -66,9 +65,25 @@ class SentencePieceTokenizer(_SpmLike):
                     parse_only.setdefault(piece, i)
             elif ttype == USER_DEFINED and piece:
                 specials.setdefault(piece, i)
-        super().__init__(source=source, pieces=raw, hidden=hidden, specials=specials, bos_id=bos_id,
-                         eos_ids=eos_ids, eos_id=eos_id, add_bos=add_bos, chat_template=chat_template,
-                         strip_leading_space=add_dummy_prefix, byte_ids=byte_ids, parse_only=parse_only)
+        self._restore(processor, dict(source=source, pieces=raw, hidden=hidden, specials=specials, bos_id=bos_id,
+                                      eos_ids=sorted(i for i in eos_ids if i is not None), eos_id=eos_id,
+                                      add_bos=add_bos, chat_template=chat_template,
+                                      strip_leading_space=add_dummy_prefix, byte_ids=byte_ids, parse_only=parse_only))
+
+    def _restore(self, processor, fields: dict) -> None:
+        self._sp = processor
+        self.fields = fields            # everything but the processor: what a snapshot keeps (snapshot.py)
+        _SpmLike.__init__(self, **fields)
+
+    @classmethod
+    def restored(cls, processor, fields: dict) -> "SentencePieceTokenizer":
+        """The tokenizer a snapshot kept: its processor and `fields` as they were, nothing rebuilt."""
+        tok = cls.__new__(cls)
+        tok._restore(processor, fields)
+        return tok
+
+    def serialized_model_proto(self) -> bytes:
+        return self._sp.serialized_model_proto()
 
     def _encode_fragment(self, text: str) -> List[int]:
         # the processor adds the dummy prefix itself; every fragment starts the text or follows a
