@@ -34,6 +34,7 @@ STEPS = [
     ("long_context", ["sweep.py", "--shape", "tinyllama-1.1b", "--ranks", "1,2", "--threads", "1", "--prompt-len", "2048",
                       "--ctx", "4000", "--tg", "16"], 1800),
     ("attention", ["attention.py", "--positions", "100,4000", "--prompt-len", "0", "--ranks", "1,2", "--threads", "1"], 600),
+    ("warm_start_q40", ["warm_start.py", "--type", "q40"], 900),
     ("warm_start_q4km", ["warm_start.py", "--type", "q4km"], 900),
     ("warm_start_f16", ["warm_start.py", "--type", "f16"], 1200),
     ("batch_ceiling", ["batch_ceiling.py"], 900),

@@ -1,6 +1,6 @@
 """Cold vs. warm start: time to first token with and without the per-rank shard files.
 
-    python benchmarks/warm_start.py [--shape tinyllama-1.1b] [--type q4km] [--ranks 2] [--reps 3]
+    python benchmarks/warm_start.py [--shape tinyllama-1.1b] [--type q4km] [--ranks 2] [--reps 5]
 
 Each repetition runs `mpirun -n RANKS` twice over a fresh shard cache folder: the cold run
 converts every rank's slice from the model file and writes its shard file; the warm run maps
@@ -70,7 +70,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_arguments(p)
     p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/warm_start-<time>.json)")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
