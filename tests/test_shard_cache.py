@@ -243,3 +243,29 @@ def test_a_warm_start_reads_its_tokenizer_back_instead_of_building_it(stories_gg
     assert edited.tokenizer_snapshot == "written" and len(built) == 1
     snapshots = [f for f in os.listdir(cache) if f.endswith(".tptok")]
     assert len(snapshots) == 2          # the edited file's and the one before it (retire_replaced keeps two)
+
+
+def test_shard_files_are_written_in_whole_2mib_pieces_at_2mib_offsets(tmp_path, monkeypatch):
+    """So that the page cache keeps them in 2 MiB folios and a warm start maps 2 MiB pages
+    (tpllama/shardcache.py, _ChunkedFile): every write but the last is whole 2 MiB pieces at a 2 MiB offset,
+    and the bytes are those written, with zeros over the gaps seeks leave."""
+    from tpllama import shardcache
+    chunk = shardcache._ChunkedFile.CHUNK
+    writes, real_write = [], os.write
+    monkeypatch.setattr(shardcache.os, "write", lambda fd, data: writes.append(len(data)) or real_write(fd, data))
+    rng = np.random.default_rng(5)
+    path = tmp_path / "f.bin"
+    f = shardcache._ChunkedFile(os.open(path, os.O_WRONLY | os.O_CREAT))
+    want = bytearray()
+    for size in [4096, 100, 3 * chunk + 17, 5, chunk, chunk - 3, 70000, 0, 2 * chunk]:
+        gap = int(rng.integers(0, 64))
+        f.seek(len(want) + gap)
+        want += bytes(gap)
+        data = rng.integers(0, 256, size, dtype=np.uint8)
+        f.write(data)
+        want += data.tobytes()
+    f.close()
+    assert path.read_bytes() == bytes(want)
+    assert writes[:-1] and set(writes[:-1]) <= {chunk, 2 * chunk, 3 * chunk} and sum(writes) == len(want)
+    with pytest.raises(ValueError):
+        shardcache._ChunkedFile(os.open(tmp_path / "g.bin", os.O_WRONLY | os.O_CREAT)).seek(-1)
