@@ -211,9 +211,9 @@ class _ChunkedFile:
     """A file written front to back in whole 2 MiB pieces at 2 MiB offsets (the tail at close).
     The page cache then holds it in 2 MiB folios where the filesystem keeps large folios (ext4
     and xfs on recent kernels), so the next start that maps the file gets its weights in 2 MiB
-    pages: written in smaller pieces, 4 KiB pages mapped the file and decode ran about 8% slower
-    than from converted weights (docs/performance.md, "Starting"). Seeks go forward only; the
-    gap reads as zeros."""
+    pages: written in smaller pieces, 4 KiB pages mapped most of the file and the kernels read it
+    5-12% slower than converted weights (docs/performance.md, "Starting"). Seeks go forward only;
+    the gap reads as zeros."""
 
     CHUNK = 2 << 20
 

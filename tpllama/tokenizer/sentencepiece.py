@@ -270,7 +270,7 @@ def _put_varints(out: np.ndarray, at: np.ndarray, varints) -> None:
 def _utf8_lengths(text: str, chars: np.ndarray) -> np.ndarray:
     """The UTF-8 byte lengths of the consecutive pieces of `text` that are chars[i] characters long."""
     code_points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    width = 1 + (code_points >= 0x80) + (code_points >= 0x800) + (code_points >= 0x10000).astype(np.int64)
+    width = 1 + (code_points >= 0x80).astype(np.int64) + (code_points >= 0x800) + (code_points >= 0x10000)
     first = np.cumsum(chars) - chars
     sums = np.add.reduceat(np.append(width, 0), first) if chars.size else chars
     return np.where(chars > 0, sums, 0)
