@@ -3,8 +3,10 @@
     python benchmarks/warm_start.py [--shape tinyllama-1.1b] [--type q4km] [--ranks 2] [--reps 5]
 
 Each repetition runs `mpirun -n RANKS` twice over a fresh shard cache folder: the cold run
-converts every rank's slice from the model file and writes its shard file; the warm run maps
-the shard files (tpllama's default for a shard file found at start). Both runs have the model file in the page cache (it was just read), so
+converts every rank's slice from the model file and writes its shard file (and, for a GGUF
+SentencePiece vocabulary, the tokenizer snapshot); the warm run maps the shard files (tpllama's
+default for a shard file found at start) and reads the tokenizer back. Both runs have the model
+file in the page cache (it was just read), so
 the difference is the conversion, not the disk. Rank 0 reports when loading ended and when the
 first token was sampled, counted from the call to tpllama.load and from the moment this script
 launched mpirun (the same clock: mpirun's start, Python's imports and MPI's start, the same for
