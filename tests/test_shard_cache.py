@@ -221,7 +221,7 @@ def test_an_edited_model_file_is_converted_again(stories_gguf, tmp_path):
     assert np.array_equal(edited.forward(ids, 0), fresh.forward(ids, 0))
 
 
-def test_a_warm_start_reads_its_tokenizer_back_instead_of_building_it(stories_gguf, tmp_path, monkeypatch):
+def test_a_warm_start_reads_its_tokenizer_back_instead_of_building_it(stories_gguf, tmp_path, monkeypatch, caplog):
     """The GGUF vocabulary's tokenizer is kept beside the shard files: the next start reads it
     (the builder is not called) and gives the known text; an edited model file builds it again."""
     import shutil
@@ -234,8 +234,10 @@ def test_a_warm_start_reads_its_tokenizer_back_instead_of_building_it(stories_gg
     built = []
     real = tokenizer_load.tokenizer_from_gguf
     monkeypatch.setattr(tokenizer_load, "tokenizer_from_gguf", lambda *a: built.append(a) or real(*a))
-    warm = _load(model, cache)
+    with caplog.at_level("INFO", logger="tpllama"):
+        warm = _load(model, cache)
     assert warm.tokenizer_snapshot == "read" and not built
+    assert "rank 0 read the tokenizer back from " in caplog.text          # the log says so, beside the shard line
     assert warm.generate("Once upon a time", 60, temperature=0.0).text == STORIES_TEXT[len("Once upon a time"):]
     assert warm.tokenizer.encode("Once upon a time") == cold.tokenizer.encode("Once upon a time")
     os.utime(model, ns=(os.stat(model).st_atime_ns, os.stat(model).st_mtime_ns + 10**9))   # an edited file

@@ -134,6 +134,7 @@ class Model:
         self.config = c = reader.config
         self.tokenizer = None
         self.tokenizer_snapshot: Optional[str] = None    # "read", "written" or None (tokenizer/snapshot.py)
+        self._tokenizer_note = ""                         # logged beside the shard file's line
         if opts.tokenizer != "none":   # "none": logits only (forward), no text in or out; before the weights, to fail fast
             self.tokenizer = par.together(lambda: _check_special_ids(self._load_tokenizer(reader), c.vocab_size))
         self.types = par.together(lambda: self._choose_types(opts.weight_type))
@@ -214,11 +215,11 @@ class Model:
         path = snapshot.snapshot_path(folder, reader.path, key)
         tok = snapshot.load(path, key)
         if tok is not None:
-            self.tokenizer_snapshot = "read"
+            self.tokenizer_snapshot, self._tokenizer_note = "read", f"read the tokenizer back from {path}"
             return tok
         tok = load_tokenizer(reader, None)
         if snapshot.can_keep(tok) and snapshot.save(tok, path, key):
-            self.tokenizer_snapshot = "written"
+            self.tokenizer_snapshot, self._tokenizer_note = "written", f"kept the tokenizer in {path}"
             retire_replaced(path, suffix=snapshot.SUFFIX)
         return tok
 
@@ -336,6 +337,8 @@ class Model:
         cached = cached_rank_weights(self.reader, self.shard, self.types, self.threads, folder, self.shard_identity,
                                      self.par.size, progress, mapped=self.mapped,
                                      map_found=self.options.mmap is not False)
+        if self._tokenizer_note:
+            _log(self.par, f"tpllama: rank 0 {self._tokenizer_note}")
         _log(self.par, f"tpllama: rank 0 {cached.note}")
         self.shard_file = cached
         if self.mapped and self.par.is_root:
