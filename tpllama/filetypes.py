@@ -61,28 +61,14 @@ def _plain(name, np_dtype):
     return DType(name, 1, size, lambda raw: raw.view(np_dtype).astype(np.float32))
 
 
-DTYPES: Dict[str, DType] = {
-    "F32": _plain("F32", np.float32),
-    "F16": _plain("F16", np.float16),
-    "BF16": DType("BF16", 1, 2, _bf16_to_f32),
-}
-for _q in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
-    _, _bs, _bb = GGML_TYPES[_q]
-    DTYPES[_q] = DType(_q, _bs, _bb, _gguf_dequant(_q))
-
-
-# The runtime's own block types dequantize in C: the embedding rows each token reads
+# GGML's block types the runtime runs itself widen in C: the embedding rows each token reads
 # (gathered from the mapped file) and the conversion of slices. Their values equal gguf-py's
-# (tests/test_kernels.py, tests/test_native_types.py).
+# (tests/test_kernels.py, tests/test_native_types.py, tests/test_filetypes.py).
 def _kernel_dequant(fn_name: str) -> Callable[[np.ndarray], np.ndarray]:
     def dequantize(raw: np.ndarray) -> np.ndarray:
         from . import _kernels
-        return getattr(_kernels, fn_name)(np.ascontiguousarray(raw).reshape(raw.shape[0] if raw.ndim == 2 else 1, -1))
+        return getattr(_kernels, fn_name)(_as_rows(raw))
     return dequantize
-
-
-DTYPES["Q4_0"] = DType("Q4_0", 32, 18, _kernel_dequant("dequantize_q40"))
-DTYPES["Q8_0"] = DType("Q8_0", 32, 34, _kernel_dequant("dequantize_q80"))
 
 
 def _packed_dequant(ggml: str, wtype: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -91,12 +77,26 @@ def _packed_dequant(ggml: str, wtype: str) -> Callable[[np.ndarray], np.ndarray]
 
     def dequantize(raw: np.ndarray) -> np.ndarray:
         from . import _kernels
-        raw = np.ascontiguousarray(raw).reshape(raw.shape[0] if raw.ndim == 2 else 1, -1)
+        raw = _as_rows(raw)
         values = raw.shape[1] // block_bytes * block_size
         packed = _kernels.pack_ggml(wtype, raw, 0, values)
         return _kernels.dequantize_packed(wtype, packed, raw.shape[0], values // 32)
     return dequantize
 
 
-for _q, _w in (("Q4_1", "q41"), ("Q5_0", "q50"), ("Q4_K", "q4k"), ("Q5_K", "q5k"), ("Q6_K", "q6k")):
-    DTYPES[_q] = DType(_q, GGML_TYPES[_q][1], GGML_TYPES[_q][2], _packed_dequant(_q, _w))
+def _as_rows(raw: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(raw).reshape(raw.shape[0] if raw.ndim == 2 else 1, -1)
+
+
+_IN_C = {"Q4_0": _kernel_dequant("dequantize_q40"), "Q8_0": _kernel_dequant("dequantize_q80"),
+         **{q: _packed_dequant(q, w) for q, w in
+            (("Q4_1", "q41"), ("Q5_0", "q50"), ("Q4_K", "q4k"), ("Q5_K", "q5k"), ("Q6_K", "q6k"))}}
+
+DTYPES: Dict[str, DType] = {
+    "F32": _plain("F32", np.float32),
+    "F16": _plain("F16", np.float16),
+    "BF16": DType("BF16", 1, 2, _bf16_to_f32),
+}
+for _q in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
+    _, _bs, _bb = GGML_TYPES[_q]
+    DTYPES[_q] = DType(_q, _bs, _bb, _IN_C.get(_q) or _gguf_dequant(_q))   # gguf-py's reference for the rest

@@ -6,6 +6,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import List
 
+from .memory import proc_kib_field
+
 
 @dataclass
 class StepStats:
@@ -35,14 +37,7 @@ def peak_rss_bytes() -> int:
 def resident_anon_bytes() -> int:
     """Anonymous resident memory of this process (Linux): what it holds, not the mapped model file's
     page cache, which the kernel can drop at will."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return proc_kib_field("/proc/self/status", "RssAnon") or 0
 
 
 @dataclass

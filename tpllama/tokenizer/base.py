@@ -18,6 +18,12 @@ TOKENIZER_FLAG_HINT = ("pass the model's tokenizer with --tokenizer PATH "
 MAX_TOKENIZER_FILE_BYTES = 512 * 2**20         # tokenizer.json/.model/.bin: the largest real ones are ~30 MiB
 
 
+def cut_at(raw: bytes, ends: Sequence[int]) -> List[bytes]:
+    """The consecutive pieces of `raw` that end at `ends` (a whole vocabulary's bytes, encoded
+    at once, back into one bytes object per token)."""
+    return [raw[start:end] for start, end in zip([0, *ends], ends)]
+
+
 class Tokenizer:
     """Text <-> token ids for one model, plus what generation needs: BOS, stop ids, chat template.
 

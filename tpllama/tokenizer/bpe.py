@@ -13,7 +13,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from ..errors import ModelFormatError
-from .base import Tokenizer
+from .base import Tokenizer, cut_at
 from .sidecar import SideFiles
 from .specials import BYTE_PIECE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED
 
@@ -76,9 +76,7 @@ def bytelevel_pieces(tokens: Sequence[str]) -> List[bytes]:
     code_points = np.frombuffer("".join(tokens).encode("utf-32-le"), dtype=np.uint32)
     if code_points.size and code_points.max() >= len(_BYTE_OF):
         return [bytelevel_to_bytes(t) for t in tokens]
-    raw = _BYTE_OF[code_points].tobytes()
-    ends = list(itertools.accumulate(map(len, tokens)))
-    return [raw[start:end] for start, end in zip([0] + ends, ends)]
+    return cut_at(_BYTE_OF[code_points].tobytes(), list(itertools.accumulate(map(len, tokens))))
 
 
 def bytes_to_bytelevel(b: bytes) -> str:

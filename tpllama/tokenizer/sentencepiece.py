@@ -13,7 +13,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import numpy as np
 
 from ..errors import ModelFormatError
-from .base import Tokenizer
+from .base import Tokenizer, cut_at
 from .sidecar import SideFiles
 from .specials import BYTE, BYTE_PIECE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, special_splitter, split_specials
 
@@ -95,9 +95,8 @@ def _text_pieces(pieces: Sequence[str]) -> List[bytes]:
     """The UTF-8 text of every piece, its U+2581 as spaces: one replace and one encode of the
     whole vocabulary, cut at each piece's byte length (a vocabulary has 32k-256k pieces)."""
     text = "".join(pieces).replace("\u2581", " ")        # one character for one: lengths stay
-    raw = text.encode("utf-8")
-    ends = np.cumsum(_utf8_lengths(text, np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces)))).tolist()
-    return [raw[start:end] for start, end in zip([0] + ends, ends)]
+    lengths = _utf8_lengths(text, np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces)))
+    return cut_at(text.encode("utf-8"), np.cumsum(lengths).tolist())
 
 
 class Llama2cTokenizer(_SpmLike):

@@ -26,7 +26,7 @@ from typing import Optional
 
 import numpy as np
 
-from .base import Tokenizer
+from .base import Tokenizer, cut_at
 from .sentencepiece import SentencePieceTokenizer
 
 FORMAT = 1
@@ -104,7 +104,7 @@ def load(path: str, key: str) -> Optional[Tokenizer]:
             joined, ends, proto = z["pieces"].tobytes(), z["piece_ends"].tolist(), z["proto"].tobytes()
         import sentencepiece as spm
         processor = spm.SentencePieceProcessor(model_proto=proto)
-        pieces = [joined[start:end] for start, end in zip([0] + ends, ends)]
+        pieces = cut_at(joined, ends)
         if len(pieces) != processor.get_piece_size():
             return None
         tok = SentencePieceTokenizer.restored(processor, dict(record, pieces=pieces))
