@@ -4,7 +4,7 @@ checked for its type first, so a malformed file gives one error naming the key."
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
