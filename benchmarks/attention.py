@@ -4,12 +4,14 @@ long prompt's prefill, on the TinyLlama-1.1B shape (22 layers, 32 query / 4 kv h
 size 64) as one rank holds it at 1 and 2 ranks (32/4 and 16/2 heads).
 
     python benchmarks/attention.py [--positions 100,2048,4000] [--prompt-len 2048] [--threads 1,2] [--reps 5]
+                                   [--kv-type f32,f16]
 
 Decode: one token's attention calls, one per layer, each over its own layer's float32 cache
 (as in the model, the 22 caches together are far larger than any CPU cache, so they come from
 memory); ms per token and the cache bytes read per second. Prefill: the prompt in chunks of
 the runtime's PREFILL_CHUNK rows, one layer, times 22; prompt tokens per second of attention
-alone. Each figure is the median (min-max) of --reps repetitions, each started on a quiet
+alone. With several --kv-type values (f32, f16: the runtime's --kv-type) their repetitions
+alternate, and the f16 / f32 time ratio is printed. Each figure is the median (min-max) of --reps repetitions, each started on a quiet
 machine when one comes within 5 s (benchmarks/_common.Quiet). Prints a table; writes JSON to
 benchmarks/results/.
 """
@@ -37,6 +39,21 @@ def caches(layers: int, n_kv: int, ctx: int, seed: int):
     rng = np.random.default_rng(seed)
     return [tuple(rng.standard_normal((n_kv, ctx, HEAD_DIM), dtype=np.float32) for _ in range(2))
             for _ in range(layers)]
+
+
+KV_DTYPES = {"f32": np.float32, "f16": np.float16}   # --kv-type: the runtime's cache value types
+
+
+def as_type(layer_caches, kv_type: str):
+    """The caches with their values in kv_type (f16: rounded, as the runtime's cache stores them)."""
+    dtype = KV_DTYPES[kv_type]
+    return [(k.astype(dtype), v.astype(dtype)) for k, v in layer_caches] if dtype != np.float32 else layer_caches
+
+
+def print_ratio(samples: dict, what: str) -> None:
+    """The f16 cache's time over the f32 cache's, when both ran (medians of alternated repetitions)."""
+    if "f16" in samples and "f32" in samples:
+        print(f"{what}: f16 / f32 cache time {median(samples['f16']) / median(samples['f32']):.2f}x", flush=True)
 
 
 def rows(T: int, n: int, seed: int) -> np.ndarray:
@@ -75,6 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", default="1,2", help="rank counts whose per-rank head shapes to run (1, 2)")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--kv-type", default="f32", help="cache value types, comma-separated: f32, f16 (alternated)")
     p.add_argument("--no-quiet", action="store_true", help="do not wait for the rest of the machine to be idle")
     p.add_argument("--json", help="results file (default benchmarks/results/attention-<time>.json)")
     a = p.parse_args(argv)
@@ -82,6 +100,9 @@ def main(argv=None) -> int:
         positions = [int(v) for v in a.positions.split(",")]
         threads = [int(v) for v in a.threads.split(",")]
         ranks = [int(v) for v in a.ranks.split(",")]
+        kv_types = [KV_DTYPES[t] and t for t in a.kv_type.split(",")]
+    except KeyError:
+        p.error("--kv-type takes f32, f16 or both, comma-separated")
     except ValueError:
         p.error("--positions, --threads and --ranks take comma-separated integers, e.g. 100,4000")
     if any(r not in RANK_SHAPES for r in ranks):
@@ -95,31 +116,39 @@ def main(argv=None) -> int:
     for r in ranks:
         heads, n_kv = RANK_SHAPES[r]
         for pos in positions:
-            layer_caches = caches(LAYERS, n_kv, pos + 1, pos)
-            nbytes = 2 * LAYERS * n_kv * (pos + 1) * HEAD_DIM * 4
+            layer_caches = {t: as_type(caches(LAYERS, n_kv, pos + 1, pos), t) for t in kv_types}
             for th in threads:
-                decode_seconds(layer_caches, pos, heads, n_kv, th)          # warm-up
-                samples = []
+                samples = {t: [] for t in kv_types}
+                for t in kv_types:
+                    decode_seconds(layer_caches[t], pos, heads, n_kv, th)   # warm-up
                 for _ in range(a.reps):
-                    quiet.wait()
-                    samples.append(decode_seconds(layer_caches, pos, heads, n_kv, th))
-                ms = [1e3 * s for s in samples]
-                results.append({"ranks": r, "threads": th, "what": f"decode at {pos}", "ms": ms,
-                                "GBps": nbytes / median(samples) / 1e9})
-                print(f"{r} rank(s), {th} thread(s): decode at {pos}: {spread(ms)} ms/token "
-                      f"(KV cache read at {nbytes / median(samples) / 1e9:.1f} GB/s)", flush=True)
+                    for t in kv_types:                                     # alternated: the same noise for each
+                        quiet.wait()
+                        samples[t].append(decode_seconds(layer_caches[t], pos, heads, n_kv, th))
+                for t in kv_types:
+                    ms = [1e3 * s for s in samples[t]]
+                    nbytes = 2 * LAYERS * n_kv * (pos + 1) * HEAD_DIM * np.dtype(KV_DTYPES[t]).itemsize
+                    results.append({"ranks": r, "threads": th, "kv_type": t, "what": f"decode at {pos}", "ms": ms,
+                                    "GBps": nbytes / median(samples[t]) / 1e9})
+                    print(f"{r} rank(s), {th} thread(s), {t} cache: decode at {pos}: {spread(ms)} ms/token "
+                          f"(KV cache read at {nbytes / median(samples[t]) / 1e9:.1f} GB/s)", flush=True)
+                print_ratio(samples, f"{r} rank(s), {th} thread(s): decode at {pos}")
             del layer_caches
         if a.prompt_len:
-            (kc, vc), = caches(1, n_kv, a.prompt_len, 7)
+            kv = {t: as_type(caches(1, n_kv, a.prompt_len, 7), t)[0] for t in kv_types}
             for th in threads:
-                samples = []
+                samples = {t: [] for t in kv_types}
                 for _ in range(a.reps):
-                    quiet.wait()
-                    samples.append(prefill_seconds(kc, vc, a.prompt_len, heads, n_kv, th))
-                tps = [a.prompt_len / s for s in samples]
-                results.append({"ranks": r, "threads": th, "what": f"prefill {a.prompt_len}", "tokens_per_s": tps})
-                print(f"{r} rank(s), {th} thread(s): prefill of {a.prompt_len} (attention alone, {LAYERS} layers): "
-                      f"{spread(tps)} tok/s", flush=True)
+                    for t in kv_types:
+                        quiet.wait()
+                        samples[t].append(prefill_seconds(*kv[t], a.prompt_len, heads, n_kv, th))
+                for t in kv_types:
+                    tps = [a.prompt_len / s for s in samples[t]]
+                    results.append({"ranks": r, "threads": th, "kv_type": t, "what": f"prefill {a.prompt_len}",
+                                    "tokens_per_s": tps})
+                    print(f"{r} rank(s), {th} thread(s), {t} cache: prefill of {a.prompt_len} (attention alone, "
+                          f"{LAYERS} layers): {spread(tps)} tok/s", flush=True)
+                print_ratio(samples, f"{r} rank(s), {th} thread(s): prefill of {a.prompt_len}")
     if quiet.noisy:
         print(f"({quiet.noisy} repetitions started on a busy machine)")
     out = write_results("attention", {"meta": info, "results": results}, a.json)

@@ -56,7 +56,7 @@ def run_point(model: str, ranks: int, threads: int, args, cluster=None, overlap:
             launch.append("--oversubscribe")
     cmd = launch + [sys.executable, "-m", "tpllama.bench.point", "-m", model, "-t", str(threads),
                     "--pp", str(args.pp), "--tg", str(args.tg), "--reps", str(args.reps),
-                    "--weight-type", args.weight_type, "--sync-type", args.sync_type]
+                    "--weight-type", args.weight_type, "--sync-type", args.sync_type, "--kv-type", args.kv_type]
     if overlap == "on":
         cmd.append("--overlap")
     if args.ctx:
@@ -190,6 +190,7 @@ def main(argv=None) -> int:
     p.add_argument("--tg", type=int, default=64)
     p.add_argument("--weight-type", default="auto", help="as tpllama.generate's (default auto: the file's own types)")
     p.add_argument("--sync-type", default="f64")
+    p.add_argument("--kv-type", default="f32", choices=("f32", "f16"), help="KV cache values, as tpllama.generate's")
     p.add_argument("--oversubscribe", action="store_true", help="allow ranks x threads above the core count")
     p.add_argument("--netem", action="store_true", help="each rank on its own namespace host behind a shaped link")
     p.add_argument("--rate", default="1gbit", help="link rate with --netem (tc tbf), default 1gbit")
@@ -210,7 +211,7 @@ def main(argv=None) -> int:
     rows = []
     machine = machine_info(threads)
     print(machine_header(machine), flush=True)
-    print(f"model {model}, {args.weight_type} weights, {args.sync_type} sync, pp{args.pp}/tg{args.tg}, "
+    print(f"model {model}, {args.weight_type} weights, {args.sync_type} sync, {args.kv_type} kv cache, pp{args.pp}/tg{args.tg}, "
           f"{args.reps} reps, {cores} cores ({machine['cpu']}, {machine['simd']})", flush=True)
     for k in ranks:
         for t in threads:

@@ -71,8 +71,10 @@ cdef extern from "tpk.h":
     void tpk_rope(float *x, int64_t T, int64_t heads, int64_t hd, const float *cos_t, const float *sin_t) nogil
     void tpk_silu_mul(const float *g, const float *u, float *out, int64_t n, int nthreads) nogil
     void tpk_attention(const float *q, const float *k, const float *v, int64_t T, int64_t n_heads, int64_t n_kv,
-                       int64_t hd, const int32_t *kv_of_head, float *kcache, float *vcache, int64_t ctx,
-                       int64_t start, int64_t window, float scale, float *out, int nthreads) nogil
+                       int64_t hd, const int32_t *kv_of_head, void *kcache, void *vcache, int cache_f16,
+                       int64_t ctx, int64_t start, int64_t window, float scale, float *out, int nthreads) nogil
+    void tpk_widen_f16(const uint16_t *h, int64_t n, float *y) nogil
+    void tpk_narrow_f16(const float *x, int64_t n, uint16_t *h) nogil
 
 QK = TPK_QK
 Q40_BYTES = TPK_Q40_BYTES
@@ -429,15 +431,18 @@ def silu_mul(g_array, const float[:, ::1] u, int nthreads=1):
     return g_array
 
 
-def attention(const float[:, ::1] q, const float[:, ::1] k, const float[:, ::1] v, float[:, :, ::1] kcache,
-              float[:, :, ::1] vcache, int64_t start, const int32_t[::1] kv_of_head, float scale, int nthreads=1,
-              int64_t window=0):
+def attention(const float[:, ::1] q, const float[:, ::1] k, const float[:, ::1] v, kcache, vcache,
+              int64_t start, const int32_t[::1] kv_of_head, float scale, int nthreads=1, int64_t window=0):
     """Causal attention for T new positions start..: q (T, heads*hd), k, v (T, kv*hd) are stored
-    into the caches (kv, ctx, hd) first. window > 0: each position attends only to itself and the
-    window - 1 positions before it (a sliding window). Returns (T, heads*hd) float32."""
-    cdef int64_t T = q.shape[0], n_kv = kcache.shape[0], ctx = kcache.shape[1], hd = kcache.shape[2]
+    into the caches (kv, ctx, hd) first: float32 arrays, or float16 ones (k, v rounded to nearest,
+    saturating at +-65504; attention then reads them back exactly). window > 0: each position
+    attends only to itself and the window - 1 positions before it (a sliding window). Returns
+    (T, heads*hd) float32."""
+    cdef cnp.ndarray kc = _cache_array(kcache, "kcache"), vc = _cache_array(vcache, "vcache")
+    cdef int64_t T = q.shape[0], n_kv = kc.shape[0], ctx = kc.shape[1], hd = kc.shape[2]
     cdef int64_t n_heads = kv_of_head.shape[0], i
-    if vcache.shape[0] != n_kv or vcache.shape[1] != ctx or vcache.shape[2] != hd:
+    cdef int f16 = kc.dtype == np.float16
+    if vc.dtype != kc.dtype or vc.shape[0] != n_kv or vc.shape[1] != ctx or vc.shape[2] != hd:
         raise ValueError("attention: caches differ")
     if q.shape[1] != n_heads * hd or k.shape[1] != n_kv * hd or v.shape[1] != n_kv * hd or k.shape[0] != T or v.shape[0] != T:
         raise ValueError("attention: shapes do not match")
@@ -450,9 +455,39 @@ def attention(const float[:, ::1] q, const float[:, ::1] k, const float[:, ::1] 
             raise ValueError("attention: kv head index out of range")
     out = np.empty((T, n_heads * hd), dtype=np.float32)
     cdef float[:, ::1] o = out
+    cdef void *kp = cnp.PyArray_DATA(kc)
+    cdef void *vp = cnp.PyArray_DATA(vc)
     if T and n_heads and hd:
         with nogil:
             tpk_attention(&q[0, 0], &k[0, 0] if n_kv else NULL, &v[0, 0] if n_kv else NULL, T, n_heads, n_kv, hd,
-                          &kv_of_head[0], &kcache[0, 0, 0], &vcache[0, 0, 0], ctx, start, window, scale, &o[0, 0],
-                          nthreads)
+                          &kv_of_head[0], kp, vp, f16, ctx, start, window, scale, &o[0, 0], nthreads)
+    return out
+
+
+cdef cnp.ndarray _cache_array(cache, str name):
+    """A KV cache argument: a writable C-contiguous (kv, ctx, hd) float32 or float16 array."""
+    if not isinstance(cache, np.ndarray) or cache.ndim != 3 or cache.dtype not in (np.float32, np.float16):
+        raise ValueError(f"attention: {name} must be a 3-d float32 or float16 array")
+    if not cache.flags.c_contiguous or not cache.flags.writeable:
+        raise ValueError(f"attention: {name} must be C-contiguous and writable")
+    return cache
+
+
+def widen_f16(const uint16_t[::1] h):
+    """float16 bits -> float32 (exact), by the kernels' widening at the current SIMD level."""
+    out = np.empty(h.shape[0], dtype=np.float32)
+    cdef float[::1] o = out
+    if h.shape[0]:
+        with nogil:
+            tpk_widen_f16(&h[0], h.shape[0], &o[0])
+    return out
+
+
+def narrow_f16(const float[::1] x):
+    """float32 -> float16 bits: round to nearest even, saturating at +-65504 (NaN stays NaN)."""
+    out = np.empty(x.shape[0], dtype=np.uint16)
+    cdef uint16_t[::1] o = out
+    if x.shape[0]:
+        with nogil:
+            tpk_narrow_f16(&x[0], x.shape[0], &o[0])
     return out

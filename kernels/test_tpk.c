@@ -235,6 +235,26 @@ static int check_quantizer(const int *levels, int nlevels) {
     return ok;
 }
 
+/* float16 -> float32 (the KV cache's --kv-type f16) at every level: all 65,536 values, the
+ * scalar table's bits (NaNs: NaN). */
+static int check_widen_f16(const int *levels, int nlevels) {
+    static uint16_t h[65536];
+    static float ref[65536], got[65536];
+    for (int i = 0; i < 65536; i++) h[i] = (uint16_t)i, ref[i] = tpk_fp16_to_fp32((uint16_t)i);
+    int ok = 1;
+    for (int li = 0; li < nlevels; li++) {
+        tpk_set_level(levels[li]);
+        tpk_widen_f16(h, 65536 - 3, got);   /* a length that leaves a tail */
+        for (int i = 0; i < 65536 - 3; i++)
+            if (ref[i] == ref[i] ? memcmp(&ref[i], &got[i], sizeof(float)) != 0 : got[i] == got[i]) {
+                printf("  widen_f16 level=%s: 0x%04x gives %g, not %g\n", tpk_level_name(levels[li]), i, got[i], ref[i]);
+                ok = 0;
+                break;
+            }
+    }
+    return ok;
+}
+
 /* A broken kernel must be caught: flip one scale bit in the packed weights. */
 static int check_detects_error(const int *levels, int nlevels) {
     const int64_t rows = 20, nb = 3, n = nb * TPK_QK;
@@ -306,6 +326,9 @@ int main(int argc, char **argv) {
     const int quant_ok = check_quantizer(levels, nlevels);
     printf("q80 quantizer at every level bit-identical to the reference: %s\n", quant_ok ? "yes" : "no");
     ok &= quant_ok;
+    const int widen_ok = check_widen_f16(levels, nlevels);
+    printf("float16 widening at every level bit-identical to the table: %s\n", widen_ok ? "yes" : "no");
+    ok &= widen_ok;
     const int caught = check_detects_error(levels, nlevels);
     printf("%d shapes x %d levels x 1,2 threads x float32/float64 sums; perturbed scale detected: %s\n", cases, nlevels, caught ? "yes" : "no");
     ok &= caught;

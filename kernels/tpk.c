@@ -53,6 +53,22 @@ __attribute__((constructor)) static void init_fp16_table(void) {
     for (uint32_t i = 0; i < 65536; i++) tpk_fp16_table[i] = tpk_fp16_to_fp32((uint16_t)i);
 }
 
+void tpk_widen_f16(const uint16_t *h, int64_t n, float *y) {
+#if defined(TPK_X86)
+    if (tpk_get_level() >= TPK_AVX2) { tpk_x86_widen_f16(h, n, y); return; }
+#elif defined(TPK_ARM64)
+    if (tpk_get_level() >= TPK_NEON) { tpk_arm_widen_f16(h, n, y); return; }
+#endif
+    for (int64_t i = 0; i < n; i++) y[i] = tpk_fp16_table[h[i]];
+}
+
+void tpk_narrow_f16(const float *x, int64_t n, uint16_t *h) {
+    for (int64_t i = 0; i < n; i++) {
+        const float v = x[i] > 65504.0f ? 65504.0f : x[i] < -65504.0f ? -65504.0f : x[i];
+        h[i] = tpk_fp32_to_fp16(v);
+    }
+}
+
 /* ---------------------------------------------------------------- dispatch */
 
 static int level_in_use = -1;

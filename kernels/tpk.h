@@ -180,8 +180,16 @@ void tpk_silu_mul(const float *g, const float *u, float *out, int64_t n, int nth
  * softmax(q . K[kv_of_head[h], first..pos] * scale) . V[...], where first is 0, or with a
  * sliding window (window > 0) pos - window + 1: a position sees itself and window - 1 before it. */
 void tpk_attention(const float *q, const float *k, const float *v, int64_t T, int64_t n_heads, int64_t n_kv,
-                   int64_t hd, const int32_t *kv_of_head, float *kcache, float *vcache, int64_t ctx,
+                   int64_t hd, const int32_t *kv_of_head, void *kcache, void *vcache, int cache_f16, int64_t ctx,
                    int64_t start, int64_t window, float scale, float *out, int nthreads);
+/* cache_f16: the caches hold IEEE half floats (uint16_t) instead of float32. New keys and
+ * values are narrowed by tpk_narrow_f16; attention then runs on their exact float32 values,
+ * so its result equals the float32 cache's given the same (narrowed) keys and values. */
+
+/* float16 <-> float32 of n values. Widening is exact (every level gives the same bits);
+ * narrowing rounds to nearest even and saturates at +-65504 (NaN stays NaN). */
+void tpk_widen_f16(const uint16_t *h, int64_t n, float *y);
+void tpk_narrow_f16(const float *x, int64_t n, uint16_t *h);
 
 /* Sum of n floats read once, over nthreads threads: a memory read bandwidth probe. */
 double tpk_stream_sum(const float *x, int64_t n, int nthreads);

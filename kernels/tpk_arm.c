@@ -662,4 +662,11 @@ tpk_group_fn tpk_arm_q80(int level, int f64) {
     }
 }
 
+/* float16 -> float32, 4 at a time (fcvtl is exact, like the scalar table) */
+void tpk_arm_widen_f16(const uint16_t *h, int64_t n, float *y) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h + i))));
+    for (; i < n; i++) y[i] = tpk_f16(h[i]);
+}
+
 #endif /* TPK_ARM64 */

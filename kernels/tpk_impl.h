@@ -102,6 +102,7 @@ tpk_group_fn tpk_x86_kq(int type, int level, int f64);
 double tpk_x86_stream_sum(const float *x, int64_t n);
 void tpk_x86_quantize_q80_512(const float *x, tpk_block_q80 *y, int64_t n);
 void tpk_x86_quantize_q80_avx2(const float *x, tpk_block_q80 *y, int64_t n);
+void tpk_x86_widen_f16(const uint16_t *h, int64_t n, float *y);
 #endif
 #if defined(TPK_ARM64)
 int tpk_arm_supports(int level);
@@ -109,6 +110,7 @@ tpk_group_fn tpk_arm_q40(int level, int f64);
 tpk_group_fn tpk_arm_q80(int level, int f64);
 tpk_group_fn tpk_arm_kq(int type, int level, int f64);
 void tpk_arm_quantize_q80(const float *x, tpk_block_q80 *y, int64_t n);
+void tpk_arm_widen_f16(const uint16_t *h, int64_t n, float *y);
 #endif
 
 #endif

@@ -259,9 +259,9 @@ typedef struct {
     int64_t credit;   /* in 1/256 lines */
 } prefetch_run;
 
-/* the lines of floats at p (none when p is NULL), spread evenly over `steps` calls of prefetch_step */
-INLINE prefetch_run prefetch_of(const float *p, int64_t floats, int64_t steps) {
-    const int64_t lines = p ? (floats + 15) / 16 : 0;
+/* the lines of `bytes` at p (none when p is NULL), spread evenly over `steps` calls of prefetch_step */
+INLINE prefetch_run prefetch_of(const void *p, int64_t bytes, int64_t steps) {
+    const int64_t lines = p ? (bytes + 63) / 64 : 0;
     return (prefetch_run){(const char *)p, 0, lines, (lines * 256 + steps - 1) / (steps > 0 ? steps : 1), 0};
 }
 
@@ -336,8 +336,8 @@ INLINE float exp_and_sum(float *s, int64_t n, float mx) {
  * values the next chunk's keys next_k (next_n keys; NULL: none). */
 INLINE void attend_chunk_hd(const float *q, int64_t nh, const float *K, const float *V, int64_t n, int64_t hd,
                             float scale, float *scores, float *m, float *l, float *acc, int prefetch_v,
-                            const float *next_k, int64_t next_n) {
-    prefetch_run pf = prefetch_of(prefetch_v ? V : NULL, n * hd, nh * ((n + 7) / 8));
+                            const void *next_k, int64_t next_bytes) {
+    prefetch_run pf = prefetch_of(prefetch_v ? V : NULL, n * hd * 4, nh * ((n + 7) / 8));
     for (int64_t j0 = 0; j0 < n; j0 += KEY_TILE) {          /* scores, a tile of keys for every head */
         const int64_t j1 = j0 + KEY_TILE < n ? j0 + KEY_TILE : n;
         for (int64_t h = 0; h < nh; h++)
@@ -357,7 +357,7 @@ INLINE void attend_chunk_hd(const float *q, int64_t nh, const float *K, const fl
         l[h] = exp_and_sum(s, n, mx);
     }
     memset(acc, 0, sizeof(float) * (size_t)(nh * hd));
-    pf = prefetch_of(next_k, next_n * hd, nh * n * (hd / 64));   /* a step a key per 64 dims */
+    pf = prefetch_of(next_k, next_bytes, nh * n * (hd / 64));   /* a step a key per 64 dims */
     for (int64_t j0 = 0; j0 < n; j0 += KEY_TILE) {          /* weighted values, a tile for every head */
         const int64_t nk = j0 + KEY_TILE < n ? KEY_TILE : n - j0;
         for (int64_t h = 0; h < nh; h++)
@@ -368,10 +368,10 @@ INLINE void attend_chunk_hd(const float *q, int64_t nh, const float *K, const fl
 /* attend_chunk_hd, built for the common head sizes as constants (unrolled loops, ~6% faster) */
 TPK_CLONES static void attend_chunk(const float *q, int64_t nh, const float *K, const float *V, int64_t n,
                                     int64_t hd, float scale, float *scores, float *m, float *l, float *acc,
-                                    int prefetch_v, const float *next_k, int64_t next_n) {
-    if (hd == 64) attend_chunk_hd(q, nh, K, V, n, 64, scale, scores, m, l, acc, prefetch_v, next_k, next_n);
-    else if (hd == 128) attend_chunk_hd(q, nh, K, V, n, 128, scale, scores, m, l, acc, prefetch_v, next_k, next_n);
-    else attend_chunk_hd(q, nh, K, V, n, hd, scale, scores, m, l, acc, prefetch_v, next_k, next_n);
+                                    int prefetch_v, const void *next_k, int64_t next_bytes) {
+    if (hd == 64) attend_chunk_hd(q, nh, K, V, n, 64, scale, scores, m, l, acc, prefetch_v, next_k, next_bytes);
+    else if (hd == 128) attend_chunk_hd(q, nh, K, V, n, 128, scale, scores, m, l, acc, prefetch_v, next_k, next_bytes);
+    else attend_chunk_hd(q, nh, K, V, n, hd, scale, scores, m, l, acc, prefetch_v, next_k, next_bytes);
 }
 
 /* out = the chunks' partials c = 0..nc-1 of one head (`stride` slots apart) folded in order:
@@ -418,14 +418,26 @@ static int64_t head_runs(const int32_t *kv_of_head, int64_t n_heads, int64_t *ru
     return runs;
 }
 
+/* the row of kv head h at position p in a (n_kv, ctx, hd) cache of esize-byte values */
+static char *cache_row(void *cache, int64_t esize, int64_t h, int64_t ctx, int64_t p, int64_t hd) {
+    return (char *)cache + ((h * ctx + p) * hd) * esize;
+}
+
+/* a new row of hd float32 values into a cache row: copied, or narrowed to float16 */
+static void store_row(char *row, const float *x, int64_t hd, int64_t esize) {
+    if (esize == 4) memcpy(row, x, (size_t)hd * sizeof(float));
+    else tpk_narrow_f16(x, hd, (uint16_t *)row);
+}
+
 void tpk_attention(const float *q, const float *k, const float *v, int64_t T, int64_t n_heads, int64_t n_kv,
-                   int64_t hd, const int32_t *kv_of_head, float *kcache, float *vcache, int64_t ctx,
+                   int64_t hd, const int32_t *kv_of_head, void *kcache, void *vcache, int cache_f16, int64_t ctx,
                    int64_t start, int64_t window, float scale, float *out, int nthreads) {
+    const int64_t esize = cache_f16 ? 2 : 4;
     /* store the new keys and values: k, v are (T, n_kv, hd), the caches (n_kv, ctx, hd) */
     for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < n_kv; h++) {
-            memcpy(kcache + (h * ctx + start + t) * hd, k + (t * n_kv + h) * hd, hd * sizeof(float));
-            memcpy(vcache + (h * ctx + start + t) * hd, v + (t * n_kv + h) * hd, hd * sizeof(float));
+            store_row(cache_row(kcache, esize, h, ctx, start + t, hd), k + (t * n_kv + h) * hd, hd, esize);
+            store_row(cache_row(vcache, esize, h, ctx, start + t, hd), v + (t * n_kv + h) * hd, hd, esize);
         }
     int64_t *run_start = (int64_t *)malloc(sizeof(int64_t) * (size_t)(n_heads + 1));
     const int64_t runs = head_runs(kv_of_head, n_heads, run_start);
@@ -451,6 +463,8 @@ void tpk_attention(const float *q, const float *k, const float *v, int64_t T, in
 #endif
     {
         float *scores = (float *)malloc(sizeof(float) * (size_t)(widest * KEY_CHUNK));
+        /* a float16 cache: each task's chunk of keys and values widened once, for all its rows */
+        float *wide = esize == 4 ? NULL : (float *)malloc(sizeof(float) * (size_t)(2 * KEY_CHUNK * hd));
 #ifdef _OPENMP
         const int64_t team = omp_get_num_threads();
 #else
@@ -467,6 +481,17 @@ void tpk_attention(const float *q, const float *k, const float *v, int64_t T, in
             for (int64_t u = 0; u < runs * nc; u++) {
                 const int64_t r = u / nc, c = c0 + u % nc;
                 const int64_t h0 = run_start[r], nh = run_start[r + 1] - h0, kv = kv_of_head[h0];
+                /* the chunk's keys that some row of the block sees, cb..ce-1, as float32 */
+                const int64_t lo0 = first_key(start + t0, window);
+                const int64_t cb = c * KEY_CHUNK > lo0 ? c * KEY_CHUNK : lo0;
+                const int64_t ce = (c + 1) * KEY_CHUNK < start + t1 ? (c + 1) * KEY_CHUNK : start + t1;
+                const float *kf = (const float *)cache_row(kcache, esize, kv, ctx, cb, hd);
+                const float *vf = (const float *)cache_row(vcache, esize, kv, ctx, cb, hd);
+                if (wide && cb < ce) {
+                    tpk_widen_f16((const uint16_t *)kf, (ce - cb) * hd, wide);
+                    tpk_widen_f16((const uint16_t *)vf, (ce - cb) * hd, wide + KEY_CHUNK * hd);
+                    kf = wide, vf = wide + KEY_CHUNK * hd;
+                }
                 for (int64_t t = t0; t < t1; t++) {
                     const int64_t p = start + t, lo = first_key(p, window);
                     const int64_t b = c * KEY_CHUNK > lo ? c * KEY_CHUNK : lo;
@@ -475,17 +500,21 @@ void tpk_attention(const float *q, const float *k, const float *v, int64_t T, in
                     const size_t slot = (size_t)(((t - t0) * chunks + c - c0) * n_heads + h0);
                     /* the next rows read the same chunk; after the last, prefetch the chunk of the
                      * task this thread probably takes next (tasks go round the threads in order) */
-                    const float *next_k = NULL;
-                    int64_t next_n = 0;
+                    const void *next_k = NULL;
+                    int64_t next_bytes = 0;
                     if (t == t1 - 1 && u + team < runs * nc) {
                         const int64_t un = u + team, rn = un / nc, cn = c0 + un % nc, pn = start + t0;
                         const int64_t ln = first_key(pn, window), bn = cn * KEY_CHUNK > ln ? cn * KEY_CHUNK : ln;
                         const int64_t en = (cn + 1) * KEY_CHUNK < pn + 1 ? (cn + 1) * KEY_CHUNK : pn + 1;
-                        if (bn < en) next_k = kcache + (kv_of_head[run_start[rn]] * ctx + bn) * hd, next_n = en - bn;
+                        if (bn < en) {
+                            next_k = cache_row(kcache, esize, kv_of_head[run_start[rn]], ctx, bn, hd);
+                            next_bytes = (en - bn) * hd * esize;
+                        }
                     }
-                    attend_chunk(q + (t * n_heads + h0) * hd, nh, kcache + (kv * ctx + b) * hd,
-                                 vcache + (kv * ctx + b) * hd, e - b, hd, scale, scores, part_m + slot,
-                                 part_l + slot, part_acc + slot * (size_t)hd, t == t0, next_k, next_n);
+                    /* the first row prefetches the chunk's values from the cache (widened ones are in L2) */
+                    attend_chunk(q + (t * n_heads + h0) * hd, nh, kf + (b - cb) * hd, vf + (b - cb) * hd, e - b, hd,
+                                 scale, scores, part_m + slot, part_l + slot, part_acc + slot * (size_t)hd,
+                                 t == t0 && !wide, next_k, next_bytes);
                 }
             }
             /* each (row, head): its chunks folded in order */
@@ -501,6 +530,7 @@ void tpk_attention(const float *q, const float *k, const float *v, int64_t T, in
             }
         }
         free(scores);
+        free(wide);
     }
     free(part_m);
     free(part_l);

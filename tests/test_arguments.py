@@ -103,6 +103,7 @@ def test_generate_refuses_float_prompt_ids(stories):
     (dict(threads=0), "threads=0"),
     (dict(weight_type="q3"), "weight_type='q3': expected one of auto, "),
     (dict(sync_type="f16"), "sync_type='f16'"),
+    (dict(kv_type="q8"), "kv_type='q8': expected one of f32, f16"),
     (dict(rank_weights=[1.0, 2.0]), "rank_weights=[1.0, 2.0]: expected 1 numbers"),
     (dict(rank_weights=[math.nan]), "rank_weights=nan"),
     (dict(shard_cache=""), "shard_cache=''"),

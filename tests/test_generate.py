@@ -100,7 +100,7 @@ def test_help_explains_the_flags():
     out = cli("--help")
     assert out.returncode == 0
     for flag in ("-m", "-p", "-n", "-t", "-c", "--temp", "--top-k", "--top-p", "--min-p", "-s", "-sys",
-                 "--weight-type", "--rank-weights", "--sync-type", "--stats", "mpirun"):
+                 "--weight-type", "--kv-type", "--rank-weights", "--sync-type", "--stats", "mpirun"):
         assert flag in out.stdout, flag
 
 
@@ -109,6 +109,13 @@ def test_cli_generates_to_stdout_and_summarises_to_stderr(stories_bin):
     assert out.returncode == 0, out.stderr
     assert out.stdout.rstrip("\n") == STORIES_TEXT
     assert "tokens/s" in out.stderr and "ms" in out.stderr
+
+
+def test_cli_runs_with_a_float16_kv_cache_and_says_so(stories_bin):
+    out = cli("-m", str(stories_bin), "-p", "Once upon a time", "--temp", "0", "-n", "20", "--kv-type", "f16")
+    assert out.returncode == 0, out.stderr
+    assert "f16 kv cache" in out.stderr                     # in the memory plan's heading
+    assert out.stdout.startswith("Once upon a time, there was a little girl")
 
 
 def test_cli_seed_reproducible(stories_bin):

@@ -1,6 +1,6 @@
 """The ARM64 kernels, tested on any host: kernels/test_tpk.c cross-compiled with
 aarch64-linux-gnu-gcc and run under qemu-aarch64 checks every ARM level against the scalar
-reference bit for bit (matmuls of every weight type, and the q80 quantizer).
+reference bit for bit (matmuls of every weight type, the q80 quantizer, float16 widening).
 
   armv8.2-a+dotprod build on `-cpu max`:        best level neon-dotprod (Raspberry Pi 5)
   plain armv8-a build on `-cpu cortex-a72`:     best level neon (Raspberry Pi 4)
@@ -65,5 +65,6 @@ def test_arm_levels_bit_identical(builds, build, cpu, expect, levels):
     assert f"levels tested: {' '.join(levels)}" in out, out
     assert "q80 quantizer at every level bit-identical to the reference: yes" in out, out
     assert "q41 q50 q4k q5k q6k at every level bit-identical to scalar: yes" in out, out
+    assert "float16 widening at every level bit-identical to the table: yes" in out, out
     assert "perturbed scale detected: yes" in out, out
     assert rc == 0 and out.rstrip().endswith("PASS"), out

@@ -179,3 +179,70 @@ def test_a_very_long_context_in_smaller_blocks_gives_the_same_bits():
         assert np.array_equal(one[0], chunk[t]), t
     want = attention_float64(q[:2], kc, vc, start, kv_of_head, scale)
     assert np.allclose(chunk[:2], want, rtol=1e-5, atol=2e-6)
+
+
+# ---------------------------------------------------------------- float16 KV cache (--kv-type f16)
+
+@pytest.fixture
+def best_level_afterwards():
+    yield
+    K.set_simd_level(K.best_simd_level())
+
+
+def test_widening_float16_at_every_level_is_numpys_exact_conversion(best_level_afterwards):
+    """All 65,536 half floats, at every SIMD level this CPU has: the value numpy gives (NaNs stay NaN)."""
+    bits = np.arange(65536, dtype=np.uint16)
+    want = bits.view(np.float16).astype(np.float32)
+    for level in K.supported_simd_levels():
+        K.set_simd_level(level)
+        got = K.widen_f16(bits)
+        nan = np.isnan(want)
+        assert np.array_equal(np.isnan(got), nan), level
+        assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32)), level
+
+
+def test_narrowing_to_float16_rounds_as_numpy_and_saturates():
+    """Round to nearest even as numpy does; beyond the largest half float (65504) the cache keeps
+    +-65504 where numpy gives +-inf (an infinite key would turn attention into NaN)."""
+    r = rng(7)
+    x = np.concatenate([r.standard_normal(4000) * 10.0 ** r.integers(-9, 5, 4000),
+                        [0.0, -0.0, 1e-8, -6e-8, 65504.0, 65519.0, 65520.0, 1e6, -1e6, np.inf, -np.inf]]).astype(np.float32)
+    got = K.narrow_f16(x).view(np.float16)
+    want = np.clip(x, -65504, 65504).astype(np.float16)
+    assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+    assert np.isnan(K.narrow_f16(np.array([np.nan], np.float32)).view(np.float16)).all()
+    with np.errstate(over="ignore"):
+        assert np.float32(65520.0).astype(np.float16) == np.inf    # numpy's own overflow, which the cache avoids
+
+
+@pytest.mark.parametrize("T,start,n_heads,n_kv,hd,window", [(1, 0, 4, 2, 64, 0), (1, 700, 8, 1, 64, 0),
+                                                            (5, 300, 8, 2, 128, 0), (9, 20, 6, 3, 24, 0),
+                                                            (40, 250, 8, 2, 64, 45), (1, 600, 4, 4, 40, 0)])
+def test_attention_over_a_float16_cache_is_the_float32_one_over_the_same_values(T, start, n_heads, n_kv, hd, window):
+    """An f16 cache stores the new keys and values rounded (numpy's float16 of them) and attends
+    over exactly those values: the same bits as the float32 cache holding the rounded values, at
+    1 and 2 threads, and the float64 result over them."""
+    q, k, v, kc, vc, kv_of_head = random_attention_case(T + start + hd, T, start, n_heads, n_kv, hd)
+    scale = np.float32(1 / np.sqrt(hd))
+    kc16, vc16 = kc.astype(np.float16), vc.astype(np.float16)
+    k16, v16 = k.astype(np.float16), v.astype(np.float16)
+    kc32, vc32 = kc16.astype(np.float32), vc16.astype(np.float32)
+    want = K.attention(q, k16.astype(np.float32), v16.astype(np.float32), kc32, vc32, start, kv_of_head, scale, 1,
+                       window)
+    for threads in (1, 2):
+        kc_, vc_ = kc16.copy(), vc16.copy()
+        got = K.attention(q, k, v, kc_, vc_, start, kv_of_head, scale, threads, window)
+        assert np.array_equal(got, want), threads
+        assert np.array_equal(kc_[:, start:start + T], k16.reshape(T, n_kv, hd).transpose(1, 0, 2))
+        assert np.array_equal(vc_[:, start:start + T], v16.reshape(T, n_kv, hd).transpose(1, 0, 2))
+    assert np.allclose(want, attention_float64(q, kc32, vc32, start, kv_of_head, scale, window), rtol=1e-5, atol=2e-6)
+
+
+def test_attention_refuses_caches_it_cannot_use():
+    q, k, v, kc, vc, kv_of_head = random_attention_case(1, 1, 4, 2, 1, 8)
+    scale = np.float32(0.5)
+    for bad, why in [(kc.astype(np.float64), "float32 or float16"), (np.asfortranarray(kc), "C-contiguous")]:
+        with pytest.raises(ValueError, match=why):
+            K.attention(q, k, v, bad, vc, 4, kv_of_head, scale)
+    with pytest.raises(ValueError, match="caches differ"):
+        K.attention(q, k, v, kc.astype(np.float16), vc, 4, kv_of_head, scale)

@@ -67,6 +67,17 @@ def test_stories_default_weight_type_text_identical_at_1_2_3_4_ranks(name):
         assert texts[k] == texts[1], f"{name} at {k} ranks: {texts[k]!r} vs 1 rank: {texts[1]!r}"
 
 
+def test_float16_kv_cache_text_identical_at_1_2_4_ranks(smollm2):
+    """Each rank rounds its own kv heads' keys and values alike, so the float16 cache keeps the
+    float64 sync's promise: the same greedy text at every rank count."""
+    prompt = "The three most important inventions of the last century are"
+    runs = {k: run_script(k, "greedy.py", smollm2, "auto", 48, prompt, "--kv-type", "f16", timeout=300)
+            for k in (1, 2, 4)}
+    assert {r["kv_dtype"] for r in runs.values()} == {"float16"}
+    assert len(runs[1]["tokens"]) == 48
+    assert runs[2]["tokens"] == runs[1]["tokens"] and runs[4]["tokens"] == runs[1]["tokens"]
+
+
 def test_head_size_48_q40_logits_equal_at_1_2_3_ranks(tiny_hf, tmp_path):
     """head size 48: at 3 ranks a rank's wo slice is 48 columns; wo is f32 at every rank count."""
     spec, directory, _ = tiny_hf("head48")

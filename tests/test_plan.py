@@ -194,6 +194,18 @@ def test_memory_plan_finds_the_host_that_does_not_fit():
     assert 256 <= ctx <= LLAMA2_7B.max_seq_len and ctx % 256 == 0 or ctx == LLAMA2_7B.max_seq_len
 
 
+def test_a_float16_kv_cache_needs_half_the_memory_and_fits_twice_the_context():
+    """--kv-type f16: 2 bytes a value instead of 4, by the formula (not by the code's own table)."""
+    plan = make_plan(LLAMA2_7B, 4)
+    hosts = ["pi1", "pi2", "pi3", "pi4"]
+    assert kv_bytes_per_token(LLAMA2_7B, plan[0], "f16") * 131072 == 2 * 2 * 32 * 8 * 128 * 131072
+    f32, f16 = (rank_memory(plan, "q40", 8192, hosts, [8 * 2**30] * 4, kv_type=t) for t in ("f32", "f16"))
+    assert [m.kv_cache for m in f32] == [2 * m.kv_cache for m in f16]
+    small = [int(1.6 * 2**30)] * 4     # room for a little over a thousand positions beside the weights
+    ctx32, ctx16 = (max_context(plan, "q40", hosts, small, kv_type=t) for t in ("f32", "f16"))
+    assert 256 <= ctx32 < LLAMA2_7B.max_seq_len and 1.8 * ctx32 <= ctx16 <= 2 * ctx32 + 256
+
+
 def run_plan_cli(*args):
     import subprocess
     import sys
@@ -210,6 +222,17 @@ def test_plan_command_prints_the_split_and_the_memory_table(stories_bin):
     rows = [line.split() for line in out.stdout.splitlines() if line.strip().startswith(("0 ", "1 "))]
     assert len(rows) >= 4                              # two split rows and two memory rows
     assert "2 x 5 layers x 64 values x 8 bytes" in out.stdout   # per-token traffic formula (f64 sync)
+
+
+def test_plan_command_plans_a_float16_kv_cache(smollm2):
+    """The default model at 4096 positions: 30 layers x 3 kv heads x 64 values x 4096, keys and
+    values: 180 MiB in float32, 90 MiB in float16."""
+    outs = [run_plan_cli("-m", str(smollm2), "-c", "4096", "--host-memory", "4G", *extra)
+            for extra in ((), ("--kv-type", "f16"))]
+    assert all(o.returncode == 0 for o in outs), [o.stderr for o in outs]
+    assert "f16 kv cache" in outs[1].stdout and "f16 kv cache" not in outs[0].stdout
+    kv = [next(line.split()[3] for line in o.stdout.splitlines() if line.split()[:2] == ["0", "host0"]) for o in outs]
+    assert kv == ["180", "90"]
 
 
 def test_plan_command_says_which_host_does_not_fit(smollm2):

@@ -37,6 +37,7 @@ from . import checks  # noqa: E402
 from .console import LAUNCHERS  # noqa: E402  (mpirun's process names: a rank beside mpirun is its child)
 from .errors import TpllamaError  # noqa: E402
 from .parallel import SYNC_TYPES  # noqa: E402
+from .plan import DEFAULT_KV_TYPE, KV_TYPES  # noqa: E402
 from .sampler import DEFAULT_MAX_NEW_TOKENS, SamplingParams, settings  # noqa: E402
 from .wtypes import WEIGHT_TYPE_CHOICES  # noqa: E402
 
@@ -85,6 +86,10 @@ def add_model_args(p: argparse.ArgumentParser):
                         "Matrices whose slices cannot be whole blocks of 32 run in f32 at every rank count")
     g.add_argument("-t", "--threads", type=int, default=None,
                    help="kernel threads per rank, at least 1 (default: this host's cores divided by its ranks)")
+    g.add_argument("--kv-type", choices=list(KV_TYPES), default=DEFAULT_KV_TYPE,
+                   help="how the KV cache keeps keys and values: f32 (default) keeps what the model computes; "
+                        "f16 rounds them to float16, halving the cache's memory (twice the context in the same "
+                        "memory) and what long contexts read per token; the logits then differ slightly")
     p_ = p.add_argument_group("cluster")
     p_.add_argument("--rank-weights", default=None,
                     help="relative speed of each rank, e.g. 2,1,1: faster ranks get more heads, FFN blocks and vocab; "
@@ -166,7 +171,7 @@ def _world_size() -> int:
 
 def load_options(args) -> dict:
     return dict(weight_type=args.weight_type, ctx_size=args.ctx_size, threads=args.threads,
-                rank_weights=args.rank_weights, sync_type=args.sync_type, tokenizer=args.tokenizer,
+                rank_weights=args.rank_weights, sync_type=args.sync_type, kv_type=args.kv_type, tokenizer=args.tokenizer,
                 shard_cache=False if args.no_shard_cache else (True if args.shard_cache is None else args.shard_cache),
                 mmap=args.mmap, weights_from_root=args.weights_from_root, overlap=args.overlap,
                 verbose=not args.quiet)

@@ -27,8 +27,8 @@ from .generation import Generation  # noqa: F401  (tpllama.Generation, engine.Ge
 from .loader import load_rank_weights
 from .model import RankModel, row_groups
 from .parallel import Parallel, world_size
-from .plan import (PREFILL_CHUNK, format_memory_table, format_split, host_shortfalls, make_plan, max_context,
-                   parse_rank_weights, rank_memory, weight_bytes)
+from .plan import (KV_TYPES, PREFILL_CHUNK, format_memory_table, format_split, host_shortfalls, make_plan,
+                   max_context, parse_rank_weights, rank_memory, weight_bytes)
 from .simd import SIMD_ENV, choose_simd_level
 from .speedprobe import matvec_speed, probe_type, weights_from_speeds
 from .sampler import DEFAULT_MAX_NEW_TOKENS, SamplingParams
@@ -54,6 +54,7 @@ class LoadOptions:
     threads: Optional[int] = None     # kernel threads per rank; None: this host's cores / its ranks
     rank_weights: Optional[Union[str, Sequence[float]]] = None   # e.g. "2,1,1": shares of the work; "auto": measured
     sync_type: str = "f64"            # payload of the per-layer all-reduces: f64 (same text at any rank count) | f32 | bf16 | q80
+    kv_type: str = "f32"              # KV cache values: f32 (what the model computes) | f16 (half the memory, rounded)
     tokenizer: Optional[str] = None   # tokenizer file when the model has none; "none": load no tokenizer
     shard_cache: Union[bool, str] = True   # True: $TPLLAMA_SHARD_CACHE or ~/.cache/tpllama/shards; a folder; False: off
     mmap: Optional[bool] = None       # True: run layer by layer from mapped shard files; False: read found ones into
@@ -69,6 +70,7 @@ class LoadOptions:
         try:
             checks.choice("weight_type", self.weight_type, WEIGHT_TYPE_CHOICES)
             checks.choice("sync_type", self.sync_type, SYNC_TYPES)
+            checks.choice("kv_type", self.kv_type, KV_TYPES)
             checks.optional_positive("ctx_size", self.ctx_size, "the model's context")
             checks.optional_positive("parallel", self.parallel, "as many sequences as fit in memory, at most "
                                      f"{MAX_DEFAULT_PARALLEL}")
@@ -172,7 +174,7 @@ class Model:
             _progress_done(par)
         _log(par, f"tpllama: rank 0 loaded {weights.nbytes / 2**20:,.1f} MiB of weights "
                                 f"in {time.perf_counter() - t_load:.1f} s; context {self.ctx}, {self.threads} thread(s) per rank")
-        self.rank_model = par.together(lambda: RankModel(weights, self.ctx, self.slots))
+        self.rank_model = par.together(lambda: RankModel(weights, self.ctx, self.slots, opts.kv_type))
         self.history: List[int] = []      # tokens whose keys and values are in the cache, in order
         self._vocab_counts = [len(s.vocab) for s in self.plan.ranks]
         self._finish_reason = "stop"
@@ -262,7 +264,8 @@ class Model:
             ctx = opts.ctx_size
         else:
             # below 256 positions nothing useful fits: plan for 256 and let the shortfall report say what is missing
-            ctx = max(min(c.max_seq_len, max_context(self.plan, types, hosts, available, mapped=mapped, slots=slots)),
+            ctx = max(min(c.max_seq_len, max_context(self.plan, types, hosts, available, mapped=mapped, slots=slots,
+                                                     kv_type=opts.kv_type)),
                       min(256, c.max_seq_len))
             if ctx < c.max_seq_len:
                 _log(par, f"tpllama: context capped to {ctx} of the model's {c.max_seq_len} so the KV cache fits "
@@ -270,8 +273,8 @@ class Model:
         if opts.parallel is None:
             slots = self._slots_that_fit(ctx, hosts, available, mapped)
         self.slots = slots
-        mem = rank_memory(self.plan, types, ctx, hosts, available, mapped, slots)
-        _log(par, format_memory_table(mem, ctx, types, mapped, slots))
+        mem = rank_memory(self.plan, types, ctx, hosts, available, mapped, slots, opts.kv_type)
+        _log(par, format_memory_table(mem, ctx, types, mapped, slots, opts.kv_type))
         short = host_shortfalls(mem)
         if short:
             host, ranks, missing = short[0]
@@ -286,7 +289,8 @@ class Model:
     def _slots_that_fit(self, ctx: int, hosts, available, mapped: bool) -> int:
         """parallel=None: the most sequences (at most MAX_DEFAULT_PARALLEL) whose KV caches fit at ctx."""
         for slots in range(MAX_DEFAULT_PARALLEL, 1, -1):
-            if not host_shortfalls(rank_memory(self.plan, self.types, ctx, hosts, available, mapped, slots)):
+            if not host_shortfalls(rank_memory(self.plan, self.types, ctx, hosts, available, mapped, slots,
+                                               self.options.kv_type)):
                 return slots
         return 1
 
@@ -295,7 +299,7 @@ class Model:
         default, when they do not fit in memory but would mapped (saying so)."""
         opts, c = self.options, self.config
         mapped, why = choose_mapped(self.plan, self.types, opts.ctx_size or min(256, c.max_seq_len), hosts, available,
-                                    opts.mmap, shard_folder(opts.shard_cache) is not None)
+                                    opts.mmap, shard_folder(opts.shard_cache) is not None, opts.kv_type)
         if why:
             _log(self.par, f"tpllama: the weights do not fit in memory (host {why[0]} is {why[1] / 2**20:,.0f} MiB "
                            "short): running from memory-mapped shard files (as --mmap), as fast as the disk reads them",
@@ -618,7 +622,7 @@ def _rank_weights(value, world_size: int):
 def load(path: Optional[str] = None, comm=None, **options) -> Model:
     """Load a model over `comm` (default MPI.COMM_WORLD); collective. path None: the default model.
 
-    Options are LoadOptions' fields: weight_type, ctx_size, threads, rank_weights, sync_type,
+    Options are LoadOptions' fields: weight_type, ctx_size, threads, rank_weights, sync_type, kv_type,
     tokenizer, verbose."""
     if path is None:
         from .fetch import default_model_path

@@ -21,6 +21,7 @@ import numpy as np
 from .config import ModelConfig
 from .matrix import Activation, Matrix, matmul_all
 from .memory import lazy_zeros
+from .plan import KV_TYPES
 from .weights import LayerWeights, RankWeights
 from . import _kernels as K
 
@@ -54,20 +55,18 @@ class KVCache:
     resident only as positions are written (lazy_zeros), so unused slot space costs address
     space, not memory."""
 
-    def __init__(self, config: ModelConfig, n_local_kv_heads: int, ctx: int, slots: int = 1):
+    def __init__(self, config: ModelConfig, n_local_kv_heads: int, ctx: int, slots: int = 1, kv_type: str = "f32"):
         shape = (slots, config.n_layers, n_local_kv_heads, ctx, config.head_dim)
-        self.k = lazy_zeros(shape)   # (slots, layers, local_kv_heads, ctx, head_dim); resident as it fills
-        self.v = lazy_zeros(shape)
+        dtype = KV_TYPES[kv_type]    # f16: keys and values rounded to float16 as they are stored
+        self.k = lazy_zeros(shape, dtype)   # (slots, layers, local_kv_heads, ctx, head_dim); resident as it fills
+        self.v = lazy_zeros(shape, dtype)
+        self.kv_type = kv_type
         self.ctx = ctx
         self.slots = slots
 
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
-
-    @staticmethod
-    def bytes_needed(config: ModelConfig, n_local_kv_heads: int, ctx: int, slots: int = 1) -> int:
-        return 2 * 4 * config.n_layers * n_local_kv_heads * ctx * config.head_dim * slots
 
 
 @dataclass(frozen=True)
@@ -144,12 +143,12 @@ def silu_mul(gate: np.ndarray, up: np.ndarray, threads: int = 1) -> np.ndarray:
 class RankModel:
     """One rank's share of the model: its weights, its KV cache, and the forward pass over them."""
 
-    def __init__(self, weights: RankWeights, ctx: int, slots: int = 1):
+    def __init__(self, weights: RankWeights, ctx: int, slots: int = 1, kv_type: str = "f32"):
         self.w = weights
         self.config = c = weights.config
         self.threads = weights.threads
         shard = weights.shard
-        self.cache = KVCache(c, len(shard.kv_heads), ctx, slots)
+        self.cache = KVCache(c, len(shard.kv_heads), ctx, slots, kv_type)
         self.inv_freq = c.rope_frequencies()
         self.scale = np.float32(1.0 / np.sqrt(c.head_dim))
         # the local kv head that each local query head reads

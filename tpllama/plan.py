@@ -35,6 +35,16 @@ from .typeplan import TypePlan, choose_types, ffn_unit, uniform_types
 from .wtypes import WEIGHT_TYPE_CHOICES, runtime_bytes, weight_type
 
 
+# --kv-type: how the KV cache keeps keys and values -> the numpy dtype it is. f32 (the default)
+# keeps what the model computes; f16 halves the cache's memory and the bytes long contexts read.
+KV_TYPES = {"f32": "float32", "f16": "float16"}
+DEFAULT_KV_TYPE = "f32"
+
+
+def kv_value_bytes(kv_type: str) -> int:
+    return 2 if kv_type == "f16" else 4
+
+
 @dataclass(frozen=True)
 class RankSlice:
     rank: int
@@ -220,9 +230,9 @@ def output_bytes(config: ModelConfig, shard: RankSlice, types: Types) -> int:
     return matrix_bytes(len(shard.vocab), config.dim, tp.runtime(name))
 
 
-def kv_bytes_per_token(config: ModelConfig, shard: RankSlice) -> int:
-    """KV cache bytes per context position on this rank (float32 keys and values)."""
-    return 2 * 4 * config.n_layers * len(shard.kv_heads) * config.head_dim
+def kv_bytes_per_token(config: ModelConfig, shard: RankSlice, kv_type: str = DEFAULT_KV_TYPE) -> int:
+    """KV cache bytes per context position on this rank (keys and values of kv_type)."""
+    return 2 * kv_value_bytes(kv_type) * config.n_layers * len(shard.kv_heads) * config.head_dim
 
 
 def buffer_bytes(config: ModelConfig, shard: RankSlice, ctx: int) -> int:
@@ -249,11 +259,11 @@ class RankMemory:
 
 
 def rank_memory(plan: ShardPlan, types: Types, ctx: int, hosts: Sequence[str], available: Sequence[int],
-                mapped: bool = False, slots: int = 1) -> List[RankMemory]:
+                mapped: bool = False, slots: int = 1, kv_type: str = DEFAULT_KV_TYPE) -> List[RankMemory]:
     """Each rank's memory at context ctx; slots: sequences the KV cache holds at once (each ctx long)."""
     c = plan.config
     return [RankMemory(rank=s.rank, host=hosts[s.rank], weights=weight_bytes(c, s, types, mapped),
-                       kv_cache=slots * ctx * kv_bytes_per_token(c, s), buffers=buffer_bytes(c, s, ctx),
+                       kv_cache=slots * ctx * kv_bytes_per_token(c, s, kv_type), buffers=buffer_bytes(c, s, ctx),
                        overhead=RUNTIME_OVERHEAD, host_available=available[s.rank])
             for s in plan.ranks]
 
@@ -270,7 +280,7 @@ def host_shortfalls(mem: Sequence[RankMemory]) -> List[Tuple[str, List[int], int
 
 
 def max_context(plan: ShardPlan, types: Types, hosts: Sequence[str], available: Sequence[int],
-                fraction: float = 0.9, mapped: bool = False, slots: int = 1) -> int:
+                fraction: float = 0.9, mapped: bool = False, slots: int = 1, kv_type: str = DEFAULT_KV_TYPE) -> int:
     """The longest context (a multiple of 256, at most the model's) whose KV caches (of `slots`
     sequences) fit every host."""
     c = plan.config
@@ -279,18 +289,19 @@ def max_context(plan: ShardPlan, types: Types, hosts: Sequence[str], available: 
         ranks = [s for s in plan.ranks if hosts[s.rank] == host]
         budget = fraction * available[ranks[0].rank] - sum(
             weight_bytes(c, s, types, mapped) + RUNTIME_OVERHEAD + buffer_bytes(c, s, 0) for s in ranks)
-        per_token = sum(slots * kv_bytes_per_token(c, s) + 4 * 2 * c.kv_group * PREFILL_CHUNK for s in ranks)
+        per_token = sum(slots * kv_bytes_per_token(c, s, kv_type) + 4 * 2 * c.kv_group * PREFILL_CHUNK for s in ranks)
         best = min(best, int(budget // per_token) if budget > 0 else 0)
     return best if best >= c.max_seq_len else (best // 256) * 256
 
 
 def format_memory_table(mem: Sequence[RankMemory], ctx: int, types: Optional[TypePlan] = None,
-                        mapped: bool = False, slots: int = 1) -> str:
+                        mapped: bool = False, slots: int = 1, kv_type: str = DEFAULT_KV_TYPE) -> str:
     """The per-rank memory table; with `types`, a first line says the runtime type of each kind of matrix."""
     mib = lambda b: f"{b / 2**20:,.0f}"
     lines = [types.summary()] if types is not None else []
     where = "; weights: two layers and the output slice of the mapped shard files" if mapped else ""
     sequences = f", kv cache for {slots} sequences" if slots > 1 else ""
+    sequences += f", {kv_type} kv cache" if kv_type != DEFAULT_KV_TYPE else ""
     lines += [f"memory plan at context {ctx}{sequences} (MiB{where}):",
              f"{'rank':>4} {'host':<16} {'weights':>9} {'kv cache':>9} {'buffers':>8} {'runtime':>8} {'total':>9} {'host free':>10}"]
     for m in mem:
@@ -380,6 +391,8 @@ def main(argv=None) -> int:
                         "tpllama has kernels for it, else a finer one)")
     p.add_argument("--sync-type", choices=SYNC_TYPES, default=DEFAULT_SYNC_TYPE,
                    help=f"payload of the all-reduces, as the runtime's --sync-type (default {DEFAULT_SYNC_TYPE})")
+    p.add_argument("--kv-type", choices=list(KV_TYPES), default=DEFAULT_KV_TYPE,
+                   help=f"KV cache values, as the runtime's --kv-type (default {DEFAULT_KV_TYPE})")
     p.add_argument("--rank-weights", default=None, help="relative speeds, e.g. 2,1,1")
     p.add_argument("--host-memory", default=None,
                    help="memory available on each rank's host, e.g. 8G or 8G,4G,4G,4G (default: this machine's available memory)")
@@ -406,8 +419,9 @@ def main(argv=None) -> int:
     types = choose_types(reader, args.weight_type)
     folder = None if args.no_shard_cache else os.path.expanduser(args.shard_cache) if args.shard_cache else shard_cache_dir()
     mapped, why_mapped = choose_mapped(plan, types, args.ctx_size or min(256, c.max_seq_len), hosts, sizes,
-                                       args.mmap, folder is not None)
-    ctx = args.ctx_size or min(c.max_seq_len, max_context(plan, types, hosts, sizes, mapped=mapped, slots=args.parallel))
+                                       args.mmap, folder is not None, args.kv_type)
+    ctx = args.ctx_size or min(c.max_seq_len, max_context(plan, types, hosts, sizes, mapped=mapped, slots=args.parallel,
+                                                          kv_type=args.kv_type))
     if ctx < 1:
         _too_little_memory(plan, types, args, hosts, sizes)
     ffn = f"{c.n_experts} experts of FFN {c.hidden_dim}, {c.n_experts_used} per token" if c.moe else f"FFN {c.hidden_dim}"
@@ -416,13 +430,13 @@ def main(argv=None) -> int:
     if c.moe:
         print(_expert_split_line(c))
     print(format_split(plan))
-    mem = rank_memory(plan, types, ctx, hosts, sizes, mapped, slots=args.parallel)
+    mem = rank_memory(plan, types, ctx, hosts, sizes, mapped, slots=args.parallel, kv_type=args.kv_type)
     if types.lowered():
         print(types.lowered())
     if why_mapped:
         print(f"the weights do not fit in memory ({why_mapped[0]} is {why_mapped[1] / 2**20:,.0f} MiB short): "
               "they run mapped from the shard files (as --mmap)")
-    print(format_memory_table(mem, ctx, types, mapped, slots=args.parallel))
+    print(format_memory_table(mem, ctx, types, mapped, slots=args.parallel, kv_type=args.kv_type))
     print(startplan_table(rank_starts(reader, plan, types, ctx, hosts, sizes, folder, mapped,
                                       _remote_ranks(args.remote_ranks, args.ranks), map_found=args.mmap is not False),
                           folder, mapped))
@@ -467,7 +481,7 @@ def _traffic_line(c: ModelConfig, sync_type: str, ranks: int) -> str:
 def _too_little_memory(plan: ShardPlan, types: TypePlan, args, hosts: List[str], sizes: List[int]) -> None:
     """No context fits: say which host falls short at the smallest context the runtime plans."""
     smallest = min(256, plan.config.max_seq_len)
-    short = host_shortfalls(rank_memory(plan, types, smallest, hosts, sizes, slots=args.parallel))
+    short = host_shortfalls(rank_memory(plan, types, smallest, hosts, sizes, slots=args.parallel, kv_type=args.kv_type))
     host, ranks, missing = short[0] if short else (hosts[0], [0], 0)
     raise TpllamaError(f"--host-memory {args.host_memory or '(this machine)'}: too small for even a context of "
                        f"{smallest}: rank {ranks[0]} needs {missing / 2**20:,.0f} MiB more than {host} has; "

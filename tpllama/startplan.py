@@ -29,13 +29,13 @@ class RankStart:
 
 
 def choose_mapped(plan: ShardPlan, types, ctx: int, hosts: Sequence[str], available: Sequence[int],
-                  mmap: Optional[bool], cache_on: bool) -> Tuple[bool, Optional[Tuple[str, int]]]:
+                  mmap: Optional[bool], cache_on: bool, kv_type: str = "f32") -> Tuple[bool, Optional[Tuple[str, int]]]:
     """Whether the weights run mapped: as asked (mmap True/False), or by default when they do not
     fit in memory but would mapped; with the (host, bytes missing) that made it so."""
     if mmap is not None or not cache_on:
         return bool(mmap), None
-    short = host_shortfalls(rank_memory(plan, types, ctx, hosts, available))
-    if not short or host_shortfalls(rank_memory(plan, types, ctx, hosts, available, mapped=True)):
+    short = host_shortfalls(rank_memory(plan, types, ctx, hosts, available, kv_type=kv_type))
+    if not short or host_shortfalls(rank_memory(plan, types, ctx, hosts, available, mapped=True, kv_type=kv_type)):
         return False, None
     host, _, missing = short[0]
     return True, (host, missing)

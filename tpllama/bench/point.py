@@ -60,7 +60,7 @@ def run_point(model, pp: int, tg: int, reps: int, seed: int = 0) -> dict:
         "sent_kb_per_token": [med("sent_bytes_per_token", r) / 1024 for r in range(len(per_rank))],
         "recv_kb_per_token": [med("recv_bytes_per_token", r) / 1024 for r in range(len(per_rank))],
         "peak_rss_mib": [b / 2**20 for b in rss],
-        "weight_type": model.options.weight_type, "sync_type": model.par.sync_type,
+        "weight_type": model.options.weight_type, "sync_type": model.par.sync_type, "kv_type": model.options.kv_type,
         "model": model.config.name, "rank_speeds_GBps": model.rank_speeds, "split_weights": list(model.plan.weights),
         "ffn_units": [len(s.ffn) for s in model.plan.ranks],
         "simd_levels": [level for level, _ in model.simd_levels],
@@ -127,7 +127,7 @@ def run_long_context(model, pp: int, ctx_pos: int, tg: int, short_pos: int = 100
     near_ctx = _decode_at(model, tg, rng)
     out = {"ranks": model.par.size, "threads": model.threads, "pp": pp, "tg": tg,
            "pp_tokens_per_s": pp / prefill["seconds"], "pp_attention_share": prefill["attention_seconds"] / prefill["seconds"],
-           "decode": [near_short, near_pp, near_ctx], "model": model.config.name}
+           "decode": [near_short, near_pp, near_ctx], "model": model.config.name, "kv_type": model.options.kv_type}
     return out if model.par.is_root else {}
 
 
