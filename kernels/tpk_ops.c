@@ -333,7 +333,7 @@ INLINE float exp_and_sum(float *s, int64_t n, float mx) {
  * lanes by key, then hsum8), acc = sum of exp(score - m) * value. scores: nh * KEY_CHUNK.
  * Memory is read while this computes (from memory the chunk otherwise waits about as long
  * as it computes): the scores prefetch this chunk's values (when prefetch_v), the weighted
- * values the next chunk's keys next_k (next_n keys; NULL: none). */
+ * values the next chunk's keys next_k (next_bytes of them; NULL: none). */
 INLINE void attend_chunk_hd(const float *q, int64_t nh, const float *K, const float *V, int64_t n, int64_t hd,
                             float scale, float *scores, float *m, float *l, float *acc, int prefetch_v,
                             const void *next_k, int64_t next_bytes) {

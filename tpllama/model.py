@@ -60,7 +60,6 @@ class KVCache:
         dtype = KV_TYPES[kv_type]    # f16: keys and values rounded to float16 as they are stored
         self.k = lazy_zeros(shape, dtype)   # (slots, layers, local_kv_heads, ctx, head_dim); resident as it fills
         self.v = lazy_zeros(shape, dtype)
-        self.kv_type = kv_type
         self.ctx = ctx
         self.slots = slots
 

@@ -42,7 +42,7 @@ DEFAULT_KV_TYPE = "f32"
 
 
 def kv_value_bytes(kv_type: str) -> int:
-    return 2 if kv_type == "f16" else 4
+    return int(KV_TYPES[kv_type].removeprefix("float")) // 8
 
 
 @dataclass(frozen=True)
