@@ -117,15 +117,45 @@ cdef int64_t _blocks(int64_t n) except -1:
     return n // TPK_QK
 
 
-def quantize_q80(const float[:, ::1] x):
+# The hot per-step wrappers take numpy arrays and read their pointers after these checks
+# (typed memoryviews cost about 0.6 us an argument: 1.8 of an rmsnorm's 2.2 us, some 0.7 ms of a
+# SmolLM2 decode step).
+_DTYPE_NAMES = {cnp.NPY_FLOAT32: "float32", cnp.NPY_FLOAT64: "float64", cnp.NPY_UINT8: "uint8",
+                cnp.NPY_INT32: "int32", cnp.NPY_FLOAT16: "float16"}
+
+
+cdef cnp.ndarray _arr(obj, int typenum, int ndim, str what, bint writable=False):
+    """obj as a C-contiguous ndarray of that type and dimension count (writable if asked), or ValueError."""
+    if (not isinstance(obj, np.ndarray) or cnp.PyArray_TYPE(<cnp.ndarray>obj) != typenum
+            or cnp.PyArray_NDIM(<cnp.ndarray>obj) != ndim or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>obj)):
+        raise ValueError(f"{what} must be a C-contiguous {ndim}-d {_DTYPE_NAMES[typenum]} array")
+    if writable and not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>obj):
+        raise ValueError(f"{what} must be writable")
+    return <cnp.ndarray>obj
+
+
+cdef inline int64_t _dim(cnp.ndarray a, int i):
+    return cnp.PyArray_DIM(a, i)
+
+
+cdef inline cnp.ndarray _empty2(int64_t rows, int64_t cols, int typenum):
+    cdef cnp.npy_intp dims[2]
+    dims[0] = rows
+    dims[1] = cols
+    return cnp.PyArray_EMPTY(2, dims, typenum, 0)
+
+
+def quantize_q80(x_array):
     """float32 (rows, n) -> q80 blocks (rows, n/32*34), bit-identical to GGML Q8_0."""
-    cdef int64_t rows = x.shape[0], n = x.shape[1], nb = _blocks(n), r
-    out = np.empty((rows, nb * TPK_Q80_BYTES), dtype=np.uint8)
-    cdef uint8_t[:, ::1] o = out
+    cdef cnp.ndarray x = _arr(x_array, cnp.NPY_FLOAT32, 2, "quantize_q80: x")
+    cdef int64_t rows = _dim(x, 0), n = _dim(x, 1), nb = _blocks(n), r
+    cdef cnp.ndarray out = _empty2(rows, nb * TPK_Q80_BYTES, cnp.NPY_UINT8)
+    cdef const float *xp = <const float *>cnp.PyArray_DATA(x)
+    cdef uint8_t *op = <uint8_t *>cnp.PyArray_DATA(out)
     if rows and nb:
         with nogil:
             for r in range(rows):
-                tpk_quantize_q80(&x[r, 0], <tpk_block_q80 *>&o[r, 0], n)
+                tpk_quantize_q80(xp + r * n, <tpk_block_q80 *>(op + r * nb * TPK_Q80_BYTES), n)
     return out
 
 
@@ -279,40 +309,34 @@ def unpack(str wtype, const uint8_t[::1] packed, int64_t rows, int64_t nb):
     return out
 
 
-def matmul_packed(str wtype, const uint8_t[::1] wp, int64_t rows, int64_t nb, const uint8_t[:, ::1] xq,
-                  out_array, int nthreads=1):
+def matmul_packed(str wtype, wp_array, int64_t rows, int64_t nb, xq_array, out_array, int nthreads=1):
     """out[t, r] = dot(w row r, xq row t): wp packed (rows x nb blocks of 32), xq (ntok, nb*34) q80,
     out (ntok, >= rows), row stride out.shape[1]: float32, or float64 for rows accumulated in
     float64 (row-parallel partial sums). Returns out."""
-    cdef float[:, ::1] out
-    cdef double[:, ::1] out64
-    cdef int64_t ntok = xq.shape[0], ncols, ldy
     cdef int t = _type_id(wtype)
-    cdef bint f64 = out_array.dtype == np.float64
-    cdef void *y
-    if f64:
-        out64 = out_array
-        ncols, ldy = out64.shape[1], out64.shape[1]
-    else:
-        out = out_array
-        ncols, ldy = out.shape[1], out.shape[1]
-    if wp.shape[0] != tpk_packed_bytes(t, rows, nb):
+    cdef cnp.ndarray wp = _arr(wp_array, cnp.NPY_UINT8, 1, "matmul_packed: weights")
+    cdef cnp.ndarray xq = _arr(xq_array, cnp.NPY_UINT8, 2, "matmul_packed: activations")
+    cdef bint f64 = isinstance(out_array, np.ndarray) and cnp.PyArray_TYPE(<cnp.ndarray>out_array) == cnp.NPY_FLOAT64
+    cdef cnp.ndarray out = _arr(out_array, cnp.NPY_FLOAT64 if f64 else cnp.NPY_FLOAT32, 2, "matmul_packed: out",
+                                writable=True)
+    cdef int64_t ntok = _dim(xq, 0), ldy = _dim(out, 1)
+    if _dim(wp, 0) != tpk_packed_bytes(t, rows, nb):
         raise ValueError("matmul_packed: weights do not match rows and blocks")
-    if xq.shape[1] != nb * TPK_Q80_BYTES or out_array.shape[0] != ntok or ncols < rows:
+    if _dim(xq, 1) != nb * TPK_Q80_BYTES or _dim(out, 0) != ntok or ldy < rows:
         raise ValueError("matmul_packed: shapes do not match")
+    cdef const uint8_t *w = <const uint8_t *>cnp.PyArray_DATA(wp)
+    cdef const tpk_block_q80 *x = <const tpk_block_q80 *>cnp.PyArray_DATA(xq)
+    cdef void *y = cnp.PyArray_DATA(out)
     if rows and ntok:
-        y = <void *>&out64[0, 0] if f64 else <void *>&out[0, 0]
         with nogil:
-            tpk_matmul_packed(t, &wp[0] if nb else NULL, rows, nb, <const tpk_block_q80 *>&xq[0, 0] if nb else NULL,
-                              ntok, y, ldy, f64, nthreads)
+            tpk_matmul_packed(t, w if nb else NULL, rows, nb, x if nb else NULL, ntok, y, ldy, f64, nthreads)
     return out_array
 
 
 DEF MAX_MANY = 8
 
 
-def matmul_packed_many(str wtype, list weights, list rows_list, int64_t nb, const uint8_t[:, ::1] xq, list outs,
-                       int nthreads=1):
+def matmul_packed_many(str wtype, list weights, list rows_list, int64_t nb, xq_array, list outs, int nthreads=1):
     """matmul_packed for up to 8 matrices of the same type and input width reading the same xq,
     in one parallel region. weights[i]: packed, rows_list[i]: its rows, outs[i]: (ntok, >= rows)."""
     cdef int n = len(weights), i
@@ -320,26 +344,27 @@ def matmul_packed_many(str wtype, list weights, list rows_list, int64_t nb, cons
     cdef int64_t rows[MAX_MANY]
     cdef int64_t ldy[MAX_MANY]
     cdef float *y[MAX_MANY]
-    cdef const uint8_t[::1] w
-    cdef float[:, ::1] o
-    cdef int64_t ntok = xq.shape[0]
+    cdef cnp.ndarray w, o
     cdef int t = _type_id(wtype)
+    cdef cnp.ndarray xq = _arr(xq_array, cnp.NPY_UINT8, 2, "matmul_packed_many: activations")
+    cdef int64_t ntok = _dim(xq, 0)
     if n > MAX_MANY or len(rows_list) != n or len(outs) != n:
         raise ValueError("matmul_packed_many: up to 8 matrices, with as many row counts and outputs")
-    if xq.shape[1] != nb * TPK_Q80_BYTES:
+    if _dim(xq, 1) != nb * TPK_Q80_BYTES:
         raise ValueError("matmul_packed_many: activations do not match the input width")
     for i in range(n):
-        w = weights[i]
-        o = outs[i]
+        w = _arr(weights[i], cnp.NPY_UINT8, 1, f"matmul_packed_many: weights {i}")
+        o = _arr(outs[i], cnp.NPY_FLOAT32, 2, f"matmul_packed_many: out {i}", writable=True)
         rows[i] = rows_list[i]
-        if w.shape[0] != tpk_packed_bytes(t, rows[i], nb) or o.shape[0] != ntok or o.shape[1] < rows[i]:
+        if _dim(w, 0) != tpk_packed_bytes(t, rows[i], nb) or _dim(o, 0) != ntok or _dim(o, 1) < rows[i]:
             raise ValueError(f"matmul_packed_many: matrix {i} does not match")
-        wp[i] = &w[0] if w.shape[0] else NULL
-        y[i] = &o[0, 0] if o.shape[0] and o.shape[1] else NULL
-        ldy[i] = o.shape[1]
+        wp[i] = <const uint8_t *>cnp.PyArray_DATA(w) if _dim(w, 0) else NULL
+        y[i] = <float *>cnp.PyArray_DATA(o) if _dim(o, 0) and _dim(o, 1) else NULL
+        ldy[i] = _dim(o, 1)
     if ntok and nb:
         with nogil:
-            tpk_matmul_packed_many(t, n, wp, rows, nb, <const tpk_block_q80 *>&xq[0, 0], ntok, y, ldy, nthreads)
+            tpk_matmul_packed_many(t, n, wp, rows, nb, <const tpk_block_q80 *>cnp.PyArray_DATA(xq), ntok, y, ldy,
+                                   nthreads)
     elif ntok:
         for i in range(n):
             outs[i][:, :rows[i]] = 0
@@ -394,83 +419,106 @@ def stream_sum(const float[::1] x, int nthreads=1):
 
 # ---------------------------------------------------------------- fused float32 layer steps
 
-def rmsnorm(const float[:, ::1] x, const float[::1] w, float eps, int nthreads=1):
+def rmsnorm(x_array, w_array, float eps, int nthreads=1):
     """(T, n) -> (T, n) float32: x / sqrt(mean(x^2) + eps) * w."""
-    cdef int64_t T = x.shape[0], n = x.shape[1]
-    if w.shape[0] != n:
+    cdef cnp.ndarray x = _arr(x_array, cnp.NPY_FLOAT32, 2, "rmsnorm: x")
+    cdef cnp.ndarray w = _arr(w_array, cnp.NPY_FLOAT32, 1, "rmsnorm: weight")
+    cdef int64_t T = _dim(x, 0), n = _dim(x, 1)
+    if _dim(w, 0) != n:
         raise ValueError("rmsnorm: weight length does not match")
-    out = np.empty((T, n), dtype=np.float32)
-    cdef float[:, ::1] o = out
+    cdef cnp.ndarray out = _empty2(T, n, cnp.NPY_FLOAT32)
+    cdef const float *xp = <const float *>cnp.PyArray_DATA(x)
+    cdef const float *wp = <const float *>cnp.PyArray_DATA(w)
+    cdef float *op = <float *>cnp.PyArray_DATA(out)
     if T and n:
         with nogil:
-            tpk_rmsnorm(&x[0, 0], &w[0], &o[0, 0], T, n, eps, nthreads)
+            tpk_rmsnorm(xp, wp, op, T, n, eps, nthreads)
     return out
 
 
-def rope(float[:, ::1] x, int64_t head_dim, const float[:, ::1] cos, const float[:, ::1] sin):
+def rope(x_array, int64_t head_dim, cos_array, sin_array):
     """Rotate the interleaved pairs of every head of x (T, heads * head_dim) in place; cos, sin (T, head_dim/2)."""
-    cdef int64_t T = x.shape[0]
-    if head_dim <= 0 or head_dim % 2 or x.shape[1] % head_dim:
+    cdef cnp.ndarray x = _arr(x_array, cnp.NPY_FLOAT32, 2, "rope: x", writable=True)
+    cdef cnp.ndarray cos = _arr(cos_array, cnp.NPY_FLOAT32, 2, "rope: cos")
+    cdef cnp.ndarray sin = _arr(sin_array, cnp.NPY_FLOAT32, 2, "rope: sin")
+    cdef int64_t T = _dim(x, 0), width = _dim(x, 1)
+    if head_dim <= 0 or head_dim % 2 or width % head_dim:
         raise ValueError("rope: width is not whole heads of even size")
-    if cos.shape[0] != T or sin.shape[0] != T or cos.shape[1] != head_dim // 2 or sin.shape[1] != head_dim // 2:
+    if _dim(cos, 0) != T or _dim(sin, 0) != T or _dim(cos, 1) != head_dim // 2 or _dim(sin, 1) != head_dim // 2:
         raise ValueError("rope: cos/sin tables do not match")
-    if T and x.shape[1]:
+    cdef float *xp = <float *>cnp.PyArray_DATA(x)
+    cdef const float *cp = <const float *>cnp.PyArray_DATA(cos)
+    cdef const float *sp = <const float *>cnp.PyArray_DATA(sin)
+    if T and width:
         with nogil:
-            tpk_rope(&x[0, 0], T, x.shape[1] // head_dim, head_dim, &cos[0, 0], &sin[0, 0])
+            tpk_rope(xp, T, width // head_dim, head_dim, cp, sp)
 
 
-def silu_mul(g_array, const float[:, ::1] u, int nthreads=1):
+def silu_mul(g_array, u_array, int nthreads=1):
     """g = silu(g) * u in place (T, n); returns g."""
-    cdef float[:, ::1] g = g_array
-    if g.shape[0] != u.shape[0] or g.shape[1] != u.shape[1]:
+    cdef cnp.ndarray g = _arr(g_array, cnp.NPY_FLOAT32, 2, "silu_mul: gate", writable=True)
+    cdef cnp.ndarray u = _arr(u_array, cnp.NPY_FLOAT32, 2, "silu_mul: up")
+    if _dim(g, 0) != _dim(u, 0) or _dim(g, 1) != _dim(u, 1):
         raise ValueError("silu_mul: shapes do not match")
-    cdef int64_t n = g.shape[0] * g.shape[1]
+    cdef int64_t n = _dim(g, 0) * _dim(g, 1)
+    cdef float *gp = <float *>cnp.PyArray_DATA(g)
+    cdef const float *up = <const float *>cnp.PyArray_DATA(u)
     if n:
         with nogil:
-            tpk_silu_mul(&g[0, 0], &u[0, 0], &g[0, 0], n, nthreads)
+            tpk_silu_mul(gp, up, gp, n, nthreads)
     return g_array
 
 
-def attention(const float[:, ::1] q, const float[:, ::1] k, const float[:, ::1] v, kcache, vcache,
-              int64_t start, const int32_t[::1] kv_of_head, float scale, int nthreads=1, int64_t window=0):
+def attention(q_array, k_array, v_array, kcache, vcache, int64_t start, kv_of_head_array, float scale,
+              int nthreads=1, int64_t window=0):
     """Causal attention for T new positions start..: q (T, heads*hd), k, v (T, kv*hd) are stored
     into the caches (kv, ctx, hd) first: float32 arrays, or float16 ones (k, v rounded to nearest,
     saturating at +-65504; attention then reads them back exactly). window > 0: each position
     attends only to itself and the window - 1 positions before it (a sliding window). Returns
     (T, heads*hd) float32."""
+    cdef cnp.ndarray q = _arr(q_array, cnp.NPY_FLOAT32, 2, "attention: q")
+    cdef cnp.ndarray k = _arr(k_array, cnp.NPY_FLOAT32, 2, "attention: k")
+    cdef cnp.ndarray v = _arr(v_array, cnp.NPY_FLOAT32, 2, "attention: v")
+    cdef cnp.ndarray koh = _arr(kv_of_head_array, cnp.NPY_INT32, 1, "attention: kv_of_head")
     cdef cnp.ndarray kc = _cache_array(kcache, "kcache"), vc = _cache_array(vcache, "vcache")
-    cdef int64_t T = q.shape[0], n_kv = kc.shape[0], ctx = kc.shape[1], hd = kc.shape[2]
-    cdef int64_t n_heads = kv_of_head.shape[0], i
-    cdef int f16 = kc.dtype == np.float16
-    if vc.dtype != kc.dtype or vc.shape[0] != n_kv or vc.shape[1] != ctx or vc.shape[2] != hd:
+    cdef int64_t T = _dim(q, 0), n_kv = _dim(kc, 0), ctx = _dim(kc, 1), hd = _dim(kc, 2)
+    cdef int64_t n_heads = _dim(koh, 0), i
+    cdef int f16 = cnp.PyArray_TYPE(kc) == cnp.NPY_FLOAT16
+    if cnp.PyArray_TYPE(vc) != cnp.PyArray_TYPE(kc) or _dim(vc, 0) != n_kv or _dim(vc, 1) != ctx or _dim(vc, 2) != hd:
         raise ValueError("attention: caches differ")
-    if q.shape[1] != n_heads * hd or k.shape[1] != n_kv * hd or v.shape[1] != n_kv * hd or k.shape[0] != T or v.shape[0] != T:
+    if (_dim(q, 1) != n_heads * hd or _dim(k, 1) != n_kv * hd or _dim(v, 1) != n_kv * hd or _dim(k, 0) != T
+            or _dim(v, 0) != T):
         raise ValueError("attention: shapes do not match")
     if window < 0:
         raise ValueError(f"attention: window {window} is negative")
     if start < 0 or start + T > ctx:
         raise ValueError(f"attention: positions {start}..{start + T} do not fit the cache of {ctx}")
+    cdef const int32_t *kvh = <const int32_t *>cnp.PyArray_DATA(koh)
     for i in range(n_heads):
-        if kv_of_head[i] < 0 or kv_of_head[i] >= n_kv:
+        if kvh[i] < 0 or kvh[i] >= n_kv:
             raise ValueError("attention: kv head index out of range")
-    out = np.empty((T, n_heads * hd), dtype=np.float32)
-    cdef float[:, ::1] o = out
-    cdef void *kp = cnp.PyArray_DATA(kc)
-    cdef void *vp = cnp.PyArray_DATA(vc)
+    cdef cnp.ndarray out = _empty2(T, n_heads * hd, cnp.NPY_FLOAT32)
+    cdef const float *qp = <const float *>cnp.PyArray_DATA(q)
+    cdef const float *kp = <const float *>cnp.PyArray_DATA(k)
+    cdef const float *vp = <const float *>cnp.PyArray_DATA(v)
+    cdef void *kcp = cnp.PyArray_DATA(kc)
+    cdef void *vcp = cnp.PyArray_DATA(vc)
+    cdef float *op = <float *>cnp.PyArray_DATA(out)
     if T and n_heads and hd:
         with nogil:
-            tpk_attention(&q[0, 0], &k[0, 0] if n_kv else NULL, &v[0, 0] if n_kv else NULL, T, n_heads, n_kv, hd,
-                          &kv_of_head[0], kp, vp, f16, ctx, start, window, scale, &o[0, 0], nthreads)
+            tpk_attention(qp, kp if n_kv else NULL, vp if n_kv else NULL, T, n_heads, n_kv, hd, kvh, kcp, vcp,
+                          f16, ctx, start, window, scale, op, nthreads)
     return out
 
 
 cdef cnp.ndarray _cache_array(cache, str name):
     """A KV cache argument: a writable C-contiguous (kv, ctx, hd) float32 or float16 array."""
-    if not isinstance(cache, np.ndarray) or cache.ndim != 3 or cache.dtype not in (np.float32, np.float16):
+    if (not isinstance(cache, np.ndarray) or cnp.PyArray_NDIM(<cnp.ndarray>cache) != 3
+            or cnp.PyArray_TYPE(<cnp.ndarray>cache) not in (cnp.NPY_FLOAT32, cnp.NPY_FLOAT16)):
         raise ValueError(f"attention: {name} must be a 3-d float32 or float16 array")
-    if not cache.flags.c_contiguous or not cache.flags.writeable:
+    if not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>cache) or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>cache):
         raise ValueError(f"attention: {name} must be C-contiguous and writable")
-    return cache
+    return <cnp.ndarray>cache
 
 
 def widen_f16(const uint16_t[::1] h):

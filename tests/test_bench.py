@@ -182,6 +182,19 @@ def test_batch_ceiling_times_steps_of_several_sequences(tmp_path, stories_gguf):
     assert rows[0]["ceiling"] == 1.0 and rows[1]["ceiling"] > 0
 
 
+def test_call_overhead_times_two_builds_in_one_process(tmp_path):
+    """call_overhead.py --against a checkout: both builds' kernels timed side by side (here this
+    checkout against itself, so both columns are there and a step's saving is near 0)."""
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "call_overhead.py"), "--against", str(REPO),
+                          "--reps", "1", "--json", str(tmp_path / "calls.json")],
+                         capture_output=True, text=True, timeout=120, env=mpi_env())
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "| rmsnorm | 2 |" in out.stdout and "ms saved" in out.stdout
+    result = json.loads((tmp_path / "calls.json").read_text())
+    assert set(result["ms_per_step"]) == {"this", "other"} and result["ms_per_step"]["this"] > 0
+    assert set(result["us_per_call"]["other"]) == set(result["per_layer"])
+
+
 def test_sitting_lists_its_steps_and_refuses_an_unknown_one():
     script = str(REPO / "benchmarks" / "sitting.py")
     listed = subprocess.run([sys.executable, script, "--list"], capture_output=True, text=True, timeout=60)

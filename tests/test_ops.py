@@ -246,3 +246,29 @@ def test_attention_refuses_caches_it_cannot_use():
             K.attention(q, k, v, bad, vc, 4, kv_of_head, scale)
     with pytest.raises(ValueError, match="caches differ"):
         K.attention(q, k, v, kc.astype(np.float16), vc, 4, kv_of_head, scale)
+
+
+def test_the_per_step_wrappers_refuse_arrays_they_cannot_use():
+    """They read numpy pointers directly (no memoryviews): a wrong type, a strided view or a
+    read-only output is a ValueError naming the argument, never a wrong result."""
+    x = np.ones((2, 64), np.float32)
+    w = np.ones(64, np.float32)
+    with pytest.raises(ValueError, match="rmsnorm: x must be a C-contiguous 2-d float32 array"):
+        K.rmsnorm(x.astype(np.float64), w, 1e-5)
+    with pytest.raises(ValueError, match="rmsnorm: x must be a C-contiguous"):
+        K.rmsnorm(np.ones((2, 128), np.float32)[:, ::2], w, 1e-5)
+    with pytest.raises(ValueError, match="quantize_q80: x must be"):
+        K.quantize_q80([[1.0] * 32])
+    frozen = x.copy()
+    frozen.flags.writeable = False
+    cos = np.ones((2, 4), np.float32)
+    with pytest.raises(ValueError, match="rope: x must be writable"):
+        K.rope(frozen, 8, cos, cos)
+    with pytest.raises(ValueError, match="silu_mul: gate must be writable"):
+        K.silu_mul(frozen, x)
+    xq = K.quantize_q80(x)
+    wp = K.pack("q80", K.quantize_q80(np.ones((16, 64), np.float32)))
+    with pytest.raises(ValueError, match="matmul_packed: out must be a C-contiguous 2-d float32 array"):
+        K.matmul_packed("q80", wp, 16, 2, xq, np.zeros((2, 16), np.int32))
+    good = K.matmul_packed("q80", wp, 16, 2, xq, np.zeros((2, 16), np.float32))
+    assert np.allclose(good, 64.0, rtol=1e-2)
