@@ -77,10 +77,14 @@ def test_context_capped_to_memory_with_a_message(smollm2, monkeypatch, capsys, c
         model = tpllama.load(smollm2, tokenizer="none", threads=1)
     assert 256 <= model.ctx < 8192 and model.ctx % 256 == 0
     # the library reports on logger "tpllama" and prints nothing itself
-    assert f"context capped to {model.ctx}" in caplog.text
+    assert f"context capped to {model.ctx}" in caplog.text and "--kv-type f16 fits about twice" in caplog.text
     assert capsys.readouterr() == ("", "")
-    with pytest.raises(TpllamaError, match=r"rank 0 on host \S+ needs [\d,]+ MiB more .* lower -c"):
+    with pytest.raises(TpllamaError, match=r"rank 0 on host \S+ needs [\d,]+ MiB more .* lower -c.*--kv-type f16"):
         tpllama.load(smollm2, tokenizer="none", threads=1, ctx_size=100000)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="tpllama"):     # in float16 the same memory holds about twice the context
+        half = tpllama.load(smollm2, tokenizer="none", threads=1, kv_type="f16")
+    assert 2 * model.ctx - 256 <= half.ctx <= 2 * model.ctx + 512 and "--kv-type f16 fits" not in caplog.text
 
 
 def test_library_never_initialises_or_finalises_mpi():

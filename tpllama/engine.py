@@ -90,7 +90,8 @@ class LoadOptions:
 
 
 log = logging.getLogger("tpllama")
-MAX_DEFAULT_PARALLEL = 8    # parallel=None: at most this many sequences, fewer where memory is short
+MAX_DEFAULT_PARALLEL = 8
+_F16_HINT = "; --kv-type f16 fits about twice as many positions, its logits slightly changed"    # parallel=None: at most this many sequences, fewer where memory is short
 
 
 def _log(par: Parallel, msg: str, level: int = logging.INFO):
@@ -269,7 +270,8 @@ class Model:
                       min(256, c.max_seq_len))
             if ctx < c.max_seq_len:
                 _log(par, f"tpllama: context capped to {ctx} of the model's {c.max_seq_len} so the KV cache fits "
-                                "in memory (set it with ctx_size, -c)", logging.WARNING)
+                                f"in memory (set it with ctx_size, -c{_F16_HINT if opts.kv_type == 'f32' else ''})",
+                     logging.WARNING)
         if opts.parallel is None:
             slots = self._slots_that_fit(ctx, hosts, available, mapped)
         self.slots = slots
@@ -283,7 +285,9 @@ class Model:
             raise TpllamaError(
                 f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} on host {host} {'need' if len(ranks) > 1 else 'needs'} "
                 f"{missing / 2**20:,.0f} MiB more than the host has available at context {ctx}; "
-                f"lower -c{fewer}, spread over more ranks or hosts{mmap_hint}, or shift work with --rank-weights")
+                f"lower -c{fewer}, spread over more ranks or hosts{mmap_hint}, "
+                f"{'keep the KV cache in float16 (--kv-type f16), ' if opts.kv_type == 'f32' else ''}"
+                "or shift work with --rank-weights")
         return ctx
 
     def _slots_that_fit(self, ctx: int, hosts, available, mapped: bool) -> int:
