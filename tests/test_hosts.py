@@ -1,11 +1,10 @@
 """A real hostfile over TCP: two hosts made with network namespaces on this machine, launched
 by mpirun through a launch agent (ip netns exec instead of ssh). The text must equal one rank's."""
-import subprocess
 import sys
 
 import pytest
 
-from mpi_util import REPO, mpi_env, mpirun, mpirun_path
+from mpi_util import REPO, mpi_env, mpirun, mpirun_path, run_mpirun
 from benchmarks.hosts import namespace_hosts, unavailable_reason
 
 pytestmark = pytest.mark.mpi
@@ -28,7 +27,7 @@ def test_hostfile_over_tcp_gives_the_single_rank_text(two_hosts, stories_bin):
     alone = mpirun(1, generate_args(stories_bin, "--weight-type", "f32"))
     cmd = [mpirun_path(), "-n", "2", *two_hosts.mpirun_args(), sys.executable,
            *generate_args(stories_bin, "--weight-type", "f32", "-v")]
-    cluster = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=mpi_env(), cwd=str(REPO))
+    cluster = run_mpirun(cmd, timeout=180, env=mpi_env(), cwd=str(REPO))
     assert cluster.returncode == 0, cluster.stderr[-3000:]
     assert cluster.stdout == alone.stdout
     # the memory plan names each rank's host: two different machines as far as MPI knows
@@ -40,7 +39,7 @@ def test_hostfile_default_model(two_hosts, smollm2):
     prompt = ["-m", "tpllama.generate", "-m", str(smollm2), "--raw", "-p", "The capital of France is", "--temp", "0", "-n", "12"]
     alone = mpirun(1, prompt)
     cmd = [mpirun_path(), "-n", "2", *two_hosts.mpirun_args(), sys.executable, *prompt]
-    cluster = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=mpi_env(), cwd=str(REPO))
+    cluster = run_mpirun(cmd, timeout=180, env=mpi_env(), cwd=str(REPO))
     assert cluster.returncode == 0, cluster.stderr[-3000:]
     assert cluster.stdout == alone.stdout
 
@@ -56,8 +55,7 @@ def test_a_host_without_the_model_file_gets_its_weights_over_tcp_once(two_hosts,
     b.mkdir()
     shutil.copy(stories_gguf, a / "model.gguf")
     script = [sys.executable, str(SCRIPTS / "weights_from_root.py"), "model.gguf", "shards"]
-    alone = subprocess.run([mpirun_path(), "-n", "1", "--wdir", str(a), *script], capture_output=True, text=True,
-                           timeout=120, env=mpi_env())
+    alone = run_mpirun([mpirun_path(), "-n", "1", "--wdir", str(a), *script], timeout=120, env=mpi_env())
     cmd = [mpirun_path(), *two_hosts.mpirun_args(), "-n", "1", "--host", two_hosts.hosts[0].address, "--wdir", str(a),
            *script, ":", "-n", "1", "--host", two_hosts.hosts[1].address, "--wdir", str(b), *script]
 
@@ -66,7 +64,7 @@ def test_a_host_without_the_model_file_gets_its_weights_over_tcp_once(two_hosts,
         assert line, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
         return json.loads(line[len("RESULT "):])
 
-    first, second = (result(subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=mpi_env()))
+    first, second = (result(run_mpirun(cmd, timeout=180, env=mpi_env()))
                      for _ in range(2))
     assert first["text"] == second["text"] == result(alone)["text"]
     assert first["ranks"][0]["sent"] == first["ranks"][1]["received"] > 0 and not first["ranks"][1]["has_file"]

@@ -119,8 +119,7 @@ def test_auto_rank_weights_give_a_throttled_rank_less_work_and_the_same_text(sto
     args = [str(SCRIPTS / "greedy.py"), str(stories_bin), "f32", "12", prompt, "--rank-weights", "auto"]
     with cgroup_or_skip("cpu", {"cpu.cfs_period_us": 20000, "cpu.cfs_quota_us": 2500}) as group:   # 1/8 core
         cmd = mpirun_cmd(1, args) + [":", "-n", "1", sys.executable, *args, "--cpu-cgroup", str(group)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(REPO),
-                              env=mpi_env())
+        proc = run_mpirun(cmd, timeout=300, cwd=str(REPO), env=mpi_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     auto = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
     fast, slow = auto["speeds"]

@@ -6,12 +6,11 @@ has the file; each folder has its own shard cache."""
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 
-from mpi_util import SCRIPTS, mpi_env, mpirun_path
+from mpi_util import SCRIPTS, mpi_env, mpirun_path, run_mpirun
 
 pytestmark = pytest.mark.mpi
 
@@ -22,7 +21,7 @@ def _run(folders, timeout=240):
     cmd = [mpirun_path(), "--oversubscribe", "--bind-to", "none", "--mca", "mpi_yield_when_idle", "1"]
     for i, folder in enumerate(folders):
         cmd += ([":"] if i else []) + ["-n", "1", "--wdir", str(folder), sys.executable, script, "model.gguf", "shards"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=mpi_env())
+    return run_mpirun(cmd, timeout=timeout, env=mpi_env())
 
 
 def _result(proc):
@@ -69,9 +68,9 @@ def test_a_receiver_that_cannot_write_ends_the_job_with_its_reason(hosts):
 
 def test_no_weights_from_root_keeps_the_missing_file_an_error(hosts):
     a, b = hosts
-    proc = subprocess.run([mpirun_path(), "--oversubscribe", "-n", "1", "--wdir", str(a), sys.executable, "-c",
-                           "import tpllama; tpllama.load('model.gguf', weights_from_root=False, threads=1)", ":",
-                           "-n", "1", "--wdir", str(b), sys.executable, "-c",
-                           "import tpllama; tpllama.load('model.gguf', weights_from_root=False, threads=1)"],
-                          capture_output=True, text=True, timeout=120, env=mpi_env())
+    proc = run_mpirun([mpirun_path(), "--oversubscribe", "-n", "1", "--wdir", str(a), sys.executable, "-c",
+                       "import tpllama; tpllama.load('model.gguf', weights_from_root=False, threads=1)", ":",
+                       "-n", "1", "--wdir", str(b), sys.executable, "-c",
+                       "import tpllama; tpllama.load('model.gguf', weights_from_root=False, threads=1)"],
+                      timeout=120, env=mpi_env())
     assert proc.returncode != 0 and "no such file" in proc.stderr, proc.stderr[-2000:]
