@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO))      # `benchmarks`, after any installed tpllama: _common picks which one runs
 from benchmarks._common import Quiet, machine_header, machine_info, median, spread, write_results  # noqa: E402
 from tpllama import _kernels as K  # noqa: E402
-from tpllama.plan import PREFILL_CHUNK  # noqa: E402
+from tpllama.plan import KV_TYPES, PREFILL_CHUNK  # noqa: E402
 
 LAYERS, HEAD_DIM = 22, 64
 RANK_SHAPES = {1: (32, 4), 2: (16, 2)}     # ranks -> (query heads, kv heads) on one rank
@@ -41,12 +41,9 @@ def caches(layers: int, n_kv: int, ctx: int, seed: int):
             for _ in range(layers)]
 
 
-KV_DTYPES = {"f32": np.float32, "f16": np.float16}   # --kv-type: the runtime's cache value types
-
-
 def as_type(layer_caches, kv_type: str):
     """The caches with their values in kv_type (f16: rounded, as the runtime's cache stores them)."""
-    dtype = KV_DTYPES[kv_type]
+    dtype = np.dtype(KV_TYPES[kv_type])
     return [(k.astype(dtype), v.astype(dtype)) for k, v in layer_caches] if dtype != np.float32 else layer_caches
 
 
@@ -100,11 +97,11 @@ def main(argv=None) -> int:
         positions = [int(v) for v in a.positions.split(",")]
         threads = [int(v) for v in a.threads.split(",")]
         ranks = [int(v) for v in a.ranks.split(",")]
-        kv_types = [KV_DTYPES[t] and t for t in a.kv_type.split(",")]
-    except KeyError:
-        p.error("--kv-type takes f32, f16 or both, comma-separated")
+        kv_types = a.kv_type.split(",")
     except ValueError:
         p.error("--positions, --threads and --ranks take comma-separated integers, e.g. 100,4000")
+    if any(t not in KV_TYPES for t in kv_types):
+        p.error("--kv-type takes f32, f16 or both, comma-separated")
     if any(r not in RANK_SHAPES for r in ranks):
         p.error(f"--ranks: one of {', '.join(map(str, RANK_SHAPES))}")
     if any(v < 0 for v in positions) or a.prompt_len < 0 or any(t < 1 for t in threads) or a.reps < 1:
@@ -127,7 +124,7 @@ def main(argv=None) -> int:
                         samples[t].append(decode_seconds(layer_caches[t], pos, heads, n_kv, th))
                 for t in kv_types:
                     ms = [1e3 * s for s in samples[t]]
-                    nbytes = 2 * LAYERS * n_kv * (pos + 1) * HEAD_DIM * np.dtype(KV_DTYPES[t]).itemsize
+                    nbytes = 2 * LAYERS * n_kv * (pos + 1) * HEAD_DIM * np.dtype(KV_TYPES[t]).itemsize
                     results.append({"ranks": r, "threads": th, "kv_type": t, "what": f"decode at {pos}", "ms": ms,
                                     "GBps": nbytes / median(samples[t]) / 1e9})
                     print(f"{r} rank(s), {th} thread(s), {t} cache: decode at {pos}: {spread(ms)} ms/token "

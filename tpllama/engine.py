@@ -27,7 +27,7 @@ from .generation import Generation  # noqa: F401  (tpllama.Generation, engine.Ge
 from .loader import load_rank_weights
 from .model import RankModel, row_groups
 from .parallel import Parallel, world_size
-from .plan import (KV_TYPES, PREFILL_CHUNK, format_memory_table, format_split, host_shortfalls, make_plan,
+from .plan import (DEFAULT_KV_TYPE, KV_TYPES, PREFILL_CHUNK, format_memory_table, format_split, host_shortfalls, make_plan,
                    max_context, parse_rank_weights, rank_memory, weight_bytes)
 from .simd import SIMD_ENV, choose_simd_level
 from .speedprobe import matvec_speed, probe_type, weights_from_speeds
@@ -54,7 +54,7 @@ class LoadOptions:
     threads: Optional[int] = None     # kernel threads per rank; None: this host's cores / its ranks
     rank_weights: Optional[Union[str, Sequence[float]]] = None   # e.g. "2,1,1": shares of the work; "auto": measured
     sync_type: str = "f64"            # payload of the per-layer all-reduces: f64 (same text at any rank count) | f32 | bf16 | q80
-    kv_type: str = "f32"              # KV cache values: f32 (what the model computes) | f16 (half the memory, rounded)
+    kv_type: str = DEFAULT_KV_TYPE    # KV cache values: f32 (what the model computes) | f16 (half the memory, rounded)
     tokenizer: Optional[str] = None   # tokenizer file when the model has none; "none": load no tokenizer
     shard_cache: Union[bool, str] = True   # True: $TPLLAMA_SHARD_CACHE or ~/.cache/tpllama/shards; a folder; False: off
     mmap: Optional[bool] = None       # True: run layer by layer from mapped shard files; False: read found ones into
@@ -90,8 +90,8 @@ class LoadOptions:
 
 
 log = logging.getLogger("tpllama")
-MAX_DEFAULT_PARALLEL = 8
-_F16_HINT = "; --kv-type f16 fits about twice as many positions, its logits slightly changed"    # parallel=None: at most this many sequences, fewer where memory is short
+MAX_DEFAULT_PARALLEL = 8    # parallel=None: at most this many sequences, fewer where memory is short
+_F16_HINT = "; --kv-type f16 fits about twice as many positions, its logits slightly changed"
 
 
 def _log(par: Parallel, msg: str, level: int = logging.INFO):
@@ -270,7 +270,7 @@ class Model:
                       min(256, c.max_seq_len))
             if ctx < c.max_seq_len:
                 _log(par, f"tpllama: context capped to {ctx} of the model's {c.max_seq_len} so the KV cache fits "
-                                f"in memory (set it with ctx_size, -c{_F16_HINT if opts.kv_type == 'f32' else ''})",
+                                f"in memory (set it with ctx_size, -c{_F16_HINT if opts.kv_type == DEFAULT_KV_TYPE else ''})",
                      logging.WARNING)
         if opts.parallel is None:
             slots = self._slots_that_fit(ctx, hosts, available, mapped)
@@ -286,7 +286,7 @@ class Model:
                 f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} on host {host} {'need' if len(ranks) > 1 else 'needs'} "
                 f"{missing / 2**20:,.0f} MiB more than the host has available at context {ctx}; "
                 f"lower -c{fewer}, spread over more ranks or hosts{mmap_hint}, "
-                f"{'keep the KV cache in float16 (--kv-type f16), ' if opts.kv_type == 'f32' else ''}"
+                f"{'keep the KV cache in float16 (--kv-type f16), ' if opts.kv_type == DEFAULT_KV_TYPE else ''}"
                 "or shift work with --rank-weights")
         return ctx
 

@@ -21,7 +21,7 @@ import numpy as np
 from .config import ModelConfig
 from .matrix import Activation, Matrix, matmul_all
 from .memory import lazy_zeros
-from .plan import KV_TYPES
+from .plan import DEFAULT_KV_TYPE, KV_TYPES
 from .weights import LayerWeights, RankWeights
 from . import _kernels as K
 
@@ -55,7 +55,8 @@ class KVCache:
     resident only as positions are written (lazy_zeros), so unused slot space costs address
     space, not memory."""
 
-    def __init__(self, config: ModelConfig, n_local_kv_heads: int, ctx: int, slots: int = 1, kv_type: str = "f32"):
+    def __init__(self, config: ModelConfig, n_local_kv_heads: int, ctx: int, slots: int = 1,
+                 kv_type: str = DEFAULT_KV_TYPE):
         shape = (slots, config.n_layers, n_local_kv_heads, ctx, config.head_dim)
         dtype = KV_TYPES[kv_type]    # f16: keys and values rounded to float16 as they are stored
         self.k = lazy_zeros(shape, dtype)   # (slots, layers, local_kv_heads, ctx, head_dim); resident as it fills
@@ -142,7 +143,7 @@ def silu_mul(gate: np.ndarray, up: np.ndarray, threads: int = 1) -> np.ndarray:
 class RankModel:
     """One rank's share of the model: its weights, its KV cache, and the forward pass over them."""
 
-    def __init__(self, weights: RankWeights, ctx: int, slots: int = 1, kv_type: str = "f32"):
+    def __init__(self, weights: RankWeights, ctx: int, slots: int = 1, kv_type: str = DEFAULT_KV_TYPE):
         self.w = weights
         self.config = c = weights.config
         self.threads = weights.threads

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from .plan import ShardPlan, host_shortfalls, rank_memory, weight_bytes
+from .plan import DEFAULT_KV_TYPE, ShardPlan, host_shortfalls, rank_memory, weight_bytes
 from .tensors import EMBEDDING
 
 # Sequential read speeds users' nodes typically reach (MB/s), for the mapped mode's speed bound.
@@ -29,7 +29,7 @@ class RankStart:
 
 
 def choose_mapped(plan: ShardPlan, types, ctx: int, hosts: Sequence[str], available: Sequence[int],
-                  mmap: Optional[bool], cache_on: bool, kv_type: str = "f32") -> Tuple[bool, Optional[Tuple[str, int]]]:
+                  mmap: Optional[bool], cache_on: bool, kv_type: str = DEFAULT_KV_TYPE) -> Tuple[bool, Optional[Tuple[str, int]]]:
     """Whether the weights run mapped: as asked (mmap True/False), or by default when they do not
     fit in memory but would mapped; with the (host, bytes missing) that made it so."""
     if mmap is not None or not cache_on:
