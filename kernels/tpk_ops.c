@@ -343,7 +343,10 @@ INLINE void attend_chunk_hd(const float *q, int64_t nh, const float *K, const fl
         for (int64_t h = 0; h < nh; h++)
             for (int64_t j = j0; j < j1; j += 8) {
                 prefetch_step(&pf);
-                score_block(q + h * hd, K + j * hd, j1 - j < 8 ? j1 - j : 8, hd, scale, scores + h * KEY_CHUNK + j);
+                if (j1 - j >= 8)   /* a full block with nk a constant: as a variable, twice the time */
+                    score_block(q + h * hd, K + j * hd, 8, hd, scale, scores + h * KEY_CHUNK + j);
+                else
+                    score_block(q + h * hd, K + j * hd, j1 - j, hd, scale, scores + h * KEY_CHUNK + j);
             }
     }
     for (int64_t h = 0; h < nh; h++) {                      /* exp(score - max), their sum */
