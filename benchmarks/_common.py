@@ -17,8 +17,10 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -280,3 +282,17 @@ def bench_model(model: Optional[str], shape: Optional[str], file_type: str = "q4
     cache.mkdir(parents=True, exist_ok=True)
     name = f"{shape}.gguf" if file_type == "q40" else f"{shape}-{file_type}.gguf"
     return ensure_model(str(cache / name), shape, file_type)
+
+
+def other_kernels(checkout: Path):
+    """Another checkout's built tpllama._kernels, loaded beside this one under another package name."""
+    built = sorted((checkout / "tpllama").glob("_kernels.*.so"))
+    if not built:
+        sys.exit(f"--against {checkout}: no built tpllama/_kernels*.so there (python setup.py build_ext --inplace)")
+    package = Path(tempfile.mkdtemp()) / "tpllama_other"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    shutil.copy(built[0], package / built[0].name)
+    sys.path.insert(0, str(package.parent))
+    from tpllama_other import _kernels as other
+    return other

@@ -14,9 +14,7 @@ Writes JSON to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 import timeit
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO))      # `benchmarks`, after any installed tpllama: _common picks which one runs
-from benchmarks._common import machine_header, machine_info, write_results  # noqa: E402
+from benchmarks._common import machine_header, machine_info, other_kernels, write_results  # noqa: E402
 from tpllama import _kernels as K  # noqa: E402
 
 LAYERS = 30
@@ -60,20 +58,6 @@ def calls(kernels) -> dict:
         "matmul_packed": lambda: kernels.matmul_packed("q80", wp, DIM, DIM // 32, xq, out, 1),
         "silu_mul": lambda: kernels.silu_mul(gate, up, 1),
     }
-
-
-def other_kernels(checkout: Path):
-    """Another checkout's built tpllama._kernels, loaded beside this one under another package name."""
-    built = sorted((checkout / "tpllama").glob("_kernels.*.so"))
-    if not built:
-        sys.exit(f"--against {checkout}: no built tpllama/_kernels*.so there (python setup.py build_ext --inplace)")
-    package = Path(tempfile.mkdtemp()) / "tpllama_other"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    shutil.copy(built[0], package / built[0].name)
-    sys.path.insert(0, str(package.parent))
-    from tpllama_other import _kernels as other
-    return other
 
 
 def best_us(f, reps: int) -> float:

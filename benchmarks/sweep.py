@@ -13,7 +13,10 @@ in total. It writes JSON, a markdown table and (with matplotlib) a PNG plot to -
 
 --ctx M measures long prompts and long contexts instead: per point, the prefill of --prompt-len
 tokens and decode tokens/s near positions 100, --prompt-len and M, each with the share of the
-step time spent in the attention kernel (rank 0), and decode at M over decode at 100.
+step time spent in the attention kernel (rank 0), decode at M over decode at 100, and
+attention's slowdown at M: the step at M over the same step with the attention time of a step
+at 100 (from each measurement's own attention share, so the rest of the step's drift between
+the two measurements, minutes apart on a shared machine, does not enter it).
 
 --netem puts every rank on its own "host" (a network namespace) whose link is shaped with
 tc to --rate (1 Gbit/s); this kernel has no netem qdisc, so link latency (--latency-ms, 0.2 ms)
@@ -105,6 +108,16 @@ def summarize(r: dict, latency_ms: float, collectives_per_token: int) -> dict:
     }
 
 
+def attention_slowdown(short: dict, long: dict) -> float:
+    """How many times slower attention makes the long step than the same step with the short
+    step's attention: t_long / (t_long - attention_long + attention_short), each from its own
+    steps' times and attention shares. Unlike the ratio of the two speeds, it does not move
+    with the rest of the step, which on a shared machine changes between the two measurements
+    (taken a prefill of minutes apart)."""
+    t_short, t_long = 1 / short["tokens_per_s"], 1 / long["tokens_per_s"]
+    return t_long / (t_long - long["attention_share"] * t_long + short["attention_share"] * t_short)
+
+
 def long_context_table(rows: List[dict]) -> str:
     """--ctx rows: prefill, decode near 100 / the prompt's end / M, attention's share of each."""
     if not rows:
@@ -112,7 +125,8 @@ def long_context_table(rows: List[dict]) -> str:
     head = ["ranks", "threads/rank", "prefill tok/s (attention %)"]
     first = next((r for r in rows if "error" not in r), None)
     positions = [d["position"] for d in first["decode"]] if first else []
-    head += [f"decode at {p} tok/s (attention %)" for p in positions] + ["decode at the last / the first"]
+    head += [f"decode at {p} tok/s (attention %)" for p in positions] + ["decode at the last / the first",
+                                                                          "attention's slowdown at the last"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
@@ -121,6 +135,7 @@ def long_context_table(rows: List[dict]) -> str:
         cells = [r["ranks"], r["threads"], f"{r['pp_tokens_per_s']:.1f} ({100 * r['pp_attention_share']:.0f}%)"]
         cells += [f"{d['tokens_per_s']:.2f} ({100 * d['attention_share']:.0f}%)" for d in r["decode"]]
         cells.append(f"{r['decode'][-1]['tokens_per_s'] / r['decode'][0]['tokens_per_s']:.2f}x")
+        cells.append(f"{attention_slowdown(r['decode'][0], r['decode'][-1]):.2f}x")
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 

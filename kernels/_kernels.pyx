@@ -16,6 +16,7 @@ cdef extern from "tpk.h":
     int TPK_Q40_BYTES
     int TPK_Q80_BYTES
     int TPK_ROWS
+    int TPK_KV_BLOCK
     int TPK_SCALAR, TPK_AVX2, TPK_AVX512, TPK_AVX512_VNNI, TPK_NEON, TPK_NEON_DOTPROD
     ctypedef struct tpk_block_q40:
         pass
@@ -72,11 +73,13 @@ cdef extern from "tpk.h":
     void tpk_silu_mul(const float *g, const float *u, float *out, int64_t n, int nthreads) nogil
     void tpk_attention(const float *q, const float *k, const float *v, int64_t T, int64_t n_heads, int64_t n_kv,
                        int64_t hd, const int32_t *kv_of_head, void *kcache, void *vcache, int cache_f16,
-                       int64_t ctx, int64_t start, int64_t window, float scale, float *out, int nthreads) nogil
+                       int64_t head_stride, int64_t block_stride, int64_t start, int64_t window, float scale,
+                       float *out, int nthreads) nogil
     void tpk_widen_f16(const uint16_t *h, int64_t n, float *y) nogil
     void tpk_narrow_f16(const float *x, int64_t n, uint16_t *h) nogil
 
 QK = TPK_QK
+KV_BLOCK = TPK_KV_BLOCK   # positions a block of the runtime's KV cache layout
 Q40_BYTES = TPK_Q40_BYTES
 Q80_BYTES = TPK_Q80_BYTES
 ROWS = TPK_ROWS   # rows interleaved in the packed layout
@@ -472,19 +475,24 @@ def silu_mul(g_array, u_array, int nthreads=1):
 def attention(q_array, k_array, v_array, kcache, vcache, int64_t start, kv_of_head_array, float scale,
               int nthreads=1, int64_t window=0):
     """Causal attention for T new positions start..: q (T, heads*hd), k, v (T, kv*hd) are stored
-    into the caches (kv, ctx, hd) first: float32 arrays, or float16 ones (k, v rounded to nearest,
-    saturating at +-65504; attention then reads them back exactly). window > 0: each position
-    attends only to itself and the window - 1 positions before it (a sliding window). Returns
-    (T, heads*hd) float32."""
+    into the caches first, then attended to. A cache is a C-contiguous (kv, ctx, hd) array, or the
+    runtime's blocked layout: a (blocks, kv, KV_BLOCK, hd) view whose blocks of positions may lie
+    apart (contiguous within a block). Float32, or float16 (k, v rounded to nearest, saturating at
+    +-65504; attention then reads them back exactly). window > 0: each position attends only to
+    itself and the window - 1 positions before it (a sliding window). Returns (T, heads*hd) float32."""
     cdef cnp.ndarray q = _arr(q_array, cnp.NPY_FLOAT32, 2, "attention: q")
     cdef cnp.ndarray k = _arr(k_array, cnp.NPY_FLOAT32, 2, "attention: k")
     cdef cnp.ndarray v = _arr(v_array, cnp.NPY_FLOAT32, 2, "attention: v")
     cdef cnp.ndarray koh = _arr(kv_of_head_array, cnp.NPY_INT32, 1, "attention: kv_of_head")
-    cdef cnp.ndarray kc = _cache_array(kcache, "kcache"), vc = _cache_array(vcache, "vcache")
-    cdef int64_t T = _dim(q, 0), n_kv = _dim(kc, 0), ctx = _dim(kc, 1), hd = _dim(kc, 2)
+    cdef int64_t n_kv, ctx, hd, head_stride, block_stride
+    cdef cnp.ndarray kc = _cache_array(kcache, "kcache", &n_kv, &ctx, &hd, &head_stride, &block_stride)
+    cdef int64_t vn_kv, vctx, vhd, vhead_stride, vblock_stride
+    cdef cnp.ndarray vc = _cache_array(vcache, "vcache", &vn_kv, &vctx, &vhd, &vhead_stride, &vblock_stride)
+    cdef int64_t T = _dim(q, 0)
     cdef int64_t n_heads = _dim(koh, 0), i
     cdef int f16 = cnp.PyArray_TYPE(kc) == cnp.NPY_FLOAT16
-    if cnp.PyArray_TYPE(vc) != cnp.PyArray_TYPE(kc) or _dim(vc, 0) != n_kv or _dim(vc, 1) != ctx or _dim(vc, 2) != hd:
+    if (cnp.PyArray_TYPE(vc) != cnp.PyArray_TYPE(kc) or vn_kv != n_kv or vctx != ctx or vhd != hd
+            or vhead_stride != head_stride or vblock_stride != block_stride):
         raise ValueError("attention: caches differ")
     if (_dim(q, 1) != n_heads * hd or _dim(k, 1) != n_kv * hd or _dim(v, 1) != n_kv * hd or _dim(k, 0) != T
             or _dim(v, 0) != T):
@@ -507,18 +515,35 @@ def attention(q_array, k_array, v_array, kcache, vcache, int64_t start, kv_of_he
     if T and n_heads and hd:
         with nogil:
             tpk_attention(qp, kp if n_kv else NULL, vp if n_kv else NULL, T, n_heads, n_kv, hd, kvh, kcp, vcp,
-                          f16, ctx, start, window, scale, op, nthreads)
+                          f16, head_stride, block_stride, start, window, scale, op, nthreads)
     return out
 
 
-cdef cnp.ndarray _cache_array(cache, str name):
-    """A KV cache argument: a writable C-contiguous (kv, ctx, hd) float32 or float16 array."""
-    if (not isinstance(cache, np.ndarray) or cnp.PyArray_NDIM(<cnp.ndarray>cache) != 3
+cdef cnp.ndarray _cache_array(cache, str name, int64_t *n_kv, int64_t *ctx, int64_t *hd, int64_t *head_stride,
+                              int64_t *block_stride):
+    """A KV cache argument, writable float32 or float16: a C-contiguous (kv, ctx, hd) array, or a
+    (blocks, kv, KV_BLOCK, hd) one contiguous but for its first axis. Its sizes and strides (in values)."""
+    if (not isinstance(cache, np.ndarray) or cnp.PyArray_NDIM(<cnp.ndarray>cache) not in (3, 4)
             or cnp.PyArray_TYPE(<cnp.ndarray>cache) not in (cnp.NPY_FLOAT32, cnp.NPY_FLOAT16)):
-        raise ValueError(f"attention: {name} must be a 3-d float32 or float16 array")
-    if not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>cache) or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>cache):
-        raise ValueError(f"attention: {name} must be C-contiguous and writable")
-    return <cnp.ndarray>cache
+        raise ValueError(f"attention: {name} must be a 3-d or 4-d float32 or float16 array")
+    cdef cnp.ndarray c = <cnp.ndarray>cache
+    if not cnp.PyArray_ISWRITEABLE(c):
+        raise ValueError(f"attention: {name} must be writable")
+    cdef int64_t esize = cnp.PyArray_ITEMSIZE(c)
+    if cnp.PyArray_NDIM(c) == 3:
+        if not cnp.PyArray_IS_C_CONTIGUOUS(c):
+            raise ValueError(f"attention: {name} must be C-contiguous")
+        n_kv[0], ctx[0], hd[0] = _dim(c, 0), _dim(c, 1), _dim(c, 2)
+        head_stride[0], block_stride[0] = ctx[0] * hd[0], TPK_KV_BLOCK * hd[0]
+        return c
+    n_kv[0], hd[0] = _dim(c, 1), _dim(c, 3)
+    if (_dim(c, 2) != TPK_KV_BLOCK or cnp.PyArray_STRIDE(c, 3) != esize or cnp.PyArray_STRIDE(c, 2) != hd[0] * esize
+            or (n_kv[0] > 1 and cnp.PyArray_STRIDE(c, 1) != TPK_KV_BLOCK * hd[0] * esize)
+            or cnp.PyArray_STRIDE(c, 0) < n_kv[0] * TPK_KV_BLOCK * hd[0] * esize or cnp.PyArray_STRIDE(c, 0) % esize):
+        raise ValueError(f"attention: {name} must be (blocks, kv, {TPK_KV_BLOCK}, hd), contiguous within a block")
+    ctx[0] = _dim(c, 0) * TPK_KV_BLOCK
+    head_stride[0], block_stride[0] = TPK_KV_BLOCK * hd[0], cnp.PyArray_STRIDE(c, 0) // esize
+    return c
 
 
 def widen_f16(h):

@@ -175,13 +175,21 @@ void tpk_rmsnorm(const float *x, const float *w, float *y, int64_t T, int64_t n,
 void tpk_rope(float *x, int64_t T, int64_t heads, int64_t hd, const float *cos_t, const float *sin_t);
 /* out = g / (1 + exp(-g)) * u over n floats (out may be g or u) */
 void tpk_silu_mul(const float *g, const float *u, float *out, int64_t n, int nthreads);
+/* A KV cache keeps the positions of a kv head in blocks of TPK_KV_BLOCK (the attention's key
+ * chunks): position p of kv head h is row h * head_stride + (p / TPK_KV_BLOCK) * block_stride +
+ * p % TPK_KV_BLOCK (rows of hd values). A (n_kv, ctx, hd) array is head_stride = ctx * hd,
+ * block_stride = TPK_KV_BLOCK * hd; the runtime's cache puts every layer's and head's block of
+ * the same positions side by side, so that its memory grows with the positions in 2 MiB pages. */
+#define TPK_KV_BLOCK 256
 /* Causal attention of T new positions start..start+T-1: stores k, v (T, n_kv, hd) into the
- * caches (n_kv, ctx, hd), then for every position and query head h (q, out: (T, n_heads, hd))
+ * caches, then for every position and query head h (q, out: (T, n_heads, hd))
  * softmax(q . K[kv_of_head[h], first..pos] * scale) . V[...], where first is 0, or with a
- * sliding window (window > 0) pos - window + 1: a position sees itself and window - 1 before it. */
+ * sliding window (window > 0) pos - window + 1: a position sees itself and window - 1 before it.
+ * head_stride, block_stride: in values (see TPK_KV_BLOCK). */
 void tpk_attention(const float *q, const float *k, const float *v, int64_t T, int64_t n_heads, int64_t n_kv,
-                   int64_t hd, const int32_t *kv_of_head, void *kcache, void *vcache, int cache_f16, int64_t ctx,
-                   int64_t start, int64_t window, float scale, float *out, int nthreads);
+                   int64_t hd, const int32_t *kv_of_head, void *kcache, void *vcache, int cache_f16,
+                   int64_t head_stride, int64_t block_stride, int64_t start, int64_t window, float scale,
+                   float *out, int nthreads);
 /* cache_f16: the caches hold IEEE half floats (uint16_t) instead of float32. New keys and
  * values are narrowed by tpk_narrow_f16; attention then runs on their exact float32 values,
  * so its result equals the float32 cache's given the same (narrowed) keys and values. */

@@ -186,7 +186,7 @@ TPK_CLONES void tpk_silu_mul(const float *g, const float *u, float *out, int64_t
  * at decode the threads share the keys of a long context even when there are few kv heads.
  * Inside a chunk the keys go by tiles of KEY_TILE (a tile of K or V stays in L1 while every
  * head of the group uses it). Per head the arithmetic is the same whatever the grouping. */
-enum { KEY_CHUNK = 256, KEY_TILE = 32, MAX_BLOCK_ROWS = 16, PARTIALS_FLOATS = 1 << 20 };
+enum { KEY_CHUNK = TPK_KV_BLOCK, KEY_TILE = 32, MAX_BLOCK_ROWS = 16, PARTIALS_FLOATS = 1 << 20 };
 
 #if defined(__clang__)
 #define SHUF8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shufflevector(a, b, i0, i1, i2, i3, i4, i5, i6, i7)
@@ -421,9 +421,15 @@ static int64_t head_runs(const int32_t *kv_of_head, int64_t n_heads, int64_t *ru
     return runs;
 }
 
-/* the row of kv head h at position p in a (n_kv, ctx, hd) cache of esize-byte values */
-static char *cache_row(void *cache, int64_t esize, int64_t h, int64_t ctx, int64_t p, int64_t hd) {
-    return (char *)cache + ((h * ctx + p) * hd) * esize;
+/* where a cache keeps the rows of its kv heads: see TPK_KV_BLOCK (strides in values) */
+typedef struct {
+    char *base;
+    int64_t esize, head_stride, block_stride, hd;
+} cache_layout;
+
+/* the row of kv head h at position p; a key chunk's rows follow each other (one block) */
+static char *cache_row(const cache_layout *c, int64_t h, int64_t p) {
+    return c->base + (h * c->head_stride + (p / TPK_KV_BLOCK) * c->block_stride + (p % TPK_KV_BLOCK) * c->hd) * c->esize;
 }
 
 /* a new row of hd float32 values into a cache row: copied, or narrowed to float16 */
@@ -433,14 +439,17 @@ static void store_row(char *row, const float *x, int64_t hd, int64_t esize) {
 }
 
 void tpk_attention(const float *q, const float *k, const float *v, int64_t T, int64_t n_heads, int64_t n_kv,
-                   int64_t hd, const int32_t *kv_of_head, void *kcache, void *vcache, int cache_f16, int64_t ctx,
-                   int64_t start, int64_t window, float scale, float *out, int nthreads) {
+                   int64_t hd, const int32_t *kv_of_head, void *kcache, void *vcache, int cache_f16,
+                   int64_t head_stride, int64_t block_stride, int64_t start, int64_t window, float scale,
+                   float *out, int nthreads) {
     const int64_t esize = cache_f16 ? 2 : 4;
-    /* store the new keys and values: k, v are (T, n_kv, hd), the caches (n_kv, ctx, hd) */
+    const cache_layout kl = {(char *)kcache, esize, head_stride, block_stride, hd};
+    const cache_layout vl = {(char *)vcache, esize, head_stride, block_stride, hd};
+    /* store the new keys and values: k, v are (T, n_kv, hd) */
     for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < n_kv; h++) {
-            store_row(cache_row(kcache, esize, h, ctx, start + t, hd), k + (t * n_kv + h) * hd, hd, esize);
-            store_row(cache_row(vcache, esize, h, ctx, start + t, hd), v + (t * n_kv + h) * hd, hd, esize);
+            store_row(cache_row(&kl, h, start + t), k + (t * n_kv + h) * hd, hd, esize);
+            store_row(cache_row(&vl, h, start + t), v + (t * n_kv + h) * hd, hd, esize);
         }
     int64_t *run_start = (int64_t *)malloc(sizeof(int64_t) * (size_t)(n_heads + 1));
     const int64_t runs = head_runs(kv_of_head, n_heads, run_start);
@@ -488,8 +497,8 @@ void tpk_attention(const float *q, const float *k, const float *v, int64_t T, in
                 const int64_t lo0 = first_key(start + t0, window);
                 const int64_t cb = c * KEY_CHUNK > lo0 ? c * KEY_CHUNK : lo0;
                 const int64_t ce = (c + 1) * KEY_CHUNK < start + t1 ? (c + 1) * KEY_CHUNK : start + t1;
-                const float *kf = (const float *)cache_row(kcache, esize, kv, ctx, cb, hd);
-                const float *vf = (const float *)cache_row(vcache, esize, kv, ctx, cb, hd);
+                const float *kf = (const float *)cache_row(&kl, kv, cb);
+                const float *vf = (const float *)cache_row(&vl, kv, cb);
                 if (wide && cb < ce) {
                     tpk_widen_f16((const uint16_t *)kf, (ce - cb) * hd, wide);
                     tpk_widen_f16((const uint16_t *)vf, (ce - cb) * hd, wide + KEY_CHUNK * hd);
@@ -510,7 +519,7 @@ void tpk_attention(const float *q, const float *k, const float *v, int64_t T, in
                         const int64_t ln = first_key(pn, window), bn = cn * KEY_CHUNK > ln ? cn * KEY_CHUNK : ln;
                         const int64_t en = (cn + 1) * KEY_CHUNK < pn + 1 ? (cn + 1) * KEY_CHUNK : pn + 1;
                         if (bn < en) {
-                            next_k = cache_row(kcache, esize, kv_of_head[run_start[rn]], ctx, bn, hd);
+                            next_k = cache_row(&kl, kv_of_head[run_start[rn]], bn);
                             next_bytes = (en - bn) * hd * esize;
                         }
                     }

@@ -140,7 +140,19 @@ def test_sweep_long_context_reports_decode_positions_and_attention_share(tmp_pat
         shares = [r["pp_attention_share"]] + [d["attention_share"] for d in r["decode"]]
         assert all(0 < s < 1 for s in shares) and r["pp_tokens_per_s"] > 0
     table = next(tmp_path.glob("*.md")).read_text()
-    assert "decode at 300 tok/s (attention %)" in table
+    assert "decode at 300 tok/s (attention %)" in table and "attention's slowdown at the last" in table
+
+
+def test_attention_slowdown_takes_the_rest_of_the_step_from_the_long_step_itself():
+    """A step of 0.1 s at 100 positions (3% attention) and of 0.2 s at 4,000 (50%): without its
+    extra attention the long step would take 0.1 + 0.003 s, so attention makes it 1.94x slower.
+    With the same 0.1 s of attention in a long step of 0.22 s (the rest of it 20% slower: a busier
+    machine), attention makes it 0.22 / 0.123 = 1.79x slower, where the speed ratio says 2.2x."""
+    from benchmarks.sweep import attention_slowdown
+    short = {"tokens_per_s": 10.0, "attention_share": 0.03}
+    assert attention_slowdown(short, {"tokens_per_s": 5.0, "attention_share": 0.5}) == pytest.approx(0.2 / 0.103)
+    busier = {"tokens_per_s": 1 / 0.22, "attention_share": 0.1 / 0.22}
+    assert attention_slowdown(short, busier) == pytest.approx(0.22 / 0.123)
 
 
 def test_cluster_model_predicts_namespace_runs_from_measured_inputs(tmp_path):

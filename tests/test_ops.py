@@ -248,6 +248,85 @@ def test_attention_refuses_caches_it_cannot_use():
         K.attention(q, k, v, kc.astype(np.float16), vc, 4, kv_of_head, scale)
 
 
+# ---------------------------------------------------------------- the runtime's blocked cache layout
+
+def into_blocked_layout(kc, layers, layer, seed):
+    """(kv, ctx, hd) kc copied into the layout of tpllama.model.KVCache (kv_cache_array), at
+    `layer` of `layers`, every other value random: the whole array and the layer's view."""
+    from tpllama.model import kv_cache_array
+    n_kv, ctx, hd = kc.shape
+    whole = kv_cache_array(1, layers, n_kv, ctx, hd, kc.dtype)
+    whole[...] = rng(seed).standard_normal(whole.shape).astype(kc.dtype)
+    view = whole[0, :, layer]                                     # (blocks, kv, KV_BLOCK, hd)
+    view[...] = as_blocks(kc, view.shape[0])
+    return whole, view
+
+
+def as_blocks(kc, blocks):
+    """(kv, ctx, hd) -> (blocks, kv, KV_BLOCK, hd), the positions past ctx zero."""
+    n_kv, ctx, hd = kc.shape
+    padded = np.zeros((n_kv, blocks * K.KV_BLOCK, hd), kc.dtype)
+    padded[:, :ctx] = kc
+    return padded.reshape(n_kv, blocks, K.KV_BLOCK, hd).transpose(1, 0, 2, 3)
+
+
+@pytest.mark.parametrize("T,start,n_heads,n_kv,hd,window,dtype", [
+    (1, 700, 8, 2, 64, 0, np.float32), (40, 250, 8, 2, 64, 45, np.float32), (5, 510, 6, 3, 20, 0, np.float32),
+    (1, 0, 4, 1, 64, 0, np.float32), (9, 300, 8, 2, 128, 0, np.float16), (3, 1020, 4, 4, 64, 300, np.float16)])
+def test_attention_over_the_blocked_cache_layout_gives_the_same_bits(T, start, n_heads, n_kv, hd, window, dtype):
+    """The runtime's cache keeps blocks of KV_BLOCK positions with every layer's and kv head's
+    block side by side. Through one layer's view of it, attention gives the bits of a (kv, ctx,
+    hd) cache holding the same values, at 1 and 2 threads; the new keys and values land at their
+    positions and the other layers' values stay as they were."""
+    q, k, v, kc, vc, kv_of_head = random_attention_case(T + start, T, start, n_heads, n_kv, hd)
+    kc, vc = kc.astype(dtype), vc.astype(dtype)
+    scale = np.float32(1 / np.sqrt(hd))
+    kc_rows, vc_rows = kc.copy(), vc.copy()
+    want = K.attention(q, k, v, kc_rows, vc_rows, start, kv_of_head, scale, 1, window)
+    for threads in (1, 2):
+        kwhole, kview = into_blocked_layout(kc, 3, 1, seed=threads)
+        vwhole, vview = into_blocked_layout(vc, 3, 1, seed=threads + 10)
+        others = [w[0, :, [0, 2]].copy() for w in (kwhole, vwhole)]
+        got = K.attention(q, k, v, kview, vview, start, kv_of_head, scale, threads, window)
+        assert np.array_equal(got, want), threads
+        assert np.array_equal(kview, as_blocks(kc_rows, kview.shape[0]))
+        assert np.array_equal(vview, as_blocks(vc_rows, vview.shape[0]))
+        assert all(np.array_equal(w[0, :, [0, 2]], o) for w, o in zip((kwhole, vwhole), others))
+
+
+def test_attention_refuses_blocked_caches_it_cannot_use():
+    from tpllama.model import kv_cache_array
+    q, k, v, kc, vc, kv_of_head = random_attention_case(1, 1, 4, 2, 2, 8)
+    scale = np.float32(0.5)
+    whole = kv_cache_array(1, 2, 2, 300, 8, np.float32)
+    good = whole[0, :, 0]
+    assert K.attention(q, k, v, good, whole[0, :, 1], 4, kv_of_head, scale).shape == (1, 16)
+    half_block = np.zeros((2, 2, K.KV_BLOCK // 2, 8), np.float32)
+    overlapping = np.lib.stride_tricks.as_strided(good, strides=(K.KV_BLOCK * 8 * 4,) + good.strides[1:])
+    for bad in (half_block, good[:, :, :, :4], good[:, ::-1], overlapping):
+        with pytest.raises(ValueError, match="contiguous within a block"):
+            K.attention(q, k, v, bad, bad.copy() if bad is half_block else whole[0, :, 1], 4, kv_of_head, scale)
+
+
+def test_the_kv_cache_becomes_resident_as_its_positions_fill():
+    """A SmolLM2-shaped cache for 16,384 positions (754 MB, keys and values) with its first 300
+    positions written in every layer holds about two blocks of positions (2 x 5.9 MB each for
+    keys and values, in 2 MiB pages), not the whole context."""
+    from tpllama.model import kv_cache_array
+    from tpllama.stats import resident_anon_bytes
+    layers, n_kv, n_heads, hd, ctx, T = 30, 3, 9, 64, 16384, 300
+    before = resident_anon_bytes()
+    kc, vc = (kv_cache_array(1, layers, n_kv, ctx, hd, np.float32) for _ in range(2))
+    q, k, v = (rng(1).standard_normal((T, n * hd)).astype(np.float32) for n in (n_heads, n_kv, n_kv))
+    kv_of_head = (np.arange(n_heads) // 3).astype(np.int32)
+    for layer in range(layers):
+        K.attention(q, k, v, kc[0, :, layer], vc[0, :, layer], 0, kv_of_head, np.float32(0.125))
+    grown = resident_anon_bytes() - before
+    block = layers * n_kv * K.KV_BLOCK * hd * 4
+    assert kc.nbytes + vc.nbytes > 700e6
+    assert T * layers * n_kv * hd * 4 * 2 <= grown <= 2 * (2 * block + 4 * 2**20) + 8 * 2**20, grown
+
+
 def test_the_per_step_wrappers_refuse_arrays_they_cannot_use():
     """They read numpy pointers directly (no memoryviews): a wrong type, a strided view or a
     read-only output is a ValueError naming the argument, never a wrong result."""

@@ -44,16 +44,17 @@ def available_bytes() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def lazy_zeros(shape, dtype=np.float32) -> np.ndarray:
-    """Zeros whose pages are allocated on first write, 4 KiB at a time.
+def lazy_zeros(shape, dtype=np.float32, huge_pages: bool = False) -> np.ndarray:
+    """Zeros whose pages are allocated on first write: 4 KiB at a time, or with huge_pages 2 MiB at
+    a time where the kernel gives transparent huge pages.
 
-    np.zeros is lazy too, but with transparent huge pages one write into a 2 MiB region
-    makes all of it resident: a KV cache sized for the whole context (rows of 2 MiB per
-    layer and head) would then be resident after the first token."""
+    np.zeros is lazy too, but it always asks for huge pages, and one write into a 2 MiB region
+    makes all of it resident. Huge pages suit an array that fills from its front (resident memory
+    then follows what is written) and is read through end to end (a TLB miss per 2 MiB instead of
+    per 4 KiB: the KV cache's blocked layout, tpllama.model.KVCache)."""
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if nbytes == 0:
         return np.zeros(shape, dtype)
     buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):
-        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    advise(buf, "MADV_HUGEPAGE" if huge_pages else "MADV_NOHUGEPAGE", 0, nbytes)
     return np.frombuffer(buf, dtype=dtype).reshape(shape)   # the array keeps the mapping alive

@@ -46,23 +46,35 @@ def row_groups(n_rows: int, parts: int) -> List[slice]:
     return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
 
+def kv_cache_array(slots: int, layers: int, kv_heads: int, ctx: int, head_dim: int, dtype) -> np.ndarray:
+    """Zeros for ctx positions (rounded up to whole blocks) in KVCache's layout, (slots, blocks,
+    layers, kv_heads, K.KV_BLOCK, head_dim), resident as written, in huge pages where there are any."""
+    shape = (slots, -(-ctx // K.KV_BLOCK), layers, kv_heads, K.KV_BLOCK, head_dim)
+    return lazy_zeros(shape, dtype, huge_pages=True)
+
+
 class KVCache:
     """Keys and values of this rank's kv heads for every position seen so far, in `slots`
     independent sequences (slot 0 is the one-conversation API's; tpllama.batching uses them all).
 
-    Slots are fixed slices of one allocation, each as long as the context: a sequence's
-    positions stay contiguous, so attention reads them as one (kv, ctx, hd) array. Pages become
-    resident only as positions are written (lazy_zeros), so unused slot space costs address
-    space, not memory."""
+    The positions go in blocks of K.KV_BLOCK (the attention kernel's key chunks), and a block
+    holds those positions for every layer and kv head: (slots, blocks, layers, kv heads,
+    KV_BLOCK, head_dim). A slot's memory then fills from its front as positions are written, in
+    2 MiB pages (one TLB entry where 4 KiB pages needed 512: attention at a long context reads
+    the whole cache every token), and unused slot space costs address space, not memory."""
 
     def __init__(self, config: ModelConfig, n_local_kv_heads: int, ctx: int, slots: int = 1,
                  kv_type: str = DEFAULT_KV_TYPE):
-        shape = (slots, config.n_layers, n_local_kv_heads, ctx, config.head_dim)
         dtype = KV_TYPES[kv_type]    # f16: keys and values rounded to float16 as they are stored
-        self.k = lazy_zeros(shape, dtype)   # (slots, layers, local_kv_heads, ctx, head_dim); resident as it fills
-        self.v = lazy_zeros(shape, dtype)
+        self.k = kv_cache_array(slots, config.n_layers, n_local_kv_heads, ctx, config.head_dim, dtype)
+        self.v = kv_cache_array(slots, config.n_layers, n_local_kv_heads, ctx, config.head_dim, dtype)
         self.ctx = ctx
         self.slots = slots
+
+    def layer(self, slot: int, layer: int):
+        """The key and value caches of one slot's layer, as attention takes them:
+        (blocks, kv heads, KV_BLOCK, head_dim) views."""
+        return self.k[slot, :, layer], self.v[slot, :, layer]
 
     @property
     def nbytes(self) -> int:
@@ -179,8 +191,9 @@ class RankModel:
         """One segment's k, v go into its slot at positions start..; each position attends to
         its slot's positions 0..itself, or with a sliding window (Mistral) to itself and the
         sliding_window - 1 positions before it. (length, local_heads * hd)."""
-        return K.attention(q, k, v, self.cache.k[seg.slot, layer], self.cache.v[seg.slot, layer], seg.start,
-                           self.kv_of_head, self.scale, self.threads, self.config.sliding_window)
+        kcache, vcache = self.cache.layer(seg.slot, layer)
+        return K.attention(q, k, v, kcache, vcache, seg.start, self.kv_of_head, self.scale, self.threads,
+                           self.config.sliding_window)
 
     def feed_forward(self, lw: LayerWeights, h: Activation) -> np.ndarray:
         """(T, dim) -> (T, dim) float64 partial output of this rank's FFN units."""
