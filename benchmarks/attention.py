@@ -13,7 +13,8 @@ the runtime's PREFILL_CHUNK rows, one layer, times 22; prompt tokens per second 
 alone. With several --kv-type values (f32, f16: the runtime's --kv-type) their repetitions
 alternate, and the f16 / f32 time ratio is printed; so with several --layout values (blocked:
 the runtime's; rows: a (kv, ctx, hd) array a layer in 4 KiB pages, the layout before it), and
-with --against (another built checkout, e.g. of an earlier commit: its kernels on the rows layout). Each figure is the median (min-max) of --reps repetitions, each started on a quiet
+with --against (another built checkout, e.g. of an earlier commit: its kernels on the same
+layouts, or on the rows layout if it predates the blocked one). Each figure is the median (min-max) of --reps repetitions, each started on a quiet
 machine when one comes within 5 s (benchmarks/_common.Quiet). Prints a table; writes JSON to
 benchmarks/results/.
 """
@@ -109,7 +110,8 @@ def main(argv=None) -> int:
     p.add_argument("--layout", default="blocked",
                    help="cache layouts, comma-separated: blocked (the runtime's), rows (the one before it); alternated")
     p.add_argument("--against", type=Path,
-                   help="another built checkout: its kernels on the rows layout, alternated with this build's")
+                   help="another built checkout: its kernels alternated with this build's (on the rows layout "
+                        "when it predates the blocked one)")
     p.add_argument("--no-quiet", action="store_true", help="do not wait for the rest of the machine to be idle")
     p.add_argument("--json", help="results file (default benchmarks/results/attention-<time>.json)")
     a = p.parse_args(argv)
@@ -125,11 +127,13 @@ def main(argv=None) -> int:
         p.error("--kv-type takes f32, f16 or both, comma-separated")
     if any(layout not in LAYOUTS for layout in layouts):
         p.error(f"--layout takes {', '.join(LAYOUTS)} or both, comma-separated")
-    # (name, kernels, kv type, layout), alternated; --against: the other build on the rows layout
+    # (name, kernels, kv type, layout), alternated; --against: the other build on the same layouts,
+    # or on the rows layout when it is older than the blocked one (no KV_BLOCK)
     variants = [(f"{t} {lay}", K, t, lay) for t in kv_types for lay in layouts]
     if a.against:
         other = other_kernels(a.against)
-        variants += [(f"{t} rows, other build", other, t, "rows") for t in kv_types]
+        other_layouts = layouts if hasattr(other, "KV_BLOCK") else ["rows"]
+        variants += [(f"{t} {lay}, other build", other, t, lay) for t in kv_types for lay in other_layouts]
     if any(r not in RANK_SHAPES for r in ranks):
         p.error(f"--ranks: one of {', '.join(map(str, RANK_SHAPES))}")
     if any(v < 0 for v in positions) or a.prompt_len < 0 or any(t < 1 for t in threads) or a.reps < 1:

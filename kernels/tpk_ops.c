@@ -265,11 +265,13 @@ INLINE prefetch_run prefetch_of(const void *p, int64_t bytes, int64_t steps) {
     return (prefetch_run){(const char *)p, 0, lines, (lines * 256 + steps - 1) / (steps > 0 ? steps : 1), 0};
 }
 
-INLINE void prefetch_step(prefetch_run *r) {
+INLINE void prefetch_steps(prefetch_run *r, int64_t steps) {
     if (r->done >= r->lines) return;
-    for (r->credit += r->rate; r->credit >= 256 && r->done < r->lines; r->credit -= 256, r->done++)
+    for (r->credit += steps * r->rate; r->credit >= 256 && r->done < r->lines; r->credit -= 256, r->done++)
         __builtin_prefetch(r->p + r->done * 64, 0, 3);
 }
+
+INLINE void prefetch_step(prefetch_run *r) { prefetch_steps(r, 1); }
 
 /* acc[d] += sum over k < nk of p[k] * V[k][d] for d < hd, key by key in order (64 dims in
  * registers); the rows of V are `stride` floats apart */
@@ -279,8 +281,8 @@ INLINE void add_weighted_values(const float *p, const float *V, int64_t nk, int6
     for (; d + 64 <= hd; d += 64) {
         v8f c0 = load8(acc + d), c1 = load8(acc + d + 8), c2 = load8(acc + d + 16), c3 = load8(acc + d + 24);
         v8f c4 = load8(acc + d + 32), c5 = load8(acc + d + 40), c6 = load8(acc + d + 48), c7 = load8(acc + d + 56);
+        prefetch_steps(pf, nk);   /* the tile's prefetches at once: key by key, their bookkeeping cost ~10% */
         for (int64_t k = 0; k < nk; k++) {
-            prefetch_step(pf);
             const float w = p[k];   /* scalar * vector: a broadcast (splat8 here became 8 inserts) */
             const float *v = V + k * stride + d;
             c0 = c0 + w * load8(v);
