@@ -194,6 +194,21 @@ def test_batch_ceiling_times_steps_of_several_sequences(tmp_path, stories_gguf):
     assert rows[0]["ceiling"] == 1.0 and rows[1]["ceiling"] > 0
 
 
+def test_attention_benchmark_alternates_layouts_and_builds(tmp_path):
+    """attention.py --layout blocked,rows --against a checkout (here this one): every layout of
+    both builds timed in turns, each with its ratio to the first (the runtime's blocked cache)."""
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "attention.py"), "--positions", "300",
+                          "--prompt-len", "0", "--ranks", "2", "--threads", "1", "--reps", "1", "--no-quiet",
+                          "--layout", "blocked,rows", "--against", str(REPO), "--json", str(tmp_path / "a.json")],
+                         capture_output=True, text=True, timeout=300, env=mpi_env())
+    assert out.returncode == 0, out.stdout + out.stderr
+    results = json.loads((tmp_path / "a.json").read_text())["results"]
+    assert [r["variant"] for r in results] == ["f32 blocked", "f32 rows", "f32 blocked, other build",
+                                               "f32 rows, other build"]
+    assert all(r["ms"][0] > 0 for r in results)
+    assert "decode at 300: f32 rows, other build / f32 blocked time" in out.stdout
+
+
 def test_call_overhead_times_two_builds_in_one_process(tmp_path):
     """call_overhead.py --against a checkout: both builds' kernels timed side by side (here this
     checkout against itself, so both columns are there and a step's saving is near 0)."""

@@ -48,8 +48,8 @@ def lazy_zeros(shape, dtype=np.float32, huge_pages: bool = False) -> np.ndarray:
     """Zeros whose pages are allocated on first write: 4 KiB at a time, or with huge_pages 2 MiB at
     a time where the kernel gives transparent huge pages.
 
-    np.zeros is lazy too, but it always asks for huge pages, and one write into a 2 MiB region
-    makes all of it resident. Huge pages suit an array that fills from its front (resident memory
+    np.zeros is lazy too, but numpy asks for huge pages for large arrays, and then one write into
+    a 2 MiB region makes all of it resident. Huge pages suit an array that fills from its front (resident memory
     then follows what is written) and is read through end to end (a TLB miss per 2 MiB instead of
     per 4 KiB: the KV cache's blocked layout, tpllama.model.KVCache)."""
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
