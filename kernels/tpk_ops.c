@@ -333,22 +333,28 @@ INLINE float exp_and_sum(float *s, int64_t n, float mx) {
 /* One chunk's partial for the heads h0..h0+nh-1 sharing one kv head, at one position: keys
  * K[0..n), n <= KEY_CHUNK. Per head: m = the largest score, l = sum of exp(score - m) (8
  * lanes by key, then hsum8), acc = sum of exp(score - m) * value. scores: nh * KEY_CHUNK.
+ * K16, V16 (when not NULL): the keys and values are float16 instead, widened a tile at a
+ * time into `tile` (KEY_TILE * hd floats, in L1 while every head reads it); K, V unused.
  * Memory is read while this computes (from memory the chunk otherwise waits about as long
  * as it computes): the scores prefetch this chunk's values (when prefetch_v), the weighted
  * values the next chunk's keys next_k (next_bytes of them; NULL: none). */
-INLINE void attend_chunk_hd(const float *q, int64_t nh, const float *K, const float *V, int64_t n, int64_t hd,
-                            float scale, float *scores, float *m, float *l, float *acc, int prefetch_v,
-                            const void *next_k, int64_t next_bytes) {
-    prefetch_run pf = prefetch_of(prefetch_v ? V : NULL, n * hd * 4, nh * ((n + 7) / 8));
+INLINE void attend_chunk_hd(const float *q, int64_t nh, const float *K, const float *V, const uint16_t *K16,
+                            const uint16_t *V16, float *tile, int64_t n, int64_t hd, float scale, float *scores,
+                            float *m, float *l, float *acc, int prefetch_v, const void *next_k, int64_t next_bytes) {
+    prefetch_run pf = prefetch_v ? (K16 ? prefetch_of(V16, n * hd * 2, nh * ((n + 7) / 8))
+                                        : prefetch_of(V, n * hd * 4, nh * ((n + 7) / 8)))
+                                 : prefetch_of(NULL, 0, 1);
     for (int64_t j0 = 0; j0 < n; j0 += KEY_TILE) {          /* scores, a tile of keys for every head */
         const int64_t j1 = j0 + KEY_TILE < n ? j0 + KEY_TILE : n;
+        const float *Kt = K16 ? tile : K + j0 * hd;          /* the tile's keys */
+        if (K16) tpk_widen_f16(K16 + j0 * hd, (j1 - j0) * hd, tile);
         for (int64_t h = 0; h < nh; h++)
             for (int64_t j = j0; j < j1; j += 8) {
                 prefetch_step(&pf);
                 if (j1 - j >= 8)   /* a full block with nk a constant: as a variable, twice the time */
-                    score_block(q + h * hd, K + j * hd, 8, hd, scale, scores + h * KEY_CHUNK + j);
+                    score_block(q + h * hd, Kt + (j - j0) * hd, 8, hd, scale, scores + h * KEY_CHUNK + j);
                 else
-                    score_block(q + h * hd, K + j * hd, j1 - j, hd, scale, scores + h * KEY_CHUNK + j);
+                    score_block(q + h * hd, Kt + (j - j0) * hd, j1 - j, hd, scale, scores + h * KEY_CHUNK + j);
             }
     }
     for (int64_t h = 0; h < nh; h++) {                      /* exp(score - max), their sum */
@@ -365,18 +371,23 @@ INLINE void attend_chunk_hd(const float *q, int64_t nh, const float *K, const fl
     pf = prefetch_of(next_k, next_bytes, nh * n * (hd / 64));   /* a step a key per 64 dims */
     for (int64_t j0 = 0; j0 < n; j0 += KEY_TILE) {          /* weighted values, a tile for every head */
         const int64_t nk = j0 + KEY_TILE < n ? KEY_TILE : n - j0;
+        const float *Vt = V16 ? tile : V + j0 * hd;          /* the tile's values */
+        if (V16) tpk_widen_f16(V16 + j0 * hd, nk * hd, tile);
         for (int64_t h = 0; h < nh; h++)
-            add_weighted_values(scores + h * KEY_CHUNK + j0, V + j0 * hd, nk, hd, hd, acc + h * hd, &pf);
+            add_weighted_values(scores + h * KEY_CHUNK + j0, Vt, nk, hd, hd, acc + h * hd, &pf);
     }
 }
 
 /* attend_chunk_hd, built for the common head sizes as constants (unrolled loops, ~6% faster) */
-TPK_CLONES static void attend_chunk(const float *q, int64_t nh, const float *K, const float *V, int64_t n,
-                                    int64_t hd, float scale, float *scores, float *m, float *l, float *acc,
-                                    int prefetch_v, const void *next_k, int64_t next_bytes) {
-    if (hd == 64) attend_chunk_hd(q, nh, K, V, n, 64, scale, scores, m, l, acc, prefetch_v, next_k, next_bytes);
-    else if (hd == 128) attend_chunk_hd(q, nh, K, V, n, 128, scale, scores, m, l, acc, prefetch_v, next_k, next_bytes);
-    else attend_chunk_hd(q, nh, K, V, n, hd, scale, scores, m, l, acc, prefetch_v, next_k, next_bytes);
+TPK_CLONES static void attend_chunk(const float *q, int64_t nh, const float *K, const float *V, const uint16_t *K16,
+                                    const uint16_t *V16, float *tile, int64_t n, int64_t hd, float scale,
+                                    float *scores, float *m, float *l, float *acc, int prefetch_v,
+                                    const void *next_k, int64_t next_bytes) {
+    if (hd == 64)
+        attend_chunk_hd(q, nh, K, V, K16, V16, tile, n, 64, scale, scores, m, l, acc, prefetch_v, next_k, next_bytes);
+    else if (hd == 128)
+        attend_chunk_hd(q, nh, K, V, K16, V16, tile, n, 128, scale, scores, m, l, acc, prefetch_v, next_k, next_bytes);
+    else attend_chunk_hd(q, nh, K, V, K16, V16, tile, n, hd, scale, scores, m, l, acc, prefetch_v, next_k, next_bytes);
 }
 
 /* out = the chunks' partials c = 0..nc-1 of one head (`stride` slots apart) folded in order:
@@ -477,8 +488,11 @@ void tpk_attention(const float *q, const float *k, const float *v, int64_t T, in
 #endif
     {
         float *scores = (float *)malloc(sizeof(float) * (size_t)(widest * KEY_CHUNK));
-        /* a float16 cache: each task's chunk of keys and values widened once, for all its rows */
-        float *wide = esize == 4 ? NULL : (float *)malloc(sizeof(float) * (size_t)(2 * KEY_CHUNK * hd));
+        /* a float16 cache: a block of rows widens each task's chunk of keys and values once, for
+         * all its rows; a single row (decode) widens a tile at a time (into L1, not L2) */
+        const int f16 = esize == 2;
+        float *wide = f16 && rows > 1 ? (float *)malloc(sizeof(float) * (size_t)(2 * KEY_CHUNK * hd)) : NULL;
+        float *tile = f16 ? (float *)malloc(sizeof(float) * (size_t)(KEY_TILE * hd)) : NULL;
 #ifdef _OPENMP
         const int64_t team = omp_get_num_threads();
 #else
@@ -501,7 +515,8 @@ void tpk_attention(const float *q, const float *k, const float *v, int64_t T, in
                 const int64_t ce = (c + 1) * KEY_CHUNK < start + t1 ? (c + 1) * KEY_CHUNK : start + t1;
                 const float *kf = (const float *)cache_row(&kl, kv, cb);
                 const float *vf = (const float *)cache_row(&vl, kv, cb);
-                if (wide && cb < ce) {
+                const int by_tile = f16 && t1 - t0 == 1;
+                if (f16 && !by_tile && cb < ce) {
                     tpk_widen_f16((const uint16_t *)kf, (ce - cb) * hd, wide);
                     tpk_widen_f16((const uint16_t *)vf, (ce - cb) * hd, wide + KEY_CHUNK * hd);
                     kf = wide, vf = wide + KEY_CHUNK * hd;
@@ -525,10 +540,13 @@ void tpk_attention(const float *q, const float *k, const float *v, int64_t T, in
                             next_bytes = (en - bn) * hd * esize;
                         }
                     }
-                    /* the first row prefetches the chunk's values from the cache (widened ones are in L2) */
-                    attend_chunk(q + (t * n_heads + h0) * hd, nh, kf + (b - cb) * hd, vf + (b - cb) * hd, e - b, hd,
-                                 scale, scores, part_m + slot, part_l + slot, part_acc + slot * (size_t)hd,
-                                 t == t0 && !wide, next_k, next_bytes);
+                    /* the first row prefetches the chunk's values from the cache (widened chunks are in L2) */
+                    const uint16_t *k16 = by_tile ? (const uint16_t *)kf + (b - cb) * hd : NULL;
+                    const uint16_t *v16 = by_tile ? (const uint16_t *)vf + (b - cb) * hd : NULL;
+                    attend_chunk(q + (t * n_heads + h0) * hd, nh, by_tile ? NULL : kf + (b - cb) * hd,
+                                 by_tile ? NULL : vf + (b - cb) * hd, k16, v16, tile, e - b, hd, scale, scores,
+                                 part_m + slot, part_l + slot, part_acc + slot * (size_t)hd,
+                                 t == t0 && (!f16 || by_tile), next_k, next_bytes);
                 }
             }
             /* each (row, head): its chunks folded in order */
@@ -545,6 +563,7 @@ void tpk_attention(const float *q, const float *k, const float *v, int64_t T, in
         }
         free(scores);
         free(wide);
+        free(tile);
     }
     free(part_m);
     free(part_l);
