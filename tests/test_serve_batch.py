@@ -69,5 +69,7 @@ def test_six_concurrent_requests_each_equal_their_solo_answer(server, solo):
     assert value("tpllama_generated_tokens_total") == sum(s["completion_tokens"] for s in solo)
     assert value("tpllama_slots") == 4 and value("tpllama_queue_length") == 0 and value("tpllama_batch_size") == 0
     steps = value("tpllama_step_seconds_count")
-    assert value("tpllama_step_sequences_total") / steps > 2    # the requests really ran together
+    # the requests really ran together: one at a time gives 1; all six together about 3.5 (4 slots),
+    # and on a loaded machine the threads' requests arrive spread out (2.0 seen once in CI)
+    assert value("tpllama_step_sequences_total") / steps > 1.5
     assert server.request("GET", "/health", auth=False)[2] == {"status": "ok", "queued": 0, "running": 0, "slots": 4}
