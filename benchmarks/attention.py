@@ -39,7 +39,7 @@ from tpllama.plan import KV_TYPES, PREFILL_CHUNK  # noqa: E402
 LAYERS, HEAD_DIM = 22, 64
 RANK_SHAPES = {1: (32, 4), 2: (16, 2)}     # ranks -> (query heads, kv heads) on one rank
 # blocked: the runtime's KVCache (blocks of positions for every layer, 2 MiB pages); rows: the
-# layout before 2026-11-30, a (kv heads, ctx, head_dim) array per layer in 4 KiB pages
+# layout before 2026-11-29, a (kv heads, ctx, head_dim) array per layer in 4 KiB pages
 LAYOUTS = ("blocked", "rows")
 
 
@@ -68,6 +68,17 @@ def print_ratios(samples: dict, what: str) -> None:
     first = next(iter(samples))
     for name in list(samples)[1:]:
         print(f"{what}: {name} / {first} time {median(samples[name]) / median(samples[first]):.2f}x", flush=True)
+
+
+def alternated(variants, reps: int, quiet, seconds) -> dict:
+    """{variant name: reps times of seconds(name, kernels)}, the variants taken in turn in each
+    repetition so that the machine's noise falls alike on all of them."""
+    samples = {name: [] for name, *_ in variants}
+    for _ in range(reps):
+        for name, kernels, *_ in variants:
+            quiet.wait()
+            samples[name].append(seconds(name, kernels))
+    return samples
 
 
 def rows(T: int, n: int, seed: int) -> np.ndarray:
@@ -147,13 +158,11 @@ def main(argv=None) -> int:
         for pos in positions:
             layer_caches = {name: caches(LAYERS, n_kv, pos + 1, pos, t, lay) for name, _, t, lay in variants}
             for th in threads:
-                samples = {name: [] for name, *_ in variants}
+                step = lambda name, kernels, cached=layer_caches: decode_seconds(kernels, cached[name], pos, heads,
+                                                                                  n_kv, th)
                 for name, kernels, *_ in variants:
-                    decode_seconds(kernels, layer_caches[name], pos, heads, n_kv, th)   # warm-up
-                for _ in range(a.reps):
-                    for name, kernels, *_ in variants:                   # alternated: the same noise for each
-                        quiet.wait()
-                        samples[name].append(decode_seconds(kernels, layer_caches[name], pos, heads, n_kv, th))
+                    step(name, kernels)                                  # warm-up
+                samples = alternated(variants, a.reps, quiet, step)
                 for name, _, t, lay in variants:
                     ms = [1e3 * s for s in samples[name]]
                     nbytes = 2 * LAYERS * n_kv * (pos + 1) * HEAD_DIM * np.dtype(KV_TYPES[t]).itemsize
@@ -166,11 +175,8 @@ def main(argv=None) -> int:
         if a.prompt_len:
             kv = {name: caches(1, n_kv, a.prompt_len, 7, t, lay)[0] for name, _, t, lay in variants}
             for th in threads:
-                samples = {name: [] for name, *_ in variants}
-                for _ in range(a.reps):
-                    for name, kernels, *_ in variants:
-                        quiet.wait()
-                        samples[name].append(prefill_seconds(kernels, *kv[name], a.prompt_len, heads, n_kv, th))
+                samples = alternated(variants, a.reps, quiet, lambda name, kernels: prefill_seconds(
+                    kernels, *kv[name], a.prompt_len, heads, n_kv, th))
                 for name, _, t, lay in variants:
                     tps = [a.prompt_len / s for s in samples[name]]
                     results.append({"ranks": r, "threads": th, "variant": name, "kv_type": t, "layout": lay,

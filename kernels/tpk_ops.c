@@ -341,9 +341,8 @@ INLINE float exp_and_sum(float *s, int64_t n, float mx) {
 INLINE void attend_chunk_hd(const float *q, int64_t nh, const float *K, const float *V, const uint16_t *K16,
                             const uint16_t *V16, float *tile, int64_t n, int64_t hd, float scale, float *scores,
                             float *m, float *l, float *acc, int prefetch_v, const void *next_k, int64_t next_bytes) {
-    prefetch_run pf = prefetch_v ? (K16 ? prefetch_of(V16, n * hd * 2, nh * ((n + 7) / 8))
-                                        : prefetch_of(V, n * hd * 4, nh * ((n + 7) / 8)))
-                                 : prefetch_of(NULL, 0, 1);
+    const void *own_v = !prefetch_v ? NULL : K16 ? (const void *)V16 : (const void *)V;
+    prefetch_run pf = prefetch_of(own_v, n * hd * (K16 ? 2 : 4), nh * ((n + 7) / 8));
     for (int64_t j0 = 0; j0 < n; j0 += KEY_TILE) {          /* scores, a tile of keys for every head */
         const int64_t j1 = j0 + KEY_TILE < n ? j0 + KEY_TILE : n;
         const float *Kt = K16 ? tile : K + j0 * hd;          /* the tile's keys */
