@@ -18,7 +18,8 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNEL_SOURCES = ["kernels/tpk.c", "kernels/tpk_kq.c", "kernels/tpk_x86.c", "kernels/tpk_arm.c", "kernels/tpk_ops.c"]
+KERNEL_SOURCES = ["kernels/tpk.c", "kernels/tpk_kq.c", "kernels/tpk_x86.c", "kernels/tpk_arm.c", "kernels/tpk_ops.c",
+                  "kernels/tpk_layer.c"]
 
 
 def _compiler_accepts(compiler, flags, source):
@@ -66,7 +67,7 @@ extensions = [
         "tpllama._kernels",
         sources=["kernels/_kernels.pyx"] + KERNEL_SOURCES,
         include_dirs=["kernels", numpy.get_include()],
-        depends=["kernels/tpk.h", "kernels/tpk_impl.h"],
+        depends=["kernels/tpk.h", "kernels/tpk_impl.h", "kernels/tpk_layer.h"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
 ]

@@ -26,6 +26,10 @@ sys.path.append(str(REPO))      # `benchmarks`, after any installed tpllama: _co
 from benchmarks._common import Quiet, machine_header, machine_info, median, spread, write_results  # noqa: E402
 
 KERNEL_FUNCTIONS = ("matmul_packed", "matmul_packed_many", "quantize_q80", "rmsnorm", "rope", "silu_mul", "attention")
+# the kinds of kernel time a step's breakdown prints (tpllama._kernels.FUSED_PHASES, for the fused layers)
+PHASES = ("matmuls", "attention", "norms", "rope", "silu", "quantize")
+PHASE_OF = {"matmul_packed": "matmuls", "matmul_packed_many": "matmuls", "quantize_q80": "quantize",
+            "rmsnorm": "norms", "rope": "rope", "silu_mul": "silu", "attention": "attention"}
 
 
 def default_model_path(shape: str) -> str:
@@ -85,21 +89,48 @@ def measure(model, prompt, steps, reps, quiet):
     return median(pp), median(dec), pp, dec
 
 
+def fused_against_steps(model, prompt, steps, reps, quiet):
+    """Decode tokens/s with each sublayer's kernels in one C call (the default) and with
+    model.py's own steps, repetitions alternated: {"fused": [...], "steps": [...]}."""
+    rm = model.rank_model
+    fused = rm.fused
+    out = {"fused": [], "steps": []}
+    try:
+        for rep in range(reps):
+            for name, layers in (("fused", fused), ("steps", None)):
+                rm.fused = layers
+                out[name].append(measure(model, prompt, steps, 1, quiet)[1])
+    finally:
+        rm.fused = fused
+    return out
+
+
 def profile_decode(model, prompt, steps, quiet):
-    """Split decode steps into time inside the kernels and outside them."""
+    """Split decode steps into time inside the kernels, by kind, and outside them. A decode step
+    runs each sublayer's kernels in one C call (tpllama.model.FUSED_MAX_ROWS), which adds its
+    kernels' time to the rank model's phase_ns; the calls made from Python are timed here."""
+    rm = model.rank_model
     quiet.wait()
     model.reset()
     model.prefill(prompt)
+    fused_before = rm.phase_ns.copy()
     with KernelTimer() as kt:
         t = time.perf_counter()
         for i in range(steps):
             model.decode_step(100 + i)
         total = time.perf_counter() - t
-    kernel = sum(kt.ns.values()) / 1e9
+    from tpllama import _kernels as K
+    phases = {p: 0.0 for p in PHASES}
+    for name, ns in kt.ns.items():
+        phases[PHASE_OF[name]] += ns / 1e9
+    for name, ns in zip(K.FUSED_PHASES, rm.phase_ns - fused_before):
+        phases[name] += ns / 1e9
+    kernel = sum(phases.values())
     return {"step_ms": 1e3 * total / steps, "kernel_ms": 1e3 * kernel / steps,
             "outside_ms": 1e3 * (total - kernel) / steps, "outside_fraction": (total - kernel) / total,
-            "kernel_calls_per_step": sum(kt.calls.values()) / steps,
-            "per_kernel_ms": {k: 1e3 * v / 1e9 / steps for k, v in kt.ns.items()}}
+            "fused_layers": rm.fused is not None,
+            "python_kernel_calls_per_step": sum(kt.calls.values()) / steps,
+            "per_phase_ms": {k: 1e3 * v / steps for k, v in phases.items()}}
 
 
 def main(argv=None) -> int:
@@ -112,6 +143,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     p.add_argument("--ctx", type=int, default=256)
     p.add_argument("--level", help="force a SIMD level")
+    p.add_argument("--against-steps", action="store_true",
+                   help="also decode with model.py's own steps instead of a C call per sublayer, repetitions "
+                        "alternated, and print the ratio")
     p.add_argument("--no-quiet", action="store_true")
     p.add_argument("--json")
     a = p.parse_args(argv)
@@ -142,19 +176,27 @@ def main(argv=None) -> int:
         measure(model, prompt, 4, 1, Quiet(enabled=False))        # warm up
         pp, dec, pp_all, dec_all = measure(model, prompt, a.steps, a.reps, quiet)
         prof = profile_decode(model, prompt, a.steps, quiet)
+        against = fused_against_steps(model, prompt, a.steps, a.reps, quiet) if a.against_steps else None
         per_token = weight_bytes(model.config, model.shard, model.types)
         bandwidth = info["bandwidth_GBps"][th]
         results[th] = {"load_s": load_s, "pp_tok_s": pp, "decode_tok_s": dec, "pp_samples": pp_all,
                        "decode_samples": dec_all, "decode_profile": prof,
                        "weights_MB": model.rank_model.w.nbytes / 1e6, "weight_bytes_per_token": per_token,
                        "decode_weights_GBps": per_token * dec / 1e9, "bandwidth_GBps": bandwidth,
-                       "decode_fraction_of_bandwidth": per_token * dec / 1e9 / bandwidth}
+                       "decode_fraction_of_bandwidth": per_token * dec / 1e9 / bandwidth,
+                       "fused_against_steps": against}
         r = results[th]
         print(f"threads {th}: prompt {spread(pp_all)} tok/s   decode {spread(dec_all)} tok/s   "
               f"(loaded in {load_s:.1f} s)", flush=True)
         print(f"  decode reads {per_token / 1e6:.0f} MB of weights per token: {r['decode_weights_GBps']:.1f} GB/s, "
               f"{100 * r['decode_fraction_of_bandwidth']:.0f}% of the {bandwidth:.1f} GB/s streaming read "
               f"measured at {th} thread(s)", flush=True)
+        if against:
+            f, st = against["fused"], against["steps"]
+            if f and st and min(st) > 0:
+                print(f"  alternated: decode {spread(f)} tok/s with a C call per sublayer, {spread(st)} with model.py's "
+                      f"steps: {median(f) / median(st):.2f}x (per pair: "
+                      f"{', '.join(f'{x / y:.2f}' for x, y in zip(f, st))})", flush=True)
         model.close()
         del model
     for th in threads:
@@ -162,13 +204,14 @@ def main(argv=None) -> int:
         results[th]["pp_over_decode"] = ratio
         print(f"pp{a.prompt} / decode at {th} thread(s): {ratio:.1f}x")
     print()
-    print("decode step, inside the C kernels vs outside them (Python, numpy, embedding read):")
+    print("decode step, inside the C kernels vs outside them (Python, numpy, embedding read, the logits' copy):")
     for th in threads:
         pr = results[th]["decode_profile"]
-        detail = ", ".join(f"{k} {v:.2f}" for k, v in pr["per_kernel_ms"].items())
+        detail = ", ".join(f"{k} {v:.2f}" for k, v in pr["per_phase_ms"].items())
+        how = "a C call per sublayer" if pr["fused_layers"] else "model.py's steps"
         print(f"  threads {th}: step {pr['step_ms']:.2f} ms = kernels {pr['kernel_ms']:.2f} ms + outside "
-              f"{pr['outside_ms']:.2f} ms ({100 * pr['outside_fraction']:.1f}%), "
-              f"{pr['kernel_calls_per_step']:.0f} kernel calls/step [{detail} ms]")
+              f"{pr['outside_ms']:.2f} ms ({100 * pr['outside_fraction']:.1f}%), layers by {how} "
+              f"[{detail} ms]")
     if quiet.noisy:
         print(f"# note: {quiet.noisy} repetitions started while other processes kept the machine busy")
     out = write_results(f"model-{a.shape}", {"machine": info, "model": path, "shape": a.shape, "reps": a.reps,

@@ -570,3 +570,193 @@ cdef cnp.ndarray _convert_f16(values, bint widen):
             else:
                 tpk_narrow_f16(<const float *>sp, n, <uint16_t *>op)
     return out
+
+
+# ---------------------------------------------------------------- a layer's kernels in one call (tpk_layer.h)
+
+cdef extern from "tpk_layer.h":
+    ctypedef struct tpk_matrix:
+        int type
+        const uint8_t *data
+        int64_t rows, nb
+    ctypedef struct tpk_attention_sublayer:
+        const float *norm
+        tpk_matrix wq, wk, wv, wo
+        int64_t dim, n_heads, n_kv, hd, window
+        const int32_t *kv_of_head
+        float eps, scale
+    ctypedef struct tpk_ffn_sublayer:
+        const float *norm
+        tpk_matrix w1, w3, w2
+        int64_t dim, hidden
+        float eps
+    ctypedef struct tpk_kv_layer:
+        void *k
+        void *v
+        int f16
+        int64_t head_stride, block_stride, ctx
+    int TPK_PHASES
+    int64_t tpk_attention_sublayer_work(const tpk_attention_sublayer *s, int64_t T) nogil
+    int64_t tpk_ffn_sublayer_work(const tpk_ffn_sublayer *s, int64_t T) nogil
+    void tpk_attention_sublayer_run(const tpk_attention_sublayer *s, float *x, const float *add, int64_t T,
+                                    const float *cos_t, const float *sin_t, const tpk_kv_layer *cache, int64_t start,
+                                    double *out, uint8_t *work, int nthreads, int64_t *phase_ns) nogil
+    void tpk_ffn_sublayer_run(const tpk_ffn_sublayer *s, float *x, const float *add, int64_t T, double *out,
+                              uint8_t *work, int nthreads, int64_t *phase_ns) nogil
+
+# the kinds of kernel time a FusedLayer adds to its phase_ns array, in order
+FUSED_PHASES = ("norms", "quantize", "matmuls", "rope", "attention", "silu")
+
+
+cdef tpk_matrix _matrix(m, int64_t rows, int64_t cols, str what) except *:
+    """(wtype, packed data, rows, cols) checked against the rows and columns the layer needs"""
+    wtype, data, m_rows, m_cols = m
+    cdef cnp.ndarray d = _arr(data, cnp.NPY_UINT8, 1, f"FusedLayer: {what}")
+    cdef tpk_matrix out
+    out.type = _type_id(wtype)
+    out.rows, out.nb = m_rows, _blocks(m_cols)
+    if m_rows != rows or m_cols != cols or _dim(d, 0) != tpk_packed_bytes(out.type, out.rows, out.nb):
+        raise ValueError(f"FusedLayer: {what} is not a packed {rows} x {cols} matrix")
+    out.data = <const uint8_t *>cnp.PyArray_DATA(d)
+    return out
+
+
+cdef class FusedLayer:
+    """One rank's share of a Llama layer (attention and FFN sublayers, packed weights only) whose
+    kernels run in one C call per sublayer; the same calls, in the same order, as tpllama/model.py
+    makes one by one, so the same bits. For short passes (decode), where the Python between the
+    kernels runs with caches emptied by each matrix read.
+
+    Matrices are (wtype, packed data, rows, cols) tuples; kcache, vcache the runtime's whole
+    caches (slots, blocks, layers, kv, KV_BLOCK, hd), of which this layer is `layer`; work: a
+    uint8 scratch array of at least work_bytes(max_rows) bytes (layers may share one); phase_ns:
+    None, or int64 (len(FUSED_PHASES),) to which the kernels' time is added."""
+    cdef tpk_attention_sublayer att
+    cdef tpk_ffn_sublayer ffn
+    cdef tpk_kv_layer cache
+    cdef int64_t slot_stride, slots, max_rows
+    cdef char *kbase
+    cdef char *vbase
+    cdef int nthreads
+    cdef int64_t *phase
+    cdef object keep      # the arrays the structs point into
+    cdef cnp.ndarray work
+
+    def __init__(self, attn_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2, kv_of_head, int64_t head_dim, float eps,
+                 float scale, int64_t window, kcache, vcache, int64_t layer, int nthreads=1, phase_ns=None):
+        cdef cnp.ndarray an = _arr(attn_norm, cnp.NPY_FLOAT32, 1, "FusedLayer: attn_norm")
+        cdef cnp.ndarray fn = _arr(ffn_norm, cnp.NPY_FLOAT32, 1, "FusedLayer: ffn_norm")
+        cdef cnp.ndarray koh = _arr(kv_of_head, cnp.NPY_INT32, 1, "FusedLayer: kv_of_head")
+        cdef int64_t dim = _dim(an, 0), hd = head_dim, n_heads = _dim(koh, 0), i
+        cdef cnp.ndarray kc = self._cache(kcache, "kcache", layer)
+        cdef cnp.ndarray vc = self._cache(vcache, "vcache", layer)
+        if (<object>kcache).shape != (<object>vcache).shape or kcache.dtype != vcache.dtype or kcache.strides != vcache.strides:
+            raise ValueError("FusedLayer: caches differ")
+        cdef int64_t n_kv = _dim(kc, 3), hidden = w1[2]
+        if hd <= 0 or hd % 2 or _dim(kc, 5) != hd or _dim(fn, 0) != dim:
+            raise ValueError("FusedLayer: head size or norms do not match")
+        for i in range(n_heads):
+            if (<const int32_t *>cnp.PyArray_DATA(koh))[i] < 0 or (<const int32_t *>cnp.PyArray_DATA(koh))[i] >= n_kv:
+                raise ValueError("FusedLayer: kv head index out of range")
+        self.att.norm = <const float *>cnp.PyArray_DATA(an)
+        self.att.wq = _matrix(wq, n_heads * hd, dim, "wq")
+        self.att.wk = _matrix(wk, n_kv * hd, dim, "wk")
+        self.att.wv = _matrix(wv, n_kv * hd, dim, "wv")
+        self.att.wo = _matrix(wo, dim, n_heads * hd, "wo")
+        self.att.dim, self.att.n_heads, self.att.n_kv, self.att.hd = dim, n_heads, n_kv, hd
+        self.att.window, self.att.kv_of_head = window, <const int32_t *>cnp.PyArray_DATA(koh)
+        self.att.eps, self.att.scale = eps, scale
+        self.ffn.norm = <const float *>cnp.PyArray_DATA(fn)
+        self.ffn.w1 = _matrix(w1, hidden, dim, "w1")
+        self.ffn.w3 = _matrix(w3, hidden, dim, "w3")
+        self.ffn.w2 = _matrix(w2, dim, hidden, "w2")
+        self.ffn.dim, self.ffn.hidden, self.ffn.eps = dim, hidden, eps
+        esize = kc.itemsize
+        self.cache.f16 = kc.dtype == np.float16
+        self.cache.head_stride, self.cache.block_stride = kc.strides[3] // esize, kc.strides[1] // esize
+        self.cache.ctx = _dim(kc, 1) * TPK_KV_BLOCK
+        self.slots, self.slot_stride = _dim(kc, 0), kc.strides[0]
+        self.kbase = <char *>cnp.PyArray_DATA(kc) + layer * kc.strides[2]
+        self.vbase = <char *>cnp.PyArray_DATA(vc) + layer * vc.strides[2]
+        self.nthreads = nthreads
+        self.phase = NULL
+        if phase_ns is not None:
+            self.phase = <int64_t *>cnp.PyArray_DATA(_arr(phase_ns, cnp.NPY_INT64, 1, "FusedLayer: phase_ns",
+                                                          writable=True))
+            if len(phase_ns) != TPK_PHASES:
+                raise ValueError(f"FusedLayer: phase_ns must have {TPK_PHASES} entries")
+        self.keep = (an, fn, koh, kc, vc, wq, wk, wv, wo, w1, w3, w2, phase_ns)
+        self.work, self.max_rows = None, 0
+
+    cdef cnp.ndarray _cache(self, cache, str name, int64_t layer):
+        if (not isinstance(cache, np.ndarray) or cache.ndim != 6 or cache.dtype not in (np.float32, np.float16)
+                or not cache.flags.writeable):
+            raise ValueError(f"FusedLayer: {name} must be a writable 6-d float32 or float16 array")
+        cdef cnp.ndarray c = <cnp.ndarray>cache
+        e = c.itemsize
+        if (c.shape[4] != TPK_KV_BLOCK or not 0 <= layer < c.shape[2] or c.strides[5] != e
+                or c.strides[4] != c.shape[5] * e or c.strides[3] != TPK_KV_BLOCK * c.shape[5] * e):
+            raise ValueError(f"FusedLayer: {name} must be (slots, blocks, layers, kv, {TPK_KV_BLOCK}, hd), "
+                             "contiguous within a block, with the layer among its layers")
+        return c
+
+    def work_bytes(self, int64_t rows):
+        """Scratch bytes the larger sublayer needs for `rows` rows."""
+        return max(tpk_attention_sublayer_work(&self.att, rows), tpk_ffn_sublayer_work(&self.ffn, rows))
+
+    def use_work(self, work, int64_t max_rows):
+        """Take `work` (64-byte aligned uint8, work_bytes(max_rows) or more) as scratch for passes of up to max_rows rows."""
+        cdef cnp.ndarray w = _arr(work, cnp.NPY_UINT8, 1, "FusedLayer: work", writable=True)
+        if _dim(w, 0) < self.work_bytes(max_rows) or (<size_t>cnp.PyArray_DATA(w)) % 64:
+            raise ValueError(f"FusedLayer: work must be 64-byte aligned and hold {self.work_bytes(max_rows)} bytes")
+        self.work, self.max_rows = w, max_rows
+
+    cdef float *_rows(self, x, int64_t *T) except NULL:
+        cdef cnp.ndarray a = _arr(x, cnp.NPY_FLOAT32, 2, "FusedLayer: x", writable=True)
+        T[0] = _dim(a, 0)
+        if _dim(a, 1) != self.att.dim or not 0 < T[0] <= self.max_rows:
+            raise ValueError(f"FusedLayer: x must be (1..{self.max_rows}, {self.att.dim})")
+        return <float *>cnp.PyArray_DATA(a)
+
+    cdef const float *_add(self, add, int64_t T) except? NULL:
+        if add is None:
+            return NULL
+        cdef cnp.ndarray a = _arr(add, cnp.NPY_FLOAT32, 2, "FusedLayer: add")
+        if _dim(a, 0) != T or _dim(a, 1) != self.att.dim:
+            raise ValueError("FusedLayer: add must be shaped as x")
+        return <const float *>cnp.PyArray_DATA(a)
+
+    def attention(self, x, add, int64_t slot, int64_t start, cos_array, sin_array):
+        """x (T, dim) float32 += add (None, or the last sublayer's (T, dim) float32 total); returns
+        the attention sublayer's (T, dim) float64 partial sums over x's rows at positions start..
+        of cache slot `slot`, whose keys and values it stores. cos, sin: (T, hd/2) float32."""
+        cdef int64_t T
+        cdef float *xp = self._rows(x, &T)
+        cdef const float *ap = self._add(add, T)
+        cdef cnp.ndarray cos = _arr(cos_array, cnp.NPY_FLOAT32, 2, "FusedLayer: cos")
+        cdef cnp.ndarray sin = _arr(sin_array, cnp.NPY_FLOAT32, 2, "FusedLayer: sin")
+        if _dim(cos, 0) != T or _dim(sin, 0) != T or _dim(cos, 1) != self.att.hd // 2 or _dim(sin, 1) != self.att.hd // 2:
+            raise ValueError("FusedLayer: cos/sin tables do not match")
+        if not 0 <= slot < self.slots or start < 0 or start + T > self.cache.ctx:
+            raise ValueError(f"FusedLayer: positions {start}..{start + T} of slot {slot} do not fit the cache")
+        cdef tpk_kv_layer c = self.cache
+        c.k = self.kbase + slot * self.slot_stride
+        c.v = self.vbase + slot * self.slot_stride
+        cdef cnp.ndarray out = _empty2(T, self.att.dim, cnp.NPY_FLOAT64)
+        with nogil:
+            tpk_attention_sublayer_run(&self.att, xp, ap, T, <const float *>cnp.PyArray_DATA(cos),
+                                       <const float *>cnp.PyArray_DATA(sin), &c, start,
+                                       <double *>cnp.PyArray_DATA(out), <uint8_t *>cnp.PyArray_DATA(self.work),
+                                       self.nthreads, self.phase)
+        return out
+
+    def feed_forward(self, x, add):
+        """x (T, dim) float32 += add (as in attention); returns the FFN sublayer's (T, dim) float64 partial sums."""
+        cdef int64_t T
+        cdef float *xp = self._rows(x, &T)
+        cdef const float *ap = self._add(add, T)
+        cdef cnp.ndarray out = _empty2(T, self.att.dim, cnp.NPY_FLOAT64)
+        with nogil:
+            tpk_ffn_sublayer_run(&self.ffn, xp, ap, T, <double *>cnp.PyArray_DATA(out),
+                                 <uint8_t *>cnp.PyArray_DATA(self.work), self.nthreads, self.phase)
+        return out

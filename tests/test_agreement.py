@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 INJECTED = {   # case of tests/mpi_scripts/faults.py -> the class it raises on one rank
     "load": "ValueError", "host_facts": "OSError", "on_token": "ValueError", "cancel": "KeyError", "sampling": "RuntimeError",
     "encode": "LookupError", "forward_prefill": "ZeroDivisionError", "forward_decode": "ZeroDivisionError",
-    "forward_api": "ArithmeticError", "prefill_api": "ArithmeticError", "decode_step_api": "ArithmeticError",
+    "forward_decode_fused": "ZeroDivisionError", "forward_api": "ArithmeticError", "prefill_api": "ArithmeticError", "decode_step_api": "ArithmeticError",
 }
 
 
@@ -38,6 +38,12 @@ def test_an_exception_on_one_rank_is_raised_on_every_rank(faults, case):
     assert ranks[0] == ranks[1], ranks                       # same class, same message, on both ranks
     cls, message, collective = ranks[0]
     assert cls == INJECTED[case] and "injected" in message and collective, ranks[0]
+
+
+@pytest.mark.mpi
+def test_ranks_decode_in_step_after_a_failure_in_a_fused_layer(faults):
+    ranks = faults["cases"]["fused_after_failure"]
+    assert ranks[0][0] == ranks[1][0] == "ok", ranks
 
 
 @pytest.mark.mpi

@@ -65,14 +65,17 @@ def test_the_benchmark_runners_step_the_model_through_its_cache(stories_gguf):
     sys.path.insert(0, str(REPO))
     from benchmarks._common import Quiet
     from benchmarks.compare_llamacpp import TpllamaRunner
-    from benchmarks.model_speed import measure, profile_decode
+    from benchmarks.model_speed import fused_against_steps, measure, profile_decode
     runner = TpllamaRunner(str(stories_gguf), 1, 64)
     runner.prompt([1, 403, 407])
     runner.decode([261, 378])
     assert runner.model.history == [1, 403, 407, 261, 378]
     pp, dec, _, _ = measure(runner.model, [1, 403, 407, 261], 3, 1, Quiet(enabled=False))
     assert pp > 0 and dec > 0
-    assert profile_decode(runner.model, [1, 403], 2, Quiet(enabled=False))["step_ms"] > 0
+    profile = profile_decode(runner.model, [1, 403], 2, Quiet(enabled=False))
+    assert profile["step_ms"] > 0 and profile["kernel_ms"] >= profile["per_phase_ms"]["matmuls"] > 0
+    against = fused_against_steps(runner.model, [1, 403], 2, 2, Quiet(enabled=False))
+    assert len(against["fused"]) == len(against["steps"]) == 2
 
 
 def _plain_install(tmp_path):

@@ -25,6 +25,12 @@ from .plan import DEFAULT_KV_TYPE, KV_TYPES
 from .weights import LayerWeights, RankWeights
 from . import _kernels as K
 
+# Passes of up to this many rows of one sequence (decode steps, short prompts) run each sublayer's
+# kernels in one C call (K.FusedLayer) when the model allows: the same calls and bits as the
+# steps below, without the Python between them, which runs with caches emptied by every
+# matrix read (7-12% of a TinyLlama decode step on a Zen 3). Longer passes are compute-bound.
+FUSED_MAX_ROWS = 16
+
 Reduce = Callable[[np.ndarray], np.ndarray]   # (T, dim) float64 partial sums -> (T, dim) float32 totals
 StartReduce = Callable[[np.ndarray], "PendingTotal"]   # the same, returning at once: .wait() gives the totals
 
@@ -166,6 +172,18 @@ class RankModel:
         # the local kv head that each local query head reads
         group = c.kv_group
         self.kv_of_head = np.array([h // group - shard.kv_heads.start for h in shard.heads], dtype=np.int32)
+        self.phase_ns = np.zeros(len(K.FUSED_PHASES), dtype=np.int64)   # the fused layers' kernel time, by kind
+        self.fused = fused_layers(self, FUSED_MAX_ROWS)
+
+    # ------------------------------------------------------------ fused layers
+
+    def fused_attention(self, layer: int, x: np.ndarray, add: Optional[np.ndarray], seg: Segment, cos, sin):
+        """x += add, then attention(layer, rmsnorm(x)) by the layer's FusedLayer: (T, dim) float64 partial sums."""
+        return self.fused[layer].attention(x, add, seg.slot, seg.start, cos, sin)
+
+    def fused_feed_forward(self, layer: int, x: np.ndarray, add: Optional[np.ndarray]) -> np.ndarray:
+        """x += add, then feed_forward(rmsnorm(x)) by the layer's FusedLayer: (T, dim) float64 partial sums."""
+        return self.fused[layer].feed_forward(x, add)
 
     # ------------------------------------------------------------ one layer
 
@@ -236,6 +254,8 @@ class RankModel:
         for s in segments:
             if s.start + s.length > self.cache.ctx:
                 raise ValueError(f"context full: {s.start + s.length} tokens exceed the context size {self.cache.ctx}")
+        if self.fused and len(segments) == 1 and len(tokens) <= FUSED_MAX_ROWS:
+            return self._forward_fused(tokens, segments[0], reduce)
         x = self.w.embedding(tokens)                              # (T, dim)
         positions = np.concatenate([np.arange(s.start, s.start + s.length) for s in segments])
         cos, sin = rope_tables(self.inv_freq, positions)
@@ -264,9 +284,55 @@ class RankModel:
                 settle(g)
         return rmsnorm(x, self.w.output_norm, c.norm_eps, self.threads)
 
+    def _forward_fused(self, tokens: np.ndarray, seg: Segment, reduce: Reduce) -> np.ndarray:
+        """forward for one sequence's few rows, a sublayer per C call: each adds the last
+        sublayer's total to x before its own rmsnorm, as forward's settle does."""
+        c = self.config
+        x = self.w.embedding(tokens)                              # (T, dim)
+        cos, sin = rope_tables(self.inv_freq, np.arange(seg.start, seg.start + seg.length))
+        total = None
+        for i in range(len(self.fused)):
+            total = _as_f32(reduce(self.fused_attention(i, x, total, seg, cos, sin)))
+            total = _as_f32(reduce(self.fused_feed_forward(i, x, total)))
+        x += total
+        return rmsnorm(x, self.w.output_norm, c.norm_eps, self.threads)
+
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """(T, dim) -> (T, local_vocab): this rank's slice of the vocabulary."""
         return self.w.output(Activation(np.ascontiguousarray(hidden)))
+
+
+def _as_f32(total: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(total, dtype=np.float32)
+
+
+def _packed(m: Optional[Matrix]):
+    """A FusedLayer's matrix tuple, or None for a matrix the C steps cannot take (f32, absent)."""
+    if m is None or m.wtype == "f32":
+        return None
+    return (m.wtype, m.data, m.rows, m.cols)
+
+
+def fused_layers(model: "RankModel", max_rows: int) -> Optional[List["K.FusedLayer"]]:
+    """model's layers as K.FusedLayer (sharing one scratch area) when every one is a plain Llama
+    layer of packed matrices; None otherwise (biases, q/k norms, experts, f32 matrices: forward's
+    own steps run them)."""
+    c, threads = model.config, model.threads
+    layers = []
+    for i, lw in enumerate(model.w.layers):
+        mats = [_packed(m) for m in (lw.wq, lw.wk, lw.wv, lw.wo, lw.w1, lw.w3, lw.w2)]
+        if (None in mats or lw.bq is not None or lw.q_norm is not None or lw.experts is not None
+                or c.head_dim % 2):
+            return None
+        layers.append(K.FusedLayer(lw.attn_norm, *mats[:4], lw.ffn_norm, *mats[4:], model.kv_of_head, c.head_dim,
+                                   c.norm_eps, model.scale, c.sliding_window, model.cache.k, model.cache.v, i,
+                                   threads, model.phase_ns))
+    if not layers:
+        return None
+    work = K.aligned_bytes(max(layer.work_bytes(max_rows) for layer in layers))
+    for layer in layers:
+        layer.use_work(work, max_rows)
+    return layers
 
 
 def _row_ranges(segments: Sequence[Segment]):

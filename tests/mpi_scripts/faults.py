@@ -98,6 +98,27 @@ for case, n in (("forward_prefill", 3), ("forward_decode", 2 * layers + 3)):
     cases[case] = outcome(lambda: model.generate(PROMPT, 8, temperature=0.0))
     rm.feed_forward = real_ffn
 
+# the same while decoding with each sublayer's kernels in one C call (a model of packed matrices;
+# stories260K's heads of 8 leave wo in f32, so it runs model.py's steps)
+import os  # noqa: E402
+import tempfile  # noqa: E402
+from tpllama.bench.make_model import SHAPES, write_model  # noqa: E402
+folder = world.bcast(tempfile.mkdtemp() if world.rank == 0 else None)
+packed_path = os.path.join(folder, "tiny-q40.gguf")
+if world.rank == 0:
+    write_model(packed_path, SHAPES["tiny"], "q40", quiet=True)
+world.Barrier()
+packed = tpllama.load(packed_path, tokenizer="none", ctx_size=64, threads=1)
+prm = packed.rank_model
+assert prm.fused is not None
+real_fused_ffn = prm.fused_feed_forward
+on_rank(1, lambda: setattr(prm, "fused_feed_forward", failing_after(
+    SHAPES["tiny"].layers + 2, ZeroDivisionError("injected in a fused layer"), real_fused_ffn)))
+cases["forward_decode_fused"] = outcome(lambda: (packed.prefill([5, 6, 7]), packed.decode_step(8)))
+prm.fused_feed_forward = real_fused_ffn
+cases["fused_after_failure"] = outcome(lambda: type("R", (), {"text": str(int(packed.decode_step(9).argmax()))})())
+packed.close()
+
 # the logits API: rank 1 fails in its forward pass
 on_rank(1, lambda: setattr(rm, "feed_forward", failing_after(2, ArithmeticError("injected in forward()"), real_ffn)))
 cases["forward_api"] = outcome(lambda: model.forward([1, 2, 3, 4], 0))

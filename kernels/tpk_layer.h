@@ -1,0 +1,59 @@
+/* tpk layer: a Llama sublayer's kernel calls made in one C call, for short passes (a decode
+ * step) whose Python between the kernels would otherwise cost 5-12% of the step: each weight
+ * matrix streamed from memory evicts the interpreter's data from the caches, so every Python
+ * step after a matmul runs cold. The only C that knows a layer's order of operations; it
+ * makes exactly the calls tpllama/model.py makes one by one (same kernels, same arguments,
+ * same order), so it gives the same bits, and model.py stays the reference. */
+#ifndef TPK_LAYER_H
+#define TPK_LAYER_H
+
+#include "tpk.h"
+
+typedef struct {           /* a packed weight matrix (tpk.h's runtime layout) */
+    int type;              /* TPK_T_* */
+    const uint8_t *data;
+    int64_t rows, nb;      /* output rows, 32-column blocks of input */
+} tpk_matrix;
+
+typedef struct {           /* one rank's share of an attention sublayer */
+    const float *norm;     /* (dim,) */
+    tpk_matrix wq, wk, wv, wo;
+    int64_t dim, n_heads, n_kv, hd, window;
+    const int32_t *kv_of_head;   /* (n_heads,): the local kv head each local query head reads */
+    float eps, scale;
+} tpk_attention_sublayer;
+
+typedef struct {           /* one rank's share of an FFN sublayer: w2(silu(w1 h) * w3 h) */
+    const float *norm;     /* (dim,) */
+    tpk_matrix w1, w3, w2;
+    int64_t dim, hidden;
+    float eps;
+} tpk_ffn_sublayer;
+
+typedef struct {           /* where one slot's layer lives in a KV cache (tpk_attention's arguments) */
+    void *k, *v;
+    int f16;
+    int64_t head_stride, block_stride, ctx;
+} tpk_kv_layer;
+
+/* Time spent by kind of kernel, in ns, added to when a sublayer is given a timing array */
+enum { TPK_PHASE_NORM, TPK_PHASE_QUANTIZE, TPK_PHASE_MATMUL, TPK_PHASE_ROPE, TPK_PHASE_ATTENTION,
+       TPK_PHASE_SILU, TPK_PHASES };
+
+/* Scratch bytes a sublayer needs for T rows */
+int64_t tpk_attention_sublayer_work(const tpk_attention_sublayer *s, int64_t T);
+int64_t tpk_ffn_sublayer_work(const tpk_ffn_sublayer *s, int64_t T);
+
+/* x (T, dim) += add (when not NULL; the previous sublayer's total), then
+ * out (T, dim) float64 = wo . attention(rope(wq h), rope(wk h), wv h) with h = rmsnorm(x):
+ * the rank's partial sums. The new keys and values go into the cache at positions start..;
+ * cos_t, sin_t (T, hd/2). work: tpk_attention_sublayer_work bytes, 64-byte aligned. */
+void tpk_attention_sublayer_run(const tpk_attention_sublayer *s, float *x, const float *add, int64_t T,
+                                const float *cos_t, const float *sin_t, const tpk_kv_layer *cache, int64_t start,
+                                double *out, uint8_t *work, int nthreads, int64_t *phase_ns);
+
+/* x (T, dim) += add (when not NULL), then out (T, dim) float64 = w2(silu(w1 h) * w3 h), h = rmsnorm(x) */
+void tpk_ffn_sublayer_run(const tpk_ffn_sublayer *s, float *x, const float *add, int64_t T, double *out,
+                          uint8_t *work, int nthreads, int64_t *phase_ns);
+
+#endif
