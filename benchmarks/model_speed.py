@@ -214,7 +214,7 @@ def main(argv=None) -> int:
               f"[{detail} ms]")
     if quiet.noisy:
         print(f"# note: {quiet.noisy} repetitions started while other processes kept the machine busy")
-    out = write_results(f"model-{a.shape}", {"machine": info, "model": path, "shape": a.shape, "reps": a.reps,
+    out = write_results(f"model-{Path(a.model).stem if a.model else a.shape}", {"machine": info, "model": path, "shape": a.shape, "reps": a.reps,
                                              "prompt_tokens": a.prompt, "decode_steps": a.steps, "ctx": a.ctx,
                                              "results": {str(k): v for k, v in results.items()},
                                              "noisy_reps": quiet.noisy}, a.json)

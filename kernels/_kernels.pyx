@@ -8,6 +8,7 @@ pack_q80. Every function releases the GIL around the C call.
 import numpy as np
 cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t
+from libc.stdlib cimport free, malloc
 
 cnp.import_array()
 
@@ -603,6 +604,10 @@ cdef extern from "tpk_layer.h":
                                     double *out, uint8_t *work, int nthreads, int64_t *phase_ns) nogil
     void tpk_ffn_sublayer_run(const tpk_ffn_sublayer *s, float *x, const float *add, int64_t T, double *out,
                               uint8_t *work, int nthreads, int64_t *phase_ns) nogil
+    void tpk_layers_run(int n, const tpk_attention_sublayer *const *att, const tpk_ffn_sublayer *const *ffn,
+                        const tpk_kv_layer *cache, float *x, int64_t T, const float *cos_t, const float *sin_t,
+                        int64_t start, double *partial, float *total, uint8_t *work, int nthreads,
+                        int64_t *phase_ns) nogil
 
 # the kinds of kernel time a FusedLayer adds to its phase_ns array, in order
 FUSED_PHASES = ("norms", "quantize", "matmuls", "rope", "attention", "silu")
@@ -726,6 +731,18 @@ cdef class FusedLayer:
             raise ValueError("FusedLayer: add must be shaped as x")
         return <const float *>cnp.PyArray_DATA(a)
 
+    cdef int _where(self, int64_t T, cos, sin, int64_t slot, int64_t start, tpk_kv_layer *c) except -1:
+        """checks the rope tables and positions of T rows; c: this layer's place in the slot's cache"""
+        if (_dim(cos, 0) != T or _dim(sin, 0) != T or _dim(cos, 1) != self.att.hd // 2
+                or _dim(sin, 1) != self.att.hd // 2):
+            raise ValueError("FusedLayer: cos/sin tables do not match")
+        if not 0 <= slot < self.slots or start < 0 or start + T > self.cache.ctx:
+            raise ValueError(f"FusedLayer: positions {start}..{start + T} of slot {slot} do not fit the cache")
+        c[0] = self.cache
+        c.k = self.kbase + slot * self.slot_stride
+        c.v = self.vbase + slot * self.slot_stride
+        return 0
+
     def attention(self, x, add, int64_t slot, int64_t start, cos_array, sin_array):
         """x (T, dim) float32 += add (None, or the last sublayer's (T, dim) float32 total); returns
         the attention sublayer's (T, dim) float64 partial sums over x's rows at positions start..
@@ -735,13 +752,8 @@ cdef class FusedLayer:
         cdef const float *ap = self._add(add, T)
         cdef cnp.ndarray cos = _arr(cos_array, cnp.NPY_FLOAT32, 2, "FusedLayer: cos")
         cdef cnp.ndarray sin = _arr(sin_array, cnp.NPY_FLOAT32, 2, "FusedLayer: sin")
-        if _dim(cos, 0) != T or _dim(sin, 0) != T or _dim(cos, 1) != self.att.hd // 2 or _dim(sin, 1) != self.att.hd // 2:
-            raise ValueError("FusedLayer: cos/sin tables do not match")
-        if not 0 <= slot < self.slots or start < 0 or start + T > self.cache.ctx:
-            raise ValueError(f"FusedLayer: positions {start}..{start + T} of slot {slot} do not fit the cache")
-        cdef tpk_kv_layer c = self.cache
-        c.k = self.kbase + slot * self.slot_stride
-        c.v = self.vbase + slot * self.slot_stride
+        cdef tpk_kv_layer c
+        self._where(T, cos, sin, slot, start, &c)
         cdef cnp.ndarray out = _empty2(T, self.att.dim, cnp.NPY_FLOAT64)
         with nogil:
             tpk_attention_sublayer_run(&self.att, xp, ap, T, <const float *>cnp.PyArray_DATA(cos),
@@ -760,3 +772,42 @@ cdef class FusedLayer:
             tpk_ffn_sublayer_run(&self.ffn, xp, ap, T, <double *>cnp.PyArray_DATA(out),
                                  <uint8_t *>cnp.PyArray_DATA(self.work), self.nthreads, self.phase)
         return out
+
+
+def fused_stack(list layers, x, int64_t slot, int64_t start, cos_array, sin_array):
+    """For a rank that holds the whole model (an all-reduce of its partial sums only rounds them
+    to float32): every FusedLayer's attention and FFN in turn in one C call, each total added
+    to x (T, dim) by the next sublayer and the last one at the end, as forward does. The layers
+    share one work array. Returns x."""
+    cdef int n = len(layers), i
+    if n == 0:
+        return x
+    cdef FusedLayer first = <FusedLayer?>layers[0], fl
+    cdef int64_t T
+    cdef float *xp = first._rows(x, &T)
+    cdef cnp.ndarray cos = _arr(cos_array, cnp.NPY_FLOAT32, 2, "fused_stack: cos")
+    cdef cnp.ndarray sin = _arr(sin_array, cnp.NPY_FLOAT32, 2, "fused_stack: sin")
+    cdef cnp.ndarray partial = _empty2(T, first.att.dim, cnp.NPY_FLOAT64)
+    cdef cnp.ndarray total = _empty2(T, first.att.dim, cnp.NPY_FLOAT32)
+    cdef const tpk_attention_sublayer **att = <const tpk_attention_sublayer **>malloc(n * sizeof(void *))
+    cdef const tpk_ffn_sublayer **ffn = <const tpk_ffn_sublayer **>malloc(n * sizeof(void *))
+    cdef tpk_kv_layer *caches = <tpk_kv_layer *>malloc(n * sizeof(tpk_kv_layer))
+    try:
+        if att == NULL or ffn == NULL or caches == NULL:
+            raise MemoryError()
+        for i in range(n):
+            fl = <FusedLayer?>layers[i]
+            if fl.work is not first.work or fl.att.dim != first.att.dim or fl.max_rows != first.max_rows:
+                raise ValueError("fused_stack: the layers must share their width and work array")
+            fl._where(T, cos, sin, slot, start, &caches[i])
+            att[i], ffn[i] = &fl.att, &fl.ffn
+        with nogil:
+            tpk_layers_run(n, att, ffn, caches, xp, T, <const float *>cnp.PyArray_DATA(cos),
+                           <const float *>cnp.PyArray_DATA(sin), start, <double *>cnp.PyArray_DATA(partial),
+                           <float *>cnp.PyArray_DATA(total), <uint8_t *>cnp.PyArray_DATA(first.work),
+                           first.nthreads, first.phase)
+    finally:
+        free(att)
+        free(ffn)
+        free(caches)
+    return x

@@ -134,3 +134,23 @@ void tpk_ffn_sublayer_run(const tpk_ffn_sublayer *s, float *x, const float *add,
     partial_sums(&s->w2, gq, T, out, nthreads);
     charge(&clk, TPK_PHASE_MATMUL);
 }
+
+/* total = partial rounded to float32, as the reduce of one rank (numpy's astype) does */
+static void round_totals(const double *partial, float *total, int64_t n) {
+    for (int64_t i = 0; i < n; i++) total[i] = (float)partial[i];
+}
+
+void tpk_layers_run(int n, const tpk_attention_sublayer *const *att, const tpk_ffn_sublayer *const *ffn,
+                    const tpk_kv_layer *cache, float *x, int64_t T, const float *cos_t, const float *sin_t,
+                    int64_t start, double *partial, float *total, uint8_t *work, int nthreads, int64_t *phase_ns) {
+    if (n <= 0) return;
+    const int64_t size = T * att[0]->dim;
+    for (int i = 0; i < n; i++) {
+        tpk_attention_sublayer_run(att[i], x, i ? total : NULL, T, cos_t, sin_t, &cache[i], start, partial, work,
+                                   nthreads, phase_ns);
+        round_totals(partial, total, size);
+        tpk_ffn_sublayer_run(ffn[i], x, total, T, partial, work, nthreads, phase_ns);
+        round_totals(partial, total, size);
+    }
+    for (int64_t i = 0; i < size; i++) x[i] = x[i] + total[i];
+}

@@ -56,4 +56,12 @@ void tpk_attention_sublayer_run(const tpk_attention_sublayer *s, float *x, const
 void tpk_ffn_sublayer_run(const tpk_ffn_sublayer *s, float *x, const float *add, int64_t T, double *out,
                           uint8_t *work, int nthreads, int64_t *phase_ns);
 
+/* For a rank that holds the whole model, so that an all-reduce of a sublayer's float64 partial
+ * sums only rounds them to float32: layers 0..n-1 in turn (att[i], ffn[i], cache[i]), each
+ * sublayer's total = (float)partial added to x by the next, the last one's added at the end.
+ * partial: T * dim doubles, total: T * dim floats of scratch besides `work`. */
+void tpk_layers_run(int n, const tpk_attention_sublayer *const *att, const tpk_ffn_sublayer *const *ffn,
+                    const tpk_kv_layer *cache, float *x, int64_t T, const float *cos_t, const float *sin_t,
+                    int64_t start, double *partial, float *total, uint8_t *work, int nthreads, int64_t *phase_ns);
+
 #endif

@@ -43,19 +43,19 @@ def rank_models(path, ranks=1, rank=0, kv_type="f32", window=0, threads=1):
     return fused, plain
 
 
-def passes(model):
+def passes(model, reduce=to_f32):
     """Logits of a 20-token prompt (model.py's steps either way), a 5-token one and 12 decode
     steps in slot 0, then a 3-token prompt and decode steps in slot 1, each pass's last row."""
     rng = np.random.default_rng(1)
     out, pos = [], 0
     for n in [20, 5] + [1] * 12:
         tokens = rng.integers(3, 500, n)
-        out.append(model.logits(model.forward(tokens, pos, to_f32)[-1:]))
+        out.append(model.logits(model.forward(tokens, pos, reduce)[-1:]))
         pos += n
     pos = 0
     for n in [3, 1, 1, FUSED_MAX_ROWS]:
         tokens = rng.integers(3, 500, n)
-        out.append(model.logits(model.forward(tokens, [Segment(1, pos, n)], to_f32)[-1:]))
+        out.append(model.logits(model.forward(tokens, [Segment(1, pos, n)], reduce)[-1:]))
         pos += n
     return out
 
@@ -71,9 +71,14 @@ def passes(model):
 def test_fused_layers_give_the_same_bits_as_the_models_own_steps(tiny_files, wtype, ranks, kv_type, window, threads):
     for rank in range(ranks):
         fused, plain = rank_models(tiny_files[wtype], ranks, rank, kv_type, window, threads)
-        before = fused.phase_ns.sum()
-        got, want = passes(fused), passes(plain)
+        before, reduces = fused.phase_ns.sum(), []
+        got, want = passes(fused, lambda p: reduces.append(1) or to_f32(p)), passes(plain)
         assert fused.phase_ns.sum() > before, "the fused layers ran"
+        # one rank holds the whole model: its layers run in one C call, rounding the partial sums as
+        # its all-reduce would; ranks of a split return to Python for each sublayer's all-reduce
+        assert fused.whole_model == (ranks == 1)
+        long_prompt_reduces = 2 * fused.config.n_layers
+        assert len(reduces) == (long_prompt_reduces if ranks == 1 else 2 * fused.config.n_layers * len(got))
         assert plain.phase_ns.sum() == 0
         for i, (g, w) in enumerate(zip(got, want)):
             assert np.array_equal(g, w), f"pass {i}: largest difference {np.abs(g - w).max()}"

@@ -173,6 +173,8 @@ class RankModel:
         group = c.kv_group
         self.kv_of_head = np.array([h // group - shard.kv_heads.start for h in shard.heads], dtype=np.int32)
         self.phase_ns = np.zeros(len(K.FUSED_PHASES), dtype=np.int64)   # the fused layers' kernel time, by kind
+        # every head and FFN unit here: the partial sums are the totals (the one-rank all-reduce rounds them)
+        self.whole_model = len(shard.heads) == c.n_heads and len(shard.ffn) == c.hidden_dim
         self.fused = fused_layers(self, FUSED_MAX_ROWS)
 
     # ------------------------------------------------------------ fused layers
@@ -290,11 +292,14 @@ class RankModel:
         c = self.config
         x = self.w.embedding(tokens)                              # (T, dim)
         cos, sin = rope_tables(self.inv_freq, np.arange(seg.start, seg.start + seg.length))
-        total = None
-        for i in range(len(self.fused)):
-            total = _as_f32(reduce(self.fused_attention(i, x, total, seg, cos, sin)))
-            total = _as_f32(reduce(self.fused_feed_forward(i, x, total)))
-        x += total
+        if self.whole_model:      # reduce would only round each partial sum to float32: in C, no return to Python
+            K.fused_stack(self.fused, x, seg.slot, seg.start, cos, sin)
+        else:
+            total = None
+            for i in range(len(self.fused)):
+                total = _as_f32(reduce(self.fused_attention(i, x, total, seg, cos, sin)))
+                total = _as_f32(reduce(self.fused_feed_forward(i, x, total)))
+            x += total
         return rmsnorm(x, self.w.output_norm, c.norm_eps, self.threads)
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
