@@ -7,8 +7,10 @@ tpllama.load(path, tokenizer="none", threads=T, ctx_size=256), and times the mod
 steps (Model.prefill, Model.decode_step): 64-token prompt processing, then decode steps (one token each, logits of
 the rank's vocabulary computed as in generation). Prints tokens/s (median and range), the
 weight bytes read per token and the GB/s that makes next to the streaming read bandwidth
-measured in the same run, and where a decode step's time goes: inside the C kernels, or outside
-them (Python, numpy, the embedding row read). Writes JSON to benchmarks/results/. Other
+measured in the same run, and where a decode step's time goes: inside the C kernels, by kind, or
+outside them (Python, numpy, the embedding row read). --against-steps also decodes with model.py's
+own steps (a kernel call at a time) instead of a C call per sublayer, alternated, and prints the
+ratio. Writes JSON to benchmarks/results/. Other
 engines' figures come from benchmarks/compare_llamacpp.py, run on the same machine.
 """
 from __future__ import annotations
