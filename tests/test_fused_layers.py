@@ -120,3 +120,21 @@ def test_a_fused_layer_refuses_rows_and_positions_it_cannot_take(tiny_files):
         layer.attention(np.zeros((1, dim), np.float32), None, 0, fused.cache.k.shape[1] * K.KV_BLOCK, cos, sin)
     with pytest.raises(ValueError, match="cos/sin"):
         layer.attention(np.zeros((2, dim), np.float32), None, 0, 0, cos, sin)
+
+
+def test_fused_layers_still_walk_mapped_layers_in_order(tiny_files):
+    """Mapped weights (shardcache.MappedLayers) ask for layer i+1's pages as a loop over the layers
+    reaches layer i; a one-rank model whose layers are not a plain list returns to Python per layer."""
+    class Walked(list):
+        def __iter__(self):
+            for i in range(len(self)):
+                seen.append(i)
+                yield self[i]
+
+    seen = []
+    fused, plain = rank_models(tiny_files["q40"])
+    fused.w.layers = Walked(fused.w.layers)
+    got = fused.logits(fused.forward(np.array([5, 6]), 0, to_f32)[-1:])
+    assert seen == list(range(fused.config.n_layers)) and fused.phase_ns.sum() > 0
+    want = plain.logits(plain.forward(np.array([5, 6]), 0, to_f32)[-1:])     # (the same weights: walked again)
+    assert np.array_equal(got, want)

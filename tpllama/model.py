@@ -292,11 +292,12 @@ class RankModel:
         c = self.config
         x = self.w.embedding(tokens)                              # (T, dim)
         cos, sin = rope_tables(self.inv_freq, np.arange(seg.start, seg.start + seg.length))
-        if self.whole_model:      # reduce would only round each partial sum to float32: in C, no return to Python
+        if self.whole_model and type(self.w.layers) is list:
+            # reduce would only round each partial sum to float32: in C, without a return to Python
             K.fused_stack(self.fused, x, seg.slot, seg.start, cos, sin)
         else:
             total = None
-            for i in range(len(self.fused)):
+            for i, _ in enumerate(self.w.layers):   # iterating mapped layers asks for the next one's pages
                 total = _as_f32(reduce(self.fused_attention(i, x, total, seg, cos, sin)))
                 total = _as_f32(reduce(self.fused_feed_forward(i, x, total)))
             x += total
