@@ -134,6 +134,8 @@ def test_fused_layers_still_walk_mapped_layers_in_order(tiny_files):
     seen = []
     fused, plain = rank_models(tiny_files["q40"])
     fused.w.layers = Walked(fused.w.layers)
+    again = RankModel(fused.w, ctx=96, slots=2)
+    assert again.fused is not None and seen == [], "making the fused layers asks for no layer's pages"
     got = fused.logits(fused.forward(np.array([5, 6]), 0, to_f32)[-1:])
     assert seen == list(range(fused.config.n_layers)) and fused.phase_ns.sum() > 0
     want = plain.logits(plain.forward(np.array([5, 6]), 0, to_f32)[-1:])     # (the same weights: walked again)

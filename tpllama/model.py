@@ -10,6 +10,10 @@ sums (float64) that `reduce` (an all-reduce across ranks) completes and rounds t
 prompt may run as micro-batches so that one's all-reduce travels while the next computes.
 With one rank this is the whole model. The weights are plain data (weights.py): a step reads
 no file and makes no MPI call of its own.
+
+A pass of a few rows of one sequence (a decode step) makes the same kernel calls from C, a
+sublayer per call (K.FusedLayer, kernels/tpk_layer.c), with the same bits: the methods below
+stay the reference, and run everything else.
 """
 from __future__ import annotations
 
@@ -325,7 +329,8 @@ def fused_layers(model: "RankModel", max_rows: int) -> Optional[List["K.FusedLay
     own steps run them)."""
     c, threads = model.config, model.threads
     layers = []
-    for i, lw in enumerate(model.w.layers):
+    for i in range(len(model.w.layers)):
+        lw = model.w.layers[i]       # by index: iterating mapped layers would ask for every layer's pages now
         mats = [_packed(m) for m in (lw.wq, lw.wk, lw.wv, lw.wo, lw.w1, lw.w3, lw.w2)]
         if (None in mats or lw.bq is not None or lw.q_norm is not None or lw.experts is not None
                 or c.head_dim % 2):
