@@ -585,6 +585,11 @@ cdef extern from "tpk_layer.h":
         tpk_matrix wq, wk, wv, wo
         int64_t dim, n_heads, n_kv, hd, window
         const int32_t *kv_of_head
+        const float *bq
+        const float *bk
+        const float *bv
+        const float *q_norm
+        const float *k_norm
         float eps, scale
     ctypedef struct tpk_ffn_sublayer:
         const float *norm
@@ -648,7 +653,8 @@ cdef class FusedLayer:
     cdef cnp.ndarray work
 
     def __init__(self, attn_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2, kv_of_head, int64_t head_dim, float eps,
-                 float scale, int64_t window, kcache, vcache, int64_t layer, int nthreads=1, phase_ns=None):
+                 float scale, int64_t window, kcache, vcache, int64_t layer, int nthreads=1, phase_ns=None,
+                 biases=None, qk_norms=None):
         cdef cnp.ndarray an = _arr(attn_norm, cnp.NPY_FLOAT32, 1, "FusedLayer: attn_norm")
         cdef cnp.ndarray fn = _arr(ffn_norm, cnp.NPY_FLOAT32, 1, "FusedLayer: ffn_norm")
         cdef cnp.ndarray koh = _arr(kv_of_head, cnp.NPY_INT32, 1, "FusedLayer: kv_of_head")
@@ -671,6 +677,18 @@ cdef class FusedLayer:
         self.att.dim, self.att.n_heads, self.att.n_kv, self.att.hd = dim, n_heads, n_kv, hd
         self.att.window, self.att.kv_of_head = window, <const int32_t *>cnp.PyArray_DATA(koh)
         self.att.eps, self.att.scale = eps, scale
+        self.att.bq = self.att.bk = self.att.bv = self.att.q_norm = self.att.k_norm = NULL
+        if biases is not None:      # (bq, bk, bv): Qwen2
+            bq, bk, bv = (_arr(b, cnp.NPY_FLOAT32, 1, f"FusedLayer: {n}") for b, n in zip(biases, ("bq", "bk", "bv")))
+            if _dim(bq, 0) != n_heads * hd or _dim(bk, 0) != n_kv * hd or _dim(bv, 0) != n_kv * hd:
+                raise ValueError("FusedLayer: biases do not match the heads")
+            self.att.bq, self.att.bk = <const float *>cnp.PyArray_DATA(bq), <const float *>cnp.PyArray_DATA(bk)
+            self.att.bv = <const float *>cnp.PyArray_DATA(bv)
+        if qk_norms is not None:    # (q_norm, k_norm) of each head: Qwen3
+            qn, kn = (_arr(w, cnp.NPY_FLOAT32, 1, f"FusedLayer: {n}") for w, n in zip(qk_norms, ("q_norm", "k_norm")))
+            if _dim(qn, 0) != hd or _dim(kn, 0) != hd:
+                raise ValueError("FusedLayer: q/k norms do not match the head size")
+            self.att.q_norm, self.att.k_norm = <const float *>cnp.PyArray_DATA(qn), <const float *>cnp.PyArray_DATA(kn)
         self.ffn.norm = <const float *>cnp.PyArray_DATA(fn)
         self.ffn.w1 = _matrix(w1, hidden, dim, "w1")
         self.ffn.w3 = _matrix(w3, hidden, dim, "w3")
@@ -690,7 +708,7 @@ cdef class FusedLayer:
                                                           writable=True))
             if len(phase_ns) != TPK_PHASES:
                 raise ValueError(f"FusedLayer: phase_ns must have {TPK_PHASES} entries")
-        self.keep = (an, fn, koh, kc, vc, wq, wk, wv, wo, w1, w3, w2, phase_ns)
+        self.keep = (an, fn, koh, kc, vc, wq, wk, wv, wo, w1, w3, w2, phase_ns, biases, qk_norms)
         self.work, self.max_rows = None, 0
 
     cdef cnp.ndarray _cache(self, cache, str name, int64_t layer):

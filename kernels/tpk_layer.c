@@ -69,6 +69,12 @@ static void partial_sums(const tpk_matrix *m, const uint8_t *xq, int64_t T, doub
     tpk_matmul_packed(m->type, m->data, m->rows, m->nb, (const tpk_block_q80 *)xq, T, out, m->rows, 1, nthreads);
 }
 
+/* y[t] += b for each of T rows of n */
+static void add_rows(float *y, const float *b, int64_t T, int64_t n) {
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t i = 0; i < n; i++) y[t * n + i] = y[t * n + i] + b[i];
+}
+
 int64_t tpk_attention_sublayer_work(const tpk_attention_sublayer *s, int64_t T) {
     const int64_t qw = s->n_heads * s->hd, kw = s->n_kv * s->hd;
     return align64(4 * T * s->dim) + align64(q80_bytes(T, s->dim)) + align64(4 * T * qw) + 2 * align64(4 * T * kw) +
@@ -97,6 +103,16 @@ void tpk_attention_sublayer_run(const tpk_attention_sublayer *s, float *x, const
     float *const qkv_out[3] = {q, k, v};
     matmul_all(3, qkv, hq, T, qkv_out, nthreads);
     charge(&clk, TPK_PHASE_MATMUL);
+    if (s->bq) {
+        add_rows(q, s->bq, T, qw);
+        add_rows(k, s->bk, T, kw);
+        add_rows(v, s->bv, T, kw);
+    }
+    if (s->q_norm) {   /* each head's hd values as a row (model.py: head_rmsnorm) */
+        tpk_rmsnorm(q, s->q_norm, q, T * s->n_heads, s->hd, s->eps, nthreads);
+        tpk_rmsnorm(k, s->k_norm, k, T * s->n_kv, s->hd, s->eps, nthreads);
+    }
+    charge(&clk, TPK_PHASE_NORM);
     tpk_rope(q, T, s->n_heads, s->hd, cos_t, sin_t);
     tpk_rope(k, T, s->n_kv, s->hd, cos_t, sin_t);
     charge(&clk, TPK_PHASE_ROPE);

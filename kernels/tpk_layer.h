@@ -20,6 +20,8 @@ typedef struct {           /* one rank's share of an attention sublayer */
     tpk_matrix wq, wk, wv, wo;
     int64_t dim, n_heads, n_kv, hd, window;
     const int32_t *kv_of_head;   /* (n_heads,): the local kv head each local query head reads */
+    const float *bq, *bk, *bv;   /* NULL, or biases added to q, k, v (Qwen2) */
+    const float *q_norm, *k_norm;   /* NULL, or (hd,) RMSNorm weights of every q and k head (Qwen3) */
     float eps, scale;
 } tpk_attention_sublayer;
 
@@ -45,7 +47,8 @@ int64_t tpk_attention_sublayer_work(const tpk_attention_sublayer *s, int64_t T);
 int64_t tpk_ffn_sublayer_work(const tpk_ffn_sublayer *s, int64_t T);
 
 /* x (T, dim) += add (when not NULL; the previous sublayer's total), then
- * out (T, dim) float64 = wo . attention(rope(wq h), rope(wk h), wv h) with h = rmsnorm(x):
+ * out (T, dim) float64 = wo . attention(rope(wq h), rope(wk h), wv h) with h = rmsnorm(x)
+ * (q, k, v plus their biases, then q and k RMS-normed head by head, where the model has them):
  * the rank's partial sums. The new keys and values go into the cache at positions start..;
  * cos_t, sin_t (T, hd/2). work: tpk_attention_sublayer_work bytes, 64-byte aligned. */
 void tpk_attention_sublayer_run(const tpk_attention_sublayer *s, float *x, const float *add, int64_t T,

@@ -29,13 +29,35 @@ def tiny_files(tmp_path_factory):
     return {t: write_model(str(folder / f"tiny-{t}.gguf"), SHAPES["tiny"], t, quiet=True) for t in ("q40", "q4km", "q80")}
 
 
-def rank_models(path, ranks=1, rank=0, kv_type="f32", window=0, threads=1):
+def with_qwen_parts(weights, biases, qk_norms):
+    """The layers given random q/k/v biases (Qwen2) and per-head q/k RMSNorm weights (Qwen3)."""
+    rng = np.random.default_rng(2)
+    hd = weights.config.head_dim
+
+    def vec(n, offset=0.0):
+        return (offset + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    layers = []
+    for lw in weights.layers:
+        q, kv = lw.wq.rows, lw.wk.rows
+        extra = {}
+        if biases:
+            extra.update(bq=vec(q), bk=vec(kv), bv=vec(kv))
+        if qk_norms:
+            extra.update(q_norm=vec(hd, 1.0), k_norm=vec(hd, 1.0))
+        layers.append(dataclasses.replace(lw, **extra))
+    return dataclasses.replace(weights, layers=layers)
+
+
+def rank_models(path, ranks=1, rank=0, kv_type="f32", window=0, threads=1, biases=False, qk_norms=False):
     """The same rank's model twice: fused layers on, and off (model.py's own steps)."""
     reader = open_model(path)
     shard = make_plan(reader.config, ranks, parse_rank_weights(None, ranks))[rank]
     weights = load_rank_weights(reader, shard, "auto", threads)
     if window:
         weights = dataclasses.replace(weights, config=dataclasses.replace(weights.config, sliding_window=window))
+    if biases or qk_norms:
+        weights = with_qwen_parts(weights, biases, qk_norms)
     fused = RankModel(weights, ctx=96, slots=2, kv_type=kv_type)
     plain = RankModel(weights, ctx=96, slots=2, kv_type=kv_type)
     plain.fused = None
@@ -60,17 +82,23 @@ def passes(model, reduce=to_f32):
     return out
 
 
-@pytest.mark.parametrize("wtype,ranks,kv_type,window,threads", [
-    ("q40", 1, "f32", 0, 1),
-    ("q40", 1, "f16", 0, 2),
-    ("q4km", 1, "f32", 0, 1),
-    ("q80", 1, "f32", 5, 1),
-    ("q40", 2, "f32", 0, 1),
-    ("q4km", 2, "f16", 7, 2),
+@pytest.mark.parametrize("wtype,ranks,kv_type,window,threads,qwen", [
+    ("q40", 1, "f32", 0, 1, ""),
+    ("q40", 1, "f16", 0, 2, ""),
+    ("q4km", 1, "f32", 0, 1, ""),
+    ("q80", 1, "f32", 5, 1, ""),
+    ("q40", 2, "f32", 0, 1, ""),
+    ("q4km", 2, "f16", 7, 2, ""),
+    ("q40", 1, "f32", 0, 1, "biases"),
+    ("q80", 2, "f32", 0, 1, "biases"),
+    ("q40", 1, "f32", 0, 2, "qk_norms"),
+    ("q4km", 2, "f32", 0, 1, "biases,qk_norms"),
 ])
-def test_fused_layers_give_the_same_bits_as_the_models_own_steps(tiny_files, wtype, ranks, kv_type, window, threads):
+def test_fused_layers_give_the_same_bits_as_the_models_own_steps(tiny_files, wtype, ranks, kv_type, window, threads,
+                                                                  qwen):
     for rank in range(ranks):
-        fused, plain = rank_models(tiny_files[wtype], ranks, rank, kv_type, window, threads)
+        fused, plain = rank_models(tiny_files[wtype], ranks, rank, kv_type, window, threads,
+                                   biases="biases" in qwen, qk_norms="qk_norms" in qwen)
         before, reduces = fused.phase_ns.sum(), []
         got, want = passes(fused, lambda p: reduces.append(1) or to_f32(p)), passes(plain)
         assert fused.phase_ns.sum() > before, "the fused layers ran"

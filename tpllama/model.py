@@ -324,20 +324,21 @@ def _packed(m: Optional[Matrix]):
 
 
 def fused_layers(model: "RankModel", max_rows: int) -> Optional[List["K.FusedLayer"]]:
-    """model's layers as K.FusedLayer (sharing one scratch area) when every one is a plain Llama
-    layer of packed matrices; None otherwise (biases, q/k norms, experts, f32 matrices: forward's
-    own steps run them)."""
+    """model's layers as K.FusedLayer (sharing one scratch area) when every one is a Llama layer
+    of packed matrices (Qwen2's biases and Qwen3's q/k norms included); None otherwise (experts,
+    f32 matrices: forward's own steps run them)."""
     c, threads = model.config, model.threads
     layers = []
     for i in range(len(model.w.layers)):
         lw = model.w.layers[i]       # by index: iterating mapped layers would ask for every layer's pages now
         mats = [_packed(m) for m in (lw.wq, lw.wk, lw.wv, lw.wo, lw.w1, lw.w3, lw.w2)]
-        if (None in mats or lw.bq is not None or lw.q_norm is not None or lw.experts is not None
-                or c.head_dim % 2):
+        if None in mats or lw.experts is not None or c.head_dim % 2:
             return None
+        biases = (lw.bq, lw.bk, lw.bv) if lw.bq is not None else None
+        qk_norms = (lw.q_norm, lw.k_norm) if lw.q_norm is not None else None
         layers.append(K.FusedLayer(lw.attn_norm, *mats[:4], lw.ffn_norm, *mats[4:], model.kv_of_head, c.head_dim,
                                    c.norm_eps, model.scale, c.sliding_window, model.cache.k, model.cache.v, i,
-                                   threads, model.phase_ns))
+                                   threads, model.phase_ns, biases, qk_norms))
     if not layers:
         return None
     work = K.aligned_bytes(max(layer.work_bytes(max_rows) for layer in layers))
