@@ -8,8 +8,9 @@ server, HTTP or sampling cost would give. This script measures those steps in on
 rank (tpllama.load, then the rank's own forward pass of B one-token segments, each in its own KV
 cache slot at position 100, and the logits of the B rows), alternating batch sizes, medians of
 --reps. It prints ms per step, the cost of each sequence beyond the first, and the ceiling
-N x t(1) / t(N) next to the goal of issue 13 (4 clients >= 3x, 8 clients >= 5x). Writes JSON
-to benchmarks/results/.
+N x t(1) / t(N) next to the goal of issue 13 (4 clients >= 3x, 8 clients >= 5x); with
+--against-steps, also each step with model.py's own steps (a kernel call at a time) instead of a
+C call per sublayer, alternated, and their ratio. Writes JSON to benchmarks/results/.
 
 One step reads the weights once whatever B, but multiplies every row of them by B tokens: when
 one token's arithmetic already takes a good part of the time that reading takes, as with the
@@ -43,19 +44,27 @@ def step_seconds(rank_model, batch: int) -> float:
     return time.perf_counter() - t
 
 
-def measure(model_path: str, threads: int, batches, reps: int, quiet: Quiet) -> dict:
+def measure(model_path: str, threads: int, batches, reps: int, quiet: Quiet, against_steps: bool = False):
+    """{B: step seconds per repetition}, and the same with model.py's own steps instead of a C
+    call per sublayer when against_steps (else None)."""
     import tpllama
     model = tpllama.load(model_path, tokenizer="none", threads=threads, ctx_size=256, parallel=max(batches),
                          shard_cache=False)
     rm = model.rank_model
+    fused = rm.fused
     for b in batches:                      # warm-up: caches, pages, thread pool
         step_seconds(rm, b)
     times = {b: [] for b in batches}
+    steps = {b: [] for b in batches} if against_steps else None
     for _ in range(reps):
         for b in batches:                  # alternating, so a busy moment hits every size alike
             quiet.wait()
             times[b].append(step_seconds(rm, b))
-    return times
+            if against_steps:
+                rm.fused = None
+                steps[b].append(step_seconds(rm, b))
+                rm.fused = fused
+    return times, steps
 
 
 def main(argv=None):
@@ -65,6 +74,8 @@ def main(argv=None):
     p.add_argument("--batch", default="1,2,4,8", help="comma-separated sequences per step (must include 1)")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--no-quiet", action="store_true", help="do not wait for the rest of the machine to be idle")
+    p.add_argument("--against-steps", action="store_true",
+                   help="also time each step with model.py's own steps instead of a C call per sublayer, alternated")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/batch_ceiling-<time>.json)")
     args = p.parse_args(argv)
     batches = sorted({int(b) for b in args.batch.split(",")})
@@ -76,18 +87,24 @@ def main(argv=None):
     quiet = Quiet(enabled=not args.no_quiet)
     results = {}
     for threads in [int(t) for t in args.threads.split(",")]:
-        times = measure(model_path, threads, batches, args.reps, quiet)
+        times, steps = measure(model_path, threads, batches, args.reps, quiet, args.against_steps)
         one = median(times[1])
         rows = []
         print(f"\n{os.path.basename(model_path)}, 1 rank, {threads} thread(s), sequences at position {POSITION}")
-        print(f"{'B':>3} {'ms per step':>22} {'ms per extra sequence':>22} {'ceiling B x t(1)/t(B)':>22}  goal")
+        against = f" {'model.py steps, ms':>22} {'ratio':>6}" if steps else ""
+        print(f"{'B':>3} {'ms per step':>22} {'ms per extra sequence':>22} {'ceiling B x t(1)/t(B)':>22}  goal{against}")
         for b in batches:
             t = median(times[b])
             extra = (t - one) / (b - 1) * 1e3 if b > 1 else float("nan")
             ceiling = b * one / t
             goal = f">= {GOALS[b]:.0f}x" if b in GOALS else ""
-            print(f"{b:>3} {spread([x * 1e3 for x in times[b]]):>22} {extra:>22.1f} {ceiling:>21.2f}x  {goal}")
-            rows.append({"batch": b, "step_s": times[b], "median_s": t, "extra_ms": extra, "ceiling": ceiling})
+            row = {"batch": b, "step_s": times[b], "median_s": t, "extra_ms": extra, "ceiling": ceiling}
+            tail = ""
+            if steps:
+                row.update(steps_s=steps[b], steps_over_fused=median(steps[b]) / t)
+                tail = f" {spread([x * 1e3 for x in steps[b]]):>22} {row['steps_over_fused']:>5.2f}x"
+            print(f"{b:>3} {spread([x * 1e3 for x in times[b]]):>22} {extra:>22.1f} {ceiling:>21.2f}x  {goal:<6}{tail}")
+            rows.append(row)
         results[threads] = rows
     out = write_results("batch_ceiling", {"model": model_path, "position": POSITION, "results": results,
                                           "machine": info, "busy_repetitions": quiet.noisy}, args.out)

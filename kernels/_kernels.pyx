@@ -600,19 +600,22 @@ cdef extern from "tpk_layer.h":
         void *k
         void *v
         int f16
-        int64_t head_stride, block_stride, ctx
+        int64_t head_stride, block_stride, ctx, slot_bytes
+    ctypedef struct tpk_segment:
+        int64_t slot, start, rows
     int TPK_PHASES
     int64_t tpk_attention_sublayer_work(const tpk_attention_sublayer *s, int64_t T) nogil
     int64_t tpk_ffn_sublayer_work(const tpk_ffn_sublayer *s, int64_t T) nogil
     void tpk_attention_sublayer_run(const tpk_attention_sublayer *s, float *x, const float *add, int64_t T,
-                                    const float *cos_t, const float *sin_t, const tpk_kv_layer *cache, int64_t start,
-                                    double *out, uint8_t *work, int nthreads, int64_t *phase_ns) nogil
+                                    const float *cos_t, const float *sin_t, const tpk_kv_layer *cache,
+                                    const tpk_segment *segs, int64_t nseg, double *out, uint8_t *work, int nthreads,
+                                    int64_t *phase_ns) nogil
     void tpk_ffn_sublayer_run(const tpk_ffn_sublayer *s, float *x, const float *add, int64_t T, double *out,
                               uint8_t *work, int nthreads, int64_t *phase_ns) nogil
     void tpk_layers_run(int n, const tpk_attention_sublayer *const *att, const tpk_ffn_sublayer *const *ffn,
                         const tpk_kv_layer *cache, float *x, int64_t T, const float *cos_t, const float *sin_t,
-                        int64_t start, double *partial, float *total, uint8_t *work, int nthreads,
-                        int64_t *phase_ns) nogil
+                        const tpk_segment *segs, int64_t nseg, double *partial, float *total, uint8_t *work,
+                        int nthreads, int64_t *phase_ns) nogil
 
 # the kinds of kernel time a FusedLayer adds to its phase_ns array, in order
 FUSED_PHASES = ("norms", "quantize", "matmuls", "rope", "attention", "silu")
@@ -644,9 +647,7 @@ cdef class FusedLayer:
     cdef tpk_attention_sublayer att
     cdef tpk_ffn_sublayer ffn
     cdef tpk_kv_layer cache
-    cdef int64_t slot_stride, slots, max_rows
-    cdef char *kbase
-    cdef char *vbase
+    cdef int64_t slots, max_rows
     cdef int nthreads
     cdef int64_t *phase
     cdef object keep      # the arrays the structs point into
@@ -698,9 +699,9 @@ cdef class FusedLayer:
         self.cache.f16 = kc.dtype == np.float16
         self.cache.head_stride, self.cache.block_stride = kc.strides[3] // esize, kc.strides[1] // esize
         self.cache.ctx = _dim(kc, 1) * TPK_KV_BLOCK
-        self.slots, self.slot_stride = _dim(kc, 0), kc.strides[0]
-        self.kbase = <char *>cnp.PyArray_DATA(kc) + layer * kc.strides[2]
-        self.vbase = <char *>cnp.PyArray_DATA(vc) + layer * vc.strides[2]
+        self.slots, self.cache.slot_bytes = _dim(kc, 0), kc.strides[0]
+        self.cache.k = <char *>cnp.PyArray_DATA(kc) + layer * kc.strides[2]
+        self.cache.v = <char *>cnp.PyArray_DATA(vc) + layer * vc.strides[2]
         self.nthreads = nthreads
         self.phase = NULL
         if phase_ns is not None:
@@ -749,33 +750,47 @@ cdef class FusedLayer:
             raise ValueError("FusedLayer: add must be shaped as x")
         return <const float *>cnp.PyArray_DATA(a)
 
-    cdef int _where(self, int64_t T, cos, sin, int64_t slot, int64_t start, tpk_kv_layer *c) except -1:
-        """checks the rope tables and positions of T rows; c: this layer's place in the slot's cache"""
+    cdef int _check_rope(self, int64_t T, cnp.ndarray cos, cnp.ndarray sin) except -1:
         if (_dim(cos, 0) != T or _dim(sin, 0) != T or _dim(cos, 1) != self.att.hd // 2
                 or _dim(sin, 1) != self.att.hd // 2):
             raise ValueError("FusedLayer: cos/sin tables do not match")
-        if not 0 <= slot < self.slots or start < 0 or start + T > self.cache.ctx:
-            raise ValueError(f"FusedLayer: positions {start}..{start + T} of slot {slot} do not fit the cache")
-        c[0] = self.cache
-        c.k = self.kbase + slot * self.slot_stride
-        c.v = self.vbase + slot * self.slot_stride
         return 0
 
-    def attention(self, x, add, int64_t slot, int64_t start, cos_array, sin_array):
+    cdef cnp.ndarray _segments(self, segments, int64_t T):
+        """(n, 3) int64 rows of (slot, start, rows), checked: they cover the T rows and fit the cache"""
+        cdef cnp.ndarray a = _arr(segments, cnp.NPY_INT64, 2, "FusedLayer: segments")
+        if _dim(a, 1) != 3:
+            raise ValueError("FusedLayer: segments must be (n, 3): slot, start, rows")
+        cdef const tpk_segment *g = <const tpk_segment *>cnp.PyArray_DATA(a)
+        cdef int64_t i, rows = 0
+        for i in range(_dim(a, 0)):
+            if (not 0 <= g[i].slot < self.slots or g[i].start < 0 or g[i].rows < 0
+                    or g[i].start + g[i].rows > self.cache.ctx):
+                raise ValueError(f"FusedLayer: positions {g[i].start}..{g[i].start + g[i].rows} of slot {g[i].slot} "
+                                 "do not fit the cache")
+            rows += g[i].rows
+        if rows != T:
+            raise ValueError(f"FusedLayer: the segments cover {rows} rows, not {T}")
+        return a
+
+    def attention(self, x, add, segments, cos_array, sin_array):
         """x (T, dim) float32 += add (None, or the last sublayer's (T, dim) float32 total); returns
-        the attention sublayer's (T, dim) float64 partial sums over x's rows at positions start..
-        of cache slot `slot`, whose keys and values it stores. cos, sin: (T, hd/2) float32."""
+        the attention sublayer's (T, dim) float64 partial sums. segments: (n, 3) int64 rows of
+        (slot, start, rows), x's rows in that order, each attending over its own cache slot at
+        positions start.., where its keys and values go. cos, sin: (T, hd/2) float32."""
         cdef int64_t T
         cdef float *xp = self._rows(x, &T)
         cdef const float *ap = self._add(add, T)
         cdef cnp.ndarray cos = _arr(cos_array, cnp.NPY_FLOAT32, 2, "FusedLayer: cos")
         cdef cnp.ndarray sin = _arr(sin_array, cnp.NPY_FLOAT32, 2, "FusedLayer: sin")
-        cdef tpk_kv_layer c
-        self._where(T, cos, sin, slot, start, &c)
+        self._check_rope(T, cos, sin)
+        cdef cnp.ndarray segs = self._segments(segments, T)
+        cdef int64_t nseg = _dim(segs, 0)
         cdef cnp.ndarray out = _empty2(T, self.att.dim, cnp.NPY_FLOAT64)
         with nogil:
             tpk_attention_sublayer_run(&self.att, xp, ap, T, <const float *>cnp.PyArray_DATA(cos),
-                                       <const float *>cnp.PyArray_DATA(sin), &c, start,
+                                       <const float *>cnp.PyArray_DATA(sin), &self.cache,
+                                       <const tpk_segment *>cnp.PyArray_DATA(segs), nseg,
                                        <double *>cnp.PyArray_DATA(out), <uint8_t *>cnp.PyArray_DATA(self.work),
                                        self.nthreads, self.phase)
         return out
@@ -792,11 +807,11 @@ cdef class FusedLayer:
         return out
 
 
-def fused_stack(list layers, x, int64_t slot, int64_t start, cos_array, sin_array):
+def fused_stack(list layers, x, segments, cos_array, sin_array):
     """For a rank that holds the whole model (an all-reduce of its partial sums only rounds them
     to float32): every FusedLayer's attention and FFN in turn in one C call, each total added
-    to x (T, dim) by the next sublayer and the last one at the end, as forward does. The layers
-    share one work array. Returns x."""
+    to x (T, dim) by the next sublayer and the last one at the end, as forward does. segments,
+    cos, sin: as FusedLayer.attention takes them. The layers share one work array. Returns x."""
     cdef int n = len(layers), i
     if n == 0:
         return x
@@ -805,6 +820,9 @@ def fused_stack(list layers, x, int64_t slot, int64_t start, cos_array, sin_arra
     cdef float *xp = first._rows(x, &T)
     cdef cnp.ndarray cos = _arr(cos_array, cnp.NPY_FLOAT32, 2, "fused_stack: cos")
     cdef cnp.ndarray sin = _arr(sin_array, cnp.NPY_FLOAT32, 2, "fused_stack: sin")
+    first._check_rope(T, cos, sin)
+    cdef cnp.ndarray segs = first._segments(segments, T)
+    cdef int64_t nseg = _dim(segs, 0)
     cdef cnp.ndarray partial = _empty2(T, first.att.dim, cnp.NPY_FLOAT64)
     cdef cnp.ndarray total = _empty2(T, first.att.dim, cnp.NPY_FLOAT32)
     cdef const tpk_attention_sublayer **att = <const tpk_attention_sublayer **>malloc(n * sizeof(void *))
@@ -815,15 +833,16 @@ def fused_stack(list layers, x, int64_t slot, int64_t start, cos_array, sin_arra
             raise MemoryError()
         for i in range(n):
             fl = <FusedLayer?>layers[i]
-            if fl.work is not first.work or fl.att.dim != first.att.dim or fl.max_rows != first.max_rows:
-                raise ValueError("fused_stack: the layers must share their width and work array")
-            fl._where(T, cos, sin, slot, start, &caches[i])
+            if (fl.work is not first.work or fl.att.dim != first.att.dim or fl.max_rows != first.max_rows
+                    or fl.slots != first.slots or fl.cache.ctx != first.cache.ctx or fl.att.hd != first.att.hd):
+                raise ValueError("fused_stack: the layers must share their shapes, cache and work array")
+            caches[i] = fl.cache
             att[i], ffn[i] = &fl.att, &fl.ffn
         with nogil:
             tpk_layers_run(n, att, ffn, caches, xp, T, <const float *>cnp.PyArray_DATA(cos),
-                           <const float *>cnp.PyArray_DATA(sin), start, <double *>cnp.PyArray_DATA(partial),
-                           <float *>cnp.PyArray_DATA(total), <uint8_t *>cnp.PyArray_DATA(first.work),
-                           first.nthreads, first.phase)
+                           <const float *>cnp.PyArray_DATA(sin), <const tpk_segment *>cnp.PyArray_DATA(segs),
+                           nseg, <double *>cnp.PyArray_DATA(partial), <float *>cnp.PyArray_DATA(total),
+                           <uint8_t *>cnp.PyArray_DATA(first.work), first.nthreads, first.phase)
     finally:
         free(att)
         free(ffn)

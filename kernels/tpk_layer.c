@@ -86,9 +86,27 @@ int64_t tpk_ffn_sublayer_work(const tpk_ffn_sublayer *s, int64_t T) {
            align64(q80_bytes(T, s->hidden));
 }
 
+/* each segment's rows attend over their own slot (model.py: RankModel.attend, segment by segment) */
+static void attend_segments(const tpk_attention_sublayer *s, const float *q, const float *k, const float *v,
+                            const tpk_kv_layer *cache, const tpk_segment *segs, int64_t nseg, float *o,
+                            int nthreads) {
+    const int64_t qw = s->n_heads * s->hd, kw = s->n_kv * s->hd;
+    int64_t row = 0;
+    for (int64_t i = 0; i < nseg; i++) {
+        const tpk_segment g = segs[i];
+        if (s->n_heads && g.rows)   /* a rank may hold no heads (then no kv heads either) */
+            tpk_attention(q + row * qw, s->n_kv ? k + row * kw : NULL, s->n_kv ? v + row * kw : NULL, g.rows,
+                          s->n_heads, s->n_kv, s->hd, s->kv_of_head, (char *)cache->k + g.slot * cache->slot_bytes,
+                          (char *)cache->v + g.slot * cache->slot_bytes, cache->f16, cache->head_stride,
+                          cache->block_stride, g.start, s->window, s->scale, o + row * qw, nthreads);
+        row += g.rows;
+    }
+}
+
 void tpk_attention_sublayer_run(const tpk_attention_sublayer *s, float *x, const float *add, int64_t T,
-                                const float *cos_t, const float *sin_t, const tpk_kv_layer *cache, int64_t start,
-                                double *out, uint8_t *work, int nthreads, int64_t *phase_ns) {
+                                const float *cos_t, const float *sin_t, const tpk_kv_layer *cache,
+                                const tpk_segment *segs, int64_t nseg, double *out, uint8_t *work, int nthreads,
+                                int64_t *phase_ns) {
     const int64_t qw = s->n_heads * s->hd, kw = s->n_kv * s->hd;
     phase_clock clk = {phase_ns, 0};
     uint8_t *at = work;
@@ -116,10 +134,7 @@ void tpk_attention_sublayer_run(const tpk_attention_sublayer *s, float *x, const
     tpk_rope(q, T, s->n_heads, s->hd, cos_t, sin_t);
     tpk_rope(k, T, s->n_kv, s->hd, cos_t, sin_t);
     charge(&clk, TPK_PHASE_ROPE);
-    if (s->n_heads)   /* a rank may hold no heads (then no kv heads either) */
-        tpk_attention(q, s->n_kv ? k : NULL, s->n_kv ? v : NULL, T, s->n_heads, s->n_kv, s->hd, s->kv_of_head,
-                      cache->k, cache->v, cache->f16, cache->head_stride, cache->block_stride, start, s->window,
-                      s->scale, o, nthreads);
+    attend_segments(s, q, k, v, cache, segs, nseg, o, nthreads);
     charge(&clk, TPK_PHASE_ATTENTION);
     for (int64_t t = 0; t < T; t++)
         tpk_quantize_q80(o + t * qw, (tpk_block_q80 *)(oq + t * q80_bytes(1, qw)), qw);
@@ -158,12 +173,13 @@ static void round_totals(const double *partial, float *total, int64_t n) {
 
 void tpk_layers_run(int n, const tpk_attention_sublayer *const *att, const tpk_ffn_sublayer *const *ffn,
                     const tpk_kv_layer *cache, float *x, int64_t T, const float *cos_t, const float *sin_t,
-                    int64_t start, double *partial, float *total, uint8_t *work, int nthreads, int64_t *phase_ns) {
+                    const tpk_segment *segs, int64_t nseg, double *partial, float *total, uint8_t *work,
+                    int nthreads, int64_t *phase_ns) {
     if (n <= 0) return;
     const int64_t size = T * att[0]->dim;
     for (int i = 0; i < n; i++) {
-        tpk_attention_sublayer_run(att[i], x, i ? total : NULL, T, cos_t, sin_t, &cache[i], start, partial, work,
-                                   nthreads, phase_ns);
+        tpk_attention_sublayer_run(att[i], x, i ? total : NULL, T, cos_t, sin_t, &cache[i], segs, nseg, partial,
+                                   work, nthreads, phase_ns);
         round_totals(partial, total, size);
         tpk_ffn_sublayer_run(ffn[i], x, total, T, partial, work, nthreads, phase_ns);
         round_totals(partial, total, size);

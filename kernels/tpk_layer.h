@@ -32,11 +32,16 @@ typedef struct {           /* one rank's share of an FFN sublayer: w2(silu(w1 h)
     float eps;
 } tpk_ffn_sublayer;
 
-typedef struct {           /* where one slot's layer lives in a KV cache (tpk_attention's arguments) */
-    void *k, *v;
+typedef struct {           /* where a layer lives in a KV cache of slots (tpk_attention's arguments) */
+    void *k, *v;           /* slot 0's */
     int f16;
     int64_t head_stride, block_stride, ctx;
+    int64_t slot_bytes;    /* from one slot's layer to the next slot's */
 } tpk_kv_layer;
+
+typedef struct {           /* consecutive rows of a pass that belong to one sequence (model.Segment) */
+    int64_t slot, start, rows;   /* its cache slot, the position of its first row */
+} tpk_segment;
 
 /* Time spent by kind of kernel, in ns, added to when a sublayer is given a timing array */
 enum { TPK_PHASE_NORM, TPK_PHASE_QUANTIZE, TPK_PHASE_MATMUL, TPK_PHASE_ROPE, TPK_PHASE_ATTENTION,
@@ -49,11 +54,13 @@ int64_t tpk_ffn_sublayer_work(const tpk_ffn_sublayer *s, int64_t T);
 /* x (T, dim) += add (when not NULL; the previous sublayer's total), then
  * out (T, dim) float64 = wo . attention(rope(wq h), rope(wk h), wv h) with h = rmsnorm(x)
  * (q, k, v plus their biases, then q and k RMS-normed head by head, where the model has them):
- * the rank's partial sums. The new keys and values go into the cache at positions start..;
- * cos_t, sin_t (T, hd/2). work: tpk_attention_sublayer_work bytes, 64-byte aligned. */
+ * the rank's partial sums. The rows are nseg segments (their rows add up to T), each attending
+ * over its own slot, where its new keys and values go; cos_t, sin_t (T, hd/2) at each row's
+ * position. work: tpk_attention_sublayer_work bytes, 64-byte aligned. */
 void tpk_attention_sublayer_run(const tpk_attention_sublayer *s, float *x, const float *add, int64_t T,
-                                const float *cos_t, const float *sin_t, const tpk_kv_layer *cache, int64_t start,
-                                double *out, uint8_t *work, int nthreads, int64_t *phase_ns);
+                                const float *cos_t, const float *sin_t, const tpk_kv_layer *cache,
+                                const tpk_segment *segs, int64_t nseg, double *out, uint8_t *work, int nthreads,
+                                int64_t *phase_ns);
 
 /* x (T, dim) += add (when not NULL), then out (T, dim) float64 = w2(silu(w1 h) * w3 h), h = rmsnorm(x) */
 void tpk_ffn_sublayer_run(const tpk_ffn_sublayer *s, float *x, const float *add, int64_t T, double *out,
@@ -65,6 +72,7 @@ void tpk_ffn_sublayer_run(const tpk_ffn_sublayer *s, float *x, const float *add,
  * partial: T * dim doubles, total: T * dim floats of scratch besides `work`. */
 void tpk_layers_run(int n, const tpk_attention_sublayer *const *att, const tpk_ffn_sublayer *const *ffn,
                     const tpk_kv_layer *cache, float *x, int64_t T, const float *cos_t, const float *sin_t,
-                    int64_t start, double *partial, float *total, uint8_t *work, int nthreads, int64_t *phase_ns);
+                    const tpk_segment *segs, int64_t nseg, double *partial, float *total, uint8_t *work,
+                    int nthreads, int64_t *phase_ns);
 
 #endif

@@ -67,18 +67,24 @@ def rank_models(path, ranks=1, rank=0, kv_type="f32", window=0, threads=1, biase
 
 def passes(model, reduce=to_f32):
     """Logits of a 20-token prompt (model.py's steps either way), a 5-token one and 12 decode
-    steps in slot 0, then a 3-token prompt and decode steps in slot 1, each pass's last row."""
+    steps in slot 0, then a 3-token prompt and decode steps in slot 1 (each pass's last row),
+    then passes of both sequences (every row)."""
     rng = np.random.default_rng(1)
     out, pos = [], 0
     for n in [20, 5] + [1] * 12:
         tokens = rng.integers(3, 500, n)
         out.append(model.logits(model.forward(tokens, pos, reduce)[-1:]))
         pos += n
-    pos = 0
-    for n in [3, 1, 1, FUSED_MAX_ROWS]:
+    pos1 = 0
+    for n in [3, 1, 1, FUSED_MAX_ROWS - 2]:
         tokens = rng.integers(3, 500, n)
-        out.append(model.logits(model.forward(tokens, [Segment(1, pos, n)], reduce)[-1:]))
-        pos += n
+        out.append(model.logits(model.forward(tokens, [Segment(1, pos1, n)], reduce)[-1:]))
+        pos1 += n
+    for n0, n1 in [(1, 1), (1, 1), (2, 3), (1, 1)]:     # both sequences in one pass, as tpllama.batching steps
+        tokens = rng.integers(3, 500, n0 + n1)
+        hidden = model.forward(tokens, [Segment(1, pos1, n1), Segment(0, pos, n0)], reduce)
+        out.append(model.logits(hidden))
+        pos, pos1 = pos + n0, pos1 + n1
     return out
 
 
@@ -107,6 +113,7 @@ def test_fused_layers_give_the_same_bits_as_the_models_own_steps(tiny_files, wty
         assert fused.whole_model == (ranks == 1)
         long_prompt_reduces = 2 * fused.config.n_layers
         assert len(reduces) == (long_prompt_reduces if ranks == 1 else 2 * fused.config.n_layers * len(got))
+        assert len(got) == 22
         assert plain.phase_ns.sum() == 0
         for i, (g, w) in enumerate(zip(got, want)):
             assert np.array_equal(g, w), f"pass {i}: largest difference {np.abs(g - w).max()}"
@@ -142,12 +149,20 @@ def test_a_fused_layer_refuses_rows_and_positions_it_cannot_take(tiny_files):
         layer.feed_forward(np.zeros((1, dim + 1), np.float32), None)
     with pytest.raises(ValueError, match="add must be"):
         layer.feed_forward(np.zeros((1, dim), np.float32), np.zeros((2, dim), np.float32))
+    def segs(*rows):
+        return np.array(rows, dtype=np.int64)
+
+    one = np.zeros((1, dim), np.float32)
     with pytest.raises(ValueError, match="do not fit the cache"):
-        layer.attention(np.zeros((1, dim), np.float32), None, 2, 0, cos, sin)      # slots 0 and 1 only
+        layer.attention(one, None, segs((2, 0, 1)), cos, sin)      # slots 0 and 1 only
     with pytest.raises(ValueError, match="do not fit the cache"):
-        layer.attention(np.zeros((1, dim), np.float32), None, 0, fused.cache.k.shape[1] * K.KV_BLOCK, cos, sin)
+        layer.attention(one, None, segs((0, fused.cache.k.shape[1] * K.KV_BLOCK, 1)), cos, sin)
+    with pytest.raises(ValueError, match="cover 2 rows, not 1"):
+        layer.attention(one, None, segs((0, 0, 1), (1, 0, 1)), cos, sin)
+    with pytest.raises(ValueError, match=r"must be \(n, 3\)"):
+        layer.attention(one, None, np.zeros((1, 2), np.int64), cos, sin)
     with pytest.raises(ValueError, match="cos/sin"):
-        layer.attention(np.zeros((2, dim), np.float32), None, 0, 0, cos, sin)
+        layer.attention(np.zeros((2, dim), np.float32), None, segs((0, 0, 2)), cos, sin)
 
 
 def test_fused_layers_still_walk_mapped_layers_in_order(tiny_files):

@@ -11,8 +11,8 @@ prompt may run as micro-batches so that one's all-reduce travels while the next 
 With one rank this is the whole model. The weights are plain data (weights.py): a step reads
 no file and makes no MPI call of its own.
 
-A pass of a few rows of one sequence (a decode step) makes the same kernel calls from C, a
-sublayer per call (K.FusedLayer, kernels/tpk_layer.c), with the same bits: the methods below
+A pass of a few rows (a decode step of one or more sequences) makes the same kernel calls from
+C, a sublayer per call (K.FusedLayer, kernels/tpk_layer.c), with the same bits: the methods below
 stay the reference, and run everything else.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .plan import DEFAULT_KV_TYPE, KV_TYPES
 from .weights import LayerWeights, RankWeights
 from . import _kernels as K
 
-# Passes of up to this many rows of one sequence (decode steps, short prompts) run each sublayer's
+# Passes of up to this many rows (decode steps of up to 16 sequences, short prompts) run each sublayer's
 # kernels in one C call (K.FusedLayer) when the model allows: the same calls and bits as the
 # steps below, without the Python between them, which runs with caches emptied by every
 # matrix read (7-12% of a TinyLlama decode step on a Zen 3). Longer passes are compute-bound.
@@ -183,9 +183,10 @@ class RankModel:
 
     # ------------------------------------------------------------ fused layers
 
-    def fused_attention(self, layer: int, x: np.ndarray, add: Optional[np.ndarray], seg: Segment, cos, sin):
-        """x += add, then attention(layer, rmsnorm(x)) by the layer's FusedLayer: (T, dim) float64 partial sums."""
-        return self.fused[layer].attention(x, add, seg.slot, seg.start, cos, sin)
+    def fused_attention(self, layer: int, x: np.ndarray, add: Optional[np.ndarray], segments: np.ndarray, cos, sin):
+        """x += add, then attention(layer, rmsnorm(x)) by the layer's FusedLayer: (T, dim) float64
+        partial sums. segments: (n, 3) int64 rows of (slot, start, rows)."""
+        return self.fused[layer].attention(x, add, segments, cos, sin)
 
     def fused_feed_forward(self, layer: int, x: np.ndarray, add: Optional[np.ndarray]) -> np.ndarray:
         """x += add, then feed_forward(rmsnorm(x)) by the layer's FusedLayer: (T, dim) float64 partial sums."""
@@ -260,11 +261,11 @@ class RankModel:
         for s in segments:
             if s.start + s.length > self.cache.ctx:
                 raise ValueError(f"context full: {s.start + s.length} tokens exceed the context size {self.cache.ctx}")
-        if self.fused and len(segments) == 1 and len(tokens) <= FUSED_MAX_ROWS:
-            return self._forward_fused(tokens, segments[0], reduce)
-        x = self.w.embedding(tokens)                              # (T, dim)
         positions = np.concatenate([np.arange(s.start, s.start + s.length) for s in segments])
         cos, sin = rope_tables(self.inv_freq, positions)
+        if self.fused and len(tokens) <= FUSED_MAX_ROWS:
+            return self._forward_fused(tokens, segments, reduce, cos, sin)
+        x = self.w.embedding(tokens)                              # (T, dim)
         groups = row_groups(len(tokens), micro_batches if start_reduce else 1)
         begin = start_reduce or (lambda partial: _Finished(reduce(partial)))
         parts = [segments_in(segments, rows) for rows in groups]   # each micro-batch's rows of each sequence
@@ -290,19 +291,20 @@ class RankModel:
                 settle(g)
         return rmsnorm(x, self.w.output_norm, c.norm_eps, self.threads)
 
-    def _forward_fused(self, tokens: np.ndarray, seg: Segment, reduce: Reduce) -> np.ndarray:
-        """forward for one sequence's few rows, a sublayer per C call: each adds the last
-        sublayer's total to x before its own rmsnorm, as forward's settle does."""
+    def _forward_fused(self, tokens: np.ndarray, segments: List[Segment], reduce: Reduce, cos, sin) -> np.ndarray:
+        """forward for a few rows (a decode step of one or more sequences), a sublayer per C
+        call: each adds the last sublayer's total to x before its own rmsnorm, as forward's
+        settle does."""
         c = self.config
         x = self.w.embedding(tokens)                              # (T, dim)
-        cos, sin = rope_tables(self.inv_freq, np.arange(seg.start, seg.start + seg.length))
+        segs = np.array([(s.slot, s.start, s.length) for s in segments], dtype=np.int64).reshape(-1, 3)
         if self.whole_model and type(self.w.layers) is list:
             # reduce would only round each partial sum to float32: in C, without a return to Python
-            K.fused_stack(self.fused, x, seg.slot, seg.start, cos, sin)
+            K.fused_stack(self.fused, x, segs, cos, sin)
         else:
             total = None
             for i, _ in enumerate(self.w.layers):   # iterating mapped layers asks for the next one's pages
-                total = _as_f32(reduce(self.fused_attention(i, x, total, seg, cos, sin)))
+                total = _as_f32(reduce(self.fused_attention(i, x, total, segs, cos, sin)))
                 total = _as_f32(reduce(self.fused_feed_forward(i, x, total)))
             x += total
         return rmsnorm(x, self.w.output_norm, c.norm_eps, self.threads)
