@@ -773,18 +773,24 @@ cdef class FusedLayer:
             raise ValueError(f"FusedLayer: the segments cover {rows} rows, not {T}")
         return a
 
+    cdef tuple _pass(self, x, segments, cos_array, sin_array, int64_t *T, float **xp):
+        """A pass's rows (T of them, at xp), checked with its segments and rope tables: (segments, cos, sin)"""
+        xp[0] = self._rows(x, T)
+        cdef cnp.ndarray cos = _arr(cos_array, cnp.NPY_FLOAT32, 2, "FusedLayer: cos")
+        cdef cnp.ndarray sin = _arr(sin_array, cnp.NPY_FLOAT32, 2, "FusedLayer: sin")
+        self._check_rope(T[0], cos, sin)
+        return self._segments(segments, T[0]), cos, sin
+
     def attention(self, x, add, segments, cos_array, sin_array):
         """x (T, dim) float32 += add (None, or the last sublayer's (T, dim) float32 total); returns
         the attention sublayer's (T, dim) float64 partial sums. segments: (n, 3) int64 rows of
         (slot, start, rows), x's rows in that order, each attending over its own cache slot at
         positions start.., where its keys and values go. cos, sin: (T, hd/2) float32."""
         cdef int64_t T
-        cdef float *xp = self._rows(x, &T)
+        cdef float *xp
+        cdef cnp.ndarray segs, cos, sin
+        segs, cos, sin = self._pass(x, segments, cos_array, sin_array, &T, &xp)
         cdef const float *ap = self._add(add, T)
-        cdef cnp.ndarray cos = _arr(cos_array, cnp.NPY_FLOAT32, 2, "FusedLayer: cos")
-        cdef cnp.ndarray sin = _arr(sin_array, cnp.NPY_FLOAT32, 2, "FusedLayer: sin")
-        self._check_rope(T, cos, sin)
-        cdef cnp.ndarray segs = self._segments(segments, T)
         cdef int64_t nseg = _dim(segs, 0)
         cdef cnp.ndarray out = _empty2(T, self.att.dim, cnp.NPY_FLOAT64)
         with nogil:
@@ -817,11 +823,9 @@ def fused_stack(list layers, x, segments, cos_array, sin_array):
         return x
     cdef FusedLayer first = <FusedLayer?>layers[0], fl
     cdef int64_t T
-    cdef float *xp = first._rows(x, &T)
-    cdef cnp.ndarray cos = _arr(cos_array, cnp.NPY_FLOAT32, 2, "fused_stack: cos")
-    cdef cnp.ndarray sin = _arr(sin_array, cnp.NPY_FLOAT32, 2, "fused_stack: sin")
-    first._check_rope(T, cos, sin)
-    cdef cnp.ndarray segs = first._segments(segments, T)
+    cdef float *xp
+    cdef cnp.ndarray segs, cos, sin
+    segs, cos, sin = first._pass(x, segments, cos_array, sin_array, &T, &xp)
     cdef int64_t nseg = _dim(segs, 0)
     cdef cnp.ndarray partial = _empty2(T, first.att.dim, cnp.NPY_FLOAT64)
     cdef cnp.ndarray total = _empty2(T, first.att.dim, cnp.NPY_FLOAT32)
