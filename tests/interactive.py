@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Callable, List, Optional, Sequence
 
-from mpi_util import REPO, mpi_env, mpirun_cmd
+from mpi_util import LAUNCHER_FAILURES, REPO, mpi_env, mpirun_cmd
 
 
 def command(ranks: int, module: str, args: Sequence[str]) -> List[str]:
@@ -65,6 +65,27 @@ def kill_tree(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def start_until_launched(start: Callable[[], "Running"], ready: Callable[["Running"], None],
+                         attempts: int = 3) -> "Running":
+    """start(), then ready(process), which raises AssertionError unless the process gets ready in
+    time; started again (up to `attempts` times) when Open MPI's launcher itself failed to start
+    (mpi_util.LAUNCHER_FAILURES: a few launches per thousand on a busy machine, before any rank
+    runs). Any other failure kills the process and raises at once."""
+    import sys
+    for attempt in range(attempts):
+        proc = start()
+        try:
+            ready(proc)
+            return proc
+        except BaseException:
+            proc.kill()
+            output = proc.stdout + proc.stderr
+            if attempt == attempts - 1 or not any(f in output for f in LAUNCHER_FAILURES):
+                raise
+            print(f"interactive: the launcher failed to start (attempt {attempt + 1}); launching again", file=sys.stderr)
+    raise AssertionError("unreachable")
 
 
 class Running:

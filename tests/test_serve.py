@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from conftest import plain_content_chat_ids
-from interactive import Running, command
+from interactive import Running, command, start_until_launched
 from mpi_util import run_script
 
 openai = pytest.importorskip("openai")
@@ -78,13 +78,8 @@ class Server:
 
 def start_server(smollm2, ranks: int, *extra) -> Server:
     port = free_port()
-    proc = Running(command(ranks, "tpllama.serve", ["-m", smollm2, "--port", str(port), "-c", str(CTX), "-t", "1", *extra]),
-                   stdin=False)
-    try:
-        wait_until_healthy(proc, port)
-    except BaseException:
-        proc.kill()
-        raise
+    argv = command(ranks, "tpllama.serve", ["-m", smollm2, "--port", str(port), "-c", str(CTX), "-t", "1", *extra])
+    proc = start_until_launched(lambda: Running(argv, stdin=False), lambda p: wait_until_healthy(p, port))
     return Server(proc, port, os.path.basename(smollm2))
 
 
@@ -600,3 +595,31 @@ def test_a_qwen_models_endoftext_ends_the_answer(tmp_path):
             assert status == 200 and '"finish_reason": "stop"' in events and events.rstrip().endswith("[DONE]"), events
     finally:
         s.proc.kill()
+
+
+def test_a_server_whose_launcher_failed_to_start_is_launched_again():
+    """Open MPI's launcher failed to start a 2-rank server once in a CI run ("The PMIx server's
+    listener thread failed to start"), before any rank ran: such a launch is retried, and any
+    other failure is not."""
+    from mpi_util import LAUNCHER_FAILURES
+
+    class Fake:
+        def __init__(self, stderr):
+            self.stdout, self.stderr, self.killed = "", stderr, False
+
+        def kill(self):
+            self.killed = True
+
+    def not_ready(proc):
+        if proc.stderr:
+            raise AssertionError("GET /health answers: the process exited (213) first")
+
+    started = []
+    outputs = iter([LAUNCHER_FAILURES[0], ""])
+    proc = start_until_launched(lambda: started.append(Fake(next(outputs))) or started[-1], not_ready)
+    assert len(started) == 2 and started[0].killed and proc is started[1] and not proc.killed
+
+    started.clear()
+    with pytest.raises(AssertionError, match="exited"):
+        start_until_launched(lambda: started.append(Fake("Traceback: a real error")) or started[-1], not_ready)
+    assert len(started) == 1 and started[0].killed
