@@ -490,7 +490,7 @@ def attention(q_array, k_array, v_array, kcache, vcache, int64_t start, kv_of_he
     cdef int64_t vn_kv, vctx, vhd, vhead_stride, vblock_stride
     cdef cnp.ndarray vc = _cache_array(vcache, "vcache", &vn_kv, &vctx, &vhd, &vhead_stride, &vblock_stride)
     cdef int64_t T = _dim(q, 0)
-    cdef int64_t n_heads = _dim(koh, 0), i
+    cdef int64_t n_heads = _dim(koh, 0)
     cdef int f16 = cnp.PyArray_TYPE(kc) == cnp.NPY_FLOAT16
     if (cnp.PyArray_TYPE(vc) != cnp.PyArray_TYPE(kc) or vn_kv != n_kv or vctx != ctx or vhd != hd
             or vhead_stride != head_stride or vblock_stride != block_stride):
@@ -502,10 +502,8 @@ def attention(q_array, k_array, v_array, kcache, vcache, int64_t start, kv_of_he
         raise ValueError(f"attention: window {window} is negative")
     if start < 0 or start + T > ctx:
         raise ValueError(f"attention: positions {start}..{start + T} do not fit the cache of {ctx}")
+    _check_kv_of_head(koh, n_kv, "attention")
     cdef const int32_t *kvh = <const int32_t *>cnp.PyArray_DATA(koh)
-    for i in range(n_heads):
-        if kvh[i] < 0 or kvh[i] >= n_kv:
-            raise ValueError("attention: kv head index out of range")
     cdef cnp.ndarray out = _empty2(T, n_heads * hd, cnp.NPY_FLOAT32)
     cdef const float *qp = <const float *>cnp.PyArray_DATA(q)
     cdef const float *kp = <const float *>cnp.PyArray_DATA(k)
@@ -518,6 +516,16 @@ def attention(q_array, k_array, v_array, kcache, vcache, int64_t start, kv_of_he
             tpk_attention(qp, kp if n_kv else NULL, vp if n_kv else NULL, T, n_heads, n_kv, hd, kvh, kcp, vcp,
                           f16, head_stride, block_stride, start, window, scale, op, nthreads)
     return out
+
+
+cdef int _check_kv_of_head(cnp.ndarray koh, int64_t n_kv, str what) except -1:
+    """every query head's kv head (int32) one of the n_kv"""
+    cdef const int32_t *kvh = <const int32_t *>cnp.PyArray_DATA(koh)
+    cdef int64_t i
+    for i in range(_dim(koh, 0)):
+        if kvh[i] < 0 or kvh[i] >= n_kv:
+            raise ValueError(f"{what}: kv head index out of range")
+    return 0
 
 
 cdef cnp.ndarray _cache_array(cache, str name, int64_t *n_kv, int64_t *ctx, int64_t *hd, int64_t *head_stride,
@@ -634,6 +642,16 @@ cdef tpk_matrix _matrix(m, int64_t rows, int64_t cols, str what) except *:
     return out
 
 
+cdef cnp.ndarray _layer_cache(cache, str name, int64_t layer, int64_t *n_kv, int64_t *ctx, int64_t *hd,
+                              int64_t *head_stride, int64_t *block_stride):
+    """One layer of the runtime's whole KV cache (slots, blocks, layers, kv, KV_BLOCK, hd): slot 0's
+    (blocks, kv, KV_BLOCK, hd) view of it, checked as attention checks its caches"""
+    if not isinstance(cache, np.ndarray) or cache.ndim != 6 or not 0 <= layer < cache.shape[2]:
+        raise ValueError(f"FusedLayer: {name} must be (slots, blocks, layers, kv, {TPK_KV_BLOCK}, hd) with the layer "
+                         "among its layers")
+    return _cache_array(cache[0, :, layer], name, n_kv, ctx, hd, head_stride, block_stride)
+
+
 cdef class FusedLayer:
     """One rank's share of a Llama layer (attention and FFN sublayers, packed weights only) whose
     kernels run in one C call per sublayer; the same calls, in the same order, as tpllama/model.py
@@ -659,17 +677,17 @@ cdef class FusedLayer:
         cdef cnp.ndarray an = _arr(attn_norm, cnp.NPY_FLOAT32, 1, "FusedLayer: attn_norm")
         cdef cnp.ndarray fn = _arr(ffn_norm, cnp.NPY_FLOAT32, 1, "FusedLayer: ffn_norm")
         cdef cnp.ndarray koh = _arr(kv_of_head, cnp.NPY_INT32, 1, "FusedLayer: kv_of_head")
-        cdef int64_t dim = _dim(an, 0), hd = head_dim, n_heads = _dim(koh, 0), i
-        cdef cnp.ndarray kc = self._cache(kcache, "kcache", layer)
-        cdef cnp.ndarray vc = self._cache(vcache, "vcache", layer)
+        cdef int64_t dim = _dim(an, 0), hd = head_dim, n_heads = _dim(koh, 0)
+        cdef int64_t n_kv, ctx, cache_hd, head_stride, block_stride
+        cdef cnp.ndarray kc = _layer_cache(kcache, "kcache", layer, &n_kv, &ctx, &cache_hd, &head_stride, &block_stride)
+        cdef int64_t vn_kv, vctx, vhd, vhead_stride, vblock_stride
+        cdef cnp.ndarray vc = _layer_cache(vcache, "vcache", layer, &vn_kv, &vctx, &vhd, &vhead_stride, &vblock_stride)
         if (<object>kcache).shape != (<object>vcache).shape or kcache.dtype != vcache.dtype or kcache.strides != vcache.strides:
             raise ValueError("FusedLayer: caches differ")
-        cdef int64_t n_kv = _dim(kc, 3), hidden = w1[2]
-        if hd <= 0 or hd % 2 or _dim(kc, 5) != hd or _dim(fn, 0) != dim:
+        cdef int64_t hidden = w1[2]
+        if hd <= 0 or hd % 2 or cache_hd != hd or _dim(fn, 0) != dim:
             raise ValueError("FusedLayer: head size or norms do not match")
-        for i in range(n_heads):
-            if (<const int32_t *>cnp.PyArray_DATA(koh))[i] < 0 or (<const int32_t *>cnp.PyArray_DATA(koh))[i] >= n_kv:
-                raise ValueError("FusedLayer: kv head index out of range")
+        _check_kv_of_head(koh, n_kv, "FusedLayer")
         self.att.norm = <const float *>cnp.PyArray_DATA(an)
         self.att.wq = _matrix(wq, n_heads * hd, dim, "wq")
         self.att.wk = _matrix(wk, n_kv * hd, dim, "wk")
@@ -695,13 +713,10 @@ cdef class FusedLayer:
         self.ffn.w3 = _matrix(w3, hidden, dim, "w3")
         self.ffn.w2 = _matrix(w2, dim, hidden, "w2")
         self.ffn.dim, self.ffn.hidden, self.ffn.eps = dim, hidden, eps
-        esize = kc.itemsize
-        self.cache.f16 = kc.dtype == np.float16
-        self.cache.head_stride, self.cache.block_stride = kc.strides[3] // esize, kc.strides[1] // esize
-        self.cache.ctx = _dim(kc, 1) * TPK_KV_BLOCK
-        self.slots, self.cache.slot_bytes = _dim(kc, 0), kc.strides[0]
-        self.cache.k = <char *>cnp.PyArray_DATA(kc) + layer * kc.strides[2]
-        self.cache.v = <char *>cnp.PyArray_DATA(vc) + layer * vc.strides[2]
+        self.cache.f16 = cnp.PyArray_TYPE(kc) == cnp.NPY_FLOAT16
+        self.cache.head_stride, self.cache.block_stride, self.cache.ctx = head_stride, block_stride, ctx
+        self.slots, self.cache.slot_bytes = kcache.shape[0], kcache.strides[0]
+        self.cache.k, self.cache.v = cnp.PyArray_DATA(kc), cnp.PyArray_DATA(vc)
         self.nthreads = nthreads
         self.phase = NULL
         if phase_ns is not None:
@@ -711,18 +726,6 @@ cdef class FusedLayer:
                 raise ValueError(f"FusedLayer: phase_ns must have {TPK_PHASES} entries")
         self.keep = (an, fn, koh, kc, vc, wq, wk, wv, wo, w1, w3, w2, phase_ns, biases, qk_norms)
         self.work, self.max_rows = None, 0
-
-    cdef cnp.ndarray _cache(self, cache, str name, int64_t layer):
-        if (not isinstance(cache, np.ndarray) or cache.ndim != 6 or cache.dtype not in (np.float32, np.float16)
-                or not cache.flags.writeable):
-            raise ValueError(f"FusedLayer: {name} must be a writable 6-d float32 or float16 array")
-        cdef cnp.ndarray c = <cnp.ndarray>cache
-        e = c.itemsize
-        if (c.shape[4] != TPK_KV_BLOCK or not 0 <= layer < c.shape[2] or c.strides[5] != e
-                or c.strides[4] != c.shape[5] * e or c.strides[3] != TPK_KV_BLOCK * c.shape[5] * e):
-            raise ValueError(f"FusedLayer: {name} must be (slots, blocks, layers, kv, {TPK_KV_BLOCK}, hd), "
-                             "contiguous within a block, with the layer among its layers")
-        return c
 
     def work_bytes(self, int64_t rows):
         """Scratch bytes the larger sublayer needs for `rows` rows."""

@@ -32,16 +32,24 @@ static void *carve(uint8_t **at, int64_t bytes) {
 
 static int64_t q80_bytes(int64_t T, int64_t n) { return T * (n / TPK_QK) * TPK_Q80_BYTES; }
 
+/* the q80 blocks of T rows of n (n a multiple of 32, so no block spans two rows: one call) */
+static void quantize_rows(const float *x, uint8_t *q, int64_t T, int64_t n) {
+    tpk_quantize_q80(x, (tpk_block_q80 *)q, T * n);
+}
+
+/* y += a over n floats (numpy's float32 +=) */
+static void add_into(float *y, const float *a, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = y[i] + a[i];
+}
+
 /* x += add, then h = rmsnorm(x) * norm and its q80 rows (model.py: settle, rmsnorm, Activation.q80) */
 static void add_norm_quantize(float *x, const float *add, int64_t T, int64_t dim, const float *norm, float eps,
                               float *h, uint8_t *hq, int nthreads, phase_clock *clk) {
     mark(clk);
-    if (add)
-        for (int64_t i = 0; i < T * dim; i++) x[i] = x[i] + add[i];
+    if (add) add_into(x, add, T * dim);
     tpk_rmsnorm(x, norm, h, T, dim, eps, nthreads);
     charge(clk, TPK_PHASE_NORM);
-    for (int64_t t = 0; t < T; t++)
-        tpk_quantize_q80(h + t * dim, (tpk_block_q80 *)(hq + t * q80_bytes(1, dim)), dim);
+    quantize_rows(h, hq, T, dim);
     charge(clk, TPK_PHASE_QUANTIZE);
 }
 
@@ -71,8 +79,7 @@ static void partial_sums(const tpk_matrix *m, const uint8_t *xq, int64_t T, doub
 
 /* y[t] += b for each of T rows of n */
 static void add_rows(float *y, const float *b, int64_t T, int64_t n) {
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t i = 0; i < n; i++) y[t * n + i] = y[t * n + i] + b[i];
+    for (int64_t t = 0; t < T; t++) add_into(y + t * n, b, n);
 }
 
 int64_t tpk_attention_sublayer_work(const tpk_attention_sublayer *s, int64_t T) {
@@ -136,8 +143,7 @@ void tpk_attention_sublayer_run(const tpk_attention_sublayer *s, float *x, const
     charge(&clk, TPK_PHASE_ROPE);
     attend_segments(s, q, k, v, cache, segs, nseg, o, nthreads);
     charge(&clk, TPK_PHASE_ATTENTION);
-    for (int64_t t = 0; t < T; t++)
-        tpk_quantize_q80(o + t * qw, (tpk_block_q80 *)(oq + t * q80_bytes(1, qw)), qw);
+    quantize_rows(o, oq, T, qw);
     charge(&clk, TPK_PHASE_QUANTIZE);
     partial_sums(&s->wo, oq, T, out, nthreads);
     charge(&clk, TPK_PHASE_MATMUL);
@@ -159,8 +165,7 @@ void tpk_ffn_sublayer_run(const tpk_ffn_sublayer *s, float *x, const float *add,
     charge(&clk, TPK_PHASE_MATMUL);
     tpk_silu_mul(gate, up, gate, T * s->hidden, nthreads);
     charge(&clk, TPK_PHASE_SILU);
-    for (int64_t t = 0; t < T; t++)
-        tpk_quantize_q80(gate + t * s->hidden, (tpk_block_q80 *)(gq + t * q80_bytes(1, s->hidden)), s->hidden);
+    quantize_rows(gate, gq, T, s->hidden);
     charge(&clk, TPK_PHASE_QUANTIZE);
     partial_sums(&s->w2, gq, T, out, nthreads);
     charge(&clk, TPK_PHASE_MATMUL);
@@ -184,5 +189,5 @@ void tpk_layers_run(int n, const tpk_attention_sublayer *const *att, const tpk_f
         tpk_ffn_sublayer_run(ffn[i], x, total, T, partial, work, nthreads, phase_ns);
         round_totals(partial, total, size);
     }
-    for (int64_t i = 0; i < size; i++) x[i] = x[i] + total[i];
+    add_into(x, total, size);
 }

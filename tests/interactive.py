@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Callable, List, Optional, Sequence
 
-from mpi_util import LAUNCHER_FAILURES, REPO, mpi_env, mpirun_cmd
+from mpi_util import REPO, launcher_failed, mpi_env, mpirun_cmd
 
 
 def command(ranks: int, module: str, args: Sequence[str]) -> List[str]:
@@ -81,8 +81,7 @@ def start_until_launched(start: Callable[[], "Running"], ready: Callable[["Runni
             return proc
         except BaseException:
             proc.kill()
-            output = proc.stdout + proc.stderr
-            if attempt == attempts - 1 or not any(f in output for f in LAUNCHER_FAILURES):
+            if attempt == attempts - 1 or not launcher_failed(proc.stdout + proc.stderr):
                 raise
             print(f"interactive: the launcher failed to start (attempt {attempt + 1}); launching again", file=sys.stderr)
     raise AssertionError("unreachable")

@@ -48,12 +48,17 @@ def mpirun_cmd(n: int, args: Sequence[str], mca: Sequence[str] = ()) -> List[str
 LAUNCHER_FAILURES = ("The PMIx server's listener thread failed to start",)
 
 
+def launcher_failed(output: str) -> bool:
+    """Whether an mpirun's output says Open MPI's launcher itself failed to start (LAUNCHER_FAILURES)."""
+    return any(f in output for f in LAUNCHER_FAILURES)
+
+
 def run_mpirun(cmd: Sequence[str], attempts: int = 3, **kwargs) -> subprocess.CompletedProcess:
     """subprocess.run(cmd, capture_output=True, text=True, **kwargs) of an mpirun command line,
     launched again when Open MPI's launcher itself failed to start (LAUNCHER_FAILURES)."""
     for attempt in range(attempts):
         proc = subprocess.run(list(cmd), capture_output=True, text=True, **kwargs)
-        if proc.returncode == 0 or not any(f in proc.stderr for f in LAUNCHER_FAILURES):
+        if proc.returncode == 0 or not launcher_failed(proc.stderr):
             return proc
         print(f"mpi_util: the launcher failed to start (attempt {attempt + 1}); launching again", file=sys.stderr)
     return proc
