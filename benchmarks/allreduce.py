@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""Cost of one MPI all-reduce against its payload: the input of the cluster model in
-docs/performance.md (ms per token = weights / bandwidth + collectives x this cost).
+"""Cost of one of tpllama's all-reduces (Parallel.allreduce_sum of float64 partials: between
+hosts, MPI's own all-reduce below SPLIT_MIN_BYTES and the split sum from there on) against its
+payload: the input of
+the cluster model in docs/performance.md (ms per token = weights / bandwidth + collectives x
+this cost).
 
     python benchmarks/allreduce.py --ranks 2,4                    # ranks on this machine (shared memory)
     python benchmarks/allreduce.py --ranks 2,4 --netem            # each rank its own host, 1 Gbit/s links
 
-Prints, per rank count, the median time of an all-reduce of float64/float32 payloads from
+Prints, per rank count, the median time of an all-reduce of float64 payloads from
 1 KiB to 4 MiB, and the fitted latency (ms) and bandwidth (MB/s) of t = a + bytes / b;
 writes JSON to --out.
 
@@ -26,25 +29,27 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO))      # `benchmarks`, after any installed tpllama: _common picks which one runs
-from benchmarks._common import machine_header, machine_info  # noqa: E402
+from benchmarks._common import child_env, machine_header, machine_info  # noqa: E402
 SIZES = [2**k for k in range(10, 23)]       # payload bytes: 1 KiB .. 4 MiB
 
 WORKER = r"""
 import json, sys, time
 import numpy as np
 from mpi4py import MPI
+from tpllama.parallel import Parallel
 comm = MPI.COMM_WORLD
+par = Parallel(comm)
 sizes, reps, between_ms = json.loads(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 out = {}
 for nbytes in sizes:
     buf = np.ones(nbytes // 8, dtype=np.float64)
     for _ in range(3):
-        comm.Allreduce(MPI.IN_PLACE, buf)
+        par.allreduce_sum(buf)
     times = []
     for _ in range(reps):
         comm.Barrier()
         t0 = time.perf_counter()
-        comm.Allreduce(MPI.IN_PLACE, buf)
+        par.allreduce_sum(buf)
         times.append(time.perf_counter() - t0)
     worst = comm.reduce(sorted(times)[len(times) // 2], op=MPI.MAX, root=0)
     out[nbytes] = worst
@@ -63,7 +68,7 @@ if between_ms > 0:
             for _ in range(n):
                 a @ x
             t0 = time.perf_counter()
-            comm.Allreduce(MPI.IN_PLACE, buf)
+            par.allreduce_sum(buf)
             waits.append(time.perf_counter() - t0)
         between[nbytes] = comm.reduce(sum(waits[3:]) / reps, op=MPI.MIN, root=0)
 if comm.rank == 0:
@@ -81,7 +86,7 @@ def fit(points):
 
 
 def run(k, args, cluster=None):
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env = child_env(dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1"))
     from benchmarks.sweep import mpirun_binary
     cmd = [mpirun_binary(), "-n", str(k)]
     cmd += cluster.mpirun_args() if cluster else ["--oversubscribe", "--bind-to", "none", "--mca", "mpi_yield_when_idle", "1"]

@@ -69,3 +69,27 @@ def test_a_host_without_the_model_file_gets_its_weights_over_tcp_once(two_hosts,
     assert first["text"] == second["text"] == result(alone)["text"]
     assert first["ranks"][0]["sent"] == first["ranks"][1]["received"] > 0 and not first["ranks"][1]["has_file"]
     assert all(r["sent"] == r["received"] == 0 for r in second["ranks"])
+
+
+def test_long_prompts_between_hosts_are_summed_split_with_the_single_rank_text(two_hosts, smollm2):
+    """Between hosts a prompt chunk's all-reduces go by the split sum (reduce-scatter in float64,
+    all-gather of the float32 totals); text equals one rank's, overlapped or not."""
+    import json
+    from mpi_util import SCRIPTS
+    probe = run_mpirun([mpirun_path(), "-n", "2", *two_hosts.mpirun_args(), sys.executable,
+                        str(SCRIPTS / "split_sum.py")], timeout=120, env=mpi_env(), cwd=str(REPO))
+    line = next((x for x in probe.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, probe.stderr[-3000:]
+    probed = json.loads(line[len("RESULT "):])
+    assert probed["decided"] is True                                 # two hosts: split
+    n, own = 64 * 576, 64 * 576 // 2
+    assert probed["decided_bytes"] == 8 * (n - own) + 4 * own
+    text = ("The history of the printing press begins in the fifteenth century, when metal movable type "
+            "changed how books were made, sold and read across Europe. ") * 6
+    prompt = ["-m", "tpllama.generate", "-m", str(smollm2), "--raw", "-p", text, "--temp", "0", "-n", "12"]
+    alone = mpirun(1, prompt)
+    for extra in ([], ["--overlap"]):
+        cmd = [mpirun_path(), "-n", "2", *two_hosts.mpirun_args(), sys.executable, *prompt, *extra]
+        cluster = run_mpirun(cmd, timeout=180, env=mpi_env(), cwd=str(REPO))
+        assert cluster.returncode == 0, cluster.stderr[-3000:]
+        assert cluster.stdout == alone.stdout, extra

@@ -321,3 +321,30 @@ def test_bad_path_on_one_rank_is_one_quiet_line(stories_bin, tmp_path):
     assert proc.returncode == 1
     _only_tpllama_lines(proc.stderr)
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# ---------------------------------------------------------------- the all-reduce's two ways
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("ranks", [2, 3, 4])
+def test_allreduce_sum_is_the_float64_sum_in_rank_order_either_way(ranks):
+    """Small payloads go through MPI_Allreduce; between hosts, from SPLIT_MIN_BYTES on, a
+    reduce-scatter of float64 chunks and an all-gather of float32 totals (12 bytes per value
+    instead of 16 on the wire). Both give the float64 sum rounded to float32 on every rank,
+    started or blocking."""
+    r = run_script(ranks, "split_sum.py")
+    assert r["decided"] is False and r["decided_bytes"] == 64 * 576 * 8   # one host: MPI's all-reduce
+    assert [c["split"] for c in r["cases"]] == [False, False, True, True, True, False]
+    for c in r["cases"]:
+        assert c["dtype"] == "float32" and c["same_shape"], c
+        assert c["equals_reference"] and c["started_equal"] and c["ranks_agree"], c
+        if ranks == 2:
+            assert c["differs_from_mpi"] == 0, c          # a + b: MPI's own all-reduce, bit for bit
+        n = c["elements"]
+        if c["split"]:
+            # rank 0's 1/K of the elements: float64 out to the others, float32 totals to them
+            own = n // ranks
+            assert c["sent"] == 8 * (n - own) + 4 * own, c
+            assert c["received"] == 8 * (ranks - 1) * own + 4 * (n - own), c
+        else:
+            assert c["sent"] == c["received"] == 8 * n, c

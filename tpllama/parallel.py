@@ -13,6 +13,7 @@ all-reduce moves about 2(K-1)/K times its payload per rank; MPI picks the algori
 """
 from __future__ import annotations
 
+import queue
 import socket
 import sys
 import threading
@@ -51,52 +52,115 @@ class Finished:
         return self.total
 
 
-class PendingSum:
-    """A non-blocking all-reduce on its way; wait() gives the float32 total."""
+# Between hosts, payloads from this size on are summed as a reduce-scatter of float64 chunks and
+# an all-gather of their float32 totals (_split_sum): each rank sends 3/4 of the bytes of a ring
+# all-reduce in float64. Below it MPI's own all-reduce is faster (fewer round trips); decode (one
+# row per sequence) stays below it. Within one host MPI's all-reduce through shared memory is
+# faster at every size. Measured: docs/performance.md, "Prefill over slow links".
+SPLIT_MIN_BYTES = 256 * 1024
+SPLIT_TAG = 12
 
-    def __init__(self, par: "Parallel", buf: np.ndarray, request):
-        self.par, self.buf, self.request = par, buf, request
+
+def _wait_all(MPI, requests, poll_s: Optional[float]) -> None:
+    """Wait for the requests; with poll_s, by testing them every poll_s seconds, so that a thread
+    waiting beside the compute threads does not spin a core (a blocking MPI wait polls)."""
+    if poll_s is None:
+        MPI.Request.Waitall(requests)
+        return
+    while not MPI.Request.Testall(requests):
+        time.sleep(poll_s)
+
+
+def _split_sum(comm, MPI, partial: np.ndarray, poll_s: Optional[float] = None) -> Tuple[np.ndarray, int, int]:
+    """Sum float64 partials over comm: each rank gets every rank's float64 values of its 1/K of
+    the elements, adds them in rank order and rounds the total to float32, then the float32
+    totals are gathered by all. The same total as a float64 all-reduce rounded to float32 (two
+    ranks: bit for bit; more: in rank order, on every rank alike), for 12 bytes per value on the
+    wire instead of 16. Returns (totals, bytes sent, bytes received)."""
+    n, me = comm.Get_size(), comm.Get_rank()
+    flat = np.ascontiguousarray(partial, dtype=np.float64).reshape(-1)
+    bounds = [flat.size * r // n for r in range(n + 1)]
+    counts = [bounds[r + 1] - bounds[r] for r in range(n)]
+    parts = np.empty((n, counts[me]), dtype=np.float64)
+    parts[me] = flat[bounds[me]:bounds[me + 1]]
+    requests = []
+    for step in range(1, n):
+        source, dest = (me - step) % n, (me + step) % n
+        requests.append(comm.Irecv(parts[source], source=source, tag=SPLIT_TAG))
+        requests.append(comm.Isend(flat[bounds[dest]:bounds[dest + 1]], dest=dest, tag=SPLIT_TAG))
+    _wait_all(MPI, requests, poll_s)
+    total = parts[0].copy()
+    for r in range(1, n):
+        total += parts[r]
+    totals = np.empty(flat.size, dtype=np.float32)
+    mine = total.astype(np.float32)
+    _wait_all(MPI, [comm.Iallgatherv(mine, [totals, counts, bounds[:-1], MPI.FLOAT])], poll_s)
+    sent = 8 * (flat.size - counts[me]) + 4 * counts[me]
+    received = 8 * (n - 1) * counts[me] + 4 * (flat.size - counts[me])
+    return totals.reshape(partial.shape), sent, received
+
+
+def _sum_partials(comm, MPI, partial: np.ndarray, sync_type: str, split: bool,
+                  poll_s: Optional[float] = None) -> Tuple[np.ndarray, int, int]:
+    """The float32 total of f64/f32 partials over comm (split: by _split_sum), with the bytes
+    sent and received."""
+    if split:
+        return _split_sum(comm, MPI, partial, poll_s)
+    x = np.ascontiguousarray(partial, dtype=np.float64 if sync_type == "f64" else np.float32)
+    if poll_s is None:
+        comm.Allreduce(MPI.IN_PLACE, x, op=MPI.SUM)
+    else:
+        _wait_all(MPI, [comm.Iallreduce(MPI.IN_PLACE, x, op=MPI.SUM)], poll_s)
+    return x.astype(np.float32, copy=False), x.nbytes, x.nbytes
+
+
+class PendingSum:
+    """An all-reduce on its way on the courier thread; wait() gives the float32 total."""
+
+    def __init__(self, par: "Parallel", partial: np.ndarray, split: bool):
+        self.par, self.partial, self.split = par, partial, split
+        self.done = threading.Event()
+        self.result: Optional[Tuple[np.ndarray, int, int]] = None
+        self.error: Optional[BaseException] = None
 
     def wait(self) -> np.ndarray:
         t0 = time.perf_counter()
-        self.request.Wait()
-        self.par._progress.remove()
-        self.par._count("allreduce", t0, self.buf.nbytes, self.buf.nbytes)   # seconds: only the time waited
-        return self.buf.astype(np.float32, copy=False)
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        total, sent, received = self.result
+        self.par._count("allreduce", t0, sent, received)   # seconds: only the time waited
+        return total
 
 
-class _ProgressThread:
-    """Drives MPI's progress engine while non-blocking all-reduces are on their way: Open MPI
-    moves a message past its first fragment only inside MPI calls, and the rank is inside a
-    compute kernel (which releases the GIL) meanwhile. Sleeps while nothing is pending."""
+class _Courier:
+    """Carries the all-reduces that prefill starts (Parallel.start_allreduce_sum) on a thread of
+    its own while the rank computes, in the order they were started, over a duplicate of the
+    communicator (so they never meet the main thread's collectives). Every rank starts the same
+    all-reduces in the same order, so the couriers meet. It waits by polling every PAUSE_S
+    (_wait_all), leaving the cores to the compute threads."""
 
     PAUSE_S = 1e-4
 
-    def __init__(self, comm, MPI):
-        self.comm, self.MPI = comm, MPI
-        self.pending = 0
-        self.changed = threading.Condition()
-        self.thread: Optional[threading.Thread] = None
+    def __init__(self, comm, MPI, sync_type: str):
+        self.comm = comm.Dup()        # collective: every rank makes its courier at the same start
+        self.MPI, self.sync_type = MPI, sync_type
+        self.jobs: "queue.SimpleQueue[PendingSum]" = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="tpllama-mpi-courier", daemon=True)
+        self.thread.start()
 
-    def add(self) -> None:
-        with self.changed:
-            self.pending += 1
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="tpllama-mpi-progress", daemon=True)
-                self.thread.start()
-            self.changed.notify()
-
-    def remove(self) -> None:
-        with self.changed:
-            self.pending -= 1
+    def start(self, pending: PendingSum) -> PendingSum:
+        self.jobs.put(pending)
+        return pending
 
     def _run(self) -> None:
         while True:
-            with self.changed:
-                while self.pending == 0:
-                    self.changed.wait()
-            self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=self.MPI.ANY_TAG)   # any call progresses them all
-            time.sleep(self.PAUSE_S)
+            job = self.jobs.get()
+            try:
+                job.result = _sum_partials(self.comm, self.MPI, job.partial, self.sync_type, job.split, self.PAUSE_S)
+            except BaseException as e:    # reaches the rank's main thread at wait()
+                job.error = e
+            job.done.set()
 
 
 def _to_bf16(x: np.ndarray) -> np.ndarray:
@@ -124,7 +188,10 @@ class Parallel:
         self.sync_type = sync_type
         self.counters = CommCounters()
         self._host_comm = None
-        self._progress = _ProgressThread(self.comm, MPI)
+        self._courier: Optional[_Courier] = None
+        # large f64 sums by _split_sum: None = when the ranks are on more than one host (decided
+        # at the first such sum, a collective every rank reaches alike); True/False to force
+        self.split_sums: Optional[bool] = None
 
     @property
     def can_overlap(self) -> bool:
@@ -158,10 +225,9 @@ class Parallel:
             return partial.astype(np.float32)
         t0 = time.perf_counter()
         if self.sync_type in ("f64", "f32"):
-            x = np.ascontiguousarray(partial, dtype=np.float64 if self.sync_type == "f64" else np.float32)
-            self.comm.Allreduce(self.MPI.IN_PLACE, x, op=self.MPI.SUM)
-            self._count("allreduce", t0, x.nbytes, x.nbytes)
-            return x.astype(np.float32, copy=False)
+            total, sent, received = _sum_partials(self.comm, self.MPI, partial, self.sync_type, self._split(partial))
+            self._count("allreduce", t0, sent, received)
+            return total
         x = np.ascontiguousarray(partial, dtype=np.float32)
         # Compressed payload: gather every rank's compressed partial and sum in rank order,
         # so the total is bitwise the same on every rank.
@@ -180,10 +246,17 @@ class Parallel:
         micro-batch; otherwise the finished sum. The same arithmetic either way."""
         if not (overlap and self.can_overlap):
             return Finished(self.allreduce_sum(partial))
-        x = np.ascontiguousarray(partial, dtype=np.float64 if self.sync_type == "f64" else np.float32)
-        request = self.comm.Iallreduce(self.MPI.IN_PLACE, x, op=self.MPI.SUM)
-        self._progress.add()
-        return PendingSum(self, x, request)
+        if self._courier is None:
+            self._courier = _Courier(self.comm, self.MPI, self.sync_type)
+        return self._courier.start(PendingSum(self, np.ascontiguousarray(partial), self._split(partial)))
+
+    def _split(self, partial: np.ndarray) -> bool:
+        """Whether this sum goes by _split_sum (see SPLIT_MIN_BYTES)."""
+        if self.sync_type != "f64" or partial.size * 8 < SPLIT_MIN_BYTES:
+            return False
+        if self.split_sums is None:
+            self.split_sums = self.ranks_on_host() < self.size
+        return self.split_sums
 
     def _compress(self, x: np.ndarray) -> np.ndarray:
         if self.sync_type == "bf16":
