@@ -153,9 +153,11 @@ def namespace_hosts(n: int, rate: Optional[str] = None, prefix: str = "tpl", bur
         os.chmod(agent, os.stat(agent).st_mode | stat.S_IXUSR)
         yield Cluster(hosts=hosts, hostfile=hostfile, agent=agent)
     finally:
-        for h in hosts:
+        for i, h in enumerate(hosts):
             if h.netns in made:
-                subprocess.run(["ip", "netns", "pids", h.netns], capture_output=True)
+                # the outer end first: a deleted namespace frees its end of the link only later,
+                # and hosts made right after would find the name taken
+                subprocess.run(["ip", "link", "del", f"{prefix}v{i}a"], capture_output=True)
                 subprocess.run(["ip", "netns", "del", h.netns], capture_output=True)
         if "bridge" in made:
             subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)

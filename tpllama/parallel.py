@@ -71,33 +71,40 @@ def _wait_all(MPI, requests, poll_s: Optional[float]) -> None:
         time.sleep(poll_s)
 
 
-def _split_sum(comm, MPI, partial: np.ndarray, poll_s: Optional[float] = None) -> Tuple[np.ndarray, int, int]:
-    """Sum float64 partials over comm: each rank gets every rank's float64 values of its 1/K of
-    the elements, adds them in rank order and rounds the total to float32, then the float32
-    totals are gathered by all. The same total as a float64 all-reduce rounded to float32 (two
-    ranks: bit for bit; more: in rank order, on every rank alike), for 12 bytes per value on the
-    wire instead of 16. Returns (totals, bytes sent, bytes received)."""
+def _exchange(comm, MPI, outgoing: Callable[[int], np.ndarray], incoming: Callable[[int], np.ndarray],
+              tag: int, poll_s: Optional[float]) -> None:
+    """All at once, every rank sends outgoing(dest) to each other rank and receives that rank's
+    message into incoming(source); returns when all have arrived."""
     n, me = comm.Get_size(), comm.Get_rank()
-    flat = np.ascontiguousarray(partial, dtype=np.float64).reshape(-1)
-    bounds = [flat.size * r // n for r in range(n + 1)]
-    counts = [bounds[r + 1] - bounds[r] for r in range(n)]
-    parts = np.empty((n, counts[me]), dtype=np.float64)
-    parts[me] = flat[bounds[me]:bounds[me + 1]]
     requests = []
     for step in range(1, n):
         source, dest = (me - step) % n, (me + step) % n
-        requests.append(comm.Irecv(parts[source], source=source, tag=SPLIT_TAG))
-        requests.append(comm.Isend(flat[bounds[dest]:bounds[dest + 1]], dest=dest, tag=SPLIT_TAG))
+        requests.append(comm.Irecv(incoming(source), source=source, tag=tag))
+        requests.append(comm.Isend(outgoing(dest), dest=dest, tag=tag))
     _wait_all(MPI, requests, poll_s)
+
+
+def _split_sum(comm, MPI, partial: np.ndarray, poll_s: Optional[float] = None) -> Tuple[np.ndarray, int, int]:
+    """Sum float64 partials over comm: each rank gets every rank's float64 values of its 1/K of
+    the elements, adds them in rank order and rounds the total to float32, then sends that to
+    every rank. The same total as a float64 all-reduce rounded to float32 (two ranks: bit for
+    bit; more: in rank order, on every rank alike), for 12 bytes per value on the wire instead of
+    16. Point-to-point messages only, all posted at once. Returns (totals, bytes sent, received)."""
+    n, me = comm.Get_size(), comm.Get_rank()
+    flat = np.ascontiguousarray(partial, dtype=np.float64).reshape(-1)
+    bounds = [flat.size * r // n for r in range(n + 1)]
+    chunk = [slice(bounds[r], bounds[r + 1]) for r in range(n)]
+    parts = np.empty((n, bounds[me + 1] - bounds[me]), dtype=np.float64)
+    parts[me] = flat[chunk[me]]
+    _exchange(comm, MPI, lambda dest: flat[chunk[dest]], lambda source: parts[source], SPLIT_TAG, poll_s)
     total = parts[0].copy()
     for r in range(1, n):
         total += parts[r]
     totals = np.empty(flat.size, dtype=np.float32)
-    mine = total.astype(np.float32)
-    _wait_all(MPI, [comm.Iallgatherv(mine, [totals, counts, bounds[:-1], MPI.FLOAT])], poll_s)
-    sent = 8 * (flat.size - counts[me]) + 4 * counts[me]
-    received = 8 * (n - 1) * counts[me] + 4 * (flat.size - counts[me])
-    return totals.reshape(partial.shape), sent, received
+    totals[chunk[me]] = total
+    _exchange(comm, MPI, lambda dest: totals[chunk[me]], lambda source: totals[chunk[source]], SPLIT_TAG + 1, poll_s)
+    own = parts.shape[1]
+    return totals.reshape(partial.shape), 8 * (flat.size - own) + 4 * own, 8 * (n - 1) * own + 4 * (flat.size - own)
 
 
 def _sum_partials(comm, MPI, partial: np.ndarray, sync_type: str, split: bool,
@@ -138,7 +145,7 @@ class _Courier:
     its own while the rank computes, in the order they were started, over a duplicate of the
     communicator (so they never meet the main thread's collectives). Every rank starts the same
     all-reduces in the same order, so the couriers meet. It waits by polling every PAUSE_S
-    (_wait_all), leaving the cores to the compute threads."""
+    (_wait_all), leaving the cores to the compute threads; PAUSE_S = 0 waits inside MPI."""
 
     PAUSE_S = 1e-4
 
@@ -157,7 +164,8 @@ class _Courier:
         while True:
             job = self.jobs.get()
             try:
-                job.result = _sum_partials(self.comm, self.MPI, job.partial, self.sync_type, job.split, self.PAUSE_S)
+                job.result = _sum_partials(self.comm, self.MPI, job.partial, self.sync_type, job.split,
+                                          self.PAUSE_S or None)
             except BaseException as e:    # reaches the rank's main thread at wait()
                 job.error = e
             job.done.set()
