@@ -96,7 +96,8 @@ def add_model_args(p: argparse.ArgumentParser):
                          "auto: each rank times its own matvecs at start (about 0.3 s) and the split follows")
     p_.add_argument("--sync-type", choices=SYNC_TYPES, default="f64",
                     help="payload of the two all-reduces per layer: f64 (default) gives the same text at any rank "
-                         "count; f32, bf16, q80 send 2x, 4x, 7.5x less but results then vary slightly with the rank count")
+                         "count (between hosts, a prompt's large sums come back as float32 totals: 3/4 of the bytes); "
+                         "f32, bf16, q80 send 2x, 4x, 7.5x less but results then vary slightly with the rank count")
     p_.add_argument("--shard-cache", metavar="DIR", default=None,
                     help="folder of the per-rank shard files: each rank writes its converted weights there once "
                          "and reads them back at the next start with the same model, rank count and types "
@@ -115,8 +116,8 @@ def add_model_args(p: argparse.ArgumentParser):
             "read found shard files into memory instead of mapping them, and refuse a model whose weights do not fit")
     p_.add_argument("--overlap", action="store_true",
                     help="run each prompt chunk as two micro-batches so that one's all-reduces travel while the "
-                         "other computes (the same results; off by default: it hides waiting on a network link but "
-                         "needs spare CPU for it, see docs/performance.md)")
+                         "other computes (the same results; off by default: 1.5-1.7x faster prompts on 2 hosts behind "
+                         "1 Gbit/s, slower on 4, and it needs a spare core; see docs/cluster.md)")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="do not print the memory plan and loading progress (stderr)")
     p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)   # the default now; kept for old scripts
