@@ -1,6 +1,7 @@
 """Prefill with and without overlapped all-reduces and split sums, on namespace hosts behind a shaped link.
 
     python benchmarks/overlap.py [--shape tinyllama-1.1b] [--ranks 2] [--prompts 64,512] [--rate 1gbit] [--reps 4]
+                                  [--threads 1] [--ways off/mpi,on/mpi,off/split,on/split]
 
 Each rank is its own "host" (a network namespace, benchmarks/hosts.py) whose link is shaped to
 --rate. In one job, every rank loads the model twice, with overlap off and on (--overlap), and
