@@ -1,9 +1,8 @@
 #!/usr/bin/env python3
 """Cost of one of tpllama's all-reduces (Parallel.allreduce_sum of float64 partials: between
 hosts, MPI's own all-reduce below SPLIT_MIN_BYTES and the split sum from there on) against its
-payload: the input of
-the cluster model in docs/performance.md (ms per token = weights / bandwidth + collectives x
-this cost).
+payload: the input of the cluster model in docs/performance.md (ms per token = weights /
+bandwidth + collectives x this cost).
 
     python benchmarks/allreduce.py --ranks 2,4                    # ranks on this machine (shared memory)
     python benchmarks/allreduce.py --ranks 2,4 --netem            # each rank its own host, 1 Gbit/s links

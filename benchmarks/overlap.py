@@ -96,7 +96,7 @@ def main(argv=None):
     for n, modes in result["runs"].items():
         before = median([r[0] for r in modes["off/mpi"]]) if "off/mpi" in modes else float("nan")
         for mode, runs in modes.items():
-            overlap, summed = mode.split("/")[0], "/".join(mode.split("/")[1:])
+            overlap, _, summed = mode.partition("/")
             total, waited = median([r[0] for r in runs]), median([r[1] for r in runs])
             table.append({"prompt": int(n), "overlap": overlap, "sum": summed, "prefill_s": total, "waiting_s": waited,
                           "speedup": before / total})

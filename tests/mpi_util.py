@@ -76,7 +76,12 @@ def mpirun(n: int, args: Sequence[str], timeout: float = 240, env: Optional[dict
 def run_script(n: int, script: str, *args, timeout: float = 240, env: Optional[dict] = None) -> dict:
     """Run tests/mpi_scripts/<script> on n ranks; it prints one JSON line 'RESULT {...}' on rank 0."""
     proc = mpirun(n, [str(SCRIPTS / script), *map(str, args)], timeout=timeout, env=env)
+    return script_result(proc, f"{script} on {n} ranks")
+
+
+def script_result(proc, what: str) -> dict:
+    """The JSON of the 'RESULT {...}' line a script under mpirun printed (AssertionError without one)."""
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    raise AssertionError(f"{script} on {n} ranks printed no RESULT line\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    raise AssertionError(f"{what} printed no RESULT line (exit {proc.returncode})\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")

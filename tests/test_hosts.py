@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from mpi_util import REPO, mpi_env, mpirun, mpirun_path, run_mpirun
+from mpi_util import REPO, mpi_env, mpirun, mpirun_path, run_mpirun, script_result
 from benchmarks.hosts import namespace_hosts, unavailable_reason
 
 pytestmark = pytest.mark.mpi
@@ -47,7 +47,6 @@ def test_hostfile_default_model(two_hosts, smollm2):
 def test_a_host_without_the_model_file_gets_its_weights_over_tcp_once(two_hosts, stories_gguf, tmp_path):
     """Only host 1's rank 0 has the model (its working folder); host 2's rank gets its slice over
     TCP from rank 0 and keeps it in its shard file: the second start sends nothing."""
-    import json
     import shutil
     from mpi_util import SCRIPTS
     a, b = tmp_path / "host1", tmp_path / "host2"
@@ -59,14 +58,9 @@ def test_a_host_without_the_model_file_gets_its_weights_over_tcp_once(two_hosts,
     cmd = [mpirun_path(), *two_hosts.mpirun_args(), "-n", "1", "--host", two_hosts.hosts[0].address, "--wdir", str(a),
            *script, ":", "-n", "1", "--host", two_hosts.hosts[1].address, "--wdir", str(b), *script]
 
-    def result(proc):
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        assert line, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
-        return json.loads(line[len("RESULT "):])
-
-    first, second = (result(run_mpirun(cmd, timeout=180, env=mpi_env()))
+    first, second = (script_result(run_mpirun(cmd, timeout=180, env=mpi_env()), "weights_from_root.py on two hosts")
                      for _ in range(2))
-    assert first["text"] == second["text"] == result(alone)["text"]
+    assert first["text"] == second["text"] == script_result(alone, "weights_from_root.py alone")["text"]
     assert first["ranks"][0]["sent"] == first["ranks"][1]["received"] > 0 and not first["ranks"][1]["has_file"]
     assert all(r["sent"] == r["received"] == 0 for r in second["ranks"])
 
@@ -74,13 +68,10 @@ def test_a_host_without_the_model_file_gets_its_weights_over_tcp_once(two_hosts,
 def test_long_prompts_between_hosts_are_summed_split_with_the_single_rank_text(two_hosts, smollm2):
     """Between hosts a prompt chunk's all-reduces go by the split sum (reduce-scatter in float64,
     all-gather of the float32 totals); text equals one rank's, overlapped or not."""
-    import json
     from mpi_util import SCRIPTS
     probe = run_mpirun([mpirun_path(), "-n", "2", *two_hosts.mpirun_args(), sys.executable,
                         str(SCRIPTS / "split_sum.py")], timeout=120, env=mpi_env(), cwd=str(REPO))
-    line = next((x for x in probe.stdout.splitlines() if x.startswith("RESULT ")), None)
-    assert line, probe.stderr[-3000:]
-    probed = json.loads(line[len("RESULT "):])
+    probed = script_result(probe, "split_sum.py on two hosts")
     assert probed["decided"] is True                                 # two hosts: split
     n, own = 64 * 576, 64 * 576 // 2
     assert probed["decided_bytes"] == 8 * (n - own) + 4 * own
