@@ -28,6 +28,8 @@ cdef extern from "tpk.h":
     int tpk_get_level() nogil
     int tpk_set_level(int level) nogil
     int tpk_has_openmp() nogil
+    int tpk_set_prefetch(int bytes) nogil
+    int tpk_get_prefetch() nogil
     void tpk_quantize_q80(const float *x, tpk_block_q80 *y, int64_t n) nogil
     void tpk_quantize_q40(const float *x, tpk_block_q40 *y, int64_t n) nogil
     void tpk_dequantize_q80(const tpk_block_q80 *x, float *y, int64_t n) nogil
@@ -109,6 +111,18 @@ def set_simd_level(str name):
         if level_name == name and tpk_set_level(level) == level:
             return
     raise ValueError(f"SIMD level {name!r} is not supported here (supported: {', '.join(supported_simd_levels())})")
+
+
+def set_prefetch(int nbytes):
+    """How far ahead (bytes) the SIMD matmul kernels ask for weights that stream from memory;
+    0: none (the hardware prefetcher alone). Process-wide. Raises if outside 0..65536."""
+    if tpk_set_prefetch(nbytes) < 0:
+        raise ValueError(f"prefetch distance {nbytes} is outside 0..65536 bytes")
+
+
+def prefetch():
+    """The matmul kernels' prefetch distance in bytes (0: none)."""
+    return tpk_get_prefetch()
 
 
 def has_openmp():

@@ -111,6 +111,16 @@ int tpk_set_level(int level) {
     return level;
 }
 
+int tpk_prefetch_bytes = TPK_PREFETCH_DEFAULT;
+
+int tpk_set_prefetch(int bytes) {
+    if (bytes < 0 || bytes > 65536) return -1;
+    tpk_prefetch_bytes = bytes;
+    return bytes;
+}
+
+int tpk_get_prefetch(void) { return tpk_prefetch_bytes; }
+
 const char *tpk_level_name(int level) {
     switch (level) {
     case TPK_SCALAR: return "scalar";

@@ -97,6 +97,11 @@ int tpk_level_supported(int level);  /* 1 if this build and CPU can run `level` 
 int tpk_get_level(void);             /* level in use */
 int tpk_set_level(int level);        /* force a level (tests); returns the level set, or -1 if unsupported */
 const char *tpk_level_name(int level);
+/* bytes past the current block that the SIMD matmul kernels prefetch (0: none; default
+ * TPK_PREFETCH_DEFAULT); returns the value set, or -1 if out of 0..65536 */
+int tpk_set_prefetch(int bytes);
+int tpk_get_prefetch(void);
+#define TPK_PREFETCH_DEFAULT 1024
 int tpk_has_openmp(void);
 
 float tpk_fp16_to_fp32(uint16_t h);

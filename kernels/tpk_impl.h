@@ -19,7 +19,7 @@
  * two halves of 16), and sdx = S * d for the K-quants' mins. */
 typedef struct {
     int8_t qs[TPK_QK];
-    float d;
+    float d;     /* a float16 value (the block's scale), which the float64 kernels rely on */
     int32_t s8;
     int32_t s128;
     int32_t sum;
@@ -83,13 +83,17 @@ tpk_group_fn tpk_kq_scalar(int T, int f64);
 
 extern float tpk_fp16_table[65536];
 /* The packed weights stream from memory once per token. Each SIMD tile asks for the bytes
- * TPK_PREFETCH_AHEAD past the group block it is about to multiply: with the hardware prefetcher
- * alone, one thread's q40 matvec read 66-73% of the streaming read bandwidth on an AMD Zen 3
- * (AVX2), with this 86-93% (1 KiB ahead was the best of 0.5-8 KiB; benchmarks/kernels.py).
- * A prefetch never faults, so asking past a matrix's last block is harmless. */
-#define TPK_PREFETCH_AHEAD 1024
+ * tpk_prefetch_bytes past the group block it is about to multiply (0: none, the hardware
+ * prefetcher alone). What pays depends on the machine: on an AMD Zen 3 (AVX2, 12-14 GB/s) one
+ * thread's q40 matvec read 66-73% of the streaming read without it and 86-93% 1 KiB ahead (the
+ * best of 0.5-8 KiB); on a Zen 4 VM (AVX2 only, 29-31 GB/s) 1 KiB ahead cost 12% against none
+ * (docs/kernels.md). tpk_set_prefetch sets it; a prefetch never faults, so asking past a
+ * matrix's last block is harmless. */
+extern int tpk_prefetch_bytes;
 static inline void tpk_prefetch_ahead(const uint8_t *block, int bytes) {
-    for (int l = 0; l < bytes; l += 64) __builtin_prefetch(block + TPK_PREFETCH_AHEAD + l, 0, 3);
+    const int ahead = tpk_prefetch_bytes;
+    if (ahead > 0)
+        for (int l = 0; l < bytes; l += 64) __builtin_prefetch(block + ahead + l, 0, 3);
 }
 
 static inline float tpk_f16(uint16_t h) { return tpk_fp16_table[h]; }

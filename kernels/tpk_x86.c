@@ -104,9 +104,12 @@ INLINE TGT_AVX2 void acc256_zero(acc256 *a, const int F64) {
 
 INLINE TGT_AVX2 void acc256_add(acc256 *a, __m256i isum, __m256 dw, float dx, const int F64) {
     if (F64) {
-        const __m256d vdx = _mm256_set1_pd((double)dx);
-        const __m256d s0 = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(dw)), vdx);
-        const __m256d s1 = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(dw, 1)), vdx);
+        /* dw and dx are float16 values (11 significant bits each), so their product has at most 22
+         * and float32 holds it exactly: (double)(dw * dx) is the reference's (double)dw * (double)dx,
+         * for one float multiply instead of two double ones */
+        const __m256 sc = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
+        const __m256d s0 = _mm256_cvtps_pd(_mm256_castps256_ps128(sc));
+        const __m256d s1 = _mm256_cvtps_pd(_mm256_extractf128_ps(sc, 1));
         a->d0 = _mm256_add_pd(a->d0, _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(isum)), s0));
         a->d1 = _mm256_add_pd(a->d1, _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(isum, 1)), s1));
     } else {
@@ -284,8 +287,45 @@ GROUP_FN(q80_group_512_f64, q80_tile_512, TGT_512, 4, 1)
  * so that a tile of 4 tokens fits in the 16 registers (int16 sums, nibbles, mask, one
  * broadcast); TPK_CHAIN and TPK_OPAQUE keep GCC from undoing that (docs/kernels.md). */
 
+/* One token (decode): both halves of a block at once, so the activation's 8 broadcasts serve
+ * 16 rows (the 4-token tile takes the halves one after the other to fit its registers). */
+INLINE TGT_AVX2 void q40_token_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int nrows,
+                                    const int F64) {
+    acc256 out0, out1;
+    acc256_zero(&out0, F64);
+    acc256_zero(&out1, F64);
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *gb = w + b * TPK_Q40_GROUP_BYTES;
+        tpk_prefetch_ahead(gb, TPK_Q40_GROUP_BYTES);
+        const int8_t *xq = x[b].qs;
+        __m256i lo0 = _mm256_setzero_si256(), hi0 = lo0, lo1 = lo0, hi1 = lo0;
+        for (int k = 0; k < 4; k++) {
+            const __m256i xl = _mm256_set1_epi32(ld32(xq + 4 * k)), xh = _mm256_set1_epi32(ld32(xq + 16 + 4 * k));
+            const __m256i v0 = _mm256_loadu_si256((const __m256i *)(gb + 32 + 64 * k));
+            const __m256i v1 = _mm256_loadu_si256((const __m256i *)(gb + 64 + 64 * k));
+            lo0 = _mm256_add_epi16(lo0, _mm256_maddubs_epi16(_mm256_and_si256(v0, m4), xl));
+            hi0 = _mm256_add_epi16(hi0, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v0, 4), m4), xh));
+            lo1 = _mm256_add_epi16(lo1, _mm256_maddubs_epi16(_mm256_and_si256(v1, m4), xl));
+            hi1 = _mm256_add_epi16(hi1, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v1, 4), m4), xh));
+        }
+        const __m256i s8 = _mm256_set1_epi32(x[b].s8);
+        const __m256i isum0 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_add_epi16(lo0, hi0), ones), s8);
+        const __m256i isum1 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_add_epi16(lo1, hi1), ones), s8);
+        acc256_add(&out0, isum0, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gb)), x[b].d, F64);
+        acc256_add(&out1, isum1, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gb + 16))), x[b].d, F64);
+    }
+    acc256_store(y, at, &out0, nrows, F64);
+    acc256_store(y, at + 8, &out1, nrows - 8, F64);
+}
+
 INLINE TGT_AVX2 void q40_tile_avx2(const uint8_t *w, int64_t nb, const tpk_xq *x, void *y, int64_t at, int64_t ldy,
                                    int nrows, const int TT, const int F64) {
+    if (TT == 1) {
+        q40_token_avx2(w, nb, x, y, at, nrows, F64);
+        return;
+    }
     acc256 out[2][4];
     for (int h = 0; h < 2; h++)
         for (int t = 0; t < TT; t++) acc256_zero(&out[h][t], F64);

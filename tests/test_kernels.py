@@ -163,6 +163,27 @@ def test_model_sized_matmul_bit_identical(wtype, level):
                 assert np.array_equal(_packed(wtype, packed, rows, nb, xq, threads, dtype), ref)
 
 
+def test_the_prefetch_distance_changes_no_result():
+    """--prefetch only asks memory earlier: every distance gives the reference's bits."""
+    rows, nb, ntok = 70, 40, 1
+    before = K.prefetch()
+    try:
+        for wtype in ("q40", "q80"):
+            wq, xq = _operands(wtype, rows, nb, ntok, seed=5)
+            packed = K.pack(wtype, wq)
+            for dtype in (np.float32, np.float64):
+                ref = _reference(wtype, wq, xq, rows, dtype)
+                for distance in (0, 64, 1024, 65536):
+                    K.set_prefetch(distance)
+                    assert K.prefetch() == distance
+                    assert np.array_equal(_packed(wtype, packed, rows, nb, xq, 2, dtype), ref), distance
+        for bad in (-1, 65537):
+            with pytest.raises(ValueError, match="outside 0..65536"):
+                K.set_prefetch(bad)
+    finally:
+        K.set_prefetch(before)
+
+
 @pytest.mark.parametrize("wtype", ["q40", "q80"])
 def test_extreme_bytes_exact(wtype):
     """Every level stays exact for any bytes, also int8 -128 and the largest nibbles everywhere
