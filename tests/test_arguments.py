@@ -110,6 +110,9 @@ def test_generate_refuses_float_prompt_ids(stories):
     (dict(mmap="yes"), "mmap='yes'"),
     (dict(mmap=True, shard_cache=False), "mmap=True: runs from the shard files"),
     (dict(weights_from_root="yes"), "weights_from_root='yes'"),
+    (dict(prefetch=-1), "prefetch=-1: expected auto or whole bytes from 0 (none) to 65536"),
+    (dict(prefetch=70000), "prefetch=70000"),
+    (dict(prefetch="fast"), "prefetch='fast'"),
 ])
 def test_load_options_are_checked_before_the_file_is_opened(options, needle):
     t0 = time.perf_counter()
@@ -138,6 +141,33 @@ def tpllama_logger():
     log.propagate, log.level = propagate, level
 
 
+@pytest.fixture
+def kernel_prefetch():
+    """The kernels' prefetch distance, put back after the test (a model load may set it)."""
+    from tpllama import _kernels as K
+    before = K.prefetch()
+    yield K
+    K.set_prefetch(before)
+
+
+def test_the_prefetch_option_sets_the_kernels_distance(stories_bin, kernel_prefetch, monkeypatch, caplog):
+    """A number of bytes is used as given; auto measures only where the weights are large (a model
+    of under 64 MiB a rank is not probed), and then uses the fastest distance and logs each rank's."""
+    from tpllama import engine
+    K = kernel_prefetch
+    for value, expected in ((0, 0), ("2048", 2048), (512, 512)):
+        model = tpllama.load(str(stories_bin), weight_type="f32", threads=1, ctx_size=16, prefetch=value)
+        assert K.prefetch() == expected and model.prefetch_speeds is None
+    model = tpllama.load(str(stories_bin), weight_type="f32", threads=1, ctx_size=16)
+    assert model.prefetch_speeds is None and K.prefetch() == 512      # too small to probe: left as it was
+    monkeypatch.setattr(engine, "PREFETCH_PROBE_MIN_BYTES", 0)
+    with caplog.at_level("INFO", logger="tpllama"):
+        model = tpllama.load(str(stories_bin), weight_type="f32", threads=1, ctx_size=16)
+    (speeds,) = model.prefetch_speeds
+    assert set(speeds) == {0, 1024} and K.prefetch() == max(speeds, key=speeds.get)
+    assert "prefetch per rank" in caplog.text and "(used)" in caplog.text
+
+
 def test_verbose_shows_the_log_on_stderr(stories_bin, capfd, tpllama_logger):
     tpllama.load(str(stories_bin), weight_type="f32", threads=1, ctx_size=64, verbose=True)
     assert "memory plan at context 64" in capfd.readouterr().err
@@ -159,6 +189,7 @@ def test_verbose_shows_the_log_on_stderr(stories_bin, capfd, tpllama_logger):
     (["-n", "-3"], "-n -3"),
     (["--shard-cache", ""], "--shard-cache : expected True (the default folder), False (off) or a folder"),
     (["--mmap", "--no-shard-cache"], "--mmap True: runs from the shard files"),
+    (["--prefetch", "fast"], "--prefetch fast: expected auto or whole bytes"),
 ])
 def test_generate_flags_are_checked_before_loading(stories_bin, args, needle):
     out = cli("tpllama.generate", "-m", str(stories_bin), "-p", "hi", *args)

@@ -112,6 +112,19 @@ def test_the_probe_matrix_is_finite_and_the_probe_is_bounded():
     assert time.perf_counter() - t0 < 2
 
 
+def test_the_prefetch_probe_times_every_distance_and_puts_the_kernels_back():
+    """--prefetch auto: a speed for each candidate distance, the kernels' own distance unchanged
+    after it, and the fastest chosen (the first of equals)."""
+    from tpllama import _kernels as K
+    from tpllama.speedprobe import fastest_prefetch, prefetch_speeds
+    before = K.prefetch()
+    speeds = prefetch_speeds(SMOLLM2, "q40", 1, choices=(0, 1024, 4096), seconds=0.02, footprint=2**20)
+    assert set(speeds) == {0, 1024, 4096} and all(v > 0 for v in speeds.values())
+    assert K.prefetch() == before
+    assert fastest_prefetch({0: 20.0, 1024: 25.0}) == 1024
+    assert fastest_prefetch({0: 25.0, 1024: 20.0}) == 0 and fastest_prefetch({0: 5.0, 1024: 5.0}) == 0
+
+
 def test_split_proportional_is_largest_remainder():
     assert [len(r) for r in split_proportional(10, [1, 1, 1])] == [4, 3, 3]
     assert [len(r) for r in split_proportional(7, [3, 1], minimum=1)] == [5, 2]

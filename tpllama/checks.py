@@ -18,6 +18,7 @@ from .errors import TpllamaError
 FLAGS = {
     "max_new_tokens": "-n", "ctx_size": "-c", "threads": "-t", "weight_type": "--weight-type",
     "sync_type": "--sync-type", "kv_type": "--kv-type", "rank_weights": "--rank-weights", "shard_cache": "--shard-cache", "mmap": "--mmap", "weights_from_root": "--weights-from-root",
+    "prefetch": "--prefetch",
 }
 
 

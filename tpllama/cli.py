@@ -118,6 +118,10 @@ def add_model_args(p: argparse.ArgumentParser):
                     help="run each prompt chunk as two micro-batches so that one's all-reduces travel while the "
                          "other computes (the same results; off by default: 1.5-1.7x faster prompts on 2 hosts behind "
                          "1 Gbit/s, slower on 4, and it needs a spare core; see docs/cluster.md)")
+    g.add_argument("--prefetch", metavar="BYTES", default="auto",
+                   help="how far ahead the kernels ask memory for the weights they will read next: auto (default) "
+                        "measures at start which pays on this machine, none or 1 KiB (about 0.2 s, skipped for "
+                        "models under 64 MiB a rank); 0 leaves it to the CPU; a number of bytes sets it")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="do not print the memory plan and loading progress (stderr)")
     p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)   # the default now; kept for old scripts
@@ -175,7 +179,7 @@ def load_options(args) -> dict:
                 rank_weights=args.rank_weights, sync_type=args.sync_type, kv_type=args.kv_type, tokenizer=args.tokenizer,
                 shard_cache=False if args.no_shard_cache else (True if args.shard_cache is None else args.shard_cache),
                 mmap=args.mmap, weights_from_root=args.weights_from_root, overlap=args.overlap,
-                verbose=not args.quiet)
+                prefetch=args.prefetch, verbose=not args.quiet)
 
 
 def show_log(args) -> None:

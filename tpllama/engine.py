@@ -30,7 +30,7 @@ from .parallel import Parallel, world_size
 from .plan import (DEFAULT_KV_TYPE, KV_TYPES, PREFILL_CHUNK, format_memory_table, format_split, host_shortfalls, make_plan,
                    max_context, parse_rank_weights, rank_memory, weight_bytes)
 from .simd import SIMD_ENV, choose_simd_level
-from .speedprobe import matvec_speed, probe_type, weights_from_speeds
+from .speedprobe import PROBE_FOOTPRINT, fastest_prefetch, matvec_speed, prefetch_speeds, probe_type, weights_from_speeds
 from .sampler import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from . import remote
 from .startplan import choose_mapped
@@ -61,6 +61,7 @@ class LoadOptions:
     #                                   memory; None: map a found shard file whole, layer by layer only when the weights do not fit
     weights_from_root: Optional[bool] = None   # ranks without the model file get their weights from rank 0; None: when needed
     overlap: bool = False             # prefill in micro-batches whose all-reduces travel while the next computes
+    prefetch: Union[str, int] = "auto"   # bytes ahead the kernels ask for weights (0: none); auto: each rank measures
     verbose: bool = False             # progress and the memory plan on rank 0's stderr (logger "tpllama")
 
     def check(self, world_size: int) -> None:
@@ -79,6 +80,7 @@ class LoadOptions:
             shard_folder(self.shard_cache)
             checks.optional_flag("weights_from_root", self.weights_from_root, "when a rank cannot open the model")
             checks.optional_flag("mmap", self.mmap, "when the weights do not fit")
+            _prefetch(self.prefetch)
             if self.overlap not in (True, False):
                 raise checks.ParameterError("overlap", self.overlap, "expected True or False")
             if self.mmap and shard_folder(self.shard_cache) is None:
@@ -142,6 +144,7 @@ class Model:
             self.tokenizer = par.together(lambda: _check_special_ids(self._load_tokenizer(reader), c.vocab_size))
         self.types = par.together(lambda: self._choose_types(opts.weight_type))
         self.threads = self._choose_threads()
+        self.prefetch_speeds = self._choose_prefetch()     # before --rank-weights auto measures with it
         weights = _rank_weights(opts.rank_weights, par.size)
         self.rank_speeds: Optional[List[float]] = None    # measured GB/s of each rank (--rank-weights auto)
         if weights == AUTO_RANK_WEIGHTS:
@@ -160,6 +163,9 @@ class Model:
                       "measured)" if self.rank_speeds else "") + ":\n" + format_split(self.plan, self.rank_speeds))
         if self.types.lowered():
             _log(par, "tpllama: " + self.types.lowered(), logging.WARNING)
+        if self.prefetch_speeds:
+            _log(par, "tpllama: kernels' prefetch per rank (--prefetch auto: one-token matvec GB/s at each distance; "
+                      "the fastest is used):\n" + _format_prefetch(self.prefetch_speeds))
         self.ctx = par.together(self._choose_context)
         self.micro_batches = self._choose_micro_batches()
         progress = None
@@ -324,6 +330,28 @@ class Model:
                  logging.WARNING)
             return 1
         return PREFILL_MICRO_BATCHES
+
+    def _choose_prefetch(self) -> Optional[List[dict]]:
+        """Set this process's kernel prefetch distance: the option's bytes, or with "auto" the
+        fastest of speedprobe's candidates as each rank measures them at once (a collective), then
+        every rank's speeds by distance; None where nothing was measured. A model whose weights
+        per rank a cache could nearly hold is not probed (the distance barely matters there)."""
+        from . import _kernels as K
+        opts, par = self.options, self.par
+        value = _prefetch(opts.prefetch)
+        if value != AUTO_PREFETCH:
+            K.set_prefetch(value)
+            return None
+        one_rank = weight_bytes(self.config, make_plan(self.config, 1)[0], self.types)
+        if one_rank / par.size < PREFETCH_PROBE_MIN_BYTES:
+            return None
+        wtype = probe_type(self.types)
+
+        def measure():
+            speeds = prefetch_speeds(self.config, wtype, self.threads)
+            K.set_prefetch(fastest_prefetch(speeds))
+            return speeds
+        return par.everyones(measure)
 
     def _measure_rank_speeds(self) -> Optional[List[float]]:
         """Collective: every rank's matvec GB/s, measured by all at once (speedprobe); None on one rank."""
@@ -606,6 +634,28 @@ def _kernel_level():
 
 
 AUTO_RANK_WEIGHTS = "auto"
+AUTO_PREFETCH = "auto"
+PREFETCH_PROBE_MIN_BYTES = PROBE_FOOTPRINT   # --prefetch auto measures only when a rank holds this many bytes of weights
+
+
+def _prefetch(value) -> Union[str, int]:
+    """The prefetch option checked: "auto", or whole bytes from 0 to 65536."""
+    if value == AUTO_PREFETCH:
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    return checks.integer("prefetch", value, 0, "expected auto or whole bytes from 0 (none) to 65536", maximum=65536)
+
+
+def _format_prefetch(speeds: List[dict]) -> str:
+    """One line per rank: each distance's GB/s, the one in use marked."""
+    lines = []
+    for rank, by_distance in enumerate(speeds):
+        best = fastest_prefetch(by_distance)
+        cells = [f"{'none' if c == 0 else f'{c} B'} {v:.1f} GB/s" + (" (used)" if c == best else "")
+                 for c, v in by_distance.items()]
+        lines.append(f"  rank {rank}: " + ", ".join(cells))
+    return "\n".join(lines)
 
 
 def _rank_weights(value, world_size: int):

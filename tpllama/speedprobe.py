@@ -8,12 +8,17 @@ holds, and times matvecs over them with the rank's own thread count for a bounde
 ranks of one host probe at the same moment, so they share its memory bandwidth as they will
 while decoding. Speeds are rounded to 1/16 of the fastest so that a rerun on the same machines
 usually gets the same split (and so the same shard files).
+
+The same probe chooses how far ahead the SIMD kernels ask for weights (`--prefetch auto`): its
+passes alternate the candidate distances and the fastest median wins. Which pays depends on the
+machine (1 KiB ahead made one thread's q40 matvec 1.2-1.4x faster on a Zen 3, 0.9x on a Zen 4
+VM: docs/kernels.md); the arithmetic is the same either way.
 """
 from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -26,6 +31,8 @@ PROBE_SECONDS = 0.25          # time spent in matvecs (plus one warm-up pass)
 PROBE_FOOTPRINT = 64 * 2**20  # bytes of weights streamed per pass: beyond what a cache holds
 PROBE_ROWS = 4096             # rows of the probe matrix at most (the model's FFN width below that)
 SPEED_STEPS = 16              # speeds are rounded to multiples of 1/16 of the fastest rank's
+PREFETCH_CHOICES = (0, 1024)  # bytes ahead the kernels ask for weights: none (the hardware's prefetcher alone), 1 KiB
+PREFETCH_SECONDS = 0.2        # time spent choosing among them
 
 
 def probe_type(types) -> str:
@@ -76,6 +83,38 @@ def matvec_speed(config: ModelConfig, wtype: str, threads: int, seconds: float =
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
             return passes * sum(m.nbytes for m in mats) / elapsed / 1e9
+
+
+def prefetch_speeds(config: ModelConfig, wtype: str, threads: int, choices: Sequence[int] = PREFETCH_CHOICES,
+                    seconds: float = PREFETCH_SECONDS, footprint: int = PROBE_FOOTPRINT) -> Dict[int, float]:
+    """GB/s of the probe's one-token matvecs at each prefetch distance (bytes; 0: none): passes
+    over the copies alternate the distances, in turn first, for about `seconds` (one pass of
+    each at least); the median pass of each. The kernels' distance is restored afterwards."""
+    mats = probe_matrices(wtype, min(config.hidden_dim, PROBE_ROWS), config.dim, threads, footprint)
+    a = Activation(np.random.default_rng(1).standard_normal((1, config.dim), dtype=np.float32))
+    nbytes = sum(m.nbytes for m in mats)
+    before = K.prefetch()
+    samples: Dict[int, List[float]] = {c: [] for c in choices}
+    try:
+        for m in mats:
+            m(a)
+        start = time.perf_counter()
+        while not samples[choices[0]] or time.perf_counter() - start < seconds:
+            order = choices if len(samples[choices[0]]) % 2 == 0 else tuple(reversed(choices))
+            for c in order:
+                K.set_prefetch(c)
+                t = time.perf_counter()
+                for m in mats:
+                    m(a)
+                samples[c].append(nbytes / (time.perf_counter() - t) / 1e9)
+    finally:
+        K.set_prefetch(before)
+    return {c: float(np.median(v)) for c, v in samples.items()}
+
+
+def fastest_prefetch(speeds: Dict[int, float]) -> int:
+    """The distance of the highest speed (the first listed of equals)."""
+    return max(speeds, key=lambda c: speeds[c])
 
 
 def weights_from_speeds(speeds: Sequence[float], steps: int = SPEED_STEPS) -> Tuple[float, ...]:
