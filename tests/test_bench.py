@@ -146,6 +146,18 @@ def test_sweep_long_context_reports_decode_positions_and_attention_share(tmp_pat
     assert "decode at 300 tok/s (attention %)" in table and "attention's slowdown at the last" in table
 
 
+def test_sweep_counts_the_attention_inside_fused_layers(tmp_path, smollm2):
+    """A model whose sublayers run as one C call each (SmolLM2's packed matrices, unlike
+    stories260K's f32 FFN) still reports attention's share: it once read 0% at every position."""
+    proc = sweep(tmp_path, smollm2, "--ctx", "300", "--prompt-len", "160")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    for r in rows:
+        shares = [d["attention_share"] for d in r["decode"]]
+        assert all(0 < s < 1 for s in shares), (r["ranks"], shares)
+        assert shares[-1] > shares[0], shares     # more cached positions: a larger share
+
+
 def test_attention_slowdown_takes_the_rest_of_the_step_from_the_long_step_itself():
     """A step of 0.1 s at 100 positions (3% attention) and of 0.2 s at 4,000 (50%): without its
     extra attention the long step would take 0.1 + 0.003 s, so attention makes it 1.94x slower.

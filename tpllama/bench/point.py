@@ -69,11 +69,15 @@ def run_point(model, pp: int, tg: int, reps: int, seed: int = 0) -> dict:
 
 
 @contextmanager
-def attention_seconds():
+def attention_seconds(model):
     """Adds up the time this rank spends in the attention kernel while the block runs: a list
-    whose one element is the running total."""
+    whose one element is the running total, complete when the block has ended. Calls from Python
+    are timed here; the fused layers (a sublayer's kernels in one C call) add their attention
+    time to the rank model's phase_ns."""
     from .. import _kernels as K
     inner, total = K.attention, [0.0]
+    phases, at = model.rank_model.phase_ns, K.FUSED_PHASES.index("attention")
+    fused_before = int(phases[at])
 
     def timed(*args, **kwargs):
         t = time.perf_counter()
@@ -86,11 +90,12 @@ def attention_seconds():
         yield total
     finally:
         K.attention = inner
+        total[0] += (int(phases[at]) - fused_before) / 1e9
 
 
-def _timed(fn) -> dict:
+def _timed(model, fn) -> dict:
     """Seconds of fn() and the attention kernel's seconds inside it."""
-    with attention_seconds() as attention:
+    with attention_seconds(model) as attention:
         t = time.perf_counter()
         fn()
         seconds = time.perf_counter() - t
@@ -104,7 +109,7 @@ def _decode_at(model, tg: int, rng) -> dict:
     steps = []
     for _ in range(tg):
         token = int(rng.integers(3, vocab))
-        steps.append(_timed(lambda: model.decode_step(token)))
+        steps.append(_timed(model, lambda: model.decode_step(token)))
     total = sum(s["seconds"] for s in steps)
     return {"position": start, "tokens_per_s": 1 / statistics.median(s["seconds"] for s in steps),
             "attention_share": sum(s["attention_seconds"] for s in steps) / total}
@@ -121,7 +126,7 @@ def run_long_context(model, pp: int, ctx_pos: int, tg: int, short_pos: int = 100
     near_short = _decode_at(model, tg, rng)
     model.reset()
     tokens = prompt(pp)
-    prefill = _timed(lambda: model.prefill(tokens))
+    prefill = _timed(model, lambda: model.prefill(tokens))
     near_pp = _decode_at(model, tg, rng)
     model.prefill(prompt(max(0, ctx_pos - len(model.history))))
     near_ctx = _decode_at(model, tg, rng)
