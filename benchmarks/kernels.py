@@ -127,6 +127,22 @@ def per_type(types, shapes, threads, reps, quiet):
     return out
 
 
+def print_by_prefetch(rows_out, distances):
+    """The q40 decode GB/s at each prefetch distance, with float32 sums (most matrices) and float64
+    sums (wo, w2: the row-parallel partial sums), each as a share of the streaming read."""
+    name = lambda d: "none" if d == 0 else f"{d} B"
+    print(f"\nq40 decode at each prefetch distance (--prefetch; alternated): GB/s and % of the streaming read, "
+          "float32 sums / float64 sums (wo, w2)")
+    print(f"{'matrix':>12} {'thr':>3} | " + " | ".join(f"{name(d):>23}" for d in distances))
+    for r in rows_out:
+        cells = []
+        for d in distances:
+            by = r["decode_GBps_by_prefetch"][str(d)]
+            cells.append(f"{by['f32']:5.1f} {100 * by['f32'] / r['bandwidth_GBps']:3.0f}% / "
+                         f"{by['f64']:5.1f} {100 * by['f64'] / r['bandwidth_GBps']:3.0f}%")
+        print(f"{r['rows']:>6}x{r['cols']:<5} {r['threads']:>3} | " + " | ".join(f"{c:>23}" for c in cells))
+
+
 def print_types(rows_out):
     hdr = (f"{'type':>4} {'matrix':>11} {'thr':>3} | {'B/weight':>8} | {'decode ms':>9} {'GB/s':>6} {'vs q40':>6} "
            f"{'time vs q40':>11} | {'pp64 ms':>8} {'GFLOP/s':>8}")
@@ -149,6 +165,9 @@ def main(argv=None) -> int:
     p.add_argument("--types", default=",".join(K.PACKED_TYPES),
                    help="weight types of the per-type table, q40 first as the baseline ('none' skips it)")
     p.add_argument("--type-shapes", help="shapes of the per-type table (default: TinyLlama's 5632x2048,2048x5632)")
+    p.add_argument("--prefetch", default="1024,0",
+                   help="prefetch distances in bytes (0: none) at which the q40 decode is timed, alternated; the "
+                        "first is used for everything else (default 1024,0: the kernels' built-in distance, then none)")
     p.add_argument("--no-quiet", action="store_true", help="do not wait for the rest of the machine to be idle")
     p.add_argument("--json", help="results file (default benchmarks/results/kernels-<time>.json)")
     a = p.parse_args(argv)
@@ -165,6 +184,13 @@ def main(argv=None) -> int:
     for t in types:
         if t not in K.PACKED_TYPES:
             p.error(f"--types: unknown type {t!r} (known: {', '.join(K.PACKED_TYPES)})")
+    try:
+        distances = [int(d) for d in a.prefetch.split(",")]
+        for d in distances:
+            K.set_prefetch(d)
+    except ValueError as e:
+        p.error(f"--prefetch {a.prefetch}: expected bytes from 0 to 65536, comma-separated ({e})")
+    K.set_prefetch(distances[0])
     quiet = Quiet(enabled=not a.no_quiet)
     info = machine_info(bandwidth_threads=())      # measured below, over 1 GiB with quiet waits
     print(machine_header(info) + f"; medians of {a.reps} repetitions", flush=True)
@@ -204,16 +230,23 @@ def main(argv=None) -> int:
         w32 = [rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(0.02)
                for _ in range(max(2, -(-COLD_BYTES // (rows * cols * 4))))]
         xf = rng.standard_normal(cols, dtype=np.float32)
-        res = {th: {"decode": [], "prefill": [], "numpy": []} for th in threads}
+        y1d = np.empty((1, rows), np.float64)
+        res = {th: {"decode": [], "prefill": [], "numpy": [], "by_prefetch": {d: {"f32": [], "f64": []} for d in distances}}
+               for th in threads}
         for th in threads:   # warm up: page in, start the threads
             K.matmul_packed("q40", packed, rows, nb, x64, y64, th)
         for rep in range(a.reps):
             for th in threads:
                 quiet.wait()
-                t = time.perf_counter()
-                for c in copies:
-                    K.matmul_packed("q40", c, rows, nb, x1, y1, th)
-                res[th]["decode"].append((time.perf_counter() - t) / len(copies))
+                for d in distances if rep % 2 == 0 else distances[::-1]:   # alternated, each first in turn
+                    K.set_prefetch(d)
+                    for sums, y in (("f32", y1), ("f64", y1d)):
+                        t = time.perf_counter()
+                        for c in copies:
+                            K.matmul_packed("q40", c, rows, nb, x1, y, th)
+                        res[th]["by_prefetch"][d][sums].append((time.perf_counter() - t) / len(copies))
+                K.set_prefetch(distances[0])
+                res[th]["decode"].append(res[th]["by_prefetch"][distances[0]]["f32"][-1])
                 t = time.perf_counter()
                 K.matmul_packed("q40", copies[rep % len(copies)], rows, nb, x64, y64, th)
                 res[th]["prefill"].append(time.perf_counter() - t)
@@ -232,6 +265,8 @@ def main(argv=None) -> int:
                 "numpy_f32_ms": 1e3 * npy, "numpy_f32_GBps": rows * cols * 4 / npy / 1e9, "speedup_vs_numpy": npy / dec,
                 "prefill64_ms": 1e3 * pre, "prefill64_GFLOPs": 2 * rows * cols * 64 / pre / 1e9,
                 "prefill64_vs_decode_x64": 64 * dec / pre,
+                "decode_GBps_by_prefetch": {str(d): {k: packed.nbytes / median(v) / 1e9 for k, v in by.items()}
+                                            for d, by in res[th]["by_prefetch"].items()},
             })
         del copies, w32
 
@@ -245,6 +280,8 @@ def main(argv=None) -> int:
               f"{r['bandwidth_GBps']:7.1f} {100 * r['decode_fraction_of_bandwidth']:4.0f}% | {r['numpy_f32_ms']:12.3f} "
               f"{r['numpy_f32_GBps']:6.1f} {r['speedup_vs_numpy']:6.1f}x | {r['prefill64_ms']:8.2f} "
               f"{r['prefill64_GFLOPs']:8.1f} {r['prefill64_vs_decode_x64']:8.1f}x")
+    if rows_out:
+        print_by_prefetch(rows_out, distances)
     type_rows = per_type(types, type_shapes, threads, a.reps, quiet) if types and type_shapes else []
     if type_rows:
         print("\nper weight type (decode GB/s of the packed bytes; 'vs q40': that bandwidth over q40's):")
