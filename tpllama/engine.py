@@ -342,8 +342,8 @@ class Model:
         if value != AUTO_PREFETCH:
             K.set_prefetch(value)
             return None
-        one_rank = weight_bytes(self.config, make_plan(self.config, 1)[0], self.types)
-        if one_rank / par.size < PREFETCH_PROBE_MIN_BYTES:
+        one_rank = par.together(lambda: weight_bytes(self.config, make_plan(self.config, 1)[0], self.types))
+        if one_rank / par.size < PREFETCH_PROBE_MIN_BYTES:    # the same on every rank: all probe, or none
             return None
         wtype = probe_type(self.types)
 
