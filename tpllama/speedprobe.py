@@ -11,8 +11,8 @@ usually gets the same split (and so the same shard files).
 
 The same probe chooses how far ahead the SIMD kernels ask for weights (`--prefetch auto`): its
 passes alternate the candidate distances and the fastest median wins. Which pays depends on the
-machine (1 KiB ahead made one thread's q40 matvec 1.2-1.4x faster on a Zen 3, 0.9x on a Zen 4
-VM: docs/kernels.md); the arithmetic is the same either way.
+machine (1 KiB ahead made one thread's q40 matvec 1.2-1.4x faster on a Zen 3, 0.85-0.9x on a
+Zen 4 VM: docs/kernels.md); the arithmetic is the same either way.
 """
 from __future__ import annotations
 
@@ -66,23 +66,32 @@ def probe_matrices(wtype: str, rows: int, cols: int, threads: int, footprint: in
     return mats
 
 
+def probe_passes(config: ModelConfig, wtype: str, threads: int, footprint: int = PROBE_FOOTPRINT):
+    """(one_pass, nbytes): a function making one-token matvecs of the model's FFN shape over all
+    the probe's copies (warmed up by one pass here), and the bytes of weights one pass reads."""
+    mats = probe_matrices(wtype, min(config.hidden_dim, PROBE_ROWS), config.dim, threads, footprint)
+    a = Activation(np.random.default_rng(1).standard_normal((1, config.dim), dtype=np.float32))
+
+    def one_pass():
+        for m in mats:
+            m(a)
+    one_pass()
+    return one_pass, sum(m.nbytes for m in mats)
+
+
 def matvec_speed(config: ModelConfig, wtype: str, threads: int, seconds: float = PROBE_SECONDS,
                  footprint: int = PROBE_FOOTPRINT) -> float:
     """GB/s of `wtype` weights this process streams through one-token matvecs of the model's
     FFN shape with `threads` threads: one warm-up pass over the copies, then passes for
     about `seconds` (at least one)."""
-    mats = probe_matrices(wtype, min(config.hidden_dim, PROBE_ROWS), config.dim, threads, footprint)
-    a = Activation(np.random.default_rng(1).standard_normal((1, config.dim), dtype=np.float32))
-    for m in mats:
-        m(a)
+    one_pass, nbytes = probe_passes(config, wtype, threads, footprint)
     passes, start = 0, time.perf_counter()
     while True:
-        for m in mats:
-            m(a)
+        one_pass()
         passes += 1
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
-            return passes * sum(m.nbytes for m in mats) / elapsed / 1e9
+            return passes * nbytes / elapsed / 1e9
 
 
 def prefetch_speeds(config: ModelConfig, wtype: str, threads: int, choices: Sequence[int] = PREFETCH_CHOICES,
@@ -90,22 +99,17 @@ def prefetch_speeds(config: ModelConfig, wtype: str, threads: int, choices: Sequ
     """GB/s of the probe's one-token matvecs at each prefetch distance (bytes; 0: none): passes
     over the copies alternate the distances, in turn first, for about `seconds` (one pass of
     each at least); the median pass of each. The kernels' distance is restored afterwards."""
-    mats = probe_matrices(wtype, min(config.hidden_dim, PROBE_ROWS), config.dim, threads, footprint)
-    a = Activation(np.random.default_rng(1).standard_normal((1, config.dim), dtype=np.float32))
-    nbytes = sum(m.nbytes for m in mats)
     before = K.prefetch()
     samples: Dict[int, List[float]] = {c: [] for c in choices}
     try:
-        for m in mats:
-            m(a)
+        one_pass, nbytes = probe_passes(config, wtype, threads, footprint)
         start = time.perf_counter()
         while not samples[choices[0]] or time.perf_counter() - start < seconds:
             order = choices if len(samples[choices[0]]) % 2 == 0 else tuple(reversed(choices))
             for c in order:
                 K.set_prefetch(c)
                 t = time.perf_counter()
-                for m in mats:
-                    m(a)
+                one_pass()
                 samples[c].append(nbytes / (time.perf_counter() - t) / 1e9)
     finally:
         K.set_prefetch(before)
