@@ -110,8 +110,10 @@ INLINE TGT_AVX2 void acc256_add(acc256 *a, __m256i isum, __m256 dw, float dx, co
         const __m256 sc = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
         const __m256d s0 = _mm256_cvtps_pd(_mm256_castps256_ps128(sc));
         const __m256d s1 = _mm256_cvtps_pd(_mm256_extractf128_ps(sc, 1));
-        a->d0 = _mm256_add_pd(a->d0, _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(isum)), s0));
-        a->d1 = _mm256_add_pd(a->d1, _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(isum, 1)), s1));
+        /* isum (under 2^21) times that scale has at most 43 significant bits: exact in double, so a
+         * fused multiply-add rounds once where the reference rounds once (its product is exact) */
+        a->d0 = _mm256_fmadd_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(isum)), s0, a->d0);
+        a->d1 = _mm256_fmadd_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(isum, 1)), s1, a->d1);
     } else {
         const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
         a->f = _mm256_add_ps(a->f, _mm256_mul_ps(_mm256_cvtepi32_ps(isum), scale));
