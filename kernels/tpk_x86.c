@@ -457,22 +457,28 @@ INLINE TGT_512 void acc512_add2(acc512 *a, __m512i isum, __m512 dw, __m512i isum
     }
 }
 
+/* (isum2 holds one value in every lane: q41's sum of the block's activations) */
 INLINE TGT_AVX2 void acc256_add2(acc256 *a, __m256i isum, __m256 dw, __m256i isum2, __m256 mw, float dx,
                                  const int F64, const int TWO, const int SUB) {
     if (F64) {
-        const __m256d vdx = _mm256_set1_pd((double)dx);
+        /* dw, mw and dx are float16 values, so dw*dx and mw*dx are exact in float32 (as for q40,
+         * acc256_add) and each term, isum (under 2^21) times one, exact in double: the fused
+         * forms round once where the reference rounds (t + t2, then acc + that) */
+        const __m256 vdx = _mm256_set1_ps(dx);
+        const __m256 sc = _mm256_mul_ps(dw, vdx), msc = TWO ? _mm256_mul_ps(mw, vdx) : sc;
+        const __m256d i2 = _mm256_cvtepi32_pd(_mm256_castsi256_si128(isum2));   /* isum2: one value in every lane */
         for (int h = 0; h < 2; h++) {
-            const __m128 dwh = h ? _mm256_extractf128_ps(dw, 1) : _mm256_castps256_ps128(dw);
+            const __m128 sch = h ? _mm256_extractf128_ps(sc, 1) : _mm256_castps256_ps128(sc);
             const __m128i ih = h ? _mm256_extracti128_si256(isum, 1) : _mm256_castsi256_si128(isum);
-            __m256d t = _mm256_mul_pd(_mm256_cvtepi32_pd(ih), _mm256_mul_pd(_mm256_cvtps_pd(dwh), vdx));
+            __m256d *acc = h ? &a->d1 : &a->d0;
             if (TWO) {
-                const __m128 mwh = h ? _mm256_extractf128_ps(mw, 1) : _mm256_castps256_ps128(mw);
-                const __m128i i2h = h ? _mm256_extracti128_si256(isum2, 1) : _mm256_castsi256_si128(isum2);
-                const __m256d t2 = _mm256_mul_pd(_mm256_cvtepi32_pd(i2h), _mm256_mul_pd(_mm256_cvtps_pd(mwh), vdx));
-                t = SUB ? _mm256_sub_pd(t, t2) : _mm256_add_pd(t, t2);
+                const __m128 msch = h ? _mm256_extractf128_ps(msc, 1) : _mm256_castps256_ps128(msc);
+                const __m256d t = _mm256_mul_pd(_mm256_cvtepi32_pd(ih), _mm256_cvtps_pd(sch));
+                const __m256d m = _mm256_cvtps_pd(msch);
+                *acc = _mm256_add_pd(*acc, SUB ? _mm256_fnmadd_pd(i2, m, t) : _mm256_fmadd_pd(i2, m, t));
+            } else {
+                *acc = _mm256_fmadd_pd(_mm256_cvtepi32_pd(ih), _mm256_cvtps_pd(sch), *acc);
             }
-            if (h) a->d1 = _mm256_add_pd(a->d1, t);
-            else a->d0 = _mm256_add_pd(a->d0, t);
         }
     } else {
         const __m256 vdx = _mm256_set1_ps(dx);
