@@ -696,10 +696,10 @@ INLINE TGT_512 __m512i pair16_512(__m512i v) {
 
 /* a += (float)isum * dx, or in float64 (double)isum * (double)dx */
 INLINE TGT_AVX2 void acc256_scaled(acc256 *a, __m256i isum, float dx, const int F64) {
-    if (F64) {
+    if (F64) {   /* isum (under 2^26) times a float16 value is exact in double: fused, the same bits */
         const __m256d v = _mm256_set1_pd((double)dx);
-        a->d0 = _mm256_add_pd(a->d0, _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(isum)), v));
-        a->d1 = _mm256_add_pd(a->d1, _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(isum, 1)), v));
+        a->d0 = _mm256_fmadd_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(isum)), v, a->d0);
+        a->d1 = _mm256_fmadd_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(isum, 1)), v, a->d1);
     } else {
         a->f = _mm256_add_ps(a->f, _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(dx)));
     }
@@ -716,10 +716,10 @@ INLINE TGT_512 void acc512_scaled(acc512 *a, __m512i isum, float dx, const int F
 
 /* the mins: a += (float)mn * sdx, or (double)mn * ((double)S * (double)dx) */
 INLINE TGT_AVX2 void acc256_mins(acc256 *a, __m256i mn, const tpk_xq *xb, const int F64) {
-    if (F64) {
+    if (F64) {   /* a 6-bit min times sum * d (at most 23 significant bits): exact, so fused */
         const __m256d v = _mm256_set1_pd((double)xb->sum * (double)xb->d);
-        a->d0 = _mm256_add_pd(a->d0, _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(mn)), v));
-        a->d1 = _mm256_add_pd(a->d1, _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(mn, 1)), v));
+        a->d0 = _mm256_fmadd_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(mn)), v, a->d0);
+        a->d1 = _mm256_fmadd_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(mn, 1)), v, a->d1);
     } else {
         a->f = _mm256_add_ps(a->f, _mm256_mul_ps(_mm256_cvtepi32_ps(mn), _mm256_set1_ps(xb->sdx)));
     }
