@@ -8,8 +8,8 @@ steps (Model.prefill, Model.decode_step): 64-token prompt processing, then decod
 the rank's vocabulary computed as in generation). Prints tokens/s (median and range), the
 weight bytes read per token and the GB/s that makes next to the streaming read bandwidth
 measured in the same run (at the start and again right after each thread count's decode; the
-higher is the reference, and a decode above it is flagged), and where a decode step's time goes: inside the C kernels, by kind, or
-outside them (Python, numpy, the embedding row read). --against-steps also decodes with model.py's
+higher is the reference, and a decode above it is flagged), and where a decode step's time goes:
+inside the C kernels, by kind, or outside them (Python, numpy, the embedding row read). --against-steps also decodes with model.py's
 own steps (a kernel call at a time) instead of a C call per sublayer, alternated, and prints the
 ratio. Writes JSON to benchmarks/results/. Other
 engines' figures come from benchmarks/compare_llamacpp.py, run on the same machine.
