@@ -19,7 +19,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 KERNEL_SOURCES = ["kernels/tpk.c", "kernels/tpk_kq.c", "kernels/tpk_x86.c", "kernels/tpk_arm.c", "kernels/tpk_ops.c",
-                  "kernels/tpk_layer.c"]
+                  "kernels/tpk_attn_x86.c", "kernels/tpk_layer.c"]
 
 
 def _compiler_accepts(compiler, flags, source):

@@ -107,6 +107,10 @@ double tpk_x86_stream_sum(const float *x, int64_t n);
 void tpk_x86_quantize_q80_512(const float *x, tpk_block_q80 *y, int64_t n);
 void tpk_x86_quantize_q80_avx2(const float *x, tpk_block_q80 *y, int64_t n);
 void tpk_x86_widen_f16(const uint16_t *h, int64_t n, float *y);
+/* attention's softmax step (tpk_attn_x86.c; tpk_ops.c's loop, the same bits): for the nh rows
+ * of n scores (stride apart) m[h] = their largest, l[h] = sum of exp(s - m[h]), s replaced by
+ * exp(s - m[h]) */
+void tpk_x86_chunk_softmax(float *scores, int64_t nh, int64_t stride, int64_t n, float *m, float *l);
 #endif
 #if defined(TPK_ARM64)
 int tpk_arm_supports(int level);

@@ -251,7 +251,10 @@ INLINE void score_block(const float *q, const float *K, int64_t nk, int64_t hd, 
 /* Cache lines to prefetch a few at a time, spread evenly over a loop's steps. Software
  * prefetches issued faster than memory answers them are dropped (measured on Zen 3: of a
  * burst of 128 KiB, only the first few KiB arrive), so a chunk's next data is asked for at
- * about the rate the chunk computes. */
+ * about the rate the chunk computes. They go to L2, not L1: a chunk's next keys or values
+ * (64 KiB at head size 64) would not fit in L1 anyway, and an L1 prefetch holds one of its
+ * few miss buffers until the line arrives (on a Zen 4, attention at 4,000 positions from
+ * memory took 1.10-1.13x the time with L1 prefetches; same bits). */
 typedef struct {
     const char *p;
     int64_t done, lines;
@@ -268,7 +271,7 @@ INLINE prefetch_run prefetch_of(const void *p, int64_t bytes, int64_t steps) {
 INLINE void prefetch_steps(prefetch_run *r, int64_t steps) {
     if (r->done >= r->lines) return;
     for (r->credit += steps * r->rate; r->credit >= 256 && r->done < r->lines; r->credit -= 256, r->done++)
-        __builtin_prefetch(r->p + r->done * 64, 0, 3);
+        __builtin_prefetch(r->p + r->done * 64, 0, 2);
 }
 
 INLINE void prefetch_step(prefetch_run *r) { prefetch_steps(r, 1); }
@@ -340,7 +343,8 @@ INLINE float exp_and_sum(float *s, int64_t n, float mx) {
  * values the next chunk's keys next_k (next_bytes of them; NULL: none). */
 INLINE void attend_chunk_hd(const float *q, int64_t nh, const float *K, const float *V, const uint16_t *K16,
                             const uint16_t *V16, float *tile, int64_t n, int64_t hd, float scale, float *scores,
-                            float *m, float *l, float *acc, int prefetch_v, const void *next_k, int64_t next_bytes) {
+                            float *m, float *l, float *acc, int prefetch_v, const void *next_k, int64_t next_bytes,
+                            int avx2) {
     const void *own_v = !prefetch_v ? NULL : K16 ? (const void *)V16 : (const void *)V;
     prefetch_run pf = prefetch_of(own_v, n * hd * (K16 ? 2 : 4), nh * ((n + 7) / 8));
     for (int64_t j0 = 0; j0 < n; j0 += KEY_TILE) {          /* scores, a tile of keys for every head */
@@ -356,6 +360,10 @@ INLINE void attend_chunk_hd(const float *q, int64_t nh, const float *K, const fl
                     score_block(q + h * hd, Kt + (j - j0) * hd, j1 - j, hd, scale, scores + h * KEY_CHUNK + j);
             }
     }
+#if defined(TPK_X86)
+    if (avx2) tpk_x86_chunk_softmax(scores, nh, KEY_CHUNK, n, m, l);   /* the loop below, the same bits */
+    else
+#endif
     for (int64_t h = 0; h < nh; h++) {                      /* exp(score - max), their sum */
         float *s = scores + h * KEY_CHUNK;
         v8f mx8 = splat8(-INFINITY);
@@ -381,12 +389,16 @@ INLINE void attend_chunk_hd(const float *q, int64_t nh, const float *K, const fl
 TPK_CLONES static void attend_chunk(const float *q, int64_t nh, const float *K, const float *V, const uint16_t *K16,
                                     const uint16_t *V16, float *tile, int64_t n, int64_t hd, float scale,
                                     float *scores, float *m, float *l, float *acc, int prefetch_v,
-                                    const void *next_k, int64_t next_bytes) {
+                                    const void *next_k, int64_t next_bytes, int avx2) {
     if (hd == 64)
-        attend_chunk_hd(q, nh, K, V, K16, V16, tile, n, 64, scale, scores, m, l, acc, prefetch_v, next_k, next_bytes);
+        attend_chunk_hd(q, nh, K, V, K16, V16, tile, n, 64, scale, scores, m, l, acc, prefetch_v, next_k, next_bytes,
+                        avx2);
     else if (hd == 128)
-        attend_chunk_hd(q, nh, K, V, K16, V16, tile, n, 128, scale, scores, m, l, acc, prefetch_v, next_k, next_bytes);
-    else attend_chunk_hd(q, nh, K, V, K16, V16, tile, n, hd, scale, scores, m, l, acc, prefetch_v, next_k, next_bytes);
+        attend_chunk_hd(q, nh, K, V, K16, V16, tile, n, 128, scale, scores, m, l, acc, prefetch_v, next_k, next_bytes,
+                        avx2);
+    else
+        attend_chunk_hd(q, nh, K, V, K16, V16, tile, n, hd, scale, scores, m, l, acc, prefetch_v, next_k, next_bytes,
+                        avx2);
 }
 
 /* out = the chunks' partials c = 0..nc-1 of one head (`stride` slots apart) folded in order:
@@ -481,6 +493,11 @@ void tpk_attention(const float *q, const float *k, const float *v, int64_t T, in
     float *part_l = (float *)malloc(sizeof(float) * slots);
     float *part_acc = (float *)malloc(sizeof(float) * slots * (size_t)hd);
     const int nt = threads_for(nthreads, (double)n_heads * T * (start + T) * hd, 32768.0);
+#if defined(TPK_X86)
+    const int avx2 = tpk_get_level() >= TPK_AVX2;   /* the softmax step of tpk_attn_x86.c */
+#else
+    const int avx2 = 0;
+#endif
     (void)nt;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -545,7 +562,7 @@ void tpk_attention(const float *q, const float *k, const float *v, int64_t T, in
                     attend_chunk(q + (t * n_heads + h0) * hd, nh, by_tile ? NULL : kf + (b - cb) * hd,
                                  by_tile ? NULL : vf + (b - cb) * hd, k16, v16, tile, e - b, hd, scale, scores,
                                  part_m + slot, part_l + slot, part_acc + slot * (size_t)hd,
-                                 t == t0 && (!f16 || by_tile), next_k, next_bytes);
+                                 t == t0 && (!f16 || by_tile), next_k, next_bytes, avx2);
                 }
             }
             /* each (row, head): its chunks folded in order */

@@ -1,4 +1,6 @@
 """The fused float32 layer steps in C (kernels/tpk_ops.c) against plain numpy / float64."""
+import platform
+
 import numpy as np
 import pytest
 
@@ -351,3 +353,30 @@ def test_the_per_step_wrappers_refuse_arrays_they_cannot_use():
         K.matmul_packed("q80", wp, 16, 2, xq, np.zeros((2, 16), np.int32))
     good = K.matmul_packed("q80", wp, 16, 2, xq, np.zeros((2, 16), np.float32))
     assert np.allclose(good, 64.0, rtol=1e-2)
+
+
+@pytest.mark.parametrize("T,start,n_heads,n_kv,hd,window,dtype", [
+    (1, 4000, 32, 4, 64, 0, np.float32), (1, 700, 8, 8, 64, 0, np.float32), (1, 530, 6, 3, 20, 45, np.float32),
+    (7, 250, 8, 2, 128, 0, np.float32), (3, 1020, 4, 4, 64, 300, np.float16), (1, 2, 2, 1, 8, 0, np.float32)])
+def test_attention_gives_the_same_bits_at_every_simd_level(T, start, n_heads, n_kv, hd, window, dtype):
+    """Parts of attention have their own SIMD code (kernels/tpk_attn_x86.c: the softmax step);
+    every level the machine runs gives the generic C's bits: chunk ends inside a block of 8
+    keys (the exp's tail), GQA groups of 1 to 8, a window, prefill rows and float16 caches."""
+    q, k, v, kc, vc, kv_of_head = random_attention_case(T + start + hd, T, start, n_heads, n_kv, hd)
+    kc, vc = kc.astype(dtype), vc.astype(dtype)
+    scale = np.float32(1 / np.sqrt(hd))
+    levels = K.supported_simd_levels()
+    outs, caches = {}, {}
+    try:
+        for level in levels:
+            K.set_simd_level(level)
+            caches[level] = kc.copy(), vc.copy()
+            outs[level] = K.attention(q, k, v, *caches[level], start, kv_of_head, scale, 2, window)
+    finally:
+        K.set_simd_level(K.best_simd_level())
+    assert len(outs) >= 2 or platform.machine() not in ("x86_64", "AMD64"), levels
+    for level, out in outs.items():
+        assert np.array_equal(out, outs["scalar"]), level
+    kc, vc = (c.astype(np.float32) for c in caches["scalar"])
+    want = attention_float64(q, kc, vc, start, kv_of_head, scale, window)
+    assert np.allclose(outs["scalar"], want, rtol=1e-5, atol=2e-6)
