@@ -5,7 +5,8 @@
  * registers, one AVX register). Sums over a vector use a fixed pattern (8 partial sums
  * in lane order, then a fixed tree), so the result does not depend on the machine or on
  * the number of threads. These are not part of the bit-exact matmul contract; they are
- * checked against numpy/float64 to a tolerance (tests/test_ops.py).
+ * checked against numpy/float64 to a tolerance (tests/test_ops.py). One step, attention's
+ * softmax, also has AVX2 intrinsics (tpk_attn_x86.c) that give this file's bits.
  */
 #include "tpk_impl.h"
 
@@ -340,7 +341,8 @@ INLINE float exp_and_sum(float *s, int64_t n, float mx) {
  * time into `tile` (KEY_TILE * hd floats, in L1 while every head reads it); K, V unused.
  * Memory is read while this computes (from memory the chunk otherwise waits about as long
  * as it computes): the scores prefetch this chunk's values (when prefetch_v), the weighted
- * values the next chunk's keys next_k (next_bytes of them; NULL: none). */
+ * values the next chunk's keys next_k (next_bytes of them; NULL: none). avx2: the softmax
+ * step is tpk_attn_x86.c's (the same bits, fewer instructions). */
 INLINE void attend_chunk_hd(const float *q, int64_t nh, const float *K, const float *V, const uint16_t *K16,
                             const uint16_t *V16, float *tile, int64_t n, int64_t hd, float scale, float *scores,
                             float *m, float *l, float *acc, int prefetch_v, const void *next_k, int64_t next_bytes,
