@@ -103,11 +103,11 @@ INLINE TGT_AVX2 void acc256_zero(acc256 *a, const int F64) {
 }
 
 INLINE TGT_AVX2 void acc256_add(acc256 *a, __m256i isum, __m256 dw, float dx, const int F64) {
+    const __m256 sc = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
     if (F64) {
         /* dw and dx are float16 values (11 significant bits each), so their product has at most 22
          * and float32 holds it exactly: (double)(dw * dx) is the reference's (double)dw * (double)dx,
          * for one float multiply instead of two double ones */
-        const __m256 sc = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
         const __m256d s0 = _mm256_cvtps_pd(_mm256_castps256_ps128(sc));
         const __m256d s1 = _mm256_cvtps_pd(_mm256_extractf128_ps(sc, 1));
         /* isum (under 2^21) times that scale has at most 43 significant bits: exact in double, so a
@@ -115,8 +115,7 @@ INLINE TGT_AVX2 void acc256_add(acc256 *a, __m256i isum, __m256 dw, float dx, co
         a->d0 = _mm256_fmadd_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(isum)), s0, a->d0);
         a->d1 = _mm256_fmadd_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(isum, 1)), s1, a->d1);
     } else {
-        const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
-        a->f = _mm256_add_ps(a->f, _mm256_mul_ps(_mm256_cvtepi32_ps(isum), scale));
+        a->f = _mm256_add_ps(a->f, _mm256_mul_ps(_mm256_cvtepi32_ps(isum), sc));
     }
 }
 
@@ -460,12 +459,12 @@ INLINE TGT_512 void acc512_add2(acc512 *a, __m512i isum, __m512 dw, __m512i isum
 /* (isum2 holds one value in every lane: q41's sum of the block's activations) */
 INLINE TGT_AVX2 void acc256_add2(acc256 *a, __m256i isum, __m256 dw, __m256i isum2, __m256 mw, float dx,
                                  const int F64, const int TWO, const int SUB) {
+    const __m256 vdx = _mm256_set1_ps(dx);
+    const __m256 sc = _mm256_mul_ps(dw, vdx), msc = TWO ? _mm256_mul_ps(mw, vdx) : sc;
     if (F64) {
         /* dw, mw and dx are float16 values, so dw*dx and mw*dx are exact in float32 (as for q40,
          * acc256_add) and each term, isum (under 2^21) times one, exact in double: the fused
          * forms round once where the reference rounds (t + t2, then acc + that) */
-        const __m256 vdx = _mm256_set1_ps(dx);
-        const __m256 sc = _mm256_mul_ps(dw, vdx), msc = TWO ? _mm256_mul_ps(mw, vdx) : sc;
         const __m256d i2 = _mm256_cvtepi32_pd(_mm256_castsi256_si128(isum2));   /* isum2: one value in every lane */
         for (int h = 0; h < 2; h++) {
             const __m128 sch = h ? _mm256_extractf128_ps(sc, 1) : _mm256_castps256_ps128(sc);
@@ -481,10 +480,9 @@ INLINE TGT_AVX2 void acc256_add2(acc256 *a, __m256i isum, __m256 dw, __m256i isu
             }
         }
     } else {
-        const __m256 vdx = _mm256_set1_ps(dx);
-        __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, vdx));
+        __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), sc);
         if (TWO) {
-            const __m256 t2 = _mm256_mul_ps(_mm256_cvtepi32_ps(isum2), _mm256_mul_ps(mw, vdx));
+            const __m256 t2 = _mm256_mul_ps(_mm256_cvtepi32_ps(isum2), msc);
             t = SUB ? _mm256_sub_ps(t, t2) : _mm256_add_ps(t, t2);
         }
         a->f = _mm256_add_ps(a->f, t);
