@@ -373,9 +373,12 @@ def test_the_api_key_is_required(server):
 
 
 def _stream_long(s, outcomes: dict):
-    """A long streaming completion; its status and whole body land in outcomes["stream"]."""
+    """A long streaming completion; its status and whole body land in outcomes["stream"]. Greedy:
+    the default model's answer to TEXT_PROMPT runs all 900 tokens (a sampled one could reach its end
+    of text before the test's signal on a loaded machine, and end with [DONE])."""
     conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=120)
-    conn.request("POST", TEXT, body=json.dumps({"prompt": TEXT_PROMPT, "max_tokens": 900, "stream": True}))
+    body = {"prompt": TEXT_PROMPT, "max_tokens": 900, "stream": True, "temperature": 0}
+    conn.request("POST", TEXT, body=json.dumps(body))
     resp = conn.getresponse()
     outcomes["stream"] = (resp.status, resp.read().decode())
 
