@@ -133,6 +133,8 @@ def test_cli_seed_reproducible(stories_bin):
     (["--top-p", "0"], "--top-p"),
     (["-n", "-3"], "-n -3"),
     (["--rank-weights", "2,1"], "--rank-weights"),
+    (["--rank-weights", "nan"], "--rank-weights"),   # once an internal error
+    (["--rank-weights", "inf"], "--rank-weights"),
     (["-f", "/nonexistent/prompt.txt"], "-f /nonexistent/prompt.txt"),
 ])
 def test_cli_bad_input_is_one_clear_line(stories_bin, args, needle):

@@ -105,6 +105,9 @@ def test_rank_weights_change_the_split_not_the_text(stories_bin, smollm2):
     base = run_script(1, "greedy.py", stories_bin, "f32", 40, "Once upon a time")
     weighted = run_script(2, "greedy.py", stories_bin, "f32", 40, "Once upon a time", "--rank-weights", "3,1")
     assert weighted["text"] == base["text"]
+    # so lopsided that rank 1's share rounds to nothing: it still gets one unit of each (it failed to load)
+    lopsided = run_script(2, "greedy.py", stories_bin, "f32", 40, "Once upon a time", "--rank-weights", "1000,1")
+    assert lopsided["text"] == base["text"]
     prompt = "Here is a recipe for pancakes:"
     ref = run_script(1, "greedy.py", smollm2, "q40", 16, prompt)
     three = run_script(3, "greedy.py", smollm2, "q40", 16, prompt, "--rank-weights", "2,1,1")

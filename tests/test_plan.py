@@ -78,6 +78,26 @@ def test_rank_weights_shift_work_to_faster_ranks():
     assert 1.9 < w[0] / w[1] < 2.1
 
 
+@pytest.mark.parametrize("config", [SMOLLM2, STORIES, LLAMA3_8B], ids=["smollm2", "stories", "llama3"])
+@pytest.mark.parametrize("weights", [(20, 1), (1, 1e9), (1e-300, 1), (1e6, 1, 1)])
+def test_a_lopsided_split_still_gives_every_rank_a_slice_of_every_matrix(config, weights):
+    """--rank-weights 20,1 once gave SmolLM2's rank 1 no FFN units (and stories260K's no vocab
+    rows), and the rank then failed to load; a rank's share now rounds up to one unit of each."""
+    plan = make_plan(config, len(weights), weights)
+    for part in ("heads", "ffn", "vocab"):
+        ranges = [getattr(s, part) for s in plan.ranks]
+        assert all(len(r) > 0 for r in ranges), (part, ranges)
+        assert covers(ranges, {"heads": config.n_heads, "ffn": config.hidden_dim, "vocab": config.vocab_size}[part])
+    small, big = (plan.ranks[-1], plan.ranks[0]) if weights[-1] < weights[0] else (plan.ranks[0], plan.ranks[-1])
+    assert len(small.ffn) < len(big.ffn) and len(small.vocab) < len(big.vocab)   # still lopsided
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "1,nan", "inf,1", "-inf,1", "1e400,1"])
+def test_rank_weights_that_are_not_finite_numbers_are_refused(text):
+    with pytest.raises(TpllamaError, match="--rank-weights"):
+        parse_rank_weights(text, len(text.split(",")))
+
+
 def test_auto_rank_weights_follow_the_measured_speeds():
     """--rank-weights auto: speeds 6.0 and 1.5 GB/s (4:1) become weights 1 and 1/4 on a 1/16 grid
     (a 1% change of a speed keeps the split), and each rank then holds its share of the layers,
@@ -266,6 +286,25 @@ def test_plan_command_rejects_nonsense_in_one_line(smollm2, args, needle):
     assert out.returncode == 1
     assert out.stdout == "" and out.stderr.strip() == out.stderr.strip().splitlines()[0], out.stderr
     assert out.stderr.startswith(needle), out.stderr
+
+
+def test_plan_command_refuses_bad_rank_weights_and_remote_ranks_before_printing(smollm2):
+    """--rank-weights nan,1 once ended in a traceback, and --remote-ranks 5,6 was refused only after
+    the whole plan had been printed."""
+    for args, needle in ((["--rank-weights", "nan,1"], "error: --rank-weights 'nan,1'"),
+                         (["--remote-ranks", "5,6"], "error: --remote-ranks 5,6: expected ranks between 1 and 1")):
+        out = run_plan_cli("-m", smollm2, "-n", "2", *args)
+        assert out.returncode == 1 and out.stdout == "", out.stdout
+        assert out.stderr.startswith(needle) and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_plan_command_piped_into_head_ends_quietly(smollm2):
+    """`python -m tpllama.plan ... | head -1` once printed a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+    out = subprocess.run(f"{sys.executable} -m tpllama.plan -m {smollm2} -n 2 | head -1", shell=True,
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.count("\n") == 1 and "Traceback" not in out.stderr and out.stderr == "", out.stderr
 
 
 @pytest.mark.mpi

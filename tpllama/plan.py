@@ -24,6 +24,7 @@ ranks.) For these models `ffn` is a range of units of each expert's FFN.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
@@ -70,11 +71,19 @@ class ShardPlan:
 
 def split_to_targets(total: int, targets: Sequence[float]) -> List[range]:
     """Contiguous ranges covering range(total) whose sizes come closest to real-valued targets
-    (negative targets count as 0; the targets are rescaled to sum to total)."""
+    (negative targets count as 0; the targets are rescaled to sum to total), none empty."""
     t = [max(0.0, x) for x in targets]
     if sum(t) <= 0:
         t = [1.0] * len(t)
-    return split_proportional(total, [x + 1e-12 for x in t])
+    return split_nonempty(total, [x + 1e-12 for x in t])
+
+
+def split_nonempty(total: int, weights: Sequence[float]) -> List[range]:
+    """split_proportional, except that a rank whose share rounds to nothing gets one unit: a rank
+    with an empty slice of a matrix could not load it (--rank-weights 20,1 left SmolLM2's rank 1
+    no FFN units). Splits that leave no range empty are unchanged."""
+    ranges = split_proportional(total, weights)
+    return ranges if all(ranges) else split_proportional(total, weights, minimum=1)
 
 
 def split_proportional(total: int, weights: Sequence[float], minimum: int = 0) -> List[range]:
@@ -82,8 +91,8 @@ def split_proportional(total: int, weights: Sequence[float], minimum: int = 0) -
 
     Every range gets at least `minimum` units; raises if total cannot give that."""
     n = len(weights)
-    if n == 0 or any(w <= 0 for w in weights):
-        raise TpllamaError(f"rank weights must be positive numbers, got {list(weights)}")
+    if n == 0 or not all(0 < w < math.inf for w in weights):
+        raise TpllamaError(f"rank weights must be positive finite numbers, got {list(weights)}")
     if total < minimum * n:
         raise TpllamaError(f"cannot split {total} units over {n} ranks with at least {minimum} each")
     spare = total - minimum * n
@@ -115,8 +124,8 @@ def parse_rank_weights(text: Optional[str], world_size: int) -> Tuple[float, ...
         raise TpllamaError(f"--rank-weights {text!r}: expected comma-separated numbers such as 2,1,1") from None
     if len(weights) != world_size:
         raise TpllamaError(f"--rank-weights {text!r} has {len(weights)} values but the job has {world_size} ranks")
-    if any(w <= 0 for w in weights):
-        raise TpllamaError(f"--rank-weights {text!r}: every weight must be positive")
+    if not all(0 < w < math.inf for w in weights):   # NaN fails every comparison
+        raise TpllamaError(f"--rank-weights {text!r}: every weight must be a positive finite number")
     return weights
 
 
@@ -132,7 +141,7 @@ def make_plan(config: ModelConfig, world_size: int, weights: Optional[Sequence[f
     heads = split_proportional(config.n_heads, weights, minimum=1)
     kv_heads = [range(h.start // group, (h.stop - 1) // group + 1) for h in heads]
     ffn = _balanced_ffn(config, weights, heads, kv_heads)
-    vocab = split_proportional(config.vocab_size, weights)
+    vocab = split_nonempty(config.vocab_size, weights)
     ranks = tuple(RankSlice(rank=i, heads=h, kv_heads=kv, ffn=f, vocab=v)
                   for i, (h, kv, f, v) in enumerate(zip(heads, kv_heads, ffn, vocab)))
     return ShardPlan(config=config, weights=weights, ranks=ranks)
@@ -412,6 +421,7 @@ def main(argv=None) -> int:
     _positive("--parallel", args.parallel, "a number of sequences >= 1")
     sizes = _host_sizes(args.host_memory, args.ranks)
     weights = parse_rank_weights(args.rank_weights, args.ranks)
+    remote = _remote_ranks(args.remote_ranks, args.ranks)
     reader = open_model(args.model)
     c = reader.config
     plan = make_plan(c, args.ranks, weights)
@@ -438,7 +448,7 @@ def main(argv=None) -> int:
               "they run mapped from the shard files (as --mmap)")
     print(format_memory_table(mem, ctx, types, mapped, slots=args.parallel, kv_type=args.kv_type))
     print(startplan_table(rank_starts(reader, plan, types, ctx, hosts, sizes, folder, mapped,
-                                      _remote_ranks(args.remote_ranks, args.ranks), map_found=args.mmap is not False),
+                                      remote, map_found=args.mmap is not False),
                           folder, mapped))
     if mapped:
         print(mapped_speed_lines(plan, types))
@@ -495,3 +505,6 @@ if __name__ == "__main__":
     except TpllamaError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except BrokenPipeError:   # the reader went away (`| head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit's flush
+        sys.exit(0)
