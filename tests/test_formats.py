@@ -746,6 +746,12 @@ ERROR_CASES = {
     "gguf-type-number-99": (lambda d: _patched_gguf(d / "t99.gguf", lambda r: _set_tensor_type(r, "blk.0.attn_q.weight", 99)),
                             r"99"),
     "gguf-version-4": (lambda d: _set_version(d / "v4.gguf", 4), r"version 4"),
+    # once reported as a tensor's shape, or as partial rotary embeddings when the rope key kept the old head size
+    "gguf-heads-do-not-divide-dim": (lambda d: small_gguf(d / "heads.gguf", heads=5, kv_heads=5),
+                                     r"embedding_length' is 64, not a multiple of 'llama\.attention\.head_count' 5"),
+    "gguf-heads-do-not-divide-dim-rope-kept": (lambda d: small_gguf(d / "heads7.gguf", heads=7, kv_heads=7,
+                                                                    extra={"llama.rope.dimension_count": 16}),
+                                               r"not a multiple of 'llama\.attention\.head_count' 7"),
     "gguf-rope-freqs-length": (lambda d: small_gguf(d / "rf.gguf", replace={
         "rope_freqs.weight": (np.ones(5, np.float32), None)}), r"rope_freqs.*expected 8"),
     "zip-named-bin": (lambda d: (d / "pytorch_model.bin").write_bytes(b"PK\x03\x04" + bytes(100))

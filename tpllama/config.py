@@ -244,6 +244,9 @@ class ModelConfig:
         if vocab is None:
             tokens = kv.get("tokenizer.ggml.tokens")
             vocab = len(tokens) if tokens is not None else 0
+        if f"{arch}.attention.key_length" not in kv and dim % n_heads:
+            raise ModelFormatError(f"{where}: GGUF key '{arch}.embedding_length' is {dim}, not a multiple of "
+                                   f"'{arch}.attention.head_count' {n_heads} (and no key_length gives the head size)")
         head_dim = key("attention.key_length", dim // n_heads)
         if key("attention.value_length", head_dim) != head_dim:
             raise ModelFormatError(f"{where}: value heads of {kv[f'{arch}.attention.value_length']} with key heads of "
