@@ -203,3 +203,19 @@ def test_a_model_without_tokenizer_generates_token_ids(stories_gguf):
     assert g.tokens == STORIES_FIRST_IDS and g.text == "" and g.finish_reason == "length"
     with pytest.raises(TpllamaError, match="tokenizer='none'"):
         model.generate(STORIES_PROMPT_IDS, 4, stop=["."])
+
+
+def test_a_stop_string_drops_a_character_begun_after_it(smollm2):
+    """A stop string's text is cut where it starts; the bytes of a character that the same token
+    began after it once came back as a stray U+FFFD (the default model continues this prompt with
+    the token ' \\xf0\\x9f\\x98': a space, then the first 3 bytes of an emoji), alone and batched."""
+    model = tpllama.load(smollm2, ctx_size=128, threads=1, parallel=2)
+    prompt = "Emoji list: 😀 😃 😄 😁"
+    whole = model.generate(prompt, 4, temperature=0)
+    assert whole.text.startswith(" ") and ord(whole.text[1]) > 0xFFFF, whole.text   # ' ' and an emoji
+    alone = model.generate(prompt, 4, temperature=0, stop=[" "])
+    assert (alone.text, alone.finish_reason) == ("", "stop")
+    pieces = list(model.stream(prompt, 4, temperature=0, stop=[" "]))
+    assert "".join(pieces) == ""
+    batched = model.generate_batch([prompt, prompt], 4, temperature=0, stop=[" "])
+    assert [(g.text, g.finish_reason) for g in batched] == [("", "stop")] * 2

@@ -99,7 +99,7 @@ class Running:
         cut = find_stop(self.text, self.request.stop)
         if cut is not None:
             self.text = self.text[:cut]
-            return self.finish("stop", token)
+            return self.finish("stop", token, flush=False)   # what the decoder holds comes after the cut
         if len(self.tokens) == self.request.max_new_tokens or self.cached + 1 > ctx:
             return self.finish("length", token)
         self.pending = [token]
@@ -108,9 +108,9 @@ class Running:
         self.emitted = max(self.emitted, safe)
         return Update(self.id, token, piece)
 
-    def finish(self, reason: str, token: Optional[int] = None) -> Update:
+    def finish(self, reason: str, token: Optional[int] = None, flush: bool = True) -> Update:
         self.reason = reason
-        if self.decoder is not None:
+        if self.decoder is not None and flush:   # a character cut off by the end, as U+FFFD
             self.text += self.decoder.flush()
         piece = self.text[self.emitted:]
         self.emitted = len(self.text)

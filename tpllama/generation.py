@@ -83,7 +83,7 @@ def _pieces(model, ids: List[int], max_new_tokens: int, params: SamplingParams, 
     else:
         decoder = model.tokenizer.stream_decoder(at_start=False)   # a continuation keeps its leading space
         eos = frozenset() if ignore_eos else model.tokenizer.eos_ids
-    text, emitted = "", 0
+    text, emitted, cut = "", 0, None
     finished("length")
     clock = None     # a decode step: forward the previous token, sample the next
     reader_gone = False
@@ -114,7 +114,8 @@ def _pieces(model, ids: List[int], max_new_tokens: int, params: SamplingParams, 
             break
         clock = StepClock(par)
         local = model.decode_step(token, failure=failure)
-    text += decoder.flush()
+    if cut is None:   # else what the decoder holds comes after the stop string's cut
+        text += decoder.flush()
     stats.peak_rss = failure.agree(par, peak_rss_bytes())
     if len(text) > emitted and not reader_gone:
         yield text[emitted:]
