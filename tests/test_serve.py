@@ -276,6 +276,9 @@ BAD_REQUESTS = [
     ("max_tokens negative", "POST", TEXT, {"prompt": "hi", "max_tokens": -5}, 400, "max_tokens"),
     ("max_tokens not an integer", "POST", TEXT, {"prompt": "hi", "max_tokens": 1.5}, 400, "max_tokens"),
     ("max_tokens beyond the context", "POST", CHAT, {"messages": USER, "max_tokens": CTX}, 400, "max_tokens"),
+    # named max_tokens before: the error names the field the request used
+    ("max_completion_tokens beyond the context", "POST", CHAT, {"messages": USER, "max_completion_tokens": CTX}, 400,
+     "max_completion_tokens"),
     ("prompt longer than the context", "POST", TEXT, {"prompt": "word " * (CTX + 200)}, 400, "prompt"),
     ("no prompt", "POST", TEXT, {"max_tokens": 4}, 400, "prompt"),
     ("several prompts", "POST", TEXT, {"prompt": ["a", "b"]}, 400, "prompt"),

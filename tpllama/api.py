@@ -134,7 +134,7 @@ class RequestReader:
             max_tokens = min(d.max_tokens, room) if d.max_tokens > 0 else room
         elif len(ids) + max_tokens > self.ctx:
             raise ApiError(400, f"the context holds {self.ctx} tokens, but {len(ids) + max_tokens} were asked for "
-                                f"({len(ids)} in the prompt, max_tokens {max_tokens})", "max_tokens",
+                                f"({len(ids)} in the prompt, {name} {max_tokens})", name,
                            "context_length_exceeded")
         call = StreamCall(prompt_ids=list(ids), max_new_tokens=max_tokens, sampling=_sampling(body, d.sampling),
                           stop=_stop(body))
