@@ -137,6 +137,18 @@ def test_chat_on_one_rank_through_a_pipe(smollm2, model):
     assert p3 == p1 and said[2] == said[0], "after /reset the conversation starts over"
 
 
+def test_a_continued_message_cut_off_by_the_end_of_input_is_still_answered(smollm2, model):
+    """A last line ending in a backslash (more to come) right before the end of the input was
+    dropped without a word; the message as it stands is sent."""
+    with Running(command(1, "tpllama.chat", ["-m", smollm2, *CHAT_ARGS])) as chat:
+        chat.send(f"{QUESTION}\\\n")
+        chat.close_stdin()
+        assert chat.wait(180) == 0, chat.report()
+        said = answers(chat.stdout)
+    assert len(said) == 1, chat.report()
+    assert said[0] == model.generate(QUESTION, 16, temperature=0, chat=True).text.strip()
+
+
 def test_a_full_context_drops_old_turns_instead_of_failing(smollm2):
     # no -m: the default model (the smollm2 fixture has made sure it is in the cache)
     # enough short turns that the context fills whatever the answers' exact lengths, then one too long

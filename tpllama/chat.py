@@ -162,7 +162,7 @@ def answer(model, conversation, text: str, args, console: Console, interrupts: "
 
 def read_messages(console: Console, interrupts: "Interrupts") -> Iterator[str]:
     """User messages until the input ends (Ctrl-D) or Ctrl-C at the prompt; a trailing backslash
-    joins lines."""
+    joins lines (a message the input's end cuts off is sent as it stands)."""
     interactive = sys.stdin.isatty()
     lines = None if interactive else InputLines()
     parts = []
@@ -176,6 +176,8 @@ def read_messages(console: Console, interrupts: "Interrupts") -> Iterator[str]:
             return
         if line is None:
             console.write("\n")   # the shell's prompt then starts on a line of its own
+            if parts:   # the input ended inside a continued message: send it as it stands
+                yield "\n".join(parts)
             return
         if line.endswith("\\"):
             parts.append(line[:-1])
