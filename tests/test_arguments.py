@@ -344,3 +344,28 @@ def test_the_command_line_skips_open_mpis_libfabric_probe_unless_told_otherwise(
     out = subprocess.run([sys.executable, "-c", "import os, tpllama.generate; print(os.environ['OMPI_MCA_btl'])"],
                          capture_output=True, text=True, timeout=60, env=dict(env, PYTHONPATH=str(REPO)), cwd=str(REPO))
     assert out.returncode == 0 and out.stdout.strip() == expected, out.stderr
+
+
+@pytest.mark.mpi
+def test_ranks_called_with_different_arguments_neither_hang_nor_garble(stories_gguf):
+    """Once: different token limits, sampling, prompt counts or start positions hung the job, a
+    different --rank-weights garbled the text, a different context hung it. Now a load option that
+    differs is one error on every rank, and a call's arguments are rank 0's on every rank."""
+    from mpi_util import run_script
+    rank0, rank1 = run_script(2, "mismatched_calls.py", stories_gguf, timeout=180)["ranks"]
+    for name in ("ctx_size", "rank_weights", "kv_type"):
+        case = f"load {name}"
+        assert rank0[case] == rank1[case] and rank0[case][0] == "error", (case, rank0[case], rank1[case])
+        assert rank0[case][1].startswith(f"{name}=") and "the ranks were given different values" in rank0[case][1]
+    greedy = rank0["greedy"]
+    assert greedy[0] == "ok" and len(greedy[1]) == 6
+    assert rank0["max_new_tokens"] == rank1["max_new_tokens"] == greedy           # rank 0's limit
+    assert rank0["temperature"] == rank1["temperature"] == greedy                 # rank 0's sampling
+    assert rank0["start_pos"] == rank1["start_pos"] == ["ok", 3]
+    assert rank0["token_ids"] == rank1["token_ids"] == ["ok", 3]
+    assert rank0["prompts"] == rank1["prompts"] and len(rank0["prompts"][1]) == 2
+    assert rank0["bad temperature on rank 1"] == ["error", "rank 1: temperature=-1: expected a finite number >= 0 "
+                                                           "(0 is greedy)"]
+    assert rank1["bad temperature on rank 1"][0] == "error" and rank1["bad temperature on rank 1"][1].startswith(
+        "temperature=-1")
+    assert rank1["greedy"] == greedy

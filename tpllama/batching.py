@@ -344,16 +344,21 @@ def generate_batch(model, prompts, max_new_tokens: int, sampling, overrides: dic
     """Model.generate_batch: check every argument (every rank alike), encode the prompts on rank
     0, run them through a Batch and return one generation.Generation per prompt, in order."""
     from . import checks, generation
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
-        raise checks.ParameterError("prompts", prompts, "expected a non-empty list of prompts (texts or token-id "
-                                    "lists)", collective=True)
-    per_prompt = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
-    if len(per_prompt) != len(prompts):
-        raise checks.ParameterError("sampling", sampling, f"expected one SamplingParams or {len(prompts)} of them, "
-                                    "one per prompt", collective=True)
-    params = [checks.collective(lambda: generation.sampling_params(s, overrides)) for s in per_prompt]
-    checks.collective(lambda: checks.max_new_tokens(max_new_tokens))
-    stop = tuple(checks.collective(lambda: generation.stop_strings(stop)))
+
+    def checked_call():
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+            raise checks.ParameterError("prompts", prompts, "expected a non-empty list of prompts (texts or token-id "
+                                        "lists)")
+        per_prompt = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise checks.ParameterError("sampling", sampling, f"expected one SamplingParams or {len(prompts)} of "
+                                        "them, one per prompt")
+        checks.max_new_tokens(max_new_tokens)
+        return (list(prompts), [generation.sampling_params(s, overrides) for s in per_prompt], max_new_tokens,
+                tuple(generation.stop_strings(stop)), chat, system, ignore_eos)
+    call = generation.agreed_call(model.par, checked_call)
+    # rank 0's call is every rank's (as generation.stream): other prompt counts or limits would hang
+    prompts, params, max_new_tokens, stop, chat, system, ignore_eos = model.par.bcast_object(call)
     requests = []
     for k, (prompt, p) in enumerate(zip(prompts, params)):
         ids = generation.root_encode(model, lambda: model.encode_prompt(prompt, chat, system))

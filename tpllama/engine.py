@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -132,6 +132,7 @@ class Model:
             show_log_on_stderr()
         opts.check(world_size(comm))     # every rank checks the same options: all fail alike, before any file is read
         self.par = par = Parallel(comm, opts.sync_type)
+        check_same_options(par, opts)    # ranks given other options (mpirun's colon syntax) would garble or hang
         self.simd_levels = par.everyones(_kernel_level)     # each rank's kernels ($TPLLAMA_SIMD may lower one)
         self.reader = reader = self._open_model(path)
         self.fingerprint = check_same_model(par, reader, path)   # a stale copy on one node would hang or garble the job
@@ -409,8 +410,7 @@ class Model:
         failure: a LocalFailure in which a failure on this rank alone is kept for the caller's
         next agreement (meanwhile this rank makes the others' collectives); None: the ranks agree
         before returning, and every rank raises any rank's error."""
-        ids = checks.collective(lambda: checks.token_ids("tokens", tokens, self.config.vocab_size))
-        start = len(self.history) if start_pos is None else self._check_start(start_pos)
+        ids, start = self._agreed_tokens("tokens", tokens, start_pos)
         del self.history[start:]
         return self._step(ids, "prefill", stats, failure)
 
@@ -442,6 +442,15 @@ class Model:
         if own and self.par.size > 1:   # on one rank a failure raises where it happens
             failure.agree(self.par)
         return local
+
+    def _agreed_tokens(self, name: str, tokens: Sequence[int], start_pos: Optional[int]) -> Tuple[List[int], int]:
+        """Checked (ids, start) of prefill/forward, rank 0's on every rank (as a prompt is); a rank
+        whose own arguments fail stops every rank (one that raised alone would leave the others
+        waiting in the step's collectives)."""
+        def checked():
+            ids = checks.token_ids(name, tokens, self.config.vocab_size)
+            return ids, len(self.history) if start_pos is None else self._check_start(start_pos)
+        return self.par.bcast_object(generation.agreed_call(self.par, checked))
 
     def _check_start(self, start_pos: int) -> int:
         checks.collective(lambda: checks.integer("start_pos", start_pos, 0, f"expected a position from 0 to the "
@@ -497,8 +506,7 @@ class Model:
     def forward(self, token_ids: Sequence[int], start_pos: int) -> np.ndarray:
         """Logits (len(token_ids), vocab) float32, the same on every rank, for tokens placed at
         positions start_pos.. (the cache keeps positions before start_pos)."""
-        ids = checks.collective(lambda: checks.token_ids("token_ids", token_ids, self.config.vocab_size))
-        self._check_start(start_pos)
+        ids, start_pos = self._agreed_tokens("token_ids", token_ids, start_pos)
         del self.history[start_pos:]
         failure = LocalFailure(self.history, start_pos)
         local = self._forward_tokens(ids, "prefill", None, failure, every_position=True)
@@ -656,6 +664,29 @@ def _format_prefetch(speeds: List[dict]) -> str:
                  for c, v in by_distance.items()]
         lines.append(f"  rank {rank}: " + ", ".join(cells))
     return "\n".join(lines)
+
+
+# Options that decide what every rank holds or computes. Ranks given other values would split the
+# model two ways (garbled text), size their caches differently or send other payloads (a hang).
+# The others (threads, prefetch, mmap, the shard folder, ...) may differ from rank to rank.
+SHARED_OPTIONS = ("weight_type", "ctx_size", "parallel", "rank_weights", "sync_type", "kv_type", "overlap")
+
+
+def check_same_options(par: Parallel, opts: LoadOptions) -> None:
+    """Collective: every rank raises the same one-line error if the ranks' shared options differ."""
+    mine = tuple(_rank_weights(opts.rank_weights, par.size) if name == "rank_weights" else getattr(opts, name)
+                 for name in SHARED_OPTIONS)
+    everyone = par.allgather_object(mine)
+    for i, name in enumerate(SHARED_OPTIONS):
+        values = [theirs[i] for theirs in everyone]
+        if any(v != values[0] for v in values):
+            by_value = {}
+            for rank, v in enumerate(values):
+                by_value.setdefault(repr(v), []).append(str(rank))
+            listing = "; ".join(f"rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)}: {v}"
+                                for v, ranks in by_value.items())
+            raise checks.ParameterError(name, values[0], f"the ranks were given different values ({listing}); give "
+                                        "every rank the same one", collective=True)
 
 
 def _rank_weights(value, world_size: int):
