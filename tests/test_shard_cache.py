@@ -80,6 +80,22 @@ def test_a_damaged_shard_file_is_rebuilt_not_used(stories_gguf, tmp_path, damage
     assert _load(stories_gguf, tmp_path).shard_file.hit      # the rebuilt file is sound
 
 
+def test_non_finite_weights_from_a_shard_file_name_it(stories_gguf, tmp_path):
+    """A shard file's weights are not checksummed at each start (its header, size and key are): NaN
+    written into them after the fact once ended in an error naming only the model file, which was
+    sound. The error names the shard file too, and what to do."""
+    path = _load(stories_gguf, tmp_path).shard_file.path
+    with open(path, "r+b") as f:
+        f.seek(4096)
+        f.write(b"\xff" * 65536)      # float32 NaN over the first weights after the file's start
+    damaged = _load(stories_gguf, tmp_path, mmap=False)
+    assert damaged.shard_file.hit
+    from tpllama.errors import TpllamaError
+    with pytest.raises(TpllamaError) as e:
+        damaged.forward([1, 403, 407], 0)
+    assert "non-finite logits" in str(e.value) and path in str(e.value) and "--no-shard-cache" in str(e.value)
+
+
 def test_a_folder_that_cannot_be_written_costs_only_time(stories_gguf, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")

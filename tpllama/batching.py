@@ -38,7 +38,7 @@ from .generation import FAILED, NEED_FULL_LOGITS, find_stop, held_back, reusable
 from .model import Segment
 from .plan import PREFILL_CHUNK
 from .sampler import Sampler, SamplingParams, local_candidates
-from .steps import LocalFailure, non_finite_logits
+from .steps import LocalFailure
 
 
 @dataclass
@@ -288,7 +288,7 @@ class Batch:
         parts = []
         for seq, row in zip(seqs, local):
             if not np.isfinite(row).all():
-                failure.keep(non_finite_logits(self.model.reader.path, seq.cached - 1))
+                failure.keep(self.model.non_finite_logits(seq.cached - 1))
                 row = np.zeros_like(row)
             parts.append(local_candidates(row, offset, seq.request.sampling.candidates_per_rank))
         widths = [len(v) for v, _, _ in parts]

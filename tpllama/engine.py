@@ -443,6 +443,12 @@ class Model:
             failure.agree(self.par)
         return local
 
+    def non_finite_logits(self, position: int) -> TpllamaError:
+        """The error for NaN or Inf logits, naming the model file and this rank's shard file when
+        its weights were read from one."""
+        cached = getattr(self, "shard_file", None)
+        return non_finite_logits(self.reader.path, position, cached.path if cached is not None and cached.hit else None)
+
     def _agreed_tokens(self, name: str, tokens: Sequence[int], start_pos: Optional[int]) -> Tuple[List[int], int]:
         """Checked (ids, start) of prefill/forward, rank 0's on every rank (as a prompt is); a rank
         whose own arguments fail stops every rank (one that raised alone would leave the others
@@ -514,7 +520,7 @@ class Model:
         full = self.gather_vocab(local, root_only=False)
         finite = np.isfinite(full).all(axis=1)     # the same logits on every rank: all raise together
         if not finite.all():
-            raise non_finite_logits(self.reader.path, start_pos + int(np.flatnonzero(~finite)[0]))
+            raise self.non_finite_logits(start_pos + int(np.flatnonzero(~finite)[0]))
         return full
 
     def reset(self):

@@ -19,7 +19,7 @@ from . import checks
 from .errors import TpllamaError
 from .sampler import Sampler, SamplingParams, local_candidates
 from .stats import RunStats, peak_rss_bytes
-from .steps import LocalFailure, StepClock, non_finite_logits
+from .steps import LocalFailure, StepClock
 
 NEED_FULL_LOGITS = -2
 CANCELLED = -3          # rank 0 ends the generation (e.g. its client went away)
@@ -153,7 +153,7 @@ def next_token(model, local: np.ndarray, sampler: Optional[Sampler], params: Sam
     rank raises that error."""
     par = model.par
     if not np.isfinite(local).all():
-        failure.keep(non_finite_logits(model.reader.path, len(model.history) - 1))
+        failure.keep(model.non_finite_logits(len(model.history) - 1))
         local = np.zeros_like(local)
     values, ids, extras = local_candidates(local, model.vocab_slice.start, params.candidates_per_rank)
     merged = par.gather_candidates(values, ids, np.append(extras, failure.flag))

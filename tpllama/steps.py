@@ -65,6 +65,10 @@ class StepClock:
         stats.steps.append(StepStats(phase, tokens, 1000 * (time.perf_counter() - self.t0), 1000 * (s1 - s0), b1 - b0, r1 - r0))
 
 
-def non_finite_logits(path: str, position: int) -> TpllamaError:
+def non_finite_logits(path: str, position: int, shard_file: Optional[str] = None) -> TpllamaError:
+    """shard_file: where this rank's weights were read from, when not converted from the model file
+    at this start (a shard file damaged after it was written is used as it is)."""
+    cause = (f"check the model file, and the shard file {shard_file} it was converted to (delete it, or run with "
+             "--no-shard-cache)" if shard_file else "check the model file")
     return TpllamaError(f"{path}: the model produced non-finite logits at position {position} (NaN or Inf in "
-                        "its weights or activations); check the model file", collective=True)
+                        f"its weights or activations); {cause}", collective=True)
