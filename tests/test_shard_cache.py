@@ -104,6 +104,18 @@ def test_a_folder_that_cannot_be_written_costs_only_time(stories_gguf, tmp_path)
     assert model.generate("Once upon a time", 60, temperature=0.0).text == STORIES_TEXT[len("Once upon a time"):]
 
 
+def test_a_folder_short_of_space_says_what_it_keeps_free(stories_gguf, tmp_path, monkeypatch):
+    """The note once said 'it needs 1 MiB and 1 MiB are free': the 256 MiB kept free went unsaid."""
+    import collections
+    import tpllama.shardcache as sc
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(sc.shutil, "disk_usage", lambda folder: usage(2**30, 2**30 - 100 * 2**20, 100 * 2**20))
+    model = _load(stories_gguf, tmp_path)
+    assert not model.shard_file.hit and "did not write" in model.shard_file.note
+    assert "256 MiB left free" in model.shard_file.note and "100 MiB are free" in model.shard_file.note
+    assert _shard_files(tmp_path) == []
+
+
 def test_off_means_no_file(stories_gguf, tmp_path, monkeypatch):
     monkeypatch.delenv("TPLLAMA_SHARD_CACHE")
     monkeypatch.setenv("TPLLAMA_CACHE", str(tmp_path))

@@ -554,8 +554,11 @@ def _check_space(folder: str, nbytes: Optional[int]) -> str:
     os.makedirs(folder, exist_ok=True)
     if nbytes is None:
         return ""
+    if not os.access(folder, os.W_OK):
+        return "the folder is not writable"
     free = shutil.disk_usage(folder).free
     need = nbytes + DATA_START_ALIGN + 2**20
     if free < need + 2**28:
-        return f"it needs {need / 2**20:,.0f} MiB and {free / 2**20:,.0f} MiB are free"
+        return (f"it needs {need / 2**20:,.0f} MiB and 256 MiB left free for everything else, and "
+                f"{free / 2**20:,.0f} MiB are free")
     return ""
