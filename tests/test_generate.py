@@ -219,3 +219,16 @@ def test_a_stop_string_drops_a_character_begun_after_it(smollm2):
     assert "".join(pieces) == ""
     batched = model.generate_batch([prompt, prompt], 4, temperature=0, stop=[" "])
     assert [(g.text, g.finish_reason) for g in batched] == [("", "stop")] * 2
+
+
+@pytest.mark.mpi
+def test_a_flag_error_on_a_rank_other_than_0_is_said(stories_bin):
+    """mpirun's colon syntax can give one rank a bad flag: its error (shared, so left to rank 0 to
+    print) was never printed, as rank 0 had none; the job ended with Open MPI's box alone."""
+    from mpi_util import REPO, mpi_env, mpirun_cmd, run_mpirun
+    args = ["-m", "tpllama.generate", "-m", str(stories_bin), "-q", "-p", "Once", "-n", "4", "-t", "1"]
+    cmd = mpirun_cmd(1, args) + [":", "-n", "1", sys.executable, *args, "--top-p", "0"]
+    out = run_mpirun(cmd, timeout=120, env=mpi_env(), cwd=str(REPO))
+    assert out.returncode != 0
+    said = [line for line in out.stderr.splitlines() if "--top-p 0" in line]
+    assert len(said) == 1 and said[0].startswith("rank 1: error: --top-p 0"), out.stderr

@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 import traceback
-from typing import Callable
+from typing import Callable, Optional
 
 # Thread pools of BLAS libraries would fight the kernels' own threads (ranks x threads per host).
 for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
@@ -231,27 +231,29 @@ def _kernels_missing(e: Exception):
 def _fail(message: str, collective: bool):
     """Print once and end: an error every rank raised is printed by rank 0, a lone one by its rank."""
     rank = _world_rank()
+    prefix = f"rank {rank}: " if _world_size() > 1 else ""
     if collective:
         if rank == 0:
             print(message, file=sys.stderr, flush=True)
     else:
-        prefix = f"rank {rank}: " if _world_size() > 1 else ""
         print(prefix + message, file=sys.stderr, flush=True)
-    end_job(1, collective)
+    # a shared error that rank 0 did not share after all (ranks given other flags): said when rank 0 does not end the job
+    end_job(1, collective, unsaid=prefix + message if collective and rank != 0 else None)
 
 
 # how long a rank waits for mpirun to end it before it ends itself
 END_WAIT_SECONDS = 10.0
 
 
-def end_job(code: int, collective: bool) -> None:
+def end_job(code: int, collective: bool, unsaid: Optional[str] = None) -> None:
     """End this rank, and the job with it, without Open MPI's boxed texts where that can be done.
 
     Open MPI prints a box for a rank that exits with a non-zero status or calls MPI_Abort, but
     ends a job quietly (exit status 1) when mpirun gets SIGTERM. So: a rank beside mpirun that
     must end the job (rank 0 for an error every rank shares; the failing rank otherwise) sends
     mpirun SIGTERM and waits to be ended; the other ranks of a shared error wait too. Outside
-    mpirun, the process just exits."""
+    mpirun, the process just exits. unsaid: a message this rank prints if the wait for rank 0 to
+    end the job runs out."""
     _flush(sys.stdout)
     if "OMPI_COMM_WORLD_SIZE" not in os.environ:
         sys.exit(code)
@@ -261,16 +263,19 @@ def end_job(code: int, collective: bool) -> None:
         os.kill(launcher, signal.SIGTERM)
         _wait_to_be_ended(code)
     if collective:
-        _wait_to_be_ended(code, rank_zero_can_end=_world_rank() != 0)
+        _wait_to_be_ended(code, rank_zero_can_end=_world_rank() != 0, unsaid=unsaid)
     _abort(code)
 
 
-def _wait_to_be_ended(code: int, rank_zero_can_end: bool = True) -> None:
-    """Sleep while mpirun ends the job; if it does not (rank 0 is not beside mpirun), exit."""
+def _wait_to_be_ended(code: int, rank_zero_can_end: bool = True, unsaid: Optional[str] = None) -> None:
+    """Sleep while mpirun ends the job; if it does not (rank 0 is not beside mpirun, or did not
+    fail), say `unsaid` and exit."""
     if rank_zero_can_end:
         deadline = time.monotonic() + END_WAIT_SECONDS
         while time.monotonic() < deadline:
             time.sleep(0.05)
+    if unsaid:
+        print(unsaid, file=sys.stderr, flush=True)
     sys.stderr.flush()
     os._exit(code)
 
