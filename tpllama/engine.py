@@ -287,7 +287,10 @@ class Model:
         short = host_shortfalls(mem)
         if short:
             host, ranks, missing = short[0]
-            mmap_hint = "" if mapped or opts.mmap is False else ", or run from mapped shard files (--mmap)"
+            # mapping saves the weights' memory, not the KV cache's: suggested only where it would fit
+            mapping_fits = not mapped and opts.mmap is not False and not host_shortfalls(
+                rank_memory(self.plan, types, ctx, hosts, available, True, slots, opts.kv_type))
+            mmap_hint = ", or run from mapped shard files (--mmap)" if mapping_fits else ""
             fewer = f", run fewer sequences at once (parallel {slots})" if slots > 1 else ""
             raise TpllamaError(
                 f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} on host {host} {'need' if len(ranks) > 1 else 'needs'} "
