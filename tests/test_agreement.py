@@ -165,7 +165,7 @@ def test_a_different_model_on_one_rank_stops_every_rank_with_one_message(stories
     assert f"rank 0 on {host}: {stories_gguf} (5 layers)" in lines[0]
     layers = 4 if variant == "fewer_layers" else 5
     assert f"rank 1 on {host}: {other} ({layers} layers)" in lines[0]
-    assert ("different configs" if variant == "fewer_layers" else "different weights") in lines[0]
+    assert ("different configs: n_layers 5 against 4" if variant == "fewer_layers" else "different weights") in lines[0]
     assert "Traceback" not in err and out == ""
     assert elapsed < 30, f"the job took {elapsed:.1f} s to end"
 

@@ -86,7 +86,7 @@ def check_same_model(par, reader, path: str) -> Fingerprint:
     """Collective: the model's fingerprint, the same on every rank; else every rank raises the
     same error naming the ranks and hosts whose model differs."""
     mine = par.together(lambda: fingerprint(reader))
-    everyone = par.allgather_object((mine, par.hostname(), str(path), reader.config.n_layers))
+    everyone = par.allgather_object((mine, par.hostname(), str(path), _config_fields(reader.config)))
     if all(fp == everyone[0][0] for fp, *_ in everyone):
         return mine
     raise TpllamaError(describe_mismatch(everyone), collective=True)
@@ -94,11 +94,14 @@ def check_same_model(par, reader, path: str) -> Fingerprint:
 
 def describe_mismatch(everyone: List[tuple]) -> str:
     """One line: what differs, and which ranks (host, path) hold which model."""
-    groups = {}
-    for rank, (fp, host, path, layers) in enumerate(everyone):
-        groups.setdefault(fp, []).append(f"rank {rank} on {host}: {path} ({layers} layers)")
+    groups, configs = {}, {}
+    for rank, (fp, host, path, fields) in enumerate(everyone):
+        groups.setdefault(fp, []).append(f"rank {rank} on {host}: {path} ({dict(fields)['n_layers']} layers)")
+        configs.setdefault(fp, dict(fields))
     first, other = list(groups)[:2]
-    what = ("different configs" if first.config != other.config else
+    differ = [name for name, value in configs[first].items() if configs[other].get(name) != value]
+    what = (f"different configs: {', '.join(f'{n} {configs[first][n]!r} against {configs[other][n]!r}' for n in differ[:3])}"
+            if first.config != other.config else
             "different tensors" if first.table != other.table else "the same shapes but different weights")
     listing = "; ".join(f"[{', '.join(ranks)}]" for ranks in groups.values())
     return (f"the ranks opened different models ({what}): {listing}; "
