@@ -87,9 +87,9 @@ _BYTE_OF = _bytelevel_byte_of()
 
 
 # llama.cpp's pre-tokenizer regexes (llama-vocab.cpp) by `tokenizer.ggml.pre`; each regex splits the
-# pieces of the one before, keeping matches and the text between them. One deliberate difference:
-# for smollm/starcoder llama.cpp isolates every \p{N}, but these models were trained with HF's
-# Digits(individual_digits) pre-tokenizer, which isolates ASCII digits only ("½" stays with its space).
+# pieces of the one before, keeping matches and the text between them. smollm/starcoder: these models'
+# tokenizer.json has HF's Digits(individual_digits) before ByteLevel, which isolates every numeric
+# character (Rust's char::is_numeric: \p{N}, so "½" and "٣" too), as llama.cpp does.
 _GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _LLAMA3_RE = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -98,7 +98,7 @@ PRE_TOKENIZERS = {
     # name: (regexes, ignore_merges, default add_bos)
     "default": ((r"[\p{P}\$\+<=>\^~\|]+", _GPT2_RE, r"\p{N}+", r"[0-9][0-9][0-9]"), False, False),
     "llama3": ((_LLAMA3_RE,), True, True),
-    "smollm": ((r"[0-9]", _GPT2_RE), False, False),
+    "smollm": ((r"\p{N}", _GPT2_RE), False, False),
     "gpt2": ((_GPT2_RE,), False, False),
     "qwen2": ((_QWEN2_RE,), False, False),
     "falcon": ((r"[\p{P}\$\+<=>\^~\|`]+", _GPT2_RE, r"[0-9][0-9][0-9]"), False, False),
