@@ -406,7 +406,7 @@ def main(argv=None) -> int:
     p.add_argument("--host-memory", default=None,
                    help="memory available on each rank's host, e.g. 8G or 8G,4G,4G,4G (default: this machine's available memory)")
     p.add_argument("--shard-cache", metavar="DIR", default=None,
-                   help="shard file folder, as the runtime's (default: $TPLLAMA_SHARD_CACHE, else ~/.cache/tpllama/shards); "
+                   help="shard file folder, as the runtime's (default: $TPLLAMA_SHARD_CACHE, else ~/.cache/tpllama/shards or $TPLLAMA_CACHE/shards); "
                         "the plan says which ranks' shard files are found in it on this machine")
     p.add_argument("--no-shard-cache", action="store_true", help="plan as the runtime's --no-shard-cache")
     mode = p.add_mutually_exclusive_group()
