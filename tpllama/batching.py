@@ -356,7 +356,7 @@ def generate_batch(model, prompts, max_new_tokens: int, sampling, overrides: dic
         checks.max_new_tokens(max_new_tokens)
         return (list(prompts), [generation.sampling_params(s, overrides) for s in per_prompt], max_new_tokens,
                 tuple(generation.stop_strings(stop)), chat, system, ignore_eos)
-    call = generation.agreed_call(model.par, checked_call)
+    call = model.par.checked_together(checked_call)
     # rank 0's call is every rank's (as generation.stream): other prompt counts or limits would hang
     prompts, params, max_new_tokens, stop, chat, system, ignore_eos = model.par.bcast_object(call)
     requests = []

@@ -459,7 +459,7 @@ class Model:
         def checked():
             ids = checks.token_ids(name, tokens, self.config.vocab_size)
             return ids, len(self.history) if start_pos is None else self._check_start(start_pos)
-        return self.par.bcast_object(generation.agreed_call(self.par, checked))
+        return self.par.bcast_object(self.par.checked_together(checked))
 
     def _check_start(self, start_pos: int) -> int:
         checks.collective(lambda: checks.integer("start_pos", start_pos, 0, f"expected a position from 0 to the "

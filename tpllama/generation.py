@@ -50,7 +50,7 @@ def stream(model, prompt, max_new_tokens: int, sampling: Optional[SamplingParams
         params = sampling_params(sampling, overrides)
         checks.max_new_tokens(max_new_tokens)
         return max_new_tokens, params, stop_strings(stop), ignore_eos
-    call = agreed_call(model.par, checked_call)
+    call = model.par.checked_together(checked_call)
     # rank 0's call is every rank's, as its prompt is: ranks whose token limits or sampling differed
     # would leave the loop at other steps (a hang)
     max_new_tokens, params, stop, ignore_eos = model.par.bcast_object(call)
@@ -64,24 +64,6 @@ def stream(model, prompt, max_new_tokens: int, sampling: Optional[SamplingParams
         raise TpllamaError(f"the prompt has {len(ids)} tokens but the context holds {model.ctx}; shorten it or "
                            "raise ctx_size (-c)", collective=True)
     return _pieces(model, ids, max_new_tokens, params, stop, stats, on_token, cancel, ignore_eos, finished)
-
-
-def agreed_call(par, check: Callable[[], object]):
-    """Collective: check() on every rank, which returns the call's checked arguments. A rank whose
-    arguments fail raises its own error (worded for the command line's flags); if only other
-    ranks' fail, this one raises the first of theirs, naming its rank. So no rank goes on alone."""
-    try:
-        call, mine = check(), None
-    except TpllamaError as e:
-        e.collective = True
-        call, mine = None, e
-    errors = par.allgather_object(None if mine is None else str(mine))
-    if mine is not None:
-        raise mine
-    failed = next((r for r, e in enumerate(errors) if e is not None), None)
-    if failed is not None:
-        raise TpllamaError(f"rank {failed}: {errors[failed]}", collective=True)
-    return call
 
 
 def sampling_params(sampling: Optional[SamplingParams], overrides: dict) -> SamplingParams:

@@ -432,6 +432,24 @@ class Parallel:
         self.agree(error, cause)
         return result
 
+    def checked_together(self, check: Callable[[], Any]) -> Any:
+        """Collective, as `together` for a call's argument checks: a rank whose own check fails
+        raises its own TpllamaError as it is (a ParameterError keeps its parameter, for the command
+        line's flag wording, which `together`'s rebuilt error loses); a rank whose check passed
+        raises the first failing rank's message, naming that rank. So no rank goes on alone."""
+        try:
+            result, mine = check(), None
+        except TpllamaError as e:
+            e.collective = True
+            result, mine = None, e
+        errors = self.allgather_object(None if mine is None else str(mine))
+        if mine is not None:
+            raise mine
+        failed = next((r for r, e in enumerate(errors) if e is not None), None)
+        if failed is not None:
+            raise TpllamaError(f"rank {failed}: {errors[failed]}", collective=True)
+        return result
+
     def everyones(self, fn: Callable[[], Any]) -> List[Any]:
         """fn() of every rank, on every rank in rank order; if it fails on any, every rank raises."""
         result, error, cause = _attempt(fn)
